@@ -1,0 +1,70 @@
+"""What every backend provides: a lowering, a legality check and a real-runtime check."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from optc.ir import Model
+from optc.passes.infra.context import PassContext
+
+from optc.errors import UsageError
+
+
+@dataclass
+class Artifact:
+    """What a backend wrote and what its runtime check found."""
+
+    path: Path
+    target: str
+    size_bytes: int
+    checks: list[str] = field(default_factory=list)
+
+
+class Backend(ABC):
+    """Lower the IR to a deployable file and prove the runtime accepts it."""
+
+    name: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]]
+    #: Pipeline text that legalizes the IR for this target, run before `lower`.
+    legalize: ClassVar[str] = ""
+
+    @abstractmethod
+    def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
+        """Write `output` atomically (checked before it is moved into place)."""
+
+
+_backends: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    _backends[cls.name] = cls
+    return cls
+
+
+#: Targets of the command-line contract, with where each comes from.
+KNOWN_TARGETS = ("ort", "tensorrt", "gguf")
+
+
+def get_backend(name: str) -> Backend:
+    import optc.backends.ort  # noqa: F401 - registers the built-in backends
+
+    if name not in KNOWN_TARGETS:
+        raise UsageError(f"unknown target '{name}'; targets: {', '.join(KNOWN_TARGETS)}")
+    if name not in _backends:
+        raise UsageError(f"target '{name}' is not available in this version of optc; available: {', '.join(sorted(_backends))}")
+    return _backends[name]()
+
+
+def target_for_output(output: Path) -> str:
+    """The target implied by the output's suffix (`.onnx` → ort, `.gguf` → gguf)."""
+    suffix = output.suffix.lower()
+    if suffix == ".onnx":
+        return "ort"
+    if suffix == ".gguf":
+        return "gguf"
+    if suffix in (".engine", ".plan"):
+        return "tensorrt"
+    raise UsageError(f"cannot tell the target from output suffix '{suffix or output.name}'; use --target ort|tensorrt|gguf")

@@ -1,0 +1,50 @@
+"""The ONNX Runtime backend: writes ONNX (external data when large) and opens a session on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+from optc.backends.base import Artifact, Backend, register_backend
+from optc.ir import Model, model_size_bytes, save_model, verify
+from optc.passes.infra.context import PassContext
+
+from optc.errors import OptcError
+
+
+def open_session(path: Path, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session; with `optimize=False` weights are used in place (no prepacking)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@register_backend
+class OrtBackend(Backend):
+    """ONNX for onnxruntime; the file is loaded into an InferenceSession before it is kept."""
+
+    name = "ort"
+    suffixes = (".onnx",)
+
+    def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
+        verify(model, where="before lowering to ort")
+        checks: list[str] = []
+
+        def check(staged: Path) -> None:
+            if context.get("backend.skip_runtime_check"):
+                return
+            try:
+                session = open_session(staged, optimize=False, threads=1)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise OptcError(f"onnxruntime rejected the lowered model: {detail}") from exc
+            names = ", ".join(i.name for i in session.get_inputs())
+            checks.append(f"onnxruntime {ort.__version__} loaded it (inputs: {names})")
+
+        path = save_model(model, output, check=check)
+        return Artifact(path, self.name, model_size_bytes(path), checks)

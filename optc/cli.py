@@ -1,0 +1,154 @@
+"""The `optc` command line.
+
+    optc INPUT -o OUTPUT [--passes PIPELINE] [--target ort|tensorrt|gguf] ...
+    optc --list-passes
+    optc --print-pipeline --passes PIPELINE
+
+Exit codes: 0 success, 2 usage error, 1 any other failure, each with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from optc import __version__
+from optc.errors import OptcError, PassFailure, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="optc",
+        description="optc: a model-compression compiler (frontend -> pass pipeline -> backend).",
+        epilog="Example: optc model.onnx --passes='dce,cse,fold-constants' -o out.onnx",
+    )
+    parser.add_argument("input", nargs="?", help="model to compile (.onnx)")
+    parser.add_argument("-o", "--output", type=Path, help="where to write the result (the suffix picks the target)")
+    parser.add_argument("--passes", help="pipeline text, e.g. 'dce,cse,fold-constants' (default: cleanup)")
+    parser.add_argument("--target", choices=["ort", "tensorrt", "gguf"], help="backend (default: from the output suffix)")
+    parser.add_argument("--calib", help="calibration data: random, text:FILE or npz:FILE")
+    parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
+    parser.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
+    parser.add_argument("--timing", action="store_true", help="print the time of every pass and analysis")
+    parser.add_argument("--print-ir-after-change", action="store_true", help="print the IR after each pass that changed it")
+    parser.add_argument("--verify-each", action="store_true", help="run the IR verifier after every pass")
+    parser.add_argument("--statistics", action="store_true", help="print per-pass statistics")
+    parser.add_argument("--report", type=Path, help="write a JSON report of the run")
+    parser.add_argument("--no-runtime-check", action="store_true", help="do not load the result in its runtime")
+    parser.add_argument("--list-passes", action="store_true", help="list every registered pass and exit")
+    parser.add_argument("--print-pipeline", action="store_true", help="print the canonical pipeline and exit")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    parser.add_argument("--version", action="version", version=f"optc {__version__}")
+    return parser
+
+
+def list_passes() -> str:
+    from optc.passes import all_passes, all_pipelines
+    from optc.passes.infra.options import describe_options
+    from optc.passes.infra.registry import plugin_origin
+
+    lines = ["Passes:"]
+    for name, cls in all_passes().items():
+        origin = plugin_origin(name)
+        suffix = f"  [plugin: {origin}]" if origin else ""
+        lines.append(f"  {name:<18} {cls.summary()}{suffix}")
+        for opt, type_text, default, help_text in describe_options(cls.Options):
+            lines.append(f"      {opt}={default:<10} {type_text}{'; ' + help_text if help_text else ''}")
+    lines.append("Named pipelines:")
+    for name, entry in all_pipelines().items():
+        lines.append(f"  {name:<18} {entry.summary}")
+        lines.append(f"      = {entry.text}")
+    return "\n".join(lines)
+
+
+def _validate_calib(spec: str | None) -> None:
+    if spec is None or spec == "random":
+        return
+    kind, _, file = spec.partition(":")
+    if kind not in ("text", "npz") or not file:
+        raise UsageError(f"--calib {spec!r}: expected random, text:FILE or npz:FILE")
+    if not Path(file).is_file():
+        raise OptcError(f"--calib {spec!r}: no such file: {file}")
+
+
+def run(argv: list[str]) -> int:
+    from optc.driver import CompileOptions, compile_file
+
+    args = build_parser().parse_args(argv)
+    if args.list_passes:
+        print(list_passes())
+        return 0
+    if args.print_pipeline:
+        from optc.passes import parse_pipeline
+
+        if args.passes is None:
+            raise UsageError("--print-pipeline needs --passes PIPELINE")
+        print(parse_pipeline(args.passes).pipeline_text())
+        return 0
+    if args.input is None:
+        raise UsageError("missing INPUT model (see 'optc --help')")
+    if args.output is None:
+        raise UsageError("missing -o OUTPUT")
+    if args.calib_samples < 1 or args.calib_seqlen < 1:
+        raise UsageError("--calib-samples and --calib-seqlen must be at least 1")
+    _validate_calib(args.calib)
+    options = CompileOptions(
+        passes=args.passes,
+        target=args.target,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_seqlen=args.calib_seqlen,
+        seed=args.seed,
+        timing=args.timing,
+        print_ir_after_change=args.print_ir_after_change,
+        verify_each=args.verify_each,
+        statistics=args.statistics,
+        report=args.report,
+        skip_runtime_check=args.no_runtime_check,
+    )
+    result = compile_file(args.input, args.output, options)
+    if result.timing and args.timing:
+        print(result.timing.report(), file=sys.stderr)
+    if result.statistics and args.statistics:
+        print(result.statistics.report(), file=sys.stderr)
+    print(f"optc: {result.summary()}")
+    for check in result.artifact.checks:
+        print(f"optc: check: {check}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        return run(argv)
+    except OptcError as exc:
+        if debug:
+            raise
+        message = str(exc)
+        reproducer = getattr(exc, "reproducer", None)
+        if isinstance(exc, PassFailure) and reproducer:
+            message += f" (reproducer: {reproducer})"
+        print(f"optc: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("optc: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into one line
+        if debug:
+            raise
+        detail = textwrap.shorten(str(exc) or type(exc).__name__, 300)
+        print(f"optc: error: internal error: {type(exc).__name__}: {detail} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

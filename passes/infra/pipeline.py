@@ -1,0 +1,183 @@
+"""The textual pipeline: parsing and canonical printing.
+
+Grammar (MLIR's, flat by default like LLVM's):
+
+    pipeline ::= element (',' element)*
+    element  ::= name options? ('(' pipeline ')')?      a pass, a named pipeline, or a container
+               | 'require<' analysis '>' | 'invalidate<' (analysis | 'all') '>'
+    options  ::= '{' (key '=' value)* '}'               whitespace-separated; values may be
+                                                        "quoted" and may hold commas
+
+`print_pipeline(parse_pipeline(text)) == text` for canonical text: options in
+declared order, defaults omitted, no spaces around commas. Named pipelines
+expand in place. Errors name the 1-based column.
+"""
+
+from __future__ import annotations
+
+from optc.passes.infra.analysis_passes import InvalidateAnalysis, RequireAnalysis
+from optc.passes.infra.pass_base import Pass
+from optc.passes.infra.pass_manager import PassManager
+
+from optc.errors import PipelineSyntaxError, UsageError
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+_KEY_CHARS = _NAME_CHARS | set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def error(self, message: str, pos: int | None = None) -> PipelineSyntaxError:
+        return PipelineSyntaxError(message, self.text, (self.pos if pos is None else pos) + 1)
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip_space(self) -> None:
+        while self.peek().isspace():
+            self.pos += 1
+
+    def expect(self, char: str) -> None:
+        self.skip_space()
+        if self.peek() != char:
+            found = repr(self.peek()) if self.peek() else "end of pipeline"
+            raise self.error(f"expected '{char}', found {found}")
+        self.pos += 1
+
+    def word(self, chars: set[str], what: str) -> str:
+        self.skip_space()
+        start = self.pos
+        while self.peek() and self.peek() in chars:
+            self.pos += 1
+        if start == self.pos:
+            found = repr(self.peek()) if self.peek() else "end of pipeline"
+            raise self.error(f"expected {what}, found {found}")
+        return self.text[start:self.pos]
+
+    def pipeline(self, closing: str = "") -> list[Pass]:
+        passes: list[Pass] = []
+        self.skip_space()
+        if self.peek() == closing or (not closing and not self.peek()):
+            return passes
+        while True:
+            passes.extend(self.element())
+            self.skip_space()
+            if self.peek() == ",":
+                self.pos += 1
+                continue
+            if self.peek() == closing or (not closing and not self.peek()):
+                return passes
+            found = repr(self.peek()) if self.peek() else "end of pipeline"
+            expected = f"',' or '{closing}'" if closing else "',' or end of pipeline"
+            raise self.error(f"expected {expected}, found {found}")
+
+    def element(self) -> list[Pass]:
+        from optc.passes.infra import registry
+
+        self.skip_space()
+        start = self.pos
+        name = self.word(_NAME_CHARS, "a pass name")
+        if self.peek() == "<":
+            return [self.analysis_pseudo_pass(name, start)]
+        options: list[tuple[str, str]] = []
+        has_options = self.peek_after_space() == "{"
+        if has_options:
+            options = self.options()
+        children: list[Pass] | None = None
+        if self.peek_after_space() == "(":
+            self.expect("(")
+            children = self.pipeline(closing=")")
+            self.expect(")")
+        named = registry.get_pipeline(name)
+        if named is not None:
+            if has_options or children is not None:
+                raise self.error(f"named pipeline '{name}' takes no options or nested passes", start)
+            return list(parse_pipeline(named.text).passes)
+        try:
+            cls = registry.get_pass(name)
+        except UsageError as exc:
+            raise UsageError(f"{exc} (column {start + 1})") from None
+        is_container = getattr(cls, "container", False)
+        if children is not None and not is_container:
+            raise self.error(f"pass '{name}' does not take nested passes", start)
+        if children is None and is_container:
+            raise self.error(f"pass '{name}' needs nested passes: {name}(pass,...)", start)
+        instance = cls.from_text_options(options)
+        if is_container:
+            instance.passes = children  # type: ignore[attr-defined]
+        return [instance]
+
+    def peek_after_space(self) -> str:
+        self.skip_space()
+        return self.peek()
+
+    def analysis_pseudo_pass(self, kind: str, start: int) -> Pass:
+        from optc.passes.infra import registry
+
+        if kind not in ("require", "invalidate"):
+            raise self.error(f"'<...>' follows only 'require' or 'invalidate', not '{kind}'", start)
+        self.expect("<")
+        name = self.word(_NAME_CHARS, "an analysis name")
+        self.expect(">")
+        if kind == "invalidate" and name == "all":
+            return InvalidateAnalysis(None)
+        analysis = registry.get_analysis(name)
+        return RequireAnalysis(analysis) if kind == "require" else InvalidateAnalysis(analysis)
+
+    def options(self) -> list[tuple[str, str]]:
+        self.expect("{")
+        items: list[tuple[str, str]] = []
+        while True:
+            self.skip_space()
+            if self.peek() == "}":
+                self.pos += 1
+                return items
+            if not self.peek():
+                raise self.error("unterminated options: expected '}'")
+            key = self.word(_KEY_CHARS, "an option name")
+            if self.peek() != "=":
+                found = repr(self.peek()) if self.peek() else "end of pipeline"
+                raise self.error(f"expected '=' after option '{key}', found {found}")
+            self.pos += 1
+            items.append((key, self.value()))
+
+    def value(self) -> str:
+        quote = self.peek()
+        if quote in ("'", '"'):
+            start = self.pos
+            self.pos += 1
+            chars: list[str] = []
+            while True:
+                char = self.peek()
+                if not char:
+                    raise self.error("unterminated quoted value", start)
+                self.pos += 1
+                if char == "\\" and self.peek():
+                    chars.append(self.peek())
+                    self.pos += 1
+                elif char == quote:
+                    return "".join(chars)
+                else:
+                    chars.append(char)
+        start = self.pos
+        while self.peek() and not self.peek().isspace() and self.peek() not in "{}()'\"":
+            self.pos += 1
+        if start == self.pos:
+            found = repr(self.peek()) if self.peek() else "end of pipeline"
+            raise self.error(f"expected a value, found {found}")
+        return self.text[start:self.pos]
+
+
+def parse_pipeline(text: str) -> PassManager:
+    """Parse pipeline text into a `PassManager`; raises `UsageError`/`PipelineSyntaxError`."""
+    parser = _Parser(text)
+    passes = parser.pipeline()
+    return PassManager(passes)
+
+
+def print_pipeline(pipeline: PassManager | Pass) -> str:
+    """Canonical text of a pipeline or a single pass."""
+    return pipeline.pipeline_text()

@@ -1,0 +1,7 @@
+"""Built-in transformation passes, one per module; importing this package registers them."""
+
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")

@@ -1,0 +1,143 @@
+"""`fold-constants`: evaluate nodes whose inputs are all constants."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx.reference
+from optc.ir import (
+    NONDETERMINISTIC_OPS,
+    AttributeType,
+    Model,
+    Node,
+    Shape,
+    TensorType,
+    Value,
+    is_constant,
+    node_to_proto,
+    tensor,
+)
+from optc.passes.infra.analysis import ACTIVATIONS, AnalysisManager, PreservedAnalyses
+from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+
+
+@register_pass("fold-constants")
+class FoldConstants(Pass):
+    """Replace nodes computable at compile time (constant inputs, static shapes) by initializers."""
+
+    @dataclasses.dataclass
+    class Options:
+        size_limit: int = option(
+            1 << 20, help="largest folded output in bytes, unless no larger than the node's inputs"
+        )
+
+        def validate(self) -> None:
+            if self.size_limit < 0:
+                raise ValueError("option 'size-limit' must be >= 0")
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        graph = model.graph
+        opset = graph.opset_imports.get("", 21)
+        folded: list[Node] = []
+        for node in list(graph):
+            arrays = self._evaluate(node, opset, model.ir_version)
+            if arrays is None:
+                continue
+            for old, array in zip(node.outputs, arrays, strict=True):
+                name = old.name
+                old.name = f"{name}.folded"
+                new = Value(name=name, type=TensorType(tensor(array).dtype), shape=Shape(list(array.shape)))
+                new.const_value = tensor(array, name=name)
+                new.metadata_props.update(old.metadata_props)
+                graph.register_initializer(new)
+                old.replace_all_uses_with(new, replace_graph_outputs=True)
+            folded.append(node)
+        if folded:
+            graph.remove(folded, safe=True)
+        # Named values keep their runtime values; new weights appear, so weight analyses are dropped.
+        preserved = PreservedAnalyses().preserve_aspects(ACTIVATIONS)
+        return PassResult(model, bool(folded), preserved if folded else None, {"nodes-folded": len(folded)})
+
+    def _evaluate(self, node: Node, opset: int, ir_version: int) -> list[np.ndarray] | None:
+        if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS:
+            return None
+        if any(a.type in (AttributeType.GRAPH, AttributeType.GRAPHS) for a in node.attributes.values()):
+            return None
+        if not any(o.consumers() or o.is_graph_output() for o in node.outputs):
+            return None  # dead: leave it to dce
+        static = _static_shape_result(node)
+        if static is not None:
+            return static
+        inputs = [v for v in node.inputs if v is not None]
+        if not all(is_constant(v) for v in inputs):
+            return None
+        input_bytes = sum(v.const_value.nbytes for v in inputs)
+        expected = _expected_output_bytes(node)
+        if expected is not None and expected > max(self.options.size_limit, input_bytes):
+            return None
+        arrays = _run_node(node, opset, ir_version)
+        if arrays is None:
+            return None
+        if sum(a.nbytes for a in arrays) > max(self.options.size_limit, input_bytes):
+            return None
+        return arrays
+
+
+def _static_shape_result(node: Node) -> list[np.ndarray] | None:
+    """Fold Shape/Size of a value whose shape is fully static."""
+    if node.op_type not in ("Shape", "Size") or node.inputs[0] is None:
+        return None
+    shape = node.inputs[0].shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    dims = [int(d) for d in shape]
+    if node.op_type == "Size":
+        return [np.array(int(np.prod(dims)), dtype=np.int64)]
+    start = node.attributes["start"].value if "start" in node.attributes else 0
+    end = node.attributes["end"].value if "end" in node.attributes else None
+    return [np.array(dims[start:end], dtype=np.int64)]
+
+
+def _expected_output_bytes(node: Node) -> int | None:
+    total = 0
+    for out in node.outputs:
+        if out.shape is None or out.dtype is None or not all(isinstance(d, int) for d in out.shape):
+            return None
+        total += int(np.prod([int(d) for d in out.shape])) * out.dtype.itemsize
+    return total
+
+
+def _run_node(node: Node, opset: int, ir_version: int) -> list[np.ndarray] | None:
+    """Evaluate one node with onnx's reference evaluator; None when it cannot."""
+    feeds: dict[str, np.ndarray] = {}
+    proto_node = node_to_proto(node)
+    del proto_node.input[:]
+    for i, value in enumerate(node.inputs):
+        if value is None:
+            proto_node.input.append("")
+            continue
+        feeds[f"in{i}"] = value.const_value.numpy()
+        proto_node.input.append(f"in{i}")
+    del proto_node.output[:]
+    outputs = [f"out{i}" for i in range(len(node.outputs))]
+    proto_node.output.extend(outputs)
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [proto_node],
+        "fold",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outputs],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    try:
+        results = onnx.reference.ReferenceEvaluator(proto).run(None, feeds)
+    except Exception:  # noqa: BLE001 - an op the evaluator cannot run is simply not folded
+        return None
+    arrays = [np.asarray(r) for r in results]
+    if any(a.dtype == object for a in arrays):
+        return None
+    return arrays
