@@ -13,7 +13,14 @@ from optc.errors import OptcError
 
 
 def open_session(path: Path, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session; with `optimize=False` weights are used in place (no prepacking)."""
+    """An onnxruntime CPU session; with `optimize=False` weights are used in place (no prepacking).
+
+    onnxruntime memory-maps external data and, without optimizations or
+    prepacking, never touches it while building the session, so the runtime
+    check of a multi-gigabyte model costs ~60 MiB. Prepacking alone copies
+    every MatMul weight (peak RSS above the model's size; measured by
+    tools/bench_large_model.py), which is why the check must keep it off.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:

@@ -2,7 +2,7 @@
 
 `to_networkx(graph)` returns a `networkx.MultiDiGraph` whose nodes are the IR
 nodes' positions in the graph (attribute `node` holds the IR node) and whose
-edges carry the value that flows along them (`value`). Graph inputs,
+edges carry the value that flows along them (`value`), keyed by the consumer's input slot. Graph inputs,
 initializers and outputs are not nodes; use the IR for those.
 """
 
@@ -19,12 +19,12 @@ def to_networkx(graph: Graph) -> nx.MultiDiGraph:
     for i, node in enumerate(graph):
         view.add_node(i, node=node, op_type=node.op_type)
     for i, node in enumerate(graph):
-        for value in node.inputs:
+        for slot, value in enumerate(node.inputs):
             if value is None:
                 continue
             producer = value.producer()
             if producer is not None and id(producer) in index:
-                view.add_edge(index[id(producer)], i, key=value.name, value=value)
+                view.add_edge(index[id(producer)], i, key=slot, value=value)
     return view
 
 

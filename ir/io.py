@@ -47,6 +47,8 @@ def load_model(path: str | os.PathLike) -> Model:
         raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if proto.ir_version == 0 or not proto.HasField("graph") or not proto.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model or truncated (no graph with outputs)")
+    if not proto.opset_import:
+        raise ModelLoadError(f"{path}: not an ONNX model or truncated (no opset_import)")
     try:
         model = _oir.serde.deserialize_model(proto)
     except Exception as exc:  # noqa: BLE001 - onnx-ir raises many types on malformed protos
@@ -111,7 +113,7 @@ def save_model(
                 model,
                 staged_model,
                 external_data=data_name,
-                size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+                size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES - 1,  # onnx-ir externalizes nbytes > threshold
                 alignment=1 << 16,
             )
         else:

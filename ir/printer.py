@@ -42,13 +42,13 @@ def print_ir(model: Model, *, max_elements: int | None = None) -> str:
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(declarations)
     # Metadata of nodes and values is printed as comments below, not by onnx.printer.
-    text = onnx.printer.to_text(proto).rstrip("\n")
-    lines = [text]
-    for node in model.graph:
+    # No trailing spaces (onnx.printer leaves some), so golden files survive editors and git hooks.
+    lines = [line.rstrip() for line in onnx.printer.to_text(proto).rstrip("\n").splitlines()]
+    for node in model.graph.all_nodes():  # subgraph (If/Loop body) nodes too
         for key, raw in sorted(node.metadata_props.items()):
             lines.append(f"{_NODE}{_node_ref(node)} {key.removeprefix('optc.')}={raw}")
     values = list(model.graph.inputs) + list(model.graph.initializers.values())
-    values += [o for n in model.graph for o in n.outputs]
+    values += [o for n in model.graph.all_nodes() for o in n.outputs]
     seen: set[int] = set()
     for value in values:
         if id(value) in seen:
@@ -63,10 +63,10 @@ def parse_text(text: str) -> Model:
     """Parse the text form (ONNX textual syntax plus annotation comments) into a model."""
     proto = onnx.parser.parse_model(text)
     model = from_proto(proto)
-    nodes = {_node_ref(n): n for n in model.graph}
+    nodes = {_node_ref(n): n for n in model.graph.all_nodes()}
     values = {v.name: v for v in model.graph.inputs}
     values.update(model.graph.initializers)
-    values.update({o.name: o for n in model.graph for o in n.outputs})
+    values.update({o.name: o for n in model.graph.all_nodes() for o in n.outputs})
     for line in text.splitlines():
         line = line.strip()
         for prefix, table in ((_NODE, nodes), (_VALUE, values)):
@@ -74,7 +74,7 @@ def parse_text(text: str) -> Model:
                 ref, _, assignment = line[len(prefix):].partition(" ")
                 key, _, raw = assignment.partition("=")
                 if ref not in table:
-                    raise ValueError(f"annotation names unknown {prefix[4:].strip()} {ref!r}")
+                    raise ValueError(f"annotation names unknown {prefix[3:].strip()} {ref!r}")
                 json.loads(raw)  # annotations must be valid JSON
                 table[ref].metadata_props["optc." + key] = raw
     return model

@@ -148,12 +148,18 @@ def check_onnx(model: Model) -> None:
     from optc.ir.io import to_proto
 
     proto = to_proto(model)
-    for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            # The checker would open external files relative to the cwd; their
-            # presence and size were checked on load.
-            tensor.ClearField("external_data")
-            tensor.data_location = onnx.TensorProto.DEFAULT
+    # The checker would open external files relative to the cwd (their presence
+    # and size were checked on load) and rejects a tensor with no data, so
+    # external initializers are checked as typed graph inputs instead.
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        inputs = {v.name for v in proto.graph.input}
+        kept = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+        for tensor in external:
+            if tensor.name not in inputs:
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     try:
         onnx.checker.check_model(proto, full_check=False)
     except onnx.checker.ValidationError as exc:

@@ -16,6 +16,7 @@ Semantics follow LLVM's new pass manager with MLIR's safe default:
 from __future__ import annotations
 
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -141,6 +142,23 @@ class AnalysisManager:
         self._in_progress: list[_Key] = []
         #: How many times each analysis was computed (for statistics and tests).
         self.run_counts: dict[str, int] = {}
+        #: id(model) -> a weak reference to that model, to spot an id reused by a new object.
+        self._models: dict[int, Any] = {}
+
+    def _track(self, model: Model) -> None:
+        """Forget the results of a collected model whose id a new model now has."""
+        ref = self._models.get(id(model))
+        if ref is not None and ref() is model:
+            return
+        if ref is not None:
+            stale = [k for k in self._results if k[0] == id(model)]
+            for key in stale:
+                self._results.pop(key, None)
+                self._dependents.pop(key, None)
+        try:
+            self._models[id(model)] = weakref.ref(model)
+        except TypeError:  # not weak-referenceable: hold it
+            self._models[id(model)] = lambda: model
 
     @staticmethod
     def _key(analysis: type[Analysis], model: Model, params: dict[str, Any]) -> _Key:
@@ -149,6 +167,7 @@ class AnalysisManager:
 
     def get(self, analysis: type[Analysis[T]], model: Model, **params: Any) -> T:
         """The analysis result for `model`, computed on a miss."""
+        self._track(model)
         key = self._key(analysis, model, params)
         if self._in_progress:
             self._dependents.setdefault(key, set()).add(self._in_progress[-1])
@@ -175,13 +194,16 @@ class AnalysisManager:
 
     def get_cached(self, analysis: type[Analysis[T]], model: Model, **params: Any) -> T | None:
         """The cached result, or None; never computes."""
+        self._track(model)
         return self._results.get(self._key(analysis, model, params))
 
     def cached_analyses(self, model: Model) -> list[type[Analysis]]:
+        self._track(model)
         return [k[1] for k in self._results if k[0] == id(model)]
 
     def invalidate(self, model: Model, preserved: PreservedAnalyses) -> list[type[Analysis]]:
         """Drop results for `model` that `preserved` does not keep, and everything built on them."""
+        self._track(model)
         if preserved.all_preserved():
             return []
         doomed = {k for k in self._results if k[0] == id(model) and not preserved.is_preserved(k[1])}
@@ -200,6 +222,8 @@ class AnalysisManager:
         """Re-key the results of `old` to `new` (a pass returned a new model object)."""
         if old is new:
             return
+        self._track(new)
+        self._models.pop(id(old), None)
         mapping = {k: (id(new), k[1], k[2]) for k in self._results if k[0] == id(old)}
         self._results = {mapping.get(k, k): v for k, v in self._results.items()}
         self._dependents = {
@@ -209,6 +233,7 @@ class AnalysisManager:
     def clear(self) -> None:
         self._results.clear()
         self._dependents.clear()
+        self._models.clear()
 
 
 def _freeze(value: Any) -> Hashable:

@@ -98,18 +98,22 @@ def parse_value(tp: Any, text: str) -> Any:
     return _parse_scalar(tp, text)
 
 
+def _text(value: Any) -> str:
+    """The text of a value before quoting; a list's items are joined unquoted and quoted as a whole."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return ",".join(_text(v) for v in value)
+    if value is None:
+        return "none"
+    return str(value)
+
+
 def format_value(value: Any) -> str:
     """Print one option value so that `parse_value` reads it back."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, float):
-        text = repr(value)
-    elif isinstance(value, list):
-        text = ",".join(format_value(v) for v in value)
-    elif value is None:
-        text = "none"
-    else:
-        text = str(value)
+    text = _text(value)
     if text and _PLAIN_VALUE.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
-from optc.passes.infra.options import option
+from optc.passes.infra.options import format_options, option
 from optc.passes.infra.pass_base import Pass, PassResult
 
 from optc.errors import OptcError, PassFailure
@@ -37,8 +37,11 @@ class PassManager(Pass):
         return self
 
     def pipeline_text(self) -> str:
-        """The canonical pipeline: children joined by commas."""
-        return ",".join(p.pipeline_text() for p in self.passes)
+        """The canonical pipeline: children joined by commas; a registered container wraps them in `name{opts}(...)`."""
+        body = ",".join(p.pipeline_text() for p in self.passes)
+        if self.name == PassManager.name:
+            return body
+        return f"{self.name}{format_options(self.options)}({body})"
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.options == other.options and self.passes == other.passes  # type: ignore[attr-defined]
@@ -68,6 +71,8 @@ class PassManager(Pass):
             except BaseException as exc:
                 for inst in reversed(context.instruments):
                     inst.after_pass_failed(pass_, model, exc)
+                if isinstance(exc, PassFailure) and ran:  # from a nested pipeline: add what ran out here
+                    raise PassFailure(exc.pass_name, exc.cause, ran + exc.before) from exc.__cause__
                 if isinstance(exc, PassFailure) or not isinstance(exc, Exception):
                     raise
                 if isinstance(exc, OptcError):
@@ -82,8 +87,11 @@ class PassManager(Pass):
             modified |= result.modified
             for key, value in result.statistics.items():
                 statistics[key] = statistics.get(key, 0) + value
-            for inst in reversed(context.instruments):
-                inst.after_pass(pass_, model, result, elapsed)
+            try:
+                for inst in reversed(context.instruments):
+                    inst.after_pass(pass_, model, result, elapsed)
+            except OptcError as exc:  # e.g. VerifyEach: the pass left an invalid IR
+                raise PassFailure(pass_.pipeline_text(), exc, ran) from exc
             ran.append(pass_.pipeline_text())
         return PassResult(model, modified, preserved if modified else PreservedAnalyses.all(), statistics)
 
@@ -105,11 +113,6 @@ class Fixpoint(PassManager):
         def validate(self) -> None:
             if self.max_iterations < 1:
                 raise ValueError("option 'max-iterations' must be at least 1")
-
-    def pipeline_text(self) -> str:
-        from optc.passes.infra.options import format_options
-
-        return f"{self.name}{format_options(self.options)}({super().pipeline_text()})"
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         preserved = PreservedAnalyses.all()

@@ -23,6 +23,8 @@ from optc.errors import PipelineSyntaxError, UsageError
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 _KEY_CHARS = _NAME_CHARS | set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+#: Named pipelines being expanded right now (to report one that includes itself).
+_expanding: list[str] = []
 
 
 class _Parser:
@@ -95,7 +97,13 @@ class _Parser:
         if named is not None:
             if has_options or children is not None:
                 raise self.error(f"named pipeline '{name}' takes no options or nested passes", start)
-            return list(parse_pipeline(named.text).passes)
+            if name in _expanding:
+                raise UsageError(f"named pipeline '{name}' expands to itself ({' -> '.join([*_expanding, name])})")
+            _expanding.append(name)
+            try:
+                return list(parse_pipeline(named.text).passes)
+            finally:
+                _expanding.pop()
         try:
             cls = registry.get_pass(name)
         except UsageError as exc:

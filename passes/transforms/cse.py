@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from optc.ir import NONDETERMINISTIC_OPS, AttributeType, ExternalTensor, Graph, Model, Node, Value
+from optc.ir import (
+    NONDETERMINISTIC_OPS,
+    AttributeType,
+    DataType,
+    ExternalTensor,
+    Graph,
+    Model,
+    Node,
+    Value,
+)
 from optc.passes.infra.analysis import ACTIVATIONS, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -70,12 +79,17 @@ def _input_key(value: Value | None) -> object:
 
 def _attr_value(attr) -> object:
     if attr.type == AttributeType.TENSOR:
-        data = attr.value
-        return ("tensor", data.dtype, tuple(data.shape), data.tobytes())
+        return _tensor_key(attr.value)
     if attr.type == AttributeType.TENSORS:
-        return tuple(("tensor", t.dtype, tuple(t.shape), t.tobytes()) for t in attr.value)
+        return tuple(_tensor_key(t) for t in attr.value)
     value = attr.value
     return tuple(value) if isinstance(value, list) else value
+
+
+def _tensor_key(data) -> tuple:
+    """Dtype, shape and contents of a tensor (string tensors have no raw bytes)."""
+    content = tuple(data.string_data()) if data.dtype == DataType.STRING else data.tobytes()
+    return ("tensor", data.dtype, tuple(data.shape), content)
 
 
 def _merge_duplicate_constants(graph: Graph, max_bytes: int) -> int:
@@ -87,7 +101,8 @@ def _merge_duplicate_constants(graph: Graph, max_bytes: int) -> int:
         data = value.const_value
         if data is None or isinstance(data, ExternalTensor) or data.nbytes > max_bytes or id(value) in graph_io:
             continue
-        key = (data.dtype, tuple(data.shape), data.tobytes())
+        # Annotations (an original parameter name, quantization parameters) are part of the identity.
+        key = (_tensor_key(data), tuple(sorted(value.metadata_props.items())))
         kept = first.setdefault(key, value)
         if kept is not value:
             value.replace_all_uses_with(kept)

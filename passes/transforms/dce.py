@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optc.ir import Model
+from optc.ir import AttributeType, Model
 from optc.passes.infra.analysis import ACTIVATIONS, WEIGHTS, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
@@ -23,6 +23,12 @@ class DeadCodeElimination(Pass):
             else:
                 dead_nodes.append(node)
         if dead_nodes:
+            for node in dead_nodes:
+                # Nodes inside a dead node's subgraphs are users of outer values; let go of them.
+                for sub in _subgraphs(node):
+                    for inner in sub.all_nodes():
+                        for i in range(len(inner.inputs)):
+                            inner.replace_input_with(i, None)
             graph.remove(dead_nodes, safe=True)
         inputs = {id(v) for v in graph.inputs}
         dead_inits = [
@@ -38,15 +44,22 @@ class DeadCodeElimination(Pass):
         return PassResult(model, modified, preserved if modified else None, stats)
 
 
+def _subgraphs(node) -> list:
+    """The node's subgraphs (If branches, Loop/Scan bodies)."""
+    graphs = []
+    for attr in node.attributes.values():
+        if attr.type == AttributeType.GRAPH:
+            graphs.append(attr.value)
+        elif attr.type == AttributeType.GRAPHS:
+            graphs.extend(attr.value)
+    return graphs
+
+
 def _subgraph_captures(node) -> list[list]:
     """Values from the outer scope that the node's subgraphs (If/Loop/Scan bodies) read."""
-    from optc.ir import AttributeType
-
     captured: list[list] = []
-    for attr in node.attributes.values():
-        graphs = [attr.value] if attr.type == AttributeType.GRAPH else list(attr.value) if attr.type == AttributeType.GRAPHS else []
-        for sub in graphs:
-            local = {id(v) for v in sub.inputs} | {id(v) for v in sub.initializers.values()}
-            local |= {id(o) for n in sub.all_nodes() for o in n.outputs}
-            captured.append([v for n in sub.all_nodes() for v in n.inputs if v is not None and id(v) not in local])
+    for sub in _subgraphs(node):
+        local = {id(v) for v in sub.inputs} | {id(v) for v in sub.initializers.values()}
+        local |= {id(o) for n in sub.all_nodes() for o in n.outputs}
+        captured.append([v for n in sub.all_nodes() for v in n.inputs if v is not None and id(v) not in local])
     return captured

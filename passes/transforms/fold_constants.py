@@ -10,6 +10,7 @@ import onnx.reference
 from optc.ir import (
     NONDETERMINISTIC_OPS,
     AttributeType,
+    DataType,
     Model,
     Node,
     Shape,
@@ -23,6 +24,10 @@ from optc.passes.infra.analysis import ACTIVATIONS, AnalysisManager, PreservedAn
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+
+#: Never folded: nondeterministic ops, and DequantizeLinear, because a DequantizeLinear
+#: of a constant weight *is* the quantized weight (QDQ format); folding it undoes quantization.
+_NOT_FOLDED = NONDETERMINISTIC_OPS | {"DequantizeLinear"}
 
 
 @register_pass("fold-constants")
@@ -63,7 +68,7 @@ class FoldConstants(Pass):
         return PassResult(model, bool(folded), preserved if folded else None, {"nodes-folded": len(folded)})
 
     def _evaluate(self, node: Node, opset: int, ir_version: int) -> list[np.ndarray] | None:
-        if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED:
             return None
         if any(a.type in (AttributeType.GRAPH, AttributeType.GRAPHS) for a in node.attributes.values()):
             return None
@@ -75,6 +80,8 @@ class FoldConstants(Pass):
         inputs = [v for v in node.inputs if v is not None]
         if not all(is_constant(v) for v in inputs):
             return None
+        if any(v.dtype == DataType.STRING for v in (*inputs, *node.outputs)):
+            return None  # string tensors have no byte size and do not round-trip the evaluator
         input_bytes = sum(v.const_value.nbytes for v in inputs)
         expected = _expected_output_bytes(node)
         if expected is not None and expected > max(self.options.size_limit, input_bytes):

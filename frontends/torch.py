@@ -1,0 +1,121 @@
+"""The PyTorch frontend: an `nn.Module` plus example inputs → torch.export → ONNX → IR.
+
+Uses the dynamo exporter (`torch.onnx.export(..., dynamo=True)`), which goes
+through `torch.export` (the TorchScript exporter fails on current
+transformers models). Axes named in `dynamic_axes` become symbolic; by default
+the first axis of every input (the batch) is dynamic. Weights are written to a
+temporary external-data file and stay memory-mapped in the IR until saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from optc.ir import DEFAULT_OPSET, Model, load_model, verify
+
+from optc.errors import OptcError
+
+
+def _example_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _input_names(module: Any, count: int, given: Sequence[str] | None) -> list[str]:
+    if given is not None:
+        if len(given) != count:
+            raise OptcError(f"input_names has {len(given)} names for {count} example inputs")
+        return list(given)
+    import inspect
+
+    params = [
+        p.name for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
+
+
+def export_module(
+    module: Any,
+    example_inputs: Any,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> Model:
+    """Export a module to optc's IR; `dynamic_axes` maps input name → {axis: symbolic name}."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise OptcError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    args = _example_tuple(example_inputs)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise OptcError("example inputs must be torch tensors (a tensor or a tuple of tensors)")
+    names = _input_names(module, len(args), input_names)
+    if dynamic_axes is None:
+        dynamic_axes = {name: {0: "batch"} for name, a in zip(names, args, strict=True) if a.dim() > 0}
+    unknown = set(dynamic_axes) - set(names)
+    if unknown:
+        raise OptcError(f"dynamic_axes names unknown inputs {sorted(unknown)}; inputs: {names}")
+    dims: dict[str, Any] = {}
+    shapes: dict[str, dict[int, Any]] = {}
+    for name, axes in dynamic_axes.items():
+        shapes[name] = {}
+        for axis, dim_name in axes.items():
+            dims.setdefault(dim_name, torch.export.Dim(dim_name))
+            shapes[name][int(axis)] = dims[dim_name]
+    folder = tempfile.TemporaryDirectory(prefix="optc-export-")
+    path = Path(folder.name) / "model.onnx"
+    module.eval()
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                output_names=list(output_names) if output_names else None,
+                dynamic_shapes={n: shapes.get(n, {}) for n in names},
+                external_data=True,
+                optimize=True,
+                verify=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+        folder.cleanup()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OptcError(f"torch.export of {type(module).__name__} failed: {first}") from exc
+    model = load_model(path)
+    # The external-data file must outlive the model that memory-maps it.
+    weakref.finalize(model, folder.cleanup)
+    model.meta["optc.export_dir"] = folder
+    verify(model, where=f"after exporting {type(module).__name__}")
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and warnings (errors still raise)."""
+    sink = io.StringIO()
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

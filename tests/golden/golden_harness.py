@@ -1,0 +1,168 @@
+"""Reading, running and rewriting golden files (`tests/golden/<pass>/*.onnxtxt`).
+
+Shared by `test_golden.py` (which checks) and `tools/update_golden.py` (which
+regenerates the expected sections). The format is described in README.md here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from pathlib import Path
+
+from optc.ir import parse_text, print_ir, verify
+from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
+
+from optc.errors import OptcError
+
+GOLDEN_DIR = Path(__file__).resolve().parent
+RUN = "# RUN:"
+SEPARATOR = "# -----"
+CASE = "# CASE:"
+EXPECTED = "# EXPECTED:"
+EXPECTED_ERROR = "# EXPECTED-ERROR:"
+_CASE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+class GoldenFormatError(ValueError):
+    """A golden file that does not follow the format; names the file and line."""
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    line: int  # 1-based line of the `# CASE:` line
+    input_lines: list[str]  # from `# CASE:` up to the expected marker, verbatim
+    expected: str | None  # printed IR, ending in a newline; None when absent or an error case
+    expected_error: str | None  # substring of the error message, for `# EXPECTED-ERROR:` cases
+
+    @property
+    def input_text(self) -> str:
+        return "\n".join(self.input_lines) + "\n"
+
+
+@dataclasses.dataclass
+class GoldenFile:
+    path: Path
+    header: list[str]  # the RUN line and any comments before the first case
+    pipeline: str
+    cases: list[Case]
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What running one case gave: printed IR or an error, and whether the pipeline said it changed."""
+
+    text: str | None
+    error: str | None
+    modified: bool
+    input_printed: str | None
+
+
+def golden_files(root: Path = GOLDEN_DIR) -> list[Path]:
+    return sorted(root.glob("*/*.onnxtxt"))
+
+
+def read_golden(path: Path) -> GoldenFile:
+    lines = path.read_text().splitlines()
+    where = f"{path}:1"
+    if not lines or not lines[0].startswith(RUN):
+        raise GoldenFormatError(f"{where}: the first line must be `{RUN} --passes='<pipeline>'`")
+    pipeline = _parse_run(lines[0][len(RUN):], where)
+    chunks: list[tuple[int, list[str]]] = [(1, [])]
+    for number, line in enumerate(lines, start=1):
+        if line.rstrip() == SEPARATOR:
+            chunks.append((number + 1, []))
+        else:
+            chunks[-1][1].append(line)
+    header = chunks[0][1]
+    if any(line.strip() and not line.startswith("#") for line in header):
+        raise GoldenFormatError(f"{where}: only comments may come before the first `{SEPARATOR}`")
+    cases = [_parse_case(path, start, chunk) for start, chunk in chunks[1:]]
+    if not cases:
+        raise GoldenFormatError(f"{where}: no cases (each case starts with a `{SEPARATOR}` line)")
+    seen: set[str] = set()
+    for case in cases:
+        if case.name in seen:
+            raise GoldenFormatError(f"{path}:{case.line}: case name {case.name!r} is used twice")
+        seen.add(case.name)
+    return GoldenFile(path, header, pipeline, cases)
+
+
+def _parse_run(text: str, where: str) -> str:
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise GoldenFormatError(f"{where}: bad RUN line: {exc}") from None
+    if len(words) != 1 or not words[0].startswith("--passes="):
+        raise GoldenFormatError(f"{where}: the RUN line takes exactly one option, --passes='<pipeline>'")
+    return words[0][len("--passes="):]
+
+
+def _parse_case(path: Path, start: int, chunk: list[str]) -> Case:
+    while chunk and not chunk[0].strip():
+        chunk, start = chunk[1:], start + 1
+    if not chunk or not chunk[0].startswith(CASE):
+        raise GoldenFormatError(f"{path}:{start}: a case must start with `{CASE} <name>`")
+    name = chunk[0][len(CASE):].strip()
+    if not _CASE_NAME.match(name):
+        raise GoldenFormatError(f"{path}:{start}: case name {name!r} must be lowercase words joined by '-'")
+    markers = [i for i, line in enumerate(chunk) if line.startswith((EXPECTED, EXPECTED_ERROR))]
+    if len(markers) > 1:
+        raise GoldenFormatError(f"{path}:{start + markers[1]}: case {name!r} has two expected sections")
+    if not markers:
+        return Case(name, start, _strip_trailing_blank(chunk), None, None)
+    mark = markers[0]
+    marker_line = chunk[mark]
+    body = _strip_trailing_blank(chunk[mark + 1:])
+    if marker_line.startswith(EXPECTED_ERROR):
+        if body:
+            raise GoldenFormatError(f"{path}:{start + mark + 1}: nothing may follow `{EXPECTED_ERROR}` in a case")
+        error = marker_line[len(EXPECTED_ERROR):].strip()
+        return Case(name, start, _strip_trailing_blank(chunk[:mark]), None, error)
+    if marker_line.strip() != EXPECTED:
+        raise GoldenFormatError(f"{path}:{start + mark}: `{EXPECTED}` stands alone on its line")
+    expected = "\n".join(body) + "\n" if body else None
+    return Case(name, start, _strip_trailing_blank(chunk[:mark]), expected, None)
+
+
+def _strip_trailing_blank(lines: list[str]) -> list[str]:
+    end = len(lines)
+    while end and not lines[end - 1].strip():
+        end -= 1
+    return list(lines[:end])
+
+
+def run_case(pipeline: str, case: Case) -> Outcome:
+    """Parse the input, run the pipeline with the verifier after every pass, print the result."""
+    model = parse_text(case.input_text)
+    input_printed = print_ir(model)
+    am = AnalysisManager(PassContext(instruments=[VerifyEach()]))
+    try:
+        result = parse_pipeline(pipeline)(model, am)
+        verify(result.model, where="after the pipeline")
+    except OptcError as exc:
+        return Outcome(None, str(exc).strip().splitlines()[0], False, input_printed)
+    return Outcome(print_ir(result.model), None, result.modified, input_printed)
+
+
+def render(golden: GoldenFile, outcomes: dict[str, Outcome]) -> str:
+    """The file text with each case's expected section replaced by its outcome (others kept)."""
+    out = list(golden.header)
+    for case in golden.cases:
+        out.append(SEPARATOR)
+        out.extend(case.input_lines)
+        outcome = outcomes.get(case.name)
+        if outcome is not None and outcome.error is not None:
+            out.append(f"{EXPECTED_ERROR} {outcome.error}".rstrip())
+        elif outcome is not None:
+            out.append(EXPECTED)
+            out.extend(outcome.text.rstrip("\n").splitlines())
+        elif case.expected_error is not None:
+            out.append(f"{EXPECTED_ERROR} {case.expected_error}".rstrip())
+        elif case.expected is not None:
+            out.append(EXPECTED)
+            out.extend(case.expected.rstrip("\n").splitlines())
+        out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"

@@ -1,0 +1,160 @@
+"""Golden tests: text IR in, pipeline, text IR out (one test per case; format in README.md).
+
+Regenerate expected sections with `python tools/update_golden.py` and review the diff.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+
+import pytest
+from optc.passes import all_passes, parse_pipeline
+
+from tests.golden.golden_harness import (
+    EXPECTED,
+    GOLDEN_DIR,
+    GoldenFormatError,
+    golden_files,
+    read_golden,
+    render,
+    run_case,
+)
+
+TOOL = GOLDEN_DIR.parent.parent / "tools" / "update_golden.py"
+
+
+def _params() -> list:
+    params = []
+    for path in golden_files():
+        rel = path.relative_to(GOLDEN_DIR).with_suffix("").as_posix()
+        try:
+            golden = read_golden(path)
+        except GoldenFormatError as exc:
+            params.append(pytest.param(None, None, exc, id=f"{rel}:format"))
+            continue
+        params.extend(pytest.param(golden, case, None, id=f"{rel}:{case.name}") for case in golden.cases)
+    return params
+
+
+def _diff(expected: str, actual: str, where: str) -> str:
+    lines = difflib.unified_diff(
+        expected.splitlines(keepends=True),
+        actual.splitlines(keepends=True),
+        fromfile=f"{where} (expected)",
+        tofile=f"{where} (actual)",
+    )
+    return "".join(lines)
+
+
+@pytest.mark.parametrize(("golden", "case", "format_error"), _params())
+def test_golden(golden, case, format_error):
+    if format_error is not None:
+        pytest.fail(str(format_error), pytrace=False)
+    root = GOLDEN_DIR.parent.parent
+    shown = golden.path.relative_to(root) if golden.path.is_relative_to(root) else golden.path
+    where = f"{shown}:{case.line} ({case.name})"
+    outcome = run_case(golden.pipeline, case)
+    hint = "run `python tools/update_golden.py` and review the diff"
+    if case.expected_error is not None:
+        assert outcome.error is not None, f"{where}: expected an error containing {case.expected_error!r}, the pipeline succeeded"
+        assert case.expected_error in outcome.error, f"{where}: error {outcome.error!r} lacks {case.expected_error!r}"
+        return
+    assert outcome.error is None, f"{where}: {outcome.error}"
+    assert case.expected is not None, f"{where}: no `{EXPECTED}` section; {hint}"
+    if outcome.text != case.expected:
+        pytest.fail(f"{where}: output differs ({hint}):\n{_diff(case.expected, outcome.text, where)}", pytrace=False)
+    # A pass that changes the IR must say so (analyses are invalidated from it), and one that
+    # does not must not (fixpoint would loop to its bound).
+    changed = outcome.text != outcome.input_printed
+    assert outcome.modified == changed, (
+        f"{where}: the pipeline reported modified={outcome.modified} but the IR {'changed' if changed else 'did not change'}"
+    )
+
+
+def test_golden_dirs_name_registered_passes():
+    """`tests/golden/<pass>/`: the folder names a pass, and each file's pipeline parses and uses it."""
+    passes = all_passes()
+    files = golden_files()
+    assert files, "no golden files found"
+    for path in files:
+        folder = path.parent.name
+        assert folder in passes, f"{path}: folder {folder!r} is not a registered pass"
+        golden = read_golden(path)
+        text = parse_pipeline(golden.pipeline).pipeline_text()
+        assert folder in text, f"{path}: pipeline {golden.pipeline!r} does not run {folder!r}"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("update_golden", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_update_tool_fills_in_and_checks(tmp_path, capsys):
+    """tools/update_golden.py writes a reviewed file's expected sections back from its inputs
+    alone, and `--check` reports a stale file without touching it."""
+    tool = _load_tool()
+    original = GOLDEN_DIR / "dce" / "subgraphs.onnxtxt"
+    golden = read_golden(original)
+    for case in golden.cases:
+        case.expected = None
+    stale = render(golden, {})
+    assert EXPECTED not in stale
+    path = tmp_path / original.name
+    path.write_text(stale)
+    assert tool.main(["--check", str(path)]) == 1
+    assert "stale" in capsys.readouterr().err
+    assert path.read_text() == stale
+    assert tool.main([str(path)]) == 0
+    assert path.read_text() == original.read_text()
+    assert tool.main(["--check", str(path)]) == 0
+
+
+def test_update_tool_keeps_failing_cases_for_a_human(tmp_path, capsys):
+    """A case that fails without `# EXPECTED-ERROR:` is reported, not recorded as expected."""
+    tool = _load_tool()
+    path = tmp_path / "broken.onnxtxt"
+    text = (
+        "# RUN: --passes='topo-sort'\n# -----\n# CASE: cycle\n"
+        '<ir_version: 10, opset_import: ["" : 21]>\n'
+        "g (float[2] x) => (float[2] y) {\n  a = Add(x, b)\n  b = Neg(a)\n  y = Relu(a)\n}\n"
+    )
+    path.write_text(text)
+    assert tool.main([str(path)]) == 1
+    assert "the pipeline failed" in capsys.readouterr().err
+    assert path.read_text() == text
+
+
+_HEAD = '<ir_version: 10, opset_import: ["" : 21]>\ng (float[2] x) => (float[2] y) { y = Neg(x) }\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("# -----\n# CASE: a\n" + _HEAD, "first line must be"),
+        ("# RUN: --passes='dce' --verify\n# -----\n# CASE: a\n" + _HEAD, "exactly one option"),
+        ("# RUN: --passes='dce'\n", "no cases"),
+        ("# RUN: --passes='dce'\n" + _HEAD, "only comments"),
+        ("# RUN: --passes='dce'\n# -----\n" + _HEAD, "must start with `# CASE:"),
+        ("# RUN: --passes='dce'\n# -----\n# CASE: Bad_Name\n" + _HEAD, "lowercase"),
+        ("# RUN: --passes='dce'\n# -----\n# CASE: a\n" + _HEAD + "# -----\n# CASE: a\n" + _HEAD, "used twice"),
+        ("# RUN: --passes='dce'\n# -----\n# CASE: a\n" + _HEAD + "# EXPECTED:\n" + _HEAD + "# EXPECTED:\n", "two expected"),
+        ("# RUN: --passes='dce'\n# -----\n# CASE: a\n" + _HEAD + "# EXPECTED-ERROR: x\n" + _HEAD, "nothing may follow"),
+    ],
+)
+def test_format_errors_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.onnxtxt"
+    path.write_text(text)
+    with pytest.raises(GoldenFormatError, match=re.escape(message)):
+        read_golden(path)
+
+
+def test_mismatch_shows_a_diff(tmp_path):
+    path = tmp_path / "stale.onnxtxt"
+    path.write_text("# RUN: --passes='dce'\n# -----\n# CASE: a\n" + _HEAD + "# EXPECTED:\n" + _HEAD)
+    golden = read_golden(path)
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)output differs.*\+\+\+ .*-g \(float\[2\] x\)"):
+        test_golden(golden, golden.cases[0], None)

@@ -1,0 +1,184 @@
+"""fold-constants: structural and onnxruntime tests (golden cases: tests/golden/fold-constants/)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+from optc.ir import annotate, annotation, is_constant, print_ir
+from optc.passes import get_pass
+
+from optc.errors import UsageError
+from tests import models
+from tests.passes import builders as b
+
+
+def test_folds_constant_subgraph():
+    proto = models.constant_subgraph()
+    model = models.to_ir(proto)
+    result = b.run(model, "fold-constants")
+    assert result.modified
+    assert [n.name for n in result.model.graph] == ["out"]
+    assert result.statistics == {"nodes-folded": 4}
+    folded = result.model.graph.initializers["c2"].const_value.numpy()
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_array_equal(folded, (inits["C1"] + inits["C2"]) * inits["C3"] + np.float32(0.5))
+    b.assert_same_outputs(proto, result.model, atol=1e-6)
+
+
+def test_nothing_constant_is_a_no_op():
+    model = models.to_ir(models.mlp())
+    text = print_ir(model)
+    result = b.run(model, "fold-constants")
+    assert not result.modified
+    assert print_ir(result.model) == text
+
+
+def test_shape_of_static_tensor_folds_and_reshape_keeps_working():
+    model = b.text_model(
+        """
+g (float[2,3,4] x) => (float[6,4] y)
+{
+  r = Relu(x)
+  s = Shape<end=2>(r)
+  p = ReduceProd<keepdims=1>(s)
+  t = Shape<start=-1>(r)
+  shape = Concat<axis=0>(p, t)
+  y = Reshape(r, shape)
+}
+"""
+    )
+    before = b.snapshot(model)
+    # Without shapes only Shape(x)-style nodes of declared values fold; with shape-infer all do.
+    result = b.run(model, "shape-infer,fold-constants")
+    assert [n.op_type for n in result.model.graph] == ["Relu", "Reshape"]
+    np.testing.assert_array_equal(result.model.graph.initializers["shape"].const_value.numpy(), [6, 4])
+    b.assert_same_outputs(before, result.model)
+
+
+def test_symbolic_shape_does_not_fold():
+    model = b.text_model("g (float[N,3] x) => (int64[2] s) { s = Shape(x) }")
+    assert not b.run(model, "fold-constants").modified
+
+
+def test_random_ops_do_not_fold():
+    model = b.text_model(
+        """
+g (float[2] x) => (float[2] y)
+{
+  r = RandomUniform<shape=[2]>()
+  y = Add(x, r)
+}
+"""
+    )
+    assert not b.run(model, "fold-constants").modified
+
+
+def test_size_limit():
+    text = """
+g (float[256] x) => (float[256] y) <int64[1] n = {256}>
+{
+  z = ConstantOfShape<value=float[1] {1.0}>(n)
+  y = Add(x, z)
+}
+"""
+    assert b.run(b.text_model(text), "fold-constants").modified  # 1 KiB < 1 MiB default
+    assert not b.run(b.text_model(text), "fold-constants{size-limit=1000}").modified
+    model = b.text_model(text)
+    before = b.snapshot(model)
+    result = b.run(model, "fold-constants{size-limit=1024}")
+    assert result.modified
+    b.assert_same_outputs(before, result.model)
+
+
+def test_size_limit_must_not_be_negative():
+    with pytest.raises(UsageError, match="size-limit"):
+        b.run(models.to_ir(models.mlp()), "fold-constants{size-limit=-1}")
+
+
+def test_dequantize_linear_of_constant_weight_stays():
+    """QDQ weights must stay quantized: folding DequantizeLinear would store float weights."""
+    model = b.text_model(
+        """
+g (float[2,4] x) => (float[2,3] y)
+  <int8[4,3] wq = {1, -2, 3, 4, -5, 6, 7, 8, -9, 10, 11, -12}, float[3] s = {0.1, 0.2, 0.3}, int8[3] zp = {0, 0, 0}>
+{
+  w = DequantizeLinear<axis=1>(wq, s, zp)
+  y = MatMul(x, w)
+}
+"""
+    )
+    before = b.snapshot(model)
+    result = b.run(model, "fold-constants")
+    assert not result.modified
+    assert result.model.graph.initializers["wq"].dtype.name == "INT8"
+    b.assert_same_outputs(before, result.model)
+
+
+def test_constant_graph_output_runs_in_onnxruntime():
+    model = b.text_model(
+        """
+g (float[2] x) => (float[2] y, float[2] k) <float[2] w = {1.5, 2.5}>
+{
+  k = Neg(w)
+  y = Add(x, k)
+}
+"""
+    )
+    before = b.snapshot(model)
+    result = b.run(model, "fold-constants,dce")
+    assert [v.name for v in result.model.graph.outputs] == ["y", "k"]
+    assert "k" in result.model.graph.initializers
+    b.assert_same_outputs(before, result.model)
+
+
+def test_overridable_initializer_is_not_folded():
+    """An initializer that is also a graph input may be fed at run time."""
+    model = b.text_model(
+        """
+g (float[2] x, float[2] w) => (float[2] y) <float[2] w = {1.0, 2.0}>
+{
+  a = Neg(w)
+  y = Add(x, a)
+}
+"""
+    )
+    before = b.snapshot(model)
+    result = b.run(model, "fold-constants")
+    assert not result.modified
+    feeds = {"x": np.ones(2, np.float32), "w": np.array([5.0, 7.0], np.float32)}
+    b.assert_same_outputs(before, result.model, feeds=feeds)
+
+
+def test_string_constants_are_left_alone():
+    model = b.text_model(
+        """
+g (string[2] x) => (string[4] y) <string[2] s = {"a", "b"}>
+{
+  t = Identity(s)
+  y = Concat<axis=0>(x, t)
+}
+"""
+    )
+    assert not b.run(model, "fold-constants").modified
+
+
+def test_folding_is_idempotent_and_keeps_annotations():
+    model = models.to_ir(models.constant_subgraph())
+    producer = next(n for n in model.graph if n.name == "c_mul")
+    annotate(producer.outputs[0], "source_name", "scale")
+    result = get_pass("fold-constants")()(model)
+    assert annotation(result.model.graph.initializers["c1"], "source_name") == "scale"
+    assert not get_pass("fold-constants")()(result.model).modified
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_graphs_same_outputs(seed):
+    model = b.random_dag(seed, constant_rate=0.6)
+    before = b.snapshot(model)
+    result = b.run(model, "fold-constants")
+    for node in result.model.graph:
+        if all(is_constant(v) for v in node.inputs if v is not None):
+            # What is left computable at compile time is dead (left for dce).
+            assert not any(o.uses() or o.is_graph_output() for o in node.outputs), node
+    b.assert_same_outputs(before, result.model, atol=1e-6)
