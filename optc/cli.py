@@ -10,8 +10,10 @@ Exit codes: 0 success, 2 usage error, 1 any other failure, each with one line on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 from optc import __version__
@@ -26,6 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="optc",
+        allow_abbrev=False,  # flags are a contract: '--deb' is an unknown flag, not '--debug'
         description="optc: a model-compression compiler (frontend -> pass pipeline -> backend).",
         epilog="Example: optc model.onnx --passes='dce,cse,fold-constants' -o out.onnx",
     )
@@ -80,8 +83,6 @@ def _validate_calib(spec: str | None) -> None:
 
 
 def run(argv: list[str]) -> int:
-    from optc.driver import CompileOptions, compile_file
-
     args = build_parser().parse_args(argv)
     if args.list_passes:
         print(list_passes())
@@ -100,6 +101,9 @@ def run(argv: list[str]) -> int:
     if args.calib_samples < 1 or args.calib_seqlen < 1:
         raise UsageError("--calib-samples and --calib-seqlen must be at least 1")
     _validate_calib(args.calib)
+    # Imported only now: the compiler's imports take a second, a usage error should not.
+    from optc.driver import CompileOptions, compile_file
+
     options = CompileOptions(
         passes=args.passes,
         target=args.target,
@@ -126,13 +130,14 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; every failure ends in one `optc: error:` line (after a traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         return run(argv)
     except OptcError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         message = str(exc)
         reproducer = getattr(exc, "reproducer", None)
         if isinstance(exc, PassFailure) and reproducer:
@@ -142,9 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("optc: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `optc --list-passes | head`: the reader left; stop quietly (and keep Python from
+        # complaining again when it flushes stdout at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into one line
         if debug:
-            raise
+            traceback.print_exc()
+            print(f"optc: error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
         detail = textwrap.shorten(str(exc) or type(exc).__name__, 300)
         print(f"optc: error: internal error: {type(exc).__name__}: {detail} (rerun with --debug for a traceback)", file=sys.stderr)
         return 1

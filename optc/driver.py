@@ -13,7 +13,8 @@ from typing import Any
 from optc.backends import Artifact, get_backend, target_for_output
 from optc.errors import OptcError, PassFailure
 from optc.frontends import load_input
-from optc.ir import model_size_bytes
+from optc.ir import ExternalTensor, Model, model_size_bytes
+from optc.ir.io import remove_model
 from optc.passes import (
     AnalysisManager,
     PassContext,
@@ -83,24 +84,43 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def check_paths(input_path: Path, output: Path) -> None:
-    """Refuse outputs that would overwrite the input or its external data."""
+def check_paths(input_path: Path, output: Path, report: Path | None = None) -> None:
+    """Refuse, before any work, an output or report that would overwrite the input or cannot be written."""
+    source = input_path.resolve()
     out = output.resolve()
-    if out == input_path.resolve():
+    if out == source:
         raise OptcError(f"{output}: output would overwrite the input; choose another path")
-    data = out.with_name(out.name + ".data")
-    if input_path.is_file() and input_path.suffix == ".onnx":
-        try:
-            from optc.ir.io import model_files
+    if out.is_dir():
+        raise OptcError(f"{output}: is a directory; give the output file's path")
+    _check_folder(str(output), out.parent)
+    if report is not None:
+        rep = report.resolve()
+        if rep == source:
+            raise OptcError(f"--report {report}: would overwrite the input; choose another path")
+        if rep in (out, out.with_name(out.name + ".data")):
+            raise OptcError(f"--report {report}: would overwrite the output; choose another path")
+        if rep.is_dir():
+            raise OptcError(f"--report {report}: is a directory; give the report file's path")
+        _check_folder(f"--report {report}", rep.parent)
 
-            if any(f.resolve() == data for f in model_files(input_path)):
-                raise OptcError(f"{output}: its external data file would overwrite the input's data")
-        except OptcError:
-            raise
-        except Exception:  # noqa: BLE001 - an unreadable input is reported by the frontend
-            pass
-    if not out.parent.is_dir():
-        raise OptcError(f"{output}: output folder {out.parent} does not exist")
+
+def _check_folder(label: str, folder: Path) -> None:
+    if not folder.is_dir():
+        raise OptcError(f"{label}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OptcError(f"{label}: output folder {folder} is not writable")
+
+
+def check_data_clash(model: Model, output: Path, report: Path | None) -> None:
+    """Refuse an output, its external data file or a report that would overwrite the input's weights."""
+    out = output.resolve()
+    written = {out: str(output), out.with_name(out.name + ".data"): f"{output}: its external data file"}
+    if report is not None:
+        written[report.resolve()] = f"--report {report}"
+    for value in model.graph.initializers.values():
+        data = value.const_value
+        if isinstance(data, ExternalTensor) and Path(data.path).resolve() in written:
+            raise OptcError(f"{written[Path(data.path).resolve()]} would overwrite the input's data {data.path}")
 
 
 def compile_file(input_path: str | Path, output: str | Path, options: CompileOptions) -> CompileResult:
@@ -111,9 +131,10 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     backend = get_backend(target)
     pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
     pipeline = parse_pipeline(pipeline_text)
-    check_paths(input_path, output)
+    check_paths(input_path, output, options.report)
 
     model = load_input(input_path)
+    check_data_clash(model, output, options.report)
     nodes_before = model.graph.num_nodes()
     input_bytes = model_size_bytes(input_path) if input_path.suffix == ".onnx" else 0
 
@@ -145,15 +166,22 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
         time.perf_counter() - start, timing, stats,
     )
     if options.report:
-        write_report(options.report, compiled.as_dict())
+        try:
+            write_report(options.report, compiled.as_dict())
+        except OSError as exc:
+            remove_model(artifact.path)  # a failed run leaves no output
+            raise OptcError(f"--report {options.report}: cannot write ({exc.strerror or exc}); nothing was written") from exc
     return compiled
 
 
 def write_report(path: Path, data: dict[str, Any]) -> None:
     """Write a JSON report atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_reproducer(input_path: Path, output: Path, pipeline_text: str, failure: PassFailure) -> Path | None:
