@@ -102,6 +102,7 @@ def export_module(
     # The external-data file must outlive the model that memory-maps it.
     weakref.finalize(model, folder.cleanup)
     model.meta["optc.export_dir"] = folder
+    model.meta["optc.source_onnx"] = str(path)
     verify(model, where=f"after exporting {type(module).__name__}")
     return model
 

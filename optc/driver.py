@@ -13,7 +13,7 @@ from typing import Any
 from optc.backends import Artifact, get_backend, target_for_output
 from optc.errors import OptcError, PassFailure
 from optc.frontends import load_input
-from optc.ir import ExternalTensor, Model, model_size_bytes
+from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
 from optc.ir.io import remove_model
 from optc.passes import (
     AnalysisManager,
@@ -57,6 +57,8 @@ class CompileResult:
     seconds: float
     timing: TimingInstrument | None
     statistics: StatisticsInstrument | None
+    #: The ONNX file of the model before the pipeline, when there is one (for before/after tables).
+    before_path: Path | None = None
 
     def summary(self) -> str:
         return (
@@ -84,9 +86,9 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def check_paths(input_path: Path, output: Path, report: Path | None = None) -> None:
+def check_paths(input_path: Path | None, output: Path, report: Path | None = None) -> None:
     """Refuse, before any work, an output or report that would overwrite the input or cannot be written."""
-    source = input_path.resolve()
+    source = input_path.resolve() if input_path is not None else None
     out = output.resolve()
     if out == source:
         raise OptcError(f"{output}: output would overwrite the input; choose another path")
@@ -124,19 +126,38 @@ def check_data_clash(model: Model, output: Path, report: Path | None) -> None:
 
 
 def compile_file(input_path: str | Path, output: str | Path, options: CompileOptions) -> CompileResult:
-    """Compile one model file; raises `OptcError` (or `UsageError`) with one clear line."""
+    """Compile one model file or directory; raises `OptcError` (or `UsageError`) with one clear line."""
     input_path, output = Path(input_path), Path(output)
     start = time.perf_counter()
+    target = options.target or target_for_output(output)
+    get_backend(target)
+    parse_pipeline(options.passes if options.passes is not None else DEFAULT_PIPELINE)
+    check_paths(input_path, output, options.report)
+    model = load_input(input_path)
+    return compile_model(model, output, options, source=input_path, start=start)
+
+
+def compile_model(
+    model: Model,
+    output: str | Path,
+    options: CompileOptions,
+    *,
+    source: Path | None = None,
+    start: float | None = None,
+) -> CompileResult:
+    """Run the pipeline on an IR model and lower it; `source` is recorded in reproducers."""
+    output = Path(output)
+    start = time.perf_counter() if start is None else start
     target = options.target or target_for_output(output)
     backend = get_backend(target)
     pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
     pipeline = parse_pipeline(pipeline_text)
-    check_paths(input_path, output, options.report)
-
-    model = load_input(input_path)
+    if source is None:
+        check_paths(None, output, options.report)
     check_data_clash(model, output, options.report)
     nodes_before = model.graph.num_nodes()
-    input_bytes = model_size_bytes(input_path) if input_path.suffix == ".onnx" else 0
+    before_path = source_onnx(model, source)
+    input_bytes = model_size_bytes(before_path) if before_path is not None else initializer_bytes(model.graph)
 
     instruments: list[PassInstrument] = []
     timing = TimingInstrument() if options.timing or options.report else None
@@ -152,18 +173,18 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
         "calibration.seqlen": options.calib_seqlen,
         "backend.skip_runtime_check": options.skip_runtime_check,
     }
-    context = PassContext(config=config, instruments=instruments, seed=options.seed, input_path=input_path, target=target)
+    context = PassContext(config=config, instruments=instruments, seed=options.seed, input_path=source, target=target)
     am = AnalysisManager(context)
     full = PassManager([*pipeline.passes, *parse_pipeline(backend.legalize).passes])
     try:
         result = full(model, am)
     except PassFailure as failure:
-        failure.reproducer = write_reproducer(input_path, output, pipeline_text, failure)  # type: ignore[attr-defined]
+        failure.reproducer = write_reproducer(source or before_path, output, pipeline_text, failure)  # type: ignore[attr-defined]
         raise
     artifact = backend.lower(result.model, output, context)
     compiled = CompileResult(
         artifact, pipeline.pipeline_text(), nodes_before, result.model.graph.num_nodes(), input_bytes,
-        time.perf_counter() - start, timing, stats,
+        time.perf_counter() - start, timing, stats, before_path,
     )
     if options.report:
         try:
@@ -172,6 +193,16 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
             remove_model(artifact.path)  # a failed run leaves no output
             raise OptcError(f"--report {options.report}: cannot write ({exc.strerror or exc}); nothing was written") from exc
     return compiled
+
+
+def source_onnx(model: Model, source: Path | None) -> Path | None:
+    """The ONNX file the model was loaded or exported from, if any (for sizes and before/after checks)."""
+    exported = model.meta.get("optc.source_onnx")
+    if exported:
+        return Path(exported)
+    if source is not None and source.suffix.lower() == ".onnx" and source.is_file():
+        return source
+    return None
 
 
 def write_report(path: Path, data: dict[str, Any]) -> None:
@@ -184,19 +215,22 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_reproducer(input_path: Path, output: Path, pipeline_text: str, failure: PassFailure) -> Path | None:
+def write_reproducer(input_path: Path | None, output: Path, pipeline_text: str, failure: PassFailure) -> Path | None:
     """Write `<output>.reproducer.txt`: the failing pass, the error, and the command that reproduces it."""
     path = output.with_name(output.name + ".reproducer.txt")
-    command = shlex.join(
-        ["optc", str(input_path.resolve()), "--passes", pipeline_text, "-o", str(output.resolve()), "--verify-each", "--debug"]
-    )
-    text = (
-        f"# optc reproducer\n# failed pass: {failure.pass_name}\n# error: {failure.cause!r}\n"
-        f"# passes before it: {', '.join(failure.before) or '(none)'}\n"
-        f"input: {input_path.resolve()}\npipeline: {pipeline_text}\n{command}\n"
-    )
+    lines = [
+        "# optc reproducer",
+        f"# failed pass: {failure.pass_name}",
+        f"# error: {failure.cause!r}",
+        f"# passes before it: {', '.join(failure.before) or '(none)'}",
+    ]
+    if input_path is None:
+        lines += ["input: (an in-memory model; save it with optc.ir.save_model to reproduce)", f"pipeline: {pipeline_text}"]
+    else:
+        command = ["optc", str(input_path.resolve()), "--passes", pipeline_text, "-o", str(output.resolve())]
+        lines += [f"input: {input_path.resolve()}", f"pipeline: {pipeline_text}", shlex.join([*command, "--verify-each", "--debug"])]
     try:
-        path.write_text(text)
+        path.write_text("\n".join(lines) + "\n")
     except OSError:
         return None
     return path

@@ -1,0 +1,66 @@
+"""The Python API that deployment builds embed: `optc.compile(...)`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from optc.driver import CompileOptions, CompileResult, compile_file, compile_model
+from optc.errors import OptcError
+
+
+def compile(  # noqa: A001 - the API's name, like torch.compile
+    model: Any,
+    *,
+    output: str | Path,
+    passes: str | None = None,
+    target: str | None = None,
+    calib: str | None = None,
+    calib_samples: int = 16,
+    calib_seqlen: int = 256,
+    example_inputs: Any = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    seed: int = 0,
+    verify_each: bool = False,
+    report: str | Path | None = None,
+) -> CompileResult:
+    """Compile a model and write the artifact; returns its path (`.artifact.path`) and a summary.
+
+    `model` is a path (`.onnx` file, Hugging Face directory, `.gguf` file), an
+    `optc.ir.Model`, or a `torch.nn.Module` together with `example_inputs`
+    (a tensor or a tuple of tensors; the first axis of each is dynamic unless
+    `dynamic_axes` says otherwise). Raises `optc.errors.OptcError` on failure.
+    """
+    options = CompileOptions(
+        passes=passes,
+        target=target,
+        calib=calib,
+        calib_samples=calib_samples,
+        calib_seqlen=calib_seqlen,
+        seed=seed,
+        verify_each=verify_each,
+        report=Path(report) if report is not None else None,
+    )
+    if isinstance(model, (str, Path)):
+        return compile_file(model, output, options)
+    from optc.ir import Model
+
+    if isinstance(model, Model):
+        return compile_model(model, output, options)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise OptcError("compiling a torch.nn.Module needs example_inputs (a tensor or a tuple of tensors)")
+        from optc.frontends.torch import export_module
+
+        ir_model = export_module(
+            model, example_inputs, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes
+        )
+        return compile_model(ir_model, output, options)
+    raise OptcError(f"cannot compile a {type(model).__name__}: give a path, an optc.ir.Model or a torch.nn.Module")

@@ -1,0 +1,74 @@
+"""`activation-stats`: streaming per-tensor and per-channel ranges of activations.
+
+For each requested value (by default the activation input of every MatMul,
+Gemm and Conv) it keeps the running min, max and absolute max over all
+calibration samples, the per-channel absolute max along the last axis (the
+input channels of a MatMul), and a count of elements. One sample's
+activations are in memory at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from optc.ir import Model, is_constant
+from optc.passes.analyses.runner import ModelRunner, calibration_samples
+from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
+from optc.passes.infra.registry import register_analysis
+
+#: Ops whose first input is the activation a quantizer scales.
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one activation tensor."""
+
+    min: float = float("inf")
+    max: float = float("-inf")
+    absmax: float = 0.0
+    channel_absmax: np.ndarray | None = None
+    count: int = 0
+    samples: int = 0
+    shape: tuple[int, ...] = field(default=())
+
+    def update(self, array: np.ndarray) -> None:
+        data = np.asarray(array, dtype=np.float32)
+        self.min = min(self.min, float(data.min()))
+        self.max = max(self.max, float(data.max()))
+        self.absmax = max(self.absmax, abs(self.min), abs(self.max))
+        if data.ndim:
+            per_channel = np.abs(data.reshape(-1, data.shape[-1])).max(axis=0)
+            self.channel_absmax = per_channel if self.channel_absmax is None else np.maximum(self.channel_absmax, per_channel)
+        self.count += data.size
+        self.samples += 1
+        self.shape = tuple(data.shape)
+
+
+def default_values(model: Model) -> list[str]:
+    """The activation inputs of weighted ops, in graph order."""
+    names: list[str] = []
+    for node in model.graph:
+        if node.op_type in WEIGHTED_OPS and node.inputs and node.inputs[0] is not None:
+            value = node.inputs[0]
+            if not is_constant(value) and value.name not in names:
+                names.append(value.name)
+    return names
+
+
+@register_analysis("activation-stats")
+class ActivationStats(Analysis[dict[str, TensorStats]]):
+    """Min/max/absmax per tensor and absmax per channel over the calibration data."""
+
+    depends_on = frozenset({ACTIVATIONS})
+
+    def run(self, model: Model, am: AnalysisManager) -> dict[str, TensorStats]:
+        values = list(self.params.get("values") or default_values(model))
+        stats = {name: TensorStats() for name in values}
+        with ModelRunner(model, values) as runner:
+            for feed in calibration_samples(model, am.context):
+                for name, array in runner.run(feed, values).items():
+                    stats[name].update(array)
+        return stats

@@ -1,0 +1,85 @@
+"""Run the IR in onnxruntime with chosen intermediate values exposed as outputs.
+
+Calibration analyses stream samples through a `ModelRunner` and reduce each
+sample's activations into running statistics, so memory never grows with the
+number of samples.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from optc.errors import OptcError
+from optc.ir import Model, save_model
+from optc.passes.infra.context import PassContext
+
+
+class ModelRunner:
+    """An onnxruntime session over a snapshot of the model that also returns `extra_outputs`."""
+
+    def __init__(self, model: Model, extra_outputs: Sequence[str] = (), threads: int = 0) -> None:
+        from optc.backends.ort import open_session
+
+        self._folder = tempfile.TemporaryDirectory(prefix="optc-run-")
+        path = Path(self._folder.name) / "model.onnx"
+        save_model(model, path, external_data=True)
+        proto = onnx.load(str(path), load_external_data=False)
+        declared = {o.name for o in proto.graph.output}
+        known = {v.name for v in proto.graph.value_info}
+        for name in extra_outputs:
+            if name in declared:
+                continue
+            info = next((v for v in proto.graph.value_info if v.name == name), None) if name in known else None
+            proto.graph.output.append(info if info is not None else onnx.ValueInfoProto(name=name))
+        onnx.save(proto, str(path))
+        self.output_names = [o.name for o in proto.graph.output]
+        self.input_names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+        try:
+            self.session = open_session(path, optimize=False, threads=threads)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            self.close()
+            raise OptcError(f"onnxruntime cannot run the model for calibration: {str(exc).splitlines()[0]}") from exc
+
+    def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        wanted = list(names) if names is not None else self.output_names
+        return dict(zip(wanted, self.session.run(wanted, feed), strict=True))
+
+    def close(self) -> None:
+        self.session = None
+        self._folder.cleanup()
+
+    def __enter__(self) -> ModelRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def calibration_spec(model: Model, context: PassContext) -> str:
+    """The calibration data to use: `--calib`, else the built-in text when the model has a tokenizer."""
+    from optc.ir import model_metadata
+
+    spec = context.get("calibration.spec")
+    if spec:
+        return spec
+    if model_metadata(model, "tokenizer"):
+        return "builtin"
+    raise OptcError("this pipeline needs calibration data: pass --calib random, text:FILE or npz:FILE")
+
+
+def calibration_samples(model: Model, context: PassContext) -> Iterator[dict[str, np.ndarray]]:
+    """The calibration feeds configured in the context, one sample at a time."""
+    from optc.frontends.calibration import iter_samples
+
+    yield from iter_samples(
+        model,
+        calibration_spec(model, context),
+        int(context.get("calibration.samples", 16)),
+        int(context.get("calibration.seqlen", 256)),
+        seed=context.seed,
+    )
