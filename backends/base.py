@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from optc.errors import UsageError
 from optc.ir import Model
 from optc.passes.infra.context import PassContext
-
-from optc.errors import UsageError
 
 
 @dataclass

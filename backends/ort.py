@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnxruntime as ort
+
 from optc.backends.base import Artifact, Backend, register_backend
+from optc.errors import OptcError
 from optc.ir import Model, model_size_bytes, save_model, verify
 from optc.passes.infra.context import PassContext
-
-from optc.errors import OptcError
 
 
 def open_session(path: Path, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from optc.ir import DataType, Model, model_metadata
 
 from optc.errors import OptcError, UsageError
+from optc.ir import DataType, Model, model_metadata
 
 _NUMPY_DTYPES = {
     DataType.FLOAT: np.float32,

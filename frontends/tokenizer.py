@@ -12,10 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from optc.errors import OptcError
 from optc.ir import Model, model_metadata, set_model_metadata
 from optc.ir.annotations import TOKENIZER
-
-from optc.errors import OptcError
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, str]:

@@ -19,9 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from optc.ir import DEFAULT_OPSET, Model, load_model, verify
-
 from optc.errors import OptcError
+from optc.ir import DEFAULT_OPSET, Model, load_model, verify
 
 
 def _example_tuple(example_inputs: Any) -> tuple[Any, ...]:

@@ -9,6 +9,7 @@ initializers and outputs are not nodes; use the IR for those.
 from __future__ import annotations
 
 import networkx as nx
+
 from optc.ir.core import Graph, Node
 
 

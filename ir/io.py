@@ -20,9 +20,9 @@ from pathlib import Path
 import onnx
 import onnx_ir as _oir
 from google.protobuf.message import DecodeError
-from optc.ir.core import ExternalTensor, Model, initializer_bytes
 
 from optc.errors import ModelLoadError, OptcError
+from optc.ir.core import ExternalTensor, Model, initializer_bytes
 
 #: Above this many bytes of initializers a model is saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30

@@ -19,6 +19,7 @@ import json
 import onnx
 import onnx.parser
 import onnx.printer
+
 from optc.ir.core import Model, Node
 from optc.ir.io import from_proto, to_proto
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import onnx
 import onnx.defs
-from optc.ir.core import Graph, Model, Value, node_label
 
 from optc.errors import VerificationError
+from optc.ir.core import Graph, Model, Value, node_label
 
 
 def problems(model: Model) -> list[str]:

@@ -27,8 +27,8 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
-from optc.passes.infra import registry
 
+from optc.passes.infra import registry
 from tests import models
 
 _REGISTRY_TABLES = ("_passes", "_analyses", "_pipelines", "_plugin_origin")

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
 from optc.ir import DEFAULT_IR_VERSION, DEFAULT_OPSET, Model, from_proto
 
 FLOAT = TensorProto.FLOAT

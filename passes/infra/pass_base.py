@@ -18,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from optc.errors import PostconditionError, PreconditionError
 from optc.passes.infra.analysis import PreservedAnalyses
 from optc.passes.infra.options import NoOptions, build_options, format_options
-
-from optc.errors import PostconditionError, PreconditionError
 
 if TYPE_CHECKING:
     from optc.ir import Model

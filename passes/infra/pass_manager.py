@@ -11,11 +11,10 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from optc.errors import OptcError, PassFailure
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import format_options, option
 from optc.passes.infra.pass_base import Pass, PassResult
-
-from optc.errors import OptcError, PassFailure
 
 if TYPE_CHECKING:
     from optc.ir import Model

@@ -15,11 +15,10 @@ expand in place. Errors name the 1-based column.
 
 from __future__ import annotations
 
+from optc.errors import PipelineSyntaxError, UsageError
 from optc.passes.infra.analysis_passes import InvalidateAnalysis, RequireAnalysis
 from optc.passes.infra.pass_base import Pass
 from optc.passes.infra.pass_manager import PassManager
-
-from optc.errors import PipelineSyntaxError, UsageError
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 _KEY_CHARS = _NAME_CHARS | set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TypeVar
 
+from optc.errors import UsageError
 from optc.passes.infra.analysis import Analysis
 from optc.passes.infra.pass_base import Pass
-
-from optc.errors import UsageError
 
 ENTRY_POINT_GROUP = "optc.passes"
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import onnx
 import onnx.reference
+
 from optc.ir import (
     NONDETERMINISTIC_OPS,
     AttributeType,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx
 import onnx.shape_inference
+
 from optc.ir import Model, Shape, from_proto, to_proto
 from optc.passes.infra.analysis import ACTIVATIONS, WEIGHTS, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.pass_base import Pass, PassResult

@@ -11,10 +11,9 @@ import re
 import shlex
 from pathlib import Path
 
+from optc.errors import OptcError
 from optc.ir import parse_text, print_ir, verify
 from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
-
-from optc.errors import OptcError
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 RUN = "# RUN:"

@@ -10,8 +10,8 @@ import importlib.util
 import re
 
 import pytest
-from optc.passes import all_passes, parse_pipeline
 
+from optc.passes import all_passes, parse_pipeline
 from tests.golden.golden_harness import (
     EXPECTED,
     GOLDEN_DIR,

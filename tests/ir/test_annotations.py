@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-import optc.ir as oi
 import pytest
+
+import optc.ir as oi
 
 # `optc.ir.annotations` the attribute is the function; the module holds the well-known keys.
 ann = importlib.import_module("optc.ir.annotations")

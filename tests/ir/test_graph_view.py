@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import networkx as nx
+
 import optc.ir as oi
 from optc.ir.graph_view import dominators, reachable_from
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import optc.ir as oi
 import pytest
-from optc.ir import io as ir_io
 
+import optc.ir as oi
 from optc.errors import ModelLoadError, OptcError
+from optc.ir import io as ir_io
 from tests import models
 
 # Weights large enough to go to external data (> EXTERNAL_TENSOR_MIN_BYTES): W1 is 32x64 floats.

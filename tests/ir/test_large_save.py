@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import optc.ir as oi
 import pytest
-from optc.ir import io as ir_io
 
+import optc.ir as oi
 from optc.driver import CompileOptions, compile_file
+from optc.ir import io as ir_io
 
 #: The protobuf size limit; the threshold must leave room below it for the graph itself.
 PROTOBUF_LIMIT = 2**31

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import onnx
-import optc.ir as oi
 import pytest
 
+import optc.ir as oi
 from tests import models
 
 MLP_TEXT = """\

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import onnx
-import optc.ir as oi
 import pytest
 from onnx import helper
 
+import optc.ir as oi
 from optc.errors import VerificationError
 from tests import models
 

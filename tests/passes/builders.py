@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+
 from optc.ir import Model, check_onnx, parse_text, to_proto, verify
 from optc.passes import AnalysisManager, PassContext, PassResult, VerifyEach, parse_pipeline
-
 from tests import models
 
 HEADER = '<ir_version: 10, opset_import: ["" : 21]>\n'

@@ -4,8 +4,8 @@ subgraphs and onnxruntime gives the same outputs."""
 from __future__ import annotations
 
 import pytest
-from optc.ir import print_ir
 
+from optc.ir import print_ir
 from tests import models
 from tests.passes import builders as b
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from optc.ir import annotate, print_ir, source_name
-from optc.passes import get_pass
 
 from optc.errors import UsageError
+from optc.ir import annotate, print_ir, source_name
+from optc.passes import get_pass
 from tests import models
 from tests.passes import builders as b
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from optc.ir import print_ir
 from optc.passes import ACTIVATIONS, STRUCTURE, WEIGHTS, Analysis, get_pass
-
 from tests import models
 from tests.passes import builders as b
 

@@ -9,10 +9,10 @@ raises is a failure, and whatever it returns must pass `optc.ir.verify` and
 from __future__ import annotations
 
 import pytest
-from optc.ir import check_onnx, verify
-from optc.passes import AnalysisManager, PassContext, VerifyEach, all_passes
 
 from optc.errors import PreconditionError
+from optc.ir import check_onnx, verify
+from optc.passes import AnalysisManager, PassContext, VerifyEach, all_passes
 from tests import models
 from tests.passes import builders as b
 

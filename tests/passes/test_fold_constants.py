@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import numpy_helper
-from optc.ir import annotate, annotation, is_constant, print_ir
-from optc.passes import get_pass
 
 from optc.errors import UsageError
+from optc.ir import annotate, annotation, is_constant, print_ir
+from optc.passes import get_pass
 from tests import models
 from tests.passes import builders as b
 

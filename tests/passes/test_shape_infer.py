@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from optc.ir import DataType, print_ir
-
 from tests import models
 from tests.passes import builders as b
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from optc.ir import from_proto, print_ir, problems
 
 from optc.errors import PassFailure
+from optc.ir import from_proto, print_ir, problems
 from tests import models
 from tests.passes import builders as b
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import pytest
+
 from optc.passes import (
     ACTIVATIONS,
     ASPECTS,
@@ -23,7 +24,6 @@ from optc.passes import (
     register_pass,
 )
 from optc.passes.analyses.graph_stats import GraphStatsAnalysis
-
 from tests import models
 
 # --- analyses ------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ import io
 import time
 
 import numpy as np
-import optc.ir as oi
 import pytest
+
+import optc.ir as oi
+from optc.errors import PassFailure, VerificationError
 from optc.passes import (
     Analysis,
     AnalysisManager,
@@ -23,8 +25,6 @@ from optc.passes import (
     VerifyEach,
 )
 from optc.passes.infra.instruments import fingerprint
-
-from optc.errors import PassFailure, VerificationError
 from tests import models
 
 # --- test passes ----------------------------------------------------------------------------

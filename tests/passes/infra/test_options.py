@@ -7,6 +7,8 @@ import math
 from typing import Literal
 
 import pytest
+
+from optc.errors import UsageError
 from optc.passes import NoOptions, Pass, PassResult, option
 from optc.passes.infra.options import (
     build_options,
@@ -16,8 +18,6 @@ from optc.passes.infra.options import (
     format_value,
     parse_value,
 )
-
-from optc.errors import UsageError
 
 
 @dataclasses.dataclass

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import optc.ir as oi
 import pytest
+
+import optc.ir as oi
+from optc.errors import OptcError, PassFailure, PostconditionError, PreconditionError
 from optc.passes import (
     Fixpoint,
     Pass,
@@ -19,8 +21,6 @@ from optc.passes import (
     register_pass,
 )
 from optc.passes.infra.analysis import AnalysisManager
-
-from optc.errors import OptcError, PassFailure, PostconditionError, PreconditionError
 from tests import models
 
 # --- test passes ----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from typing import Literal
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from optc.errors import PipelineSyntaxError, UsageError
 from optc.passes import (
     Fixpoint,
     Pass,
@@ -24,8 +26,6 @@ from optc.passes.analyses.graph_stats import GraphStatsAnalysis
 from optc.passes.infra.analysis_passes import InvalidateAnalysis, RequireAnalysis
 from optc.passes.infra.options import format_value, to_kebab
 from optc.passes.infra.registry import get_pass
-
-from optc.errors import PipelineSyntaxError, UsageError
 from tests.conftest import scratch_registry
 
 # --- test passes (registered only while this module's tests run) ------------------------------
