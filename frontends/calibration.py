@@ -1,7 +1,8 @@
 """Calibration data for every analysis, streamed one sample at a time.
 
-Specs (the `--calib` flag):
+Specs (the `--calib` flag; parsed by `optc.calibration_spec`):
 
+* `builtin`: the calibration split of `pydoc_data.topics` (`optc.frontends.text`), tokenized;
 * `random`: random inputs shaped like the model's (token ids below the vocab size);
 * `text:FILE`: the file tokenized with the model's own tokenizer into
   `samples` windows of `seqlen` tokens;
@@ -15,12 +16,12 @@ sample's arrays at a time, so memory does not grow with the number of samples
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from optc.errors import OptcError, UsageError
+from optc.calibration_spec import CalibrationSpec
+from optc.errors import OptcError
 from optc.ir import DataType, Model, model_metadata
 
 _NUMPY_DTYPES = {
@@ -33,34 +34,18 @@ _NUMPY_DTYPES = {
 }
 
 
-@dataclass(frozen=True)
-class CalibrationSpec:
-    kind: str  # "random" | "text" | "npz"
-    path: Path | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> CalibrationSpec:
-        if spec == "random":
-            return cls("random")
-        kind, _, file = spec.partition(":")
-        if kind not in ("text", "npz") or not file:
-            raise UsageError(f"--calib {spec!r}: expected random, text:FILE or npz:FILE")
-        path = Path(file)
-        if not path.is_file():
-            raise OptcError(f"--calib {spec!r}: no such file: {file}")
-        return cls(kind, path)
-
-    def __str__(self) -> str:
-        return self.kind if self.path is None else f"{self.kind}:{self.path}"
-
-
 def iter_samples(model: Model, spec: str | CalibrationSpec, samples: int, seqlen: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Feed dicts for `model`, one calibration sample (batch of 1) at a time."""
     spec = spec if isinstance(spec, CalibrationSpec) else CalibrationSpec.parse(spec)
     if spec.kind == "random":
         yield from _random_samples(model, samples, seqlen, seed)
+    elif spec.kind == "builtin":
+        from optc.frontends.text import builtin_text
+
+        yield from _text_samples(model, builtin_text("calib"), samples, seqlen, "builtin")
     elif spec.kind == "text":
-        yield from _text_samples(model, spec.path, samples, seqlen)
+        text = spec.path.read_text(encoding="utf-8", errors="replace")
+        yield from _text_samples(model, text, samples, seqlen, f"text:{spec.path}")
     else:
         yield from _npz_samples(model, spec.path, samples)
 
@@ -112,16 +97,15 @@ def load_tokenizer(model: Model):
     return tokenizer_from_model(model)
 
 
-def _text_samples(model: Model, path: Path, samples: int, seqlen: int) -> Iterator[dict[str, np.ndarray]]:
-    tokenizer = load_tokenizer(model)
+def _text_samples(model: Model, text: str, samples: int, seqlen: int, label: str) -> Iterator[dict[str, np.ndarray]]:
     names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     if "input_ids" not in names:
-        raise OptcError(f"--calib text: the model has no 'input_ids' input (inputs: {', '.join(names)})")
-    text = path.read_text(encoding="utf-8", errors="replace")
+        raise OptcError(f"--calib {label}: the model has no 'input_ids' input (inputs: {', '.join(names)})")
+    tokenizer = load_tokenizer(model)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     windows = len(ids) // seqlen
     if windows == 0:
-        raise OptcError(f"--calib text:{path}: {len(ids)} tokens, fewer than one window of {seqlen}")
+        raise OptcError(f"--calib {label}: {len(ids)} tokens, fewer than one window of {seqlen}")
     for i in range(min(samples, windows)):
         window = ids[i * seqlen:(i + 1) * seqlen][None, :]
         feed = {"input_ids": window}

@@ -32,11 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="optc: a model-compression compiler (frontend -> pass pipeline -> backend).",
         epilog="Example: optc model.onnx --passes='dce,cse,fold-constants' -o out.onnx",
     )
-    parser.add_argument("input", nargs="?", help="model to compile (.onnx)")
+    parser.add_argument(
+        "input", nargs="?",
+        help="model to compile: .onnx file, Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct)",
+    )
     parser.add_argument("-o", "--output", type=Path, help="where to write the result (the suffix picks the target)")
     parser.add_argument("--passes", help="pipeline text, e.g. 'dce,cse,fold-constants' (default: cleanup)")
     parser.add_argument("--target", choices=["ort", "tensorrt", "gguf"], help="backend (default: from the output suffix)")
-    parser.add_argument("--calib", help="calibration data: random, text:FILE or npz:FILE")
+    parser.add_argument("--calib", help="calibration data: builtin, random, text:FILE or npz:FILE (default: builtin when the model has a tokenizer)")
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
     parser.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
@@ -45,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify-each", action="store_true", help="run the IR verifier after every pass")
     parser.add_argument("--statistics", action="store_true", help="print per-pass statistics")
     parser.add_argument("--report", type=Path, help="write a JSON report of the run")
+    parser.add_argument(
+        "--compare", action=argparse.BooleanOptionalAction, default=None,
+        help="evaluate before and after (size, held-out perplexity, latency); on by default for the default model",
+    )
     parser.add_argument("--no-runtime-check", action="store_true", help="do not load the result in its runtime")
     parser.add_argument("--list-passes", action="store_true", help="list every registered pass and exit")
     parser.add_argument("--print-pipeline", action="store_true", help="print the canonical pipeline and exit")
@@ -73,13 +80,10 @@ def list_passes() -> str:
 
 
 def _validate_calib(spec: str | None) -> None:
-    if spec is None or spec == "random":
-        return
-    kind, _, file = spec.partition(":")
-    if kind not in ("text", "npz") or not file:
-        raise UsageError(f"--calib {spec!r}: expected random, text:FILE or npz:FILE")
-    if not Path(file).is_file():
-        raise OptcError(f"--calib {spec!r}: no such file: {file}")
+    from optc.calibration_spec import CalibrationSpec
+
+    if spec is not None:
+        CalibrationSpec.parse(spec)
 
 
 def run(argv: list[str]) -> int:
@@ -94,10 +98,14 @@ def run(argv: list[str]) -> int:
             raise UsageError("--print-pipeline needs --passes PIPELINE")
         print(parse_pipeline(args.passes).pipeline_text())
         return 0
-    if args.input is None:
-        raise UsageError("missing INPUT model (see 'optc --help')")
     if args.output is None:
         raise UsageError("missing -o OUTPUT")
+    use_default = args.input is None
+    if use_default:
+        from optc.frontends.models import default_model_path
+
+        args.input = str(default_model_path())
+    compare = use_default if args.compare is None else args.compare
     if args.calib_samples < 1 or args.calib_seqlen < 1:
         raise UsageError("--calib-samples and --calib-seqlen must be at least 1")
     _validate_calib(args.calib)
@@ -126,6 +134,10 @@ def run(argv: list[str]) -> int:
     print(f"optc: {result.summary()}")
     for check in result.artifact.checks:
         print(f"optc: check: {check}")
+    if compare:
+        from optc.driver import compare_table
+
+        print(compare_table(result))
     return 0
 
 

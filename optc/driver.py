@@ -234,3 +234,28 @@ def write_reproducer(input_path: Path | None, output: Path, pipeline_text: str, 
     except OSError:
         return None
     return path
+
+
+def compare_table(result: CompileResult, *, max_tokens: int = 4096, ctx: int = 256) -> str:
+    """Before/after table (size on disk, held-out perplexity, latency of one window) for a causal LM."""
+    from optc.evaluate import evaluate, load_tokenizer
+
+    if result.before_path is None:
+        raise OptcError("--compare needs the model before the pipeline as a file (an .onnx, HF directory or .gguf input)")
+    tokenizer = load_tokenizer(result.artifact.path if result.artifact.path.suffix == ".onnx" else result.before_path)
+    before = evaluate(result.before_path, None, ctx, max_tokens, tokenizer)
+    after = evaluate(result.artifact.path, None, ctx, max_tokens, tokenizer)
+    rows = [
+        ("size on disk", f"{before.size_bytes / 1e6:.1f} MB", f"{after.size_bytes / 1e6:.1f} MB", after.size_bytes / before.size_bytes),
+        ("perplexity", f"{before.ppl:.3f}", f"{after.ppl:.3f}", after.ppl / before.ppl),
+        (f"latency / {ctx} tokens", f"{before.median_latency_s * 1e3:.0f} ms", f"{after.median_latency_s * 1e3:.0f} ms",
+         after.median_latency_s / before.median_latency_s),
+    ]
+    lines = [
+        f"held-out text: {after.tokens} predicted tokens in {after.windows} windows of {ctx} (pydoc_data.topics eval split)",
+        f"| {'':<22} | {'before':>12} | {'after':>12} | {'after/before':>12} |",
+        f"|{'-' * 24}|{'-' * 14}|{'-' * 14}|{'-' * 14}|",
+    ]
+    lines += [f"| {name:<22} | {b:>12} | {a:>12} | {ratio:>11.2f}x |" for name, b, a, ratio in rows]
+    return "\n".join(lines)
+

@@ -125,7 +125,6 @@ EDGE_CASES: dict[str, Case] = {
     "unterminated-options": Case(_compile("--passes=cse{constant-bytes=1"), 2, ["column 21", "'}'"]),
     "unknown-analysis": Case(_compile("--passes=require<nothing>"), 2, ["unknown analysis 'nothing'"]),
     "abbreviated-flag": Case(_compile("--verify"), 2, ["--verify"]),
-    "missing-input": Case(lambda d: ["-o", "out.onnx"], 2, ["INPUT"]),
     "unknown-target": Case(_compile("--target", "tflite"), 2, ["tflite", "ort"]),
     "ill-typed-flag": Case(_compile("--calib-samples", "many"), 2, ["--calib-samples", "many"]),
     "no-calibration-samples": Case(_compile("--calib-samples", "0"), 2, ["--calib-samples"]),
