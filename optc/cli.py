@@ -10,14 +10,11 @@ Exit codes: 0 success, 2 usage error, 1 any other failure, each with one line on
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import textwrap
-import traceback
 from pathlib import Path
 
 from optc import __version__
-from optc.errors import OptcError, PassFailure, UsageError
+from optc.errors import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,35 +140,9 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; every failure ends in one `optc: error:` line (after a traceback with --debug)."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        return run(argv)
-    except OptcError as exc:
-        if debug:
-            traceback.print_exc()
-        message = str(exc)
-        reproducer = getattr(exc, "reproducer", None)
-        if isinstance(exc, PassFailure) and reproducer:
-            message += f" (reproducer: {reproducer})"
-        print(f"optc: error: {message}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("optc: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # `optc --list-passes | head`: the reader left; stop quietly (and keep Python from
-        # complaining again when it flushes stdout at exit).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into one line
-        if debug:
-            traceback.print_exc()
-            print(f"optc: error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        detail = textwrap.shorten(str(exc) or type(exc).__name__, 300)
-        print(f"optc: error: internal error: {type(exc).__name__}: {detail} (rerun with --debug for a traceback)", file=sys.stderr)
-        return 1
+    from optc.entry import run_command
+
+    return run_command("optc", run, argv)
 
 
 if __name__ == "__main__":

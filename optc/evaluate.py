@@ -46,9 +46,7 @@ import os
 import re
 import statistics
 import sys
-import textwrap
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -480,28 +478,9 @@ def _first_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `optc-eval`; every failure ends in one `optc-eval: error:` line (after a traceback with --debug)."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        return run(argv)
-    except OptcError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into one line
-        if debug:
-            traceback.print_exc()
-        detail = textwrap.shorten(str(exc) or type(exc).__name__, 300)
-        hint = "" if debug else " (rerun with --debug for a traceback)"
-        print(f"{PROG}: error: internal error: {type(exc).__name__}: {detail}{hint}", file=sys.stderr)
-        return 1
+    from optc.entry import run_command
+
+    return run_command(PROG, run, argv)
 
 
 if __name__ == "__main__":
