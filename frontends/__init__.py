@@ -1,27 +1,43 @@
-"""Frontends: bring a model into optc's IR."""
+"""Frontends: bring a model into optc's IR.
+
+* `.onnx` file → `optc.frontends.onnx.load_onnx`;
+* Hugging Face model directory or `.gguf` file → `optc.frontends.transformers.load_transformers`
+  (imported on demand: it pulls in torch and transformers);
+* an `nn.Module` → `optc.frontends.torch.export_module`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from optc.errors import ModelLoadError
 from optc.frontends.onnx import load_onnx
 from optc.ir import Model
 
-from optc.errors import ModelLoadError
-
 
 def load_input(path: str | Path) -> Model:
-    """Load any supported input; the format follows the path (an `.onnx` file for now)."""
+    """Load any supported input; the format follows the path."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
-    if path.is_dir():
-        raise ModelLoadError(
-            f"{path}: is a directory; Hugging Face model directories are not supported yet, give an .onnx file"
-        )
-    if path.suffix.lower() == ".gguf":
-        raise ModelLoadError(f"{path}: GGUF input is not supported yet, give an .onnx file")
-    return load_onnx(path)
+    if path.is_dir() or path.suffix.lower() == ".gguf" or (path.suffix.lower() != ".onnx" and _is_gguf(path)):
+        from optc.frontends.transformers import load_transformers
+
+        return load_transformers(path)
+    if path.suffix.lower() == ".onnx":
+        return load_onnx(path)
+    raise ModelLoadError(
+        f"{path}: unsupported input format '{path.suffix or path.name}'; "
+        "give an .onnx file, a Hugging Face model directory or a .gguf file"
+    )
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 __all__ = ["load_input", "load_onnx"]

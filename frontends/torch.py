@@ -88,15 +88,15 @@ def export_module(
                 opset_version=opset,
                 input_names=names,
                 output_names=list(output_names) if output_names else None,
-                dynamic_shapes={n: shapes.get(n, {}) for n in names},
+                # Positional: a dict must be keyed by forward's own argument names, not input_names.
+                dynamic_shapes=tuple(shapes.get(n, {}) for n in names),
                 external_data=True,
                 optimize=True,
                 verify=False,
             )
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
         folder.cleanup()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OptcError(f"torch.export of {type(module).__name__} failed: {first}") from exc
+        raise OptcError(f"torch.export of {type(module).__name__} failed: {_export_error(exc)}") from exc
     model = load_model(path)
     # The external-data file must outlive the model that memory-maps it.
     weakref.finalize(model, folder.cleanup)
@@ -104,6 +104,19 @@ def export_module(
     model.meta["optc.source_onnx"] = str(path)
     verify(model, where=f"after exporting {type(module).__name__}")
     return model
+
+
+def _export_error(exc: BaseException) -> str:
+    """The line of an exporter error that says what went wrong (its summary, without colour codes)."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    if "## Exception summary" in lines:  # torch.onnx wraps the real error in a multi-line report
+        after = lines[lines.index("## Exception summary") + 1:]
+        if after:
+            return after[0]
+    return lines[0] if lines else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -1,0 +1,667 @@
+"""The Hugging Face frontend: a model directory or a `.gguf` file → ONNX (dynamo exporter) → IR.
+
+Inputs:
+
+* a Hugging Face model directory: `config.json`, safetensors or `.bin`
+  weights, and (optionally) the tokenizer's files;
+* a `.gguf` file, read through transformers' GGUF support (which dequantizes
+  it to float32).
+
+What comes out (`load_transformers`):
+
+* causal LMs: input `input_ids` (int64 `[batch, seq]`), first output
+  `logits` (`[batch, seq, vocab]`), no KV cache;
+* encoders (BERT-like): inputs `input_ids`, `attention_mask` (and
+  `token_type_ids` where the model uses token types), output
+  `last_hidden_state` (`[batch, seq, hidden]`).
+
+Batch and sequence axes are dynamic. The IR carries, as model metadata, the HF
+config (`HF_CONFIG`), the exported class (`ARCHITECTURE`), the tokenizer
+(`TOKENIZER`, see `optc.frontends.tokenizer`) and `TIED_PARAMETERS` (alias →
+stored name, e.g. `lm_head.weight` → `model.embed_tokens.weight`); every
+initializer that holds a parameter carries its state-dict name
+(`optc.ir.source_name`), plus `SOURCE_TRANSPOSED` when the exporter stored
+the transpose (the `[in, out]` layout MatMul wants, for `nn.Linear` weights)
+and `SOURCE_ALIASES` when the one tensor stands for several parameters (tied
+embeddings, or identical tensors the exporter deduplicated).
+
+Exports are cached, because exporting even a 135M-parameter model takes
+minutes: `$OPTC_CACHE_DIR/exports/<key>/model.onnx(+.data)`, `OPTC_CACHE_DIR`
+defaulting to `$XDG_CACHE_HOME/optc` or `~/.cache/optc`; `OPTC_NO_CACHE=1`
+turns the cache off (the export then lives in a temporary folder as long as
+the model does). The key hashes the identity (path, size, mtime) of every
+file of the input, optc's version, the opset, the transformers and torch
+versions and the export settings. Entries are written atomically and never
+modified; `cached_export_path(model)` (also `model.meta["optc.source_onnx"]`)
+names the file the model was loaded from.
+
+No hub is ever contacted: `HF_HUB_OFFLINE=1` and `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from optc.errors import ModelLoadError, OptcError  # noqa: E402
+from optc.ir import (  # noqa: E402 - the offline switches must be set before transformers is imported
+    DEFAULT_OPSET,
+    Model,
+    annotate,
+    load_model,
+    save_model,
+    set_model_metadata,
+    set_source_name,
+    verify,
+)
+from optc.ir.annotations import ARCHITECTURE, HF_CONFIG  # noqa: E402
+
+_log = logging.getLogger("optc.frontends.transformers")
+
+#: Value annotation: the initializer holds the transpose of its source parameter.
+SOURCE_TRANSPOSED = "source_transposed"
+#: Value annotation: other state-dict names the same tensor stands for.
+SOURCE_ALIASES = "source_aliases"
+#: Model metadata: tied parameter aliases, `{alias: stored name}`.
+TIED_PARAMETERS = "tied_parameters"
+#: Model metadata: what the frontend exported (task, inputs, outputs, source format).
+HF_EXPORT = "hf_export"
+
+#: Bump when the exported graph or its annotations change, to invalidate cached exports.
+EXPORT_FORMAT_VERSION = 2
+
+#: Causal LMs verified end to end (tiny random configs in tests/frontends/test_transformers.py).
+CAUSAL_LM_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+#: Encoders verified end to end.
+ENCODER_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
+
+#: Example input shape used for tracing (both axes are exported as dynamic).
+_EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 16
+#: The wrapper modules' attribute holding the HF model; its prefix is stripped from parameter names.
+_WRAPPED = "hf"
+
+#: Files that hold a tokenizer, any one of which means the directory ships one.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """A Hugging Face input: a directory, or a GGUF file inside `folder`."""
+
+    path: Path
+    folder: Path
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        return kwargs
+
+    def files(self) -> list[Path]:
+        """The files whose identity keys the export cache."""
+        if self.gguf_file:
+            return [self.path]
+        return sorted(p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    kind: str  # "causal-lm" | "encoder"
+    model_type: str
+
+
+def supported_architectures() -> str:
+    """One line listing what this frontend exports."""
+    return f"causal LMs: {', '.join(CAUSAL_LM_TYPES)}; encoders: {', '.join(ENCODER_TYPES)}"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_transformers(path: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> Model:
+    """Load a Hugging Face model directory or `.gguf` file into optc's IR (export cached)."""
+    source = _source(Path(path))
+    settings = {"opset": opset, "example": [_EXAMPLE_BATCH, _EXAMPLE_SEQ], "format": EXPORT_FORMAT_VERSION}
+    use_cache = os.environ.get("OPTC_NO_CACHE", "") in ("", "0")
+    if use_cache:
+        entry = _cache_root() / "exports" / _cache_key(source, settings)
+        model = _load_entry(entry)
+        if model is not None:
+            return model
+        if _writable_cache(entry.parent):
+            _export_entry(source, opset, entry)
+            model = _load_entry(entry)
+            if model is not None:
+                return model
+        warnings.warn(f"optc: the export cache {entry.parent} is not writable; exporting without it", stacklevel=2)
+    folder = tempfile.TemporaryDirectory(prefix="optc-hf-export-")
+    entry = Path(folder.name) / "entry"
+    try:
+        _export_entry(source, opset, entry)
+        model = _load_entry(entry)
+    except BaseException:
+        folder.cleanup()
+        raise
+    if model is None:  # pragma: no cover - a file we just wrote must load
+        folder.cleanup()
+        raise ModelLoadError(f"{source.label}: the exported model did not load back")
+    weakref.finalize(model, folder.cleanup)  # the weights are memory-mapped from there
+    model.meta["optc.export_dir"] = folder
+    return model
+
+
+def cached_export_path(model: Model) -> Path | None:
+    """The ONNX file this frontend loaded the model from (its cache entry), if any."""
+    path = model.meta.get("optc.source_onnx")
+    return Path(path) if path else None
+
+
+def _source(path: Path) -> _Source:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: is a directory but not a Hugging Face model directory (no config.json)")
+        return _Source(path.resolve(), path.resolve())
+    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        resolved = path.resolve()
+        return _Source(resolved, resolved.parent, resolved.name)
+    raise ModelLoadError(f"{path}: not a Hugging Face model directory or a .gguf file")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def _cache_root() -> Path:
+    explicit = os.environ.get("OPTC_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "optc"
+
+
+def _cache_key(source: _Source, settings: dict[str, Any]) -> str:
+    import onnxscript
+    import transformers
+
+    import optc
+
+    files = []
+    for file in source.files():
+        stat = file.stat()
+        files.append([str(file), stat.st_size, stat.st_mtime_ns])
+    identity = {
+        "source": str(source.path),
+        "gguf_file": source.gguf_file,
+        "files": files,
+        "optc": optc.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "onnxscript": onnxscript.__version__,
+        "settings": settings,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _writable_cache(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _load_entry(entry: Path) -> Model | None:
+    """A complete cache entry, loaded lazily; `None` when absent (a broken one is removed)."""
+    onnx_file = entry / "model.onnx"
+    if not onnx_file.is_file():
+        return None
+    try:
+        model = load_model(onnx_file)
+        verify(model, where=f"on the cached export {onnx_file}")
+    except OptcError:
+        shutil.rmtree(entry, ignore_errors=True)  # damaged (e.g. truncated by a full disk): export again
+        return None
+    model.meta["optc.source_onnx"] = str(onnx_file)
+    return model
+
+
+def _export_entry(source: _Source, opset: int, entry: Path) -> None:
+    """Export into a temporary folder beside `entry`, then rename it into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    _log.info("exporting %s to ONNX (once; kept in %s)", source.label, entry)
+    try:
+        model = _export(source, opset)
+        try:
+            save_model(model, staging / "model.onnx", external_data=True)
+            del model
+            (staging / "source.json").write_text(
+                json.dumps({"source": str(source.path), "opset": opset}, indent=2) + "\n", encoding="utf-8"
+            )
+            try:
+                os.rename(staging, entry)
+            except OSError:
+                if not (entry / "model.onnx").is_file():  # not a concurrent writer that won the race
+                    raise
+        except OSError as exc:
+            raise OptcError(
+                f"{source.label}: cannot write the exported model to {entry.parent} ({exc.strerror or exc}); "
+                "set OPTC_CACHE_DIR to another folder, or OPTC_NO_CACHE=1"
+            ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- loading and export
+
+
+def _export(source: _Source, opset: int) -> Model:
+    start = time.perf_counter()
+    config = _load_config(source)
+    task = _task(source, config)
+    hf_model = _load_weights(source, task)
+    tokenizer = _load_tokenizer(source)
+    _log.info("loaded %s (%s) in %.1fs", source.label, type(hf_model).__name__, time.perf_counter() - start)
+    wrapper, example, names, outputs, dynamic = _wrap(hf_model, task)
+
+    from optc.frontends.torch import export_module
+
+    start = time.perf_counter()
+    with _quiet():
+        model = export_module(
+            wrapper, example, input_names=names, output_names=outputs, dynamic_axes=dynamic, opset=opset,
+        )
+    _log.info("exported %s in %.1fs", source.label, time.perf_counter() - start)
+    if [v.name for v in model.graph.inputs] != names or model.graph.outputs[0].name != outputs[0]:
+        raise OptcError(
+            f"{source.label}: the exported graph has inputs {[v.name for v in model.graph.inputs]} "
+            f"and outputs {[v.name for v in model.graph.outputs]}, expected {names} and {outputs}"
+        )
+    tied = _annotate_sources(model, hf_model)
+    set_model_metadata(model, HF_CONFIG, _config_dict(hf_model))
+    set_model_metadata(model, ARCHITECTURE, type(hf_model).__name__)
+    set_model_metadata(model, TIED_PARAMETERS, tied)
+    set_model_metadata(model, HF_EXPORT, {
+        "task": task.kind,
+        "model_type": task.model_type,
+        "inputs": names,
+        "outputs": outputs,
+        "format": "gguf" if source.gguf_file else "hf",
+        "source": source.path.name,
+    })
+    if tokenizer is not None:
+        from optc.frontends.tokenizer import store_tokenizer
+
+        store_tokenizer(model, tokenizer)
+    return model
+
+
+def _load_config(source: _Source) -> Any:
+    if not source.gguf_file:
+        _check_config_json(source)
+    from transformers import AutoConfig
+
+    try:
+        with _quiet():
+            return AutoConfig.from_pretrained(str(source.folder), **source.load_kwargs())
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad configs
+        message = _first_line(exc)
+        if source.gguf_file and "is not supported" in message:
+            arch = _gguf_architecture(source.path) or "unknown"
+            raise ModelLoadError(
+                f"{source.label}: transformers cannot read GGUF architecture '{arch}' "
+                f"(it reads {', '.join(_gguf_readable())}); {supported_architectures()}"
+            ) from exc
+        what = "GGUF file" if source.gguf_file else "config.json"
+        raise ModelLoadError(f"{source.label}: cannot read the {what}: {message}") from exc
+
+
+def _check_config_json(source: _Source) -> None:
+    """Reject an unsupported architecture before transformers tries to resolve it."""
+    path = source.folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not a readable config.json ({_first_line(exc)})") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: not a readable config.json (not a JSON object)")
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ModelLoadError(f"{path}: config.json has no 'model_type'")
+    _check_supported(source, str(model_type), config.get("architectures"))
+
+
+def _check_supported(source: _Source, model_type: str, architectures: Any) -> None:
+    if model_type in CAUSAL_LM_TYPES or model_type in ENCODER_TYPES:
+        return
+    names = ", ".join(architectures) if isinstance(architectures, list) and architectures else model_type
+    raise OptcError(
+        f"{source.label}: unsupported architecture '{names}' (model_type '{model_type}'); "
+        f"supported: {supported_architectures()}"
+    )
+
+
+def _task(source: _Source, config: Any) -> _Task:
+    model_type = str(getattr(config, "model_type", ""))
+    _check_supported(source, model_type, getattr(config, "architectures", None))
+    return _Task("causal-lm" if model_type in CAUSAL_LM_TYPES else "encoder", model_type)
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).get_field("general.architecture")
+        return None if field is None else str(field.contents())
+    except Exception:  # noqa: BLE001 - best effort, for the error message only
+        return None
+
+
+def _gguf_readable() -> list[str]:
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        return sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+    except ImportError:  # pragma: no cover
+        return []
+
+
+def _load_weights(source: _Source, task: _Task) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if task.kind == "causal-lm" else AutoModel
+    try:
+        with _quiet():
+            model, info = cls.from_pretrained(
+                str(source.folder), dtype=torch.float32, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, by name, rather than as a bare error
+                **source.load_kwargs(),
+            )
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch.load and transformers raise many types
+        raise ModelLoadError(f"{source.label}: cannot read the weights: {_first_line(exc)}") from exc
+    problems = {
+        "missing": [k for k in info.get("missing_keys", ()) if not _optional_parameter(k)],
+        "mismatched": [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())],
+    }
+    for kind, keys in problems.items():
+        if keys:
+            shown = ", ".join(sorted(keys)[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+            raise ModelLoadError(f"{source.label}: the weights do not match config.json: {kind} {shown}")
+    return model.eval()
+
+
+def _optional_parameter(key: str) -> bool:
+    """Parameters an encoder export does not use (the pooler)."""
+    return key.startswith("pooler.") or ".pooler." in key
+
+
+def _load_tokenizer(source: _Source) -> Any | None:
+    if source.gguf_file:
+        if not _gguf_has_tokenizer(source.path):
+            return None
+    elif not any((source.folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet():
+            return AutoTokenizer.from_pretrained(str(source.folder), **source.load_kwargs())
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{source.label}: cannot read the tokenizer: {_first_line(exc)}") from exc
+
+
+def _gguf_has_tokenizer(path: Path) -> bool:
+    try:
+        from gguf import GGUFReader
+
+        return GGUFReader(str(path)).get_field("tokenizer.ggml.model") is not None
+    except Exception:  # noqa: BLE001 - let transformers report an unreadable file
+        return True
+
+
+def _wrap(hf_model: Any, task: _Task) -> tuple[Any, tuple[Any, ...], list[str], list[str], dict[str, dict[int, str]]]:
+    """The module to export, its example inputs, input and output names and dynamic axes."""
+    vocab = int(getattr(hf_model.config, "vocab_size", 0) or 100)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_SEQ), dtype=torch.int64, generator=generator)
+    if task.kind == "causal-lm":
+        names, outputs = ["input_ids"], ["logits"]
+        wrapper: torch.nn.Module = _CausalLMLogits(hf_model)
+        example: tuple[Any, ...] = (ids,)
+    else:
+        mask = torch.ones_like(ids)
+        mask[1, _EXAMPLE_SEQ // 2:] = 0  # a padded row, so the mask path is traced
+        names, outputs = ["input_ids", "attention_mask"], ["last_hidden_state"]
+        example = (ids, mask)
+        if _uses_token_types(hf_model):
+            names.append("token_type_ids")
+            example = (ids, mask, torch.zeros_like(ids))
+            wrapper = _EncoderWithTokenTypes(hf_model)
+        else:
+            wrapper = _Encoder(hf_model)
+    dynamic = {name: {0: "batch", 1: "seq"} for name in names}
+    return wrapper, example, names, outputs, dynamic
+
+
+def _uses_token_types(hf_model: Any) -> bool:
+    accepts = "token_type_ids" in inspect.signature(hf_model.forward).parameters
+    return accepts and int(getattr(hf_model.config, "type_vocab_size", 0) or 0) > 1
+
+
+class _CausalLMLogits(torch.nn.Module):
+    """`input_ids → logits`, no KV cache, with explicit `[batch, seq]` position ids.
+
+    Position ids expanded to the batch give the rotary cos/sin tables a real
+    batch axis (opset-23 RotaryEmbedding needs it in onnxruntime).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.hf = model
+
+    def forward(self, input_ids):
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+        return self.hf(input_ids=input_ids, position_ids=positions, use_cache=False, return_dict=True).logits
+
+
+class _Encoder(torch.nn.Module):
+    """`input_ids, attention_mask → last_hidden_state`."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.hf = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+
+class _EncoderWithTokenTypes(_Encoder):
+    """`input_ids, attention_mask, token_type_ids → last_hidden_state`."""
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
+        return out.last_hidden_state
+
+
+# --------------------------------------------------------------------------- parameter names
+
+
+def _annotate_sources(model: Model, hf_model: Any) -> dict[str, str]:
+    """Record each initializer's state-dict name; returns the tied aliases `{alias: stored name}`.
+
+    The exporter names an initializer after the parameter it holds (with the
+    wrapper's prefix) unless its optimizer replaced it: a folded transpose
+    (`nn.Linear` weights as `[in, out]`) or one tensor for several identical
+    ones gets a fresh name. Those are matched by content against the state
+    dict (and its 2-D transposes).
+    """
+    import numpy as np
+
+    state = hf_model.state_dict()
+    # Tied parameters share storage; the first name in state-dict order stands for the group.
+    canonical: dict[str, str] = {}
+    by_storage: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    tied: dict[str, str] = {}
+    for key, tensor in state.items():
+        ident = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        first = by_storage.setdefault(ident, key)
+        canonical[key] = first
+        if first != key:
+            tied[key] = first
+    aliases_of: dict[str, list[str]] = {}
+    for alias, first in tied.items():
+        aliases_of.setdefault(first, []).append(alias)
+
+    arrays = {key: state[key].detach().cpu().numpy() for key in state if canonical[key] == key}
+    shapes: set[tuple[str, tuple[int, ...]]] = set()
+    for array in arrays.values():
+        shapes.add((array.dtype.str, array.shape))
+        if array.ndim == 2:
+            shapes.add((array.dtype.str, array.shape[::-1]))
+    index: dict[tuple[str, tuple[int, ...], str], list[tuple[str, bool]]] = {}
+
+    def digest(array: Any) -> str:
+        return hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).reshape(-1), digest_size=16).hexdigest()
+
+    def build_index() -> None:
+        for key, array in arrays.items():
+            index.setdefault((array.dtype.str, array.shape, digest(array)), []).append((key, False))
+            if array.ndim == 2 and array.shape[0] != 1 and array.shape[1] != 1:
+                flipped = array.T
+                index.setdefault((array.dtype.str, flipped.shape, digest(flipped)), []).append((key, True))
+
+    prefix = _WRAPPED + "."
+    for value in model.graph.initializers.values():
+        name = value.name or ""
+        stripped = name[len(prefix):] if name.startswith(prefix) else name
+        matches: list[tuple[str, bool]] = []
+        data = value.const_value
+        if data is None:
+            continue
+        if stripped in canonical and tuple(data.shape) == tuple(state[stripped].shape):
+            matches.append((canonical[stripped], False))
+        shape = tuple(int(d) for d in data.shape)
+        array = None
+        if (data.dtype.numpy().str, shape) in shapes:
+            if not index:
+                build_index()
+            array = data.numpy()
+            for match in index.get((array.dtype.str, array.shape, digest(array)), []):
+                if match[0] not in {m[0] for m in matches}:
+                    matches.append(match)
+        if not matches:
+            continue
+        source, transposed = matches[0]
+        if transposed and array is not None and array.ndim == 2 and array.shape[0] == array.shape[1]:
+            # A square tensor equal to a parameter's transpose and to another parameter as is:
+            # prefer the untransposed reading.
+            plain = [m for m in matches if not m[1]]
+            if plain:
+                source, transposed = plain[0]
+        others = [m[0] for m in matches if m[0] != source and m[1] == transposed]
+        aliases = [*aliases_of.get(source, [])]
+        for other in others:
+            aliases += [other, *aliases_of.get(other, [])]
+        set_source_name(value, source)
+        if transposed:
+            annotate(value, SOURCE_TRANSPOSED, True)
+        if aliases:
+            annotate(value, SOURCE_ALIASES, aliases)
+    return tied
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _config_dict(hf_model: Any) -> dict[str, Any]:
+    """The HF config as plain JSON (dtypes and other objects become strings), describing the exported model.
+
+    A GGUF file's config carries a `quantization_config` for the GGUF loader;
+    the exported weights are dequantized float32, so it is dropped.
+    """
+    config = json.loads(json.dumps(hf_model.config.to_dict(), default=str))
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+    if not config.get("architectures"):
+        config["architectures"] = [type(hf_model).__name__]
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' and the exporter's progress output and warnings (errors still raise)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    loggers = [logging.getLogger(name) for name in ("torch", "onnxscript", "onnx_ir", "transformers_modules")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):  # tqdm bars (GGUF dequantization)
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress:
+            hf_logging.enable_progress_bar()
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+__all__ = [
+    "CAUSAL_LM_TYPES",
+    "ENCODER_TYPES",
+    "HF_EXPORT",
+    "SOURCE_ALIASES",
+    "SOURCE_TRANSPOSED",
+    "TIED_PARAMETERS",
+    "cached_export_path",
+    "load_transformers",
+    "supported_architectures",
+]
