@@ -38,7 +38,8 @@ class FoldConstants(Pass):
     @dataclasses.dataclass
     class Options:
         size_limit: int = option(
-            1 << 20, help="largest folded output in bytes, unless no larger than the node's inputs"
+            1 << 20,
+            help="largest folded output in bytes, unless it replaces constants no other node reads and is no larger",
         )
 
         def validate(self) -> None:
@@ -83,7 +84,10 @@ class FoldConstants(Pass):
             return None
         if any(v.dtype == DataType.STRING for v in (*inputs, *node.outputs)):
             return None  # string tensors have no byte size and do not round-trip the evaluator
-        input_bytes = sum(v.const_value.nbytes for v in inputs)
+        # Above the size limit, fold only when the constants read are freed by it (no other
+        # consumer), so folding never duplicates weight data (e.g. a tied embedding's Transpose).
+        freed = all(all(c is node for c in v.consumers()) and not v.is_graph_output() for v in inputs)
+        input_bytes = sum(v.const_value.nbytes for v in inputs) if freed else 0
         expected = _expected_output_bytes(node)
         if expected is not None and expected > max(self.options.size_limit, input_bytes):
             return None

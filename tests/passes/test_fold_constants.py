@@ -182,3 +182,38 @@ def test_random_graphs_same_outputs(seed):
             # What is left computable at compile time is dead (left for dce).
             assert not any(o.uses() or o.is_graph_output() for o in node.outputs), node
     b.assert_same_outputs(before, result.model, atol=1e-6)
+
+
+def test_never_duplicates_a_shared_weight():
+    """A tied embedding read by Gather and by Transpose (the lm_head) stays one tensor."""
+    from onnx import TensorProto, helper
+
+    emb = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["E", "ids"], ["h"], axis=0),
+            helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+            helper.make_node("MatMul", ["h", "Et"], ["logits"]),
+        ],
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 64])],
+        [numpy_helper.from_array(emb, "E")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    small_limit = get_pass("fold-constants")(size_limit=1024)
+    result = small_limit(models.to_ir(proto))
+    assert not result.modified
+    assert [n.op_type for n in result.model.graph] == ["Gather", "Transpose", "MatMul"]
+    # With the Gather gone, the Transpose frees E and is folded despite the limit.
+    alone = helper.make_graph(
+        [helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Et"], ["y"])],
+        "alone",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(emb, "E")],
+    )
+    proto2 = helper.make_model(alone, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    folded = get_pass("fold-constants")(size_limit=1024)(models.to_ir(proto2))
+    assert folded.modified
+    b.assert_same_outputs(proto2, folded.model, atol=1e-6)
