@@ -37,6 +37,9 @@ class OrtBackend(Backend):
 
     name = "ort"
     suffixes = (".onnx",)
+    #: 8-bit Q/DQ rewritten into the forms onnxruntime's CPU kernels run fastest, exactly
+    #: (passes/transforms/ort_int8_lowering.py; measured by tools/bench_ort_int8_forms.py).
+    legalize = "lower-ort-int8"
 
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
         verify(model, where="before lowering to ort")

@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-ir-after-change", action="store_true", help="print the IR after each pass that changed it")
     parser.add_argument("--verify-each", action="store_true", help="run the IR verifier after every pass")
     parser.add_argument("--statistics", action="store_true", help="print per-pass statistics")
-    parser.add_argument("--report", type=Path, help="write a JSON report of the run")
+    parser.add_argument(
+        "--report", type=Path,
+        help="write a JSON report of the run; when the pipeline quantized, also per-layer SQNR as HTML beside it (FILE.html)",
+    )
     parser.add_argument(
         "--compare", action=argparse.BooleanOptionalAction, default=None,
         help="evaluate before and after (size, held-out perplexity, latency); on by default for the default model",

@@ -26,6 +26,7 @@ from optc.passes import (
     VerifyEach,
     parse_pipeline,
 )
+from optc.report import QuantReport
 
 #: The pipeline run when none is given.
 DEFAULT_PIPELINE = "cleanup"
@@ -158,6 +159,7 @@ def compile_model(
     nodes_before = model.graph.num_nodes()
     before_path = source_onnx(model, source)
     input_bytes = model_size_bytes(before_path) if before_path is not None else initializer_bytes(model.graph)
+    quant_report = QuantReport.start(model, options.report, before_path, output, source)
 
     instruments: list[PassInstrument] = []
     timing = TimingInstrument() if options.timing or options.report else None
@@ -181,6 +183,8 @@ def compile_model(
     except PassFailure as failure:
         failure.reproducer = write_reproducer(source or before_path, output, pipeline_text, failure)  # type: ignore[attr-defined]
         raise
+    if quant_report is not None:
+        quant_report.after_pipeline(result.model, output)
     artifact = backend.lower(result.model, output, context)
     compiled = CompileResult(
         artifact, pipeline.pipeline_text(), nodes_before, result.model.graph.num_nodes(), input_bytes,
@@ -188,10 +192,20 @@ def compile_model(
     )
     if options.report:
         try:
-            write_report(options.report, compiled.as_dict())
+            if quant_report is not None and quant_report.quantized:
+                # Quantized: a per-layer error section, written as JSON and as HTML (optc/report.py).
+                quant_report.write({**compiled.as_dict(), "quantization": quant_report.measure(artifact.path, context)})
+            else:
+                write_report(options.report, compiled.as_dict())
         except OSError as exc:
             remove_model(artifact.path)  # a failed run leaves no output
             raise OptcError(f"--report {options.report}: cannot write ({exc.strerror or exc}); nothing was written") from exc
+        except OptcError:
+            remove_model(artifact.path)
+            raise
+        finally:
+            if quant_report is not None:
+                quant_report.close()
     return compiled
 
 

@@ -1,0 +1,567 @@
+"""`lower-ort-int8`: rewrite 8-bit Q/DQ into the forms onnxruntime's CPU kernels run fastest, exactly.
+
+The ort backend runs this before writing the model (`OrtBackend.legalize`).
+Every rewrite keeps the model's numerics (the dequantized values are
+bit-identical; splitting a Gemm's bias only moves one float addition); what
+changes is which onnxruntime kernel computes them. The one exception is
+opt-in: `kernel=u8s8` on a CPU without VNNI (see below). What
+it does, and why, was measured on SmolLM2-135M with onnxruntime 1.32 on a
+2-core AVX2 CPU (tools/bench_ort_int8_forms.py prints the table):
+
+* **Integer MatMul/Gemm.** onnxruntime fuses `DequantizeLinear(activation) ×
+  DequantizeLinear(weight) → MatMul` into `MatMulIntegerToFloat` (Gemm into
+  `QGemm`), but on x86 only with *uint8* activations: it converts an int8
+  Q/DQ pair to uint8 itself only when the pair has one reader, so a pair
+  shared by q/k/v or gate/up (what `quantize` emits) stays a float MatMul
+  that dequantizes its weight on every run (the whole model 1.24-1.37× fp32).
+  And its uint8 × int8 kernel on CPUs without VNNI (AVX2 only) adds byte
+  products in pairs into saturating int16 (`vpmaddubsw`): on SmolLM2's own
+  activations 0.07 % of the outputs are wrong, by up to 35 % of a layer's
+  range. `kernel=u8u8` re-encodes activations and weights as uint8 with zero
+  point +128 (`q + 128`, exact): every pair fuses, and the uint8 × uint8
+  kernel widens to int16 before multiplying, so it is exact (0.73-0.78× fp32
+  per MatMul). `kernel=u8s8` re-encodes only the activations: faster (~0.6×
+  per MatMul), exact on CPUs with VNNI (`vpdpbusd` accumulates in int32), and
+  on any CPU for weights within ±64. `auto` picks for the compiling host:
+  u8s8 with VNNI or for 7-bit weights, else u8u8; on non-x86 hosts it keeps
+  int8 (ARM kernels are exact). `keep` leaves the Q/DQ as written. A Gemm's
+  float bias moves to an `Add` (onnxruntime fuses QGemm only without one).
+* **Weights of ops that stay float** (int16 or float activations, a tied
+  lm_head through `Transpose`): onnxruntime never constant-folds a
+  `DequantizeLinear`, so it either dequantizes the weight on every run or,
+  for a float activation, fuses it into `MatMulNBits` with int8 dynamic
+  activations (accuracy level 4: other numerics, and 1.4-1.8× slower than
+  fp32 here). With `dequantize-at-load` the `DequantizeLinear` becomes
+  `Cast → Mul` (`(q - zp) · scale`, the same float arithmetic), which
+  onnxruntime folds into a float weight when the session loads: fp32 speed,
+  the file keeps the 8-bit weight.
+* **Embedding tables.** `Gather(DequantizeLinear(table), ids)` dequantizes
+  the whole table on every run; `gather` reads the 8-bit rows first and
+  dequantizes only those (per-row scales gathered alongside).
+
+Each rewritten node is annotated `ort_lowering` with what was done; the chosen
+kernel and the host it was chosen for are recorded in the model metadata. A
+model lowered once is not lowered again by `kernel=auto`, so a pipeline can
+choose, e.g. `--passes 'w8a8,lower-ort-int8{kernel=u8s8}'`, and the backend's
+own run (`OrtBackend.legalize`) keeps that choice.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from optc.ir import (
+    DataType,
+    Graph,
+    Model,
+    Node,
+    Value,
+    add_initializer,
+    annotate,
+    constant_array,
+    is_constant,
+    make_node,
+    model_metadata,
+    set_model_metadata,
+    tensor,
+    unique_name,
+)
+from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+
+Kernel = Literal["auto", "u8u8", "u8s8", "keep"]
+
+_INTEGER_OPS = ("MatMul", "Gemm")
+#: Weight element types whose DequantizeLinear can become Cast → Mul (onnxruntime casts all of them on CPU).
+_FOLDABLE = (DataType.INT8, DataType.UINT8, DataType.FLOAT8E4M3FN)
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"})
+#: |w| bound under which uint8 × int8 byte-pair sums cannot saturate int16: 2 · 255 · 64 = 32640 < 32767.
+_SAFE_S8_ABSMAX = 64
+
+
+def host_kernel() -> tuple[str, str]:
+    """The exact, fastest integer encoding for this machine's onnxruntime CPU kernels, and why."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return "keep", f"{machine or 'unknown'} CPU: onnxruntime's int8 kernels are exact, Q/DQ kept"
+    flags = _cpu_flags()
+    vnni = sorted(flags & _VNNI_FLAGS)
+    if vnni:
+        return "u8s8", f"x86 with {'/'.join(vnni)}: uint8 x int8 accumulates in int32 (exact)"
+    known = "AVX2 without VNNI" if flags else "x86, CPU flags unknown"
+    return "u8u8", f"{known}: uint8 x int8 saturates int16 pair sums, uint8 x uint8 is exact"
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@register_pass("lower-ort-int8")
+class LowerOrtInt8(Pass):
+    """Rewrite 8-bit Q/DQ for onnxruntime CPU: fused integer MatMul/Gemm, weights of float ops dequantized at load (exact)."""
+
+    @dataclass
+    class Options:
+        kernel: Kernel = option(
+            "auto",
+            help="integer MatMul/Gemm encoding: u8u8 (exact on every CPU), u8s8 (fastest; exact with VNNI or "
+            "weights within +-64), keep (as quantize wrote it), auto (exact and fastest for this host)",
+        )
+        dequantize_at_load: bool = option(
+            True, help="weights of ops that stay float: Cast->Mul that onnxruntime folds at load, not DequantizeLinear"
+        )
+        gather: bool = option(True, help="Gather from a dequantized table: gather 8-bit rows, then dequantize them")
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        graph = model.graph
+        kernel, reason = self.options.kernel, "requested"
+        earlier = model_metadata(model, "ort_lowering")
+        if kernel == "auto" and earlier:
+            # Lowered already (e.g. `--passes '...,lower-ort-int8{kernel=u8s8}'` before the backend's own run).
+            kernel = "keep"
+        elif kernel == "auto":
+            kernel, reason = host_kernel()
+        rewriter = _Rewriter(graph, kernel, safe_s8=self.options.kernel == "auto")
+        if kernel != "keep":
+            for node in list(graph):
+                rewriter.integer_op(node)
+        if self.options.gather:
+            for node in list(graph):
+                rewriter.gather(node)
+        if self.options.dequantize_at_load:
+            for node in list(graph):
+                rewriter.dequantize_at_load(node)
+        rewriter.drop_dead()
+        stats = rewriter.stats
+        modified = any(stats.values())
+        if modified and not earlier:
+            set_model_metadata(model, "ort_lowering", {"kernel": kernel, "reason": reason, **stats})
+        return PassResult(model, modified, None, stats)
+
+
+class _Rewriter:
+    def __init__(self, graph: Graph, kernel: str, *, safe_s8: bool) -> None:
+        self.graph = graph
+        self.kernel = kernel
+        self.safe_s8 = safe_s8
+        self.stats = {"matmul-u8u8": 0, "matmul-u8s8": 0, "dequantized-at-load": 0, "gathers": 0}
+        self._u8_zero_points: dict[object, Value] = {}
+        self._orphan_candidates: list[Value] = []
+        self._u8_activations: set[int] = set()
+        self._u8_weights: set[int] = set()
+        self._dead: list[Node] = []
+
+    # ------------------------------------------------------------------ integer MatMul / Gemm
+
+    def integer_op(self, node: Node) -> None:
+        if node.op_type not in _INTEGER_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            return
+        act_dq, w_dq = _producer(node.inputs[0], "DequantizeLinear"), _producer(node.inputs[1], "DequantizeLinear")
+        if act_dq is None or w_dq is None:
+            return
+        q = _producer(act_dq.inputs[0], "QuantizeLinear")
+        weight = w_dq.inputs[0]
+        if q is None or not is_constant(weight) or is_constant(q.inputs[0]):
+            return
+        if not (_plain_8bit(act_dq) and _plain_8bit(w_dq) and _plain_8bit(q)) or not _per_output_channel(node, w_dq):
+            return
+        eight_bit = (DataType.INT8, DataType.UINT8)
+        act_type = _qtype(act_dq.inputs[0])
+        if act_type not in eight_bit or weight.dtype not in eight_bit:
+            return
+        if act_type == DataType.INT8 and not self._activation_readers(q):
+            return  # a Q output read by something other than plain DequantizeLinear nodes: left as written
+        weight_to_u8 = self.kernel == "u8u8" and weight.dtype == DataType.INT8
+        if weight_to_u8 and self.safe_s8 and _within(weight, _SAFE_S8_ABSMAX):
+            weight_to_u8 = False  # byte-pair sums of these weights cannot saturate: the faster u8s8 is exact
+        if act_type == DataType.INT8:
+            self._activation_to_u8(q)
+        if weight_to_u8:
+            self._weight_to_u8(w_dq)
+        if node.op_type == "Gemm":
+            self._split_gemm_bias(node)
+        kernel = "u8u8" if w_dq.inputs[0].dtype == DataType.UINT8 else "u8s8"
+        self.stats[f"matmul-{kernel}"] += 1
+        annotate(node, "ort_lowering", {
+            "kernel": kernel,
+            "runs_as": "com.microsoft.MatMulIntegerToFloat" if node.op_type == "MatMul" else "com.microsoft.QGemm",
+        })
+
+    def _split_gemm_bias(self, gemm: Node) -> None:
+        """Gemm(A, B, C) → Gemm(A, B) + beta·C: onnxruntime fuses a QDQ Gemm into QGemm only without a float C."""
+        c = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+        if c is None or not is_constant(c):
+            return
+        beta_attr = gemm.attributes.get("beta")
+        beta = beta_attr.as_float() if beta_attr is not None else 1.0
+        g = self.graph
+        bias = c
+        if beta != 1.0:
+            array = constant_array(c)
+            bias = add_initializer(g, unique_name(g, f"{c.name}_beta"), (array * np.asarray(beta, array.dtype)).astype(array.dtype))
+            del gemm.attributes["beta"]
+        name = gemm.outputs[0].name
+        gemm.replace_input_with(2, None)
+        gemm.resize_inputs(2)
+        add = make_node("Add", [gemm.outputs[0], bias], name=unique_name(g, f"{name}_bias"),
+                        output_names=[unique_name(g, f"{name}_with_bias")])
+        annotate(add, "provenance", "lower-ort-int8")
+        _copy_type(add.outputs[0], gemm.outputs[0])
+        g.insert_after(gemm, [add])
+        for use in list(gemm.outputs[0].uses()):
+            if use.node is not add:
+                use.node.replace_input_with(use.idx, add.outputs[0])
+        if gemm.outputs[0].is_graph_output():
+            _replace_graph_output(g, gemm.outputs[0], add.outputs[0])
+        self._orphan_candidates.append(c)
+
+    def _activation_readers(self, q: Node) -> list[Node] | None:
+        """The DequantizeLinear readers of an activation's QuantizeLinear, or None if anything else reads it."""
+        out = q.outputs[0]
+        readers = [u.node for u in out.uses()]
+        if id(q) in self._u8_activations:
+            return readers
+        if out.is_graph_output() or not readers:
+            return None
+        if any(r.op_type != "DequantizeLinear" or r.domain not in ("", "ai.onnx") or not _plain_8bit(r) for r in readers):
+            return None
+        return readers
+
+    def _activation_to_u8(self, q: Node) -> None:
+        """int8 Q and its DQ readers become uint8 with zero point +128: the same dequantized values."""
+        if id(q) in self._u8_activations:
+            return
+        readers = self._activation_readers(q)
+        assert readers is not None
+        for n in (q, *readers):
+            self._to_u8_zero_point(n)
+        if "output_dtype" in q.attributes:
+            del q.attributes["output_dtype"]
+        if q.outputs[0].dtype is not None:
+            q.outputs[0].dtype = DataType.UINT8
+        annotate(q, "ort_lowering", {"encoding": "uint8, zero point +128"})
+        self._u8_activations.add(id(q))
+
+    def _weight_to_u8(self, dq: Node) -> None:
+        """An int8 weight becomes uint8 (w + 128) and its DequantizeLinear readers' zero points + 128."""
+        weight = dq.inputs[0]
+        if id(weight) in self._u8_weights:
+            return
+        shifted = (constant_array(weight).astype(np.int16) + 128).astype(np.uint8)
+        readers = [u.node for u in weight.uses()]
+        if weight.is_graph_output() or any(r.op_type != "DequantizeLinear" or r.inputs[0] is not weight for r in readers):
+            # Something else reads the int8 weight: the uint8 copy is this DequantizeLinear's own.
+            copy = add_initializer(self.graph, unique_name(self.graph, f"{weight.name}_u8"), shifted)
+            dq.replace_input_with(0, copy)
+            readers, weight = [dq], copy
+        else:
+            weight.const_value = tensor(shifted, name=weight.name)
+            weight.dtype = DataType.UINT8
+        for r in readers:
+            self._to_u8_zero_point(r)
+            annotate(r, "ort_lowering", {"encoding": "uint8, zero point +128"})
+        self._u8_weights.add(id(weight))
+
+    def _to_u8_zero_point(self, node: Node) -> None:
+        """Give a Q/DQ the uint8 zero point (int8 zero point + 128; 128 when it had none)."""
+        zp = node.inputs[2] if len(node.inputs) > 2 else None
+        if zp is not None and zp.dtype == DataType.UINT8:
+            return
+        key = id(zp) if zp is not None else ("none", id(node.inputs[1]))
+        new = self._u8_zero_points.get(key)
+        if new is None:
+            if zp is not None:
+                shifted = (constant_array(zp).astype(np.int16) + 128).astype(np.uint8)
+                name = f"{zp.name}_u8"
+                self._orphan_candidates.append(zp)
+            else:
+                scale = node.inputs[1]
+                shifted = np.full(list(scale.shape or []), 128, dtype=np.uint8)
+                name = f"{scale.name}_zero_point_u8"
+            new = add_initializer(self.graph, unique_name(self.graph, name), shifted)
+            self._u8_zero_points[key] = new
+        if len(node.inputs) > 2:
+            node.replace_input_with(2, new)
+        else:
+            node.resize_inputs(3)
+            node.replace_input_with(2, new)
+
+    # ------------------------------------------------------------------ Gather of a dequantized table
+
+    def gather(self, node: Node) -> None:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            return
+        axis = node.attributes.get("axis")
+        if axis is not None and axis.as_int() != 0:
+            return
+        dq = _producer(node.inputs[0], "DequantizeLinear")
+        if dq is None or not _plain_8bit(dq) or not _foldable(dq):
+            return
+        table = dq.inputs[0]
+        if table.shape is None or len(table.shape) != 2:
+            return
+        scale, zp = dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None
+        per_row = constant_array(scale).size > 1
+        dq_axis = dq.attributes.get("axis")
+        if per_row and (dq_axis.as_int() if dq_axis is not None else 1) % 2 != 0:
+            return  # per-column scales (DequantizeLinear's default axis is 1): gathering rows does not select them
+        g, ids, name = self.graph, node.inputs[1], node.outputs[0].name
+        rows = make_node("Gather", [table, ids], attributes={"axis": 0}, name=unique_name(g, f"{name}_rows"),
+                         output_names=[unique_name(g, f"{name}_rows_quantized")])
+        rows.outputs[0].dtype = table.dtype
+        new_nodes = [rows]
+        if per_row:
+            # Per-row scales (and zero points) gathered with the rows, then (q - zp) · scale as DequantizeLinear computes it.
+            row_scale = make_node("Gather", [scale, ids], attributes={"axis": 0}, name=unique_name(g, f"{name}_row_scale"))
+            unsq_axes = add_initializer(g, unique_name(g, f"{name}_last_axis"), np.array([-1], dtype=np.int64))
+            scale_col = make_node("Unsqueeze", [row_scale.outputs[0], unsq_axes], name=unique_name(g, f"{name}_row_scale_col"))
+            new_nodes += [row_scale, scale_col]
+            zp_col = None
+            if zp is not None and np.any(constant_array(zp)):
+                row_zp = make_node("Gather", [zp, ids], attributes={"axis": 0}, name=unique_name(g, f"{name}_row_zp"))
+                zp_col = make_node("Unsqueeze", [row_zp.outputs[0], unsq_axes], name=unique_name(g, f"{name}_row_zp_col"))
+                new_nodes += [row_zp, zp_col]
+            new_nodes += _cast_mul(g, rows.outputs[0], scale_col.outputs[0], zp_col.outputs[0] if zp_col else None,
+                                   scale.dtype, name)
+        else:
+            new_dq = make_node("DequantizeLinear", [rows.outputs[0], scale, zp], name=unique_name(g, f"{name}_DequantizeLinear"))
+            new_nodes.append(new_dq)
+        out = new_nodes[-1].outputs[0]
+        _copy_type(out, node.outputs[0])
+        for n in new_nodes:
+            annotate(n, "provenance", "lower-ort-int8")
+        annotate(rows, "ort_lowering", {"rewrite": "gather 8-bit rows, then dequantize them"})
+        g.insert_before(node, new_nodes)
+        _replace_output(node.outputs[0], out)
+        self._dead.append(node)
+        if all(u.node is node for u in dq.outputs[0].uses()) and not dq.outputs[0].is_graph_output():
+            self._dead.append(dq)  # the table is no longer dequantized as a whole
+        self.stats["gathers"] += 1
+
+    # ------------------------------------------------------------------ weights of ops that stay float
+
+    def dequantize_at_load(self, node: Node) -> None:
+        """A weight DequantizeLinear that no integer kernel absorbs → Cast → Mul, folded by onnxruntime at load."""
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or not _plain_8bit(node):
+            return
+        if not is_constant(node.inputs[0]) or not _foldable(node) or node.outputs[0].is_graph_output():
+            return
+        dead = {id(n) for n in self._dead}
+        readers = [u.node for u in node.outputs[0].uses() if id(u.node) not in dead]
+        if not readers or all(_fused_integer(r) for r in readers):
+            return
+        if not all(_float_weight_reader(r) for r in readers):
+            return
+        g, w = self.graph, node.inputs[0]
+        scale, zp = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+        shape = _broadcast_shape(node, w, scale)
+        if shape is None:
+            return
+        new_nodes: list[Node] = []
+        scale_in = scale
+        if shape != list(scale.shape or []):
+            scale_in = add_initializer(g, unique_name(g, f"{scale.name}_bcast"), constant_array(scale).reshape(shape))
+        zp_in = None
+        if zp is not None and np.any(constant_array(zp)):
+            zp_in = add_initializer(g, unique_name(g, f"{zp.name}_float"),
+                                    constant_array(zp).astype(np.float32).astype(_np_float(scale)).reshape(shape))
+        base = node.outputs[0].name
+        new_nodes = _cast_mul(g, w, scale_in, zp_in, scale.dtype, base)
+        out = new_nodes[-1].outputs[0]
+        _copy_type(out, node.outputs[0])
+        for n in new_nodes:
+            annotate(n, "provenance", "lower-ort-int8")
+        annotate(new_nodes[-1], "ort_lowering", {"rewrite": "DequantizeLinear as Cast->Mul, folded at session load"})
+        g.insert_before(node, new_nodes)
+        for use in list(node.outputs[0].uses()):
+            if id(use.node) not in dead and not _fused_integer(use.node):
+                use.node.replace_input_with(use.idx, out)
+        if all(id(u.node) in dead for u in node.outputs[0].uses()):
+            self._dead.append(node)
+        self.stats["dequantized-at-load"] += 1
+
+    def drop_dead(self) -> None:
+        """Remove the nodes this pass replaced, and the initializers only they read."""
+        for node in self._dead:
+            self._orphan_candidates.extend(v for v in node.inputs if v is not None)
+        if self._dead:
+            self.graph.remove(self._dead, safe=True)
+        for value in self._orphan_candidates:
+            name = value.name
+            if (name in self.graph.initializers and self.graph.initializers[name] is value and not value.uses()
+                    and not value.is_graph_output() and not value.is_graph_input()):
+                self.graph.initializers.pop(name)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _producer(value: Value | None, op_type: str) -> Node | None:
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        return None
+    return node
+
+
+def _qtype(value: Value | None) -> DataType | None:
+    """The element type of a quantized value: an initializer's, or what its QuantizeLinear produces."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.dtype
+    q = _producer(value, "QuantizeLinear")
+    if q is None:
+        return value.dtype
+    attr = q.attributes.get("output_dtype")
+    if attr is not None and attr.as_int():
+        return DataType(attr.as_int())
+    zp = q.inputs[2] if len(q.inputs) > 2 else None
+    return zp.dtype if zp is not None and zp.dtype is not None else DataType.UINT8
+
+
+def _copy_type(dst: Value, src: Value) -> None:
+    """Give `dst` the dtype and shape of `src` (a shape is set only with a dtype: it would not serialize)."""
+    if src.dtype is not None:
+        dst.dtype = src.dtype
+        dst.shape = src.shape
+
+
+def _plain_8bit(node: Node) -> bool:
+    """A Q/DQ without blocks, with constant scale (and zero point)."""
+    if "block_size" in node.attributes and node.attributes["block_size"].as_int() != 0:
+        return False
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    zp = node.inputs[2] if len(node.inputs) > 2 else None
+    return is_constant(scale) and (zp is None or is_constant(zp))
+
+
+def _foldable(dq: Node) -> bool:
+    data = dq.inputs[0]
+    if data.dtype not in _FOLDABLE:
+        return False
+    scale = dq.inputs[1]
+    return scale.dtype in (DataType.FLOAT, DataType.FLOAT16) and scale.shape is not None
+
+
+def _within(weight: Value, bound: int) -> bool:
+    array = constant_array(weight)
+    return array is not None and int(np.abs(array.astype(np.int16)).max(initial=0)) <= bound
+
+
+def _fused_integer(node: Node) -> bool:
+    """A MatMul/Gemm whose activation input is an 8-bit Q → DQ: onnxruntime runs it as an integer kernel."""
+    if node.op_type not in _INTEGER_OPS or node.domain not in ("", "ai.onnx"):
+        return False
+    dq = _producer(node.inputs[0], "DequantizeLinear")
+    return (
+        dq is not None
+        and _producer(dq.inputs[0], "QuantizeLinear") is not None
+        and _qtype(dq.inputs[0]) in (DataType.INT8, DataType.UINT8)
+        and (w := _producer(node.inputs[1], "DequantizeLinear")) is not None
+        and _qtype(w.inputs[0]) in (DataType.INT8, DataType.UINT8)
+        and _per_output_channel(node, w)
+    )
+
+
+def _per_output_channel(node: Node, w_dq: Node) -> bool:
+    """A 2-D weight with one scale, or one per output column: what onnxruntime's integer kernels take."""
+    weight, scale = w_dq.inputs[0], w_dq.inputs[1]
+    if weight.shape is None or len(weight.shape) != 2 or scale.shape is None:
+        return False
+    if len(scale.shape) == 0 or (len(scale.shape) == 1 and scale.shape[0] == 1):
+        return True
+    if len(scale.shape) != 1:
+        return False
+    attr = w_dq.attributes.get("axis")
+    axis = (attr.as_int() if attr is not None else 1) % 2
+    out_axis = 1
+    if node.op_type == "Gemm":
+        trans = node.attributes.get("transB")
+        out_axis = 0 if trans is not None and trans.as_int() else 1
+    return axis == out_axis
+
+
+def _float_weight_reader(node: Node) -> bool:
+    """Ops that read a weight in float: MatMul/Gemm (B), or a Transpose feeding them (a tied lm_head)."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in _INTEGER_OPS:
+        return True
+    if node.op_type == "Transpose":
+        return all(u.node.op_type in _INTEGER_OPS for u in node.outputs[0].uses())
+    return False
+
+
+def _broadcast_shape(dq: Node, w: Value, scale: Value) -> list[int] | None:
+    """The shape that makes `scale` broadcast against the weight as DequantizeLinear's `axis` says."""
+    if w.shape is None or scale.shape is None or any(not isinstance(d, int) for d in w.shape):
+        return None
+    rank = len(w.shape)
+    if len(scale.shape) == 0 or (len(scale.shape) == 1 and scale.shape[0] == 1):
+        return list(scale.shape)
+    if len(scale.shape) != 1:
+        return None
+    attr = dq.attributes.get("axis")
+    axis = (attr.as_int() if attr is not None else 1) % rank
+    if w.shape[axis] != scale.shape[0]:
+        return None
+    shape = [1] * rank
+    shape[axis] = scale.shape[0]
+    return shape
+
+
+def _np_float(value: Value):
+    return np.float16 if value.dtype == DataType.FLOAT16 else np.float32
+
+
+def _cast_mul(graph: Graph, q: Value, scale: Value, zp: Value | None, float_type: DataType, base: str) -> list[Node]:
+    """(float(q) - zp) · scale: DequantizeLinear's arithmetic in plain ops."""
+    cast = make_node("Cast", [q], attributes={"to": int(float_type)}, name=unique_name(graph, f"{base}_Cast"),
+                     output_names=[unique_name(graph, f"{base}_cast")])
+    cast.outputs[0].dtype = float_type
+    nodes = [cast]
+    x = cast.outputs[0]
+    if zp is not None:
+        sub = make_node("Sub", [x, zp], name=unique_name(graph, f"{base}_Sub"), output_names=[unique_name(graph, f"{base}_centered")])
+        nodes.append(sub)
+        x = sub.outputs[0]
+    mul = make_node("Mul", [x, scale], name=unique_name(graph, f"{base}_Mul"), output_names=[unique_name(graph, f"{base}_float")])
+    nodes.append(mul)
+    return nodes
+
+
+def _replace_graph_output(graph: Graph, old: Value, new: Value) -> None:
+    """`new` takes `old`'s place (and name) among the graph outputs."""
+    name = old.name
+    old.name = unique_name(graph, f"{name}_inner")
+    new.name = name
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            graph.outputs[i] = new
+
+
+def _replace_output(old: Value, new: Value) -> None:
+    """Point every reader of `old` at `new`; a graph output keeps its name."""
+    if old.is_graph_output():
+        name = old.name
+        old.name = f"{name}.replaced"
+        new.name = name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+
+
+__all__ = ["LowerOrtInt8", "host_kernel"]

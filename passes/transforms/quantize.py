@@ -1,0 +1,468 @@
+"""`quantize`: insert standard ONNX Q/DQ (opset 21) around weighted ops, INT8 or FP8.
+
+What it emits, following TensorRT's explicit-quantization rules
+(reference/quantization-and-tensorrt.md §3):
+
+* **Weights** of MatMul (B `[K, N]`, or `[..., K, N]`), Gemm (B, `transB`
+  respected) and Conv (W `[M, C, kh, kw]`) are quantized at compile time,
+  per output channel and symmetric (MatMul axis 1 / the last axis, Gemm
+  axis 1 or 0 with `transB`, Conv axis 0): an int8 (or FLOAT8E4M3FN)
+  initializer, a float scale per channel (absmax / 127, or / 448 for FP8), a
+  zero zero-point, then `DequantizeLinear(axis)` feeding the op. No Q runs on
+  weights at run time; the float weight goes when nothing else reads it. A
+  weight read through a `Transpose` of a constant (a tied lm_head) is
+  quantized along the matching axis of the constant. Biases stay float (no
+  int32 bias quantization).
+* **Activations** (the op's data input) get static per-tensor
+  `QuantizeLinear → DequantizeLinear` with a constant positive scale from
+  calibration (`activation-histograms`; `calib=minmax|percentile|mse|entropy`),
+  symmetric (int8/int16 zero point 0) by default, asymmetric uint8 with
+  `symmetric=false`; one Q/DQ pair per tensor and precision, shared by all its
+  quantized readers (q/k/v share one). Outputs of weighted ops are never
+  quantized; ops whose inputs are both activations (attention score matmuls)
+  stay float.
+* Mixed precision: `int16=PATTERNS` gives the matching ops' activations int16
+  Q/DQ (e.g. `int16=down_proj`: SmolLM2's FFN down-projection input, where
+  static int8 breaks), always over the full calibrated range (minmax: at 16
+  bits clipping only loses); `weight-only=PATTERNS` keeps their activations float;
+  `exclude=PATTERNS` (default `lm_head`) leaves ops entirely float. Patterns
+  match node names, output names and weight names, original parameter names
+  (`optc.ir.source_name`) and their aliases, as substrings or globs.
+* `embeddings=true` also stores constant `Gather` tables (embeddings) as int8
+  (FP8) per row with a DequantizeLinear before every reader; a tied lm_head
+  then reads the same dequantized table (weight-only).
+
+Every quantized node is annotated `quant` (`optc.ir.annotate`) with the dtypes,
+schemes, axis, scale and where the scale came from, so backends can lower it;
+an excluded weighted op is annotated `quant_skipped` with the reason.
+
+Static activation scales need calibration data: with none configured,
+`activations=int8` (or fp8) stops with an error instead of guessing. The
+output is deterministic for a given model, calibration data and seed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from optc.errors import OptcError
+from optc.ir import (
+    DataType,
+    Model,
+    Node,
+    Value,
+    add_initializer,
+    annotate,
+    annotation,
+    constant_array,
+    is_constant,
+    make_node,
+    node_label,
+    source_name,
+    unique_name,
+)
+from optc.passes.analyses.histograms import DEFAULT_BINS, FP8_E4M3_MAX, ActivationHistograms
+from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
+_FLOAT_TYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
+_NUMPY_FLOATS = {DataType.FLOAT: np.float32, DataType.FLOAT16: np.float16}
+
+
+@dataclass(frozen=True)
+class _Format:
+    """A quantized element type: its name, numpy dtype, range and whether it is integer."""
+
+    name: str  # "int8" | "int16" | "uint8" | "uint16" | "fp8"
+    qmin: float
+    qmax: float
+
+    @property
+    def bits(self) -> int:
+        return 16 if "16" in self.name else 8
+
+    def numpy_dtype(self):
+        if self.name == "fp8":
+            import ml_dtypes
+
+            return ml_dtypes.float8_e4m3fn
+        return np.dtype(self.name)
+
+    def cast(self, scaled: np.ndarray) -> np.ndarray:
+        """Round values already divided by the scale (ONNX QuantizeLinear: round half to even, saturate)."""
+        if self.name == "fp8":
+            return np.clip(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(self.numpy_dtype())
+        return np.clip(np.rint(scaled), self.qmin, self.qmax).astype(self.numpy_dtype())
+
+
+FORMATS = {
+    "int8": _Format("int8", -127, 127),  # symmetric: -128 is never produced by the scales chosen here
+    "int16": _Format("int16", -32767, 32767),
+    "uint8": _Format("uint8", 0, 255),
+    "uint16": _Format("uint16", 0, 65535),
+    "fp8": _Format("fp8", -FP8_E4M3_MAX, FP8_E4M3_MAX),
+}
+
+
+@register_pass("quantize")
+class Quantize(Pass):
+    """Insert Q/DQ: per-channel symmetric weights, static per-tensor activations (INT8, INT16 where asked, or FP8)."""
+
+    @dataclass
+    class Options:
+        weights: Literal["int8", "fp8", "none"] = option("int8", help="weight format (per output channel, symmetric)")
+        activations: Literal["int8", "fp8", "none"] = option(
+            "int8", help="activation format (static per tensor, from calibration); none: weight-only"
+        )
+        calib: Literal["minmax", "percentile", "mse", "entropy"] = option(
+            "minmax", help="how activation ranges are chosen from the calibration histograms"
+        )
+        percentile: float = option(99.99, help="the percentile for calib=percentile")
+        symmetric: bool = option(True, help="symmetric activations (zero point 0); false: asymmetric uint8")
+        exclude: list[str] = option(["lm_head"], help="ops left in float (names, weight names, source names; substring or glob)")
+        int16: list[str] = option([], help="ops whose activations use int16 Q/DQ instead")
+        weight_only: list[str] = option([], help="ops whose weights are quantized but activations stay float")
+        ops: list[Literal["MatMul", "Gemm", "Conv"]] = option(["MatMul", "Gemm", "Conv"], help="op types to quantize")
+        embeddings: bool = option(False, help="also store constant Gather tables (embeddings) per row in the weight format")
+        bins: int = option(DEFAULT_BINS, help="histogram bins per sign (a power of two)")
+
+        def validate(self) -> None:
+            if self.weights == "none" and self.activations == "none" and not self.embeddings:
+                raise ValueError("weights=none with activations=none quantizes nothing")
+            if not 0.0 < self.percentile <= 100.0:
+                raise ValueError(f"option 'percentile' must be in (0, 100], got {self.percentile}")
+            if not self.symmetric and self.activations == "fp8":
+                raise ValueError("FP8 activations are symmetric; drop symmetric=false")
+            if not self.symmetric and self.calib in ("mse", "entropy"):
+                raise ValueError(f"symmetric=false supports calib=minmax or percentile, not {self.calib}")
+            if self.calib == "entropy" and self.activations == "fp8":
+                raise ValueError("calib=entropy is for int8 activations; use minmax, percentile or mse with fp8")
+            if self.bins < 16 or self.bins & (self.bins - 1):
+                raise ValueError(f"option 'bins' must be a power of two of at least 16, got {self.bins}")
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        opts = self.options
+        graph = model.graph
+        plans = []
+        excluded = []
+        skipped = 0
+        for node in graph:
+            if node.op_type not in opts.ops or node.domain not in ("", "ai.onnx"):
+                continue
+            weight = _weight_site(node)
+            if weight is None:
+                continue
+            if _matches(node, weight, opts.exclude):
+                excluded.append((node, weight))
+                reason = "excluded (exclude=" + ",".join(opts.exclude) + ")"
+                if annotation(node, "quant_skipped") != reason:
+                    annotate(node, "quant_skipped", reason)
+                    skipped += 1
+                continue
+            act_fmt = self._activation_format(node, weight)
+            if opts.weights == "none" and act_fmt is None:
+                continue
+            plans.append((node, weight, act_fmt))
+
+        tables = _gather_tables(graph) if opts.embeddings and opts.weights != "none" else []
+        if not plans and not tables:
+            return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": skipped})
+
+        act_values = []
+        for node, _, fmt in plans:
+            if fmt is not None and node.inputs[0].name not in act_values:
+                act_values.append(node.inputs[0].name)
+        histograms = self._histograms(model, am, act_values) if act_values else {}
+
+        weight_fmt = None if opts.weights == "none" else FORMATS[opts.weights]
+        dq_cache: dict[tuple[int, int], Value] = {}
+        act_cache: dict[tuple[int, str], tuple[Value, dict]] = {}
+        for gather, index in tables:  # first: a tied lm_head below then reuses the table's DequantizeLinear
+            _quantize_table(graph, gather, index, weight_fmt, dq_cache)
+        for node, weight in excluded:
+            if tables and weight.node.inputs[weight.index].producer() is not None:
+                reason = annotation(node, "quant_skipped", "")
+                annotate(node, "quant_skipped", reason + f"; its weight is the {weight_fmt.name} embedding table it is tied to")
+        for node, weight, act_fmt in plans:
+            info: dict[str, object] = {"op": node.op_type}
+            if weight_fmt is not None:
+                info.update(_quantize_weight(graph, node, weight, weight_fmt, dq_cache))
+            else:
+                info["weights"] = "float"
+            if act_fmt is not None:
+                x = node.inputs[0]
+                key = (id(x), act_fmt.name)
+                if key not in act_cache:
+                    act_cache[key] = _quantize_activation(graph, node, x, act_fmt, histograms[x.name], opts)
+                dq_out, act_info = act_cache[key]
+                node.replace_input_with(0, dq_out)
+                info.update(act_info)
+            else:
+                info["activations"] = "float"
+            annotate(node, "quant", info)
+        _drop_unused_initializers(graph)
+        stats = {
+            "quantized-ops": len(plans),
+            "excluded-ops": skipped,
+            "activation-qdq": len(act_cache),
+            "int16-activations": sum(1 for _, f in act_cache if f in ("int16", "uint16")),
+            "quantized-tables": len(tables),
+        }
+        return PassResult(model, True, None, stats)
+
+    def _activation_format(self, node: Node, weight: _WeightSite) -> _Format | None:
+        opts = self.options
+        x = node.inputs[0]
+        if opts.activations == "none" or x is None or is_constant(x):
+            return None
+        if x.dtype is not None and x.dtype not in _FLOAT_TYPES:
+            return None
+        producer = x.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return None  # already quantized
+        if _matches(node, weight, opts.weight_only):
+            return None
+        if _matches(node, weight, opts.int16):
+            return FORMATS["int16" if opts.symmetric else "uint16"]
+        if opts.activations == "fp8":
+            return FORMATS["fp8"]
+        return FORMATS["int8" if opts.symmetric else "uint8"]
+
+    def _histograms(self, model: Model, am: AnalysisManager, values: list[str]):
+        from optc.passes.analyses.runner import calibration_spec
+
+        try:
+            calibration_spec(model, am.context)
+        except OptcError as exc:
+            raise OptcError(
+                f"quantize{{activations={self.options.activations}}} needs calibration data for static activation "
+                f"scales (it never guesses ranges): {_after_colon(str(exc))}"
+            ) from exc
+        return am.get(ActivationHistograms, model, values=tuple(values), bins=self.options.bins)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class _WeightSite:
+    """Where a weighted op's constant weight is, and its output-channel axis in the constant's layout."""
+
+    value: Value  # the constant
+    node: Node  # the node that reads it (the op, or a Transpose in between)
+    index: int
+    axis: int  # output-channel axis of the constant
+    path: str  # "direct" | "transpose"
+
+
+def _weight_site(node: Node) -> _WeightSite | None:
+    """The constant weight of a MatMul/Gemm/Conv (directly or through a Transpose), or None."""
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return None
+    if is_constant(node.inputs[0]):
+        return None
+    w = node.inputs[1]
+    op = node.op_type
+    if op == "MatMul":
+        out_axis = -1
+    elif op == "Gemm":
+        trans = node.attributes.get("transB")
+        out_axis = 0 if trans is not None and trans.as_int() else 1
+    elif op == "Conv":
+        out_axis = 0
+    else:
+        return None
+    if is_constant(w):
+        rank = len(w.shape) if w.shape is not None else 0
+        if rank < 2 or w.dtype not in _FLOAT_TYPES:
+            return None
+        return _WeightSite(w, node, 1, out_axis % rank, "direct")
+    producer = w.producer()
+    if producer is None or producer.op_type != "Transpose" or not is_constant(producer.inputs[0]):
+        return None
+    if len(list(w.uses())) != 1 or w.is_graph_output():
+        return None
+    source = producer.inputs[0]
+    rank = len(source.shape) if source.shape is not None else 0
+    if rank < 2 or source.dtype not in _FLOAT_TYPES:
+        return None
+    perm_attr = producer.attributes.get("perm")
+    perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(rank))[::-1]
+    return _WeightSite(source, producer, 0, perm[out_axis % rank], "transpose")
+
+
+def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache) -> dict:
+    key = (id(site.value), site.axis)
+    dq_out = cache.get(key)
+    if dq_out is None:
+        dq_out = _dequantized_constant(graph, site.value, site.axis, fmt, before=site.node)
+        cache[key] = dq_out
+    site.node.replace_input_with(site.index, dq_out)
+    return {
+        "weights": fmt.name,
+        "weight_scheme": "per-channel symmetric",
+        "weight_axis": site.axis,
+        "weight": site.value.name,
+        "weight_source": source_name(site.value),
+        "weight_path": site.path,
+    }
+
+
+def _dequantized_constant(graph, value: Value, axis: int, fmt: _Format, *, before: Node) -> Value:
+    """Store `value` quantized per channel along `axis`; returns the DequantizeLinear output."""
+    array = constant_array(value)
+    float_dtype = array.dtype
+    data = array.astype(np.float64)
+    reduce_axes = tuple(i for i in range(data.ndim) if i != axis)
+    amax = np.abs(data).max(axis=reduce_axes) if reduce_axes else np.abs(data)
+    scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(float_dtype)
+    shape = [1] * data.ndim
+    shape[axis] = -1
+    quantized = fmt.cast(data / scale.astype(np.float64).reshape(shape))
+    base = value.name or "weight"
+    q_value = add_initializer(graph, unique_name(graph, f"{base}_quantized"), quantized)
+    for k, v in value.metadata_props.items():
+        q_value.metadata_props[k] = v
+    s_value = add_initializer(graph, unique_name(graph, f"{base}_scale"), scale)
+    z_value = add_initializer(graph, unique_name(graph, f"{base}_zero_point"), np.zeros(scale.shape, dtype=fmt.numpy_dtype()))
+    dq = make_node(
+        "DequantizeLinear", [q_value, s_value, z_value], attributes={"axis": axis},
+        name=unique_name(graph, f"{base}_DequantizeLinear"), output_names=[unique_name(graph, f"{base}_dequantized")],
+    )
+    annotate(dq, "provenance", "quantize")
+    out = dq.outputs[0]
+    out.dtype = value.dtype
+    out.shape = value.shape
+    graph.insert_before(before, [dq])
+    return out
+
+
+def _gather_tables(graph) -> list[tuple[Node, int]]:
+    tables = []
+    for node in graph:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        data = node.inputs[0]
+        axis = node.attributes.get("axis")
+        if axis is not None and axis.as_int() != 0:
+            continue
+        if is_constant(data) and data.shape is not None and len(data.shape) == 2 and data.dtype in _FLOAT_TYPES:
+            tables.append((node, 0))
+    return tables
+
+
+def _quantize_table(graph, gather: Node, index: int, fmt: _Format, cache) -> None:
+    """Quantize an embedding table per row; every float reader of it reads the dequantized table."""
+    table = gather.inputs[index]
+    if not is_constant(table):
+        return
+    key = (id(table), 0)
+    dq_out = cache.get(key)
+    if dq_out is None:
+        first = min((u.node for u in table.uses()), key=_position(graph))
+        dq_out = _dequantized_constant(graph, table, 0, fmt, before=first)
+        cache[key] = dq_out
+    for use in list(table.uses()):
+        if use.node.op_type != "DequantizeLinear":
+            use.node.replace_input_with(use.idx, dq_out)
+    annotate(gather, "quant", {"op": "Gather", "weights": fmt.name, "weight_scheme": "per-row symmetric",
+                               "weight_axis": 0, "weight": table.name, "weight_source": source_name(table),
+                               "activations": "float"})
+
+
+def _position(graph):
+    order = {id(n): i for i, n in enumerate(graph)}
+    return lambda node: order.get(id(node), len(order))
+
+
+def _drop_unused_initializers(graph) -> None:
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]:
+        graph.initializers.pop(name)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _quantize_activation(graph, first: Node, x: Value, fmt: _Format, hist, opts) -> tuple[Value, dict]:
+    """Insert QuantizeLinear → DequantizeLinear for `x` before its first quantized reader."""
+    float_dtype = _NUMPY_FLOATS.get(x.dtype, np.float32) if x.dtype is not None else np.float32
+    if hist.count == 0:
+        raise OptcError(f"quantize: no finite calibration values reached {x.name!r}; cannot choose its scale")
+    info: dict[str, object] = {"activations": fmt.name, "activation": x.name}
+    # At 16 bits the grid is fine enough that clipping only loses: 16-bit tensors take the full range.
+    method = "minmax" if fmt.bits == 16 else opts.calib
+    if fmt.name in ("uint8", "uint16"):
+        lo, hi = hist.bounds(method, percentile=opts.percentile)
+        scale = (hi - lo) / fmt.qmax if hi > lo else 1.0
+        zero_point = int(np.clip(np.rint(-lo / scale), fmt.qmin, fmt.qmax))
+        info.update({"activation_scheme": "per-tensor static asymmetric", "activation_range": [lo, hi]})
+    else:
+        metric_fmt = "fp8" if fmt.name == "fp8" else fmt.name
+        threshold = hist.threshold(method, percentile=opts.percentile, fmt=metric_fmt)
+        scale = threshold / fmt.qmax if threshold > 0 else 1.0
+        zero_point = 0
+        info.update({"activation_scheme": "per-tensor static symmetric", "activation_threshold": threshold})
+    scale = float(np.asarray(scale, dtype=float_dtype))
+    if not scale > 0 or not np.isfinite(scale):
+        raise OptcError(f"quantize: calibration gave {x.name!r} an unusable scale {scale}")
+    info.update({
+        "activation_scale": scale,
+        "activation_zero_point": zero_point,
+        "activation_absmax": hist.absmax,
+        "scale_source": f"calibration:{method}" + (f"@{opts.percentile}" if method == "percentile" else ""),
+    })
+    base = x.name if fmt.name in ("int8", "uint8", "fp8") else f"{x.name}_{fmt.name}"
+    s_value = add_initializer(graph, unique_name(graph, f"{base}_scale"), np.asarray(scale, dtype=float_dtype))
+    z_value = add_initializer(graph, unique_name(graph, f"{base}_zero_point"), np.asarray(zero_point, dtype=fmt.numpy_dtype()))
+    q = make_node("QuantizeLinear", [x, s_value, z_value], name=unique_name(graph, f"{base}_QuantizeLinear"),
+                  output_names=[unique_name(graph, f"{base}_quantized")])
+    dq = make_node("DequantizeLinear", [q.outputs[0], s_value, z_value], name=unique_name(graph, f"{base}_DequantizeLinear"),
+                   output_names=[unique_name(graph, f"{base}_dequantized")])
+    if x.dtype is not None:  # a shape without a type does not serialize
+        q.outputs[0].dtype = _onnx_type(fmt)
+        dq.outputs[0].dtype = x.dtype
+        q.outputs[0].shape = dq.outputs[0].shape = x.shape
+    for n in (q, dq):
+        annotate(n, "provenance", "quantize")
+    graph.insert_before(first, [q, dq])
+    return dq.outputs[0], info
+
+
+def _onnx_type(fmt: _Format) -> DataType:
+    return {
+        "int8": DataType.INT8, "int16": DataType.INT16, "uint8": DataType.UINT8,
+        "uint16": DataType.UINT16, "fp8": DataType.FLOAT8E4M3FN,
+    }[fmt.name]
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def _matches(node: Node, weight: _WeightSite | None, patterns) -> bool:
+    if not patterns:
+        return False
+    names = [node_label(node), *(o.name for o in node.outputs if o.name)]
+    if weight is not None:
+        w = weight.value
+        names += [w.name or "", source_name(w), *(annotation(w, "source_aliases") or [])]
+    return any(_match(p, n) for p in patterns for n in names if n)
+
+
+def _match(pattern: str, name: str) -> bool:
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+
+
+def _after_colon(message: str) -> str:
+    return message.split(": ", 1)[1] if ": " in message else message
+
+
+__all__ = ["FORMATS", "Quantize", "WEIGHTED_OPS"]

@@ -1,0 +1,514 @@
+"""`smoothquant`: migrate activation outliers into the weights (Xiao et al., SmoothQuant).
+
+For a tensor X read only by linear layers `X·W₁, X·W₂, …` (q/k/v reading one
+normalized tensor, gate/up reading another) the pass picks one scale per input
+channel j,
+
+    s_j = max|X_j|^α / max|W_j|^(1−α)
+
+where max|X_j| is the calibrated per-channel absolute max (`activation-stats`)
+and max|W_j| the largest weight of input channel j over *every* consumer, then
+rewrites `X·W = (X·diag(1/s))·(diag(s)·W)`: each consumer's weight is scaled
+along its input-channel axis (MatMul B `[K, N]`: row j times s_j) and 1/s is
+folded into the producer of X, so the model computes the same function and
+nothing is inserted at run time.
+
+Producers are found by graph pattern on the IR, not by parameter names:
+
+* `norm` (always): a multiplication by a constant per-channel vector applied
+  to a normalized tensor (the decomposed RMSNorm the torch exporter emits:
+  `Mul(w, Mul(x, Reciprocal(Sqrt(ReduceMean(x²) + eps))))`), the same
+  followed by `Add` of a constant bias (decomposed LayerNorm), and
+  `LayerNormalization` / `RMSNormalization` ops along the last axis (scale and
+  bias are scaled);
+* `all` adds linear producers: a `MatMul` or `Gemm` with a constant weight
+  (optionally followed by a constant bias `Add`) whose output only the
+  smoothed consumers read, also through the gating `Mul` of a gated MLP
+  (`down(silu(gate(x)) * up(x))`: 1/s goes into `up`'s columns). The value →
+  output projection pair (`v→o`) passes through reshapes, transposes, the
+  GQA head repeat and the attention matmul in exported graphs, so it is not
+  matched; where `v` feeds `o` directly it is.
+
+When something besides the linear layers reads X (or X is a graph output),
+folding would change that reader too. For a normalization producer the pass
+then inserts `Mul(X, 1/s)` in front of the linear layers instead (ModelOpt's
+pre-quant scale; the case of post-LN BERT, whose LayerNorm output is also the
+residual); `insert-mul=false` skips such groups. Groups are also skipped when
+an intermediate of the producer pattern has other readers, when channel counts
+disagree, or when a consumer matches `exclude` (default `lm_head`, as in
+`quantize`, which leaves it float). A constant that something else also reads
+is copied rather than changed.
+
+The pass calibrates (`activation-stats`) only if it found something to
+smooth, and reports that it preserves no activation statistics (and no
+weights): what was measured before it is stale after it. It preserves the
+structure when it only rescaled initializers in place.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from optc.errors import OptcError
+from optc.ir import (
+    Model,
+    Node,
+    Value,
+    add_initializer,
+    annotate,
+    annotation,
+    constant_array,
+    is_constant,
+    make_node,
+    node_label,
+    source_name,
+    tensor,
+    unique_name,
+)
+from optc.passes.analyses.activation_stats import ActivationStats
+from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
+from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+
+#: Ops along a normalization's statistics path (between x and its per-token scale).
+_NORM_PATH_OPS = frozenset({"Reciprocal", "Sqrt", "Add", "Pow", "Mul", "Div", "Cast", "Sub", "Max", "Clip"})
+_NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"})
+_REDUCTIONS = frozenset({"ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum"})
+#: Clamp of the smoothing factors.
+S_MIN, S_MAX = 1e-5, 1e5
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A constant input of a node to scale along one axis (-1: the broadcast channel axis)."""
+
+    node: Node
+    index: int
+    axis: int
+
+
+@dataclass
+class _Group:
+    value: Value
+    consumers: list[tuple[Node, int]]  # (node, input-channel axis of its weight)
+    producer: str  # "norm" | "linear"
+    folds: list[_Site]
+    channels: int
+
+
+@register_pass("smoothquant")
+class SmoothQuant(Pass):
+    """Move activation outliers into weights: s = max|X|^alpha / max|W|^(1-alpha), 1/s folded into the producer."""
+
+    @dataclass
+    class Options:
+        alpha: float = option(0.5, help="migration strength in [0, 1]: s = max|X|^alpha / max|W|^(1-alpha)")
+        targets: Literal["norm", "all"] = option(
+            "norm", help="producers to fold into: norm (RMSNorm/LayerNorm) or all (also linear layers, e.g. up->down)"
+        )
+        exclude: list[str] = option(
+            ["lm_head"],
+            help="skip groups with a consumer whose node, output or weight (source) name matches (substring or glob); "
+            "the default matches quantize's, which leaves lm_head in float",
+        )
+        insert_mul: bool = option(
+            True,
+            help="when a norm's output has other readers (post-LN BERT's residual), smooth with an explicit "
+            "Mul(x, 1/s) before the linear layers instead of skipping",
+        )
+
+        def validate(self) -> None:
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ValueError(f"option 'alpha' must be in [0, 1], got {self.alpha}")
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        groups = find_groups(model, self.options.targets, self.options.exclude, self.options.insert_mul)
+        if not groups:
+            return PassResult(model, False, None, {"groups-smoothed": 0})
+        stats = self._activation_stats(model, am)
+        graph = model.graph
+        copies = inserted = 0
+        smoothed = 0
+        for group in groups:
+            stat = stats.get(group.value.name)
+            if stat is None or stat.channel_absmax is None or stat.channel_absmax.size != group.channels:
+                continue
+            weight_max = np.zeros(group.channels, dtype=np.float64)
+            for node, axis in group.consumers:
+                w = np.abs(constant_array(node.inputs[1]).astype(np.float64))
+                weight_max = np.maximum(weight_max, np.moveaxis(w, axis, 0).reshape(group.channels, -1).max(axis=1))
+            s = smoothing_scales(stat.channel_absmax, weight_max, self.options.alpha)
+            if np.all(s == 1.0):
+                continue
+            if group.producer == "mul":
+                _insert_mul(graph, group, 1.0 / s)
+                inserted += 1
+            else:
+                copies += _scale_sites(graph, group.folds, 1.0 / s, group.channels)
+            copies += _scale_sites(graph, [_Site(n, 1, a) for n, a in group.consumers], s, group.channels)
+            info = {"alpha": self.options.alpha, "producer": group.producer, "input": group.value.name}
+            for node, _ in group.consumers:
+                annotate(node, "smoothquant", info)
+            smoothed += 1
+        if not smoothed:
+            return PassResult(model, False, None, {"groups-smoothed": 0})
+        preserved = PreservedAnalyses()
+        if not copies and not inserted:
+            preserved.preserve_aspects(STRUCTURE)  # only initializer contents changed
+        counts = {"groups-smoothed": smoothed, "constants-copied": copies, "muls-inserted": inserted}
+        return PassResult(model, True, preserved, counts)
+
+    def _activation_stats(self, model: Model, am: AnalysisManager):
+        from optc.passes.analyses.runner import calibration_spec
+
+        try:
+            calibration_spec(model, am.context)
+        except OptcError as exc:
+            message = str(exc).split(": ", 1)[-1]
+            raise OptcError(f"smoothquant needs per-channel activation ranges from calibration data: {message}") from exc
+        return am.get(ActivationStats, model)
+
+
+def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s = act^alpha / w^(1-alpha), 1 where either is 0 (a dead channel), clamped to [1e-5, 1e5]."""
+    act = np.asarray(act_max, dtype=np.float64)
+    w = np.asarray(weight_max, dtype=np.float64)
+    valid = (act > 0) & (w > 0) & np.isfinite(act) & np.isfinite(w)
+    s = np.ones_like(act)
+    s[valid] = act[valid] ** alpha / w[valid] ** (1.0 - alpha)
+    return np.clip(s, S_MIN, S_MAX)
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def find_groups(
+    model: Model, targets: str = "norm", exclude: list[str] | tuple[str, ...] = (), insert_mul: bool = False
+) -> list[_Group]:
+    """Every tensor whose readers are all linear layers and whose producer can absorb 1/s, in graph order."""
+    graph = model.graph
+    seen: set[int] = set()
+    groups = []
+    for node in graph:
+        axis = balance_axis(node)
+        if axis is None:
+            continue
+        x = node.inputs[0]
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        group = _group_for(x, targets, insert_mul)
+        if group is None:
+            continue
+        if exclude and any(_matches(n, exclude) for n, _ in group.consumers):
+            continue
+        groups.append(group)
+    return groups
+
+
+def balance_axis(node: Node) -> int | None:
+    """The input-channel axis of the weight when `node` is X·W with a constant 2-D W, else None."""
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    x, w = node.inputs[0], node.inputs[1]
+    if x is None or is_constant(x) or not is_constant(w) or w.shape is None or len(w.shape) != 2:
+        return None
+    if node.op_type == "MatMul":
+        return 0
+    if node.op_type == "Gemm":
+        attrs = node.attributes
+        if attrs.get("transA") is not None and attrs["transA"].as_int():
+            return None
+        return 1 if attrs.get("transB") is not None and attrs["transB"].as_int() else 0
+    return None
+
+
+def _group_for(x: Value, targets: str, insert_mul: bool = True) -> _Group | None:
+    if x.is_graph_input():
+        return None
+    consumers: list[tuple[Node, int]] = []
+    shared = x.is_graph_output()
+    for use in x.uses():
+        node, index = use.node, use.idx
+        axis = balance_axis(node)
+        if axis is None or index != 0 or node.inputs[1] is x:
+            shared = True  # read by something that is not a smoothable linear layer
+            continue
+        if all(node is not other for other, _ in consumers):
+            consumers.append((node, axis))
+    if not consumers:
+        return None
+    channels = {int(n.inputs[1].shape[a]) for n, a in consumers}
+    if len(channels) != 1:
+        return None
+    (c,) = channels
+    if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != c:
+        return None
+    plan = _plan(x, c, targets)
+    if plan is None:
+        return None
+    kind, folds = plan
+    if shared:
+        # Folding into the producer would change the other readers too (post-LN BERT: the LayerNorm output
+        # is also the residual). For a normalization, smooth with an explicit Mul(x, 1/s) in front of the
+        # linear layers instead (ModelOpt's pre-quant scale).
+        if not insert_mul or kind != "norm":
+            return None
+        kind, folds = "mul", []
+    return _Group(x, consumers, kind, folds, c)
+
+
+def _plan(x: Value, c: int, targets: str) -> tuple[str, list[_Site]] | None:
+    """How to fold a per-channel 1/s into the producer of `x`: (kind, constant sites), or None."""
+    node = x.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op in _NORM_OPS and node.outputs[0] is x:
+        if not _norm_along_last_axis(node, x):
+            return None
+        sites = [_Site(node, i, -1) for i in (1, 2) if i < len(node.inputs) and node.inputs[i] is not None]
+        if not sites or not all(_per_channel_constant(node.inputs[s.index], c) for s in sites):
+            return None
+        return "norm", sites
+    if op == "Mul":
+        const = _constant_operand(node, c)
+        if const is not None:
+            other = node.inputs[1 - const]
+            if _is_normalized(other):
+                return "norm", [_Site(node, const, -1)]
+            # Any product with a per-channel constant absorbs 1/s exactly.
+            return ("scale", [_Site(node, const, -1)]) if targets == "all" else None
+        if targets != "all" or node.inputs[0] is node.inputs[1]:
+            return None
+        for i in _gating_order(node):
+            sub = _linear_plan(node.inputs[i], c, node)
+            if sub is not None:
+                return "linear", sub
+        return None
+    if op == "Add":
+        const = _constant_operand(node, c)
+        if const is None:
+            return None
+        inner = node.inputs[1 - const]
+        if not _only_read_by(inner, node):
+            return None
+        sub = _plan(inner, c, targets)
+        if sub is None:
+            return None
+        return sub[0], [*sub[1], _Site(node, const, -1)]
+    if targets == "all":
+        return _linear_sites(node, c)
+    return None
+
+
+def _linear_plan(value: Value, c: int, reader: Node) -> list[_Site] | None:
+    """Sites that scale `value`'s channels when it is a linear layer's output read only by `reader`."""
+    if value is None or is_constant(value) or not _only_read_by(value, reader):
+        return None
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Add":
+        const = _constant_operand(node, c)
+        if const is None:
+            return None
+        inner = node.inputs[1 - const]
+        sub = _linear_plan(inner, c, node)
+        return None if sub is None else [*sub, _Site(node, const, -1)]
+    plan = _linear_sites(node, c)
+    return None if plan is None else plan[1]
+
+
+def _linear_sites(node: Node, c: int) -> tuple[str, list[_Site]] | None:
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    w = node.inputs[1]
+    if not is_constant(w) or w.shape is None or len(w.shape) != 2 or is_constant(node.inputs[0]):
+        return None
+    if node.op_type == "MatMul" and w.shape[1] == c:
+        return "linear", [_Site(node, 1, 1)]
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        axis = 0 if trans_b is not None and trans_b.as_int() else 1
+        if w.shape[axis] != c:
+            return None
+        sites = [_Site(node, 1, axis)]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            if not _per_channel_constant(node.inputs[2], c):
+                return None
+            sites.append(_Site(node, 2, -1))
+        return "linear", sites
+    return None
+
+
+def _gating_order(node: Node) -> list[int]:
+    """Operands of a gating Mul, the plain linear one first (the other is usually behind an activation)."""
+    def rank(i: int) -> int:
+        producer = node.inputs[i].producer()
+        return 0 if producer is not None and producer.op_type in ("MatMul", "Gemm", "Add") else 1
+
+    return sorted((0, 1), key=rank)
+
+
+def _only_read_by(value: Value, reader: Node) -> bool:
+    uses = list(value.uses())
+    return (
+        len(uses) == 1 and uses[0].node is reader and not value.is_graph_output() and not value.is_graph_input()
+    )
+
+
+def _constant_operand(node: Node, c: int) -> int | None:
+    """The index of the one constant, per-channel-compatible operand of a binary op, else None."""
+    if len(node.inputs) != 2:
+        return None
+    flags = [is_constant(v) for v in node.inputs]
+    if flags.count(True) != 1:
+        return None
+    i = flags.index(True)
+    return i if _per_channel_constant(node.inputs[i], c) else None
+
+
+def _per_channel_constant(value: Value | None, c: int) -> bool:
+    """A float constant that broadcasts along the last axis only: shape (), [c], [1, ..., 1, c] or all ones."""
+    if not is_constant(value) or value.shape is None:
+        return False
+    if value.dtype is None or not value.dtype.is_floating_point():
+        return False
+    dims = list(value.shape)
+    if not dims:
+        return True
+    return all(d == 1 for d in dims[:-1]) and dims[-1] in (1, c)
+
+
+def _norm_along_last_axis(node: Node, x: Value) -> bool:
+    attr = node.attributes.get("axis")
+    axis = attr.as_int() if attr is not None else -1
+    if axis == -1:
+        return True
+    return x.shape is not None and axis == len(x.shape) - 1
+
+
+def _is_normalized(value: Value | None) -> bool:
+    """True when `value` is x scaled by a per-token statistic of x (RMSNorm/LayerNorm without affine)."""
+    if value is None or is_constant(value):
+        return False
+    node = value.producer()
+    if node is None:
+        return False
+    if node.op_type in _NORM_OPS:
+        return True
+    if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    candidates = [b] if node.op_type == "Div" else [a, b]
+    return any(_reaches_reduction(v, depth=6) for v in candidates if v is not None and not is_constant(v))
+
+
+def _reaches_reduction(value: Value, depth: int) -> bool:
+    node = value.producer()
+    if node is None or depth == 0:
+        return False
+    if node.op_type in _REDUCTIONS:
+        return True
+    if node.op_type not in _NORM_PATH_OPS:
+        return False
+    return any(_reaches_reduction(v, depth - 1) for v in node.inputs if v is not None and not is_constant(v))
+
+
+def _matches(node: Node, patterns) -> bool:
+    names = [node_label(node), *(o.name for o in node.outputs if o.name)]
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is not None:
+        names += [w.name or "", source_name(w), *(annotation(w, "source_aliases") or [])]
+    return any(_match(p, n) for p in patterns for n in names if n)
+
+
+def _match(pattern: str, name: str) -> bool:
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+
+
+# --------------------------------------------------------------------------- rewriting
+
+
+def _scale_sites(graph, sites: list[_Site], factor: np.ndarray, channels: int) -> int:
+    """Multiply each site's constant by `factor` along its channel axis; returns how many constants were copied."""
+    by_value: dict[int, list[_Site]] = {}
+    values: dict[int, Value] = {}
+    for site in sites:
+        value = site.node.inputs[site.index]
+        by_value.setdefault(id(value), []).append(site)
+        values[id(value)] = value
+    copies = 0
+    for key, group in by_value.items():
+        value = values[key]
+        axes = {s.axis for s in group}
+        if len(axes) != 1:
+            raise AssertionError(f"constant {value.name!r} scaled along two axes")
+        array = constant_array(value)
+        scaled = _scale_array(array, factor, axes.pop(), channels)
+        uses = {(id(u.node), u.idx) for u in value.uses()}
+        wanted = {(id(s.node), s.index) for s in group}
+        if uses == wanted and not value.is_graph_output():
+            value.const_value = tensor(scaled, name=value.name)
+            value.shape = _shape_of(scaled)
+        else:
+            new = add_initializer(graph, unique_name(graph, f"{value.name}_smoothed"), scaled)
+            for k, v in value.metadata_props.items():
+                new.metadata_props[k] = v
+            for site in group:
+                site.node.replace_input_with(site.index, new)
+            copies += 1
+    return copies
+
+
+def _insert_mul(graph, group: _Group, inverse: np.ndarray) -> None:
+    """x_smoothed = Mul(x, 1/s), read by the group's linear layers instead of x."""
+    x = group.value
+    dtype = np.float16 if x.dtype is not None and x.dtype.name == "FLOAT16" else np.float32
+    scale = add_initializer(graph, unique_name(graph, f"{x.name}_smooth_scale"), inverse.astype(dtype))
+    mul = make_node("Mul", [x, scale], name=unique_name(graph, f"{x.name}_smooth"),
+                    output_names=[unique_name(graph, f"{x.name}_smoothed")])
+    if x.dtype is not None:
+        mul.outputs[0].dtype = x.dtype
+        mul.outputs[0].shape = x.shape
+    annotate(mul, "provenance", "smoothquant")
+    first = min((n for n, _ in group.consumers), key=_position(graph))
+    graph.insert_before(first, [mul])
+    for node, _ in group.consumers:
+        node.replace_input_with(0, mul.outputs[0])
+
+
+def _position(graph):
+    order = {id(n): i for i, n in enumerate(graph)}
+    return lambda node: order.get(id(node), len(order))
+
+
+def _scale_array(array: np.ndarray, factor: np.ndarray, axis: int, channels: int) -> np.ndarray:
+    dtype = array.dtype
+    data = array.astype(np.float64)
+    if axis == -1:
+        if data.ndim == 0:
+            data = data.reshape(1)
+        if data.shape[-1] == 1 and channels != 1:
+            data = np.broadcast_to(data, (*data.shape[:-1], channels))
+        return (data * factor).astype(dtype)
+    shape = [1] * data.ndim
+    shape[axis] = channels
+    return (data * factor.reshape(shape)).astype(dtype)
+
+
+def _shape_of(array: np.ndarray):
+    from optc.ir import Shape
+
+    return Shape(list(array.shape))
+
+
+__all__ = ["SmoothQuant", "balance_axis", "find_groups", "smoothing_scales"]

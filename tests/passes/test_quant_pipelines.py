@@ -1,0 +1,61 @@
+"""The named 8-bit pipelines `w8a8` and `fp8` on tiny LLaMA-like and BERT-like blocks."""
+
+from __future__ import annotations
+
+from optc.ir import DataType, annotation
+from optc.passes import AnalysisManager, PassContext, VerifyEach, all_pipelines, parse_pipeline
+from optc.passes.pipelines import FP8, W8A8
+from tests import models
+from tests.passes import quant_models as qm
+
+CALIB = {"calibration.spec": "random", "calibration.samples": 16, "calibration.seqlen": 32}
+
+
+def _run(model, pipeline):
+    return parse_pipeline(pipeline)(model, AnalysisManager(PassContext(config=dict(CALIB), instruments=[VerifyEach()])))
+
+
+def test_registered_and_expand_in_place():
+    pipelines = all_pipelines()
+    assert pipelines["w8a8"].text == W8A8 and pipelines["fp8"].text == FP8
+    assert parse_pipeline("w8a8").pipeline_text() == W8A8
+    assert parse_pipeline("cleanup,fp8").pipeline_text() == "fixpoint(fold-constants,cse,dce),topo-sort," + FP8
+    assert W8A8.startswith("smoothquant")  # smoothing first, then Q/DQ from the smoothed model's ranges
+
+
+def test_w8a8_on_a_llama_block():
+    proto = qm.llama_block(outliers=10.0)
+    result = _run(qm.to_ir(proto, vocab=64), "w8a8")
+    m = result.model
+    assert result.statistics["groups-smoothed"] == 2
+    info = {n.name: annotation(n, "quant") for n in m.graph if annotation(n, "quant")}
+    assert info["down_proj"]["activations"] == "int16"
+    assert {info[k]["activations"] for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")} == {"int8"}
+    assert {i["weights"] for i in info.values()} == {"int8"}
+    assert "lm_head" not in info
+    # Better than plain W8A8 on a block with strong outlier channels (measured: 24.3 vs 15.6 dB on these inputs;
+    # the ×10 channels nearly saturate this tiny attention, so numbers swing with the seed).
+    assert annotation(next(n for n in m.graph if n.name == "embed_tokens"), "quant")["weights"] == "int8"
+    plain = _run(qm.to_ir(proto, vocab=64), "quantize{embeddings=true}")
+    feeds = [qm.llama_feeds(s, batch=2, seq=10) for s in (5, 6, 7, 8)]
+    ref = [models.run_ort(proto, f)[0] for f in feeds]
+    ours = min(qm.sqnr_db(r, models.run_ort(m, f)[0]) for r, f in zip(ref, feeds, strict=True))
+    base = min(qm.sqnr_db(r, models.run_ort(plain.model, f)[0]) for r, f in zip(ref, feeds, strict=True))
+    assert ours >= base + 5
+
+
+def test_fp8_on_a_bert_block():
+    proto = qm.bert_block(post_ln=True)
+    result = _run(qm.to_ir(proto), "fp8")
+    qs = [n for n in result.model.graph if n.op_type == "QuantizeLinear"]
+    assert qs and all(q.inputs[2].dtype == DataType.FLOAT8E4M3FN for q in qs)
+    feeds = qm.float_feeds(proto, 3)
+    assert qm.sqnr_db(models.run_ort(proto, feeds)[0], models.run_ort(result.model, feeds)[0]) >= 18  # measured 22.5
+
+
+def test_w8a8_on_a_post_ln_bert_block():
+    proto = qm.bert_block(post_ln=True)
+    result = _run(qm.to_ir(proto), "w8a8")
+    assert result.statistics["muls-inserted"] == 2
+    feeds = qm.float_feeds(proto, 3)
+    assert qm.sqnr_db(models.run_ort(proto, feeds)[0], models.run_ort(result.model, feeds)[0]) >= 28  # measured 33.4
