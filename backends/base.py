@@ -48,7 +48,9 @@ KNOWN_TARGETS = ("ort", "tensorrt", "gguf")
 
 
 def get_backend(name: str) -> Backend:
+    import optc.backends.gguf  # noqa: F401
     import optc.backends.ort  # noqa: F401 - registers the built-in backends
+    import optc.backends.tensorrt  # noqa: F401
 
     if name not in KNOWN_TARGETS:
         raise UsageError(f"unknown target '{name}'; targets: {', '.join(KNOWN_TARGETS)}")

@@ -39,7 +39,9 @@ class OrtBackend(Backend):
     suffixes = (".onnx",)
     #: 8-bit Q/DQ rewritten into the forms onnxruntime's CPU kernels run fastest, exactly
     #: (passes/transforms/ort_int8_lowering.py; measured by tools/bench_ort_int8_forms.py).
-    legalize = "lower-ort-int8"
+    #: Weight-only 2-4-bit MatMuls run as MatMulNBits (passes/transforms/ort_nbits_lowering.py; tools/bench_w4.py);
+    #: 5-8-bit weight-only weights are folded to float at load by lower-ort-int8 (faster than MatMulNBits bits=8).
+    legalize = "lower-ort-nbits,lower-ort-int8"
 
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
         verify(model, where="before lowering to ort")

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, help="where to write the result (the suffix picks the target)")
     parser.add_argument("--passes", help="pipeline text, e.g. 'dce,cse,fold-constants' (default: cleanup)")
     parser.add_argument("--target", choices=["ort", "tensorrt", "gguf"], help="backend (default: from the output suffix)")
-    parser.add_argument("--calib", help="calibration data: builtin, random, text:FILE or npz:FILE (default: builtin when the model has a tokenizer)")
+    parser.add_argument("--calib", help="calibration data: builtin, random, text:FILE or npz:FILE (required by passes that calibrate; builtin is the default for the default model)")
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
     parser.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
@@ -105,6 +105,8 @@ def run(argv: list[str]) -> int:
         from optc.frontends.models import default_model_path
 
         args.input = str(default_model_path())
+        # The default model comes with its default data: the built-in text.
+        args.calib = args.calib or "builtin"
     compare = use_default if args.compare is None else args.compare
     if args.calib_samples < 1 or args.calib_seqlen < 1:
         raise UsageError("--calib-samples and --calib-seqlen must be at least 1")

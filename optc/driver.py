@@ -6,12 +6,13 @@ import dataclasses
 import json
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from optc.backends import Artifact, get_backend, target_for_output
-from optc.errors import OptcError, PassFailure
+from optc.errors import MissingCalibrationData, OptcError, PassFailure
 from optc.frontends import load_input
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
 from optc.ir.io import remove_model
@@ -26,6 +27,7 @@ from optc.passes import (
     VerifyEach,
     parse_pipeline,
 )
+from optc.passes.infra.pipeline import pipeline_warnings
 from optc.report import QuantReport
 
 #: The pipeline run when none is given.
@@ -153,6 +155,8 @@ def compile_model(
     backend = get_backend(target)
     pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
     pipeline = parse_pipeline(pipeline_text)
+    for message in pipeline_warnings(pipeline):
+        print(f"optc: warning: {message}", file=sys.stderr)
     if source is None:
         check_paths(None, output, options.report)
     check_data_clash(model, output, options.report)
@@ -181,6 +185,8 @@ def compile_model(
     try:
         result = full(model, am)
     except PassFailure as failure:
+        if isinstance(failure.cause, MissingCalibrationData):
+            raise  # the input lacks data; nothing to reproduce
         failure.reproducer = write_reproducer(source or before_path, output, pipeline_text, failure)  # type: ignore[attr-defined]
         raise
     if quant_report is not None:

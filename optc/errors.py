@@ -32,6 +32,10 @@ class ModelLoadError(OptcError):
     """An input model that is missing, unreadable or not a valid model."""
 
 
+class MissingCalibrationData(OptcError):
+    """A pass needs calibration data and none was named; input, not a compiler bug (no reproducer)."""
+
+
 class VerificationError(OptcError):
     """The IR broke one of its invariants; lists every problem found."""
 

@@ -490,10 +490,10 @@ def render_html(data: dict[str, Any]) -> str:
     out.append("<h2>Layers, worst first</h2>")
     ordered = sorted(layers, key=_sort_key)
     out.append(_table(
-        ["#", "layer", "parameter", "op", "weights", "activations", "SQNR (dB)", "input Q/DQ SQNR (dB)", "noise power",
-         "signal power", "max |error|", "output", "status"],
+        ["#", "layer", "parameter", "op", "weights", "activations", "why this precision", "SQNR (dB)",
+         "input Q/DQ SQNR (dB)", "noise power", "signal power", "max |error|", "output", "status"],
         [[_td(e.get("index"), True), _td(e["name"]), _td(e.get("parameter")), _td(e["op_type"]), _td(e["weights"]),
-          _td(e["activations"]), _td(e["sqnr_db"], True), _td(e.get("activation_sqnr_db"), True), _td(e["noise_power"], True),
+          _td(e["activations"]), _td((e.get("quant") or {}).get("precision_reason")), _td(e["sqnr_db"], True), _td(e.get("activation_sqnr_db"), True), _td(e["noise_power"], True),
           _td(e["signal_power"], True), _td(e["max_abs_error"], True), _td(e["output"]), _td(e["status"])] for e in ordered],
         [_band(e["sqnr_db"]) for e in ordered],
     ))

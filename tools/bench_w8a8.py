@@ -244,7 +244,7 @@ def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Pa
                 row.note = "s8 weights per tensor, dynamic u8 activations, MatMul/Gemm"
             else:
                 pipeline = OPTC_PIPELINES[variant]
-                if pipeline not in pipelines:
+                if variant in VARIANTS and pipeline not in pipelines:
                     row.note = f"skipped: pipeline '{pipeline}' is not registered (optc --list-passes)"
                     continue
                 extra = [*calib]
@@ -488,9 +488,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="optc runs also write --report (HTML + JSON) into --workdir (compile time then includes it)")
     parser.add_argument("--workdir", type=Path, help="where models are written (default: a temporary folder, removed)")
     parser.add_argument("--json", type=Path, help="also write the measurements as JSON")
+    parser.add_argument("--candidate", action="append", default=[], metavar="NAME=PIPELINE",
+                        help="also build and score optc with this pipeline as row NAME (repeatable)")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    for candidate in args.candidate:
+        name, sep, pipeline = candidate.partition("=")
+        if not sep or not name or not pipeline:
+            parser.error(f"--candidate wants NAME=PIPELINE, got {candidate!r}")
+        OPTC_PIPELINES[name] = pipeline
+        args.variants.append(name)
+    unknown = [v for v in args.variants if v not in (*VARIANTS, *OPTC_PIPELINES)]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if "fp32" not in args.variants and not args.rss_only:

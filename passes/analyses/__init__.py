@@ -1,3 +1,3 @@
 """Built-in analyses; importing this package registers them."""
 
-from optc.passes.analyses import activation_stats, graph_stats  # noqa: F401
+from optc.passes.analyses import activation_stats, graph_stats, hessian  # noqa: F401

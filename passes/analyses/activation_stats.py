@@ -2,8 +2,8 @@
 
 For each requested value (by default the activation input of every MatMul,
 Gemm and Conv) it keeps the running min, max and absolute max over all
-calibration samples, the per-channel absolute max along the last axis (the
-input channels of a MatMul), and a count of elements. One sample's
+calibration samples, the per-channel absolute max and sum of squares along
+the last axis (the input channels of a MatMul), and a count of elements. One sample's
 activations are in memory at a time.
 """
 
@@ -30,6 +30,9 @@ class TensorStats:
     max: float = float("-inf")
     absmax: float = 0.0
     channel_absmax: np.ndarray | None = None
+    #: Per-channel (last axis) sum of squares in float64, and the number of vectors summed (`rows`).
+    channel_sqsum: np.ndarray | None = None
+    rows: int = 0
     count: int = 0
     samples: int = 0
     shape: tuple[int, ...] = field(default=())
@@ -42,9 +45,18 @@ class TensorStats:
         if data.ndim:
             per_channel = np.abs(data.reshape(-1, data.shape[-1])).max(axis=0)
             self.channel_absmax = per_channel if self.channel_absmax is None else np.maximum(self.channel_absmax, per_channel)
+            flat = data.reshape(-1, data.shape[-1]).astype(np.float64)
+            sqsum = np.einsum("ij,ij->j", flat, flat)
+            self.channel_sqsum = sqsum if self.channel_sqsum is None else self.channel_sqsum + sqsum
+            self.rows += flat.shape[0]
         self.count += data.size
         self.samples += 1
         self.shape = tuple(data.shape)
+
+    @property
+    def channel_meansq(self) -> np.ndarray | None:
+        """Per-channel mean of x² over every vector seen (llama.cpp's importance matrix)."""
+        return None if self.channel_sqsum is None or not self.rows else self.channel_sqsum / self.rows
 
 
 def default_values(model: Model) -> list[str]:

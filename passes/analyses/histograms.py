@@ -150,6 +150,21 @@ class TensorHistogram:
             return min(self.absmax, _entropy_threshold(counts, self.width))
         raise ValueError(f"unknown range method {method!r}; expected one of {', '.join(METHODS)}")
 
+    def sqnr_db(self, threshold: float, fmt: str = "int8") -> float:
+        """Expected SQNR (dB) of quantizing this tensor symmetrically at `threshold` in `fmt`.
+
+        Each bin's count sits at its centre, as for `mse`; the estimate ranks
+        tensors by how much a format's grid costs them (`quantize{min-sqnr}`).
+        """
+        counts = self.abs_counts().astype(np.float64)
+        if self.count == 0 or self.absmax == 0.0 or threshold <= 0.0:
+            return math.inf
+        centers = np.minimum((np.arange(counts.size, dtype=np.float64) + 0.5) * self.width, self.absmax)
+        scale = threshold / qmax_of(fmt)
+        noise = float(((quantize_grid(centers / scale, fmt) * scale - centers) ** 2) @ counts)
+        signal = float((centers**2) @ counts)
+        return math.inf if noise == 0.0 else 10.0 * math.log10(signal / noise)
+
     def bounds(self, method: str = "minmax", *, percentile: float = 99.99) -> tuple[float, float]:
         """An asymmetric range [lo, hi] containing 0 (minmax or percentile)."""
         if self.count == 0:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optc.errors import OptcError
+from optc.errors import MissingCalibrationData, OptcError
 from optc.ir import Model, save_model
 from optc.passes.infra.context import PassContext
 
@@ -61,15 +61,18 @@ class ModelRunner:
 
 
 def calibration_spec(model: Model, context: PassContext) -> str:
-    """The calibration data to use: `--calib`, else the built-in text when the model has a tokenizer."""
-    from optc.ir import model_metadata
+    """The calibration data to use: `--calib` (`calibration.spec`); without it, a clear error.
 
+    Ranges are never guessed: a pass that needs activations stops unless the
+    user named the data. The error says which data the model could use.
+    """
     spec = context.get("calibration.spec")
     if spec:
         return spec
-    if model_metadata(model, "tokenizer"):
-        return "builtin"
-    raise OptcError("this pipeline needs calibration data: pass --calib random, text:FILE or npz:FILE")
+    from optc.ir import model_metadata
+
+    hint = "--calib builtin (the built-in text, tokenized with the model's tokenizer), " if model_metadata(model, "tokenizer") else ""
+    raise MissingCalibrationData(f"this pipeline needs calibration data and none was given: pass {hint}--calib text:FILE, npz:FILE or random")
 
 
 def calibration_samples(model: Model, context: PassContext) -> Iterator[dict[str, np.ndarray]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from optc.ir import Model
     from optc.passes.infra.instruments import PassInstrument
 
 
@@ -30,6 +31,9 @@ class PassContext:
     input_path: Path | None = None
     #: The compilation target ("ort", "tensorrt", "gguf"), for passes that lower differently.
     target: str = "ort"
+    #: The model as it entered the pipeline, while a pipeline with a pass that sets
+    #: `uses_input_model` runs (a snapshot the pass manager takes; `distill`'s teacher).
+    input_model: Model | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.config.get(key, default)

@@ -16,6 +16,7 @@ line is its summary, an `Options` dataclass (see `options.py`), optional
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from optc.errors import PostconditionError, PreconditionError
@@ -75,6 +76,10 @@ class Pass:
 
     def ensures(self, model: Model, am: AnalysisManager) -> None:
         """Raise `PostconditionError` if the output breaks what this pass promises."""
+
+    def order_warning(self, earlier: Sequence[Pass]) -> str | None:
+        """A warning about this pass's place in its pipeline (`earlier`: the passes before it, flattened), or None."""
+        return None
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         raise NotImplementedError(f"pass '{self.name}' does not implement run()")

@@ -49,7 +49,19 @@ class PassManager(Pass):
         return hash(self.pipeline_text())
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        return self._run_once(model, am)
+        context = am.context
+        if context.input_model is not None or not self.needs_input_model():
+            return self._run_once(model, am)
+        context.input_model = snapshot_model(model)  # e.g. distill's teacher
+        try:
+            return self._run_once(model, am)
+        finally:
+            context.input_model = None
+
+    def needs_input_model(self) -> bool:
+        """Whether a pass in this pipeline (nested ones included) reads `PassContext.input_model`."""
+        return any(p.needs_input_model() if isinstance(p, PassManager) else getattr(p, "uses_input_model", False)
+                   for p in self.passes)
 
     def _run_once(self, model: Model, am: AnalysisManager) -> PassResult:
         context = am.context
@@ -93,6 +105,19 @@ class PassManager(Pass):
                 raise PassFailure(pass_.pipeline_text(), exc, ran) from exc
             ran.append(pass_.pipeline_text())
         return PassResult(model, modified, preserved if modified else PreservedAnalyses.all(), statistics)
+
+
+def snapshot_model(model: Model) -> Model:
+    """A copy of the model that later passes cannot change: the graph is cloned, weights are shared when
+    memory-mapped (read-only) and copied when in memory (a pass might write those in place)."""
+    from optc.ir import ExternalTensor, Tensor
+
+    copy = model.clone()
+    for value in copy.graph.initializers.values():
+        data = value.const_value
+        if data is not None and not isinstance(data, ExternalTensor):
+            value.const_value = Tensor(data.numpy().copy(), dtype=data.dtype, name=value.name)
+    return copy
 
 
 def _describe(exc: Exception) -> Exception:

@@ -185,6 +185,21 @@ def parse_pipeline(text: str) -> PassManager:
     return PassManager(passes)
 
 
+def pipeline_warnings(pipeline: PassManager) -> list[str]:
+    """Warnings about the order of a pipeline's passes (each pass's `order_warning`), e.g. distill after quantize."""
+    flat: list[Pass] = []
+
+    def walk(manager: PassManager) -> None:
+        for pass_ in manager.passes:
+            if isinstance(pass_, PassManager):
+                walk(pass_)
+            else:
+                flat.append(pass_)
+
+    walk(pipeline)
+    return [message for i, pass_ in enumerate(flat) if (message := pass_.order_warning(flat[:i]))]
+
+
 def print_pipeline(pipeline: PassManager | Pass) -> str:
     """Canonical text of a pipeline or a single pass."""
     return pipeline.pipeline_text()

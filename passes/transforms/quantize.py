@@ -25,7 +25,17 @@ What it emits, following TensorRT's explicit-quantization rules
   Q/DQ (e.g. `int16=down_proj`: SmolLM2's FFN down-projection input, where
   static int8 breaks), always over the full calibrated range (minmax: at 16
   bits clipping only loses); `weight-only=PATTERNS` keeps their activations float;
-  `exclude=PATTERNS` (default `lm_head`) leaves ops entirely float. Patterns
+  `exclude=PATTERNS` (default `lm_head`) leaves ops entirely float.
+* Measured sensitivity: `min-sqnr=DB` computes, from each activation's
+  calibration histogram, the SQNR its 8-bit grid would give at the chosen
+  range; below `DB` an int8 activation gets int16 (an FP8 one stays float).
+  The reason, with the measured SQNR, is kept in the `quant` annotation
+  (`precision_reason`) and shown by `--report`. On SmolLM2, `min-sqnr=26`
+  picks exactly the 30 FFN down-projection inputs (the `w8a8` pipeline).
+* `weight-bits=7` limits int8 weights to ±63 (onnxruntime's u8s8 kernel is
+  then exact on AVX2 CPUs without VNNI, as onnxruntime's own `reduce_range`);
+  opt-in: it doubles the weight error (measure with `tools/bench_w8a8.py
+  --candidate NAME=PIPELINE`). Patterns
   match node names, output names and weight names, original parameter names
   (`optc.ir.source_name`) and their aliases, as substrings or globs.
 * `embeddings=true` also stores constant `Gather` tables (embeddings) as int8
@@ -49,7 +59,7 @@ from typing import Literal
 
 import numpy as np
 
-from optc.errors import OptcError
+from optc.errors import MissingCalibrationData, OptcError
 from optc.ir import (
     DataType,
     Model,
@@ -132,6 +142,14 @@ class Quantize(Pass):
         ops: list[Literal["MatMul", "Gemm", "Conv"]] = option(["MatMul", "Gemm", "Conv"], help="op types to quantize")
         embeddings: bool = option(False, help="also store constant Gather tables (embeddings) per row in the weight format")
         bins: int = option(DEFAULT_BINS, help="histogram bins per sign (a power of two)")
+        min_sqnr: float = option(
+            0.0,
+            help="measured sensitivity: an activation whose expected 8-bit SQNR (dB, from its calibration histogram) "
+            "is below this gets int16 (int8 runs) or stays float (fp8 runs); 0: off",
+        )
+        weight_bits: int = option(
+            8, help="bits of int8 weights (7: weights within ±63, which onnxruntime's fast u8s8 kernel computes exactly)"
+        )
 
         def validate(self) -> None:
             if self.weights == "none" and self.activations == "none" and not self.embeddings:
@@ -144,6 +162,10 @@ class Quantize(Pass):
                 raise ValueError(f"symmetric=false supports calib=minmax or percentile, not {self.calib}")
             if self.calib == "entropy" and self.activations == "fp8":
                 raise ValueError("calib=entropy is for int8 activations; use minmax, percentile or mse with fp8")
+            if not 2 <= self.weight_bits <= 8:
+                raise ValueError(f"option 'weight-bits' must be between 2 and 8, got {self.weight_bits}")
+            if self.weight_bits != 8 and self.weights != "int8":
+                raise ValueError("option 'weight-bits' applies to weights=int8")
             if self.bins < 16 or self.bins & (self.bins - 1):
                 raise ValueError(f"option 'bins' must be a power of two of at least 16, got {self.bins}")
 
@@ -180,18 +202,25 @@ class Quantize(Pass):
             if fmt is not None and node.inputs[0].name not in act_values:
                 act_values.append(node.inputs[0].name)
         histograms = self._histograms(model, am, act_values) if act_values else {}
+        sensitive: dict[str, str] = {}
+        if opts.min_sqnr > 0:
+            plans, sensitive = self._promote_sensitive(plans, histograms)
 
-        weight_fmt = None if opts.weights == "none" else FORMATS[opts.weights]
+        weight_fmt = table_fmt = None if opts.weights == "none" else FORMATS[opts.weights]
+        if weight_fmt is not None and opts.weight_bits != 8:  # tables keep 8 bits: they feed no integer kernel
+            limit = 2 ** (opts.weight_bits - 1) - 1
+            weight_fmt = _Format("int8", -limit, limit)
         dq_cache: dict[tuple[int, int], Value] = {}
         act_cache: dict[tuple[int, str], tuple[Value, dict]] = {}
         for gather, index in tables:  # first: a tied lm_head below then reuses the table's DequantizeLinear
-            _quantize_table(graph, gather, index, weight_fmt, dq_cache)
+            _quantize_table(graph, gather, index, table_fmt, dq_cache)
         for node, weight in excluded:
             if tables and weight.node.inputs[weight.index].producer() is not None:
                 reason = annotation(node, "quant_skipped", "")
-                annotate(node, "quant_skipped", reason + f"; its weight is the {weight_fmt.name} embedding table it is tied to")
+                annotate(node, "quant_skipped", reason + f"; its weight is the {table_fmt.name} embedding table it is tied to")
         for node, weight, act_fmt in plans:
             info: dict[str, object] = {"op": node.op_type}
+            reason = sensitive.get(node.inputs[0].name) if node.inputs[0] is not None else None
             if weight_fmt is not None:
                 info.update(_quantize_weight(graph, node, weight, weight_fmt, dq_cache))
             else:
@@ -206,6 +235,10 @@ class Quantize(Pass):
                 info.update(act_info)
             else:
                 info["activations"] = "float"
+            if reason:
+                info["precision_reason"] = reason
+            elif act_fmt is not None and act_fmt.bits == 16:
+                info["precision_reason"] = "int16=" + ",".join(opts.int16)
             annotate(node, "quant", info)
         _drop_unused_initializers(graph)
         stats = {
@@ -213,9 +246,40 @@ class Quantize(Pass):
             "excluded-ops": skipped,
             "activation-qdq": len(act_cache),
             "int16-activations": sum(1 for _, f in act_cache if f in ("int16", "uint16")),
+            "sensitive-activations": len(sensitive),
             "quantized-tables": len(tables),
         }
         return PassResult(model, True, None, stats)
+
+    def _promote_sensitive(self, plans: list, histograms: dict) -> tuple[list, dict[str, str]]:
+        """Raise the precision of activations whose expected 8-bit SQNR is below `min-sqnr`.
+
+        The SQNR is measured on the calibration histogram at the range `calib`
+        picks, so the choice follows the data: int8 activations that lose too
+        much become int16, FP8 ones stay float. Returns the new plans and, per
+        promoted activation, the reason (kept in the `quant` annotation).
+        """
+        opts = self.options
+        reasons: dict[str, str] = {}
+        promoted = []
+        for node, weight, fmt in plans:
+            if fmt is None or fmt.bits == 16:
+                promoted.append((node, weight, fmt))
+                continue
+            name = node.inputs[0].name
+            if name not in reasons:
+                hist = histograms[name]
+                metric = "fp8" if fmt.name == "fp8" else "int8"
+                method = "minmax" if fmt.name == "uint8" else opts.calib
+                sqnr = hist.sqnr_db(hist.threshold(method, percentile=opts.percentile, fmt=metric), metric)
+                reasons[name] = f"{fmt.name} SQNR {sqnr:.1f} dB < min-sqnr={opts.min_sqnr:g}" if sqnr < opts.min_sqnr else ""
+            if not reasons[name]:
+                promoted.append((node, weight, fmt))
+            elif fmt.name == "fp8":
+                promoted.append((node, weight, None))
+            else:
+                promoted.append((node, weight, FORMATS["int16" if opts.symmetric else "uint16"]))
+        return promoted, {k: v for k, v in reasons.items() if v}
 
     def _activation_format(self, node: Node, weight: _WeightSite) -> _Format | None:
         opts = self.options
@@ -240,8 +304,8 @@ class Quantize(Pass):
 
         try:
             calibration_spec(model, am.context)
-        except OptcError as exc:
-            raise OptcError(
+        except MissingCalibrationData as exc:
+            raise MissingCalibrationData(
                 f"quantize{{activations={self.options.activations}}} needs calibration data for static activation "
                 f"scales (it never guesses ranges): {_after_colon(str(exc))}"
             ) from exc
@@ -305,7 +369,7 @@ def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache) 
         dq_out = _dequantized_constant(graph, site.value, site.axis, fmt, before=site.node)
         cache[key] = dq_out
     site.node.replace_input_with(site.index, dq_out)
-    return {
+    info = {
         "weights": fmt.name,
         "weight_scheme": "per-channel symmetric",
         "weight_axis": site.axis,
@@ -313,6 +377,9 @@ def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache) 
         "weight_source": source_name(site.value),
         "weight_path": site.path,
     }
+    if fmt.name == "int8" and fmt.qmax != 127:
+        info["weight_bits"] = int(fmt.qmax).bit_length() + 1
+    return info
 
 
 def _dequantized_constant(graph, value: Value, axis: int, fmt: _Format, *, before: Node) -> Value:

@@ -53,7 +53,7 @@ from typing import Literal
 
 import numpy as np
 
-from optc.errors import OptcError
+from optc.errors import MissingCalibrationData
 from optc.ir import (
     Model,
     Node,
@@ -168,9 +168,9 @@ class SmoothQuant(Pass):
 
         try:
             calibration_spec(model, am.context)
-        except OptcError as exc:
+        except MissingCalibrationData as exc:
             message = str(exc).split(": ", 1)[-1]
-            raise OptcError(f"smoothquant needs per-channel activation ranges from calibration data: {message}") from exc
+            raise MissingCalibrationData(f"smoothquant needs per-channel activation ranges from calibration data: {message}") from exc
         return am.get(ActivationStats, model)
 
 

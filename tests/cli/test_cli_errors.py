@@ -128,6 +128,9 @@ EDGE_CASES: dict[str, Case] = {
     "unknown-target": Case(_compile("--target", "tflite"), 2, ["tflite", "ort"]),
     "ill-typed-flag": Case(_compile("--calib-samples", "many"), 2, ["--calib-samples", "many"]),
     "no-calibration-samples": Case(_compile("--calib-samples", "0"), 2, ["--calib-samples"]),
+    "no-calibration-data": Case(
+        _compile("--passes=quantize{activations=int8}"), 1, ["needs calibration data", "--calib"],
+    ),
     "calibration-file-missing": Case(_compile("--calib", "text:corpus.txt"), 1, ["corpus.txt"]),
     "output-is-input-spelled-otherwise": Case(
         lambda d: [_model(d), "-o", str(d / "." / "model.onnx")], 1, ["overwrite the input"],

@@ -87,7 +87,10 @@ def test_text_needs_a_tokenizer(lm_without_tokenizer, tmp_path):
 
 
 def test_default_spec(lm, lm_without_tokenizer):
-    assert calibration_spec(lm, PassContext()) == "builtin"
+    # No data named: an error even when the model could tokenize the built-in text (ranges are never guessed).
+    with pytest.raises(OptcError, match="needs calibration data.*--calib builtin"):
+        calibration_spec(lm, PassContext())
+    assert calibration_spec(lm, PassContext(config={"calibration.spec": "builtin"})) == "builtin"
     assert calibration_spec(lm, PassContext(config={"calibration.spec": "random"})) == "random"
     with pytest.raises(OptcError, match="needs calibration data"):
         calibration_spec(lm_without_tokenizer, PassContext())

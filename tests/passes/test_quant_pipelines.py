@@ -29,8 +29,13 @@ def test_w8a8_on_a_llama_block():
     m = result.model
     assert result.statistics["groups-smoothed"] == 2
     info = {n.name: annotation(n, "quant") for n in m.graph if annotation(n, "quant")}
-    assert info["down_proj"]["activations"] == "int16"
-    assert {info[k]["activations"] for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")} == {"int8"}
+    # int16 exactly where calibration measured int8 below min-sqnr (the reason names the measured SQNR).
+    for entry in info.values():
+        reason = entry.get("precision_reason")
+        assert (entry["activations"] == "int16") == bool(reason), entry
+        if reason:
+            assert float(reason.split("SQNR ")[1].split(" dB")[0]) < 26.0
+    assert {info[k]["activations"] for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")} == {"int8"}
     assert {i["weights"] for i in info.values()} == {"int8"}
     assert "lm_head" not in info
     # Better than plain W8A8 on a block with strong outlier channels (measured: 24.3 vs 15.6 dB on these inputs;

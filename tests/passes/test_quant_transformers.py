@@ -148,8 +148,10 @@ def test_llama_w8a8_and_fp8_pipelines(llama_dir):
     assert len(quantized) == 14  # 7 linear layers x 2 layers; the tied lm_head is left alone
     lm_head = [n for n in m.graph if annotation(n, "quant_skipped")]
     assert len(lm_head) == 1
-    down = [n for n in m.graph if (annotation(n, "quant") or {}).get("weight_source", "").endswith("down_proj.weight")]
-    assert [annotation(n, "quant")["activations"] for n in down] == ["int16", "int16"]
+    for node in m.graph:  # int16 exactly where calibration measured int8 below min-sqnr
+        info = annotation(node, "quant") or {}
+        if "activations" in info:
+            assert (info["activations"] == "int16") == bool(info.get("precision_reason")), info
     sqnr = qm.sqnr_db(reference, _outputs(m, feeds))
     assert sqnr >= 28, sqnr  # measured 32.5 dB (plain quantize: 31.4; int8 embedding rows cost ~2 dB here)
 

@@ -199,6 +199,55 @@ def test_int16_for_chosen_activations():
     assert _sqnr_llama(proto, r16.model) >= _sqnr_llama(proto, rw.model) - 1.0
 
 
+def _expected_sqnrs(model, fmt="int8", calib="mse"):
+    """Per activation, the expected SQNR the histogram gives (what min-sqnr compares)."""
+    from optc.passes.analyses.activation_stats import default_values
+    from optc.passes.analyses.histograms import ActivationHistograms
+
+    hists = _am().get(ActivationHistograms, model, values=tuple(default_values(model)), bins=2048)
+    weighted = {n.inputs[0].name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None}
+    return {name: h.sqnr_db(h.threshold(calib, fmt=fmt), fmt) for name, h in hists.items() if name in weighted}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_min_sqnr_raises_the_precision_of_the_measured_worst_activation(fmt):
+    proto, model = _llama()
+    sqnrs = sorted(_expected_sqnrs(model, fmt).items(), key=lambda kv: kv[1])
+    (worst, worst_db), (_, next_db) = sqnrs[0], sqnrs[1]
+    # int8: the planted outliers make one activation clearly worst; FP8's relative grid
+    # costs every tensor about the same (~31.6 dB), outliers or not.
+    assert next_db > worst_db + (0.5 if fmt == "int8" else 0.01), sqnrs
+    limit = round((worst_db + next_db) / 2, 3)
+    spec = f"weights={fmt} activations={fmt} " if fmt == "fp8" else ""
+    originals = {n.name: n.inputs[0].name for n in model.graph if n.op_type == "MatMul"}
+    result = _run(model, f"quantize{{{spec}calib=mse min-sqnr={limit}}}")
+    promoted = [n for n in result.model.graph if (annotation(n, "quant") or {}).get("precision_reason")]
+    assert promoted, "nothing promoted"
+    for node in promoted:
+        info = annotation(node, "quant")
+        assert info["precision_reason"].startswith(f"{fmt} SQNR") and f"min-sqnr={limit:g}" in info["precision_reason"]
+        assert info["activations"] == ("int16" if fmt == "int8" else "float")
+    # Exactly the readers of the worst activation, and the plain run scores lower.
+    assert {originals[n.name] for n in promoted} == {worst}
+    assert result.statistics["sensitive-activations"] == 1
+    plain = _run(_llama()[1], f"quantize{{{spec}calib=mse}}")
+    assert _sqnr_llama(proto, result.model) > _sqnr_llama(proto, plain.model)
+
+
+def test_seven_bit_weights():
+    _, model = _llama()
+    result = _run(model, "quantize{weight-bits=7 embeddings=true}")
+    info = annotation(_node(result.model, "q_proj"), "quant")
+    assert info["weight_bits"] == 7
+    weights = [constant_array(n.inputs[0]) for n in _ops(result.model, "DequantizeLinear") if n.inputs[0].const_value is not None]
+    matmul_weights = [w for w in weights if w.dtype == np.int8 and w.ndim == 2]
+    assert matmul_weights and max(int(np.abs(w).max()) for w in matmul_weights) == 127  # the table keeps 8 bits
+    for node in _ops(result.model, "MatMul"):
+        producer = node.inputs[1].producer()
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            assert int(np.abs(constant_array(producer.inputs[0])).max()) <= 63
+
+
 def test_exclude_and_weight_only():
     _, model = _llama()
     result = _run(model, "quantize{exclude=lm_head,o_proj weight-only=mlp.}")
@@ -297,6 +346,8 @@ def test_option_validation():
         ("quantize{bins=100}", "power of two"),
         ("quantize{weights=int4}", "weights"),
         ("quantize{calib=kl}", "calib"),
+        ("quantize{weight-bits=9}", "weight-bits"),
+        ("quantize{weights=fp8 weight-bits=7}", "weight-bits"),
     ]:
         with pytest.raises(UsageError, match=message):
             parse_pipeline(text)

@@ -1,0 +1,126 @@
+"""`hessian`: XᵀX of every weighted op's activation input, streamed over calibration data.
+
+For each linear layer `Y = X·W` with a constant weight (MatMul, Gemm) the
+layer-wise reconstruction objective ‖XW − XŴ‖² that GPTQ minimizes has the
+Hessian H = 2·XᵀX / n over the n calibration tokens (rows of X flattened over
+batch and sequence). This analysis accumulates `xtx = Σ xᵀx` in fp32 with one
+calibration sample's activations in memory at a time, keyed by the name of the
+activation value (q/k/v share one entry), the token count and Σ|x| per
+channel (AWQ's mean |x|); `hessian()` gives GPTQ's H.
+
+Params (part of the cache key):
+
+* `values`: restrict to these activation names (per-layer use with bounded
+  memory; default every weighted op's input);
+* `device`: where to accumulate (default CUDA when available, else CPU).
+
+It depends on the activations, so a pass that rescales them (`smoothquant`,
+`awq`) or quantizes weights upstream invalidates it: a stale Hessian is never
+reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from optc.ir import Model, Node, is_constant
+from optc.passes.analyses.runner import ModelRunner, calibration_samples
+from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
+from optc.passes.infra.registry import register_analysis
+
+
+@dataclass
+class HessianStats:
+    """Σ xᵀx over the calibration tokens of one activation tensor (fp32 [K, K])."""
+
+    xtx: torch.Tensor
+    tokens: int = 0
+    #: Σ |x| per input channel (fp32 [K]), for AWQ's activation scales.
+    abs_sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the rows of `x` ([..., K]) to the sums."""
+        rows = x.reshape(-1, x.shape[-1]).to(device=self.xtx.device, dtype=torch.float32)
+        self.xtx.addmm_(rows.T, rows)
+        absolute = rows.abs().sum(dim=0)
+        self.abs_sum = absolute if self.abs_sum is None else self.abs_sum + absolute
+        self.tokens += int(rows.shape[0])
+
+    def mean_abs(self) -> torch.Tensor:
+        """mean |x| per input channel over the calibration tokens."""
+        if self.abs_sum is None:
+            return torch.zeros(self.xtx.shape[0], device=self.xtx.device)
+        return self.abs_sum / max(self.tokens, 1)
+
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's H = 2·XᵀX / n (zeros when no token was seen)."""
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+    @property
+    def channels(self) -> int:
+        return int(self.xtx.shape[0])
+
+
+def weighted_input(node: Node) -> str | None:
+    """The activation name of `node` when it is X·W (MatMul/Gemm) with a constant 2-D W, else None."""
+    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    x, w = node.inputs[0], node.inputs[1]
+    if x is None or w is None or is_constant(x) or not is_constant(w) or w.shape is None or len(w.shape) != 2:
+        return None
+    if node.op_type == "Gemm":
+        trans_a = node.attributes.get("transA")
+        if trans_a is not None and trans_a.as_int():
+            return None
+    return x.name
+
+
+def default_values(model: Model) -> list[str]:
+    """The activation inputs of weighted ops with constant weights, in graph order."""
+    names: list[str] = []
+    for node in model.graph:
+        name = weighted_input(node)
+        if name is not None and name not in names:
+            names.append(name)
+    return names
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@register_analysis("hessian")
+class Hessian(Analysis[dict[str, HessianStats]]):
+    """Σ XᵀX (fp32) and the token count of each weighted op's input over the calibration data."""
+
+    depends_on = frozenset({ACTIVATIONS})
+
+    def run(self, model: Model, am: AnalysisManager) -> dict[str, HessianStats]:
+        from tqdm import tqdm
+
+        values = list(self.params.get("values") or default_values(model))
+        device = torch.device(self.params.get("device") or default_device())
+        stats: dict[str, HessianStats] = {}
+        if not values:
+            return stats
+        from optc.passes.lowbit import torch_threads
+
+        with ModelRunner(model, values) as runner, torch_threads(device):
+            samples = calibration_samples(model, am.context)
+            for feed in tqdm(samples, desc="hessian", unit="sample", leave=False, disable=None):
+                for name, array in runner.run(feed, values).items():
+                    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+                    if x.ndim == 0:
+                        continue
+                    entry = stats.get(name)
+                    if entry is None:
+                        k = int(x.shape[-1])
+                        entry = stats[name] = HessianStats(torch.zeros(k, k, dtype=torch.float32, device=device))
+                    entry.update(x)
+        return stats
+
+
+__all__ = ["Hessian", "HessianStats", "default_values", "weighted_input"]

@@ -1,0 +1,390 @@
+"""Shared numerics and IR form of weight-only low-bit quantization (`rtn`, `gptq`, `awq`).
+
+Numerics (torch, vectorized; on CUDA when `torch.cuda.is_available()`): a
+weight is handled as `W [N, K]` (one row per output channel, K input channels,
+the layout of a PyTorch Linear), cut into groups of `group` consecutive input
+channels (the last one may be shorter; `group=-1` is one group per row:
+per-channel). Each group gets a scale (and a zero point when asymmetric) on
+the integer grid of `bits` bits:
+
+* symmetric: q ∈ [−2^(b−1), 2^(b−1)−1], w ≈ q·s, s = r·max|w| / (2^(b−1)−1);
+* asymmetric: q ∈ [0, 2^b−1], w ≈ (q − z)·s, s = r·(max − min) / (2^b−1),
+  z = round(−r·min / s).
+
+r = 1 is min-max; with `clip` the ratio r ∈ [CLIP_MIN, 1] that minimizes each
+group's squared weight error is searched on a grid (as GPTQ's `mse` observer
+and AWQ's clipping search do; r = 7/8 is symmetric's "largest magnitude on −8").
+
+IR form (what `rtn`/`gptq`/`awq` emit and the backends read): a MatMul weight
+`B [K, N]` becomes a packed integer initializer (INT4/UINT4 for ≤ 4 bits,
+INT8/UINT8 for 5–8 bits, same layout as B), a float scale (and an integer zero
+point when asymmetric) and a standard `DequantizeLinear` (opset 21) with
+`axis=0, block_size=group` (blocks along K), or `axis=1` per channel, whose
+output the MatMul reads. A Gemm with `transB=1` (B `[N, K]`) uses axis 1 /
+axis 0 instead. The op is annotated `quant` with `{"weights": "int4",
+"bits": 4, "group": 128, "symmetric": true, "method": ..., "activations":
+"float", ...}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from optc.ir import (
+    DataType,
+    Model,
+    Node,
+    Value,
+    add_initializer,
+    annotate,
+    annotation,
+    constant_array,
+    is_constant,
+    make_node,
+    node_label,
+    source_name,
+    unique_name,
+)
+from optc.passes.infra.options import option
+
+#: Smallest clipping ratio searched with `clip`, and how many ratios.
+CLIP_MIN = 0.6
+CLIP_STEPS = 16
+BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def torch_threads(device: torch.device) -> Iterator[None]:
+    """CPU torch work on one thread (`OPTC_TORCH_THREADS` to change): the per-layer ops are small, and
+    torch's OpenMP threads spin-wait, which on a shared 2-core machine made elementwise ops 8× slower
+    than one thread (measured under load); restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(os.environ.get("OPTC_TORCH_THREADS", "1"))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An integer grid: `bits` bits, symmetric (signed, zero point 0) or asymmetric (unsigned, zero point)."""
+
+    bits: int
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+
+    @property
+    def storage(self) -> str:
+        """The element type that stores it: int4/uint4 up to 4 bits, int8/uint8 above."""
+        return ("int" if self.symmetric else "uint") + ("4" if self.bits <= 4 else "8")
+
+    def numpy_dtype(self):
+        return {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "uint8": np.uint8}[self.storage]
+
+
+def group_size(group: int, k: int) -> int:
+    """Columns per group: `group`, or all K for per-channel (-1 or 0, or a group at least K)."""
+    return k if group <= 0 or group >= k else group
+
+
+def group_index(k: int, group: int, device: torch.device | None = None) -> torch.Tensor:
+    """The group of each input channel (0..ceil(K/g)-1)."""
+    return torch.arange(k, device=device) // group_size(group, k)
+
+
+def _grouped(w: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] padded to [N, G, g] (pad repeats the last column, so group extrema do not change) and a mask."""
+    n, k = w.shape
+    groups = -(-k // g)
+    pad = groups * g - k
+    mask = torch.ones(groups * g, dtype=torch.bool, device=w.device)
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+        mask[k:] = False
+    return w.reshape(n, groups, g), mask.reshape(groups, g)
+
+
+def _params(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering [lo, hi] (per group)."""
+    if grid.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = amax / grid.qmax
+        zero = torch.zeros_like(scale)
+    else:
+        lo = torch.minimum(lo, torch.zeros_like(lo))
+        hi = torch.maximum(hi, torch.zeros_like(hi))
+        scale = (hi - lo) / grid.qmax
+        zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(grid.qmin, grid.qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Integer codes of `w` (broadcast against scale/zero): clamp(round(w/s) + z)."""
+    return torch.clamp(torch.round(w / scale) + zero, grid.qmin, grid.qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+def find_params(w: torch.Tensor, group: int, grid: Grid, *, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero point [N, G] of W [N, K] (min-max, or the clip ratio with least squared error)."""
+    g = group_size(group, w.shape[1])
+    wg, mask = _grouped(w.float(), g)
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)
+    scale, zero = _params(lo, hi, grid)
+    if not clip:
+        return scale, zero
+    best = _group_error(wg, mask, scale, zero, grid)
+    for r in torch.linspace(1.0, CLIP_MIN, CLIP_STEPS + 1)[1:].tolist():
+        s, z = _params(lo * r, hi * r, grid)
+        err = _group_error(wg, mask, s, z, grid)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def _group_error(wg: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    diff = dequantize(quantize(wg, s, z, grid), s, z) - wg
+    return (diff.square() * mask).sum(dim=-1)
+
+
+def expand(params: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """Per-group [N, G] → per-column [N, K]."""
+    return params[:, group_index(k, group, params.device)]
+
+
+def rtn(w: torch.Tensor, group: int, grid: Grid, *, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest: integer codes [N, K], scale and zero point [N, G]."""
+    scale, zero = find_params(w, group, grid, clip=clip)
+    k = w.shape[1]
+    q = quantize(w.float(), expand(scale, k, group), expand(zero, k, group), grid)
+    return q, scale, zero
+
+
+def fake_quantize(w: torch.Tensor, group: int, grid: Grid, *, clip: bool = False) -> torch.Tensor:
+    """W after quantization and dequantization (float)."""
+    q, scale, zero = rtn(w, group, grid, clip=clip)
+    k = w.shape[1]
+    return dequantize(q, expand(scale, k, group), expand(zero, k, group))
+
+
+# --------------------------------------------------------------------------- weight sites in the IR
+
+
+@dataclass
+class LinearSite:
+    """A weighted op X·W with a constant 2-D weight: where the weight is and how it is laid out."""
+
+    node: Node
+    weight: Value  # the constant [K, N] (MatMul, Gemm) or [N, K] (Gemm transB=1)
+    transposed: bool  # True when the constant is [N, K]
+    activation: str  # the name of X
+
+    @property
+    def label(self) -> str:
+        return node_label(self.node)
+
+    def matrix(self, device: torch.device | None = None) -> torch.Tensor:
+        """The weight as W [N, K] in fp32."""
+        t = torch.from_numpy(np.array(constant_array(self.weight), dtype=np.float32, copy=True))
+        return (t if self.transposed else t.T).contiguous().to(device or "cpu")
+
+
+_FLOATS = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
+
+
+def linear_site(node: Node) -> LinearSite | None:
+    """The site of a MatMul/Gemm with a constant float 2-D weight and an activation input, else None."""
+    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    x, w = node.inputs[0], node.inputs[1]
+    if x is None or w is None or is_constant(x) or not is_constant(w):
+        return None
+    if w.shape is None or len(w.shape) != 2 or w.dtype not in _FLOATS:
+        return None
+    transposed = False
+    if node.op_type == "Gemm":
+        attrs = node.attributes
+        if (a := attrs.get("transA")) is not None and a.as_int():
+            return None
+        for key in ("alpha",):
+            if (v := attrs.get(key)) is not None and v.as_float() != 1.0:
+                return None
+        transposed = bool((b := attrs.get("transB")) is not None and b.as_int())
+    return LinearSite(node, w, transposed, x.name)
+
+
+def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[LinearSite], list[Node]]:
+    """Quantizable linear layers in graph order (not yet quantized), and the weighted ops `exclude` matched."""
+    sites, excluded = [], []
+    for node in model.graph:
+        site = linear_site(node)
+        if site is None:
+            continue
+        if exclude and matches(node, exclude):
+            excluded.append(node)
+            continue
+        sites.append(site)
+    return sites, excluded
+
+
+def matches(node: Node, patterns) -> bool:
+    """Whether a node, its outputs or its weight (also by source name) match a pattern (substring or glob)."""
+    names = [node_label(node), *(o.name for o in node.outputs if o.name)]
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is not None:
+        names += [w.name or "", source_name(w), *(annotation(w, "source_aliases") or [])]
+    for p in patterns:
+        glob = any(ch in p for ch in "*?[")
+        if any(n and (fnmatch.fnmatchcase(n, p) if glob else p in n) for n in names):
+            return True
+    return False
+
+
+def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
+    reason = "excluded (exclude=" + ",".join(exclude) + ")"
+    changed = 0
+    for node in nodes:
+        if annotation(node, "quant_skipped") != reason and annotation(node, "quant") is None:
+            annotate(node, "quant_skipped", reason)
+            changed += 1
+    return changed
+
+
+def set_weight(site: LinearSite, w: torch.Tensor) -> None:
+    """Replace a float weight's contents with W [N, K] (in its own layout and dtype)."""
+    from optc.ir import tensor
+
+    array = constant_array(site.weight)
+    new = w.detach().to("cpu", torch.float32).numpy()
+    new = (new if site.transposed else new.T).astype(array.dtype)
+    site.weight.const_value = tensor(np.ascontiguousarray(new), name=site.weight.name)
+
+
+def emit(
+    model: Model, site: LinearSite, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    grid: Grid, group: int, info: dict,
+) -> dict:
+    """Store codes q [N, K] with scale/zero [N, G] as integer initializer + DequantizeLinear feeding the op."""
+    graph = model.graph
+    node, weight = site.node, site.weight
+    n, k = q.shape
+    g = group_size(group, k)
+    per_channel = g >= k
+    float_np = np.float16 if weight.dtype == DataType.FLOAT16 else np.float32
+    codes = q.to("cpu", torch.int32).numpy()
+    s = scale.to("cpu", torch.float32).numpy().astype(float_np)
+    z = zero.to("cpu", torch.int32).numpy()
+    if per_channel:
+        s, z = s[:, 0], z[:, 0]
+    elif not site.transposed:
+        s, z = s.T, z.T  # [G, N] for blocks along axis 0 of B [K, N]
+    data = codes if site.transposed else codes.T
+    dtype = grid.numpy_dtype()
+    base = weight.name or "weight"
+    q_value = add_initializer(graph, unique_name(graph, f"{base}_q{grid.bits}"), np.ascontiguousarray(data).astype(dtype))
+    for key, v in weight.metadata_props.items():
+        q_value.metadata_props[key] = v
+    inputs = [q_value, add_initializer(graph, unique_name(graph, f"{base}_scale"), np.ascontiguousarray(s))]
+    if not grid.symmetric:
+        inputs.append(add_initializer(graph, unique_name(graph, f"{base}_zero_point"), np.ascontiguousarray(z).astype(dtype)))
+    k_axis = 1 if site.transposed else 0
+    attributes: dict = {"axis": 1 - k_axis if per_channel else k_axis}
+    if not per_channel:
+        attributes["block_size"] = g
+    dq = make_node("DequantizeLinear", inputs, attributes=attributes,
+                   name=unique_name(graph, f"{base}_DequantizeLinear"), output_names=[unique_name(graph, f"{base}_dequantized")])
+    annotate(dq, "provenance", info.get("method", "lowbit"))
+    dq.outputs[0].dtype = weight.dtype
+    dq.outputs[0].shape = weight.shape
+    graph.insert_before(node, [dq])
+    node.replace_input_with(1, dq.outputs[0])
+    if not weight.uses() and not weight.is_graph_output() and weight.name in graph.initializers:
+        graph.initializers.pop(weight.name)
+    full = {
+        "op": node.op_type,
+        "weights": grid.storage if grid.bits in (4, 8) else f"{grid.storage}({grid.bits}-bit)",
+        "bits": grid.bits,
+        "group": -1 if per_channel else g,
+        "symmetric": grid.symmetric,
+        "weight_scheme": ("per-channel" if per_channel else f"group {g}") + (" symmetric" if grid.symmetric else " asymmetric"),
+        "weight_axis": attributes["axis"],
+        "weight": q_value.name,
+        "weight_source": source_name(weight),
+        "activations": "float",
+        **info,
+    }
+    annotate(node, "quant", full)
+    _ensure_opset(model)
+    return full
+
+
+def _ensure_opset(model: Model) -> None:
+    """Blocked DequantizeLinear and INT4 need opset 21 of the default domain."""
+    if model.opset_imports.get("", 0) < 21:
+        model.opset_imports[""] = 21
+
+
+__all__ = [
+    "Grid", "LinearSite", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
+    "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
+    "set_weight",
+]
+
+
+# --------------------------------------------------------------------------- options shared by the passes
+
+
+@dataclass
+class LowBitOptions:
+    """Options every weight-only low-bit pass takes."""
+
+    bits: int = option(4, help="bits per weight: 2-8 (stored as int4/uint4 up to 4 bits, int8/uint8 above)")
+    group: int = option(128, help="input channels per scale (blocks along K); -1 for one scale per output channel")
+    symmetric: bool = option(True, help="symmetric (signed, no zero point; what TensorRT takes); false: uint + zero point")
+    clip: bool = option(True, help="search each group's clipping ratio for the least squared weight error (else min-max)")
+    exclude: list[str] = option(
+        ["lm_head"], help="ops left in float (node, output, weight or source names; substring or glob)"
+    )
+
+    def validate(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"option 'bits' must be 2 to 8, got {self.bits}")
+        if self.group not in (-1, 0) and (self.group < 2 or self.group & (self.group - 1)):
+            raise ValueError(f"option 'group' must be a power of two of at least 2, or -1 (per channel), got {self.group}")
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.symmetric)

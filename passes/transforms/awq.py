@@ -1,0 +1,201 @@
+"""`awq`: activation-aware weight quantization (Lin et al., AWQ).
+
+Input channels that carry large activations matter most to a layer's output,
+so AWQ scales them up in the weight before rounding (their relative rounding
+error shrinks) and folds the inverse scale into whatever produces the
+activation, which keeps the float function unchanged:
+
+    X·W = (X·diag(1/s))·(diag(s)·W),   s_j = mean|X_j|^α, normalized by √(max s · min s)
+
+For each *group* of linear layers reading one tensor X (q/k/v after a norm,
+gate/up after a norm, down after up; found by the same graph patterns as
+`smoothquant`, whose matching and folding helpers this pass uses) α is
+searched on a grid in [0, 1) for the least output error of the whole group on
+the calibration data,
+
+    Σ_layers ‖X·W − (X·diag(1/s))·Q(diag(s)·W)‖²  =  Σ_layers tr(ΔWᵀ · XᵀX · ΔW),
+
+computed exactly from XᵀX (the `hessian` analysis, streamed) and mean|X| per
+channel, so no activations are stored. α = 0 (s = 1, plain RTN) is on the
+grid: the search never does worse than RTN on the calibration objective (the
+search rounds min-max; with `clip` the chosen s is checked once more against
+s = 1 under the clipped rounding that is finally used). The
+scales are then applied: 1/s into the producer (norm weight and bias, the
+`up` projection's columns, or an explicit `Mul` for a post-LN norm output
+that the residual also reads), s into the consumers' weight rows.
+
+With `quantize=true` (default) every linear layer is then quantized by RTN
+(with the per-group clipping search of `clip`) into the IR form of
+`optc.passes.lowbit`; with `quantize=false` the weights stay float (rescaled)
+so another quantizer can follow: `awq{quantize=false},gptq`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from optc.errors import OptcError
+from optc.ir import Model, annotate
+from optc.passes.analyses.hessian import Hessian
+from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
+from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+from optc.passes.lowbit import (
+    Grid,
+    LowBitOptions,
+    default_device,
+    emit,
+    fake_quantize,
+    linear_site,
+    linear_sites,
+    mark_excluded,
+    rtn,
+    torch_threads,
+)
+from optc.passes.transforms.smoothquant import (
+    S_MAX,
+    S_MIN,
+    _insert_mul,
+    _scale_sites,
+    _Site,
+    find_groups,
+)
+
+
+def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = mean|x|^α normalized by √(max·min), 1 for channels that never fired, clamped like smoothquant."""
+    live = mean_abs > 0
+    s = torch.ones_like(mean_abs)
+    if alpha == 0 or not live.any():
+        return s
+    s[live] = mean_abs[live].clamp(min=1e-8) ** alpha
+    s = s / torch.sqrt(s[live].max() * s[live].min())
+    s[~live] = 1.0
+    return s.clamp(S_MIN, S_MAX)
+
+
+def group_error(
+    weights: list[torch.Tensor], xtx: torch.Tensor, s: torch.Tensor, group: int, grid: Grid, *, clip: bool = False,
+) -> float:
+    """Σ tr(ΔWᵀ XᵀX ΔW) over the layers (W [N, K]) for scales s: the group's squared output error."""
+    total = 0.0
+    for w in weights:
+        delta = fake_quantize(w * s, group, grid, clip=clip) / s - w
+        total += float(((delta @ xtx) * delta).sum())
+    return total
+
+
+def search_alpha(
+    weights: list[torch.Tensor], xtx: torch.Tensor, mean_abs: torch.Tensor, group: int, grid: Grid, steps: int,
+) -> tuple[float, torch.Tensor, float, float]:
+    """The α on [0, 1) with the least group output error: (α, s, its error, the error at α = 0)."""
+    best = (0.0, torch.ones_like(mean_abs), float("inf"))
+    base = float("nan")
+    for i in range(steps):
+        alpha = i / steps
+        s = awq_scales(mean_abs, alpha)
+        err = group_error(weights, xtx, s, group, grid)
+        if i == 0:
+            base = err
+        if err < best[2]:
+            best = (alpha, s, err)
+    return best[0], best[1], best[2], base
+
+
+@register_pass("awq")
+class Awq(Pass):
+    """Activation-aware scaling (s = mean|x|^alpha, alpha searched on the group output error), then RTN."""
+
+    @dataclass
+    class Options(LowBitOptions):
+        grid_steps: int = option(20, help="alphas searched: 0, 1/n, ..., (n-1)/n")
+        quantize: bool = option(True, help="quantize (RTN) after scaling; false: keep rescaled float weights for gptq")
+        insert_mul: bool = option(
+            True, help="scale a norm output that also feeds the residual (post-LN BERT) with an explicit Mul"
+        )
+
+        def validate(self) -> None:
+            super().validate()
+            if self.grid_steps < 1:
+                raise ValueError(f"option 'grid-steps' must be positive, got {self.grid_steps}")
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        with torch_threads(default_device()):
+            return self._run(model, am)
+
+    def _run(self, model: Model, am: AnalysisManager) -> PassResult:
+        opts = self.options
+        grid = opts.grid
+        groups = find_groups(model, "all", opts.exclude, insert_mul=opts.insert_mul)
+        device = default_device()
+        scaled = inserted = copies = 0
+        alphas: list[float] = []
+        if groups:
+            hessians = self._hessians(model, am, [g.value.name for g in groups])
+            for group in tqdm(groups, desc="awq", unit="group", leave=False, disable=None):
+                stats = hessians.get(group.value.name)
+                if stats is None or stats.tokens == 0:
+                    raise OptcError(f"awq: no calibration data reached {group.value.name!r}")
+                sites = [linear_site(node) for node, _ in group.consumers]
+                weights = [site.matrix(device) for site in sites]
+                xtx = stats.xtx.to(device)
+                alpha, s, err, base = search_alpha(weights, xtx, stats.mean_abs().to(device), opts.group, grid,
+                                                   opts.grid_steps)
+                if opts.clip and opts.quantize and alpha != 0.0:
+                    # The search rounds min-max (fast); the final rounding clips: keep s only if it still wins.
+                    err = group_error(weights, xtx, s, opts.group, grid, clip=True)
+                    base = group_error(weights, xtx, torch.ones_like(s), opts.group, grid, clip=True)
+                    if base <= err:
+                        alpha, s, err = 0.0, torch.ones_like(s), base
+                alphas.append(alpha)
+                info = {"alpha": alpha, "producer": group.producer, "input": group.value.name,
+                        "error": err, "error_rtn": base}
+                for node, _ in group.consumers:
+                    annotate(node, "awq", info)
+                if alpha == 0.0:
+                    continue
+                factor = s.to("cpu", torch.float64).numpy()
+                if group.producer == "mul":
+                    _insert_mul(model.graph, group, 1.0 / factor)
+                    inserted += 1
+                else:
+                    copies += _scale_sites(model.graph, group.folds, 1.0 / factor, group.channels)
+                copies += _scale_sites(model.graph, [_Site(n, 1, a) for n, a in group.consumers], factor, group.channels)
+                scaled += 1
+        stats_out: dict[str, int | float] = {
+            "groups": len(groups), "groups-scaled": scaled, "muls-inserted": inserted, "constants-copied": copies,
+            "mean-alpha": float(np.mean(alphas)) if alphas else 0.0,
+        }
+        if not opts.quantize:
+            if not scaled:
+                return PassResult(model, False, None, stats_out)
+            preserved = PreservedAnalyses()
+            if not copies and not inserted:
+                preserved.preserve_aspects(STRUCTURE)
+            return PassResult(model, True, preserved, stats_out)
+        sites, excluded = linear_sites(model, opts.exclude)
+        mark_excluded(excluded, opts.exclude)
+        for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):
+            q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
+            emit(model, site, q, scale, zero, grid, opts.group, {"method": "awq", "clip": opts.clip})
+        stats_out["quantized-ops"] = len(sites)
+        stats_out["excluded-ops"] = len(excluded)
+        return PassResult(model, bool(sites) or scaled > 0, None, stats_out)
+
+    def _hessians(self, model: Model, am: AnalysisManager, names: list[str]):
+        from optc.passes.analyses.runner import calibration_spec
+
+        try:
+            calibration_spec(model, am.context)
+        except OptcError as exc:
+            message = str(exc).split(": ", 1)[-1]
+            raise OptcError(f"awq needs per-channel activation statistics from calibration data: {message}") from exc
+        return am.get(Hessian, model, values=tuple(dict.fromkeys(names)))
+
+
+__all__ = ["Awq", "awq_scales", "group_error", "search_alpha"]

@@ -1,0 +1,292 @@
+"""`lower-ort-nbits`: run weight-only low-bit MatMuls as onnxruntime's `com.microsoft::MatMulNBits`.
+
+Input: the IR form of `rtn`/`gptq`/`awq` (`optc.passes.lowbit`): an INT4/UINT4
+(2–4 bits) or INT8/UINT8 (5–8 bits) weight `B [K, N]`, a blocked
+`DequantizeLinear(axis=0, block_size=g)` (or per channel, `axis=1`) and a
+MatMul. onnxruntime never folds a DequantizeLinear, so as written the weight
+is dequantized on every run; `MatMulNBits` reads the packed weight directly.
+
+The rewrite is exact: MatMulNBits stores unsigned codes per column in blocks
+of `block_size` along K, two 4-bit codes per byte (low nibble first), with
+one scale per block and a zero point that defaults to 2^(bits−1). So signed
+codes q become q + 2^(bits−1) with no zero point input (the same dequantized
+values (u − 2^(bits−1))·s = q·s), unsigned codes keep their own zero point
+(packed like the weight). A per-channel scale is repeated into blocks of
+`per-channel-block`. Blocks must be a power of two of at least 16; anything
+else (and Gemm) is left as written.
+
+5-8-bit weights are left to `lower-ort-int8` unless `bits8=true` (MatMulNBits with
+8 bits ran 1.35x the fp32 latency on SmolLM2; folding to float at load runs at fp32 speed).
+
+`accuracy-level` is MatMulNBits' compute type: 0 (default, =fp32) computes
+with float activations, the numerics of the IR; 4 quantizes activations to
+int8 per block on the fly (other numerics). Which is faster on this CPU is
+measured by tools/bench_w4.py. `form=dequantize-at-load` instead turns the
+DequantizeLinear into Cast → (Sub) → Mul on the block-shaped weight, which
+onnxruntime constant-folds into a float weight when the session loads (fp32
+speed, small file), `form=keep` leaves the model as is. What was done is
+recorded in the model metadata; the backend's own run (`form=auto`) then
+keeps an explicit choice such as `--passes 'gptq,lower-ort-nbits{accuracy-level=4}'`.
+
+The MatMul's annotations (`quant`, …) move to the new node, which keeps the
+MatMul's output name; each is also annotated `ort_lowering`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from optc.ir import (
+    DataType,
+    Model,
+    Node,
+    Value,
+    add_initializer,
+    annotate,
+    constant_array,
+    is_constant,
+    make_node,
+    model_metadata,
+    set_model_metadata,
+    unique_name,
+)
+from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
+from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+
+_LOWBIT = (DataType.INT4, DataType.UINT4, DataType.INT8, DataType.UINT8)
+_SIGNED = (DataType.INT4, DataType.INT8)
+#: Model metadata key recording that (and how) the model was lowered: a later `form=auto` run keeps it.
+METADATA = "ort_nbits_lowering"
+
+
+@register_pass("lower-ort-nbits")
+class LowerOrtNbits(Pass):
+    """Rewrite blocked low-bit DequantizeLinear -> MatMul into com.microsoft MatMulNBits (packed, exact)."""
+
+    @dataclass
+    class Options:
+        form: Literal["auto", "nbits", "dequantize-at-load", "keep"] = option(
+            "auto",
+            help="nbits: MatMulNBits; dequantize-at-load: Cast->Mul folded at session load; keep: as written; "
+            "auto: nbits unless the model was lowered (or kept) by an earlier run",
+        )
+        accuracy_level: int = option(0, help="MatMulNBits compute type: 0 float activations (exact), 4 int8 activations")
+        per_channel_block: int = option(128, help="block size that repeats a per-channel scale (MatMulNBits has blocks only)")
+        bits8: bool = option(
+            False,
+            help="also lower 5-8-bit (int8/uint8) weights to MatMulNBits(bits=8); off by default: on SmolLM2 it ran "
+            "1.35x fp32, while lower-ort-int8 folds such weights to float at load (fp32 speed)",
+        )
+
+        def validate(self) -> None:
+            if self.accuracy_level not in (0, 1, 2, 3, 4):
+                raise ValueError(f"option 'accuracy-level' must be 0-4, got {self.accuracy_level}")
+            b = self.per_channel_block
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"option 'per-channel-block' must be a power of two of at least 16, got {b}")
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        form = self.options.form
+        earlier = model_metadata(model, METADATA)
+        if form == "auto":
+            form = "keep" if earlier else "nbits"
+        if form == "keep":
+            if earlier or not any(_plan(n) for n in model.graph):
+                return PassResult(model, False)
+            set_model_metadata(model, METADATA, {"form": "keep"})
+            return PassResult(model, True, PreservedAnalyses.all())
+        graph = model.graph
+        lowered = 0
+        dead: list[Node] = []
+        for node in list(graph):
+            plan = _plan(node)
+            if plan is None:
+                continue
+            dq, weight, bits = plan
+            if bits == 8 and not self.options.bits8 and form == "nbits":
+                continue
+            if form == "nbits":
+                done = self._nbits(model, node, dq, weight, bits)
+            else:
+                done = _dequantize_at_load(model, node, dq)
+            if done:
+                lowered += 1
+                dead.append(dq)
+        if not lowered:
+            return PassResult(model, False, None, {"lowered": 0})
+        for dq in dead:
+            if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
+                graph.remove(dq, safe=True)
+        _drop_unused(graph)
+        if form == "nbits" and model.opset_imports.get("com.microsoft") is None:
+            model.opset_imports["com.microsoft"] = 1
+        set_model_metadata(model, METADATA, {"form": form, "accuracy_level": self.options.accuracy_level, "lowered": lowered})
+        return PassResult(model, True, None, {"lowered": lowered})
+
+    def _nbits(self, model: Model, node: Node, dq: Node, weight: Value, bits: int) -> bool:
+        graph = model.graph
+        codes = constant_array(weight).astype(np.int32)  # [K, N]
+        k, n = codes.shape
+        scale = constant_array(dq.inputs[1])
+        zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+        zp = constant_array(zp_value).astype(np.int32) if zp_value is not None else None
+        block_attr = dq.attributes.get("block_size")
+        block = block_attr.as_int() if block_attr is not None else 0
+        if block == 0:  # per channel along N: repeat into blocks
+            block = self.options.per_channel_block
+            blocks = -(-k // block)
+            scale = np.broadcast_to(scale.reshape(1, n), (blocks, n))
+            if zp is not None:
+                zp = np.broadcast_to(zp.reshape(1, n), (blocks, n))
+        blocks = -(-k // block)
+        nbits = 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8
+        offset = 1 << (nbits - 1)
+        signed = weight.dtype in _SIGNED
+        u = codes + offset if signed else codes
+        if signed:
+            zp = None  # the default zero point 2^(bits-1) undoes the offset
+        elif zp is None:
+            zp = np.zeros((blocks, n), dtype=np.int32)
+        pad_value = offset if zp is None else 0
+        padded = np.full((blocks * block, n), pad_value, dtype=np.uint8)
+        padded[:k] = u.astype(np.uint8)
+        per_col = padded.T.reshape(n, blocks, block)
+        packed = _pack(per_col, nbits)
+        inputs = [
+            node.inputs[0],
+            add_initializer(graph, unique_name(graph, f"{weight.name}_nbits"), np.ascontiguousarray(packed)),
+            add_initializer(graph, unique_name(graph, f"{dq.inputs[1].name}_nbits"),
+                            np.ascontiguousarray(np.asarray(scale).T).reshape(-1)),
+        ]
+        if zp is not None:
+            zp_cols = np.ascontiguousarray(np.asarray(zp).T).astype(np.uint8)  # [N, blocks]
+            if nbits == 4:
+                if blocks % 2:
+                    zp_cols = np.concatenate([zp_cols, np.zeros((n, 1), np.uint8)], axis=1)
+                zp_cols = (zp_cols[:, 0::2] | (zp_cols[:, 1::2] << 4)).astype(np.uint8)
+            inputs.append(add_initializer(graph, unique_name(graph, f"{weight.name}_nbits_zero_point"), zp_cols.reshape(-1)))
+        attrs = {"K": k, "N": n, "bits": nbits, "block_size": block, "accuracy_level": self.options.accuracy_level}
+        new = make_node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft",
+                        name=unique_name(graph, f"{node.name or 'MatMul'}_nbits"))
+        _swap(graph, node, new)
+        annotate(new, "ort_lowering", {"runs_as": "com.microsoft.MatMulNBits", "bits": nbits, "block_size": block,
+                                       "accuracy_level": self.options.accuracy_level})
+        return True
+
+
+def _plan(node: Node) -> tuple[Node, Value, int] | None:
+    """(DequantizeLinear, its integer weight, storage bits) when `node` is MatMul(x, DQ(low-bit B [K, N]))."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    b = node.inputs[1]
+    dq = b.producer() if b is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+        return None
+    weight = dq.inputs[0]
+    if not is_constant(weight) or weight.dtype not in _LOWBIT or weight.shape is None or len(weight.shape) != 2:
+        return None
+    if is_constant(node.inputs[0]) or not all(is_constant(v) for v in dq.inputs[1:] if v is not None):
+        return None
+    x_producer = node.inputs[0].producer()
+    if x_producer is not None and x_producer.op_type == "DequantizeLinear":
+        return None  # quantized activations (W8A8, int16): lower-ort-int8's integer kernels, not weight-only
+    scale = dq.inputs[1]
+    if scale.dtype != DataType.FLOAT:
+        return None
+    axis_attr = dq.attributes.get("axis")
+    axis = axis_attr.as_int() % 2 if axis_attr is not None else 1
+    block_attr = dq.attributes.get("block_size")
+    block = block_attr.as_int() if block_attr is not None else 0
+    if block:
+        if axis != 0 or block < 16 or block & (block - 1):
+            return None
+    elif axis != 1 or scale.shape is None or len(scale.shape) != 1:
+        return None
+    bits = 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8
+    return dq, weight, bits
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes along the last axis: 4-bit two per byte, low nibble first; 8-bit as is."""
+    if bits == 8:
+        return values.astype(np.uint8)
+    low, high = values[..., 0::2], values[..., 1::2]
+    return (low | (high << 4)).astype(np.uint8)
+
+
+def _swap(graph, old: Node, new: Node) -> None:
+    """Put `new` in `old`'s place: same output name and type, annotations moved."""
+    out_old, out_new = old.outputs[0], new.outputs[0]
+    name = out_old.name
+    out_old.name = unique_name(graph, f"{name}_replaced")
+    out_new.name = name
+    if out_old.dtype is not None:  # a shape serializes only with a dtype
+        out_new.dtype = out_old.dtype
+        out_new.shape = out_old.shape
+    for key, value in old.metadata_props.items():
+        new.metadata_props[key] = value
+    graph.insert_before(old, [new])
+    out_old.replace_all_uses_with(out_new, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+
+
+def _dequantize_at_load(model: Model, node: Node, dq: Node) -> bool:
+    """DequantizeLinear → Cast, Reshape to [G, g, N], (Sub zero point), Mul, Reshape back: constants onnxruntime folds."""
+    graph = model.graph
+    weight = dq.inputs[0]
+    k, n = weight.shape
+    scale = constant_array(dq.inputs[1]).astype(np.float32)
+    zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+    block_attr = dq.attributes.get("block_size")
+    block = block_attr.as_int() if block_attr is not None else 0
+    if block and k % block:
+        return False  # the view [K/g, g, N] needs whole blocks
+    base = weight.name
+    shape3 = [k // block, block, n] if block else [k, n]
+    nodes: list[Node] = []
+
+    def const(label: str, array: np.ndarray) -> Value:
+        return add_initializer(graph, unique_name(graph, f"{base}_{label}"), array)
+
+    cast = make_node("Cast", [weight], attributes={"to": int(DataType.FLOAT)}, name=unique_name(graph, f"{base}_Cast"),
+                     output_names=[unique_name(graph, f"{base}_cast")])
+    nodes.append(cast)
+    x = cast.outputs[0]
+    if block:  # onnxruntime reshapes no 4-bit tensor: cast first
+        reshape = make_node("Reshape", [x, const("block_shape", np.array(shape3, np.int64))],
+                            name=unique_name(graph, f"{base}_Reshape"), output_names=[unique_name(graph, f"{base}_blocks")])
+        nodes.append(reshape)
+        x = reshape.outputs[0]
+    view = (lambda a: a.reshape(k // block, 1, n)) if block else (lambda a: a.reshape(1, n))
+    if zp_value is not None:
+        sub = make_node("Sub", [x, const("zp_float", view(constant_array(zp_value).astype(np.float32)))],
+                        name=unique_name(graph, f"{base}_Sub"), output_names=[unique_name(graph, f"{base}_centered")])
+        nodes.append(sub)
+        x = sub.outputs[0]
+    mul = make_node("Mul", [x, const("scale_view", view(scale))], name=unique_name(graph, f"{base}_Mul"),
+                    output_names=[unique_name(graph, f"{base}_scaled")])
+    nodes.append(mul)
+    x = mul.outputs[0]
+    if block:
+        back = make_node("Reshape", [x, const("shape", np.array([k, n], np.int64))],
+                         name=unique_name(graph, f"{base}_Reshape_back"), output_names=[unique_name(graph, f"{base}_float")])
+        nodes.append(back)
+        x = back.outputs[0]
+    x.dtype = DataType.FLOAT
+    graph.insert_before(dq, nodes)
+    dq.outputs[0].replace_all_uses_with(x)
+    annotate(node, "ort_lowering", {"weights": "dequantized at load (Cast -> Mul, folded by onnxruntime)"})
+    return True
+
+
+def _drop_unused(graph) -> None:
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]:
+        graph.initializers.pop(name)
+
+
+__all__ = ["LowerOrtNbits"]

@@ -1,0 +1,224 @@
+"""`prune-ffn`: remove FFN intermediate channels (gate/up rows and down columns together).
+
+An FFN is found by graph pattern: a linear layer `down` whose input is made,
+through channel-wise ops only (activations, the gating `Mul`, bias `Add`,
+scalar or per-channel constants), from the outputs of one or more linear
+layers of width F (`gate` and `up` of a gated MLP; `fc1` of BERT's MLP), with
+nothing else reading the values in between. Channel j of every producer
+(its output row and bias), of per-channel constants on the way, and input row
+j of `down` go together, so the function computed on the kept channels is
+unchanged.
+
+Importance of channel j, from the `hessian` analysis of `down`'s input (the
+diagonal is Σ x_j² over the calibration tokens): `activation` (default) is
+‖x_j‖₂ (ModelOpt's Minitron score), `contribution` is ‖x_j‖₂·‖W_down[j, :]‖₂.
+Each FFN loses round(ratio·F) channels, rounded down to a multiple of
+`multiple` kept (so kernels stay aligned). The HF config's
+`intermediate_size` is updated (when every layer ends up equal) and the model
+metadata `layer_ffn` lists each FFN's width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from optc.errors import OptcError
+from optc.ir import (
+    Model,
+    Node,
+    Shape,
+    Value,
+    annotate,
+    constant_array,
+    is_constant,
+    model_metadata,
+    set_model_metadata,
+)
+from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+from optc.passes.transforms._attention import _linear_of
+from optc.passes.transforms._structure import (
+    Linear,
+    calibration_hessians,
+    drop_unused_initializers,
+    linear,
+    set_constant,
+)
+
+_CHANNELWISE = frozenset({
+    "Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Relu", "Gelu", "Erf", "Pow", "Sqrt", "Exp", "Neg", "Cast",
+    "Identity", "Softplus", "LeakyRelu", "HardSigmoid", "HardSwish", "Elu", "Selu", "Clip", "Max", "Min",
+})
+
+
+@dataclass
+class FFNBlock:
+    """A feed-forward block: its producers of width F, the channel-wise nodes between, and `down`."""
+
+    down: Linear
+    producers: list[tuple[Linear, Node | None]]  # (linear, bias Add)
+    nodes: list[Node] = field(default_factory=list)
+    values: list[Value] = field(default_factory=list)
+    width: int = 0
+
+
+def find_ffn(model: Model) -> list[FFNBlock]:
+    """Every FFN block of the graph (see the module docstring), in graph order of `down`."""
+    blocks = []
+    for node in model.graph:
+        down = linear(node)
+        if down is None:
+            continue
+        block = _ffn_for(down)
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _ffn_for(down: Linear) -> FFNBlock | None:
+    f = down.in_features
+    block = FFNBlock(down, [], width=f)
+    stack, seen = [down.activation], set()
+    producers: dict[int, tuple[Linear, Node | None]] = {}
+    inside: set[int] = {id(down.node)}
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value.is_graph_input() or value.is_graph_output():
+            return None
+        hit = _linear_of(value)
+        if hit is not None:
+            site, bias = hit
+            if site.out_features != f:
+                return None
+            producers[id(site.node)] = (site, bias)
+            block.values.append(value)
+            if bias is not None:
+                block.values.append(site.node.outputs[0])
+                inside.add(id(bias))
+            inside.add(id(site.node))
+            continue
+        node = value.producer()
+        if node is None or node.op_type not in _CHANNELWISE or node.domain not in ("", "ai.onnx"):
+            return None
+        block.nodes.append(node)
+        block.values.append(value)
+        inside.add(id(node))
+        for v in node.inputs:
+            if v is None:
+                continue
+            if is_constant(v):
+                if not _channel_constant(v, f):
+                    return None
+                continue
+            stack.append(v)
+    if not producers:
+        return None
+    # Nothing outside the block may read a value inside it.
+    for value in block.values:
+        if any(id(use.node) not in inside for use in value.uses()):
+            return None
+        if value.shape is not None and len(value.shape) and value.shape[-1] not in (f, None) and not isinstance(value.shape[-1], str):
+            return None
+    block.producers = list(producers.values())
+    return block
+
+
+def _channel_constant(value: Value, f: int) -> bool:
+    shape = list(value.shape) if value.shape is not None else None
+    if shape is None:
+        return False
+    return not shape or all(d == 1 for d in shape[:-1]) and shape[-1] in (1, f)
+
+
+@register_pass("prune-ffn")
+class PruneFFN(Pass):
+    """Remove the least important FFN intermediate channels (gate/up rows and down columns together)."""
+
+    @dataclass
+    class Options:
+        ratio: float = option(0.25, help="fraction of intermediate channels to remove in each FFN")
+        importance: Literal["activation", "contribution"] = option(
+            "activation", help="rank channels by ||x_j|| at down's input, or by ||x_j||*||W_down[j]||"
+        )
+        multiple: int = option(1, help="keep a multiple of this many channels")
+
+        def validate(self) -> None:
+            if not 0.0 <= self.ratio < 1.0:
+                raise ValueError(f"option 'ratio' must be in [0, 1), got {self.ratio}")
+            if self.multiple < 1:
+                raise ValueError(f"option 'multiple' must be at least 1, got {self.multiple}")
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        blocks = find_ffn(model)
+        if not blocks:
+            return PassResult(model, False, None, {"ffn-pruned": 0, "channels-removed": 0})
+        hessians = calibration_hessians(model, am, "prune-ffn", [b.down.activation.name for b in blocks])
+        graph = model.graph
+        removed = pruned = 0
+        widths = []
+        for block in blocks:
+            stats = hessians.get(block.down.activation.name)
+            if stats is None:
+                raise OptcError(f"prune-ffn: no calibration statistics for {block.down.activation.name}")
+            scores = np.sqrt(np.clip(np.diagonal(stats.xtx.double().cpu().numpy()), 0, None))
+            if self.options.importance == "contribution":
+                scores = scores * np.linalg.norm(block.down.nk().astype(np.float64), axis=0)
+            f = block.width
+            keep_count = f - int(round(self.options.ratio * f))
+            keep_count = max(self.options.multiple, keep_count - keep_count % self.options.multiple)
+            if keep_count >= f:
+                widths.append(f)
+                continue
+            keep = np.sort(np.argsort(-scores, kind="stable")[:keep_count])
+            _rewrite(graph, block, keep)
+            removed += f - keep_count
+            pruned += 1
+            widths.append(int(keep_count))
+        if not pruned:
+            return PassResult(model, False, None, {"ffn-pruned": 0, "channels-removed": 0})
+        drop_unused_initializers(graph)
+        set_model_metadata(model, "layer_ffn", widths)
+        config = model_metadata(model, "hf_config")
+        if isinstance(config, dict) and len(set(widths)) == 1 and "intermediate_size" in config:
+            config["intermediate_size"] = widths[0]
+            set_model_metadata(model, "hf_config", config)
+        return PassResult(model, True, None, {"ffn-pruned": pruned, "channels-removed": removed})
+
+
+def _rewrite(graph, block: FFNBlock, keep: np.ndarray) -> None:
+    f = block.width
+    for site, bias in block.producers:
+        w = site.nk()[keep]
+        stored = w.T if site.k_axis == 0 else w
+        set_constant(graph, site.node, 1, np.ascontiguousarray(stored.astype(constant_array(site.weight).dtype)), "pruned")
+        if bias is not None:
+            index = 0 if constant_array(bias.inputs[0]) is not None else 1
+            set_constant(graph, bias, index, _take_last(constant_array(bias.inputs[index]), keep, f), "pruned")
+    for node in block.nodes:
+        for index, v in enumerate(node.inputs):
+            if v is not None and is_constant(v) and v.shape is not None and len(v.shape) and v.shape[-1] == f and f > 1:
+                set_constant(graph, node, index, _take_last(constant_array(v), keep, f), "pruned")
+    w = block.down.nk()[:, keep]
+    stored = w.T if block.down.k_axis == 0 else w
+    set_constant(graph, block.down.node, 1, np.ascontiguousarray(stored.astype(constant_array(block.down.weight).dtype)), "pruned")
+    for value in block.values:
+        if value.shape is not None and len(value.shape) and value.shape[-1] == f:
+            dims = list(value.shape)
+            dims[-1] = len(keep)
+            value.shape = Shape(dims)
+    annotate(block.down.node, "pruned_ffn", {"width": len(keep), "of": f})
+
+
+def _take_last(array: np.ndarray, keep: np.ndarray, f: int) -> np.ndarray:
+    return np.ascontiguousarray(np.take(array, keep, axis=-1)) if array.shape[-1] == f else array
+
+
+__all__ = ["FFNBlock", "PruneFFN", "find_ffn"]

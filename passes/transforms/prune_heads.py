@@ -1,0 +1,264 @@
+"""`prune-heads`: remove whole attention heads, ranked by calibration, rewriting the graph consistently.
+
+Attention blocks are found by graph pattern (`_attention.find_attention`):
+the output projection `o`, the attention matmuls, and the Q/K/V projections
+behind reshapes, transposes, rotary embeddings and the GQA repeat. That covers
+LLaMA-like decoders and BERT-like encoders as the torch exporter writes them.
+
+Importance of head h (per layer, from the `hessian` analysis of `o`'s input,
+whose diagonal is Σ x² over calibration tokens):
+
+* `activation` (default): the L2 norm of the head's slice of `o`'s input;
+* `contribution`: the L2 norm of the head's contribution at `o`'s output,
+  ‖X_h·W_o[h]‖ = sqrt(tr(W_o[h]ᵀ·X_hᵀX_h·W_o[h])).
+
+Selection, per layer (so every layer keeps the same head counts and the HF
+config stays uniform): with grouped-query attention (G = heads/kv_heads > 1)
+and `groups=query`, round(ratio·G) query heads are removed from every KV group
+(the least important in each group, so the repeat stays uniform); with
+`groups=kv`, round(ratio·kv_heads) whole KV groups go (Q, K and V heads). With
+plain multi-head attention round(ratio·heads) heads go. At least one head (and
+group) always stays.
+
+Rewrite: the Q (and K/V for removed groups) projections lose the heads'
+output rows and biases, `o` loses the heads' input rows; every Reshape/Expand
+shape operand that spells a head count (the split into heads, the GQA repeat
+`Expand` and its merge, the merge back to hidden) is updated, found by a
+forward head-axis analysis rather than by value; the static shapes of the
+values in between are updated; the HF config metadata (`hf_config`) gets the
+new `num_attention_heads`/`num_key_value_heads` and the model metadata
+`layer_heads` lists `[heads, kv_heads]` per attention layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from optc.errors import OptcError
+from optc.ir import (
+    Model,
+    Node,
+    Shape,
+    add_initializer,
+    annotate,
+    constant_array,
+    make_node,
+    model_metadata,
+    set_model_metadata,
+    unique_name,
+)
+from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+from optc.passes.transforms._attention import AttentionBlock, HeadAxes, ShapePatch, find_attention
+from optc.passes.transforms._structure import (
+    Linear,
+    calibration_hessians,
+    drop_unused_initializers,
+    set_constant,
+)
+
+
+@register_pass("prune-heads")
+class PruneHeads(Pass):
+    """Remove the least important attention heads (GQA aware) and rewrite projections, shapes and config."""
+
+    @dataclass
+    class Options:
+        ratio: float = option(0.25, help="fraction of heads to remove in each layer (rounded per KV group)")
+        importance: Literal["activation", "contribution"] = option(
+            "activation", help="rank heads by the L2 norm of their o_proj input, or of their contribution at its output"
+        )
+        groups: Literal["query", "kv"] = option(
+            "query", help="with GQA: remove query heads evenly from every KV group, or whole KV groups"
+        )
+
+        def validate(self) -> None:
+            if not 0.0 <= self.ratio < 1.0:
+                raise ValueError(f"option 'ratio' must be in [0, 1), got {self.ratio}")
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        blocks = find_attention(model)
+        if not blocks:
+            return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
+        plans = [(b, HeadAxes(b)) for b in blocks]  # fails early on a pattern it cannot rewrite
+        hessians = calibration_hessians(model, am, "prune-heads", [b.o.activation.name for b in blocks])
+        graph = model.graph
+        removed_heads = layers = 0
+        layer_heads: list[list[int]] = []
+        removed: list[list[int]] = []
+        for block, axes in plans:
+            stats = hessians.get(block.o.activation.name)
+            if stats is None:
+                raise OptcError(f"prune-heads: no calibration statistics for {block.o.activation.name}")
+            scores = head_scores(block, stats.xtx.double().cpu(), self.options.importance)
+            keep = select_heads(scores, block.heads, block.kv_heads, self.options.ratio, self.options.groups)
+            keep_kv = sorted({h // block.group_size for h in keep})
+            removed.append([h for h in range(block.heads) if h not in keep])
+            if len(keep) == block.heads:
+                layer_heads.append([block.heads, block.kv_heads])
+                continue
+            _rewrite(graph, block, axes, keep, keep_kv)
+            removed_heads += block.heads - len(keep)
+            layers += 1
+            layer_heads.append([len(keep), len(keep_kv)])
+        if not layers:
+            return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
+        drop_unused_initializers(graph)
+        _update_config(model, layer_heads, removed, blocks[0].head_dim)
+        return PassResult(model, True, None, {"layers-pruned": layers, "heads-removed": removed_heads})
+
+
+def head_scores(block: AttentionBlock, xtx: torch.Tensor, importance: str) -> np.ndarray:
+    """One importance score per query head from Σ xᵀx at the output projection's input."""
+    d = block.head_dim
+    scores = np.zeros(block.heads)
+    w_o = torch.from_numpy(block.o.nk().T.astype(np.float64))  # [K = heads*d, N]
+    for h in range(block.heads):
+        sl = slice(h * d, (h + 1) * d)
+        if importance == "activation":
+            scores[h] = float(torch.diagonal(xtx[sl, sl]).sum().clamp_min(0).sqrt())
+        else:
+            w = w_o[sl]
+            scores[h] = float(torch.trace(w.T @ xtx[sl, sl] @ w).clamp_min(0).sqrt())
+    return scores
+
+
+def select_heads(scores: np.ndarray, heads: int, kv_heads: int, ratio: float, groups: str) -> list[int]:
+    """The query heads to keep (sorted): evenly per KV group, or whole KV groups (see the module docstring)."""
+    group = heads // kv_heads
+    if group == 1 or groups == "kv":
+        # Whole groups (with MHA a group is one head): drop the lowest total scores.
+        drop = min(int(round(ratio * kv_heads)), kv_heads - 1)
+        totals = scores.reshape(kv_heads, group).sum(axis=1)
+        dropped = set(np.argsort(totals, kind="stable")[:drop].tolist())
+        return [h for h in range(heads) if h // group not in dropped]
+    drop = min(int(round(ratio * group)), group - 1)
+    keep = []
+    for g in range(kv_heads):
+        members = np.arange(g * group, (g + 1) * group)
+        order = members[np.argsort(scores[members], kind="stable")]
+        keep += sorted(order[drop:].tolist())
+    return sorted(keep)
+
+
+def _channels(heads: list[int], d: int) -> np.ndarray:
+    return np.concatenate([np.arange(h * d, (h + 1) * d) for h in heads])
+
+
+def _slice_outputs(graph, site: Linear, bias: Node | None, channels: np.ndarray) -> None:
+    w = site.nk()[channels]
+    stored = w.T if site.k_axis == 0 else w
+    set_constant(graph, site.node, 1, np.ascontiguousarray(stored.astype(constant_array(site.weight).dtype)), "pruned")
+    _fix_output_shape(site.node.outputs[0], len(channels))
+    if bias is not None:
+        index = 0 if constant_array(bias.inputs[0]) is not None else 1
+        set_constant(graph, bias, index, np.ascontiguousarray(constant_array(bias.inputs[index])[channels]), "pruned")
+        _fix_output_shape(bias.outputs[0], len(channels))
+
+
+def _fix_output_shape(value, channels: int) -> None:
+    if value.shape is not None and len(value.shape):
+        dims = list(value.shape)
+        dims[-1] = channels
+        value.shape = Shape(dims)
+
+
+def _rewrite(graph, block: AttentionBlock, axes: HeadAxes, keep: list[int], keep_kv: list[int]) -> None:
+    d = block.head_dim
+    q_channels = _channels(keep, d)
+    _slice_outputs(graph, block.q, block.biases.get("q"), q_channels)
+    if len(keep_kv) != block.kv_heads:
+        kv_channels = _channels(keep_kv, d)
+        _slice_outputs(graph, block.k, block.biases.get("k"), kv_channels)
+        _slice_outputs(graph, block.v, block.biases.get("v"), kv_channels)
+    w_o = block.o.nk()[:, q_channels]
+    stored = w_o.T if block.o.k_axis == 0 else w_o
+    set_constant(graph, block.o.node, 1, np.ascontiguousarray(stored.astype(constant_array(block.o.weight).dtype)), "pruned")
+    counts = {"H": len(keep), "KV": len(keep_kv), "REP": len(keep) // len(keep_kv)}
+    counts["HD"], counts["KVD"] = counts["H"] * d, counts["KV"] * d
+    for patch in axes.patches:
+        _apply_patch(graph, patch, counts[patch.role])
+    for key, roles in axes.roles.items():
+        value = axes.values[key]
+        if value.shape is None or value.is_graph_output():
+            continue
+        dims = list(value.shape)
+        for axis, role in roles.items():
+            if -axis <= len(dims) and isinstance(dims[axis], int):
+                dims[axis] = counts[role]
+        value.shape = Shape(dims)
+    info = {"heads": counts["H"], "kv_heads": counts["KV"], "kept": keep, "of": block.heads}
+    annotate(block.o.node, "pruned_heads", info)
+
+
+def _apply_patch(graph, patch: ShapePatch, count: int) -> None:
+    """Set element `position` of the node's shape operand to `count` (copying shared constants and Concats)."""
+    node = patch.node
+    operand = node.inputs[1]
+    array = constant_array(operand)
+    if array is not None:
+        new = array.copy()
+        new.reshape(-1)[patch.position] = count
+        set_constant(graph, node, 1, new, "heads")
+        return
+    concat = operand.producer()
+    parts = list(concat.inputs)
+    offset = 0
+    for i, part in enumerate(parts):
+        data = constant_array(part)
+        size = data.size if data is not None else int(part.shape[0])
+        if offset <= patch.position < offset + size:
+            if data is None:
+                raise OptcError(f"prune-heads: the head count in {node.name or node.op_type}'s shape is not a constant")
+            new = data.copy().reshape(-1)
+            new[patch.position - offset] = count
+            parts[i] = add_initializer(graph, unique_name(graph, f"{part.name}_heads"), new.reshape(data.shape))
+            break
+        offset += size
+    copy = make_node("Concat", parts, attributes={"axis": 0}, name=_node_name(graph, f"{concat.name or 'Concat'}_heads"),
+                     output_names=[unique_name(graph, f"{operand.name}_heads")])
+    copy.outputs[0].dtype = operand.dtype
+    copy.outputs[0].shape = operand.shape
+    graph.insert_before(node, [copy])
+    node.replace_input_with(1, copy.outputs[0])
+    if not list(operand.uses()) and not operand.is_graph_output():
+        graph.remove(concat, safe=True)
+
+
+def _node_name(graph, base: str) -> str:
+    taken = {n.name for n in graph}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _update_config(model: Model, layer_heads: list[list[int]], removed: list[list[int]], head_dim: int) -> None:
+    """Record per-layer head counts; update the HF config the way its architecture can express them."""
+    set_model_metadata(model, "layer_heads", layer_heads)
+    config = model_metadata(model, "hf_config")
+    if not isinstance(config, dict):
+        return
+    if "num_key_value_heads" in config or "head_dim" in config:
+        # LLaMA-like: head counts are per model; head_dim must be explicit once heads*head_dim != hidden.
+        heads = {h for h, _ in layer_heads}
+        kv = {k for _, k in layer_heads}
+        if len(heads) == 1:
+            config["num_attention_heads"] = heads.pop()
+        if len(kv) == 1 and "num_key_value_heads" in config:
+            config["num_key_value_heads"] = kv.pop()
+        config["head_dim"] = head_dim
+    else:
+        # BERT-like: the original head count stays and `pruned_heads` lists what went (transformers' convention).
+        pruned = {str(i): r for i, r in enumerate(removed) if r}
+        config["pruned_heads"] = pruned
+    set_model_metadata(model, "hf_config", config)
+
+
+__all__ = ["PruneHeads", "head_scores", "select_heads"]

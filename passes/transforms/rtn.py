@@ -1,0 +1,52 @@
+"""`rtn`: weight-only round-to-nearest quantization to 2–8 bits in groups along the input channels.
+
+Every MatMul/Gemm with a constant float weight (except `exclude`, default the
+lm_head) gets its weight replaced by integer codes, a scale per group of
+`group` input channels (and a zero point with `symmetric=false`) and a
+blocked `DequantizeLinear` feeding the op (the IR form in `optc.passes.lowbit`).
+With `clip` (default) each group's range is shrunk to the ratio with the least
+squared weight error. No calibration data is needed; activations stay float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from optc.ir import Model
+from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+from optc.passes.lowbit import (
+    LowBitOptions,
+    default_device,
+    emit,
+    linear_sites,
+    mark_excluded,
+    rtn,
+    torch_threads,
+)
+
+
+@register_pass("rtn")
+class Rtn(Pass):
+    """Weight-only round-to-nearest: int2-int8 weights, a scale per group of input channels, float activations."""
+
+    @dataclass
+    class Options(LowBitOptions):
+        pass
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        opts = self.options
+        sites, excluded = linear_sites(model, opts.exclude)
+        skipped = mark_excluded(excluded, opts.exclude)
+        if not sites:
+            return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})
+        device = default_device()
+        grid = opts.grid
+        with torch_threads(device):
+            for site in tqdm(sites, desc="rtn", unit="layer", leave=False, disable=None):
+                q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
+                emit(model, site, q, scale, zero, grid, opts.group, {"method": "rtn", "clip": opts.clip})
+        return PassResult(model, True, None, {"quantized-ops": len(sites), "excluded-ops": len(excluded)})

@@ -1,0 +1,693 @@
+"""`trt-check`: TensorRT explicit-quantization legality, on any ONNX model.
+
+`check_tensorrt(model)` returns one `Finding` per offending node, each naming
+the node and the rule it breaks (`RULES`: id, name, severity, text, source).
+The rules encode what the TensorRT ONNX parser accepts and what TensorRT's
+developer guide asks of Q/DQ placement, as summarised in
+shared/reference/quantization-and-tensorrt.md §3 (import constraints from
+onnx-tensorrt's `QuantDequantLinearHelper`/`onnxOpImporters.cpp` and
+`docs/operators.md`; placement from the developer guide's "Q/DQ
+Layer-Placement Recommendations"; 2:4 from Polygraphy's `sparse.py`) and the
+user reports in shared/reference/olive-and-ort-quantization.md §3 (int32
+bias, DynamicQuantizeLinear, ConvInteger).
+
+Severity `error`: the TensorRT parser or a strongly-typed build rejects it
+(or silently computes something else). Severity `warning`: legal, but against
+the placement rules, so TensorRT cannot fuse it or runs it in float.
+
+On shared Q/DQ pairs: §3 has no rule against one DequantizeLinear feeding
+several ops of the same kind (ModelOpt's TensorRT configuration uses
+`DedicatedQDQPair=False`, so q/k/v sharing one pair is TensorRT's own
+practice); onnxruntime's `DedicatedQDQPair` option exists because a pair
+shared with an op that needs different treatment is the problem. So: the hard
+constraint is that a QuantizeLinear's INT8/FP8 output only reaches
+DequantizeLinear nodes with the same scale and zero point (T09, error), and
+a pair that feeds a quantized weighted op must not also feed an op that then
+computes on quantized-dequantized data TensorRT cannot fuse (a norm, Softmax,
+SiLU...; T18, warning: §3.2.2 wants those in high precision).
+
+The pass prints each finding as one line on stderr and changes nothing;
+`strict=true` makes it fail on error findings.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from optc.errors import OptcError
+from optc.ir import DataType, Model, Node, Value, annotation, node_label
+from optc.ir.annotations import QUANTIZATION, SPARSITY
+from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.registry import register_pass
+
+_REF = "reference/quantization-and-tensorrt.md"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One TensorRT rule: a short id, a name, how bad breaking it is, its text and where it is documented."""
+
+    id: str
+    name: str
+    severity: str  # "error" | "warning"
+    text: str
+    source: str
+
+
+_RULE_LIST = (
+    Rule("T01", "symmetric", "error", "zero points must be 0 (TensorRT only supports symmetric quantization)",
+         f"{_REF} §3.1 'Symmetric only'"),
+    Rule("T02", "constant-positive-scale", "error",
+         "Q/DQ scales (and zero points) must be build-time constants, finite and strictly positive",
+         f"{_REF} §3.1 'Scales'"),
+    Rule("T03", "qdq-dtype", "error", "quantized types are INT8, FP8 E4M3 or (weight-only) INT4",
+         f"{_REF} §3.1 'Allowed types'"),
+    Rule("T04", "per-tensor-activation", "error", "activations use one scale per tensor (no per-channel or blocked activations)",
+         f"{_REF} §3.1 'Scale shapes', §3.2.7"),
+    Rule("T05", "weight-axis", "error",
+         "per-channel weight scales run along the output channels: Conv axis 0, ConvTranspose axis 1, "
+         "Gemm axis 0 with transB else 1, MatMul B the last axis",
+         f"{_REF} §3.1 'Scale shapes', §3.3"),
+    Rule("T06", "no-bias-quantization", "error", "no int32 (bias) quantization: biases stay float",
+         "reference/olive-and-ort-quantization.md §3 #7 (TensorRT #4542); §2.6 QuantizeBias"),
+    Rule("T07", "no-dynamic-quantization", "error", "no DynamicQuantizeLinear: TensorRT needs static scales",
+         "reference/olive-and-ort-quantization.md §3 #7 (onnxruntime #21169 / TensorRT #3963); " + f"{_REF} §3.4"),
+    Rule("T08", "no-integer-ops", "error",
+         "QLinear*, ConvInteger, MatMulInteger and contrib integer ops are not supported: use standard Q/DQ",
+         f"{_REF} §3.1 'Allowed types'"),
+    Rule("T09", "qdq-pair", "error",
+         "a QuantizeLinear's output goes only to DequantizeLinear nodes with the same scale and zero point",
+         f"{_REF} §3.1, §3.2.9"),
+    Rule("T10", "int4-blocked", "error",
+         "INT4 is weight-only: a constant feeding MatMul/Gemm through a DequantizeLinear blocked along K "
+         "(one blocked dimension, even last dimension), opset >= 21; blocks are for INT4 only",
+         f"{_REF} §3.1 'Scale shapes'/'INT4', §3.3, §3.4"),
+    Rule("T11", "fp8-opset", "error", "FP8 E4M3 Q/DQ needs opset >= 19", f"{_REF} §3.4"),
+    Rule("T12", "residual-quantized", "warning",
+         "the residual input of an Add fused into a quantized Conv is quantized (Q/DQ)", f"{_REF} §3.2.4, §3.5"),
+    Rule("T13", "concat-one-scale", "warning",
+         "quantized Concat inputs are all quantized and share one scale and zero point", f"{_REF} §3.2.8-9"),
+    Rule("T14", "weighted-output", "warning",
+         "outputs of weighted ops are not quantized unless a quantized consumer (or the user) asks for it",
+         f"{_REF} §3.2.2"),
+    Rule("T15", "weighted-inputs", "warning",
+         "a quantized weighted op has both inputs quantized (8-bit weights need quantized activations; "
+         "weight-only is INT4 blocks on GEMMs)", f"{_REF} §3.2.1, §3.4"),
+    Rule("T18", "shared-qdq", "warning",
+         "an activation's Q/DQ pair shared by a quantized weighted op feeds only ops TensorRT fuses or moves Q/DQ "
+         "through (weighted ops, residual Add, Concat, pooling, shape ops), not ops that need the float input",
+         "reference/olive-and-ort-quantization.md §2.6 (DedicatedQDQPair); " + f"{_REF} §3.2.2, §3.2.6, §3.2.8"),
+    Rule("T16", "sparsity-2-4", "error",
+         "a weight annotated 2:4 has at most 2 non-zeros in every 4 consecutive elements along K (K divisible by 4)",
+         f"{_REF} §3.6"),
+    Rule("T17", "sparsity-axis", "error",
+         "a 2:4 weight's pattern runs along its reader's reduction axis (Conv 1, MatMul B 0, Gemm B 1 with transB else 0)",
+         f"{_REF} §3.6 (Polygraphy sparse.py)"),
+)
+RULES: dict[str, Rule] = {r.name: r for r in _RULE_LIST}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A node that breaks a rule."""
+
+    rule: Rule
+    node: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: [{self.rule.id} {self.rule.name}, {self.rule.severity}] {self.detail} (rule: {self.rule.text})"
+
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_LEGAL_QTYPES = (DataType.INT8, DataType.FLOAT8E4M3FN, DataType.INT4)
+_INTEGER_OPS = ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul",
+                "MatMulNBits", "GatherBlockQuantized", "QAttention", "DynamicQuantizeLSTM")
+_PASS_THROUGH = ("Transpose", "Cast", "Identity")
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+# ---------------------------------------------------------------------------- small graph helpers
+
+
+def const_value(value: Value | None) -> np.ndarray | None:
+    """The array of an initializer or a `Constant` node's output; None for anything computed."""
+    if value is None:
+        return None
+    if value.const_value is not None and not value.is_graph_input():
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in _ONNX_DOMAINS:
+        attr = node.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+    return None
+
+
+def is_const(value: Value | None) -> bool:
+    if value is None:
+        return False
+    if value.const_value is not None and not value.is_graph_input():
+        return True
+    node = value.producer()
+    return node is not None and node.op_type == "Constant" and node.domain in _ONNX_DOMAINS
+
+
+def producer(value: Value | None, op_type: str | tuple[str, ...]) -> Node | None:
+    """The node producing `value` if it is a standard-domain `op_type`."""
+    if value is None:
+        return None
+    node = value.producer()
+    types = (op_type,) if isinstance(op_type, str) else op_type
+    if node is None or node.op_type not in types or node.domain not in _ONNX_DOMAINS:
+        return None
+    return node
+
+
+def int_attr(node: Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
+
+
+def opset(model: Model) -> int:
+    return int(model.graph.opset_imports.get("", model.opset_imports.get("", 1)))
+
+
+def qtype(node: Node) -> DataType | None:
+    """The quantized element type of a QuantizeLinear (its output) or DequantizeLinear (its input)."""
+    if node.op_type == "QuantizeLinear":
+        out_dtype = int_attr(node, "output_dtype", 0)
+        if out_dtype:
+            return DataType(out_dtype)
+        zp = node.inputs[2] if len(node.inputs) > 2 else None
+        if zp is not None:
+            if zp.const_value is not None:
+                return zp.const_value.dtype
+            if zp.dtype is not None:
+                return zp.dtype
+            array = const_value(zp)
+            if array is not None:
+                return _numpy_to_dtype(array)
+        return DataType.UINT8  # the ONNX default without a zero point
+    data = node.inputs[0]
+    if data is None:
+        return None
+    if data.const_value is not None:
+        return data.const_value.dtype
+    if data.dtype is not None:
+        return data.dtype
+    q = producer(data, "QuantizeLinear")
+    return qtype(q) if q is not None else None
+
+
+def _numpy_to_dtype(array: np.ndarray) -> DataType | None:
+    try:
+        return DataType.from_numpy(array.dtype)
+    except (TypeError, ValueError):
+        return None
+
+
+def weight_slot(node: Node) -> int | None:
+    """The input index of a weighted op's weight when it traces back to a constant, else None."""
+    if node.op_type not in WEIGHTED_OPS or node.domain not in _ONNX_DOMAINS or len(node.inputs) < 2:
+        return None
+    if node.inputs[0] is None or node.inputs[1] is None or trace_constant(node.inputs[0]) is not None:
+        return None
+    return 1 if trace_constant(node.inputs[1]) is not None else None
+
+
+def trace_constant(value: Value | None) -> tuple[Value, list[int] | None, list[Node]] | None:
+    """Follow Q, DQ, Transpose, Cast and Identity back to a constant (as Polygraphy does).
+
+    Returns the constant, the permutation from the constant's axes to `value`'s
+    axes (`value` axis i is constant axis perm[i]; None when no Transpose), and
+    the nodes walked through, nearest first.
+    """
+    walked: list[Node] = []
+    perm: list[int] | None = None
+    current = value
+    for _ in range(16):
+        if current is None:
+            return None
+        if is_const(current):
+            return current, perm, walked
+        node = producer(current, (*_QDQ, *_PASS_THROUGH))
+        if node is None or node.inputs[0] is None:
+            return None
+        if node.op_type == "Transpose":
+            rank = _rank(node.inputs[0])
+            attr = node.attributes.get("perm")
+            p = list(attr.as_ints()) if attr is not None else (list(range(rank))[::-1] if rank else None)
+            if p is None:
+                return None
+            perm = [p[i] for i in perm] if perm is not None else p
+        walked.append(node)
+        current = node.inputs[0]
+    return None
+
+
+def _rank(value: Value | None) -> int | None:
+    if value is None:
+        return None
+    array = const_value(value) if is_const(value) else None
+    if array is not None:
+        return array.ndim
+    return len(value.shape) if value.shape is not None else None
+
+
+def output_axis(node: Node, rank: int) -> int:
+    """The output-channel axis of a weighted op's weight (in the weight's layout at the op)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if int_attr(node, "transB", 0) else 1
+    return rank - 1
+
+
+def reduction_axis(node: Node, rank: int) -> int:
+    """The reduction (K) axis of a weighted op's weight (in the weight's layout at the op)."""
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "ConvTranspose":
+        return 0
+    if node.op_type == "Gemm":
+        return 1 if int_attr(node, "transB", 0) else 0
+    return rank - 2
+
+
+def weight_readers(value: Value) -> list[tuple[Node, list[int] | None]]:
+    """Weighted ops reading `value` as their weight (through Transpose/Cast/Identity/Q/DQ), with the axis map."""
+    found: list[tuple[Node, list[int] | None]] = []
+    stack: list[tuple[Value, list[int] | None]] = [(value, None)]
+    seen: set[int] = set()
+    while stack:
+        current, perm = stack.pop()
+        for use in current.uses():
+            node = use.node
+            if id(node) in seen or node.domain not in _ONNX_DOMAINS:
+                continue
+            if node.op_type in WEIGHTED_OPS and use.idx == 1 and weight_slot(node) == 1:
+                seen.add(id(node))
+                found.append((node, perm))
+            elif node.op_type in (*_QDQ, *_PASS_THROUGH) and use.idx == 0:
+                seen.add(id(node))
+                next_perm = perm
+                if node.op_type == "Transpose":
+                    rank = _rank(node.inputs[0])
+                    attr = node.attributes.get("perm")
+                    p = list(attr.as_ints()) if attr is not None else (list(range(rank))[::-1] if rank else None)
+                    if p is None:
+                        continue
+                    next_perm = [perm[i] for i in p] if perm is not None else p
+                stack.append((node.outputs[0], next_perm))
+    return found
+
+
+def _scalar_like(array: np.ndarray | None) -> bool:
+    """A scale of one element (per tensor); False for None (a run-time scale)."""
+    return array is not None and (array.ndim == 0 or (array.size == 1 and array.ndim == 1))
+
+
+def _same(a: Value | None, b: Value | None) -> bool:
+    if a is b:
+        return True
+    x, y = const_value(a), const_value(b)
+    if x is None or y is None:
+        return a is None and b is None
+    return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x.astype(np.float64), y.astype(np.float64)))
+
+
+def _zero_point(node: Node) -> Value | None:
+    return node.inputs[2] if len(node.inputs) > 2 else None
+
+
+def _is_dq_output(value: Value | None) -> bool:
+    return producer(value, "DequantizeLinear") is not None
+
+
+def _quantized_activation(value: Value | None) -> bool:
+    """An activation read through Q → DQ (not a constant)."""
+    dq = producer(value, "DequantizeLinear")
+    return dq is not None and not is_const(dq.inputs[0])
+
+
+def output_quantization_requested(node: Node) -> bool:
+    """A Q node, or the weighted op it reads, annotated `quant: {"output_quantization": true}`."""
+    info = annotation(node, QUANTIZATION)
+    return isinstance(info, dict) and bool(info.get("output_quantization"))
+
+
+# ---------------------------------------------------------------------------- the checker
+
+
+class _Checker:
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.opset = opset(model)
+        self.findings: list[Finding] = []
+
+    def add(self, rule: str, node: Node | str, detail: str) -> None:
+        name = node if isinstance(node, str) else node_label(node)
+        self.findings.append(Finding(RULES[rule], name, detail))
+
+    def run(self) -> list[Finding]:
+        for node in self.model.graph:
+            if node.op_type in _QDQ and node.domain in _ONNX_DOMAINS:
+                self.qdq(node)
+            elif node.op_type == "DynamicQuantizeLinear":
+                self.add("no-dynamic-quantization", node, "DynamicQuantizeLinear computes its scale at run time")
+            elif node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPS or (
+                node.op_type in _QDQ and node.domain not in _ONNX_DOMAINS
+            ):
+                self.add("no-integer-ops", node, f"{node.domain + '.' if node.domain else ''}{node.op_type} has no TensorRT importer")
+            if node.domain in _ONNX_DOMAINS:
+                if weight_slot(node) is not None:
+                    self.weighted(node)
+                if node.op_type == "Add":
+                    self.residual(node)
+                elif node.op_type == "Concat":
+                    self.concat(node)
+        self.sparsity()
+        return self.findings
+
+    # ------------------------------------------------------------------ Q/DQ nodes
+
+    def qdq(self, node: Node) -> None:
+        data, scale, zp = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None, _zero_point(node)
+        kind = qtype(node)
+        scale_array = const_value(scale)
+        if scale_array is None:
+            self.add("constant-positive-scale", node, "its scale is computed at run time")
+        elif not np.all(np.isfinite(scale_array.astype(np.float64))) or not np.all(scale_array.astype(np.float64) > 0):
+            bad = scale_array.astype(np.float64)
+            self.add("constant-positive-scale", node, f"its scale has non-positive or non-finite entries (min {np.nanmin(bad):.3g})")
+        if zp is not None and not is_const(zp):
+            self.add("constant-positive-scale", node, "its zero point is computed at run time")
+        zp_array = const_value(zp)
+        if zp_array is not None and np.any(zp_array.astype(np.float64) != 0):
+            nonzero = zp_array.astype(np.float64)
+            self.add("symmetric", node, f"zero point {_describe(nonzero)} is not 0")
+        if kind == DataType.INT32:
+            self.add("no-bias-quantization", node, "an int32 (bias) tensor is dequantized")
+            return
+        if kind is not None and kind not in _LEGAL_QTYPES:
+            self.add("qdq-dtype", node, f"quantizes to {kind.name}")
+        if kind in (DataType.FLOAT8E4M3FN,) and self.opset < 19:
+            self.add("fp8-opset", node, f"FP8 Q/DQ in a model of opset {self.opset}")
+        block = int_attr(node, "block_size", 0)
+        # A weight: a constant, or (Q → DQ on a float constant, which TensorRT quantizes at build time) its Q's input.
+        source = data
+        upstream = producer(data, "QuantizeLinear") if node.op_type == "DequantizeLinear" else None
+        if upstream is not None and is_const(upstream.inputs[0]):
+            source = upstream.inputs[0]
+        weight_like = is_const(source)
+        if not weight_like:
+            self.activation(node, scale_array, block, kind)
+        else:
+            self.weight(node, source, scale_array, block, kind)
+        if node.op_type == "QuantizeLinear":
+            self.pairing(node)
+        elif not weight_like:
+            self.shared(node)
+
+    def activation(self, node: Node, scale: np.ndarray | None, block: int, kind: DataType | None) -> None:
+        if block or (scale is not None and not _scalar_like(scale)):
+            shape = "blocked" if block else f"per-channel (scale shape {list(scale.shape)})"
+            self.add("per-tensor-activation", node, f"activation {node.inputs[0].name!r} is quantized {shape}")
+        if kind == DataType.INT4:
+            self.add("int4-blocked", node, f"activation {node.inputs[0].name!r} is quantized to INT4 (INT4 is weight-only)")
+
+    def weight(self, node: Node, data: Value, scale: np.ndarray | None, block: int, kind: DataType | None) -> None:
+        array = const_value(data)
+        rank = array.ndim
+        readers = weight_readers(node.outputs[0])
+        axis = int_attr(node, "axis", 1)
+        axis = axis % rank if rank else 0
+        if kind == DataType.INT4:
+            self.int4(node, array, scale, block, axis, readers)
+            return
+        if block:
+            self.add("int4-blocked", node, f"block quantization of a {kind.name if kind else '?'} weight (blocks are for INT4)")
+            return
+        if scale is None or _scalar_like(scale):
+            return  # per-tensor weights are legal
+        if scale.ndim != 1 or scale.shape[0] != array.shape[axis]:
+            self.add("weight-axis", node, f"scale shape {list(scale.shape)} does not match weight dim {axis} of {list(array.shape)}")
+            return
+        for reader, perm in readers:
+            want = output_axis(reader, rank)
+            want = perm[want] if perm is not None else want
+            if axis != want:
+                self.add("weight-axis", node, f"per-channel axis {axis} but {reader.op_type} {node_label(reader)!r} "
+                                              f"has its output channels on axis {want}")
+
+    def int4(self, node: Node, array: np.ndarray, scale: np.ndarray | None, block: int, axis: int, readers) -> None:
+        where = f"INT4 weight {node.inputs[0].name!r}"
+        if self.opset < 21:
+            self.add("int4-blocked", node, f"{where} in a model of opset {self.opset}")
+        if not block or scale is None or scale.ndim != array.ndim:
+            self.add("int4-blocked", node, f"{where} is not block-quantized (TensorRT's weight-only INT4 is blocked)")
+            return
+        blocked = [i for i in range(array.ndim) if scale.shape[i] != array.shape[i]]
+        if blocked != [axis] or scale.shape[axis] != -(-array.shape[axis] // block):
+            self.add("int4-blocked", node, f"{where}: scale shape {list(scale.shape)} is not one block of {block} "
+                                           f"along axis {axis} of {list(array.shape)}")
+        if array.shape[-1] % 2:
+            self.add("int4-blocked", node, f"{where} has an odd last dimension {array.shape[-1]}")
+        if not readers:
+            self.add("int4-blocked", node, f"{where} feeds no MatMul/Gemm weight")
+        for reader, perm in readers:
+            if reader.op_type not in ("MatMul", "Gemm"):
+                self.add("int4-blocked", node, f"{where} feeds {reader.op_type} {node_label(reader)!r} (INT4 is for GEMMs only)")
+                continue
+            k = reduction_axis(reader, array.ndim)
+            k = perm[k] if perm is not None else k
+            if axis != k:
+                self.add("int4-blocked", node, f"{where} is blocked along axis {axis}, but the K axis of "
+                                               f"{node_label(reader)!r} is {k}")
+
+    def pairing(self, q: Node) -> None:
+        out = q.outputs[0]
+        if out.is_graph_output():
+            self.add("qdq-pair", q, f"its quantized output {out.name!r} is a graph output")
+        for use in out.uses():
+            reader = use.node
+            if reader.op_type != "DequantizeLinear" or reader.domain not in _ONNX_DOMAINS or use.idx != 0:
+                self.add("qdq-pair", q, f"its quantized output reaches {reader.op_type} {node_label(reader)!r}")
+            elif not _same(reader.inputs[1], q.inputs[1]) or not _same(_zero_point(reader), _zero_point(q)):
+                self.add("qdq-pair", q, f"its DequantizeLinear {node_label(reader)!r} uses another scale or zero point")
+            elif int_attr(reader, "axis", 1) != int_attr(q, "axis", 1) and not _scalar_like(const_value(q.inputs[1])):
+                self.add("qdq-pair", q, f"its DequantizeLinear {node_label(reader)!r} uses another axis")
+
+    # ------------------------------------------------------------------ placement
+
+    def weighted(self, node: Node) -> None:
+        w_dq = producer(node.inputs[1], "DequantizeLinear")
+        if w_dq is None:
+            traced = trace_constant(node.inputs[1])
+            w_dq = next((n for n in traced[2] if n.op_type == "DequantizeLinear"), None) if traced else None
+        w_type = qtype(w_dq) if w_dq is not None else None
+        act_q = _quantized_activation(node.inputs[0])
+        if w_type is not None and w_type != DataType.INT4 and w_type != DataType.INT32 and not act_q:
+            self.add("weighted-inputs", node, f"{w_type.name} weight with a float activation {node.inputs[0].name!r}")
+        elif w_type is None and act_q:
+            self.add("weighted-inputs", node, f"quantized activation with a float weight {node.inputs[1].name!r}")
+        for use in node.outputs[0].uses():
+            q = use.node
+            if q.op_type != "QuantizeLinear" or q.domain not in _ONNX_DOMAINS:
+                continue
+            if output_quantization_requested(q) or output_quantization_requested(node):
+                continue
+            if not self._feeds_quantized_consumer(q):
+                self.add("weighted-output", node, f"its output is quantized by {node_label(q)!r} for no quantized consumer")
+
+    @staticmethod
+    def _feeds_quantized_consumer(q: Node) -> bool:
+        """A Q whose DequantizeLinear feeds a weighted op's data input or an Add (a quantized residual)."""
+        for dq_use in q.outputs[0].uses():
+            dq = dq_use.node
+            if dq.op_type != "DequantizeLinear":
+                continue
+            for use in dq.outputs[0].uses():
+                if use.node.op_type == "Add" or (use.idx == 0 and weight_slot(use.node) is not None):
+                    return True
+        return False
+
+    def shared(self, dq: Node) -> None:
+        """T18: an activation DQ read by a quantized weighted op and by an op that wants float."""
+        uses = list(dq.outputs[0].uses())
+        if not any(u.idx == 0 and weight_slot(u.node) is not None for u in uses):
+            return
+        others = [u.node for u in uses if not _fuses_quantized_input(u.node, u.idx)]
+        if others:
+            names = ", ".join(f"{n.op_type} {node_label(n)!r}" for n in others[:3])
+            self.add("shared-qdq", dq, f"also feeds {names}, which would compute on quantized data")
+
+    def residual(self, add: Node) -> None:
+        inputs = [v for v in add.inputs if v is not None]
+        if len(inputs) != 2 or any(is_const(v) for v in inputs):
+            return
+        fusable = [self._quantized_conv_output(v) for v in inputs]
+        if not any(fusable):
+            return
+        quantized = [_quantized_activation(v) for v in inputs]
+        if (fusable[0] and quantized[1]) or (fusable[1] and quantized[0]):
+            return
+        conv = fusable[0] or fusable[1]
+        other = inputs[1] if fusable[0] else inputs[0]
+        self.add("residual-quantized", add, f"adds the output of quantized {conv.op_type} {node_label(conv)!r} "
+                                            f"to the unquantized residual {other.name!r}")
+
+    @staticmethod
+    def _quantized_conv_output(value: Value) -> Node | None:
+        node = producer(value, ("Conv", "ConvTranspose", "BatchNormalization"))
+        if node is not None and node.op_type == "BatchNormalization":
+            node = producer(node.inputs[0], ("Conv", "ConvTranspose"))
+            if node is not None and len(list(node.outputs[0].uses())) != 1:
+                return None
+        if node is None or weight_slot(node) is None or not _quantized_activation(node.inputs[0]):
+            return None
+        return node
+
+    def concat(self, node: Node) -> None:
+        inputs = [v for v in node.inputs if v is not None and not is_const(v)]
+        dqs = [producer(v, "DequantizeLinear") for v in inputs]
+        if not any(dqs):
+            return
+        if not all(dqs):
+            floats = [v.name for v, dq in zip(inputs, dqs, strict=True) if dq is None]
+            self.add("concat-one-scale", node, f"mixes quantized and float inputs ({', '.join(floats[:3])} float)")
+            return
+        first = dqs[0]
+        for dq in dqs[1:]:
+            if not _same(dq.inputs[1], first.inputs[1]) or not _same(_zero_point(dq), _zero_point(first)) or qtype(dq) != qtype(first):
+                self.add("concat-one-scale", node, f"inputs {first.outputs[0].name!r} and {dq.outputs[0].name!r} have different scales")
+                return
+
+    # ------------------------------------------------------------------ 2:4 sparsity
+
+    def sparsity(self) -> None:
+        graph = self.model.graph
+        annotated: list[tuple[Value, dict, str]] = []
+        for value in graph.initializers.values():
+            info = annotation(value, SPARSITY)
+            if isinstance(info, dict) and info.get("pattern") == "2:4":
+                annotated.append((value, info, value.name or "?"))
+        seen = {id(v) for v, _, _ in annotated}
+        for node in graph:
+            info = annotation(node, SPARSITY)
+            slot = weight_slot(node)
+            if not isinstance(info, dict) or info.get("pattern") != "2:4" or slot is None:
+                continue
+            traced = trace_constant(node.inputs[slot])
+            if traced is None or id(traced[0]) in seen:
+                continue
+            seen.add(id(traced[0]))
+            annotated.append((traced[0], info, node_label(node)))
+        for value, info, label in annotated:
+            self.check_2_4(value, info, label)
+
+    def check_2_4(self, value: Value, info: dict, label: str) -> None:
+        array = const_value(value)
+        if array is None:
+            return
+        readers = weight_readers(value)
+        axis = info.get("axis")
+        if axis is None and readers:
+            reader, perm = readers[0]
+            k = reduction_axis(reader, array.ndim)
+            axis = perm[k] if perm is not None else k
+        if not isinstance(axis, int) or not -array.ndim <= axis < array.ndim:
+            self.add("sparsity-axis", label, f"weight {value.name!r} has no usable 2:4 axis ({axis!r})")
+            return
+        axis %= array.ndim
+        for reader, perm in readers:
+            k = reduction_axis(reader, array.ndim)
+            k = perm[k] if perm is not None else k
+            if k != axis:
+                self.add("sparsity-axis", label, f"weight {value.name!r} is 2:4 along axis {axis}, but the K axis of "
+                                                 f"{reader.op_type} {node_label(reader)!r} is {k}")
+        bad, groups = violations_2_4(array, axis)
+        if bad is None:
+            self.add("sparsity-2-4", label, f"weight {value.name!r}: K = {array.shape[axis]} is not divisible by 4")
+        elif bad:
+            self.add("sparsity-2-4", label, f"weight {value.name!r}: {bad} of {groups} groups of 4 along axis {axis} "
+                                            f"have more than 2 non-zeros")
+
+
+#: Ops that take a quantized (Q/DQ'd) input in TensorRT without leaving it at reduced precision for an
+#: op that wants float: weighted ops, the residual Add, and ops Q/DQ commutes with (§3.2.5, §3.2.8).
+_QDQ_FRIENDLY = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape",
+                 "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Gather", "Relu",
+                 "QuantizeLinear")
+
+
+def _fuses_quantized_input(node: Node, idx: int) -> bool:
+    if node.domain not in _ONNX_DOMAINS:
+        return False
+    if node.op_type in WEIGHTED_OPS:
+        return idx == 0 and weight_slot(node) is not None
+    return node.op_type in _QDQ_FRIENDLY
+
+
+def violations_2_4(array: np.ndarray, axis: int) -> tuple[int | None, int]:
+    """How many groups of 4 consecutive elements along `axis` hold more than 2 non-zeros (None: not divisible by 4)."""
+    k = array.shape[axis]
+    if k % 4:
+        return None, 0
+    moved = np.moveaxis(array, axis, -1)
+    nonzero = (moved != 0).reshape(*moved.shape[:-1], k // 4, 4).sum(axis=-1)
+    return int(np.count_nonzero(nonzero > 2)), int(nonzero.size)
+
+
+def _describe(array: np.ndarray) -> str:
+    flat = array.reshape(-1)
+    if flat.size == 1:
+        return f"{flat[0]:g}"
+    nonzero = flat[flat != 0]
+    return f"with {nonzero.size} of {flat.size} entries non-zero (e.g. {nonzero[0]:g})"
+
+
+def check_tensorrt(model: Model) -> list[Finding]:
+    """Every TensorRT explicit-quantization rule the model breaks, one finding per node and rule, in graph order."""
+    return _Checker(model).run()
+
+
+def summarize(findings: Iterable[Finding]) -> str:
+    findings = list(findings)
+    errors = sum(1 for f in findings if f.rule.severity == "error")
+    rules = sorted({f"{f.rule.id} {f.rule.name}" for f in findings})
+    return (f"{len(findings)} finding(s): {errors} error(s), {len(findings) - errors} warning(s)"
+            + (f" [{'; '.join(rules)}]" if rules else ""))
+
+
+@register_pass("trt-check")
+class TrtCheck(Pass):
+    """Check TensorRT explicit-quantization legality; print each offending node and the rule it breaks."""
+
+    @dataclass
+    class Options:
+        strict: bool = option(False, help="fail when a rule of severity 'error' is broken (default: only report)")
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        findings = check_tensorrt(model)
+        for finding in findings:
+            print(f"optc: trt-check: {finding}", file=sys.stderr)
+        print(f"optc: trt-check: {summarize(findings)}", file=sys.stderr)
+        errors = [f for f in findings if f.rule.severity == "error"]
+        if self.options.strict and errors:
+            raise OptcError(f"trt-check: {len(errors)} TensorRT rule(s) broken; first: {errors[0]}")
+        stats = {"findings": len(findings), "errors": len(errors), "warnings": len(findings) - len(errors)}
+        return PassResult(model, False, None, stats)
+
+
+__all__ = ["RULES", "Finding", "Rule", "TrtCheck", "check_tensorrt", "summarize", "violations_2_4"]

@@ -1,0 +1,113 @@
+"""lower-ort-nbits: MatMulNBits packing is exact for every grid, block and form; the backend runs it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optc.backends.ort import OrtBackend
+from optc.ir import annotation, model_metadata, to_proto
+from optc.passes.transforms.ort_nbits_lowering import METADATA
+from tests import models
+from tests.passes import lowbit_helpers as h
+from tests.passes import quant_models as qm
+
+FEEDS = qm.llama_feeds(5, batch=2, seq=10)
+
+
+def _quantized(pipeline: str, hidden: int = 64):
+    proto = qm.llama_block(hidden=hidden, ffn=2 * hidden, outliers=4.0)
+    return h.run(qm.to_ir(proto, vocab=64), pipeline).model
+
+
+def _copy(model):
+    return qm.to_ir(to_proto(model))
+
+
+@pytest.mark.parametrize("pipeline", [
+    "rtn{group=32}", "rtn{symmetric=false group=32}", "rtn{bits=3 group=16}", "rtn{bits=8 group=-1}",
+    "rtn{bits=8 symmetric=false group=-1}", "rtn{bits=2 group=64}", "rtn{symmetric=false group=-1}",
+])
+def test_matmulnbits_is_exact(pipeline):
+    quantized = _quantized(pipeline)
+    lowered = h.run(_copy(quantized), "lower-ort-nbits{bits8=true}").model
+    nbits = h.ops(lowered, "MatMulNBits")
+    assert len(nbits) == 7 and not h.ops(lowered, "DequantizeLinear")
+    assert all(n.domain == "com.microsoft" for n in nbits)
+    assert h.outputs_equal(quantized, lowered, FEEDS) == 0.0
+
+
+def test_partial_last_block_is_exact():
+    quantized = _quantized("rtn{group=32 symmetric=false}", hidden=48)  # K = 48: one block of 32 and one of 16
+    lowered = h.run(_copy(quantized), "lower-ort-nbits").model
+    q = next(n for n in lowered.graph if n.op_type == "MatMulNBits" and n.outputs[0].name == "q")
+    assert q.attributes["K"].as_int() == 48 and q.attributes["block_size"].as_int() == 32
+    assert tuple(q.inputs[1].shape) == (48, 2, 16)  # [N, blocks, block/2 bytes]
+    assert h.outputs_equal(quantized, lowered, FEEDS) == 0.0
+
+
+def test_annotations_and_names_move_to_the_new_node():
+    quantized = _quantized("rtn{group=32}")
+    lowered = h.run(_copy(quantized), "lower-ort-nbits").model
+    node = next(n for n in lowered.graph if n.outputs[0].name == "down")
+    assert node.op_type == "MatMulNBits"
+    assert annotation(node, "quant")["method"] == "rtn"
+    assert annotation(node, "ort_lowering")["runs_as"] == "com.microsoft.MatMulNBits"
+    assert lowered.opset_imports["com.microsoft"] == 1
+
+
+def test_dequantize_at_load_is_exact():
+    quantized = _quantized("rtn{symmetric=false group=32}")
+    lowered = h.run(_copy(quantized), "lower-ort-nbits{form=dequantize-at-load}").model
+    assert not h.ops(lowered, "DequantizeLinear") and h.ops(lowered, "Cast")
+    assert h.outputs_equal(quantized, lowered, FEEDS) == 0.0
+
+
+def test_accuracy_level_4_is_close():
+    quantized = _quantized("rtn{group=32}")
+    lowered = h.run(_copy(quantized), "lower-ort-nbits{accuracy-level=4}").model
+    ref = models.run_ort(quantized, FEEDS)[0]
+    out = models.run_ort(lowered, FEEDS)[0]
+    assert qm.sqnr_db(ref, out) > 25
+
+
+def test_small_blocks_stay_as_written():
+    quantized = _quantized("rtn{group=8}")
+    result = h.run(_copy(quantized), "lower-ort-nbits")
+    assert result.statistics["lowered"] == 0 and len(h.ops(result.model, "DequantizeLinear")) == 7
+
+
+def test_an_explicit_choice_is_kept_by_the_backends_run():
+    quantized = _quantized("rtn{group=32}")
+    kept = h.run(_copy(quantized), "lower-ort-nbits{form=keep},lower-ort-nbits").model
+    assert len(h.ops(kept, "DequantizeLinear")) == 7 and model_metadata(kept, METADATA)["form"] == "keep"
+    folded = h.run(_copy(quantized), "lower-ort-nbits{form=dequantize-at-load},lower-ort-nbits").model
+    assert not h.ops(folded, "MatMulNBits")
+
+
+def test_backend_legalizes_low_bit_before_int8(tmp_path):
+    assert OrtBackend.legalize.split(",")[:2] == ["lower-ort-nbits", "lower-ort-int8"]
+    from optc.passes import PassContext
+
+    quantized = _quantized("rtn{bits=8 group=-1}")
+    model = h.run(_copy(quantized), OrtBackend.legalize).model
+    # 8-bit weights: folded to float at load by lower-ort-int8 (MatMulNBits bits=8 ran 1.35x fp32 on SmolLM2)
+    assert not h.ops(model, "MatMulNBits") and not h.ops(model, "DequantizeLinear") and h.ops(model, "Cast")
+    assert h.outputs_equal(quantized, model, FEEDS) < 1e-4
+    artifact = OrtBackend().lower(model, tmp_path / "m.onnx", PassContext())
+    assert artifact.checks and np.isfinite(models.run_ort(str(artifact.path), FEEDS)[0]).all()
+
+
+def test_report_lists_weight_only_layers(tmp_path):
+    import json
+
+    from optc.api import compile as optc_compile
+    from optc.ir import save_model
+
+    source = tmp_path / "tiny.onnx"
+    save_model(qm.to_ir(qm.llama_block(hidden=64, ffn=128), vocab=64), source)
+    optc_compile(source, output=tmp_path / "q.onnx", passes="gptq{group=32}", calib="random", calib_samples=4,
+                 calib_seqlen=16, report=tmp_path / "run.json")
+    layers = json.loads((tmp_path / "run.json").read_text())["quantization"]["layers"]
+    assert len(layers) == 7 and {entry["weights"] for entry in layers} == {"int4"}
+    assert all(entry["op_type"] == "MatMulNBits" and entry["status"] == "ok" and entry["sqnr_db"] > 15 for entry in layers)

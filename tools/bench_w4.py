@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Benchmark: weight-only low-bit quantization of SmolLM2-135M, optc against onnxruntime's MatMulNBits quantizer.
+
+Side by side, on the same model:
+
+* `fp32`: the float model (optc's ONNX export of the GGUF);
+* optc pipelines as child processes (`optc --passes=...`, the ort backend lowers to MatMulNBits):
+  `optc-rtn`, `optc-gptq`, `optc-awq`, `optc-awq+gptq` at W4 g128 (symmetric and asymmetric),
+  `optc-gptq-w3` (W3 g128) and `optc-rtn-w8` (W8 per channel);
+* onnxruntime's `MatMulNBitsQuantizer` (onnxruntime.quantization.matmul_nbits_quantizer) at 4 bits,
+  block 128: `ort-rtn` (its default algorithm, asymmetric as its default), `ort-rtn-sym`, `ort-hqq`,
+  and `ort-gptq` (with the same calibration data; slow, only with --ort-gptq).
+
+Calibration: the `calib` split of the built-in text, `--samples` windows of `--seqlen` tokens (16×256).
+Every model is scored in this process by `optc.evaluate.evaluate`: perplexity on the held-out `eval`
+split (4096 tokens, windows of 256), size on disk; latency is the median of `--rounds` interleaved
+rounds of one 256-token window (all models open at once and take turns, so load on the machine hits
+them alike). Compile time is the child's wall time (for onnxruntime: the quantizer call).
+
+    python tools/bench_w4.py                               # every variant above but ort-gptq
+    python tools/bench_w4.py --variants optc-gptq,ort-rtn  # a subset (fp32 is always added)
+    python tools/bench_w4.py --candidate 'mine=gptq{damp=0.05}'
+    python tools/bench_w4.py --workdir W --reuse           # score models already built in W again
+    python tools/bench_w4.py --layer-timing 4096           # GPTQ math on one 4096x4096 layer: CPU, and CUDA if present
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_w8a8 import (  # noqa: E402 - the sibling benchmark's runner, evaluation and table
+    Row,
+    evaluate_rows,
+    interleaved_latency,
+    last_line,
+    model_path,
+    optc_command,
+    run_child,
+    table,
+)
+
+OPTC = {
+    "optc-rtn": "rtn",
+    "optc-gptq": "gptq",
+    "optc-awq": "awq",
+    "optc-awq+gptq": "awq{quantize=false},gptq",
+    "optc-rtn-asym": "rtn{symmetric=false}",
+    "optc-gptq-asym": "gptq{symmetric=false}",
+    "optc-awq-asym": "awq{symmetric=false}",
+    "optc-awq+gptq-asym": "awq{quantize=false symmetric=false},gptq{symmetric=false}",
+    "optc-gptq-w3": "gptq{bits=3 symmetric=false}",
+    "optc-rtn-w8": "rtn{bits=8 group=-1}",
+}
+ORT = ("ort-rtn", "ort-rtn-sym", "ort-hqq", "ort-gptq")
+DEFAULT = ("fp32", *OPTC, "ort-rtn", "ort-rtn-sym", "ort-hqq")
+
+PPL_TARGET = 1.15
+LATENCY_TARGET = 1.0
+SIZE_TARGET = 0.35
+GPTQ_SECONDS = 300.0
+
+
+def ort_quantize(variant: str, fp32: Path, out: Path, model: Any, samples: int, seqlen: int) -> str:
+    """onnxruntime's MatMulNBits quantizer at 4 bits, block 128; returns a note."""
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    proto = onnx.load(str(fp32))
+    if variant == "ort-hqq":
+        config, note = mnq.HQQWeightOnlyQuantConfig(block_size=128, bits=4), "HQQ, 4 bits, block 128"
+    elif variant == "ort-gptq":
+        from onnxruntime.quantization import CalibrationDataReader
+
+        from optc.frontends.calibration import iter_samples
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it = iter_samples(model, "builtin", samples, seqlen)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        config, note = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=128), "GPTQ, block 128"
+    else:
+        symmetric = variant == "ort-rtn-sym"
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=symmetric, bits=4)
+        note = f"default (RTN), 4 bits, block 128, {'symmetric' if symmetric else 'asymmetric (its default)'}"
+    quantizer = mnq.MatMulNBitsQuantizer(proto, algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
+    return note
+
+
+def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Path) -> list[Row]:
+    rows: list[Row] = []
+    calib = ["--calib", "builtin", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
+    for variant in args.variants:
+        row = Row(variant)
+        rows.append(row)
+        out = work / f"{variant.replace('+', '_')}.onnx"
+        print(f"bench_w4: building {variant} ...", file=sys.stderr, flush=True)
+        try:
+            if variant == "fp32":
+                row.path, row.note = fp32, "optc's export of the GGUF (dequantized to float32)"
+            elif args.reuse and out.exists():
+                row.path, row.note = out, f"reused {out} (not rebuilt)"
+            elif variant in ORT:
+                start = time.perf_counter()
+                row.note = ort_quantize(variant, fp32, out, model, args.samples, args.seqlen)
+                row.compile_s, row.path = time.perf_counter() - start, out
+            else:
+                pipeline = OPTC[variant]
+                command = optc_command(gguf, out, pipeline, *calib)
+                row.command = shlex.join(command)
+                child = run_child(command)
+                row.compile_s = child.seconds
+                if child.returncode != 0:
+                    row.note = f"failed (exit {child.returncode}): {last_line(child.stderr)}"
+                    continue
+                row.path = out
+                row.note = f"--passes={pipeline}, peak RSS {child.peak_rss / 2**20:.0f} MiB"
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the table
+            row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return rows
+
+
+def targets(rows: list[Row]) -> list[str]:
+    by = {r.variant: r for r in rows}
+    base = by.get("fp32")
+    if base is None or base.ppl is None:
+        return ["- no fp32 baseline measured"]
+    four = [r for r in rows if r.variant in OPTC and "w3" not in r.variant and "w8" not in r.variant and r.ppl]
+    best = min(four, key=lambda r: r.ppl, default=None)
+    out = []
+
+    def check(label: str, value: float | None, ref: float | None, limit: float) -> str:
+        if value is None or ref is None:
+            return f"- {label}: not measured"
+        ratio = value / ref
+        return f"- {label}: {ratio:.3f}× (target ≤ {limit}×) {'PASS' if ratio <= limit else 'FAIL'}"
+
+    name = best.variant if best else "—"
+    out.append(check(f"W4 g128 perplexity / fp32 (best optc: {name})", best.ppl if best else None, base.ppl, PPL_TARGET))
+    out.append(check(f"W4 latency / fp32 ({name})", best.latency_s if best else None, base.latency_s, LATENCY_TARGET))
+    out.append(check(f"W4 file size / fp32 ({name})", best.size_bytes if best else None, base.size_bytes, SIZE_TARGET))
+    gptq = by.get("optc-gptq")
+    if gptq is not None and gptq.compile_s is not None:
+        verdict = "PASS" if gptq.compile_s <= GPTQ_SECONDS else "FAIL"
+        out.append(f"- optc gptq compile (whole optc run, calibration included): {gptq.compile_s:.0f} s "
+                   f"(target < {GPTQ_SECONDS:.0f} s) {verdict}")
+    return out
+
+
+def layer_timing(size: int, repeats: int = 3) -> list[str]:
+    """Seconds for GPTQ (W4 g128, act-order) of one random size×size layer on the CPU and, when present, CUDA."""
+    import torch
+
+    from optc.passes.lowbit import Grid, torch_threads
+    from optc.passes.transforms.gptq import factor, gptq_quantize
+
+    lines = []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for name in devices:
+        device = torch.device(name)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(2 * size, size, generator=g).to(device)
+        w = torch.randn(size, size, generator=g).to(device)
+        hess = 2 * x.T @ x / x.shape[0]
+        times = []
+        with torch_threads(device):
+            for _ in range(repeats if name == "cuda" else 1):
+                if name == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                gptq_quantize(w, factor(hess), 128, Grid(4), clip=True)
+                if name == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        best = min(times)
+        lines.append(f"- {name}: {best:.2f} s per {size}x{size} layer ({1 / best:.2f} layers/s)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
+    parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
+    parser.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads for evaluation (default: all CPUs)")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved latency rounds (default 20)")
+    parser.add_argument("--reuse", action="store_true", help="reuse models already in --workdir")
+    parser.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated subset of {','.join((*OPTC, *ORT))}")
+    parser.add_argument("--ort-gptq", action="store_true", help="also run onnxruntime's GPTQ (very slow on 2 cores)")
+    parser.add_argument("--candidate", action="append", default=[], metavar="NAME=PIPELINE",
+                        help="also build and score optc with this pipeline as row NAME (repeatable)")
+    parser.add_argument("--workdir", type=Path, help="where models are written (default: a temporary folder, removed)")
+    parser.add_argument("--json", type=Path, help="also write the measurements as JSON")
+    parser.add_argument("--layer-timing", type=int, metavar="SIZE", help="only time GPTQ on one SIZE x SIZE layer")
+    args = parser.parse_args(argv)
+    if args.layer_timing:
+        print("\n".join(layer_timing(args.layer_timing)))
+        return 0
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.ort_gptq and "ort-gptq" not in args.variants:
+        args.variants.append("ort-gptq")
+    for candidate in args.candidate:
+        name, sep, pipeline = candidate.partition("=")
+        if not sep or not name or not pipeline:
+            parser.error(f"--candidate wants NAME=PIPELINE, got {candidate!r}")
+        OPTC[name] = pipeline
+        args.variants.append(name)
+    unknown = [v for v in args.variants if v not in ("fp32", *OPTC, *ORT)]
+    if unknown:
+        parser.error(f"unknown variants {unknown}")
+    if "fp32" not in args.variants:
+        args.variants.insert(0, "fp32")
+    args.eval_info = args.latency_info = ""
+
+    gguf = model_path()
+    keep = args.workdir is not None
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-w4-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        from optc.evaluate import load_tokenizer
+        from optc.frontends import load_input
+
+        model = load_input(gguf)
+        fp32 = Path(model.meta["optc.source_onnx"])
+        tokenizer = load_tokenizer(fp32)
+        rows = build(args, gguf, model, fp32, work)
+        evaluate_rows(rows, args, tokenizer)
+        interleaved_latency(rows, args, tokenizer)
+        load = os.getloadavg()
+        print(f"\n## SmolLM2-135M weight-only low-bit benchmark ({args.samples}×{args.seqlen} calibration tokens)\n")
+        print(f"Perplexity: {args.eval_info}. Latency: {args.latency_info}; load average {load[0]:.1f} on "
+              f"{os.cpu_count()} CPUs at the end. Optc W4 rows: 4 bits, group 128 (symmetric unless -asym); "
+              f"lm_head (tied to the embedding table) stays float.\n")
+        print(table(rows))
+        print("\nTargets:")
+        print("\n".join(targets(rows)))
+        if args.json:
+            data = {"rows": [{**dataclasses.asdict(r), "path": str(r.path) if r.path else None} for r in rows],
+                    "eval": args.eval_info, "latency": args.latency_info}
+            args.json.write_text(json.dumps(data, indent=2) + "\n")
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
