@@ -680,7 +680,10 @@ def llama_check(path: Path, prompt_tokens: int = 4) -> str:
     try:
         ids = list(range(min(prompt_tokens, llm.n_vocab())))
         llm.eval(ids)
-        logits = np.asarray(llm.scores[llm.n_tokens - 1])  # the last position's logits (the only ones kept)
+        # The last position's logits, read from llama.cpp's context itself: llama-cpp-python's `scores`
+        # array is allocated uninitialized and is only a copy (a CI run once saw non-finite values there).
+        pointer = llama_cpp.llama_get_logits_ith(llm.ctx, len(ids) - 1)
+        logits = np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),)).copy()
         if not np.isfinite(logits).all():
             raise OptcError("llama.cpp loaded the GGUF file but its logits are not finite")
         return f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) loaded it and evaluated {len(ids)} tokens"
