@@ -11,10 +11,16 @@ saved un-lowered, and each backend then lowers that same model
   held-out eval split, `--max-tokens` tokens in windows of `--ctx`), and the
   ratio tensorrt / ort (Done-when: within 1%);
 * CNN (tests/cnn_models.py: Conv, BatchNorm, Relu, residual Add, Concat,
-  pooling; `--cnn-size` pixels): relative L2 error of each output against the
-  float model over `--cnn-batch` random images (Done-when: the tensorrt
-  file's error within 1% of the ort file's, |err_trt - err_ort| <= 0.01), the
-  relative L2 difference between the two targets' outputs and top-1 agreement;
+  pooling; `--cnn-size` pixels), over `--cnn-batch` random images: the
+  relative L2 error of each target's logits against the float model (`err`),
+  abs(err_trt - err_ort) (`Δerr`), and the relative L2 difference between the
+  two targets' logits (`diff`) with top-1 agreement. Done-when ("outputs
+  within 1% of the ort target's") is judged on `diff` <= 0.01, the direct
+  reading; the table also says whether Δerr <= 0.01 holds, a much looser
+  reading (0.01 of an error of ~0.05). `diff w/o residual Q/DQ` lowers the
+  same model with `lower-tensorrt{residual=false}` (not legal for TensorRT:
+  a diagnostic) to show how much of `diff` the residual Add's Q/DQ (TensorRT
+  placement rule 4) accounts for;
 * sizes on disk and the lowering notes (what `lower-tensorrt` rewrote).
 
 Variants (`--variants`, name=pipeline to override; a pipeline whose first pass
@@ -29,8 +35,13 @@ is not registered is reported as skipped):
 Measured on the project's 2-core machine (2026-11-27, onnxruntime 1.32, default options; one run):
 every tensorrt output has 0 trt-check findings; SmolLM2 perplexity tensorrt / ort: w8a8 19.864 / 19.823
 (1.0021), fp8 19.912 / 19.953 (0.9979), w4 31.362 / 31.362, w4asym 28.531 / 28.531, 2:4 90.983 / 90.983
-(fp32 19.595); CNN error vs float, tensorrt / ort: w8a8 0.0104 / 0.0103, fp8 0.0460 / 0.0463,
-w4 0.0856 / 0.0856, w4asym 0.0529 / 0.0529, 2:4 0.0272 / 0.0272.
+(fp32 19.595); CNN error vs float, tensorrt / ort (diff between the targets' logits): w8a8 0.0104 /
+0.0103 (0.0037), fp8 0.0460 / 0.0463 (0.0109: over 1%), w4 0.0856 / 0.0856 (0), w4asym 0.0529 / 0.0529 (0),
+2:4 0.0272 / 0.0272 (0). Without the residual Add's Q/DQ the w8a8 and fp8 diffs are 0: the residual Q/DQ is
+the whole difference. For fp8 it is E4M3 rounding of the residual (3 mantissa bits, ~2.7% relative error per
+element whatever the scale): over 64 scales spanning one octave around the calibrated one the fp8 diff ranges
+0.005-0.018 (median 0.013), and over 5 image seeds at the shipped scale 0.006-0.016; no scale choice
+(reused, own minmax, mse) fixes it except by chance (2026-11-27, see the issue 8 notes).
 
 No GPU here: the engine itself is not built (the tensorrt package is absent);
 each tensorrt output gets its trtexec command line beside it.
@@ -225,10 +236,23 @@ def bench_cnn(args: argparse.Namespace, work: Path) -> list[Row]:
             row.metric["diff"] = _rel(outs["tensorrt"], outs["ort"])
             agree = float((outs["tensorrt"].argmax(1) == outs["ort"].argmax(1)).mean())
             row.extra = f"tensorrt vs ort: rel. L2 diff {row.metric['diff']:.4f}, top-1 agreement {agree:.3f}"
+            if any("residual Add inputs" in note for note in row.notes):
+                plain = _without_residual_qdq(pre, work / f"cnn-{_safe(name)}.tensorrt-no-residual.onnx", args.seqlen)
+                row.metric["diff_no_residual"] = _rel(_session_run(plain, feeds), outs["ort"])
+                row.extra += f"; without the residual Q/DQ {row.metric['diff_no_residual']:.4f}"
         except Exception as exc:  # noqa: BLE001
             row.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         row.seconds = time.perf_counter() - start
     return rows
+
+
+def _without_residual_qdq(pre: Path, out: Path, seqlen: int) -> Path:
+    """The tensorrt lowering of `pre` without the residual Add's Q/DQ (rule 4): a diagnostic, not a legal file."""
+    from optc.frontends import load_input
+    from optc.ir import save_model
+
+    save_model(_run_pipeline(load_input(pre), "lower-tensorrt{residual=false}", "random", 32, seqlen), out)
+    return out
 
 
 def _session_run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -262,9 +286,20 @@ def _cleanup(work: Path, name: str, keep: bool) -> None:
             path.unlink(missing_ok=True)
 
 
+def cnn_verdict(row: Row) -> tuple[bool, str]:
+    """Done-when for a CNN row: 0 findings and the two targets' logits within 1% (relative L2), said with both readings."""
+    o, t, diff = row.metric["ort"], row.metric["tensorrt"], row.metric["diff"]
+    ok = row.findings == 0 and diff <= CNN_TOLERANCE
+    loose = "holds" if abs(t - o) <= CNN_TOLERANCE else "fails"
+    why = f"outputs differ {100 * diff:.2f}% ({'<=' if diff <= CNN_TOLERANCE else '>'} 1%); Δerr <= 0.01 {loose}"
+    if row.findings:
+        why = f"{row.findings} trt-check finding(s); " + why
+    return ok, why
+
+
 def table(rows: list[Row], base_ppl: float | None) -> str:
     lines = [
-        "| model | variant | pipeline | trt-check findings | ort target | tensorrt target | tensorrt / ort | size ort | size tensorrt | done-when |",
+        "| model | variant | pipeline | trt-check findings | ort target | tensorrt target | tensorrt vs ort | size ort | size tensorrt | done-when |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -273,18 +308,28 @@ def table(rows: list[Row], base_ppl: float | None) -> str:
             continue
         if r.model == "CNN":
             o, t = r.metric["ort"], r.metric["tensorrt"]
-            ok = r.findings == 0 and abs(t - o) <= CNN_TOLERANCE
-            cells = (f"err {o:.4f}", f"err {t:.4f}", f"diff {r.metric['diff']:.4f}")
+            ok, why = cnn_verdict(r)
+            vs = f"diff {r.metric['diff']:.4f}, Δerr {abs(t - o):.4f}"
+            if "diff_no_residual" in r.metric:
+                vs += f"; diff w/o residual Q/DQ {r.metric['diff_no_residual']:.4f}"
+            cells = (f"err {o:.4f}", f"err {t:.4f}", vs)
         else:
             o, t = r.metric["ort"], r.metric["tensorrt"]
             ok = r.findings == 0 and abs(t / o - 1) <= PPL_TOLERANCE
             cells = (f"ppl {o:.3f}", f"ppl {t:.3f}", f"{t / o:.4f}")
         size = f"{r.size['ort'] / 1e6:.1f} MB", f"{r.size['tensorrt'] / 1e6:.1f} MB"
+        verdict = "PASS" if ok else "FAIL"
+        if r.model == "CNN":
+            verdict += f": {why}"
         lines.append(f"| {r.model} | {r.variant} | `{r.pipeline}` | {r.findings} | {cells[0]} | {cells[1]} | {cells[2]} | "
-                     f"{size[0]} | {size[1]} | {'PASS' if ok else 'FAIL'} |")
+                     f"{size[0]} | {size[1]} | {verdict} |")
     if base_ppl is not None:
-        lines.append(f"\nSmolLM2 fp32 perplexity on the same windows: {base_ppl:.3f}. CNN 'err' = relative L2 error of the "
-                     f"logits against the float model; 'diff' = relative L2 difference tensorrt vs ort output.")
+        lines.append(f"\nSmolLM2 fp32 perplexity on the same windows: {base_ppl:.3f}.")
+    if any(r.model == "CNN" and not r.skipped for r in rows):
+        lines.append("\nCNN: 'err' = relative L2 error of the logits against the float model; 'diff' = relative L2 "
+                     "difference between the tensorrt and ort targets' logits (done-when: <= 0.01); 'Δerr' = "
+                     "abs(err tensorrt - err ort); 'diff w/o residual Q/DQ' = diff when lower-tensorrt skips the residual "
+                     "Add's Q/DQ (a diagnostic, not legal for TensorRT).")
     return "\n".join(lines)
 
 

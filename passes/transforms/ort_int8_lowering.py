@@ -22,8 +22,10 @@ it does, and why, was measured on SmolLM2-135M with onnxruntime 1.32 on a
   kernel widens to int16 before multiplying, so it is exact (0.73-0.78× fp32
   per MatMul). `kernel=u8s8` re-encodes only the activations: faster (~0.6×
   per MatMul), exact on CPUs with VNNI (`vpdpbusd` accumulates in int32), and
-  on any CPU for weights within ±64. `auto` picks for the compiling host:
-  u8s8 with VNNI or for 7-bit weights, else u8u8; on non-x86 hosts it keeps
+  on any CPU for weights whose adjacent pairs along K have |q₀ + q₁| ≤ 128
+  (`optc.passes.int8_pairs`: what `quantize{weight-pair-limit=128}` and
+  7-bit weights guarantee). `auto` picks for the compiling host, per op:
+  u8s8 with VNNI or for such weights, else u8u8; on non-x86 hosts it keeps
   int8 (ARM kernels are exact). `keep` leaves the Q/DQ as written. A Gemm's
   float bias moves to an `Add` (onnxruntime fuses QGemm only without one).
 * **Weights of ops that stay float** (int16 or float activations, a tied
@@ -59,6 +61,7 @@ from optc.ir import (
     Graph,
     Model,
     Node,
+    Shape,
     Value,
     add_initializer,
     annotate,
@@ -74,6 +77,7 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+from optc.passes.int8_pairs import pair_sums_within
 
 Kernel = Literal["auto", "u8u8", "u8s8", "keep"]
 
@@ -81,8 +85,6 @@ _INTEGER_OPS = ("MatMul", "Gemm")
 #: Weight element types whose DequantizeLinear can become Cast → Mul (onnxruntime casts all of them on CPU).
 _FOLDABLE = (DataType.INT8, DataType.UINT8, DataType.FLOAT8E4M3FN)
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"})
-#: |w| bound under which uint8 × int8 byte-pair sums cannot saturate int16: 2 · 255 · 64 = 32640 < 32767.
-_SAFE_S8_ABSMAX = 64
 
 
 def host_kernel() -> tuple[str, str]:
@@ -118,7 +120,7 @@ class LowerOrtInt8(Pass):
         kernel: Kernel = option(
             "auto",
             help="integer MatMul/Gemm encoding: u8u8 (exact on every CPU), u8s8 (fastest; exact with VNNI or "
-            "weights within +-64), keep (as quantize wrote it), auto (exact and fastest for this host)",
+            "weights with |q[2i]+q[2i+1]| <= 128 along K), keep (as quantize wrote it), auto (exact and fastest for this host)",
         )
         dequantize_at_load: bool = option(
             True, help="weights of ops that stay float: Cast->Mul that onnxruntime folds at load, not DequantizeLinear"
@@ -170,11 +172,13 @@ class _Rewriter:
         if node.op_type not in _INTEGER_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             return
         act_dq, w_dq = _producer(node.inputs[0], "DequantizeLinear"), _producer(node.inputs[1], "DequantizeLinear")
+        if act_dq is not None and w_dq is None:
+            w_dq = self._untie_transpose(node, act_dq)
         if act_dq is None or w_dq is None:
             return
         q = _producer(act_dq.inputs[0], "QuantizeLinear")
         weight = w_dq.inputs[0]
-        if q is None or not is_constant(weight) or is_constant(q.inputs[0]):
+        if q is None or not (is_constant(weight) or _transposed_table(weight) is not None) or is_constant(q.inputs[0]):
             return
         if not (_plain_8bit(act_dq) and _plain_8bit(w_dq) and _plain_8bit(q)) or not _per_output_channel(node, w_dq):
             return
@@ -185,7 +189,7 @@ class _Rewriter:
         if act_type == DataType.INT8 and not self._activation_readers(q):
             return  # a Q output read by something other than plain DequantizeLinear nodes: left as written
         weight_to_u8 = self.kernel == "u8u8" and weight.dtype == DataType.INT8
-        if weight_to_u8 and self.safe_s8 and _within(weight, _SAFE_S8_ABSMAX):
+        if weight_to_u8 and self.safe_s8 and _pair_safe(node, weight):
             weight_to_u8 = False  # byte-pair sums of these weights cannot saturate: the faster u8s8 is exact
         if act_type == DataType.INT8:
             self._activation_to_u8(q)
@@ -199,6 +203,56 @@ class _Rewriter:
             "kernel": kernel,
             "runs_as": "com.microsoft.MatMulIntegerToFloat" if node.op_type == "MatMul" else "com.microsoft.QGemm",
         })
+
+    def _untie_transpose(self, node: Node, act_dq: Node) -> Node | None:
+        """A tied lm_head `MatMul(DQ(x), Transpose(DQ(T, axis=0)))` → `MatMul(DQ(x), DQ(Transpose(T), axis=1))`.
+
+        onnxruntime folds the int8 `Transpose(T)` into an initializer when the
+        session loads and then fuses the MatMul into its integer kernel, while
+        the file keeps the one table the embedding Gather also reads. Only
+        where the u8s8 kernel is exact for the table (it stays int8, shared):
+        VNNI, or pairs along its rows within the limit. Returns the new
+        DequantizeLinear, or None (nothing changed).
+        """
+        if node.op_type != "MatMul" or _producer(act_dq.inputs[0], "QuantizeLinear") is None:
+            return None
+        t = _producer(node.inputs[1], "Transpose")
+        if t is None or len(list(node.inputs[1].uses())) != 1 or node.inputs[1].is_graph_output():
+            return None
+        perm = t.attributes.get("perm")
+        if perm is not None and list(perm.as_ints()) != [1, 0]:
+            return None
+        dq = _producer(t.inputs[0], "DequantizeLinear")
+        if dq is None or not _plain_8bit(dq) or not is_constant(dq.inputs[0]):
+            return None
+        table, scale = dq.inputs[0], dq.inputs[1]
+        zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+        axis = dq.attributes.get("axis")
+        if table.dtype != DataType.INT8 or table.shape is None or len(table.shape) != 2 or scale.shape is None:
+            return None
+        if len(scale.shape) == 1 and (axis.as_int() if axis is not None else 1) % 2 != 0:
+            return None  # per-column scales of the table are per-input-channel scales of the head
+        if zp is not None and np.any(constant_array(zp)):
+            return None
+        if self.kernel == "u8u8" and not (self.safe_s8 and pair_sums_within(constant_array(table), 1)):
+            return None
+        g, name = self.graph, node.outputs[0].name
+        t_new = make_node("Transpose", [table], attributes={"perm": [1, 0]}, name=unique_name(g, f"{table.name}_transpose"),
+                          output_names=[unique_name(g, f"{table.name}_transposed")])
+        t_new.outputs[0].dtype = DataType.INT8
+        t_new.outputs[0].shape = Shape([table.shape[1], table.shape[0]])
+        inputs = [t_new.outputs[0], scale] + ([zp] if zp is not None else [])
+        dq_new = make_node("DequantizeLinear", inputs, attributes={"axis": 1}, name=unique_name(g, f"{name}_weight_dq"),
+                           output_names=[unique_name(g, f"{name}_weight")])
+        _copy_type(dq_new.outputs[0], node.inputs[1])
+        for n in (t_new, dq_new):
+            annotate(n, "provenance", "lower-ort-int8")
+        annotate(t_new, "ort_lowering", {"rewrite": "tied int8 table transposed at session load for the integer kernel"})
+        g.insert_before(node, [t_new, dq_new])
+        node.replace_input_with(1, dq_new.outputs[0])
+        if not t.outputs[0].uses() and not t.outputs[0].is_graph_output():
+            self._dead.append(t)
+        return dq_new
 
     def _split_gemm_bias(self, gemm: Node) -> None:
         """Gemm(A, B, C) → Gemm(A, B) + beta·C: onnxruntime fuses a QDQ Gemm into QGemm only without a float C."""
@@ -458,9 +512,26 @@ def _foldable(dq: Node) -> bool:
     return scale.dtype in (DataType.FLOAT, DataType.FLOAT16) and scale.shape is not None
 
 
-def _within(weight: Value, bound: int) -> bool:
+def _transposed_table(value: Value) -> Value | None:
+    """The int8 constant T when `value` is `Transpose(T)` (what `_untie_transpose` writes), else None."""
+    t = _producer(value, "Transpose")
+    return t.inputs[0] if t is not None and is_constant(t.inputs[0]) else None
+
+
+def _pair_safe(node: Node, weight: Value) -> bool:
+    """An int8 weight whose adjacent pairs along K cannot saturate the u8s8 kernel (`optc.passes.int8_pairs`)."""
+    table = _transposed_table(weight)
+    if table is not None:  # W = Tᵀ: K runs along T's rows
+        array = constant_array(table)
+        return array is not None and array.ndim == 2 and pair_sums_within(array, 1)
     array = constant_array(weight)
-    return array is not None and int(np.abs(array.astype(np.int16)).max(initial=0)) <= bound
+    if array is None or array.ndim != 2:
+        return False
+    k_axis = 0
+    if node.op_type == "Gemm":
+        trans = node.attributes.get("transB")
+        k_axis = 1 if trans is not None and trans.as_int() else 0
+    return pair_sums_within(array, k_axis)
 
 
 def _fused_integer(node: Node) -> bool:

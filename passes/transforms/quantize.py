@@ -80,6 +80,7 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+from optc.passes.int8_pairs import limit_pair_sums, pair_limited_scale
 
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
 _FLOAT_TYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
@@ -150,6 +151,11 @@ class Quantize(Pass):
         weight_bits: int = option(
             8, help="bits of int8 weights (7: weights within ±63, which onnxruntime's fast u8s8 kernel computes exactly)"
         )
+        weight_pair_limit: int = option(
+            0,
+            help="limit |q[2i] + q[2i+1]| of int8 MatMul/Gemm weights along K to this (128: onnxruntime's fast "
+            "u8s8 kernel is then exact on AVX2 CPUs without VNNI); 0: off",
+        )
 
         def validate(self) -> None:
             if self.weights == "none" and self.activations == "none" and not self.embeddings:
@@ -166,6 +172,10 @@ class Quantize(Pass):
                 raise ValueError(f"option 'weight-bits' must be between 2 and 8, got {self.weight_bits}")
             if self.weight_bits != 8 and self.weights != "int8":
                 raise ValueError("option 'weight-bits' applies to weights=int8")
+            if self.weight_pair_limit and not 64 <= self.weight_pair_limit <= 254:
+                raise ValueError(f"option 'weight-pair-limit' must be 0 (off) or between 64 and 254, got {self.weight_pair_limit}")
+            if self.weight_pair_limit and self.weights != "int8":
+                raise ValueError("option 'weight-pair-limit' applies to weights=int8")
             if self.bins < 16 or self.bins & (self.bins - 1):
                 raise ValueError(f"option 'bins' must be a power of two of at least 16, got {self.bins}")
 
@@ -212,8 +222,11 @@ class Quantize(Pass):
             weight_fmt = _Format("int8", -limit, limit)
         dq_cache: dict[tuple[int, int], Value] = {}
         act_cache: dict[tuple[int, str], tuple[Value, dict]] = {}
+        # A table that a tied integer op (int8 activations) reads through a Transpose gets its pairs limited too.
+        integer_tables = {id(w.value) for _, w, f in plans if w.path == "transpose" and f is not None and f.name in ("int8", "uint8")}
         for gather, index in tables:  # first: a tied lm_head below then reuses the table's DequantizeLinear
-            _quantize_table(graph, gather, index, table_fmt, dq_cache)
+            limit = opts.weight_pair_limit if id(gather.inputs[index]) in integer_tables else 0
+            _quantize_table(graph, gather, index, table_fmt, dq_cache, limit)
         for node, weight in excluded:
             if tables and weight.node.inputs[weight.index].producer() is not None:
                 reason = annotation(node, "quant_skipped", "")
@@ -222,7 +235,8 @@ class Quantize(Pass):
             info: dict[str, object] = {"op": node.op_type}
             reason = sensitive.get(node.inputs[0].name) if node.inputs[0] is not None else None
             if weight_fmt is not None:
-                info.update(_quantize_weight(graph, node, weight, weight_fmt, dq_cache))
+                integer = act_fmt is not None and act_fmt.name in ("int8", "uint8")  # runs as an integer kernel
+                info.update(_quantize_weight(graph, node, weight, weight_fmt, dq_cache, opts.weight_pair_limit if integer else 0))
             else:
                 info["weights"] = "float"
             if act_fmt is not None:
@@ -324,6 +338,7 @@ class _WeightSite:
     index: int
     axis: int  # output-channel axis of the constant
     path: str  # "direct" | "transpose"
+    k_axis: int | None = None  # input-channel (reduction) axis of the constant; None for Conv
 
 
 def _weight_site(node: Node) -> _WeightSite | None:
@@ -334,11 +349,13 @@ def _weight_site(node: Node) -> _WeightSite | None:
         return None
     w = node.inputs[1]
     op = node.op_type
+    k_axis: int | None = None
     if op == "MatMul":
-        out_axis = -1
+        out_axis, k_axis = -1, -2
     elif op == "Gemm":
         trans = node.attributes.get("transB")
         out_axis = 0 if trans is not None and trans.as_int() else 1
+        k_axis = 1 - out_axis
     elif op == "Conv":
         out_axis = 0
     else:
@@ -347,7 +364,7 @@ def _weight_site(node: Node) -> _WeightSite | None:
         rank = len(w.shape) if w.shape is not None else 0
         if rank < 2 or w.dtype not in _FLOAT_TYPES:
             return None
-        return _WeightSite(w, node, 1, out_axis % rank, "direct")
+        return _WeightSite(w, node, 1, out_axis % rank, "direct", None if k_axis is None else k_axis % rank)
     producer = w.producer()
     if producer is None or producer.op_type != "Transpose" or not is_constant(producer.inputs[0]):
         return None
@@ -359,14 +376,17 @@ def _weight_site(node: Node) -> _WeightSite | None:
         return None
     perm_attr = producer.attributes.get("perm")
     perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(rank))[::-1]
-    return _WeightSite(source, producer, 0, perm[out_axis % rank], "transpose")
+    return _WeightSite(source, producer, 0, perm[out_axis % rank], "transpose",
+                       None if k_axis is None else perm[k_axis % rank])
 
 
-def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache) -> dict:
+def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache, pair_limit: int = 0) -> dict:
     key = (id(site.value), site.axis)
     dq_out = cache.get(key)
+    pair_axis = site.k_axis if pair_limit else None
     if dq_out is None:
-        dq_out = _dequantized_constant(graph, site.value, site.axis, fmt, before=site.node)
+        dq_out = _dequantized_constant(graph, site.value, site.axis, fmt, before=site.node,
+                                       pair_axis=pair_axis, pair_limit=pair_limit)
         cache[key] = dq_out
     site.node.replace_input_with(site.index, dq_out)
     info = {
@@ -379,11 +399,19 @@ def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache) 
     }
     if fmt.name == "int8" and fmt.qmax != 127:
         info["weight_bits"] = int(fmt.qmax).bit_length() + 1
+    if pair_axis is not None and fmt.name == "int8":
+        info["weight_pair_limit"] = pair_limit
     return info
 
 
-def _dequantized_constant(graph, value: Value, axis: int, fmt: _Format, *, before: Node) -> Value:
-    """Store `value` quantized per channel along `axis`; returns the DequantizeLinear output."""
+def _dequantized_constant(
+    graph, value: Value, axis: int, fmt: _Format, *, before: Node, pair_axis: int | None = None, pair_limit: int = 0
+) -> Value:
+    """Store `value` quantized per channel along `axis`; returns the DequantizeLinear output.
+
+    With `pair_axis`, int8 codes of adjacent entries along it are limited to
+    |q₀ + q₁| ≤ `pair_limit` (`optc.passes.int8_pairs`).
+    """
     array = constant_array(value)
     float_dtype = array.dtype
     data = array.astype(np.float64)
@@ -392,7 +420,15 @@ def _dequantized_constant(graph, value: Value, axis: int, fmt: _Format, *, befor
     scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(float_dtype)
     shape = [1] * data.ndim
     shape[axis] = -1
-    quantized = fmt.cast(data / scale.astype(np.float64).reshape(shape))
+    scaled = data / scale.astype(np.float64).reshape(shape)
+    if pair_axis is not None and pair_limit and fmt.name == "int8":
+        # Widen the scale of the channels whose pair sums would pass the limit, then fix rounding's last step.
+        scale = (scale * pair_limited_scale(scaled, axis, pair_axis, pair_limit)).astype(float_dtype)
+        scaled = data / scale.astype(np.float64).reshape(shape)
+        quantized = fmt.cast(scaled)
+        limit_pair_sums(quantized, scaled, pair_axis, pair_limit)
+    else:
+        quantized = fmt.cast(scaled)
     base = value.name or "weight"
     q_value = add_initializer(graph, unique_name(graph, f"{base}_quantized"), quantized)
     for k, v in value.metadata_props.items():
@@ -425,8 +461,11 @@ def _gather_tables(graph) -> list[tuple[Node, int]]:
     return tables
 
 
-def _quantize_table(graph, gather: Node, index: int, fmt: _Format, cache) -> None:
-    """Quantize an embedding table per row; every float reader of it reads the dequantized table."""
+def _quantize_table(graph, gather: Node, index: int, fmt: _Format, cache, pair_limit: int = 0) -> None:
+    """Quantize an embedding table per row; every float reader of it reads the dequantized table.
+
+    With `pair_limit`, pairs along the row (the K axis of a tied lm_head) are limited too.
+    """
     table = gather.inputs[index]
     if not is_constant(table):
         return
@@ -434,7 +473,8 @@ def _quantize_table(graph, gather: Node, index: int, fmt: _Format, cache) -> Non
     dq_out = cache.get(key)
     if dq_out is None:
         first = min((u.node for u in table.uses()), key=_position(graph))
-        dq_out = _dequantized_constant(graph, table, 0, fmt, before=first)
+        dq_out = _dequantized_constant(graph, table, 0, fmt, before=first, pair_axis=1 if pair_limit else None,
+                                       pair_limit=pair_limit)
         cache[key] = dq_out
     for use in list(table.uses()):
         if use.node.op_type != "DequantizeLinear":

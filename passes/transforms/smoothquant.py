@@ -47,6 +47,7 @@ structure when it only rescaled initializers in place.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from typing import Literal
@@ -99,6 +100,7 @@ class _Group:
     producer: str  # "norm" | "linear"
     folds: list[_Site]
     channels: int
+    tied: list[tuple[Node, _Site]] = dataclasses.field(default_factory=list)  # (consumer, its Transpose'd table)
 
 
 @register_pass("smoothquant")
@@ -127,7 +129,7 @@ class SmoothQuant(Pass):
                 raise ValueError(f"option 'alpha' must be in [0, 1], got {self.alpha}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        groups = find_groups(model, self.options.targets, self.options.exclude, self.options.insert_mul)
+        groups = find_groups(model, self.options.targets, self.options.exclude, self.options.insert_mul, tied=True)
         if not groups:
             return PassResult(model, False, None, {"groups-smoothed": 0})
         stats = self._activation_stats(model, am)
@@ -139,9 +141,10 @@ class SmoothQuant(Pass):
             if stat is None or stat.channel_absmax is None or stat.channel_absmax.size != group.channels:
                 continue
             weight_max = np.zeros(group.channels, dtype=np.float64)
-            for node, axis in group.consumers:
-                w = np.abs(constant_array(node.inputs[1]).astype(np.float64))
-                weight_max = np.maximum(weight_max, np.moveaxis(w, axis, 0).reshape(group.channels, -1).max(axis=1))
+            weight_sites = [_Site(n, 1, a) for n, a in group.consumers] + [site for _, site in group.tied]
+            for site in weight_sites:
+                w = np.abs(constant_array(site.node.inputs[site.index]).astype(np.float64))
+                weight_max = np.maximum(weight_max, np.moveaxis(w, site.axis, 0).reshape(group.channels, -1).max(axis=1))
             s = smoothing_scales(stat.channel_absmax, weight_max, self.options.alpha)
             if np.all(s == 1.0):
                 continue
@@ -151,8 +154,13 @@ class SmoothQuant(Pass):
             else:
                 copies += _scale_sites(graph, group.folds, 1.0 / s, group.channels)
             copies += _scale_sites(graph, [_Site(n, 1, a) for n, a in group.consumers], s, group.channels)
+            for _, site in group.tied:
+                if _scale_tied_table(graph, site, s):
+                    inserted += 1
+                else:
+                    copies += _scale_sites(graph, [site], s, group.channels)
             info = {"alpha": self.options.alpha, "producer": group.producer, "input": group.value.name}
-            for node, _ in group.consumers:
+            for node in (*(n for n, _ in group.consumers), *(n for n, _ in group.tied)):
                 annotate(node, "smoothquant", info)
             smoothed += 1
         if not smoothed:
@@ -188,24 +196,29 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
 
 
 def find_groups(
-    model: Model, targets: str = "norm", exclude: list[str] | tuple[str, ...] = (), insert_mul: bool = False
+    model: Model, targets: str = "norm", exclude: list[str] | tuple[str, ...] = (), insert_mul: bool = False,
+    tied: bool = False,
 ) -> list[_Group]:
-    """Every tensor whose readers are all linear layers and whose producer can absorb 1/s, in graph order."""
+    """Every tensor whose readers are all linear layers and whose producer can absorb 1/s, in graph order.
+
+    With `tied`, a linear layer may also read its weight through a `Transpose`
+    of a constant (a tied lm_head reading the embedding table).
+    """
     graph = model.graph
     seen: set[int] = set()
     groups = []
     for node in graph:
         axis = balance_axis(node)
-        if axis is None:
+        if axis is None and not (tied and tied_weight_site(node) is not None):
             continue
         x = node.inputs[0]
         if id(x) in seen:
             continue
         seen.add(id(x))
-        group = _group_for(x, targets, insert_mul)
+        group = _group_for(x, targets, insert_mul, tied)
         if group is None:
             continue
-        if exclude and any(_matches(n, exclude) for n, _ in group.consumers):
+        if exclude and any(_matches(n, exclude) for n in (*(c for c, _ in group.consumers), *(c for c, _ in group.tied))):
             continue
         groups.append(group)
     return groups
@@ -228,22 +241,48 @@ def balance_axis(node: Node) -> int | None:
     return None
 
 
-def _group_for(x: Value, targets: str, insert_mul: bool = True) -> _Group | None:
+def tied_weight_site(node: Node) -> _Site | None:
+    """A MatMul reading its weight as `Transpose(T)` of a 2-D constant: the site of T's input-channel axis."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    x, w = node.inputs
+    if x is None or w is None or is_constant(x) or is_constant(w):
+        return None
+    t = w.producer()
+    if t is None or t.op_type != "Transpose" or not is_constant(t.inputs[0]) or not _only_read_by(w, node):
+        return None
+    table = t.inputs[0]
+    if table.shape is None or len(table.shape) != 2 or table.dtype is None or not table.dtype.is_floating_point():
+        return None
+    perm = t.attributes.get("perm")
+    if perm is not None and list(perm.as_ints()) != [1, 0]:
+        return None
+    return _Site(t, 0, 1)  # W = Tᵀ: W's input channels (axis 0) are T's axis 1
+
+
+def _group_for(x: Value, targets: str, insert_mul: bool = True, tied: bool = False) -> _Group | None:
     if x.is_graph_input():
         return None
     consumers: list[tuple[Node, int]] = []
+    tied_sites: list[tuple[Node, _Site]] = []
     shared = x.is_graph_output()
     for use in x.uses():
         node, index = use.node, use.idx
         axis = balance_axis(node)
+        site = tied_weight_site(node) if tied and axis is None and index == 0 else None
+        if site is not None:
+            if all(node is not other for other, _ in tied_sites):
+                tied_sites.append((node, site))
+            continue
         if axis is None or index != 0 or node.inputs[1] is x:
             shared = True  # read by something that is not a smoothable linear layer
             continue
         if all(node is not other for other, _ in consumers):
             consumers.append((node, axis))
-    if not consumers:
+    if not consumers and not tied_sites:
         return None
     channels = {int(n.inputs[1].shape[a]) for n, a in consumers}
+    channels |= {int(site.node.inputs[0].shape[site.axis]) for _, site in tied_sites}
     if len(channels) != 1:
         return None
     (c,) = channels
@@ -260,7 +299,7 @@ def _group_for(x: Value, targets: str, insert_mul: bool = True) -> _Group | None
         if not insert_mul or kind != "norm":
             return None
         kind, folds = "mul", []
-    return _Group(x, consumers, kind, folds, c)
+    return _Group(x, consumers, kind, folds, c, tied_sites)
 
 
 def _plan(x: Value, c: int, targets: str) -> tuple[str, list[_Site]] | None:
@@ -467,6 +506,51 @@ def _scale_sites(graph, sites: list[_Site], factor: np.ndarray, channels: int) -
                 site.node.replace_input_with(site.index, new)
             copies += 1
     return copies
+
+
+def _scale_tied_table(graph, site: _Site, factor: np.ndarray) -> bool:
+    """Scale a table read by a tied lm_head (through `site`'s Transpose) and by embedding Gathers, keeping it tied.
+
+    The table T [vocab, hidden] becomes T·diag(s) in place, and every Gather
+    of its rows is followed by `Mul(rows, 1/s)`, so the embeddings are
+    unchanged and the file keeps one table. False (nothing done) when
+    something else reads T.
+    """
+    table = site.node.inputs[site.index]
+    gathers = []
+    for use in table.uses():
+        if use.node is site.node:
+            continue
+        node = use.node
+        axis = node.attributes.get("axis")
+        if node.op_type != "Gather" or use.idx != 0 or (axis is not None and axis.as_int() != 0):
+            return False
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        gathers.append(node)
+    if table.is_graph_output() or any(
+        u.node is not site.node and u.node not in gathers for u in table.uses()
+    ):
+        return False
+    array = constant_array(table)
+    table.const_value = tensor(_scale_array(array, factor, site.axis, array.shape[site.axis]), name=table.name)
+    inverse = (1.0 / factor).astype(array.dtype)
+    for gather in gathers:
+        rows = gather.outputs[0]
+        readers = list(rows.uses())
+        scale = add_initializer(graph, unique_name(graph, f"{table.name}_unsmooth"), inverse)
+        mul = make_node("Mul", [rows, scale], name=unique_name(graph, f"{rows.name}_unsmooth"),
+                        output_names=[unique_name(graph, f"{rows.name}_unsmoothed")])
+        if rows.dtype is not None:
+            mul.outputs[0].dtype = rows.dtype
+            mul.outputs[0].shape = rows.shape
+        annotate(mul, "provenance", "smoothquant")
+        graph.insert_after(gather, [mul])
+        for use in readers:
+            use.node.replace_input_with(use.idx, mul.outputs[0])
+        if rows.is_graph_output():
+            raise AssertionError("an embedding Gather output is a graph output")
+    return True
 
 
 def _insert_mul(graph, group: _Group, inverse: np.ndarray) -> None:

@@ -316,6 +316,27 @@ def test_auto_uses_u8s8_for_weights_that_cannot_saturate(monkeypatch):
     assert result.statistics["matmul-u8u8"] == 3
 
 
+def test_auto_uses_u8s8_for_pair_limited_weights(monkeypatch):
+    """Full-range int8 weights whose pairs along K sum to at most 128 cannot saturate either."""
+    from optc.passes.int8_pairs import limit_pair_sums
+
+    monkeypatch.setattr(lowering.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset({"avx2"}))
+    proto = qdq_mlp(absmax=127)
+    for init in proto.graph.initializer:
+        if init.name in ("q_w", "k_w", "o_w"):
+            w = numpy_helper.to_array(init).copy()
+            limit_pair_sums(w, w.astype(np.float64), 0)
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    result, after = _lower(proto, "")
+    assert result.statistics["matmul-u8s8"] == 3 and result.statistics["matmul-u8u8"] == 0
+    assert int(np.abs(numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "q_w"))).max()) == 127
+    feeds = _feeds([2, 3, 16], scale=6.0, seed=7, positive=True)  # activations at the top of the range
+    want = _reference(proto, feeds)
+    got = _session(after, optimize=True).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_auto_records_the_host_decision():
     result, _ = _lower(qdq_mlp(), "")
     kernel = lowering.host_kernel()[0]
@@ -361,6 +382,38 @@ def test_tied_embedding_gathers_rows_then_dequantizes(tmp_path, per_row):
     want = _reference(before, feeds)
     got = _session(after, optimize=True).run(None, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("pair_limit", [128, 0])
+def test_tied_integer_lm_head_transposes_the_shared_table_at_load(tmp_path, monkeypatch, pair_limit):
+    """smoothquant + quantize with an int8 lm_head tied to the int8 table: on AVX2 the head runs as u8s8 when
+    the table's pairs are limited (one table in the file, transposed when the session loads), else stays float."""
+    from optc.passes import AnalysisManager, PassContext, parse_pipeline
+    from tests.passes import quant_models as qm
+
+    monkeypatch.setattr(lowering.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset({"avx2"}))
+    model = qm.to_ir(qm.llama_block(outliers=4.0), vocab=64)
+    calib = {"calibration.spec": "random", "calibration.samples": 8, "calibration.seqlen": 16}
+    pipeline = f'smoothquant{{exclude=""}},quantize{{embeddings=true exclude="" weight-pair-limit={pair_limit}}}'
+    quantized = parse_pipeline(pipeline)(model, AnalysisManager(PassContext(config=calib))).model
+    before = to_proto(quantized)
+    result = b.run(quantized, "lower-ort-int8")
+    after = to_proto(result.model)
+    head = next(n for n in result.model.graph if n.name == "lm_head")
+    tables = [i for i in after.graph.initializer if list(i.dims) == [64, 16]]
+    assert len(tables) == 1 and tables[0].data_type == TensorProto.INT8  # still one (int8) table in the file
+    if pair_limit:
+        assert annotation(head, "ort_lowering")["kernel"] == "u8s8"
+        assert result.statistics["matmul-u8s8"] == 8 and result.statistics["matmul-u8u8"] == 0
+        assert _optimized_ops(after, tmp_path).count("MatMulIntegerToFloat") == 8
+    else:
+        assert annotation(head, "ort_lowering") is None and result.statistics["matmul-u8s8"] == 0
+    for seed in (0, 1):
+        feeds = qm.llama_feeds(seed, batch=2, seq=9)
+        want = _session(before, optimize=False).run(None, feeds)[0]
+        got = _session(after, optimize=True).run(None, feeds)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 # ---------------------------------------------------------------------- left alone

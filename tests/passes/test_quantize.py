@@ -234,6 +234,36 @@ def test_min_sqnr_raises_the_precision_of_the_measured_worst_activation(fmt):
     assert _sqnr_llama(proto, result.model) > _sqnr_llama(proto, plain.model)
 
 
+def test_weight_pair_limit_makes_every_integer_weight_u8s8_safe():
+    """weight-pair-limit=128: integer MatMul weights (pairs along K = axis 0) and the table a tied integer lm_head
+    reads (pairs along its rows) stay within the limit; weight-only ops keep their plain codes."""
+    from optc.passes.int8_pairs import pair_sums_within
+
+    proto, model = _llama()
+    result = _run(model, 'quantize{weight-pair-limit=128 embeddings=true exclude="" weight-only=o_proj}')
+    plain = _run(_llama()[1], 'quantize{embeddings=true exclude="" weight-only=o_proj}')
+    checked = 0
+    for node in _ops(result.model, "MatMul"):
+        info = annotation(node, "quant")
+        if not info or info.get("weights") != "int8":
+            continue
+        dq = node.inputs[1].producer()
+        if info["activations"] == "float":  # o_proj: no integer kernel, no limit
+            assert "weight_pair_limit" not in info
+            twin = next(n for n in _ops(plain.model, "MatMul") if n.name == node.name).inputs[1].producer()
+            np.testing.assert_array_equal(constant_array(dq.inputs[0]), constant_array(twin.inputs[0]))
+            continue
+        assert info["weight_pair_limit"] == 128
+        if dq.op_type == "Transpose":  # the tied lm_head reads the table [vocab, hidden]: K runs along its rows
+            assert pair_sums_within(constant_array(dq.inputs[0].producer().inputs[0]), 1)
+        else:
+            assert pair_sums_within(constant_array(dq.inputs[0]), 0)
+        checked += 1
+    assert checked == 7  # q, k, v, gate, up, down and the lm_head
+    # Only the channels that need it get a wider scale: the output stays within 1 dB of the plain quantization.
+    assert _sqnr_llama(proto, result.model) > _sqnr_llama(proto, plain.model) - 1.0
+
+
 def test_seven_bit_weights():
     _, model = _llama()
     result = _run(model, "quantize{weight-bits=7 embeddings=true}")
@@ -348,6 +378,8 @@ def test_option_validation():
         ("quantize{calib=kl}", "calib"),
         ("quantize{weight-bits=9}", "weight-bits"),
         ("quantize{weights=fp8 weight-bits=7}", "weight-bits"),
+        ("quantize{weight-pair-limit=300}", "weight-pair-limit"),
+        ("quantize{weights=fp8 weight-pair-limit=128}", "weight-pair-limit"),
     ]:
         with pytest.raises(UsageError, match=message):
             parse_pipeline(text)

@@ -63,8 +63,10 @@ def test_llama_groups_found_by_pattern():
     groups = find_groups(model, "all")
     assert [_consumers(g) for g in groups] == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
     assert [(s.node.name, s.index, s.axis) for s in groups[2].folds] == [("up_proj", 1, 1)]
-    # The final norm feeds the tied lm_head through a Transpose: not a constant weight, no group.
-    assert not any("lm_head" in _consumers(g) for g in groups)
+    # The final norm feeds the tied lm_head through a Transpose: a group only when tied weights are allowed.
+    assert not any(g.tied for g in groups)
+    tied = [g for g in find_groups(model, "norm", tied=True) if g.tied]
+    assert [[n.name for n, _ in g.tied] for g in tied] == [["lm_head"]] and not tied[0].consumers
 
 
 @pytest.mark.parametrize("targets", ["norm", "all"])
@@ -220,9 +222,31 @@ def test_options():
         parse_pipeline("smoothquant{targets=some}")
 
 
+def test_tied_lm_head_keeps_one_table_and_the_outputs():
+    """final norm → tied lm_head: the table is scaled in place, the embedding Gather gets Mul(1/s) after it."""
+    proto = qm.llama_block(outliers=30.0)
+    model = qm.to_ir(proto, vocab=64)
+    table_name = next(n for n in model.graph if n.name == "lm_head_transpose").inputs[0].name
+    before = constant_array(model.graph.initializers[table_name]).copy()
+    result, _ = _run(model, 'smoothquant{alpha=0.5 exclude=""}')
+    assert result.statistics["groups-smoothed"] == 3 and result.statistics["constants-copied"] == 0
+    transpose = _node(result.model, "lm_head_transpose")
+    table = transpose.inputs[0]
+    assert table.name == table_name and len(result.model.graph.initializers) == len(model.graph.initializers)
+    factor = constant_array(table) / before
+    assert np.ptp(factor, axis=0).max() < 1e-5 * np.abs(factor).max()  # one factor per hidden channel
+    gather = next(n for n in result.model.graph if n.op_type == "Gather")
+    (mul,) = [u.node for u in gather.outputs[0].uses()]
+    assert mul.op_type == "Mul"
+    np.testing.assert_allclose(constant_array(mul.inputs[1]) * factor[0], 1.0, rtol=1e-5)
+    assert annotation(_node(result.model, "lm_head"), "smoothquant")["input"] == "norm_out"
+    for seed in (0, 1):
+        _assert_close(proto, result.model, qm.llama_feeds(seed, batch=2, seq=9))
+
+
 def test_exclude_skips_groups():
     model = qm.to_ir(qm.llama_block(), vocab=64)
-    result, _ = _run(model, "smoothquant{exclude=mlp.}")
+    result, _ = _run(model, "smoothquant{exclude=mlp.,lm_head}")
     assert result.statistics["groups-smoothed"] == 1
     assert annotation(next(n for n in model.graph if n.name == "gate_proj"), "smoothquant") is None
 
