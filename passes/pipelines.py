@@ -16,9 +16,14 @@ register_pipeline(
 # passes/transforms/quantize.py and smoothquant.py for the options.
 # W8A8: `min-sqnr=26` gives int16 to the activations whose int8 grid loses most, measured on the
 # calibration histograms; on SmolLM2 that is exactly the 30 FFN down-projection inputs (7-25 dB;
-# every other quantized activation is above 27 dB), 1.012x fp32 perplexity. With those in int8
-# too (min-sqnr=20 keeps 11 in int16) it is 1.025x.
-W8A8 = "smoothquant{alpha=0.8},quantize{calib=mse embeddings=true min-sqnr=26.0}"
+# every other quantized activation is above 27 dB). With those in int8 too (min-sqnr=20 keeps 11
+# in int16) it is 1.025x. The tied lm_head is int8 too (`exclude=""`): smoothing the final norm
+# into the shared table (smoothquant keeps it tied) lifts its int8 input to 36 dB; it is the
+# largest matmul, so running it on the integer kernel is most of the speed-up. `weight-pair-limit=128`
+# makes onnxruntime's fast u8s8 kernel exact on AVX2 CPUs without VNNI (optc.passes.int8_pairs),
+# at no measurable cost (1.012x either way). Alpha, measured with the int8 lm_head: 0.55 1.016x,
+# 0.65 1.014x, 0.72 1.020x, 0.8 1.020x (tools/bench_w8a8.py, 2026-11-27).
+W8A8 = 'smoothquant{alpha=0.65 exclude=""},quantize{calib=mse exclude="" embeddings=true min-sqnr=26.0 weight-pair-limit=128}'
 # FP8: on SmolLM2 the weights alone cost 1.022x fp32 perplexity and the activations alone 1.015x;
 # both everywhere 1.038x; with the FFN down-projections (and lm_head) in float 1.018x
 # (tools/quant_sweep.py). E4M3's error is the same relative error on every tensor (~31.6 dB),
@@ -28,8 +33,8 @@ FP8 = "quantize{weights=fp8 activations=fp8 exclude=lm_head,down_proj}"
 register_pipeline(
     "w8a8",
     W8A8,
-    "INT8 weights (per channel) and embeddings (per row), static INT8 activations after SmoothQuant; "
-    "INT16 where calibration measures int8 below 26 dB SQNR",
+    "INT8 weights (per channel, K pairs limited for exact AVX2 kernels) and embeddings (per row), static INT8 "
+    "activations after SmoothQuant, lm_head included; INT16 where calibration measures int8 below 26 dB SQNR",
 )
 register_pipeline(
     "fp8", FP8, "FP8 E4M3 weights (per channel) and static per-tensor FP8 activations; FFN down-projections in float"

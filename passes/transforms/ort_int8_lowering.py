@@ -149,6 +149,8 @@ class LowerOrtInt8(Pass):
         rewriter.drop_dead()
         stats = rewriter.stats
         modified = any(stats.values())
+        if kernel == "u8u8" and stats["matmul-u8s8"]:
+            reason += f"; u8s8 (exact) for the {stats['matmul-u8s8']} whose weights' K pairs cannot saturate"
         if modified and not earlier:
             set_model_metadata(model, "ort_lowering", {"kernel": kernel, "reason": reason, **stats})
         return PassResult(model, modified, None, stats)

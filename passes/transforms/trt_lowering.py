@@ -404,9 +404,17 @@ class _Lowering:
             self._int4(dq, uses, q, scale, zp, axis, block, kind)
             return
         keep, fold = [], []
+        out_axes: list[int] = []  # per kept use: the output-channel axis in the DequantizeLinear's layout
         for use in uses:
             node = use.node
             ok = (use.idx == 1 and weight_slot(node) == 1 and _quantized_activation(node.inputs[0]))
+            if ok:
+                out_axes.append(output_axis(node, rank))
+            else:
+                reader = _transposed_weight_reader(use, rank)  # a tied lm_head: TensorRT moves the DQ past the Transpose
+                if reader is not None:
+                    ok = True
+                    out_axes.append(reader[1])
             (keep if ok else fold).append(use)
         if fold:
             self._to_float(dq, fold, q, scale, zp, axis, block)
@@ -416,7 +424,7 @@ class _Lowering:
         if _scalar_like(scale):
             wrong_axis = bool(block)
         elif scale.ndim == 1:
-            wrong_axis = any(axis != output_axis(u.node, rank) for u in keep)
+            wrong_axis = any(axis != a for a in out_axes)
         else:
             wrong_axis = True  # blocked 8-bit weights: TensorRT's blocks are INT4
         asymmetric = zp is not None and bool(np.any(zp.astype(np.float64) != 0))
@@ -761,6 +769,26 @@ class _Lowering:
             extra = f"; {self.extra[key]}" if key in self.extra else ""
             lines.append(f"{len(items)} {texts.get(key, key)}{extra}: {shown}")
         return lines
+
+
+def _transposed_weight_reader(use, rank: int) -> tuple[Node, int] | None:
+    """(op, output-channel axis in the Transpose's input layout) when `use` is a Transpose whose only reader
+    is a weighted op's weight with a quantized activation (a tied lm_head reading an int8 table), else None.
+
+    TensorRT propagates a DequantizeLinear through a Transpose (placement rule 8), so the
+    weight stays quantized and the table is stored once."""
+    t = use.node
+    if t.op_type != "Transpose" or t.domain not in _ONNX_DOMAINS or use.idx != 0 or t.outputs[0].is_graph_output():
+        return None
+    readers = list(t.outputs[0].uses())
+    if len(readers) != 1:
+        return None
+    node, idx = readers[0].node, readers[0].idx
+    if idx != 1 or weight_slot(node) != 1 or not _quantized_activation(node.inputs[0]):
+        return None
+    attr = t.attributes.get("perm")
+    perm = list(attr.as_ints()) if attr is not None else list(range(rank))[::-1]
+    return node, perm[output_axis(node, rank)]
 
 
 def _splittable(node: Node, axis: int) -> bool:

@@ -170,6 +170,24 @@ def test_llama_w8a8_drops_int16_and_dequantizes_float_weights(tmp_path):
     assert qm.sqnr_db(ort_out, trt_out) > 25
 
 
+def test_registered_w8a8_keeps_the_tied_int8_lm_head_quantized(tmp_path):
+    """The `w8a8` pipeline's int8 lm_head reads the int8 table through a Transpose: TensorRT moves the DQ past it
+    (placement rule 8), so the table stays int8 for the head (and float only for the embedding Gather)."""
+    proto = qm.llama_block(outliers=4.0)
+    outs = {t: _compile(qm.to_ir(proto, vocab=64), tmp_path / f"{t}.onnx", t, "w8a8") for t in ("ort", "tensorrt")}
+    trt = load_model(outs["tensorrt"].artifact.path)
+    assert check_tensorrt(trt) == []
+    head = next(n for n in trt.graph if n.name == "lm_head")
+    transpose = head.inputs[1].producer()
+    assert transpose.op_type == "Transpose"
+    dq = transpose.inputs[0].producer()
+    assert dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value.dtype == DataType.INT8
+    assert head.inputs[0].producer().op_type == "DequantizeLinear"
+    feeds = qm.llama_feeds(seed=5, seq=16)
+    ort_out, trt_out = _run(tmp_path / "ort.onnx", feeds), _run(tmp_path / "tensorrt.onnx", feeds)
+    assert qm.sqnr_db(ort_out, trt_out) > 25  # INT16 down_proj → float is the only difference
+
+
 def test_llama_fp8_keeps_fp8_qdq_and_is_legal(tmp_path):
     proto = qm.llama_block(outliers=4.0)
     result = _compile(qm.to_ir(proto, vocab=64), tmp_path / "fp8.onnx", "tensorrt", "quantize{weights=fp8 activations=fp8}")

@@ -27,7 +27,7 @@ def test_w8a8_on_a_llama_block():
     proto = qm.llama_block(outliers=10.0)
     result = _run(qm.to_ir(proto, vocab=64), "w8a8")
     m = result.model
-    assert result.statistics["groups-smoothed"] == 2
+    assert result.statistics["groups-smoothed"] == 3  # q/k/v, gate/up and the tied lm_head
     info = {n.name: annotation(n, "quant") for n in m.graph if annotation(n, "quant")}
     # int16 exactly where calibration measured int8 below min-sqnr (the reason names the measured SQNR).
     for entry in info.values():
@@ -37,16 +37,18 @@ def test_w8a8_on_a_llama_block():
             assert float(reason.split("SQNR ")[1].split(" dB")[0]) < 26.0
     assert {info[k]["activations"] for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")} == {"int8"}
     assert {i["weights"] for i in info.values()} == {"int8"}
-    assert "lm_head" not in info
-    # Better than plain W8A8 on a block with strong outlier channels (measured: 24.3 vs 15.6 dB on these inputs;
-    # the ×10 channels nearly saturate this tiny attention, so numbers swing with the seed).
+    assert info["lm_head"]["weight_path"] == "transpose"  # int8, reading the one int8 table it is tied to
+    assert {i.get("weight_pair_limit") for i in info.values() if i["activations"] == "int8"} == {128}
+    # Better than plain W8A8 of the same ops (lm_head included) on a block with strong outlier channels
+    # (measured: 17.0 vs 15.6 dB on these inputs; the int8 lm_head over a 16-wide hidden state dominates both,
+    # and the ×10 channels nearly saturate this tiny attention, so numbers swing with the seed).
     assert annotation(next(n for n in m.graph if n.name == "embed_tokens"), "quant")["weights"] == "int8"
-    plain = _run(qm.to_ir(proto, vocab=64), "quantize{embeddings=true}")
+    plain = _run(qm.to_ir(proto, vocab=64), 'quantize{embeddings=true exclude=""}')
     feeds = [qm.llama_feeds(s, batch=2, seq=10) for s in (5, 6, 7, 8)]
     ref = [models.run_ort(proto, f)[0] for f in feeds]
     ours = min(qm.sqnr_db(r, models.run_ort(m, f)[0]) for r, f in zip(ref, feeds, strict=True))
     base = min(qm.sqnr_db(r, models.run_ort(plain.model, f)[0]) for r, f in zip(ref, feeds, strict=True))
-    assert ours >= base + 5
+    assert ours >= base + 1
 
 
 def test_fp8_on_a_bert_block():
