@@ -28,6 +28,11 @@ it does, and why, was measured on SmolLM2-135M with onnxruntime 1.32 on a
   u8s8 with VNNI or for such weights, else u8u8; on non-x86 hosts it keeps
   int8 (ARM kernels are exact). `keep` leaves the Q/DQ as written. A Gemm's
   float bias moves to an `Add` (onnxruntime fuses QGemm only without one).
+* **Tied int8 lm_head.** `MatMul(DQ(x), Transpose(DQ(T)))`, T the int8
+  table the embedding Gather also reads, becomes `MatMul(DQ(x),
+  DQ(Transpose(T), axis=1))`: onnxruntime folds the int8 Transpose into an
+  initializer at session load and fuses the integer kernel, and the file
+  keeps one table. Only where u8s8 is exact for T (T stays int8, shared).
 * **Weights of ops that stay float** (int16 or float activations, a tied
   lm_head through `Transpose`): onnxruntime never constant-folds a
   `DequantizeLinear`, so it either dequantizes the weight on every run or,
@@ -450,11 +455,17 @@ class _Rewriter:
         self.stats["dequantized-at-load"] += 1
 
     def drop_dead(self) -> None:
-        """Remove the nodes this pass replaced, and the initializers only they read."""
-        for node in self._dead:
-            self._orphan_candidates.extend(v for v in node.inputs if v is not None)
-        if self._dead:
-            self.graph.remove(self._dead, safe=True)
+        """Remove the nodes this pass replaced, the producers left with no reader (onnxruntime would still run
+        them: a whole-table DequantizeLinear costs 28 ms a window on SmolLM2), and initializers only they read."""
+        dead = list(self._dead)
+        while dead:
+            for node in dead:
+                self._orphan_candidates.extend(v for v in node.inputs if v is not None)
+            removed = {id(n) for n in dead}
+            producers = {id(p): p for n in dead for v in n.inputs if v is not None and (p := v.producer()) is not None}
+            self.graph.remove(dead, safe=True)
+            dead = [p for k, p in producers.items() if k not in removed and p.graph is self.graph and all(
+                not o.uses() and not o.is_graph_output() for o in p.outputs)]
         for value in self._orphan_candidates:
             name = value.name
             if (name in self.graph.initializers and self.graph.initializers[name] is value and not value.uses()

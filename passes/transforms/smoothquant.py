@@ -29,6 +29,11 @@ Producers are found by graph pattern on the IR, not by parameter names:
   GQA head repeat and the attention matmul in exported graphs, so it is not
   matched; where `v` feeds `o` directly it is.
 
+A tied lm_head (`MatMul(X, Transpose(T))`, T the embedding table) is a
+consumer too when `exclude` does not name it: T is scaled in place along its
+hidden axis and every embedding `Gather` of T is followed by `Mul(rows, 1/s)`,
+so the file keeps one table and the embeddings are unchanged.
+
 When something besides the linear layers reads X (or X is a graph output),
 folding would change that reader too. For a normalization producer the pass
 then inserts `Mul(X, 1/s)` in front of the linear layers instead (ModelOpt's
@@ -532,38 +537,36 @@ def _scale_tied_table(graph, site: _Site, factor: np.ndarray) -> bool:
         u.node is not site.node and u.node not in gathers for u in table.uses()
     ):
         return False
+    if any(g.outputs[0].is_graph_output() for g in gathers):
+        return False
     array = constant_array(table)
     table.const_value = tensor(_scale_array(array, factor, site.axis, array.shape[site.axis]), name=table.name)
-    inverse = (1.0 / factor).astype(array.dtype)
     for gather in gathers:
         rows = gather.outputs[0]
         readers = list(rows.uses())
-        scale = add_initializer(graph, unique_name(graph, f"{table.name}_unsmooth"), inverse)
-        mul = make_node("Mul", [rows, scale], name=unique_name(graph, f"{rows.name}_unsmooth"),
-                        output_names=[unique_name(graph, f"{rows.name}_unsmoothed")])
-        if rows.dtype is not None:
-            mul.outputs[0].dtype = rows.dtype
-            mul.outputs[0].shape = rows.shape
-        annotate(mul, "provenance", "smoothquant")
+        mul = _scaling_mul(graph, rows, (1.0 / factor).astype(array.dtype), f"{table.name}_unsmooth", f"{rows.name}_unsmooth")
         graph.insert_after(gather, [mul])
         for use in readers:
             use.node.replace_input_with(use.idx, mul.outputs[0])
-        if rows.is_graph_output():
-            raise AssertionError("an embedding Gather output is a graph output")
     return True
+
+
+def _scaling_mul(graph, x: Value, factor: np.ndarray, scale_name: str, name: str) -> Node:
+    """A new `Mul(x, factor)` node (not yet inserted), typed like x, with `factor` as a new initializer."""
+    scale = add_initializer(graph, unique_name(graph, scale_name), factor)
+    mul = make_node("Mul", [x, scale], name=unique_name(graph, name), output_names=[unique_name(graph, f"{name}ed")])
+    if x.dtype is not None:
+        mul.outputs[0].dtype = x.dtype
+        mul.outputs[0].shape = x.shape
+    annotate(mul, "provenance", "smoothquant")
+    return mul
 
 
 def _insert_mul(graph, group: _Group, inverse: np.ndarray) -> None:
     """x_smoothed = Mul(x, 1/s), read by the group's linear layers instead of x."""
     x = group.value
     dtype = np.float16 if x.dtype is not None and x.dtype.name == "FLOAT16" else np.float32
-    scale = add_initializer(graph, unique_name(graph, f"{x.name}_smooth_scale"), inverse.astype(dtype))
-    mul = make_node("Mul", [x, scale], name=unique_name(graph, f"{x.name}_smooth"),
-                    output_names=[unique_name(graph, f"{x.name}_smoothed")])
-    if x.dtype is not None:
-        mul.outputs[0].dtype = x.dtype
-        mul.outputs[0].shape = x.shape
-    annotate(mul, "provenance", "smoothquant")
+    mul = _scaling_mul(graph, x, inverse.astype(dtype), f"{x.name}_smooth_scale", f"{x.name}_smooth")
     first = min((n for n, _ in group.consumers), key=_position(graph))
     graph.insert_before(first, [mul])
     for node, _ in group.consumers:

@@ -57,6 +57,27 @@ def _run(path: Path, feeds):
     return models.run_ort(str(path), feeds)[0]
 
 
+def _conv_with_unquantized_residual(act, weight):
+    """x → Q/DQ → Conv (quantized weight) + Sigmoid(x) → Add: the residual input has no Q/DQ (rule T12)."""
+    from tests.passes import test_trt_check as planted
+
+    (a_nodes, a_inits), (w_nodes, w_inits) = act, weight
+    nodes = [*a_nodes, *w_nodes,
+             helper.make_node("Conv", ["xq", "w_dq"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["x"], ["skip"], name="skip"),
+             helper.make_node("Add", ["c", "skip"], ["y"], name="residual_add")]
+    return planted._model(nodes, a_inits + w_inits, inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])])
+
+
+def _legalized_residual(model, tmp_path: Path):
+    """The checker flags the planted residual; the tensorrt target's output passes it. Returns (model, checks)."""
+    assert [f.rule.name for f in check_tensorrt(model)] == ["residual-quantized"]
+    result = _compile(model, tmp_path / "out.onnx", "tensorrt", "dce")
+    out = load_model(result.artifact.path)
+    assert check_tensorrt(out) == []
+    return out, result.artifact.checks
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
 
@@ -126,18 +147,9 @@ def test_fp8_residual_without_an_existing_qdq_gets_an_fp8_minmax_qdq(tmp_path):
 
     f8 = ml_dtypes.float8_e4m3fn
     rng = np.random.default_rng(0)
-    a_nodes, a_inits = planted._act_qdq(zp=np.zeros((), f8))
-    w_nodes, w_inits = planted._w_dq(axis=0, data=rng.standard_normal((4, 4, 3, 3)).astype(f8),
-                                     scale=np.full(4, 0.01, np.float32), zp=np.zeros(4, f8))
-    nodes = [*a_nodes, *w_nodes,
-             helper.make_node("Conv", ["xq", "w_dq"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["x"], ["skip"], name="skip"),
-             helper.make_node("Add", ["c", "skip"], ["y"], name="residual_add")]
-    model = planted._model(nodes, a_inits + w_inits, inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])])
-    assert [f.rule.name for f in check_tensorrt(model)] == ["residual-quantized"]
-    result = _compile(model, tmp_path / "out.onnx", "tensorrt", "dce")
-    out = load_model(result.artifact.path)
-    assert check_tensorrt(out) == []
+    model = _conv_with_unquantized_residual(planted._act_qdq(zp=np.zeros((), f8)), planted._w_dq(
+        axis=0, data=rng.standard_normal((4, 4, 3, 3)).astype(f8), scale=np.full(4, 0.01, np.float32), zp=np.zeros(4, f8)))
+    out, checks = _legalized_residual(model, tmp_path)
     dq = next(n for n in out.graph if n.op_type == "Add").inputs[1].producer()
     assert dq.op_type == "DequantizeLinear" and dq.inputs[0].producer().inputs[0].name == "skip"
     assert constant_array(dq.inputs[2]).dtype == f8
@@ -312,23 +324,14 @@ def test_residual_without_an_existing_qdq_is_calibrated(tmp_path):
     from tests.passes import test_trt_check as planted
 
     rng = np.random.default_rng(0)
-    a_nodes, a_inits = planted._act_qdq()
-    w_nodes, w_inits = planted._w_dq(axis=0, data=rng.integers(-127, 128, (4, 4, 3, 3)).astype(np.int8),
-                                     scale=np.full(4, 0.01, np.float32))
-    nodes = [*a_nodes, *w_nodes,
-             helper.make_node("Conv", ["xq", "w_dq"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["x"], ["skip"], name="skip"),
-             helper.make_node("Add", ["c", "skip"], ["y"], name="residual_add")]
-    model = planted._model(nodes, a_inits + w_inits, inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])])
-    assert [f.rule.name for f in check_tensorrt(model)] == ["residual-quantized"]
-    result = _compile(model, tmp_path / "out.onnx", "tensorrt", "dce")
-    out = load_model(result.artifact.path)
-    assert check_tensorrt(out) == []
+    model = _conv_with_unquantized_residual(planted._act_qdq(), planted._w_dq(
+        axis=0, data=rng.integers(-127, 128, (4, 4, 3, 3)).astype(np.int8), scale=np.full(4, 0.01, np.float32)))
+    out, checks = _legalized_residual(model, tmp_path)
     add = next(n for n in out.graph if n.op_type == "Add")
     dq = add.inputs[1].producer()
     assert dq.op_type == "DequantizeLinear" and dq.inputs[0].producer().inputs[0].name == "skip"
     assert 0 < float(constant_array(dq.inputs[1])) <= 1.0 / 127 + 1e-9  # sigmoid's range, minmax
-    assert any("residual Add inputs given a calibrated Q/DQ" in c for c in result.artifact.checks)
+    assert any("residual Add inputs given a calibrated Q/DQ" in c for c in checks)
 
 
 # --------------------------------------------------------------------------- the backend's files

@@ -401,6 +401,8 @@ def test_tied_integer_lm_head_transposes_the_shared_table_at_load(tmp_path, monk
     result = b.run(quantized, "lower-ort-int8")
     after = to_proto(result.model)
     head = next(n for n in result.model.graph if n.name == "lm_head")
+    read = {name for n in after.graph.node for name in n.input} | {o.name for o in after.graph.output}
+    assert all(any(o in read for o in n.output) for n in after.graph.node)  # nothing left that no one reads
     tables = [i for i in after.graph.initializer if list(i.dims) == [64, 16]]
     assert len(tables) == 1 and tables[0].data_type == TensorProto.INT8  # still one (int8) table in the file
     if pair_limit:
