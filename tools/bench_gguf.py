@@ -35,7 +35,6 @@ Timing (`--repeats` interleaved runs, medians): llama-quantize vs optc
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import sys
@@ -48,38 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.backends.ggml_oracle import llama_quantize  # noqa: E402 - llama.cpp's quantizer, shared with the tests
+
 MIXES = ("Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
 PROMPT = "The capital of France is"
-
-
-def llama_quantize(src: Path, dst: Path, mix: str, threads: int, imatrix: dict[str, np.ndarray] | None = None) -> float:
-    """llama.cpp's quantizer on `src`; returns the wall time."""
-    import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    from optc.backends.gguf import FILE_TYPES
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FILE_TYPES[mix]
-    params.nthread = threads
-    keep = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, column) in enumerate(sorted(imatrix.items())):
-            data = np.ascontiguousarray(column, dtype=np.float32)
-            keep.append(data)
-            entries[i].name = name.encode()
-            entries[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entries[i].size = data.size
-        entries[len(imatrix)].name = None
-        params.imatrix = entries
-    start = time.perf_counter()
-    with suppress_stdout_stderr(disable=False):  # llama.cpp logs every tensor
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    elapsed = time.perf_counter() - start
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({mix}) failed with {rc}")
-    return elapsed
 
 
 def optc_quantize(model, dst: Path, mix: str, threads: int, am=None, imatrix: bool = False) -> float:
@@ -188,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     mixes = [m for m in args.mixes.split(",") if m]
     for mix in mixes:
         lq, oc = work / f"llama-quantize-{mix}.gguf", work / f"optc-{mix}.gguf"
-        t_lq = llama_quantize(source, lq, mix, args.threads)
+        t_lq = llama_quantize(source, lq, mix, threads=args.threads)
         t_oc = optc_quantize(model, oc, mix, args.threads)
         blocks = compare_blocks(lq, oc)
         ppl_optc = ppl(oc)
@@ -220,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                 if column is not None and name:
                     matrix[name] = np.asarray(column, dtype=np.float32)
             lq = work / f"llama-quantize-{mix}-optc-imatrix.gguf"
-            llama_quantize(source, lq, mix, args.threads, imatrix=matrix)
+            llama_quantize(source, lq, mix, threads=args.threads, imatrix=matrix)
             if mix in results["mixes"]:
                 base_ppl = results["mixes"][mix]["ppl_llama"]
             else:
-                llama_quantize(source, work / f"llama-quantize-{mix}.gguf", mix, args.threads)
+                llama_quantize(source, work / f"llama-quantize-{mix}.gguf", mix, threads=args.threads)
                 base_ppl = ppl(work / f"llama-quantize-{mix}.gguf")
             row = {
                 "ppl_llama_no_imatrix": base_ppl, "ppl_optc_imatrix": ppl(oc), "ppl_llama_optc_imatrix": ppl(lq),
@@ -237,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lq_times, oc_times = [], []
     for i in range(args.repeats):
-        lq_times.append(llama_quantize(source, work / "timing-lq.gguf", "Q4_K_M", args.threads))
+        lq_times.append(llama_quantize(source, work / "timing-lq.gguf", "Q4_K_M", threads=args.threads))
         oc_times.append(optc_quantize(model, work / "timing-optc.gguf", "Q4_K_M", args.threads))
         print(f"timing run {i + 1}: llama-quantize {lq_times[-1]:.2f}s, optc {oc_times[-1]:.2f}s", flush=True)
     t_lq, t_oc = statistics.median(lq_times), statistics.median(oc_times)

@@ -9,7 +9,6 @@ fallbacks: every tensor must get the same type and the same bytes.
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from optc.passes.transforms.kquant import (
     tensor_type,
     use_more_bits,
 )
+from tests.backends.ggml_oracle import llama_quantize as oracle_quantize
 from tests.backends.gguf_models import ir_like_frontend, tiny_hf_llama
 
 gguf = pytest.importorskip("gguf")
@@ -127,26 +127,8 @@ def source_f32(tiny, tmp_path_factory) -> Path:
 
 
 def llama_quantize(src: Path, dst: Path, mix: str, imatrix: dict[str, np.ndarray] | None = None) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FILE_TYPES[mix]
-    params.nthread = 1
-    keep = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, column) in enumerate(sorted(imatrix.items())):
-            data = np.ascontiguousarray(column, dtype=np.float32)
-            keep.append(data)
-            entries[i].name = name.encode()
-            entries[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entries[i].size = data.size
-        entries[len(imatrix)].name = None
-        params.imatrix = entries
-    with suppress_stdout_stderr(disable=False):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0
+    pytest.importorskip("llama_cpp")
+    oracle_quantize(src, dst, mix, imatrix=imatrix)
 
 
 def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
