@@ -6,7 +6,8 @@ Side by side, on the same model:
 * `fp32`: the float model (optc's ONNX export of the GGUF);
 * optc pipelines as child processes (`optc --passes=...`, the ort backend lowers to MatMulNBits):
   `optc-rtn`, `optc-gptq`, `optc-awq`, `optc-awq+gptq` at W4 g128 (symmetric and asymmetric),
-  `optc-gptq-w3` (W3 g128) and `optc-rtn-w8` (W8 per channel);
+  `optc-gptq-w3` (W3 g128) and `optc-rtn-w8` (W8 per channel), and the named pipelines
+  `optc-w4a16` (gptq asymmetric + int8 embedding table) and `optc-w4a16-h8` (+ the lm_head in W8A8);
 * onnxruntime's `MatMulNBitsQuantizer` (onnxruntime.quantization.matmul_nbits_quantizer) at 4 bits,
   block 128: `ort-rtn` (its default algorithm, asymmetric as its default), `ort-rtn-sym`, `ort-hqq`,
   and `ort-gptq` (with the same calibration data; slow, only with --ort-gptq).
@@ -62,6 +63,8 @@ OPTC = {
     "optc-awq+gptq-asym": "awq{quantize=false symmetric=false},gptq{symmetric=false}",
     "optc-gptq-w3": "gptq{bits=3 symmetric=false}",
     "optc-rtn-w8": "rtn{bits=8 group=-1}",
+    "optc-w4a16": "w4a16",  # the named pipelines: gptq asym + int8 embedding table
+    "optc-w4a16-h8": "w4a16-h8",  # ... + the lm_head in W8A8 on the integer kernel
 }
 ORT = ("ort-rtn", "ort-rtn-sym", "ort-hqq", "ort-gptq")
 DEFAULT = ("fp32", *OPTC, "ort-rtn", "ort-rtn-sym", "ort-hqq")
@@ -155,6 +158,12 @@ def targets(rows: list[Row]) -> list[str]:
     out.append(check(f"W4 g128 perplexity / fp32 (best optc: {name})", best.ppl if best else None, base.ppl, PPL_TARGET))
     out.append(check(f"W4 latency / fp32 ({name})", best.latency_s if best else None, base.latency_s, LATENCY_TARGET))
     out.append(check(f"W4 file size / fp32 ({name})", best.size_bytes if best else None, base.size_bytes, SIZE_TARGET))
+    for named in ("optc-w4a16", "optc-w4a16-h8"):
+        row = by.get(named)
+        if row is not None and row.ppl is not None:
+            out.append(check(f"{named} perplexity / fp32", row.ppl, base.ppl, PPL_TARGET))
+            out.append(check(f"{named} latency / fp32", row.latency_s, base.latency_s, LATENCY_TARGET))
+            out.append(check(f"{named} file size / fp32", row.size_bytes, base.size_bytes, SIZE_TARGET))
     gptq = by.get("optc-gptq")
     if gptq is not None and gptq.compile_s is not None:
         verdict = "PASS" if gptq.compile_s <= GPTQ_SECONDS else "FAIL"

@@ -66,3 +66,30 @@ def test_w8a8_on_a_post_ln_bert_block():
     assert result.statistics["muls-inserted"] == 2
     feeds = qm.float_feeds(proto, 3)
     assert qm.sqnr_db(models.run_ort(proto, feeds)[0], models.run_ort(result.model, feeds)[0]) >= 28  # measured 33.4
+
+
+def test_w4a16_pipelines_on_a_llama_block():
+    """w4a16: int4 blocks for the layers, the tied table int8 per row (the lm_head reads it weight-only);
+    w4a16-h8 also smooths the final norm into the table and quantizes the head's input (one group: the
+    other layers have no float weights left after gptq), so the ort backend runs the head on the integer kernel."""
+    from optc.passes.pipelines import W4A16, W4A16_FAST, W4A16_H8
+    from optc.passes.transforms import ort_int8_lowering as lowering
+
+    assert {all_pipelines()[n].text for n in ("w4a16", "w4a16-fast", "w4a16-h8")} == {W4A16, W4A16_FAST, W4A16_H8}
+    proto = qm.llama_block(outliers=4.0)
+    plain = _run(qm.to_ir(proto, vocab=64), "w4a16").model
+    info = {n.name: annotation(n, "quant") for n in plain.graph if annotation(n, "quant")}
+    assert {info[k]["bits"] for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")} == {4}
+    assert info["lm_head"]["weights"] == "int8" and info["lm_head"]["activations"] == "float"
+    assert info["embed_tokens"]["weights"] == "int8"
+    fast = _run(qm.to_ir(proto, vocab=64), "w4a16-h8")
+    assert fast.statistics["groups-smoothed"] == 1
+    head = annotation(next(n for n in fast.model.graph if n.name == "lm_head"), "quant")
+    assert head["activations"] == "int8" and head["weight_pair_limit"] == 128
+    lowered = parse_pipeline("lower-ort-int8")(fast.model, AnalysisManager(PassContext()))
+    if lowering.host_kernel()[0] != "keep":  # x86: the pair-limited head is exact on u8s8, with or without VNNI
+        assert lowered.statistics["matmul-u8s8"] == 1
+    feeds = [qm.llama_feeds(s, batch=2, seq=10) for s in (5, 6)]
+    ref = [models.run_ort(proto, f)[0] for f in feeds]
+    for m, bound in ((plain, 12.0), (fast.model, 12.0)):
+        assert min(qm.sqnr_db(r, models.run_ort(m, f)[0]) for r, f in zip(ref, feeds, strict=True)) >= bound
