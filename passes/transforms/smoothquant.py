@@ -522,23 +522,18 @@ def _scale_tied_table(graph, site: _Site, factor: np.ndarray) -> bool:
     something else reads T.
     """
     table = site.node.inputs[site.index]
+    if table.is_graph_output():
+        return False
     gathers = []
     for use in table.uses():
-        if use.node is site.node:
-            continue
         node = use.node
+        if node is site.node:
+            continue
         axis = node.attributes.get("axis")
-        if node.op_type != "Gather" or use.idx != 0 or (axis is not None and axis.as_int() != 0):
-            return False
-        if node.domain not in ("", "ai.onnx"):
+        if (node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or use.idx != 0
+                or (axis is not None and axis.as_int() != 0) or node.outputs[0].is_graph_output()):
             return False
         gathers.append(node)
-    if table.is_graph_output() or any(
-        u.node is not site.node and u.node not in gathers for u in table.uses()
-    ):
-        return False
-    if any(g.outputs[0].is_graph_output() for g in gathers):
-        return False
     array = constant_array(table)
     table.const_value = tensor(_scale_array(array, factor, site.axis, array.shape[site.axis]), name=table.name)
     for gather in gathers:
