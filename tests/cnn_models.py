@@ -1,13 +1,17 @@
 """A small random CNN for the TensorRT tests and benchmark.
 
 `small_cnn(seed)` returns an `onnx.ModelProto` (opset 21, checked) on input
-`x` `[batch, 3, 16, 16]` with output `logits` `[batch, 10]`:
+`x` `[batch, 3, 16, 16]` with output `logits` `[batch, 10]` (W = `width`, 16):
 
-    stem:     Conv 3→8 (3x3) → BatchNormalization → Relu                      = a
-    residual: Conv 8→8 → BN → Relu → Conv 8→8 → BN → Add(·, a) → Relu          = b
-    branches: Conv 8→8 (1x1) → Relu ‖ Conv 8→8 (3x3) → Relu → Concat (16 ch)
-    down:     MaxPool 2x2 → Conv 16→16 (3x3) → Relu → AveragePool 2x2
-    head:     GlobalAveragePool → Flatten → Gemm(transB=1) 16→10
+    stem:     Conv 3→W (3x3) → BatchNormalization → Relu                      = a
+    residual: Conv W→W → BN → Relu → Conv W→W → BN → Add(·, a) → Relu          = b
+    branches: Conv W→W (1x1) → Relu ‖ Conv W→W (3x3) → Relu → Concat (2W ch)
+    down:     MaxPool 2x2 → Conv 2W→2W (3x3) → Relu → AveragePool 2x2
+    head:     GlobalAveragePool → Flatten → Gemm(transB=1) 2W→10
+
+The default width gives every Conv but the 3-channel stem the 16 channels
+TensorRT's FP8 convolutions need (`optc.passes.fp8_convs`), so the FP8
+variant quantizes all of them but the stem.
 
 BatchNorm is left unfolded (TensorRT fuses Conv+BN+ReLU itself). Weights are
 seeded (He-scaled normal), so the same seed gives byte-identical models.
@@ -48,16 +52,17 @@ def _bn_node(name: str, x: str, out: str) -> onnx.NodeProto:
                             [out], name=name, epsilon=1e-5)
 
 
-def small_cnn(seed: int = 0, *, size: int = 16) -> onnx.ModelProto:
+def small_cnn(seed: int = 0, *, size: int = 16, width: int = 16) -> onnx.ModelProto:
     """The CNN of the module docstring."""
     rng = np.random.default_rng(seed)
     inits: list[TensorProto] = []
-    inits += _conv(rng, "stem.conv", 3, 8, 3) + _bn(rng, "stem.bn", 8)
-    inits += _conv(rng, "block.conv1", 8, 8, 3) + _bn(rng, "block.bn1", 8)
-    inits += _conv(rng, "block.conv2", 8, 8, 3) + _bn(rng, "block.bn2", 8)
-    inits += _conv(rng, "branch1.conv", 8, 8, 1) + _conv(rng, "branch3.conv", 8, 8, 3)
-    inits += _conv(rng, "down.conv", 16, 16, 3)
-    inits.append(numpy_helper.from_array((rng.standard_normal((10, 16)) / 4).astype(np.float32), "fc.weight"))
+    w = width
+    inits += _conv(rng, "stem.conv", 3, w, 3) + _bn(rng, "stem.bn", w)
+    inits += _conv(rng, "block.conv1", w, w, 3) + _bn(rng, "block.bn1", w)
+    inits += _conv(rng, "block.conv2", w, w, 3) + _bn(rng, "block.bn2", w)
+    inits += _conv(rng, "branch1.conv", w, w, 1) + _conv(rng, "branch3.conv", w, w, 3)
+    inits += _conv(rng, "down.conv", 2 * w, 2 * w, 3)
+    inits.append(numpy_helper.from_array((rng.standard_normal((10, 2 * w)) / np.sqrt(2 * w)).astype(np.float32), "fc.weight"))
     inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(10)).astype(np.float32), "fc.bias"))
     nodes = [
         _conv_node("stem.conv", "x", "stem_conv", 3), _bn_node("stem.bn", "stem_conv", "stem_bn"),

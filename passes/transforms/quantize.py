@@ -54,6 +54,11 @@ Every quantized node is annotated `quant` (`optc.ir.annotate`) with the dtypes,
 schemes, axis, scale and where the scale came from, so backends can lower it;
 an excluded weighted op is annotated `quant_skipped` with the reason.
 
+FP8 Convs that TensorRT has no FP8 kernel for (under 16 input or output
+channels, filters over 32 taps: `optc.passes.fp8_convs`, as NVIDIA's Model
+Optimizer decides) stay float, annotated `quant_skipped`;
+`fp8-unsupported-convs=true` quantizes them anyway.
+
 Static activation scales need calibration data: with none configured,
 `activations=int8` (or fp8) stops with an error instead of guessing. The
 output is deterministic for a given model, calibration data and seed.
@@ -84,6 +89,7 @@ from optc.ir import (
     unique_name,
 )
 from optc.passes.analyses.histograms import DEFAULT_BINS, FP8_E4M3_MAX, ActivationHistograms
+from optc.passes.fp8_convs import fp8_conv_unsupported
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -159,6 +165,10 @@ class Quantize(Pass):
         weight_bits: int = option(
             8, help="bits of int8 weights (7: weights within ±63, which onnxruntime's fast u8s8 kernel computes exactly)"
         )
+        fp8_unsupported_convs: bool = option(
+            False, help="with FP8, also quantize Convs TensorRT has no FP8 kernel for (under 16 channels, filters over "
+            "32 taps; optc.passes.fp8_convs); default: they stay float"
+        )
         weight_pair_limit: int = option(
             0,
             help="limit |q[2i] + q[2i+1]| of int8 MatMul/Gemm weights along K to this (128: onnxruntime's fast "
@@ -207,6 +217,12 @@ class Quantize(Pass):
                     skipped += 1
                 continue
             act_fmt = self._activation_format(node, weight)
+            why = self._fp8_conv_unsupported(node, weight, act_fmt)
+            if why:
+                if annotation(node, "quant_skipped") != why:
+                    annotate(node, "quant_skipped", why)
+                    skipped += 1
+                continue
             if opts.weights == "none" and act_fmt is None:
                 continue
             plans.append((node, weight, act_fmt))
@@ -302,6 +318,14 @@ class Quantize(Pass):
             else:
                 promoted.append((node, weight, FORMATS["int16" if opts.symmetric else "uint16"]))
         return promoted, {k: v for k, v in reasons.items() if v}
+
+    def _fp8_conv_unsupported(self, node: Node, weight: _WeightSite, act_fmt: _Format | None) -> str | None:
+        """Why an FP8 Conv would have no TensorRT kernel (it then stays float), or None."""
+        fp8 = self.options.weights == "fp8" or (act_fmt is not None and act_fmt.name == "fp8")
+        if node.op_type != "Conv" or not fp8 or self.options.fp8_unsupported_convs:
+            return None
+        why = fp8_conv_unsupported(list(weight.value.shape) if weight.value.shape is not None else None)
+        return f"TensorRT has no FP8 kernel for it: {why}" if why else None
 
     def _activation_format(self, node: Node, weight: _WeightSite) -> _Format | None:
         opts = self.options

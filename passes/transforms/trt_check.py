@@ -41,6 +41,7 @@ import numpy as np
 from optc.errors import OptcError
 from optc.ir import DataType, Model, Node, Value, annotation, node_label
 from optc.ir.annotations import QUANTIZATION, SPARSITY
+from optc.passes.fp8_convs import FP8_CONV_MAX_TAPS, FP8_CONV_MIN_CHANNELS, fp8_conv_unsupported
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -103,6 +104,11 @@ _RULE_LIST = (
          "an activation's Q/DQ pair shared by a quantized weighted op feeds only ops TensorRT fuses or moves Q/DQ "
          "through (weighted ops, residual Add, Concat, pooling, shape ops), not ops that need the float input",
          "reference/olive-and-ort-quantization.md §2.6 (DedicatedQDQPair); " + f"{_REF} §3.2.2, §3.2.6, §3.2.8"),
+    Rule("T19", "fp8-conv-shape", "error",
+         f"an FP8 Conv has at least {FP8_CONV_MIN_CHANNELS} input channels per group and output channels and a filter "
+         f"of at most {FP8_CONV_MAX_TAPS} taps (TensorRT has no FP8 kernel otherwise)",
+         f"{_REF} §3.4 (FP8); NVIDIA Model Optimizer's modelopt/onnx/quantization/graph_utils.py "
+         "find_nodes_from_convs_to_exclude (quantize_mode='fp8'); optc.passes.fp8_convs"),
     Rule("T16", "sparsity-2-4", "error",
          "a weight annotated 2:4 has at most 2 non-zeros in every 4 consecutive elements along K (K divisible by 4)",
          f"{_REF} §3.6"),
@@ -501,6 +507,9 @@ class _Checker:
             self.add("weighted-inputs", node, f"{w_type.name} weight with a float activation {node.inputs[0].name!r}")
         elif w_type is None and act_q:
             self.add("weighted-inputs", node, f"quantized activation with a float weight {node.inputs[1].name!r}")
+        act_dq = producer(node.inputs[0], "DequantizeLinear") if act_q else None
+        if node.op_type == "Conv" and DataType.FLOAT8E4M3FN in (w_type, qtype(act_dq) if act_dq is not None else None):
+            self.fp8_conv(node)
         for use in node.outputs[0].uses():
             q = use.node
             if q.op_type != "QuantizeLinear" or q.domain not in _ONNX_DOMAINS:
@@ -509,6 +518,18 @@ class _Checker:
                 continue
             if not self._feeds_quantized_consumer(q):
                 self.add("weighted-output", node, f"its output is quantized by {node_label(q)!r} for no quantized consumer")
+
+    def fp8_conv(self, node: Node) -> None:
+        """T19: an FP8 Conv needs a shape TensorRT has FP8 kernels for."""
+        traced = trace_constant(node.inputs[1])
+        shape = None
+        if traced is not None and traced[0].shape is not None:
+            shape = list(traced[0].shape)
+            if traced[1] is not None:
+                shape = [shape[i] for i in traced[1]]
+        why = fp8_conv_unsupported(shape)
+        if why:
+            self.add("fp8-conv-shape", node, f"FP8 Conv with {why}")
 
     @staticmethod
     def _feeds_quantized_consumer(q: Node) -> bool:

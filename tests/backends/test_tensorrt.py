@@ -57,7 +57,7 @@ def _run(path: Path, feeds):
     return models.run_ort(str(path), feeds)[0]
 
 
-def _conv_with_unquantized_residual(act, weight):
+def _conv_with_unquantized_residual(act, weight, channels: int = 4):
     """x → Q/DQ → Conv (quantized weight) + Sigmoid(x) → Add: the residual input has no Q/DQ (rule T12)."""
     from tests.passes import test_trt_check as planted
 
@@ -66,7 +66,7 @@ def _conv_with_unquantized_residual(act, weight):
              helper.make_node("Conv", ["xq", "w_dq"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Sigmoid", ["x"], ["skip"], name="skip"),
              helper.make_node("Add", ["c", "skip"], ["y"], name="residual_add")]
-    return planted._model(nodes, a_inits + w_inits, inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])])
+    return planted._model(nodes, a_inits + w_inits, inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 6, 6])])
 
 
 def _legalized_residual(model, tmp_path: Path):
@@ -148,7 +148,8 @@ def test_fp8_residual_without_an_existing_qdq_gets_an_fp8_minmax_qdq(tmp_path):
     f8 = ml_dtypes.float8_e4m3fn
     rng = np.random.default_rng(0)
     model = _conv_with_unquantized_residual(planted._act_qdq(zp=np.zeros((), f8)), planted._w_dq(
-        axis=0, data=rng.standard_normal((4, 4, 3, 3)).astype(f8), scale=np.full(4, 0.01, np.float32), zp=np.zeros(4, f8)))
+        axis=0, data=rng.standard_normal((16, 16, 3, 3)).astype(f8), scale=np.full(16, 0.01, np.float32), zp=np.zeros(16, f8)),
+        channels=16)  # FP8 Convs need 16 channels (rule fp8-conv-shape)
     out, checks = _legalized_residual(model, tmp_path)
     dq = next(n for n in out.graph if n.op_type == "Add").inputs[1].producer()
     assert dq.op_type == "DequantizeLinear" and dq.inputs[0].producer().inputs[0].name == "skip"

@@ -359,6 +359,22 @@ def test_fp8():
     assert _sqnr_float(bert, r.model) >= 15
 
 
+def test_fp8_leaves_convs_without_a_tensorrt_fp8_kernel_float():
+    """The CNN's RGB stem (3 input channels) stays float in FP8; the 16-channel Convs are quantized."""
+    from tests.cnn_models import small_cnn
+
+    result = _run(qm.to_ir(small_cnn()), "quantize{weights=fp8 activations=fp8}")
+    stem = _node(result.model, "stem.conv")
+    assert stem.inputs[1].producer() is None and annotation(stem, "quant") is None
+    assert "no FP8 kernel" in annotation(stem, "quant_skipped") and "3 input channels" in annotation(stem, "quant_skipped")
+    assert result.statistics["excluded-ops"] == 1
+    assert annotation(_node(result.model, "block.conv1"), "quant")["weights"] == "fp8"
+    forced = _run(qm.to_ir(small_cnn()), "quantize{weights=fp8 activations=fp8 fp8-unsupported-convs=true}")
+    assert annotation(_node(forced.model, "stem.conv"), "quant")["weights"] == "fp8"
+    int8 = _run(qm.to_ir(small_cnn()), "quantize")  # the rule is FP8's
+    assert annotation(_node(int8.model, "stem.conv"), "quant")["weights"] == "int8"
+
+
 def test_activation_only():
     proto, model = _llama()
     result = _run(model, "quantize{weights=none}")

@@ -115,7 +115,7 @@ def test_float_weights_quantized_at_build_time_are_legal():
 
 
 def test_every_rule_has_an_id_a_severity_and_a_source():
-    assert len({r.id for r in RULES.values()}) == len(RULES) == 18
+    assert len({r.id for r in RULES.values()}) == len(RULES) == 19
     for rule in RULES.values():
         assert rule.severity in ("error", "warning") and rule.text and "§" in rule.source
 
@@ -205,6 +205,23 @@ def planted_fp8_opset():
     return _model(nodes, a_inits + w_inits, opset=18), "act_Q"
 
 
+def _fp8_conv(cin: int, cout: int, k: int, fp8_weight: bool = True):
+    """x → FP8 Q/DQ → Conv with a per-channel FP8 (or int8) weight `[cout, cin, k, k]`."""
+    f8 = ml_dtypes.float8_e4m3fn
+    inputs = [helper.make_tensor_value_info("x", F, [1, cin, 8, 8])]
+    a_nodes, a_inits = _act_qdq(zp=np.zeros((), f8))
+    data = np.ones((cout, cin, k, k), f8 if fp8_weight else np.int8)
+    w_nodes, w_inits = _w_dq(axis=0, data=data, zp=np.zeros(cout, f8 if fp8_weight else np.int8))
+    if not fp8_weight:
+        a_nodes, a_inits = _act_qdq()
+    nodes = [*a_nodes, *w_nodes, helper.make_node("Conv", ["xq", "w_dq"], ["y"], name="conv", pads=[k // 2] * 4)]
+    return _model(nodes, a_inits + w_inits, inputs=inputs)
+
+
+def planted_fp8_conv_shape():
+    return _fp8_conv(4, 16, 3), "conv"
+
+
 def planted_residual():
     rng = np.random.default_rng(0)
     inputs = [helper.make_tensor_value_info("x", F, [1, 4, 6, 6])]
@@ -274,6 +291,7 @@ PLANTED = {
     "qdq-pair": planted_pair,
     "int4-blocked": planted_int4_axis,
     "fp8-opset": planted_fp8_opset,
+    "fp8-conv-shape": planted_fp8_conv_shape,
     "residual-quantized": planted_residual,
     "concat-one-scale": planted_concat,
     "weighted-output": planted_weighted_output,
@@ -305,6 +323,19 @@ def test_planted_models_break_only_what_they_plant_where_it_is_one_rule():
     for rule in sorted(exact):
         model, _ = PLANTED[rule]()
         assert set(_rules(model)) == {rule}, rule
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "fp8_weight", "flagged"), [
+    (16, 16, 3, True, False),   # TensorRT has FP8 kernels for it
+    (16, 16, 5, True, False),   # 25 taps
+    (16, 16, 7, True, True),    # 49 taps
+    (16, 8, 3, True, True),     # 8 output channels
+    (3, 16, 3, True, True),     # an RGB stem
+    (4, 4, 3, False, False),    # INT8: the rule is FP8's
+])
+def test_fp8_conv_shape_follows_tensorrts_fp8_kernels(cin, cout, k, fp8_weight, flagged):
+    found = _rules(_fp8_conv(cin, cout, k, fp8_weight))
+    assert ("fp8-conv-shape" in found) == flagged, found
 
 
 def test_violations_2_4_is_vectorized_and_exact():
