@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnxruntime as ort
@@ -11,9 +12,20 @@ from optc.errors import OptcError
 from optc.ir import Model, model_size_bytes, save_model, verify
 from optc.passes.infra.context import PassContext
 
+#: Session config entries added to every session `open_session` makes (after its own), e.g.
+#: {"session.qdq_matmulnbits_accuracy_level": "0"} from a benchmark that scores files as written.
+SESSION_CONFIG: dict[str, str] = {}
+#: onnxruntime graph transformers every session `open_session` makes leaves out (benchmarks working
+#: around an onnxruntime bug on a peer's model set it).
+DISABLED_OPTIMIZERS: list[str] = []
 
-def open_session(path: Path, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
+
+def open_session(
+    path: Path, *, optimize: bool = True, threads: int = 0, config: Mapping[str, str] | None = None
+) -> ort.InferenceSession:
     """An onnxruntime CPU session; with `optimize=False` weights are used in place (no prepacking).
+
+    `config` (and the module's `SESSION_CONFIG`) are added as session config entries.
 
     onnxruntime memory-maps external data and, without optimizations or
     prepacking, never touches it while building the session, so the runtime
@@ -28,6 +40,11 @@ def open_session(path: Path, *, optimize: bool = True, threads: int = 0) -> ort.
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
+    for key, value in {**SESSION_CONFIG, **(config or {})}.items():
+        options.add_session_config_entry(key, value)
+    if DISABLED_OPTIMIZERS:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(DISABLED_OPTIMIZERS))
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

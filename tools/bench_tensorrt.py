@@ -17,10 +17,11 @@ saved un-lowered, and each backend then lowers that same model
   two targets' logits (`diff`) with top-1 agreement. Done-when ("outputs
   within 1% of the ort target's") is judged on `diff` <= 0.01, the direct
   reading; the table also says whether Δerr <= 0.01 holds, a much looser
-  reading (0.01 of an error of ~0.05). `diff w/o residual Q/DQ` lowers the
+  reading (0.01 of an error of ~0.05). `diff w/o residual Q/DQ` (shown when
+  `lower-tensorrt` had to add the residual Add's Q/DQ, TensorRT placement
+  rule 4, itself: not for optc's own `quantize`, which places it) lowers the
   same model with `lower-tensorrt{residual=false}` (not legal for TensorRT:
-  a diagnostic) to show how much of `diff` the residual Add's Q/DQ (TensorRT
-  placement rule 4) accounts for;
+  a diagnostic) to show how much of `diff` that Q/DQ accounts for;
 * sizes on disk and the lowering notes (what `lower-tensorrt` rewrote).
 
 Variants (`--variants`, name=pipeline to override; a pipeline whose first pass
@@ -144,22 +145,9 @@ def fused_dq_accuracy(level: str) -> None:
     scores both files as written; `--fused-dq-accuracy 4` shows onnxruntime's
     default.
     """
-    import onnxruntime as ort
-
     import optc.backends.ort as backend
 
-    def open_session(path, *, optimize=True, threads=0):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        if not optimize:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    backend.open_session = open_session
+    backend.SESSION_CONFIG["session.qdq_matmulnbits_accuracy_level"] = level
 
 
 def bench_smollm2(args: argparse.Namespace, work: Path) -> tuple[list[Row], float | None]:

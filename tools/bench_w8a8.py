@@ -276,24 +276,14 @@ ORT_WORKAROUND = ["QDQPropagationTransformer"]
 @contextlib.contextmanager
 def ort_disabled_optimizers(names: list[str]) -> Iterator[None]:
     """Make optc's sessions (evaluate, latency) skip these onnxruntime graph transformers."""
-    import onnxruntime as ort
-
     import optc.backends.ort as backend
 
-    original = backend.open_session
-
-    def patched(path, *, optimize=True, threads=0):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=names)
-
-    backend.open_session = patched
+    before = list(backend.DISABLED_OPTIMIZERS)
+    backend.DISABLED_OPTIMIZERS[:] = names
     try:
         yield
     finally:
-        backend.open_session = original
+        backend.DISABLED_OPTIMIZERS[:] = before
 
 
 def _first_line(exc: BaseException) -> str:

@@ -49,6 +49,14 @@ What it emits, following TensorRT's explicit-quantization rules
   then reads the same dequantized table (weight-only, or with int8
   activations when it is not excluded: its per-row scales are per output
   channel of the head).
+* **Residuals**: an Add of a quantized Conv's output (directly or through
+  its BatchNormalization) and another activation reads that activation
+  through a Q/DQ in the Conv's format (8-bit only): its tensor's existing pair
+  when it has one, else a calibrated one. TensorRT fuses such an Add into the
+  Conv (its placement rules, §3.2.4; ModelOpt's `build_non_residual_input_map`
+  does the same for INT8 and FP8); deciding it here rather than in
+  `lower-tensorrt` keeps every target computing the same numbers.
+  `residual=false` leaves the Add float.
 
 Every quantized node is annotated `quant` (`optc.ir.annotate`) with the dtypes,
 schemes, axis, scale and where the scale came from, so backends can lower it;
@@ -165,6 +173,10 @@ class Quantize(Pass):
         weight_bits: int = option(
             8, help="bits of int8 weights (7: weights within ±63, which onnxruntime's fast u8s8 kernel computes exactly)"
         )
+        residual: bool = option(
+            True, help="also quantize the other input of an Add that follows a quantized Conv (a residual), in the "
+            "Conv's activation format: TensorRT fuses that Add into the Conv (ModelOpt quantizes it the same way)"
+        )
         fp8_unsupported_convs: bool = option(
             False, help="with FP8, also quantize Convs TensorRT has no FP8 kernel for (under 16 channels, filters over "
             "32 taps; optc.passes.fp8_convs); default: they stay float"
@@ -235,10 +247,14 @@ class Quantize(Pass):
         for node, _, fmt in plans:
             if fmt is not None and node.inputs[0].name not in act_values:
                 act_values.append(node.inputs[0].name)
+        for _, _, x, _ in _residual_adds(graph, plans) if opts.residual else ():
+            if x.name not in act_values:
+                act_values.append(x.name)
         histograms = self._histograms(model, am, act_values) if act_values else {}
         sensitive: dict[str, str] = {}
         if opts.min_sqnr > 0:
             plans, sensitive = self._promote_sensitive(plans, histograms)
+        residuals = _residual_adds(graph, plans) if opts.residual else []
 
         weight_fmt = table_fmt = None if opts.weights == "none" else FORMATS[opts.weights]
         if weight_fmt is not None and opts.weight_bits != 8:  # tables keep 8 bits: they feed no integer kernel
@@ -278,6 +294,12 @@ class Quantize(Pass):
             elif act_fmt is not None and act_fmt.bits == 16:
                 info["precision_reason"] = "int16=" + ",".join(opts.int16)
             annotate(node, "quant", info)
+        for add, idx, x, fmt in residuals:  # after the Convs' own Q/DQ, so a residual reuses its tensor's pair
+            key = (id(x), fmt.name)
+            if key not in act_cache:
+                act_cache[key] = _quantize_activation(graph, add, x, fmt, histograms[x.name], opts)
+            add.replace_input_with(idx, act_cache[key][0])
+            annotate(add, "quant", {"op": "Add", "weights": "none", "activations": fmt.name, "residual": x.name})
         _drop_unused_initializers(graph)
         stats = {
             "quantized-ops": len(plans),
@@ -286,6 +308,7 @@ class Quantize(Pass):
             "int16-activations": sum(1 for _, f in act_cache if f in ("int16", "uint16")),
             "sensitive-activations": len(sensitive),
             "quantized-tables": len(tables),
+            "residual-adds": len(residuals),
         }
         return PassResult(model, True, None, stats)
 
@@ -519,6 +542,45 @@ def _quantize_table(graph, gather: Node, index: int, fmt: _Format, cache, pair_l
 def _position(graph):
     order = {id(n): i for i, n in enumerate(graph)}
     return lambda node: order.get(id(node), len(order))
+
+
+def _residual_adds(graph, plans: list) -> list[tuple[Node, int, Value, _Format]]:
+    """Adds of a quantized Conv's output (directly or through its BatchNormalization) and a float activation.
+
+    Returns (add, index of the residual input, the residual, the Conv's activation format) for 8-bit
+    formats; when both inputs come from quantized Convs the second is taken as the residual, as TensorRT's
+    placement rules need only one of them quantized.
+    """
+    conv_formats = {id(node): fmt for node, _, fmt in plans
+                    if node.op_type == "Conv" and fmt is not None and fmt.name in ("int8", "uint8", "fp8")}
+    if not conv_formats:
+        return []
+
+    def conv_format(value: Value) -> _Format | None:
+        node = value.producer()
+        if node is not None and node.op_type == "BatchNormalization" and node.inputs[0] is not None:
+            if len(list(node.inputs[0].uses())) != 1:
+                return None
+            node = node.inputs[0].producer()
+        return conv_formats.get(id(node)) if node is not None else None
+
+    found = []
+    for add in graph:
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+            continue
+        a, b = add.inputs
+        if a is None or b is None or is_constant(a) or is_constant(b):
+            continue
+        formats = [conv_format(a), conv_format(b)]
+        if not any(formats):
+            continue
+        idx = 1 if formats[0] else 0
+        x = add.inputs[idx]
+        dq = x.producer()
+        if (dq is not None and dq.op_type == "DequantizeLinear") or (x.dtype is not None and x.dtype not in _FLOAT_TYPES):
+            continue
+        found.append((add, idx, x, formats[1 - idx]))
+    return found
 
 
 def _drop_unused_initializers(graph) -> None:
