@@ -39,7 +39,7 @@ def update(path: Path, *, write: bool) -> tuple[bool, list[str]]:
     problems: list[str] = []
     outcomes = {}
     for case in golden.cases:
-        outcome = run_case(golden.pipeline, case)
+        outcome = run_case(golden.pipeline, case, golden.config)
         where = f"{path}:{case.line} ({case.name})"
         if outcome.error is not None and case.expected_error is None:
             problems.append(f"{where}: the pipeline failed: {outcome.error}")

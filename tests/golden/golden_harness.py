@@ -47,6 +47,7 @@ class GoldenFile:
     header: list[str]  # the RUN line and any comments before the first case
     pipeline: str
     cases: list[Case]
+    config: dict[str, object] = dataclasses.field(default_factory=dict)  # calibration options of the RUN line
 
 
 @dataclasses.dataclass
@@ -68,7 +69,7 @@ def read_golden(path: Path) -> GoldenFile:
     where = f"{path}:1"
     if not lines or not lines[0].startswith(RUN):
         raise GoldenFormatError(f"{where}: the first line must be `{RUN} --passes='<pipeline>'`")
-    pipeline = _parse_run(lines[0][len(RUN):], where)
+    pipeline, config = _parse_run(lines[0][len(RUN):], where)
     chunks: list[tuple[int, list[str]]] = [(1, [])]
     for number, line in enumerate(lines, start=1):
         if line.rstrip() == SEPARATOR:
@@ -86,17 +87,31 @@ def read_golden(path: Path) -> GoldenFile:
         if case.name in seen:
             raise GoldenFormatError(f"{path}:{case.line}: case name {case.name!r} is used twice")
         seen.add(case.name)
-    return GoldenFile(path, header, pipeline, cases)
+    return GoldenFile(path, header, pipeline, cases, config)
 
 
-def _parse_run(text: str, where: str) -> str:
+#: RUN-line options besides --passes, as on the command line, and the pass-context key each sets.
+_CALIB_OPTIONS = {"--calib": "calibration.spec", "--calib-samples": "calibration.samples", "--calib-seqlen": "calibration.seqlen"}
+
+
+def _parse_run(text: str, where: str) -> tuple[str, dict[str, object]]:
+    """The RUN line: `--passes='<pipeline>'`, then optionally `--calib=SPEC --calib-samples=N --calib-seqlen=N`."""
     try:
         words = shlex.split(text)
     except ValueError as exc:
         raise GoldenFormatError(f"{where}: bad RUN line: {exc}") from None
-    if len(words) != 1 or not words[0].startswith("--passes="):
-        raise GoldenFormatError(f"{where}: the RUN line takes exactly one option, --passes='<pipeline>'")
-    return words[0][len("--passes="):]
+    usage = f"{where}: the RUN line takes --passes='<pipeline>', then optionally {', '.join(o + '=' for o in _CALIB_OPTIONS)}"
+    if not words or not words[0].startswith("--passes="):
+        raise GoldenFormatError(usage)
+    config: dict[str, object] = {}
+    for word in words[1:]:
+        name, sep, value = word.partition("=")
+        if name not in _CALIB_OPTIONS or not sep or not value or _CALIB_OPTIONS[name] in config:
+            raise GoldenFormatError(usage)
+        if name != "--calib" and not value.isdigit():
+            raise GoldenFormatError(f"{where}: {name} takes a whole number, got {value!r}")
+        config[_CALIB_OPTIONS[name]] = value if name == "--calib" else int(value)
+    return words[0][len("--passes="):], config
 
 
 def _parse_case(path: Path, start: int, chunk: list[str]) -> Case:
@@ -133,11 +148,12 @@ def _strip_trailing_blank(lines: list[str]) -> list[str]:
     return list(lines[:end])
 
 
-def run_case(pipeline: str, case: Case) -> Outcome:
-    """Parse the input, run the pipeline with the verifier after every pass, print the result."""
+def run_case(pipeline: str, case: Case, config: dict[str, object] | None = None) -> Outcome:
+    """Parse the input, run the pipeline (with the RUN line's calibration `config`) and the verifier after
+    every pass, print the result."""
     model = parse_text(case.input_text)
     input_printed = print_ir(model)
-    am = AnalysisManager(PassContext(instruments=[VerifyEach()]))
+    am = AnalysisManager(PassContext(config=dict(config or {}), instruments=[VerifyEach()]))
     try:
         result = parse_pipeline(pipeline)(model, am)
         verify(result.model, where="after the pipeline")

@@ -55,7 +55,7 @@ def test_golden(golden, case, format_error):
     root = GOLDEN_DIR.parent.parent
     shown = golden.path.relative_to(root) if golden.path.is_relative_to(root) else golden.path
     where = f"{shown}:{case.line} ({case.name})"
-    outcome = run_case(golden.pipeline, case)
+    outcome = run_case(golden.pipeline, case, golden.config)
     hint = "run `python tools/update_golden.py` and review the diff"
     if case.expected_error is not None:
         assert outcome.error is not None, f"{where}: expected an error containing {case.expected_error!r}, the pipeline succeeded"
@@ -135,7 +135,8 @@ _HEAD = '<ir_version: 10, opset_import: ["" : 21]>\ng (float[2] x) => (float[2] 
     ("text", "message"),
     [
         ("# -----\n# CASE: a\n" + _HEAD, "first line must be"),
-        ("# RUN: --passes='dce' --verify\n# -----\n# CASE: a\n" + _HEAD, "exactly one option"),
+        ("# RUN: --passes='dce' --verify\n# -----\n# CASE: a\n" + _HEAD, "optionally --calib="),
+        ("# RUN: --passes='dce' --calib-samples=two\n# -----\n# CASE: a\n" + _HEAD, "whole number"),
         ("# RUN: --passes='dce'\n", "no cases"),
         ("# RUN: --passes='dce'\n" + _HEAD, "only comments"),
         ("# RUN: --passes='dce'\n# -----\n" + _HEAD, "must start with `# CASE:"),
