@@ -28,10 +28,6 @@ axis 0 instead. The op is annotated `quant` with `{"weights": "int4",
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -47,13 +43,13 @@ from optc.ir import (
     annotate,
     annotation,
     constant_array,
-    is_constant,
     make_node,
     node_label,
     source_name,
     unique_name,
 )
 from optc.passes.infra.options import option
+from optc.passes.linear_layers import layer_names, linear, matches_any, torch_threads
 
 #: Smallest clipping ratio searched with `clip`, and how many ratios.
 CLIP_MIN = 0.6
@@ -63,22 +59,6 @@ BITS = (2, 3, 4, 5, 6, 7, 8)
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@contextlib.contextmanager
-def torch_threads(device: torch.device) -> Iterator[None]:
-    """CPU torch work on one thread (`OPTC_TORCH_THREADS` to change): the per-layer ops are small, and
-    torch's OpenMP threads spin-wait, which on a shared 2-core machine made elementwise ops 8× slower
-    than one thread (measured under load); restored afterwards."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(os.environ.get("OPTC_TORCH_THREADS", "1"))))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -222,28 +202,15 @@ class LinearSite:
         return (t if self.transposed else t.T).contiguous().to(device or "cpu")
 
 
-_FLOATS = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
-
-
 def linear_site(node: Node) -> LinearSite | None:
-    """The site of a MatMul/Gemm with a constant float 2-D weight and an activation input, else None."""
-    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    """The site of a MatMul/Gemm (alpha 1) with a constant float 2-D weight and an activation input, else None."""
+    site = linear(node)
+    if site is None:
         return None
-    x, w = node.inputs[0], node.inputs[1]
-    if x is None or w is None or is_constant(x) or not is_constant(w):
+    alpha = node.attributes.get("alpha") if node.op_type == "Gemm" else None
+    if alpha is not None and alpha.as_float() != 1.0:
         return None
-    if w.shape is None or len(w.shape) != 2 or w.dtype not in _FLOATS:
-        return None
-    transposed = False
-    if node.op_type == "Gemm":
-        attrs = node.attributes
-        if (a := attrs.get("transA")) is not None and a.as_int():
-            return None
-        for key in ("alpha",):
-            if (v := attrs.get(key)) is not None and v.as_float() != 1.0:
-                return None
-        transposed = bool((b := attrs.get("transB")) is not None and b.as_int())
-    return LinearSite(node, w, transposed, x.name)
+    return LinearSite(node, site.weight, site.k_axis == 1, site.activation.name)
 
 
 def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[LinearSite], list[Node]]:
@@ -262,15 +229,7 @@ def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tup
 
 def matches(node: Node, patterns) -> bool:
     """Whether a node, its outputs or its weight (also by source name) match a pattern (substring or glob)."""
-    names = [node_label(node), *(o.name for o in node.outputs if o.name)]
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if w is not None:
-        names += [w.name or "", source_name(w), *(annotation(w, "source_aliases") or [])]
-    for p in patterns:
-        glob = any(ch in p for ch in "*?[")
-        if any(n and (fnmatch.fnmatchcase(n, p) if glob else p in n) for n in names):
-            return True
-    return False
+    return matches_any(layer_names(node, node.inputs[1] if len(node.inputs) > 1 else None), patterns)
 
 
 def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
@@ -360,7 +319,7 @@ def _ensure_opset(model: Model) -> None:
 __all__ = [
     "Grid", "LinearSite", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
     "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
-    "set_weight",
+    "set_weight", "torch_threads",
 ]
 
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_w8a8 import (  # noqa: E402 - the sibling benchmark's runner, evaluation and table
     Row,
+    add_run_options,
     evaluate_rows,
     interleaved_latency,
     last_line,
@@ -204,12 +205,7 @@ def layer_timing(size: int, repeats: int = 3) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
-    parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
-    parser.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads for evaluation (default: all CPUs)")
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved latency rounds (default 20)")
+    add_run_options(parser)
     parser.add_argument("--reuse", action="store_true", help="reuse models already in --workdir")
     parser.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated subset of {','.join((*OPTC, *ORT))}")
     parser.add_argument("--ort-gptq", action="store_true", help="also run onnxruntime's GPTQ (very slow on 2 cores)")

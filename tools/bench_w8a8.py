@@ -459,14 +459,19 @@ def rss_check(args: argparse.Namespace, gguf: Path, work: Path) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Calibration, evaluation and latency options shared with tools/bench_w4.py."""
     parser.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
     parser.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads for evaluation (default: all CPUs)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved latency rounds (default 20)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(parser)
     parser.add_argument("--reuse", action="store_true",
                         help="reuse models already in --workdir instead of rebuilding them (compile time is then not measured)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")

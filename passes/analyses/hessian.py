@@ -106,7 +106,7 @@ class Hessian(Analysis[dict[str, HessianStats]]):
         stats: dict[str, HessianStats] = {}
         if not values:
             return stats
-        from optc.passes.lowbit import torch_threads
+        from optc.passes.linear_layers import torch_threads
 
         with ModelRunner(model, values) as runner, torch_threads(device):
             samples = calibration_samples(model, am.context)

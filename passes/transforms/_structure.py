@@ -1,6 +1,6 @@
-"""Shared helpers of the pruning and low-rank passes: linear layers, name matching, weight I/O.
+"""Shared helpers of the pruning and low-rank passes: layer selection, weight I/O, calibration.
 
-Linear layers are found by graph pattern: a `MatMul` or `Gemm` whose second
+Linear layers (`optc.passes.linear_layers`) are found by graph pattern: a `MatMul` or `Gemm` whose second
 input is a constant 2-D float initializer (B `[K, N]`; Gemm `[N, K]` with
 `transB=1`). Weights are handled in the layout of the papers, `[N, K]` (rows
 are outputs, columns the reduction axis K), and written back in the stored
@@ -10,78 +10,20 @@ under that reader.
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
-import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from optc.errors import OptcError
-from optc.ir import (
-    DataType,
-    Model,
-    Node,
-    Shape,
-    Value,
-    add_initializer,
-    annotation,
-    constant_array,
-    is_constant,
-    node_label,
-    source_name,
-    tensor,
-    unique_name,
+from optc.ir import Model, Node, Shape, Value, add_initializer, constant_array, tensor, unique_name
+from optc.passes.linear_layers import (
+    DEFAULT_EXCLUDE,
+    Linear,
+    layer_names,
+    linear,
+    matches_any,
+    torch_threads,
 )
-
-FLOAT_TYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
-#: Default exclusions of `sparsify`/`lowrank`: the output head and embedding tables.
-DEFAULT_EXCLUDE = ("lm_head", "embed", "wte", "word_embeddings")
-
-
-@dataclass(frozen=True)
-class Linear:
-    """A linear layer `Y = X·W`: the node, its constant weight and the weight's K (reduction) axis."""
-
-    node: Node
-    weight: Value
-    k_axis: int  # 0 for MatMul / Gemm(transB=0), 1 for Gemm(transB=1)
-
-    @property
-    def activation(self) -> Value:
-        return self.node.inputs[0]
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[self.k_axis])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[1 - self.k_axis])
-
-    def nk(self) -> np.ndarray:
-        """The weight as float32 `[N, K]`."""
-        w = constant_array(self.weight).astype(np.float32)
-        return np.ascontiguousarray(w.T if self.k_axis == 0 else w)
-
-
-def linear(node: Node) -> Linear | None:
-    """The `Linear` view of `node` when it is X·W with a constant 2-D float W, else None."""
-    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-        return None
-    x, w = node.inputs[0], node.inputs[1]
-    if x is None or w is None or is_constant(x) or not is_constant(w):
-        return None
-    if w.shape is None or len(w.shape) != 2 or w.dtype not in FLOAT_TYPES:
-        return None
-    if node.op_type == "Gemm":
-        trans_a = node.attributes.get("transA")
-        if trans_a is not None and trans_a.as_int():
-            return None
-        trans_b = node.attributes.get("transB")
-        return Linear(node, w, 1 if trans_b is not None and trans_b.as_int() else 0)
-    return Linear(node, w, 0)
 
 
 def linears(model: Model) -> list[Linear]:
@@ -91,20 +33,12 @@ def linears(model: Model) -> list[Linear]:
 
 def names_of(site: Linear) -> list[str]:
     """The names a pattern may match: node, outputs, weight, original parameter name and its aliases."""
-    names = [node_label(site.node), *(o.name for o in site.node.outputs if o.name)]
-    names += [site.weight.name or "", source_name(site.weight), *(annotation(site.weight, "source_aliases") or [])]
-    return [n for n in names if n]
+    return layer_names(site.node, site.weight)
 
 
 def matches(site: Linear, patterns: Iterable[str]) -> bool:
     """True when a pattern (substring, or glob with * ? [) matches one of the site's names."""
-    names = names_of(site)
-    for pattern in patterns:
-        glob = any(ch in pattern for ch in "*?[")
-        for name in names:
-            if (glob and fnmatch.fnmatchcase(name, pattern)) or (not glob and pattern in name):
-                return True
-    return False
+    return matches_any(names_of(site), patterns)
 
 
 def reads_table(value: Value) -> bool:
@@ -159,23 +93,6 @@ def calibration_hessians(model: Model, am, who: str, values: Sequence[str] | Non
     if values is None:
         return am.get(Hessian, model)
     return am.get(Hessian, model, values=tuple(sorted(set(values))))
-
-
-@contextlib.contextmanager
-def torch_threads() -> Iterator[None]:
-    """Run small per-layer torch work on one CPU thread (`OPTC_TORCH_THREADS` to change), then restore.
-
-    torch's OpenMP threads spin-wait: on a loaded 2-core machine SparseGPT's column loop ran 12x slower
-    with 2 threads than with 1 (measured).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(os.environ.get("OPTC_TORCH_THREADS", "1"))))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def drop_unused_initializers(graph) -> int:

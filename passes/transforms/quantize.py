@@ -74,7 +74,6 @@ output is deterministic for a given model, calibration data and seed.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Literal
 
@@ -92,7 +91,6 @@ from optc.ir import (
     constant_array,
     is_constant,
     make_node,
-    node_label,
     source_name,
     unique_name,
 )
@@ -103,9 +101,9 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.int8_pairs import limit_pair_sums, pair_limited_scale
+from optc.passes.linear_layers import FLOAT_TYPES, layer_names, matches_any
 
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
-_FLOAT_TYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
 _NUMPY_FLOATS = {DataType.FLOAT: np.float32, DataType.FLOAT16: np.float16}
 
 
@@ -355,7 +353,7 @@ class Quantize(Pass):
         x = node.inputs[0]
         if opts.activations == "none" or x is None or is_constant(x):
             return None
-        if x.dtype is not None and x.dtype not in _FLOAT_TYPES:
+        if x.dtype is not None and x.dtype not in FLOAT_TYPES:
             return None
         producer = x.producer()
         if producer is not None and producer.op_type == "DequantizeLinear":
@@ -417,7 +415,7 @@ def _weight_site(node: Node) -> _WeightSite | None:
         return None
     if is_constant(w):
         rank = len(w.shape) if w.shape is not None else 0
-        if rank < 2 or w.dtype not in _FLOAT_TYPES:
+        if rank < 2 or w.dtype not in FLOAT_TYPES:
             return None
         return _WeightSite(w, node, 1, out_axis % rank, "direct", None if k_axis is None else k_axis % rank)
     producer = w.producer()
@@ -427,7 +425,7 @@ def _weight_site(node: Node) -> _WeightSite | None:
         return None
     source = producer.inputs[0]
     rank = len(source.shape) if source.shape is not None else 0
-    if rank < 2 or source.dtype not in _FLOAT_TYPES:
+    if rank < 2 or source.dtype not in FLOAT_TYPES:
         return None
     perm_attr = producer.attributes.get("perm")
     perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(rank))[::-1]
@@ -511,7 +509,7 @@ def _gather_tables(graph) -> list[tuple[Node, int]]:
         axis = node.attributes.get("axis")
         if axis is not None and axis.as_int() != 0:
             continue
-        if is_constant(data) and data.shape is not None and len(data.shape) == 2 and data.dtype in _FLOAT_TYPES:
+        if is_constant(data) and data.shape is not None and len(data.shape) == 2 and data.dtype in FLOAT_TYPES:
             tables.append((node, 0))
     return tables
 
@@ -577,7 +575,7 @@ def _residual_adds(graph, plans: list) -> list[tuple[Node, int, Value, _Format]]
         idx = 1 if formats[0] else 0
         x = add.inputs[idx]
         dq = x.producer()
-        if (dq is not None and dq.op_type == "DequantizeLinear") or (x.dtype is not None and x.dtype not in _FLOAT_TYPES):
+        if (dq is not None and dq.op_type == "DequantizeLinear") or (x.dtype is not None and x.dtype not in FLOAT_TYPES):
             continue
         found.append((add, idx, x, formats[1 - idx]))
     return found
@@ -647,19 +645,7 @@ def _onnx_type(fmt: _Format) -> DataType:
 
 
 def _matches(node: Node, weight: _WeightSite | None, patterns) -> bool:
-    if not patterns:
-        return False
-    names = [node_label(node), *(o.name for o in node.outputs if o.name)]
-    if weight is not None:
-        w = weight.value
-        names += [w.name or "", source_name(w), *(annotation(w, "source_aliases") or [])]
-    return any(_match(p, n) for p in patterns for n in names if n)
-
-
-def _match(pattern: str, name: str) -> bool:
-    if any(ch in pattern for ch in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
-    return pattern in name
+    return bool(patterns) and matches_any(layer_names(node, weight.value if weight is not None else None), patterns)
 
 
 def _after_colon(message: str) -> str:

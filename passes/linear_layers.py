@@ -1,0 +1,124 @@
+"""Linear layers in the IR, and how passes name and select them.
+
+Shared by the weight passes (`quantize`, `rtn`/`gptq`/`awq`, `sparsify`,
+`lowrank`, the pruning passes):
+
+* `linear(node)`: the `Linear` view of `Y = X·W` (MatMul, or Gemm without
+  transA) with a constant 2-D float W, and W's reduction (K) axis.
+* `layer_names(node, weight)` / `matches_any(names, patterns)`: the names an
+  `exclude=`-style pattern may match (node, outputs, weight, the original
+  parameter name and its aliases), as a substring or, with `* ? [`, a glob.
+* `torch_threads(device)`: small per-layer torch work on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from optc.ir import (
+    DataType,
+    Node,
+    Value,
+    annotation,
+    constant_array,
+    is_constant,
+    node_label,
+    source_name,
+)
+
+FLOAT_TYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
+#: What weight passes leave alone by default: the output head and embedding tables.
+DEFAULT_EXCLUDE = ("lm_head", "embed", "wte", "word_embeddings")
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer `Y = X·W`: the node, its constant weight and the weight's K (reduction) axis."""
+
+    node: Node
+    weight: Value
+    k_axis: int  # 0 for MatMul / Gemm(transB=0), 1 for Gemm(transB=1)
+
+    @property
+    def activation(self) -> Value:
+        return self.node.inputs[0]
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[self.k_axis])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[1 - self.k_axis])
+
+    def nk(self) -> np.ndarray:
+        """The weight as float32 `[N, K]`."""
+        w = constant_array(self.weight).astype(np.float32)
+        return np.ascontiguousarray(w.T if self.k_axis == 0 else w)
+
+
+def linear(node: Node) -> Linear | None:
+    """The `Linear` view of `node` when it is X·W with a constant 2-D float W, else None."""
+    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    x, w = node.inputs[0], node.inputs[1]
+    if x is None or w is None or is_constant(x) or not is_constant(w):
+        return None
+    if w.shape is None or len(w.shape) != 2 or w.dtype not in FLOAT_TYPES:
+        return None
+    if node.op_type == "Gemm":
+        trans_a = node.attributes.get("transA")
+        if trans_a is not None and trans_a.as_int():
+            return None
+        trans_b = node.attributes.get("transB")
+        return Linear(node, w, 1 if trans_b is not None and trans_b.as_int() else 0)
+    return Linear(node, w, 0)
+
+
+def layer_names(node: Node, weight: Value | None) -> list[str]:
+    """The names a pattern may match: node, outputs, and the weight's name, original parameter name and aliases."""
+    names = [node_label(node), *(o.name for o in node.outputs if o.name)]
+    if weight is not None:
+        names += [weight.name or "", source_name(weight), *(annotation(weight, "source_aliases") or [])]
+    return [n for n in names if n]
+
+
+def matches_any(names: Iterable[str], patterns: Iterable[str]) -> bool:
+    """True when a pattern (substring, or glob with * ? [) matches one of `names`."""
+    names = list(names)
+    for pattern in patterns:
+        glob = any(ch in pattern for ch in "*?[")
+        if any(fnmatch.fnmatchcase(n, pattern) if glob else pattern in n for n in names):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def torch_threads(device: Any = None) -> Iterator[None]:
+    """Run small per-layer torch work on one CPU thread (`OPTC_TORCH_THREADS` to change), then restore.
+
+    torch's OpenMP threads spin-wait: on a loaded 2-core machine SparseGPT's column loop ran 12x
+    slower with 2 threads than with 1, and GPTQ's elementwise ops 8x (measured). A CUDA `device`
+    is left alone.
+    """
+    import torch
+
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(os.environ.get("OPTC_TORCH_THREADS", "1"))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+__all__ = ["DEFAULT_EXCLUDE", "FLOAT_TYPES", "Linear", "layer_names", "linear", "matches_any", "torch_threads"]
