@@ -32,7 +32,9 @@ from optc.ir.core import (
     make_node,
     make_value,
     node_label,
+    sole_transpose,
     tensor,
+    transpose_perm,
     unique_name,
 )
 from optc.ir.graph_view import to_networkx
@@ -80,6 +82,7 @@ __all__ = [
     "model_metadata",
     "model_size_bytes",
     "node_label",
+    "sole_transpose",
     "node_to_proto",
     "parse_text",
     "print_ir",
@@ -91,6 +94,7 @@ __all__ = [
     "tensor",
     "to_networkx",
     "to_proto",
+    "transpose_perm",
     "unique_name",
     "verify",
 ]

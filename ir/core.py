@@ -111,6 +111,26 @@ def node_label(node: Node) -> str:
     return f"{node.op_type}:{first}" if first else node.op_type
 
 
+def transpose_perm(node: Node, rank: int | None = None) -> list[int] | None:
+    """A Transpose's permutation: its `perm`, or the axis reversal ONNX defaults to (which needs `rank`)."""
+    attr = node.attributes.get("perm")
+    if attr is not None:
+        return list(attr.as_ints())
+    return list(range(rank))[::-1] if rank else None
+
+
+def sole_transpose(value: Value | None) -> tuple[Node, list[int] | None] | None:
+    """(the Transpose, its permutation) when `value` is a standard Transpose's output that exactly one node
+    reads and no graph output is: the Transpose can be rewritten with its reader. Else None."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+        return None
+    if value.is_graph_output() or len(list(value.uses())) != 1:
+        return None
+    source = node.inputs[0]
+    return node, transpose_perm(node, len(source.shape) if source.shape is not None else None)
+
+
 def initializer_bytes(graph: Graph) -> int:
     """Total size in bytes of the graph's initializers (read from metadata, not data)."""
     return sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)

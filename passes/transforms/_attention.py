@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from optc.errors import OptcError
-from optc.ir import Model, Node, Value, constant_array, is_constant
+from optc.ir import Model, Node, Value, constant_array, is_constant, transpose_perm
 from optc.passes.transforms._structure import Linear, linear
 
 _ELEMENTWISE = frozenset({
@@ -282,10 +282,9 @@ class HeadAxes:
             return dict(x)
         if op == "Transpose":
             rank = self._rank(node.inputs[0])
-            perm = node.attributes.get("perm")
             if rank is None:
                 self._fail(node, "rank unknown")
-            perm_list = list(perm.as_ints()) if perm is not None else list(range(rank))[::-1]
+            perm_list = transpose_perm(node, rank)
             out = {}
             for i, p in enumerate(perm_list):
                 role = x.get(p - rank)

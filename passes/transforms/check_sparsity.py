@@ -28,6 +28,7 @@ from optc.ir import (
     constant_array,
     is_constant,
     node_label,
+    transpose_perm,
 )
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -63,8 +64,7 @@ def effective_weight(value: Value, depth: int = 8) -> np.ndarray | None:
         x = effective_weight(node.inputs[0], depth - 1)
         if x is None:
             return None
-        perm = node.attributes.get("perm")
-        return np.transpose(x, list(perm.as_ints()) if perm is not None else None)
+        return np.transpose(x, transpose_perm(node, x.ndim))
     if op == "Reshape":
         x = effective_weight(node.inputs[0], depth - 1)
         shape = constant_array(node.inputs[1])

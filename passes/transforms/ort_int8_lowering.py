@@ -75,6 +75,7 @@ from optc.ir import (
     make_node,
     model_metadata,
     set_model_metadata,
+    sole_transpose,
     tensor,
     unique_name,
 )
@@ -223,12 +224,10 @@ class _Rewriter:
         """
         if node.op_type != "MatMul" or _producer(act_dq.inputs[0], "QuantizeLinear") is None:
             return None
-        t = _producer(node.inputs[1], "Transpose")
-        if t is None or len(list(node.inputs[1].uses())) != 1 or node.inputs[1].is_graph_output():
+        transposed = sole_transpose(node.inputs[1])
+        if transposed is None or transposed[1] not in (None, [1, 0]):  # a 2-D table is checked below
             return None
-        perm = t.attributes.get("perm")
-        if perm is not None and list(perm.as_ints()) != [1, 0]:
-            return None
+        t = transposed[0]
         dq = _producer(t.inputs[0], "DequantizeLinear")
         if dq is None or not _plain_8bit(dq) or not is_constant(dq.inputs[0]):
             return None

@@ -91,6 +91,7 @@ from optc.ir import (
     constant_array,
     is_constant,
     make_node,
+    sole_transpose,
     source_name,
     unique_name,
 )
@@ -418,17 +419,13 @@ def _weight_site(node: Node) -> _WeightSite | None:
         if rank < 2 or w.dtype not in FLOAT_TYPES:
             return None
         return _WeightSite(w, node, 1, out_axis % rank, "direct", None if k_axis is None else k_axis % rank)
-    producer = w.producer()
-    if producer is None or producer.op_type != "Transpose" or not is_constant(producer.inputs[0]):
+    transposed = sole_transpose(w)
+    if transposed is None or transposed[1] is None or not is_constant(transposed[0].inputs[0]):
         return None
-    if len(list(w.uses())) != 1 or w.is_graph_output():
-        return None
-    source = producer.inputs[0]
-    rank = len(source.shape) if source.shape is not None else 0
+    (producer, perm), source = transposed, transposed[0].inputs[0]
+    rank = len(perm)
     if rank < 2 or source.dtype not in FLOAT_TYPES:
         return None
-    perm_attr = producer.attributes.get("perm")
-    perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(rank))[::-1]
     return _WeightSite(source, producer, 0, perm[out_axis % rank], "transpose",
                        None if k_axis is None else perm[k_axis % rank])
 

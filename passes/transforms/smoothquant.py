@@ -71,6 +71,7 @@ from optc.ir import (
     is_constant,
     make_node,
     node_label,
+    sole_transpose,
     source_name,
     tensor,
     unique_name,
@@ -253,14 +254,11 @@ def tied_weight_site(node: Node) -> _Site | None:
     x, w = node.inputs
     if x is None or w is None or is_constant(x) or is_constant(w):
         return None
-    t = w.producer()
-    if t is None or t.op_type != "Transpose" or not is_constant(t.inputs[0]) or not _only_read_by(w, node):
+    transposed = sole_transpose(w)
+    if transposed is None or transposed[1] != [1, 0] or not is_constant(transposed[0].inputs[0]):
         return None
-    table = t.inputs[0]
-    if table.shape is None or len(table.shape) != 2 or table.dtype is None or not table.dtype.is_floating_point():
-        return None
-    perm = t.attributes.get("perm")
-    if perm is not None and list(perm.as_ints()) != [1, 0]:
+    t, table = transposed[0], transposed[0].inputs[0]
+    if table.dtype is None or not table.dtype.is_floating_point():
         return None
     return _Site(t, 0, 1)  # W = Tᵀ: W's input channels (axis 0) are T's axis 1
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from optc.errors import OptcError
-from optc.ir import DataType, Model, Node, Value, annotation, node_label
+from optc.ir import DataType, Model, Node, Value, annotation, node_label, transpose_perm
 from optc.ir.annotations import QUANTIZATION, SPARSITY
 from optc.passes.fp8_convs import FP8_CONV_MAX_TAPS, FP8_CONV_MIN_CHANNELS, fp8_conv_unsupported
 from optc.passes.infra.analysis import AnalysisManager
@@ -248,9 +248,7 @@ def trace_constant(value: Value | None) -> tuple[Value, list[int] | None, list[N
         if node is None or node.inputs[0] is None:
             return None
         if node.op_type == "Transpose":
-            rank = _rank(node.inputs[0])
-            attr = node.attributes.get("perm")
-            p = list(attr.as_ints()) if attr is not None else (list(range(rank))[::-1] if rank else None)
+            p = transpose_perm(node, _rank(node.inputs[0]))
             if p is None:
                 return None
             perm = [p[i] for i in perm] if perm is not None else p
@@ -308,9 +306,7 @@ def weight_readers(value: Value) -> list[tuple[Node, list[int] | None]]:
                 seen.add(id(node))
                 next_perm = perm
                 if node.op_type == "Transpose":
-                    rank = _rank(node.inputs[0])
-                    attr = node.attributes.get("perm")
-                    p = list(attr.as_ints()) if attr is not None else (list(range(rank))[::-1] if rank else None)
+                    p = transpose_perm(node, _rank(node.inputs[0]))
                     if p is None:
                         continue
                     next_perm = [perm[i] for i in p] if perm is not None else p

@@ -85,7 +85,9 @@ from optc.ir import (
     model_metadata,
     node_label,
     set_model_metadata,
+    sole_transpose,
     source_name,
+    transpose_perm,
     unique_name,
 )
 from optc.ir.annotations import QUANTIZATION
@@ -776,17 +778,14 @@ def _transposed_weight_reader(use, rank: int) -> tuple[Node, int] | None:
 
     TensorRT propagates a DequantizeLinear through a Transpose (placement rule 8), so the
     weight stays quantized and the table is stored once."""
+    if use.idx != 0 or sole_transpose(use.node.outputs[0] if use.node.outputs else None) is None:
+        return None
     t = use.node
-    if t.op_type != "Transpose" or t.domain not in _ONNX_DOMAINS or use.idx != 0 or t.outputs[0].is_graph_output():
-        return None
-    readers = list(t.outputs[0].uses())
-    if len(readers) != 1:
-        return None
-    node, idx = readers[0].node, readers[0].idx
+    reader = next(iter(t.outputs[0].uses()))
+    node, idx = reader.node, reader.idx
     if idx != 1 or weight_slot(node) != 1 or not _quantized_activation(node.inputs[0]):
         return None
-    attr = t.attributes.get("perm")
-    perm = list(attr.as_ints()) if attr is not None else list(range(rank))[::-1]
+    perm = transpose_perm(t, rank)
     return node, perm[output_axis(node, rank)]
 
 
