@@ -42,11 +42,6 @@ it does, and why, was measured on SmolLM2-135M with onnxruntime 1.32 on a
   `Cast → Mul` (`(q - zp) · scale`, the same float arithmetic), which
   onnxruntime folds into a float weight when the session loads: fp32 speed,
   the file keeps the 8-bit weight.
-  The same holds for a Conv whose output goes anywhere but one
-  QuantizeLinear (optc leaves weighted-op outputs float, TensorRT's rule):
-  onnxruntime runs it as a float Conv, so its weight is folded at load too
-  (measured on the test CNN at width 64, 56×56, one thread: 1.58× fp32 with
-  the weight dequantized on every run).
 * **Embedding tables.** `Gather(DequantizeLinear(table), ids)` dequantizes
   the whole table on every run; `gather` reads the 8-bit rows first and
   dequantizes only those (per-row scales gathered alongside).
@@ -585,16 +580,11 @@ def _per_output_channel(node: Node, w_dq: Node) -> bool:
 
 
 def _float_weight_reader(node: Node) -> bool:
-    """Ops that read a weight in float: MatMul/Gemm (B), a Transpose feeding them (a tied lm_head), or a Conv
-    whose output no QuantizeLinear alone reads (onnxruntime fuses `DQ → Conv → Q` into QLinearConv only)."""
+    """Ops that read a weight in float: MatMul/Gemm (B), or a Transpose feeding them (a tied lm_head)."""
     if node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type in _INTEGER_OPS:
         return True
-    if node.op_type == "Conv":
-        uses = list(node.outputs[0].uses())
-        fused = len(uses) == 1 and uses[0].node.op_type == "QuantizeLinear" and not node.outputs[0].is_graph_output()
-        return not fused
     if node.op_type == "Transpose":
         return all(u.node.op_type in _INTEGER_OPS for u in node.outputs[0].uses())
     return False

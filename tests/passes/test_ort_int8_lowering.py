@@ -367,39 +367,6 @@ def test_weight_of_a_float_op_is_dequantized_at_load(tmp_path, act16, with_zero_
     np.testing.assert_allclose(_session(after, optimize=True).run(None, feeds)[0], want, rtol=1e-5, atol=1e-6)
 
 
-def test_conv_weight_is_dequantized_at_load_unless_onnxruntime_fuses_the_conv(tmp_path):
-    """Convs (int8 activations) of the test CNN: their outputs feed BatchNorm/Relu/Add, never one Q, so
-    onnxruntime runs them as float Convs and folds their weights at load; a `DQ → Conv → Q` keeps its DQ."""
-    from optc.passes import AnalysisManager, PassContext
-    from tests.cnn_models import cnn_feeds, small_cnn
-
-    config = {"calibration.spec": "random", "calibration.samples": 4, "calibration.seqlen": 8}
-    quantized = parse_pipeline("quantize")(models.to_ir(small_cnn()), AnalysisManager(PassContext(config=config))).model
-    before = to_proto(quantized)
-    result, after = _lower(before, "")
-    convs = _nodes(result.model, "Conv")
-    assert convs and all(c.inputs[1].producer().op_type == "Mul" for c in convs)
-    assert result.statistics["dequantized-at-load"] == len(convs)
-    assert "Conv" in _optimized_ops(after, tmp_path) or "FusedConv" in _optimized_ops(after, tmp_path)
-    feeds = {"x": cnn_feeds(seed=2, batch=2)["x"]}
-    np.testing.assert_allclose(_session(after, optimize=False).run(None, feeds)[0], _reference(before, feeds), rtol=1e-6, atol=1e-6)
-
-    # DQ(x), DQ(w) → Conv → Q → DQ: the QLinearConv pattern stays as written.
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.integers(-127, 128, (4, 4, 3, 3)).astype(np.int8), "w"),
-             numpy_helper.from_array(np.full(4, 0.01, np.float32), "w_s"), numpy_helper.from_array(np.zeros(4, np.int8), "w_z"),
-             numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.int8(0), "z")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "w_s", "w_z"], ["wd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]), helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["y"])]
-    fused = models.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])], inits)
-    kept, _ = _lower(fused, "")
-    assert kept.statistics["dequantized-at-load"] == 0
-    assert _nodes(kept.model, "Conv")[0].inputs[1].producer().op_type == "DequantizeLinear"
-
-
 @pytest.mark.parametrize("per_row", [True, False])
 def test_tied_embedding_gathers_rows_then_dequantizes(tmp_path, per_row):
     before = tied_embedding_model(per_row=per_row)
