@@ -778,9 +778,9 @@ def _transposed_weight_reader(use, rank: int) -> tuple[Node, int] | None:
 
     TensorRT propagates a DequantizeLinear through a Transpose (placement rule 8), so the
     weight stays quantized and the table is stored once."""
-    if use.idx != 0 or sole_transpose(use.node.outputs[0] if use.node.outputs else None) is None:
-        return None
     t = use.node
+    if use.idx != 0 or not t.outputs or sole_transpose(t.outputs[0]) is None:
+        return None
     reader = next(iter(t.outputs[0].uses()))
     node, idx = reader.node, reader.idx
     if idx != 1 or weight_slot(node) != 1 or not _quantized_activation(node.inputs[0]):
