@@ -205,6 +205,8 @@ class Quantize(Pass):
                 raise ValueError(f"option 'weight-pair-limit' must be 0 (off) or between 64 and 254, got {self.weight_pair_limit}")
             if self.weight_pair_limit and self.weights != "int8":
                 raise ValueError("option 'weight-pair-limit' applies to weights=int8")
+            if self.fp8_unsupported_convs and "fp8" not in (self.weights, self.activations):
+                raise ValueError("option 'fp8-unsupported-convs' applies to FP8 (weights=fp8 or activations=fp8)")
             if self.bins < 16 or self.bins & (self.bins - 1):
                 raise ValueError(f"option 'bins' must be a power of two of at least 16, got {self.bins}")
 

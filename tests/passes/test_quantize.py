@@ -396,6 +396,7 @@ def test_option_validation():
         ("quantize{weights=fp8 weight-bits=7}", "weight-bits"),
         ("quantize{weight-pair-limit=300}", "weight-pair-limit"),
         ("quantize{weights=fp8 weight-pair-limit=128}", "weight-pair-limit"),
+        ("quantize{fp8-unsupported-convs=true}", "applies to FP8"),
     ]:
         with pytest.raises(UsageError, match=message):
             parse_pipeline(text)
