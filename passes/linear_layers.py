@@ -58,10 +58,20 @@ class Linear:
     def out_features(self) -> int:
         return int(self.weight.shape[1 - self.k_axis])
 
+    @property
+    def label(self) -> str:
+        return node_label(self.node)
+
     def nk(self) -> np.ndarray:
         """The weight as float32 `[N, K]`."""
         w = constant_array(self.weight).astype(np.float32)
         return np.ascontiguousarray(w.T if self.k_axis == 0 else w)
+
+    def matrix(self, device: Any = None) -> Any:
+        """The weight as a float32 torch tensor `[N, K]` on `device` (CPU by default)."""
+        import torch
+
+        return torch.from_numpy(self.nk()).to(device or "cpu")
 
 
 def linear(node: Node) -> Linear | None:

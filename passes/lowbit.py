@@ -38,18 +38,16 @@ from optc.ir import (
     DataType,
     Model,
     Node,
-    Value,
     add_initializer,
     annotate,
     annotation,
     constant_array,
     make_node,
-    node_label,
     source_name,
     unique_name,
 )
 from optc.passes.infra.options import option
-from optc.passes.linear_layers import layer_names, linear, matches_any, torch_threads
+from optc.passes.linear_layers import Linear, layer_names, linear, matches_any, torch_threads
 
 #: Smallest clipping ratio searched with `clip`, and how many ratios.
 CLIP_MIN = 0.6
@@ -183,26 +181,7 @@ def fake_quantize(w: torch.Tensor, group: int, grid: Grid, *, clip: bool = False
 # --------------------------------------------------------------------------- weight sites in the IR
 
 
-@dataclass
-class LinearSite:
-    """A weighted op X·W with a constant 2-D weight: where the weight is and how it is laid out."""
-
-    node: Node
-    weight: Value  # the constant [K, N] (MatMul, Gemm) or [N, K] (Gemm transB=1)
-    transposed: bool  # True when the constant is [N, K]
-    activation: str  # the name of X
-
-    @property
-    def label(self) -> str:
-        return node_label(self.node)
-
-    def matrix(self, device: torch.device | None = None) -> torch.Tensor:
-        """The weight as W [N, K] in fp32."""
-        t = torch.from_numpy(np.array(constant_array(self.weight), dtype=np.float32, copy=True))
-        return (t if self.transposed else t.T).contiguous().to(device or "cpu")
-
-
-def linear_site(node: Node) -> LinearSite | None:
+def linear_site(node: Node) -> Linear | None:
     """The site of a MatMul/Gemm (alpha 1) with a constant float 2-D weight and an activation input, else None."""
     site = linear(node)
     if site is None:
@@ -210,10 +189,10 @@ def linear_site(node: Node) -> LinearSite | None:
     alpha = node.attributes.get("alpha") if node.op_type == "Gemm" else None
     if alpha is not None and alpha.as_float() != 1.0:
         return None
-    return LinearSite(node, site.weight, site.k_axis == 1, site.activation.name)
+    return site
 
 
-def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[LinearSite], list[Node]]:
+def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Linear], list[Node]]:
     """Quantizable linear layers in graph order (not yet quantized), and the weighted ops `exclude` matched."""
     sites, excluded = [], []
     for node in model.graph:
@@ -242,18 +221,18 @@ def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
     return changed
 
 
-def set_weight(site: LinearSite, w: torch.Tensor) -> None:
+def set_weight(site: Linear, w: torch.Tensor) -> None:
     """Replace a float weight's contents with W [N, K] (in its own layout and dtype)."""
     from optc.ir import tensor
 
     array = constant_array(site.weight)
     new = w.detach().to("cpu", torch.float32).numpy()
-    new = (new if site.transposed else new.T).astype(array.dtype)
+    new = (new if site.k_axis == 1 else new.T).astype(array.dtype)
     site.weight.const_value = tensor(np.ascontiguousarray(new), name=site.weight.name)
 
 
 def emit(
-    model: Model, site: LinearSite, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    model: Model, site: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     grid: Grid, group: int, info: dict,
 ) -> dict:
     """Store codes q [N, K] with scale/zero [N, G] as integer initializer + DequantizeLinear feeding the op."""
@@ -268,9 +247,9 @@ def emit(
     z = zero.to("cpu", torch.int32).numpy()
     if per_channel:
         s, z = s[:, 0], z[:, 0]
-    elif not site.transposed:
+    elif site.k_axis == 0:
         s, z = s.T, z.T  # [G, N] for blocks along axis 0 of B [K, N]
-    data = codes if site.transposed else codes.T
+    data = codes if site.k_axis == 1 else codes.T
     dtype = grid.numpy_dtype()
     base = weight.name or "weight"
     q_value = add_initializer(graph, unique_name(graph, f"{base}_q{grid.bits}"), np.ascontiguousarray(data).astype(dtype))
@@ -279,7 +258,7 @@ def emit(
     inputs = [q_value, add_initializer(graph, unique_name(graph, f"{base}_scale"), np.ascontiguousarray(s))]
     if not grid.symmetric:
         inputs.append(add_initializer(graph, unique_name(graph, f"{base}_zero_point"), np.ascontiguousarray(z).astype(dtype)))
-    k_axis = 1 if site.transposed else 0
+    k_axis = site.k_axis
     attributes: dict = {"axis": 1 - k_axis if per_channel else k_axis}
     if not per_channel:
         attributes["block_size"] = g
@@ -317,7 +296,7 @@ def _ensure_opset(model: Model) -> None:
 
 
 __all__ = [
-    "Grid", "LinearSite", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
+    "Grid", "Linear", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
     "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
     "set_weight", "torch_threads",
 ]

@@ -209,7 +209,7 @@ class Gptq(Pass):
         grid = opts.grid
         by_input: dict[str, list] = {}
         for site in sites:
-            by_input.setdefault(site.activation, []).append(site)
+            by_input.setdefault(site.activation.name, []).append(site)
         total, fallbacks = 0.0, 0
         progress = tqdm(total=len(sites), desc="gptq", unit="layer", leave=False, disable=None)
         for name, members in by_input.items():
@@ -249,7 +249,7 @@ class Gptq(Pass):
         except OptcError as exc:
             message = str(exc).split(": ", 1)[-1]
             raise OptcError(f"gptq needs the Hessian of each layer's input from calibration data: {message}") from exc
-        names = tuple(dict.fromkeys(s.activation for s in sites))
+        names = tuple(dict.fromkeys(s.activation.name for s in sites))
         return am.get(Hessian, model, values=names)
 
 

@@ -30,6 +30,11 @@ def test_linear_reads_the_reduction_axis_and_gives_nk():
     plain = linear(next(iter(_gemm_model(trans_b=0).graph)))
     assert plain is not None and plain.k_axis == 0 and plain.nk().shape == (2, 3)
     assert linear(next(iter(_gemm_model(trans_a=1).graph))) is None  # transA: not X·W
+    for one in (site, plain):
+        matrix = one.matrix()
+        assert matrix.dtype == torch.float32 and matrix.is_contiguous()
+        np.testing.assert_array_equal(matrix.numpy(), one.nk())
+    assert site.label == "proj"
 
 
 def test_patterns_match_node_output_weight_and_source_names():
