@@ -41,7 +41,6 @@ from optc.ir import (
     add_initializer,
     annotate,
     annotation,
-    constant_array,
     make_node,
     source_name,
     unique_name,
@@ -221,16 +220,6 @@ def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
     return changed
 
 
-def set_weight(site: Linear, w: torch.Tensor) -> None:
-    """Replace a float weight's contents with W [N, K] (in its own layout and dtype)."""
-    from optc.ir import tensor
-
-    array = constant_array(site.weight)
-    new = w.detach().to("cpu", torch.float32).numpy()
-    new = (new if site.k_axis == 1 else new.T).astype(array.dtype)
-    site.weight.const_value = tensor(np.ascontiguousarray(new), name=site.weight.name)
-
-
 def emit(
     model: Model, site: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     grid: Grid, group: int, info: dict,
@@ -298,7 +287,7 @@ def _ensure_opset(model: Model) -> None:
 __all__ = [
     "Grid", "Linear", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
     "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
-    "set_weight", "torch_threads",
+    "torch_threads",
 ]
 
 
