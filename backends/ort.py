@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import onnxruntime as ort
@@ -20,12 +19,10 @@ SESSION_CONFIG: dict[str, str] = {}
 DISABLED_OPTIMIZERS: list[str] = []
 
 
-def open_session(
-    path: Path, *, optimize: bool = True, threads: int = 0, config: Mapping[str, str] | None = None
-) -> ort.InferenceSession:
+def open_session(path: Path, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime CPU session; with `optimize=False` weights are used in place (no prepacking).
 
-    `config` (and the module's `SESSION_CONFIG`) are added as session config entries.
+    The module's `SESSION_CONFIG` entries and `DISABLED_OPTIMIZERS` apply to every session.
 
     onnxruntime memory-maps external data and, without optimizations or
     prepacking, never touches it while building the session, so the runtime
@@ -40,12 +37,10 @@ def open_session(
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
-    for key, value in {**SESSION_CONFIG, **(config or {})}.items():
+    for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
-    if DISABLED_OPTIMIZERS:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=list(DISABLED_OPTIMIZERS))
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS) or None)
 
 
 @register_backend

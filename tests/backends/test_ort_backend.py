@@ -11,7 +11,8 @@ from tests import models
 def test_open_session_adds_config_entries_and_disabled_optimizers(tmp_path, monkeypatch):
     path = tmp_path / "mlp.onnx"
     onnx.save(models.mlp(), path)
-    session = ort_backend.open_session(path, config={"session.qdq_matmulnbits_accuracy_level": "0"})
+    monkeypatch.setitem(ort_backend.SESSION_CONFIG, "session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort_backend.open_session(path)
     assert session.get_session_options().get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "0"
 
     monkeypatch.setitem(ort_backend.SESSION_CONFIG, "session.intra_op.allow_spinning", "0")
