@@ -255,6 +255,8 @@ class Quantize(Pass):
         sensitive: dict[str, str] = {}
         if opts.min_sqnr > 0:
             plans, sensitive = self._promote_sensitive(plans, histograms)
+        # Found again (a graph walk): min-sqnr may have changed a Conv's format; the one calibration run above
+        # already covered every candidate residual.
         residuals = _residual_adds(graph, plans) if opts.residual else []
 
         weight_fmt = table_fmt = None if opts.weights == "none" else FORMATS[opts.weights]
