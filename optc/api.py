@@ -26,6 +26,8 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
     seed: int = 0,
     verify_each: bool = False,
     report: str | Path | None = None,
+    remarks: str | None = None,
+    strict: bool = False,
 ) -> CompileResult:
     """Compile a model and write the artifact; returns its path (`.artifact.path`) and a summary.
 
@@ -33,6 +35,9 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
     `optc.ir.Model`, or a `torch.nn.Module` together with `example_inputs`
     (a tensor or a tuple of tensors; the first axis of each is dynamic unless
     `dynamic_axes` says otherwise). Raises `optc.errors.OptcError` on failure.
+
+    The passes' remarks are on `.remarks` (`optc.passes.Remark`); `remarks=REGEX` also prints those
+    of the passes it names, and `strict=True` fails on a `missed` remark (`optc.passes.RemarkError`).
     """
     options = CompileOptions(
         passes=passes,
@@ -43,6 +48,8 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
         seed=seed,
         verify_each=verify_each,
         report=Path(report) if report is not None else None,
+        remarks=remarks,
+        strict=strict,
     )
     if isinstance(model, (str, Path)):
         return compile_file(model, output, options)

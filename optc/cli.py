@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify-each", action="store_true", help="run the IR verifier after every pass")
     parser.add_argument("--statistics", action="store_true", help="print per-pass statistics")
     parser.add_argument(
+        "--remarks", metavar="REGEX",
+        help="--remarks[=REGEX]: print every remark of the passes (whose name REGEX matches), like -pass-remarks",
+    )
+    parser.add_argument("--strict", action="store_true", help="fail when a pass misses a structure it targets")
+    parser.add_argument(
         "--report", type=Path,
         help="write a JSON report of the run; when the pipeline quantized, also per-layer SQNR as HTML beside it (FILE.html)",
     )
@@ -86,8 +91,15 @@ def _validate_calib(spec: str | None) -> None:
         CalibrationSpec.parse(spec)
 
 
+def _bare_remarks(argv: list[str]) -> list[str]:
+    """`--remarks` alone means every pass (`--remarks=.*`); its value is only ever given with `=`,
+    so `optc --remarks model.onnx` keeps model.onnx as the input."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    return [("--remarks=.*" if i < end and a == "--remarks" else a) for i, a in enumerate(argv)]
+
+
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_bare_remarks(argv))
     if args.list_passes:
         print(list_passes())
         return 0
@@ -127,6 +139,8 @@ def run(argv: list[str]) -> int:
         statistics=args.statistics,
         report=args.report,
         skip_runtime_check=args.no_runtime_check,
+        remarks=args.remarks,
+        strict=args.strict,
     )
     result = compile_file(args.input, args.output, options)
     if result.timing and args.timing:

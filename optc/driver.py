@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from optc.backends import Artifact, get_backend, target_for_output
-from optc.errors import MissingCalibrationData, OptcError, PassFailure
+from optc.errors import MissingCalibrationData, OptcError, PassFailure, UsageError
 from optc.frontends import load_input
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
 from optc.ir.io import remove_model
@@ -22,12 +23,15 @@ from optc.passes import (
     PassInstrument,
     PassManager,
     PrintIRAfterChange,
+    Remark,
+    RemarkPrinter,
     StatisticsInstrument,
     TimingInstrument,
     VerifyEach,
     parse_pipeline,
 )
 from optc.passes.infra.pipeline import pipeline_warnings
+from optc.passes.infra.remarks import compile_filter, unique_remarks
 from optc.report import QuantReport
 
 #: The pipeline run when none is given.
@@ -48,6 +52,11 @@ class CompileOptions:
     statistics: bool = False
     report: Path | None = None
     skip_runtime_check: bool = False
+    #: Print every remark of the passes whose name this regular expression matches (`--remarks`; ".*": all).
+    #: Remarks of passes that matched nothing they were meant for are printed regardless.
+    remarks: str | None = None
+    #: Fail (exit 1, nothing written) when a pass emits a `missed` remark (`--strict`).
+    strict: bool = False
 
 
 @dataclasses.dataclass
@@ -62,6 +71,8 @@ class CompileResult:
     statistics: StatisticsInstrument | None
     #: The ONNX file of the model before the pipeline, when there is one (for before/after tables).
     before_path: Path | None = None
+    #: What the passes remarked (`optc.passes.Remark`), without repeats.
+    remarks: list[Remark] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         return (
@@ -82,6 +93,7 @@ class CompileResult:
             "checks": self.artifact.checks,
             "timing": self.timing.as_dict() if self.timing else None,
             "statistics": self.statistics.rows if self.statistics else None,
+            "remarks": [r.as_dict() for r in self.remarks],
         }
 
 
@@ -135,6 +147,7 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     target = options.target or target_for_output(output)
     get_backend(target)
     parse_pipeline(options.passes if options.passes is not None else DEFAULT_PIPELINE)
+    _remark_filter(options.remarks)
     check_paths(input_path, output, options.report)
     model = load_input(input_path)
     return compile_model(model, output, options, source=input_path, start=start)
@@ -155,6 +168,7 @@ def compile_model(
     backend = get_backend(target)
     pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
     pipeline = parse_pipeline(pipeline_text)
+    remark_filter = _remark_filter(options.remarks)
     for message in pipeline_warnings(pipeline):
         print(f"optc: warning: {message}", file=sys.stderr)
     if source is None:
@@ -165,7 +179,7 @@ def compile_model(
     input_bytes = model_size_bytes(before_path) if before_path is not None else initializer_bytes(model.graph)
     quant_report = QuantReport.start(model, options.report, before_path, output, source)
 
-    instruments: list[PassInstrument] = []
+    instruments: list[PassInstrument] = [RemarkPrinter(remark_filter)]
     timing = TimingInstrument() if options.timing or options.report else None
     stats = StatisticsInstrument() if options.statistics or options.report else None
     if options.verify_each:
@@ -179,7 +193,8 @@ def compile_model(
         "calibration.seqlen": options.calib_seqlen,
         "backend.skip_runtime_check": options.skip_runtime_check,
     }
-    context = PassContext(config=config, instruments=instruments, seed=options.seed, input_path=source, target=target)
+    context = PassContext(config=config, instruments=instruments, seed=options.seed, input_path=source, target=target,
+                          strict=options.strict)
     am = AnalysisManager(context)
     full = PassManager([*pipeline.passes, *parse_pipeline(backend.legalize).passes])
     try:
@@ -194,7 +209,7 @@ def compile_model(
     artifact = backend.lower(result.model, output, context)
     compiled = CompileResult(
         artifact, pipeline.pipeline_text(), nodes_before, result.model.graph.num_nodes(), input_bytes,
-        time.perf_counter() - start, timing, stats, before_path,
+        time.perf_counter() - start, timing, stats, before_path, unique_remarks(context.remarks),
     )
     if options.report:
         try:
@@ -213,6 +228,16 @@ def compile_model(
             if quant_report is not None:
                 quant_report.close()
     return compiled
+
+
+def _remark_filter(pattern: str | None) -> re.Pattern[str] | None:
+    """The compiled `remarks` option (a usage error when it is not a regular expression)."""
+    if pattern is None:
+        return None
+    try:
+        return compile_filter(pattern)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def source_onnx(model: Model, source: Path | None) -> Path | None:

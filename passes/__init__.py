@@ -46,6 +46,7 @@ from optc.passes.infra.registry import (
     register_pass,
     register_pipeline,
 )
+from optc.passes.infra.remarks import Remark, RemarkError, RemarkPrinter
 
 __all__ = [
     "ACTIVATIONS",
@@ -65,6 +66,9 @@ __all__ = [
     "PassResult",
     "PreservedAnalyses",
     "PrintIRAfterChange",
+    "Remark",
+    "RemarkError",
+    "RemarkPrinter",
     "StatisticsInstrument",
     "TimingInstrument",
     "VerifyEach",

@@ -205,6 +205,28 @@ def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tup
     return sites, excluded
 
 
+def remark_sites(context, model: Model, sites: list[Linear], excluded: list[Node]) -> None:
+    """The remarks of a weight-only pass: nothing to quantize, layers it cannot take and why, excluded ones."""
+    unsupported = already = 0
+    for node in model.graph:
+        if linear(node) is not None and linear_site(node) is None:
+            unsupported += 1  # a Gemm with alpha != 1
+        elif node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1] is not None:
+            producer = node.inputs[1].producer()
+            already += producer is not None and producer.op_type == "DequantizeLinear"
+    if unsupported:
+        message = f"{len(sites)} of {len(sites) + unsupported} linear layers quantizable: Gemm with alpha != 1"
+        context.remark("missed", message, matched_none=not sites and not excluded)
+    elif not sites and not excluded:
+        if already:
+            context.remark("analysis", f"nothing left to quantize: {already} MatMul/Gemm ops are already quantized")
+        else:
+            context.remark("missed", "nothing to quantize: no MatMul/Gemm with a constant float 2-D weight",
+                           matched_none=True)
+    if excluded:
+        context.remark("analysis", f"{len(excluded)} linear layers left float by exclude")
+
+
 def matches(node: Node, patterns) -> bool:
     """Whether a node, its outputs or its weight (also by source name) match a pattern (substring or glob)."""
     return matches_any(layer_names(node, node.inputs[1] if len(node.inputs) > 1 else None), patterns)

@@ -11,6 +11,9 @@ line is its summary, an `Options` dataclass (see `options.py`), optional
         def run(self, model, am):
             ...
             return PassResult(model, modified=True, preserved=PreservedAnalyses().preserve_aspects(WEIGHTS))
+
+A pass that finds a structure it targets but cannot handle says so with
+`am.context.remark("missed", "0 of 4 blocks matched: <reason>", matched_none=True)`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from optc.errors import PostconditionError, PreconditionError
 from optc.passes.infra.analysis import PreservedAnalyses
 from optc.passes.infra.options import NoOptions, build_options, format_options
+from optc.passes.infra.remarks import Remark, RemarkError
 
 if TYPE_CHECKING:
     from optc.ir import Model
@@ -37,6 +41,8 @@ class PassResult:
     preserved: PreservedAnalyses | None = None
     #: Named counters for `--statistics`, e.g. {"nodes-removed": 3}.
     statistics: dict[str, int | float] = dataclasses.field(default_factory=dict)
+    #: The remarks emitted while the pass ran (filled in by `Pass.__call__`; a pipeline's holds its passes').
+    remarks: list[Remark] = dataclasses.field(default_factory=list)
 
     def effective_preserved(self) -> PreservedAnalyses:
         """`modified=False` preserves all; `modified=True` without a set preserves none."""
@@ -85,10 +91,29 @@ class Pass:
         raise NotImplementedError(f"pass '{self.name}' does not implement run()")
 
     def __call__(self, model: Model, am: AnalysisManager | None = None) -> PassResult:
-        """Run with its checks: `requires`, `run`, `ensures`. Standalone use creates an AnalysisManager."""
+        """Run with its checks: `requires`, `run`, `ensures`. Standalone use creates an AnalysisManager.
+
+        The remarks emitted meanwhile go on `result.remarks`; under `PassContext.strict` a `missed`
+        one raises `RemarkError` instead of returning.
+        """
         from optc.passes.infra.analysis import AnalysisManager
 
         am = am if am is not None else AnalysisManager()
+        context = am.context
+        first_remark = len(context.remarks)
+        context.pass_stack.append(self.name)
+        try:
+            result = self._checked_run(model, am)
+        finally:
+            context.pass_stack.pop()
+        result.remarks = context.remarks[first_remark:]
+        if context.strict:
+            missed = next((r for r in result.remarks if r.kind == "missed"), None)
+            if missed is not None:
+                raise RemarkError(missed)
+        return result
+
+    def _checked_run(self, model: Model, am: AnalysisManager) -> PassResult:
         try:
             self.requires(model, am)
         except PreconditionError:

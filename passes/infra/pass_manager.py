@@ -15,6 +15,7 @@ from optc.errors import OptcError, PassFailure
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import format_options, option
 from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.remarks import RemarkError
 
 if TYPE_CHECKING:
     from optc.ir import Model
@@ -84,8 +85,8 @@ class PassManager(Pass):
                     inst.after_pass_failed(pass_, model, exc)
                 if isinstance(exc, PassFailure) and ran:  # from a nested pipeline: add what ran out here
                     raise PassFailure(exc.pass_name, exc.cause, ran + exc.before) from exc.__cause__
-                if isinstance(exc, PassFailure) or not isinstance(exc, Exception):
-                    raise
+                if isinstance(exc, (PassFailure, RemarkError)) or not isinstance(exc, Exception):
+                    raise  # a RemarkError (--strict) is its remark's one line, not a crash to reproduce
                 if isinstance(exc, OptcError):
                     raise PassFailure(pass_.pipeline_text(), exc, ran) from exc
                 raise PassFailure(pass_.pipeline_text(), _describe(exc), ran) from exc

@@ -27,7 +27,8 @@ _ELEMENTWISE = frozenset({
     "Add", "Sub", "Mul", "Div", "Neg", "Where", "IsNaN", "Softmax", "Cast", "Sigmoid", "Tanh", "Relu",
     "Identity", "Erf", "Sqrt", "Pow", "Exp", "Max", "Min", "Clip", "Dropout",
 })
-_BACK_DATA_ONLY = frozenset({"Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Slice", "Concat"})
+# Split only lets a fused projection be recognized (and reported): Q, K and V must come from three layers.
+_BACK_DATA_ONLY = frozenset({"Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Slice", "Split", "Concat"})
 _SCORE_PATH = frozenset({"Softmax", "Where", "IsNaN", "Add", "Mul", "Div", "Cast", "Sub", "Dropout", "Identity"})
 
 
@@ -119,9 +120,30 @@ def _two_activation_matmul(value: Value, through: frozenset[str], depth: int = 8
     return None
 
 
+@dataclass
+class AttentionScan:
+    """The attention blocks of a graph, and the candidates that did not match with the reason for each.
+
+    A candidate is an output projection whose input is `MatMul(probs, V)` with `probs` from `MatMul(Q, Kᵀ)`:
+    an attention layer by its core, whether or not its projections could be resolved.
+    """
+
+    blocks: list[AttentionBlock] = field(default_factory=list)
+    misses: list[tuple[str, str]] = field(default_factory=list)  # (output projection's label, reason)
+
+    @property
+    def candidates(self) -> int:
+        return len(self.blocks) + len(self.misses)
+
+
 def find_attention(model: Model) -> list[AttentionBlock]:
     """Every attention block of the graph, in graph order of the output projections."""
-    blocks = []
+    return scan_attention(model).blocks
+
+
+def scan_attention(model: Model) -> AttentionScan:
+    """Every attention block of the graph (in graph order of the output projections) and why the others failed."""
+    scan = AttentionScan()
     for node in model.graph:
         o = linear(node)
         if o is None:
@@ -132,28 +154,43 @@ def find_attention(model: Model) -> list[AttentionBlock]:
         score = _two_activation_matmul(attn.inputs[0], _SCORE_PATH, depth=12)
         if score is None:
             continue
-        path = _ELEMENTWISE | _BACK_DATA_ONLY
-        q = _sources(score.inputs[0], path)
-        k = _sources(score.inputs[1], path)
-        v = _sources(attn.inputs[1], path)
-        if len(q) != 1 or len(k) != 1 or len(v) != 1:
-            continue
-        (qs, qb, qo), (ks, kb, ko), (vs, vb, vo) = q[0], k[0], v[0]
-        block = AttentionBlock(qs, ks, vs, o, qo, ko, vo)
-        for key, bias in (("q", qb), ("k", kb), ("v", vb), ("o", _bias_add(o.node.outputs[0]))):
-            if bias is not None:
-                block.biases[key] = bias
-        head_dim = _head_dim(attn, qo)
-        if head_dim is None:
-            continue
-        q_out, k_out = qs.out_features, ks.out_features
-        if q_out % head_dim or k_out % head_dim or vs.out_features != k_out or o.in_features != q_out:
-            continue
-        block.head_dim, block.heads, block.kv_heads = head_dim, q_out // head_dim, k_out // head_dim
-        if block.heads % block.kv_heads:
-            continue
-        blocks.append(block)
-    return blocks
+        block_or_reason = _block(o, attn, score)
+        if isinstance(block_or_reason, str):
+            scan.misses.append((o.label, block_or_reason))
+        else:
+            scan.blocks.append(block_or_reason)
+    return scan
+
+
+def _block(o: Linear, attn: Node, score: Node) -> AttentionBlock | str:
+    """The block around an attention core, or why its projections do not fit the pattern."""
+    path = _ELEMENTWISE | _BACK_DATA_ONLY
+    sources = {"q": _sources(score.inputs[0], path), "k": _sources(score.inputs[1], path), "v": _sources(attn.inputs[1], path)}
+    for key, found in sources.items():
+        if len(found) != 1:
+            return f"{key.upper()} comes from {len(found) or 'no'} linear layer{'s' if len(found) != 1 else ''}"
+    (qs, qb, qo), (ks, kb, ko), (vs, vb, vo) = sources["q"][0], sources["k"][0], sources["v"][0]
+    if qs.node is ks.node and ks.node is vs.node:
+        return "fused qkv_proj"
+    if ks.node is vs.node:
+        return "fused kv_proj"
+    if qs.node is ks.node or qs.node is vs.node:
+        return "Q shares its projection with K or V"
+    block = AttentionBlock(qs, ks, vs, o, qo, ko, vo)
+    for key, bias in (("q", qb), ("k", kb), ("v", vb), ("o", _bias_add(o.node.outputs[0]))):
+        if bias is not None:
+            block.biases[key] = bias
+    head_dim = _head_dim(attn, qo)
+    if head_dim is None:
+        return "head_dim unknown (no static shape)"
+    q_out, k_out = qs.out_features, ks.out_features
+    if q_out % head_dim or k_out % head_dim or vs.out_features != k_out or o.in_features != q_out:
+        return (f"projection widths q={q_out} k={k_out} v={vs.out_features} o={o.in_features} "
+                f"do not split into heads of {head_dim}")
+    block.head_dim, block.heads, block.kv_heads = head_dim, q_out // head_dim, k_out // head_dim
+    if block.heads % block.kv_heads:
+        return f"{block.heads} query heads are not a multiple of {block.kv_heads} KV heads"
+    return block
 
 
 def _head_dim(attn: Node, q_out: Value) -> int | None:
@@ -396,4 +433,4 @@ def _backward_reach(value: Value) -> set[int]:
     return seen
 
 
-__all__ = ["AttentionBlock", "HeadAxes", "ShapePatch", "find_attention"]
+__all__ = ["AttentionBlock", "AttentionScan", "HeadAxes", "ShapePatch", "find_attention", "scan_attention"]

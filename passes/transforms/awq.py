@@ -54,6 +54,7 @@ from optc.passes.lowbit import (
     linear_site,
     linear_sites,
     mark_excluded,
+    remark_sites,
     rtn,
     torch_threads,
 )
@@ -180,6 +181,7 @@ class Awq(Pass):
             return PassResult(model, True, preserved, stats_out)
         sites, excluded = linear_sites(model, opts.exclude)
         mark_excluded(excluded, opts.exclude)
+        remark_sites(am.context, model, sites, excluded)
         for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):
             q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
             emit(model, site, q, scale, zero, grid, opts.group, {"method": "awq", "clip": opts.clip})

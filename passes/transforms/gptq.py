@@ -55,6 +55,7 @@ from optc.passes.lowbit import (
     linear_sites,
     mark_excluded,
     quantize,
+    remark_sites,
     rtn,
     torch_threads,
 )
@@ -195,6 +196,7 @@ class Gptq(Pass):
         opts = self.options
         sites, excluded = linear_sites(model, opts.exclude)
         skipped = mark_excluded(excluded, opts.exclude)
+        remark_sites(am.context, model, sites, excluded)
         if not sites:
             return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})
         hessians = self._hessians(model, am, sites)

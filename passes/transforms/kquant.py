@@ -218,6 +218,10 @@ class KQuant(Pass):
                 continue
             layer = int(gname.split(".")[1]) if gname.startswith("blk.") else -1
             entries.append((TensorInfo(gname, int(param.shape[-1]), len(param.shape), layer), param, param.name))
+        if not entries:
+            am.context.remark("missed", f"none of {len(seen)} weights has a GGUF tensor name", matched_none=True)
+        elif len(entries) < len(seen):
+            am.context.remark("analysis", f"{len(seen) - len(entries)} of {len(seen)} weights have no GGUF tensor name")
         names = {info.name for info, _, _ in entries}
         tied = "output.weight" not in names
         n_gqa = cfg.n_head / cfg.n_head_kv
@@ -240,6 +244,9 @@ class KQuant(Pass):
             stats[f"tensors-{qtype}"] = stats.get(f"tensors-{qtype}", 0) + 1
             if fell_back:
                 stats["fallbacks"] = stats.get("fallbacks", 0) + 1
+        if stats.get("fallbacks"):
+            am.context.remark("analysis", f"{stats['fallbacks']} of {len(entries)} tensors fell back to another type: "
+                                          "their rows do not divide into the type's blocks (as llama-quantize does)")
         if opts.imatrix:
             stats["imatrix-entries"] = len(imatrix)
         plan = dict(model_metadata(model, GGUF_PLAN) or {})

@@ -31,6 +31,7 @@ from optc.passes.transforms._structure import (
     Linear,
     calibration_hessians,
     drop_unused_initializers,
+    linears,
     select,
     set_constant,
     torch_threads,
@@ -60,6 +61,9 @@ class LowRank(Pass):
         opts = self.options
         sites = select(model, opts.include, opts.exclude)
         if not sites:
+            if not linears(model):
+                am.context.remark("missed", "nothing to factor: no MatMul/Gemm with a constant float 2-D weight",
+                                  matched_none=True)
             return PassResult(model, False, None, {"layers-factored": 0})
         hessians = calibration_hessians(model, am, "lowrank") if opts.whiten else {}
         from tqdm import tqdm
@@ -78,6 +82,10 @@ class LowRank(Pass):
             _rewrite(graph, site, a, c)
             factored += 1
             saved += k * n - r * (k + n)
+        if factored < len(sites):
+            rank = f"rank={opts.rank}" if opts.rank else f"the rank keeping energy={opts.energy:g}"
+            message = f"{factored} of {len(sites)} linear layers factored: {rank} would save no parameters"
+            am.context.remark("missed" if not factored else "analysis", message, matched_none=not factored)
         if not factored:
             return PassResult(model, False, None, {"layers-factored": 0})
         drop_unused_initializers(graph)

@@ -83,6 +83,7 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+from optc.passes.infra.remarks import match_summary
 from optc.passes.int8_pairs import pair_sums_within
 
 Kernel = Literal["auto", "u8u8", "u8s8", "keep"]
@@ -154,6 +155,10 @@ class LowerOrtInt8(Pass):
                 rewriter.dequantize_at_load(node)
         rewriter.drop_dead()
         stats = rewriter.stats
+        if rewriter.misses:
+            lowered = stats["matmul-u8u8"] + stats["matmul-u8s8"]
+            message = match_summary(lowered, rewriter.misses, "8-bit Q/DQ MatMul/Gemm ops", "lowered to integer kernels")
+            am.context.remark("missed", message, matched_none=not lowered)
         modified = any(stats.values())
         if kernel == "u8u8" and stats["matmul-u8s8"]:
             reason += f"; u8s8 (exact) for the {stats['matmul-u8s8']} whose weights' K pairs cannot saturate"
@@ -168,6 +173,8 @@ class _Rewriter:
         self.kernel = kernel
         self.safe_s8 = safe_s8
         self.stats = {"matmul-u8u8": 0, "matmul-u8s8": 0, "dequantized-at-load": 0, "gathers": 0}
+        #: Why 8-bit Q/DQ MatMuls/Gemms were left as written (not lowered to an integer kernel).
+        self.misses: list[str] = []
         self._u8_zero_points: dict[object, Value] = {}
         self._orphan_candidates: list[Value] = []
         self._u8_activations: set[int] = set()
@@ -188,13 +195,18 @@ class _Rewriter:
         weight = w_dq.inputs[0]
         if q is None or not (is_constant(weight) or _transposed_table(weight) is not None) or is_constant(q.inputs[0]):
             return
-        if not (_plain_8bit(act_dq) and _plain_8bit(w_dq) and _plain_8bit(q)) or not _per_output_channel(node, w_dq):
-            return
         eight_bit = (DataType.INT8, DataType.UINT8)
         act_type = _qtype(act_dq.inputs[0])
         if act_type not in eight_bit or weight.dtype not in eight_bit:
+            return  # 16-bit activations or low-bit weights: not an 8-bit integer op, they run in float
+        if not (_plain_8bit(act_dq) and _plain_8bit(w_dq) and _plain_8bit(q)):
+            self.misses.append("blocked or non-constant quantization parameters")
+            return
+        if not _per_output_channel(node, w_dq):
+            self.misses.append("weight scales that are not per output channel")
             return
         if act_type == DataType.INT8 and not self._activation_readers(q):
+            self.misses.append("a quantized activation that other ops also read")
             return  # a Q output read by something other than plain DequantizeLinear nodes: left as written
         weight_to_u8 = self.kernel == "u8u8" and weight.dtype == DataType.INT8
         if weight_to_u8 and self.safe_s8 and _pair_safe(node, weight):

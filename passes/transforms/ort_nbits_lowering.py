@@ -57,6 +57,7 @@ from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+from optc.passes.infra.remarks import match_summary
 
 _LOWBIT = (DataType.INT4, DataType.UINT4, DataType.INT8, DataType.UINT8)
 _SIGNED = (DataType.INT4, DataType.INT8)
@@ -103,9 +104,12 @@ class LowerOrtNbits(Pass):
         graph = model.graph
         lowered = 0
         dead: list[Node] = []
+        misses: list[str] = []
         for node in list(graph):
-            plan = _plan(node)
-            if plan is None:
+            plan = _match(node)
+            if isinstance(plan, str) and form == "nbits":
+                misses.append(plan)
+            if not isinstance(plan, tuple):
                 continue
             dq, weight, bits = plan
             if bits == 8 and not self.options.bits8 and form == "nbits":
@@ -117,6 +121,9 @@ class LowerOrtNbits(Pass):
             if done:
                 lowered += 1
                 dead.append(dq)
+        if misses:
+            message = match_summary(lowered, misses, "weight-only low-bit MatMuls", "lowered to MatMulNBits")
+            am.context.remark("missed", message, matched_none=not lowered)
         if not lowered:
             return PassResult(model, False, None, {"lowered": 0})
         for dq in dead:
@@ -181,6 +188,12 @@ class LowerOrtNbits(Pass):
 
 def _plan(node: Node) -> tuple[Node, Value, int] | None:
     """(DequantizeLinear, its integer weight, storage bits) when `node` is MatMul(x, DQ(low-bit B [K, N]))."""
+    plan = _match(node)
+    return plan if isinstance(plan, tuple) else None
+
+
+def _match(node: Node) -> tuple[Node, Value, int] | str | None:
+    """`_plan`'s answer; for a weight-only low-bit MatMul that MatMulNBits cannot take, the reason; else None."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
     b = node.inputs[1]
@@ -197,16 +210,18 @@ def _plan(node: Node) -> tuple[Node, Value, int] | None:
         return None  # quantized activations (W8A8, int16): lower-ort-int8's integer kernels, not weight-only
     scale = dq.inputs[1]
     if scale.dtype != DataType.FLOAT:
-        return None
+        return f"{scale.dtype} scales (MatMulNBits takes float)"
     axis_attr = dq.attributes.get("axis")
     axis = axis_attr.as_int() % 2 if axis_attr is not None else 1
     block_attr = dq.attributes.get("block_size")
     block = block_attr.as_int() if block_attr is not None else 0
     if block:
-        if axis != 0 or block < 16 or block & (block - 1):
-            return None
+        if axis != 0:
+            return "blocks along N, not K"
+        if block < 16 or block & (block - 1):
+            return f"block_size {block} (MatMulNBits takes a power of two of at least 16)"
     elif axis != 1 or scale.shape is None or len(scale.shape) != 1:
-        return None
+        return "scales that are neither per block along K nor per output channel"
     bits = 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8
     return dq, weight, bits
 

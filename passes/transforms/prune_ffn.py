@@ -41,6 +41,7 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+from optc.passes.infra.remarks import match_summary
 from optc.passes.transforms._attention import _linear_of
 from optc.passes.transforms._structure import (
     Linear,
@@ -69,18 +70,31 @@ class FFNBlock:
 
 def find_ffn(model: Model) -> list[FFNBlock]:
     """Every FFN block of the graph (see the module docstring), in graph order of `down`."""
-    blocks = []
+    return scan_ffn(model)[0]
+
+
+def scan_ffn(model: Model) -> tuple[list[FFNBlock], list[tuple[str, str]]]:
+    """The FFN blocks of the graph, and the near misses as (down's label, reason).
+
+    A near miss is a `down` layer whose input comes, through channel-wise ops, from a slice of one
+    wider linear layer (a fused gate/up projection), or from linear layers of its width whose
+    intermediate values something else also reads.
+    """
+    blocks, misses = [], []
     for node in model.graph:
         down = linear(node)
         if down is None:
             continue
         block = _ffn_for(down)
-        if block is not None:
+        if isinstance(block, FFNBlock):
             blocks.append(block)
-    return blocks
+        elif block is not None:
+            misses.append((down.label, block))
+    return blocks, misses
 
 
-def _ffn_for(down: Linear) -> FFNBlock | None:
+def _ffn_for(down: Linear) -> FFNBlock | str | None:
+    """The FFN ending in `down`; else the reason it is a near miss; else None (not an FFN)."""
     f = down.in_features
     block = FFNBlock(down, [], width=f)
     stack, seen = [down.activation], set()
@@ -106,6 +120,8 @@ def _ffn_for(down: Linear) -> FFNBlock | None:
             inside.add(id(site.node))
             continue
         node = value.producer()
+        if node is not None and block.nodes and _fused_producer(node, f):
+            return "fused gate_up_proj"
         if node is None or node.op_type not in _CHANNELWISE or node.domain not in ("", "ai.onnx"):
             return None
         block.nodes.append(node)
@@ -124,11 +140,19 @@ def _ffn_for(down: Linear) -> FFNBlock | None:
     # Nothing outside the block may read a value inside it.
     for value in block.values:
         if any(id(use.node) not in inside for use in value.uses()):
-            return None
+            return "an intermediate value is also read outside the block" if block.nodes else None
         if value.shape is not None and len(value.shape) and value.shape[-1] not in (f, None) and not isinstance(value.shape[-1], str):
             return None
     block.producers = list(producers.values())
     return block
+
+
+def _fused_producer(node: Node, f: int) -> bool:
+    """True when `node` is a Slice or Split of the output of one linear layer of a multiple of `f` channels."""
+    if node.op_type not in ("Slice", "Split") or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return False
+    hit = _linear_of(node.inputs[0]) if node.inputs[0] is not None else None
+    return hit is not None and hit[0].out_features > f and hit[0].out_features % f == 0
 
 
 def _channel_constant(value: Value, f: int) -> bool:
@@ -157,7 +181,13 @@ class PruneFFN(Pass):
                 raise ValueError(f"option 'multiple' must be at least 1, got {self.multiple}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        blocks = find_ffn(model)
+        blocks, misses = scan_ffn(model)
+        context = am.context
+        if not blocks and not misses:
+            context.remark("missed", "no MLP blocks found", matched_none=True)
+        elif misses:
+            context.remark("missed", match_summary(len(blocks), (why for _, why in misses), "MLP blocks"),
+                           matched_none=not blocks)
         if not blocks:
             return PassResult(model, False, None, {"ffn-pruned": 0, "channels-removed": 0})
         hessians = calibration_hessians(model, am, "prune-ffn", [b.down.activation.name for b in blocks])
@@ -185,6 +215,7 @@ class PruneFFN(Pass):
         if not pruned:
             return PassResult(model, False, None, {"ffn-pruned": 0, "channels-removed": 0})
         drop_unused_initializers(graph)
+        context.remark("passed", f"removed {removed} channels in {pruned} of {len(blocks)} MLP blocks")
         set_model_metadata(model, "layer_ffn", widths)
         config = model_metadata(model, "hf_config")
         if isinstance(config, dict) and len(set(widths)) == 1 and "intermediate_size" in config:
@@ -221,4 +252,4 @@ def _take_last(array: np.ndarray, keep: np.ndarray, f: int) -> np.ndarray:
     return np.ascontiguousarray(np.take(array, keep, axis=-1)) if array.shape[-1] == f else array
 
 
-__all__ = ["FFNBlock", "PruneFFN", "find_ffn"]
+__all__ = ["FFNBlock", "PruneFFN", "find_ffn", "scan_ffn"]

@@ -55,7 +55,8 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
-from optc.passes.transforms._attention import AttentionBlock, HeadAxes, ShapePatch, find_attention
+from optc.passes.infra.remarks import match_summary
+from optc.passes.transforms._attention import AttentionBlock, HeadAxes, ShapePatch, scan_attention
 from optc.passes.transforms._structure import (
     Linear,
     calibration_hessians,
@@ -83,7 +84,14 @@ class PruneHeads(Pass):
                 raise ValueError(f"option 'ratio' must be in [0, 1), got {self.ratio}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        blocks = find_attention(model)
+        scan = scan_attention(model)
+        blocks = scan.blocks
+        context = am.context
+        if not scan.candidates:
+            context.remark("missed", "no attention blocks found", matched_none=True)
+        elif scan.misses:
+            message = match_summary(len(blocks), (why for _, why in scan.misses), "attention blocks")
+            context.remark("missed", message, matched_none=not blocks)
         if not blocks:
             return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
         plans = [(b, HeadAxes(b)) for b in blocks]  # fails early on a pattern it cannot rewrite
@@ -111,6 +119,7 @@ class PruneHeads(Pass):
             return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
         drop_unused_initializers(graph)
         _update_config(model, layer_heads, removed, blocks[0].head_dim)
+        context.remark("passed", f"removed {removed_heads} heads in {layers} of {len(blocks)} attention blocks")
         return PassResult(model, True, None, {"layers-pruned": layers, "heads-removed": removed_heads})
 
 

@@ -216,11 +216,14 @@ class Quantize(Pass):
         plans = []
         excluded = []
         skipped = 0
+        float_convs = 0
+        already = 0  # weighted ops an earlier pass quantized (their weight comes from a DequantizeLinear)
         for node in graph:
             if node.op_type not in opts.ops or node.domain not in ("", "ai.onnx"):
                 continue
             weight = _weight_site(node)
             if weight is None:
+                already += _dequantized_weight(node)
                 continue
             if _matches(node, weight, opts.exclude):
                 excluded.append((node, weight))
@@ -232,6 +235,7 @@ class Quantize(Pass):
             act_fmt = self._activation_format(node, weight)
             why = self._fp8_conv_unsupported(node, weight, act_fmt)
             if why:
+                float_convs += 1
                 if annotation(node, "quant_skipped") != why:
                     annotate(node, "quant_skipped", why)
                     skipped += 1
@@ -241,6 +245,7 @@ class Quantize(Pass):
             plans.append((node, weight, act_fmt))
 
         tables = _gather_tables(graph) if opts.embeddings and opts.weights != "none" else []
+        self._remark(am.context, len(plans), len(excluded), float_convs, len(tables), already)
         if not plans and not tables:
             return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": skipped})
 
@@ -345,6 +350,20 @@ class Quantize(Pass):
                 promoted.append((node, weight, FORMATS["int16" if opts.symmetric else "uint16"]))
         return promoted, {k: v for k, v in reasons.items() if v}
 
+    def _remark(self, context, planned: int, excluded: int, float_convs: int, tables: int, already: int) -> None:
+        """Say when nothing was quantizable, and why the ops that stay float do."""
+        ops = "/".join(self.options.ops)
+        if not planned and not excluded and not float_convs and not tables:
+            if already:
+                context.remark("analysis", f"nothing left to quantize: {already} {ops} ops are already quantized")
+            else:
+                context.remark("missed", f"nothing to quantize: no {ops} with a constant float weight", matched_none=True)
+            return
+        if excluded:
+            context.remark("analysis", f"{excluded} ops left float by exclude={','.join(self.options.exclude)}")
+        if float_convs:
+            context.remark("analysis", f"{float_convs} Convs left float: TensorRT has no FP8 kernel for their shape")
+
     def _fp8_conv_unsupported(self, node: Node, weight: _WeightSite, act_fmt: _Format | None) -> str | None:
         """Why an FP8 Conv would have no TensorRT kernel (it then stays float), or None."""
         fp8 = self.options.weights == "fp8" or (act_fmt is not None and act_fmt.name == "fp8")
@@ -432,6 +451,16 @@ def _weight_site(node: Node) -> _WeightSite | None:
         return None
     return _WeightSite(source, producer, 0, perm[out_axis % rank], "transpose",
                        None if k_axis is None else perm[k_axis % rank])
+
+
+def _dequantized_weight(node: Node) -> bool:
+    """True when the op reads its weight from a DequantizeLinear (directly or through a Transpose)."""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    producer = node.inputs[1].producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is not None:
+        producer = producer.inputs[0].producer()
+    return producer is not None and producer.op_type == "DequantizeLinear"
 
 
 def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache, pair_limit: int = 0) -> dict:

@@ -24,6 +24,7 @@ from optc.passes.lowbit import (
     emit,
     linear_sites,
     mark_excluded,
+    remark_sites,
     rtn,
     torch_threads,
 )
@@ -41,6 +42,7 @@ class Rtn(Pass):
         opts = self.options
         sites, excluded = linear_sites(model, opts.exclude)
         skipped = mark_excluded(excluded, opts.exclude)
+        remark_sites(am.context, model, sites, excluded)
         if not sites:
             return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})
         device = default_device()

@@ -81,6 +81,7 @@ from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnal
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+from optc.passes.infra.remarks import match_summary
 
 #: Ops along a normalization's statistics path (between x and its per-token scale).
 _NORM_PATH_OPS = frozenset({"Reciprocal", "Sqrt", "Add", "Pow", "Mul", "Div", "Cast", "Sub", "Max", "Clip"})
@@ -135,7 +136,11 @@ class SmoothQuant(Pass):
                 raise ValueError(f"option 'alpha' must be in [0, 1], got {self.alpha}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        groups = find_groups(model, self.options.targets, self.options.exclude, self.options.insert_mul, tied=True)
+        misses: list[str] = []
+        excluded: list[_Group] = []
+        groups = find_groups(model, self.options.targets, self.options.exclude, self.options.insert_mul, tied=True,
+                             misses=misses, excluded=excluded)
+        self._remark(am.context, groups, misses, excluded)
         if not groups:
             return PassResult(model, False, None, {"groups-smoothed": 0})
         stats = self._activation_stats(model, am)
@@ -177,6 +182,17 @@ class SmoothQuant(Pass):
         counts = {"groups-smoothed": smoothed, "constants-copied": copies, "muls-inserted": inserted}
         return PassResult(model, True, preserved, counts)
 
+    def _remark(self, context, groups: list[_Group], misses: list[str], excluded: list[_Group]) -> None:
+        """Say what the pattern search found: nothing, normalizations it cannot fold into, exclusions."""
+        if misses:
+            message = match_summary(len(groups), misses, "norm->linear patterns")
+            context.remark("missed", message, matched_none=not groups and not excluded)
+        elif not groups and not excluded:
+            found = "norm->linear" if self.options.targets == "norm" else "norm->linear or linear->linear"
+            context.remark("missed", f"no {found} pattern found", matched_none=True)
+        if excluded:
+            context.remark("analysis", f"{len(excluded)} groups skipped by exclude={','.join(self.options.exclude)}")
+
     def _activation_stats(self, model: Model, am: AnalysisManager):
         from optc.passes.analyses.runner import calibration_spec
 
@@ -203,12 +219,14 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
 
 def find_groups(
     model: Model, targets: str = "norm", exclude: list[str] | tuple[str, ...] = (), insert_mul: bool = False,
-    tied: bool = False,
+    tied: bool = False, *, misses: list[str] | None = None, excluded: list[_Group] | None = None,
 ) -> list[_Group]:
     """Every tensor whose readers are all linear layers and whose producer can absorb 1/s, in graph order.
 
     With `tied`, a linear layer may also read its weight through a `Transpose`
-    of a constant (a tied lm_head reading the embedding table).
+    of a constant (a tied lm_head reading the embedding table). `misses`
+    receives why each normalization read by linear layers is not a group;
+    `excluded` the groups that `exclude` removed.
     """
     graph = model.graph
     seen: set[int] = set()
@@ -223,11 +241,47 @@ def find_groups(
         seen.add(id(x))
         group = _group_for(x, targets, insert_mul, tied)
         if group is None:
+            if misses is not None and _norm_output(x):
+                misses.append(_why_not(x, tied, insert_mul))
             continue
         if exclude and any(_matches(n, exclude) for n in (*(c for c, _ in group.consumers), *(c for c, _ in group.tied))):
+            if excluded is not None:
+                excluded.append(group)
             continue
         groups.append(group)
     return groups
+
+
+def _norm_output(x: Value) -> bool:
+    """True when `x` is a normalization's output (with its affine scale and bias): what `targets=norm` folds into."""
+    node = x.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in _NORM_OPS:
+        return True
+    if node.op_type == "Add" and len(node.inputs) == 2:
+        inner = [v for v in node.inputs if v is not None and not is_constant(v)]
+        return len(inner) == 1 and len([v for v in node.inputs if is_constant(v)]) == 1 and _norm_output(inner[0])
+    if node.op_type == "Mul" and len(node.inputs) == 2 and sum(is_constant(v) for v in node.inputs) == 1:
+        return any(_is_normalized(v) for v in node.inputs if not is_constant(v))
+    return False
+
+
+def _why_not(x: Value, tied: bool, insert_mul: bool) -> str:
+    """Why the normalization output `x`, read by linear layers, is not a group (see `_group_for`)."""
+    channels = set()
+    others = x.is_graph_output()
+    for use in x.uses():
+        axis = balance_axis(use.node)
+        if axis is not None and use.idx == 0 and use.node.inputs[1] is not x:
+            channels.add(int(use.node.inputs[1].shape[axis]))
+        elif not (tied and use.idx == 0 and tied_weight_site(use.node) is not None):
+            others = True
+    if len(channels) > 1:
+        return "its linear readers disagree on the channel count"
+    if others and not insert_mul:
+        return "its output has other readers (insert-mul=false)"
+    return "its scale or an intermediate of the norm is not a per-channel constant only it reads"
 
 
 def balance_axis(node: Node) -> int | None:

@@ -47,6 +47,7 @@ from optc.passes.transforms._structure import (
     DEFAULT_EXCLUDE,
     Linear,
     calibration_hessians,
+    linears,
     select,
     store_nk,
     torch_threads,
@@ -99,7 +100,13 @@ class Sparsify(Pass):
         if nm is not None:
             kept = [s for s in sites if s.in_features % nm[1] == 0]
             skipped = len(sites) - len(kept)
+            if skipped:
+                message = f"{len(kept)} of {len(sites)} linear layers matched: K not divisible by M={nm[1]} ({skipped})"
+                am.context.remark("missed", message, matched_none=not kept)
             sites = kept
+        if not sites and not skipped and not linears(model):
+            am.context.remark("missed", "nothing to sparsify: no MatMul/Gemm with a constant float 2-D weight",
+                              matched_none=True)
         if not sites:
             return PassResult(model, False, None, {"layers-sparsified": 0, "layers-skipped": skipped})
         hessians = None

@@ -208,12 +208,22 @@ class LowerTensorRT(Pass):
             lowering.residuals()
         lowering.drop_dead()
         notes = lowering.notes()
+        for key, note in zip(lowering.done, notes, strict=True):
+            if key in MISSED:  # quantization TensorRT cannot take: the model runs those parts in float
+                am.context.remark("missed", note if len(note) <= 240 else note[:237] + "...")
         if not notes:
             return PassResult(model, False, None, {"rewrites": 0})
         earlier = model_metadata(model, "tensorrt_lowering") or []
         set_model_metadata(model, "tensorrt_lowering", [*earlier, *notes])
         stats = {key.replace("_", "-"): len(v) for key, v in lowering.done.items()}
         return PassResult(model, True, None, stats)
+
+
+#: What `lower-tensorrt` could not keep quantized (a remark each, and an error under `--strict`).
+MISSED = frozenset({
+    "int16_activations", "uint16_activations", "int32_activations", "uint32_activations", "int4_activations",
+    "uint4_activations", "float_int4", "residual_uncalibrated",
+})
 
 
 class _Lowering:

@@ -1,8 +1,9 @@
 """Tiny Hugging Face models exported by optc's own frontend, for the pruning and low-rank tests.
 
 `load("llama")` (2 layers, 4 query heads in 2 KV groups, tied embeddings),
-`load("llama-mha")` (2 layers, 4 heads, no GQA) and `load("bert")` (2 layers,
-4 heads) return a fresh IR each call. Each model is exported once per test
+`load("llama-mha")` (2 layers, 4 heads, no GQA), `load("bert")` (2 layers,
+4 heads) and `load("phi3")` (2 layers, 4 heads, fused `qkv_proj` and
+`gate_up_proj`) return a fresh IR each call. Each model is exported once per test
 process into a private cache and saved as ONNX; later calls reload that file,
 so each test starts from the same weights in about a second.
 """
@@ -53,6 +54,12 @@ def _exported(kind: str) -> Path:
             max_position_embeddings=64, type_vocab_size=2,
         )
         hf = transformers.BertModel(config, add_pooling_layer=False)
+    elif kind == "phi3":
+        config = transformers.Phi3Config(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            intermediate_size=48, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+        hf = transformers.Phi3ForCausalLM(config)
     else:
         raise ValueError(kind)
     generator = torch.Generator().manual_seed(1)
@@ -78,7 +85,7 @@ def _exported(kind: str) -> Path:
 
 
 def load(kind: str) -> Model:
-    """A fresh IR of the tiny exported model `kind` ("llama", "llama-mha" or "bert")."""
+    """A fresh IR of the tiny exported model `kind` ("llama", "llama-mha", "bert" or "phi3")."""
     return load_model(_exported(kind))
 
 

@@ -61,3 +61,44 @@ def test_multiple_and_contribution_on_llama_block():
     down = next(n for n in result.model.graph if n.name == "down_proj")
     assert constant_array(down.inputs[1]).shape == (16, 16)  # 32 - round(9.6) = 22 -> 16 (a multiple of 8)
     assert constant_array(next(n for n in result.model.graph if n.name == "gate_proj").inputs[1]).shape == (16, 16)
+
+
+# --------------------------------------------------------------------------- remarks
+
+
+def test_fused_gate_up_is_a_remark_not_silence():
+    """Phi-3's fused gate_up_proj: prune-ffn changes nothing and says why."""
+    from optc.passes import Remark
+
+    result = _run(pm.load("phi3"), "prune-ffn")
+    assert not result.modified and result.statistics == {"ffn-pruned": 0, "channels-removed": 0}
+    assert result.remarks == [
+        Remark("prune-ffn", "missed", "0 of 2 MLP blocks matched: fused gate_up_proj", matched_none=True),
+    ]
+
+
+def test_fused_gate_up_fails_under_strict():
+    from optc.passes import RemarkError
+
+    am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
+    with pytest.raises(RemarkError, match=r"^--strict: prune-ffn: 0 of 2 MLP blocks matched: fused gate_up_proj$"):
+        parse_pipeline("prune-ffn")(pm.load("phi3"), am)
+
+
+def test_llama_gives_no_missed_remark_and_a_model_without_mlp_does():
+    am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
+    result = parse_pipeline("prune-ffn")(pm.load("llama"), am)
+    assert [(r.kind, r.message) for r in result.remarks] == [("passed", "removed 24 channels in 2 of 2 MLP blocks")]
+
+    from onnx import TensorProto, helper
+
+    from tests import models
+
+    one_linear = models.make_model(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 4])],
+        [models.weight("W", (8, 4), np.random.default_rng(0))],
+    )
+    (remark,) = _run(models.to_ir(one_linear), "prune-ffn").remarks
+    assert (remark.kind, remark.message, remark.matched_none) == ("missed", "no MLP blocks found", True)

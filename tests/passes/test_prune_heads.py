@@ -130,3 +130,42 @@ def test_smollm2_prune_heads():
     ids = np.arange(32, dtype=np.int64)[None, :] + 100
     logits = pm.outputs(result.model, {"input_ids": ids})
     assert logits.shape == (1, 32, 49152) and np.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- remarks
+
+
+def test_fused_qkv_is_a_remark_not_silence():
+    """Phi-3's fused qkv_proj: prune-heads changes nothing and says why, once for the run."""
+    from optc.passes import Remark
+
+    result = _run(pm.load("phi3"), "prune-heads")
+    assert not result.modified and result.statistics == {"layers-pruned": 0, "heads-removed": 0}
+    assert result.remarks == [
+        Remark("prune-heads", "missed", "0 of 2 attention blocks matched: fused qkv_proj", matched_none=True),
+    ]
+
+
+def test_fused_qkv_fails_under_strict():
+    from optc.passes import RemarkError
+
+    am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
+    with pytest.raises(RemarkError, match=r"^--strict: prune-heads: 0 of 2 attention blocks matched: fused qkv_proj$"):
+        parse_pipeline("prune-heads")(pm.load("phi3"), am)
+
+
+def test_llama_gives_no_missed_remark_and_says_what_it_did():
+    am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
+    result = parse_pipeline("prune-heads{ratio=0.5}")(pm.load("llama"), am)
+    assert [(r.kind, r.message) for r in result.remarks] == [("passed", "removed 4 heads in 2 of 2 attention blocks")]
+
+
+def test_no_attention_and_unresolved_head_dim_are_remarks():
+    from tests import models
+    from tests.passes import quant_models as qm
+
+    (remark,) = _run(models.to_ir(models.mlp()), "prune-heads").remarks
+    assert (remark.kind, remark.message, remark.matched_none) == ("missed", "no attention blocks found", True)
+    (remark,) = _run(qm.to_ir(qm.llama_block(), vocab=64), "prune-heads").remarks
+    assert remark.kind == "missed" and remark.matched_none
+    assert remark.message.startswith("0 of 1 attention blocks matched: "), remark
