@@ -219,12 +219,12 @@ def remark_sites(context, model: Model, sites: list[Linear], excluded: list[Node
         context.remark("missed", message, matched_none=not sites and not excluded)
     elif not sites and not excluded:
         if already:
-            context.remark("analysis", f"nothing left to quantize: {already} MatMul/Gemm ops are already quantized")
+            context.remark("analysis", f"nothing left to quantize: MatMul/Gemm ops already quantized: {already}")
         else:
             context.remark("missed", "nothing to quantize: no MatMul/Gemm with a constant float 2-D weight",
                            matched_none=True)
     if excluded:
-        context.remark("analysis", f"{len(excluded)} linear layers left float by exclude")
+        context.remark("analysis", f"linear layers left float by exclude: {len(excluded)}")
 
 
 def matches(node: Node, patterns) -> bool:

@@ -355,14 +355,14 @@ class Quantize(Pass):
         ops = "/".join(self.options.ops)
         if not planned and not excluded and not float_convs and not tables:
             if already:
-                context.remark("analysis", f"nothing left to quantize: {already} {ops} ops are already quantized")
+                context.remark("analysis", f"nothing left to quantize: {ops} ops already quantized: {already}")
             else:
                 context.remark("missed", f"nothing to quantize: no {ops} with a constant float weight", matched_none=True)
             return
         if excluded:
-            context.remark("analysis", f"{excluded} ops left float by exclude={','.join(self.options.exclude)}")
+            context.remark("analysis", f"ops left float by exclude={','.join(self.options.exclude)}: {excluded}")
         if float_convs:
-            context.remark("analysis", f"{float_convs} Convs left float: TensorRT has no FP8 kernel for their shape")
+            context.remark("analysis", f"Convs left float because TensorRT has no FP8 kernel for their shape: {float_convs}")
 
     def _fp8_conv_unsupported(self, node: Node, weight: _WeightSite, act_fmt: _Format | None) -> str | None:
         """Why an FP8 Conv would have no TensorRT kernel (it then stays float), or None."""

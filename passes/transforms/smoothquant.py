@@ -191,7 +191,7 @@ class SmoothQuant(Pass):
             found = "norm->linear" if self.options.targets == "norm" else "norm->linear or linear->linear"
             context.remark("missed", f"no {found} pattern found", matched_none=True)
         if excluded:
-            context.remark("analysis", f"{len(excluded)} groups skipped by exclude={','.join(self.options.exclude)}")
+            context.remark("analysis", f"groups skipped by exclude={','.join(self.options.exclude)}: {len(excluded)}")
 
     def _activation_stats(self, model: Model, am: AnalysisManager):
         from optc.passes.analyses.runner import calibration_spec

@@ -550,3 +550,19 @@ def test_smollm2_fp8_for_tensorrt_is_legal(tmp_path):
     result = compile_model(load_input(path), tmp_path / "smol.onnx", options)
     assert any(c.startswith("trt-check: 0 finding(s)") for c in result.artifact.checks)
     assert check_tensorrt(load_model(result.artifact.path)) == []
+
+
+def test_int16_left_float_is_a_remark_and_strict_fails_on_it(tmp_path):
+    """TensorRT has no INT16 Q/DQ: the lowering says so, and under strict nothing is written."""
+    from optc.passes import RemarkError
+
+    proto = qm.llama_block(outliers=4.0)
+    result = _compile(qm.to_ir(proto, vocab=64), tmp_path / "trt.onnx", "tensorrt", W8A8, remarks="lower")
+    missed = [r for r in result.remarks if r.kind == "missed"]
+    assert [(r.pass_name, r.matched_none) for r in missed] == [("lower-tensorrt", False)]
+    assert missed[0].message.startswith("1 INT16 activation Q/DQ left float (TensorRT has no INT16 Q/DQ)")
+    ort = _compile(qm.to_ir(proto, vocab=64), tmp_path / "ort.onnx", "ort", W8A8, strict=True)
+    assert [r for r in ort.remarks if r.kind == "missed"] == []  # onnxruntime runs INT16: nothing missed
+    with pytest.raises(RemarkError, match="--strict: lower-tensorrt: 1 INT16 activation"):
+        _compile(qm.to_ir(proto, vocab=64), tmp_path / "strict.onnx", "tensorrt", W8A8, strict=True)
+    assert not list(tmp_path.glob("strict*"))  # no output, no reproducer

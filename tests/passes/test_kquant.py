@@ -225,3 +225,11 @@ def test_unsupported_architecture(tiny):
     set_model_metadata(model, HF_CONFIG, config)
     with pytest.raises(OptcError, match="does not support architecture 'Phi3ForCausalLM'"):
         KQuant(mix="Q4_K_M")(model)
+
+
+def test_fallbacks_are_an_analysis_remark_not_a_miss(tiny):
+    am = AnalysisManager(PassContext(strict=True))
+    result = parse_pipeline("kquant{mix=Q4_K_M}")(ir_like_frontend(*tiny), am)
+    assert result.remarks and {r.kind for r in result.remarks} == {"analysis"}
+    fell_back = [r.message for r in result.remarks if "fell back" in r.message]
+    assert len(fell_back) == (1 if result.statistics.get("fallbacks") else 0)

@@ -88,3 +88,11 @@ def test_lower_energy_saves_more():
 def test_bad_options():
     with pytest.raises(Exception, match="energy"):
         parse_pipeline("lowrank{energy=0}")
+
+
+def test_a_rank_that_saves_nothing_is_a_remark():
+    result = _run(models.to_ir(models.mlp()), "lowrank{rank=8}")  # 8x16 and 16x4: rank 8 saves nothing
+    assert not result.modified
+    assert [(r.kind, r.message, r.matched_none) for r in result.remarks] == [
+        ("missed", "0 of 2 linear layers factored: rank=8 would save no parameters", True),
+    ]

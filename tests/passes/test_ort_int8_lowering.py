@@ -428,6 +428,7 @@ def test_float_models_are_untouched(name):
     result = b.run(model, "lower-ort-int8{kernel=u8u8}")
     assert not result.modified
     assert print_ir(result.model) == text
+    assert result.remarks == []  # nothing to lower is not a miss
 
 
 def _edit(proto: onnx.ModelProto, fn) -> onnx.ModelProto:
@@ -495,6 +496,10 @@ def test_quantized_activation_that_is_also_a_graph_output_is_untouched():
     # q/k read the exposed pair: left int8; o's own pair is lowered.
     assert result.statistics["matmul-u8u8"] == 1
     assert result.model.graph.initializers["q_w"].const_value.dtype == DataType.INT8
+    assert [(r.kind, r.message, r.matched_none) for r in result.remarks] == [(
+        "missed", "1 of 3 8-bit Q/DQ MatMul/Gemm ops lowered to integer kernels: "
+        "a quantized activation that other ops also read (2)", False,
+    )]
 
 
 def test_dequantized_activation_matmul_without_quantized_weight_is_untouched():

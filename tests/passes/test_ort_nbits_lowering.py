@@ -111,3 +111,14 @@ def test_report_lists_weight_only_layers(tmp_path):
     layers = json.loads((tmp_path / "run.json").read_text())["quantization"]["layers"]
     assert len(layers) == 7 and {entry["weights"] for entry in layers} == {"int4"}
     assert all(entry["op_type"] == "MatMulNBits" and entry["status"] == "ok" and entry["sqnr_db"] > 15 for entry in layers)
+
+
+def test_a_block_matmulnbits_cannot_take_is_a_remark():
+    quantized = _quantized("rtn{group=8}")
+    result = h.run(_copy(quantized), "lower-ort-nbits")
+    assert not result.modified
+    assert [(r.kind, r.message, r.matched_none) for r in result.remarks] == [(
+        "missed", "0 of 7 weight-only low-bit MatMuls lowered to MatMulNBits: "
+        "block_size 8 (MatMulNBits takes a power of two of at least 16)", True,
+    )]
+    assert h.run(qm.to_ir(qm.llama_block(), vocab=64), "lower-ort-nbits").remarks == []  # nothing to lower

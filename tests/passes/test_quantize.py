@@ -457,3 +457,22 @@ def test_preserves_nothing():
     from optc.passes.analyses.histograms import ActivationHistograms
 
     assert not result.effective_preserved().is_preserved(ActivationHistograms)
+
+
+def test_nothing_to_quantize_is_a_remark_and_already_quantized_is_not_a_miss():
+    from onnx import TensorProto, helper
+
+    no_weights = models.make_model(
+        [helper.make_node("Relu", ["X"], ["Y"], name="relu")],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 4])],
+    )
+    result = _run(models.to_ir(no_weights), "quantize")
+    assert not result.modified
+    assert [(r.kind, r.message, r.matched_none) for r in result.remarks] == [
+        ("missed", "nothing to quantize: no MatMul/Gemm/Conv with a constant float weight", True),
+    ]
+    result = parse_pipeline("rtn{exclude=\"\"},quantize{activations=none}")(models.to_ir(models.mlp()), _am())
+    assert [(r.pass_name, r.kind, r.message) for r in result.remarks] == [
+        ("quantize", "analysis", "nothing left to quantize: MatMul/Gemm/Conv ops already quantized: 2"),
+    ]

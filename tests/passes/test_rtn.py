@@ -203,3 +203,29 @@ def test_named_pipelines():
     info = annotation(h.node(m, "fc1_mm"), "quant")
     assert info["method"] == "rtn" and info["symmetric"] is False and info["bits"] == 4
     assert h.sqnr_float(proto, m) >= 12  # K = 64 < 128: one group per channel
+
+
+def test_a_gemm_it_cannot_take_and_no_linear_layer_are_remarks():
+    from onnx import TensorProto, helper
+
+    from optc.passes import AnalysisManager, PassContext, RemarkError
+
+    gemm = models.make_model(
+        [helper.make_node("Gemm", ["X", "W"], ["Y"], name="scaled", alpha=0.5)],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 4])],
+        [models.weight("W", (8, 4), np.random.default_rng(0))],
+    )
+    result = parse_pipeline("rtn")(from_proto(gemm))
+    assert not result.modified
+    assert [(r.kind, r.message, r.matched_none) for r in result.remarks] == [
+        ("missed", "0 of 1 linear layers quantizable: Gemm with alpha != 1", True),
+    ]
+    relu = models.make_model(
+        [helper.make_node("Relu", ["X"], ["Y"], name="relu")],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 4])],
+    )
+    with pytest.raises(RemarkError, match="rtn: nothing to quantize: no MatMul/Gemm with a constant float 2-D weight"):
+        parse_pipeline("rtn")(from_proto(relu), AnalysisManager(PassContext(strict=True)))
+    assert parse_pipeline("rtn")(from_proto(models.mlp()), AnalysisManager(PassContext(strict=True))).modified

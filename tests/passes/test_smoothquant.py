@@ -284,3 +284,25 @@ def test_second_run_is_still_exact():
 def test_calibration_error_names_missing_data_only_when_needed():
     with pytest.raises(OptcError):
         get_pass("smoothquant")()(qm.to_ir(qm.bert_block()), AnalysisManager())
+
+
+def test_no_norm_is_a_remark_and_a_shared_norm_without_insert_mul_says_why():
+    from tests.passes import prune_models as pm
+
+    result, _ = _run(models.to_ir(models.mlp()), "smoothquant")
+    assert not result.modified
+    assert [(r.kind, r.message, r.matched_none) for r in result.remarks] == [
+        ("missed", "no norm->linear pattern found", True),
+    ]
+    # Post-LN BERT: every LayerNorm output is also the residual; without insert-mul nothing can be folded.
+    am = AnalysisManager(PassContext(config=dict(pm.CALIB)))
+    result = parse_pipeline("smoothquant{insert-mul=false}")(pm.load("bert"), am)
+    assert [(r.kind, r.message, r.matched_none) for r in result.remarks] == [
+        ("missed", "0 of 4 norm->linear patterns matched: its output has other readers (insert-mul=false)", True),
+    ]
+
+
+def test_a_llama_block_smooths_without_a_missed_remark():
+    result, _ = _run(qm.to_ir(qm.llama_block(), vocab=64), "smoothquant")
+    assert result.modified
+    assert [r.kind for r in result.remarks if r.kind == "missed"] == []

@@ -181,3 +181,19 @@ def test_smollm2_2of4_through_quantize():
     assert result.statistics["weights-checked"] == 210
     dense = [n for n in result.model.graph if n.op_type == "MatMul" and annotation(n, "quant_skipped")]
     assert len(dense) == 1 and annotation(dense[0], "sparsity") is None  # the lm_head
+
+
+def test_k_not_divisible_by_m_is_a_remark():
+    from onnx import TensorProto, helper
+
+    odd_k = models.make_model(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 4])],
+        [models.weight("W", (6, 4), np.random.default_rng(0))],
+    )
+    result = _run(models.to_ir(odd_k), "sparsify{pattern=2:4 method=magnitude}")
+    assert not result.modified and result.statistics["layers-skipped"] == 1
+    assert [(r.kind, r.message, r.matched_none) for r in result.remarks] == [
+        ("missed", "0 of 1 linear layers matched: K not divisible by M=4 (1)", True),
+    ]
