@@ -173,6 +173,9 @@ class Awq(Pass):
             "mean-alpha": float(np.mean(alphas)) if alphas else 0.0,
         }
         if not opts.quantize:
+            if not groups:
+                am.context.remark("missed", "nothing to scale: no linear layer input whose producer can absorb 1/s",
+                                  matched_none=True)
             if not scaled:
                 return PassResult(model, False, None, stats_out)
             preserved = PreservedAnalyses()

@@ -81,3 +81,13 @@ def test_awq_then_gptq_recomputes_the_hessian():
 def test_needs_calibration_data():
     with pytest.raises(PassFailure, match="awq needs"):
         parse_pipeline("awq")(h.bert()[1], AnalysisManager(PassContext()))
+
+
+def test_nothing_to_scale_or_quantize_is_a_remark():
+    result = h.run(models.to_ir(models.mlp()), "awq{quantize=false}")  # a graph input and a Relu: nothing folds 1/s
+    assert not result.modified
+    assert [(r.kind, r.message, r.matched_none) for r in result.remarks] == [
+        ("missed", "nothing to scale: no linear layer input whose producer can absorb 1/s", True),
+    ]
+    result = h.run(models.to_ir(models.mlp()), "awq{exclude=\"\"}")  # no group, but both layers rounded
+    assert result.modified and [r for r in result.remarks if r.kind == "missed"] == []
