@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify-each", action="store_true", help="run the IR verifier after every pass")
     parser.add_argument("--statistics", action="store_true", help="print per-pass statistics")
     parser.add_argument(
-        "--remarks", metavar="REGEX",
-        help="--remarks[=REGEX]: print every remark of the passes (whose name REGEX matches), like -pass-remarks",
+        "--remarks", nargs="?", const=".*", metavar="REGEX",
+        help="print every remark of the passes, or with --remarks=REGEX (the '=' is needed) those of the passes "
+        "whose name REGEX matches, like LLVM's -pass-remarks",
     )
     parser.add_argument("--strict", action="store_true", help="fail when a pass misses a structure it targets")
     parser.add_argument(
