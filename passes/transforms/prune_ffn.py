@@ -213,6 +213,7 @@ class PruneFFN(Pass):
             pruned += 1
             widths.append(int(keep_count))
         if not pruned:
+            context.remark("analysis", f"ratio={self.options.ratio:g} removes no channel in any of {len(blocks)} MLP blocks")
             return PassResult(model, False, None, {"ffn-pruned": 0, "channels-removed": 0})
         drop_unused_initializers(graph)
         context.remark("passed", f"removed {removed} channels in {pruned} of {len(blocks)} MLP blocks")

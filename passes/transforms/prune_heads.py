@@ -116,6 +116,7 @@ class PruneHeads(Pass):
             layers += 1
             layer_heads.append([len(keep), len(keep_kv)])
         if not layers:
+            context.remark("analysis", f"ratio={self.options.ratio:g} removes no head in any of {len(blocks)} attention blocks")
             return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
         drop_unused_initializers(graph)
         _update_config(model, layer_heads, removed, blocks[0].head_dim)

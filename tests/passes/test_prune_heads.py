@@ -101,7 +101,11 @@ def test_bert_pruning_is_exact():
 def test_ratio_zero_changes_nothing_and_no_attention_is_a_no_op():
     from tests.passes import quant_models as qm
 
-    assert not _run(pm.load("llama"), "prune-heads{ratio=0.1}").modified  # round(0.1 * 2) == 0 per group
+    result = _run(pm.load("llama"), "prune-heads{ratio=0.1}")  # round(0.1 * 2) == 0 per group
+    assert not result.modified
+    assert [(r.kind, r.message) for r in result.remarks] == [
+        ("analysis", "ratio=0.1 removes no head in any of 2 attention blocks"),
+    ]
     assert not _run(qm.to_ir(qm.llama_block(), vocab=64), "prune-heads").modified  # no multi-head reshape
 
 
