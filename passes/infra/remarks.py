@@ -120,8 +120,8 @@ class RemarkPrinter(PassInstrument):
 
     def after_pass(self, pass_: Pass, model: Model, result: PassResult, elapsed: float) -> None:
         for remark in result.remarks:
-            if remark.pass_name != pass_.name or remark in self._printed or not shown(remark, self.pattern):
-                continue  # a container's result repeats its children's remarks
+            if remark in self._printed or not shown(remark, self.pattern):
+                continue  # a container's result repeats its children's remarks, a fixpoint its rounds
             self._printed.add(remark)
             out = self.stream or sys.stderr
             out.write(f"{self.prog}: remark: {remark}\n")
