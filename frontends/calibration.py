@@ -225,11 +225,6 @@ def _check_header(label: str, value, shape: tuple[int, ...], dtype: np.dtype) ->
             f"{label}: array {name!r} has rank {len(shape)}, the model input has rank {len(dims)} "
             f"(shape {[d if isinstance(d, int) else str(d) for d in dims]}; axis 0 indexes samples)"
         )
-    if dims and isinstance(dims[0], int) and dims[0] != 1:
-        raise BadCalibrationData(
-            f"{label}: the model input {name!r} has a fixed batch of {dims[0]}; optc feeds one sample at a time "
-            "(export the model with batch 1 or a dynamic batch)"
-        )
     for axis, dim in enumerate(dims):
         if axis > 0 and isinstance(dim, int) and shape[axis] != dim:
             raise BadCalibrationData(

@@ -52,9 +52,9 @@ from optc.passes.lowbit import (
     emit,
     fake_quantize,
     linear_site,
-    linear_sites,
     mark_excluded,
     rtn,
+    sites_at_opset,
     torch_threads,
 )
 from optc.passes.transforms.smoothquant import (
@@ -178,7 +178,7 @@ class Awq(Pass):
             if not copies and not inserted:
                 preserved.preserve_aspects(STRUCTURE)
             return PassResult(model, True, preserved, stats_out)
-        sites, excluded = linear_sites(model, opts.exclude)
+        sites, excluded = sites_at_opset(model, opts.exclude)
         mark_excluded(excluded, opts.exclude)
         for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):
             q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)

@@ -52,10 +52,10 @@ from optc.passes.lowbit import (
     expand,
     find_params,
     group_size,
-    linear_sites,
     mark_excluded,
     quantize,
     rtn,
+    sites_at_opset,
     torch_threads,
 )
 
@@ -193,7 +193,7 @@ class Gptq(Pass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         opts = self.options
-        sites, excluded = linear_sites(model, opts.exclude)
+        sites, excluded = sites_at_opset(model, opts.exclude)
         skipped = mark_excluded(excluded, opts.exclude)
         if not sites:
             return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})

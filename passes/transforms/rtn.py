@@ -22,9 +22,9 @@ from optc.passes.lowbit import (
     LowBitOptions,
     default_device,
     emit,
-    linear_sites,
     mark_excluded,
     rtn,
+    sites_at_opset,
     torch_threads,
 )
 
@@ -39,7 +39,7 @@ class Rtn(Pass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         opts = self.options
-        sites, excluded = linear_sites(model, opts.exclude)
+        sites, excluded = sites_at_opset(model, opts.exclude)
         skipped = mark_excluded(excluded, opts.exclude)
         if not sites:
             return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})
