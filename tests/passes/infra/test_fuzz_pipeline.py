@@ -19,7 +19,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from optc.errors import UsageError
-from optc.passes import PassManager, all_analyses, all_passes, all_pipelines, parse_pipeline, print_pipeline
+from optc.passes import (
+    PassManager,
+    all_analyses,
+    all_passes,
+    all_pipelines,
+    parse_pipeline,
+    print_pipeline,
+)
 from optc.passes.infra.options import format_value, to_kebab
 from optc.passes.infra.pipeline import MAX_NESTING
 from tests.cli.cli_support import Job, run_in_process
