@@ -225,6 +225,11 @@ def _check_header(label: str, value, shape: tuple[int, ...], dtype: np.dtype) ->
             f"{label}: array {name!r} has rank {len(shape)}, the model input has rank {len(dims)} "
             f"(shape {[d if isinstance(d, int) else str(d) for d in dims]}; axis 0 indexes samples)"
         )
+    if dims and isinstance(dims[0], int) and dims[0] != 1:
+        raise BadCalibrationData(
+            f"{label}: the model input {name!r} has a fixed batch of {dims[0]}, and optc feeds one sample at a "
+            "time (axis 0 of the arrays); give the model a batch of 1 or a dynamic one"
+        )
     for axis, dim in enumerate(dims):
         if axis > 0 and isinstance(dim, int) and shape[axis] != dim:
             raise BadCalibrationData(
