@@ -9,13 +9,15 @@ import traceback
 from collections.abc import Callable
 
 from optc.errors import OptcError, PassFailure
-from optc.messages import without_hub_urls
+from optc.messages import quiet_library_logs, without_hub_urls
 
 
 def run_command(prog: str, run: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
     """Run `run(argv)`; failures print `PROG: error: ...` (after a traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not debug:
+        quiet_library_logs()  # e.g. onnx-ir's warning about an undefined input: the verifier names it, once
     try:
         return run(argv)
     except OptcError as exc:

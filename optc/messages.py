@@ -1,4 +1,4 @@
-"""Cleaning the text of other libraries' errors before optc shows it as its one line.
+"""Cleaning what other libraries say before optc shows its one line: hub addresses and log records.
 
 optc reads models only from local files, so a library's advice to look at the
 Hugging Face Hub (`... listed on 'https://huggingface.co/models'`, `Checkout
@@ -9,6 +9,7 @@ of the only sentence becomes the words "the Hugging Face Hub".
 
 from __future__ import annotations
 
+import logging
 import re
 
 #: A Hub address, quoted or not, with what follows it up to whitespace or the closing quote.
@@ -34,4 +35,18 @@ def without_hub_urls(text: str) -> str:
     return cleaned.strip() or "a Hugging Face Hub lookup failed (optc reads local files only)"
 
 
-__all__ = ["without_hub_urls"]
+#: Libraries whose log records (warnings about a model, say) would reach stderr through Python's last-resort
+#: handler: optc reports what is wrong itself, in one line.
+QUIET_LOGGERS = ("onnx_ir", "onnxscript", "onnx")
+
+
+def quiet_library_logs() -> None:
+    """Keep the log records of `QUIET_LOGGERS` off stderr (a `NullHandler` each; handlers added by whoever
+    embeds optc still see them)."""
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+            logger.addHandler(logging.NullHandler())
+
+
+__all__ = ["QUIET_LOGGERS", "quiet_library_logs", "without_hub_urls"]
