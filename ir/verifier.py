@@ -45,8 +45,9 @@ def _check_opsets(opsets: dict[str, int], found: list[str]) -> None:
 @functools.cache
 def _newest_opsets() -> dict[str, int]:
     """The newest opset of each standard domain that the installed onnx defines."""
-    _, _, default, ml, *_ = onnx.helper.VERSION_TABLE[-1]
-    return {"": onnx.defs.onnx_opset_version(), "ai.onnx": onnx.defs.onnx_opset_version(), "ai.onnx.ml": ml or default}
+    ml = onnx.helper.VERSION_TABLE[-1][3]  # (release, IR version, ai.onnx, ai.onnx.ml, ...)
+    default = onnx.defs.onnx_opset_version()
+    return {"": default, "ai.onnx": default, "ai.onnx.ml": ml}
 
 
 def _check_graph(graph: Graph, opsets: dict[str, int], found: list[str], outer: set[int]) -> None:

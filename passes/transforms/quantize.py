@@ -1,4 +1,7 @@
-"""`quantize`: insert standard ONNX Q/DQ (opset 21) around weighted ops, INT8 or FP8.
+"""`quantize`: insert standard ONNX Q/DQ around weighted ops, INT8 or FP8.
+
+The model is first raised to the opset its Q/DQ need (per-axis 13, FP8 19,
+INT16 21; existing nodes converted by `optc.ir.opset.ensure_opset`).
 
 What it emits, following TensorRT's explicit-quantization rules
 (reference/quantization-and-tensorrt.md §3):

@@ -140,3 +140,25 @@ def test_fp8_on_an_opset_17_model_writes_a_model_onnxruntime_runs(tmp_path: Path
     assert {o.domain: o.version for o in written.opset_import}[""] == 19
     assert np.isfinite(run(written)).all()
     assert sha256(source) == before
+
+
+def _one_line_refusal(tmp_path: Path, proto: onnx.ModelProto, *mentions: str) -> None:
+    onnx.save(proto, str(tmp_path / "in.onnx"))
+    before = sha256(tmp_path / "in.onnx")
+    run = run_in_process(Job(["in.onnx", "-o", "out.onnx"], tmp_path))
+    assert run.returncode == 1 and len(run.stderr_lines) == 1 and "Traceback" not in run.stderr, run
+    for text in mentions:
+        assert text in run.stderr, run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"] and sha256(tmp_path / "in.onnx") == before
+
+
+def test_an_input_of_opset_99_is_refused(tmp_path: Path) -> None:
+    proto = old_model(21)
+    proto.opset_import[0].version = 99
+    _one_line_refusal(tmp_path, proto, "in.onnx", "opset import 'ai.onnx' version 99 does not exist")
+
+
+def test_an_input_using_a_domain_it_does_not_import_is_refused(tmp_path: Path) -> None:
+    proto = old_model(21)
+    proto.graph.node[1].domain, proto.graph.node[1].op_type = "com.example", "Center"
+    _one_line_refusal(tmp_path, proto, "in.onnx", "domain 'com.example' of Center is not imported")
