@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from optc.calibration_spec import CalibrationSpec
-from optc.errors import BadCalibrationData, OptcError
+from optc.errors import BadCalibrationData
 from optc.ir import DataType, Model, model_metadata
 
 _NUMPY_DTYPES = {
@@ -77,7 +77,7 @@ def _random_samples(model: Model, samples: int, seqlen: int, seed: int) -> Itera
             shape = _input_shape(value, seqlen)
             dtype = _NUMPY_DTYPES.get(value.dtype)
             if dtype is None:
-                raise OptcError(f"--calib random: cannot make data for input {value.name!r} of type {value.dtype}")
+                raise BadCalibrationData(f"--calib random: cannot make data for input {value.name!r} of type {value.dtype}")
             if "mask" in value.name:
                 feed[value.name] = np.ones(shape, dtype=dtype)
             elif value.name == "token_type_ids":
@@ -101,12 +101,12 @@ def load_tokenizer(model: Model):
 def _text_samples(model: Model, text: str, samples: int, seqlen: int, label: str) -> Iterator[dict[str, np.ndarray]]:
     names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     if "input_ids" not in names:
-        raise OptcError(f"--calib {label}: the model has no 'input_ids' input (inputs: {', '.join(names)})")
+        raise BadCalibrationData(f"--calib {label}: the model has no 'input_ids' input (inputs: {', '.join(names)})")
     tokenizer = load_tokenizer(model)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     windows = len(ids) // seqlen
     if windows == 0:
-        raise OptcError(f"--calib {label}: {len(ids)} tokens, fewer than one window of {seqlen}")
+        raise BadCalibrationData(f"--calib {label}: {len(ids)} tokens, fewer than one window of {seqlen}")
     for i in range(min(samples, windows)):
         window = ids[i * seqlen:(i + 1) * seqlen][None, :]
         feed = {"input_ids": window}

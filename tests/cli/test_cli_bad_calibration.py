@@ -138,3 +138,15 @@ def test_good_arrays_still_calibrate(tmp_path: Path) -> None:
     run = _run(tmp_path, "--no-runtime-check")
     assert run.returncode == 0, run
     assert (tmp_path / "out.onnx").is_file()
+
+
+def test_text_calibration_for_a_model_without_token_ids_is_one_line_without_a_reproducer(tmp_path: Path) -> None:
+    _model(tmp_path / "model.onnx")
+    (tmp_path / "corpus.txt").write_text("some text\n")
+    files = snapshot(tmp_path)
+    job = Job(["model.onnx", "--passes", "quantize", "--calib", "text:corpus.txt", "-o", "out.onnx"], tmp_path)
+    run = run_in_process(job)
+    assert run.returncode == 1 and len(run.stderr_lines) == 1, run
+    assert "--calib text:corpus.txt: the model has no 'input_ids' input (inputs: x)" in run.stderr, run
+    assert "reproducer" not in run.stderr
+    assert snapshot(tmp_path) == files
