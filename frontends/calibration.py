@@ -117,6 +117,12 @@ def _text_samples(model: Model, text: str, samples: int, seqlen: int, label: str
         yield feed
 
 
+#: A compressed member may expand to at most this ratio of its stored size (beyond `_BOMB_FLOOR` bytes),
+#: so that a small archive cannot make optc allocate gigabytes.
+_BOMB_RATIO = 100
+_BOMB_FLOOR = 64 * 2**20
+
+
 def check_calibration(model: Model, spec: str | CalibrationSpec | None) -> None:
     """Check calibration data against the model's inputs before any pass runs (`npz:FILE`: names, dtypes,
     ranks, shapes, sample counts, finite values); raises `BadCalibrationData`, one line naming the array."""
@@ -191,7 +197,8 @@ def _npy_header(archive, name: str, label: str) -> tuple[tuple[int, ...], np.dty
                 shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
             else:
                 raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
-            size = archive.zip.getinfo(member).file_size - stream.tell()
+            info = archive.zip.getinfo(member)
+            size = info.file_size - stream.tell()
     except Exception as exc:  # noqa: BLE001 - zipfile, numpy's header parser
         raise BadCalibrationData(f"{label}: array {name!r} is not a readable .npy member ({_first_line(exc)})") from exc
     if dtype.hasobject:
@@ -203,6 +210,11 @@ def _npy_header(archive, name: str, label: str) -> tuple[tuple[int, ...], np.dty
     if expected != size:
         raise BadCalibrationData(
             f"{label}: array {name!r} declares shape {list(shape)} ({expected:,} bytes) but holds {size:,} bytes"
+        )
+    if info.file_size > max(_BOMB_FLOOR, _BOMB_RATIO * info.compress_size):
+        raise BadCalibrationData(
+            f"{label}: array {name!r} expands from {info.compress_size:,} to {info.file_size:,} bytes (more than "
+            f"{_BOMB_RATIO}:1); save the arrays uncompressed (numpy.savez)"
         )
     return tuple(shape), dtype
 

@@ -150,3 +150,20 @@ def test_text_calibration_for_a_model_without_token_ids_is_one_line_without_a_re
     assert "--calib text:corpus.txt: the model has no 'input_ids' input (inputs: x)" in run.stderr, run
     assert "reproducer" not in run.stderr
     assert snapshot(tmp_path) == files
+
+
+def test_a_compressed_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    """A few hundred kB of zeros that would expand to 128 MiB: refused from the zip directory alone."""
+    _model(tmp_path / "model.onnx")
+    rows = 2**21
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": (rows, FEATURES)})
+    with zipfile.ZipFile(tmp_path / "calib.npz", "w", compression=zipfile.ZIP_DEFLATED) as archive, \
+            archive.open("x.npy", "w", force_zip64=True) as member:
+        member.write(buffer.getvalue())
+        chunk = bytes(2**20)
+        for _ in range(rows * FEATURES * 4 // len(chunk)):
+            member.write(chunk)
+    assert (tmp_path / "calib.npz").stat().st_size < 1_000_000
+    files = snapshot(tmp_path)
+    _check(_run(tmp_path), tmp_path, files, ["array 'x' expands from", "more than 100:1"])
