@@ -136,6 +136,8 @@ def check_calibration(model: Model, spec: str | CalibrationSpec | None) -> None:
 
 def _npz_samples(model: Model, path: Path, samples: int) -> Iterator[dict[str, np.ndarray]]:
     arrays = dict(_checked_npz_arrays(model, path, load=False))
+    if not arrays:  # a model without inputs: nothing to feed
+        return
     total = next(iter(arrays.values())).shape[0]
     for i in range(min(samples, total)):
         yield {name: array[i:i + 1] for name, array in arrays.items()}
