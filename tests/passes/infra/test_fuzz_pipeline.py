@@ -148,6 +148,19 @@ def test_any_text_parses_or_is_refused_as_a_usage_error(text: str) -> None:
     _check_any_text(text)
 
 
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])
+@given(text=_grammar_text | st.text(max_size=30))
+def test_the_command_line_prints_or_exits_2_with_one_line(tmp_path, text: str) -> None:
+    run = run_in_process(Job(["--print-pipeline", "--passes", text], tmp_path))
+    assert "Traceback" not in run.stderr, run
+    if run.returncode == 0:
+        assert run.stderr == "" and parse_pipeline(run.stdout.rstrip("\n")) == parse_pipeline(text), run
+    else:
+        assert run.returncode == 2 and len(run.stderr_lines) == 1 and run.stdout == "", run
+        assert run.stderr.startswith("optc: error: "), run
+
+
 @pytest.mark.parametrize(
     ("text", "mentions"),
     [
