@@ -160,3 +160,19 @@ def test_activation_stats_match_numpy(tmp_path):
     np.testing.assert_allclose(stats[name].channel_absmax, np.abs(both).max(axis=0), rtol=1e-6)
     assert stats[name].samples == 5
     onnx.checker.check_model(proto)
+
+
+def test_npz_token_ids_outside_the_vocabulary(tmp_path):
+    """Token ids the embedding cannot gather (negative, or beyond the HF config's vocab_size) are named."""
+    from optc.errors import BadCalibrationData
+    from optc.frontends.calibration import check_calibration
+    from tests.passes import quant_models as qm
+
+    model = qm.to_ir(qm.llama_block(vocab=64), vocab=64)
+    for ids, bad in (([[1, 2, 64]], "1..64, outside 0..63"), ([[-1, 2, 3]], "-1..3, outside 0..63")):
+        path = tmp_path / "ids.npz"
+        np.savez(path, input_ids=np.array(ids, np.int64))
+        with pytest.raises(BadCalibrationData, match=rf"array 'input_ids' holds token ids {bad}"):
+            check_calibration(model, f"npz:{path}")
+    np.savez(path, input_ids=np.array([[0, 63]], np.int64))
+    check_calibration(model, f"npz:{path}")
