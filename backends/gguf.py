@@ -45,6 +45,7 @@ few tokens to finite logits.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -667,10 +668,35 @@ def write_gguf(model: Model, path: Path, *, show_progress: bool = True, threads:
     return plans, tokenizer_line
 
 
+#: The log callback that drops llama.cpp's messages (kept referenced: llama.cpp calls it from C).
+_SILENT_LOG_CALLBACK: Any = None
+
+
+def silence_llama_logs(llama_cpp: Any) -> None:
+    """Stop llama.cpp (and ggml) from logging to stderr in this process; optc reports failures itself.
+
+    llama-cpp-python's own callback still prints errors with `verbose=False`
+    (a file it cannot load gives several `llama_model_load: error ...` lines);
+    optc's contract is one line per failure, so every log message is dropped.
+    """
+    global _SILENT_LOG_CALLBACK
+    if _SILENT_LOG_CALLBACK is None:
+        _SILENT_LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_SILENT_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+def import_llama_cpp() -> Any:
+    """`llama_cpp` with its logging silenced; ImportError when llama-cpp-python is not installed."""
+    import llama_cpp
+
+    silence_llama_logs(llama_cpp)
+    return llama_cpp
+
+
 def llama_check(path: Path, prompt_tokens: int = 4) -> str:
     """Load the file in llama.cpp and evaluate a few tokens; one line on success, OptcError otherwise."""
     try:
-        import llama_cpp
+        llama_cpp = import_llama_cpp()
     except ImportError:
         return "llama-cpp-python is not installed: llama.cpp load check skipped"
     try:

@@ -15,13 +15,14 @@ sample's arrays at a time, so memory does not grow with the number of samples
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from optc.calibration_spec import CalibrationSpec
-from optc.errors import OptcError
+from optc.errors import BadCalibrationData
 from optc.ir import DataType, Model, model_metadata
 
 _NUMPY_DTYPES = {
@@ -76,7 +77,7 @@ def _random_samples(model: Model, samples: int, seqlen: int, seed: int) -> Itera
             shape = _input_shape(value, seqlen)
             dtype = _NUMPY_DTYPES.get(value.dtype)
             if dtype is None:
-                raise OptcError(f"--calib random: cannot make data for input {value.name!r} of type {value.dtype}")
+                raise BadCalibrationData(f"--calib random: cannot make data for input {value.name!r} of type {value.dtype}")
             if "mask" in value.name:
                 feed[value.name] = np.ones(shape, dtype=dtype)
             elif value.name == "token_type_ids":
@@ -100,12 +101,12 @@ def load_tokenizer(model: Model):
 def _text_samples(model: Model, text: str, samples: int, seqlen: int, label: str) -> Iterator[dict[str, np.ndarray]]:
     names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     if "input_ids" not in names:
-        raise OptcError(f"--calib {label}: the model has no 'input_ids' input (inputs: {', '.join(names)})")
+        raise BadCalibrationData(f"--calib {label}: the model has no 'input_ids' input (inputs: {', '.join(names)})")
     tokenizer = load_tokenizer(model)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     windows = len(ids) // seqlen
     if windows == 0:
-        raise OptcError(f"--calib {label}: {len(ids)} tokens, fewer than one window of {seqlen}")
+        raise BadCalibrationData(f"--calib {label}: {len(ids)} tokens, fewer than one window of {seqlen}")
     for i in range(min(samples, windows)):
         window = ids[i * seqlen:(i + 1) * seqlen][None, :]
         feed = {"input_ids": window}
@@ -116,47 +117,178 @@ def _text_samples(model: Model, text: str, samples: int, seqlen: int, label: str
         yield feed
 
 
+#: A compressed member may expand to at most this ratio of its stored size (beyond `_BOMB_FLOOR` bytes),
+#: so that a small archive cannot make optc allocate gigabytes.
+_BOMB_RATIO = 100
+_BOMB_FLOOR = 64 * 2**20
+
+
+def check_calibration(model: Model, spec: str | CalibrationSpec | None) -> None:
+    """Check calibration data against the model's inputs before any pass runs (`npz:FILE`: names, dtypes,
+    ranks, shapes, sample counts, finite values); raises `BadCalibrationData`, one line naming the array."""
+    if spec is None:
+        return
+    spec = spec if isinstance(spec, CalibrationSpec) else CalibrationSpec.parse(spec)
+    if spec.kind == "npz":
+        for _ in _checked_npz_arrays(model, spec.path, load=True):
+            pass
+
+
 def _npz_samples(model: Model, path: Path, samples: int) -> Iterator[dict[str, np.ndarray]]:
-    inputs = {v.name: v for v in model.graph.inputs if v.name not in model.graph.initializers}
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - numpy raises several types for bad files
-        raise OptcError(f"--calib npz:{path}: not a readable .npz file ({exc})") from exc
-    with archive:
-        names = set(archive.files)
-        if names != set(inputs):
-            missing, extra = sorted(set(inputs) - names), sorted(names - set(inputs))
-            raise OptcError(
-                f"--calib npz:{path}: arrays {sorted(names)} do not match the model inputs {sorted(inputs)}"
-                + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else "")
-            )
-        arrays = {name: archive[name] for name in sorted(names)}
-    counts = {name: a.shape[0] if a.ndim else 0 for name, a in arrays.items()}
-    if len(set(counts.values())) != 1 or 0 in counts.values():
-        raise OptcError(f"--calib npz:{path}: arrays must share a first (sample) axis; got {counts}")
-    for name, array in arrays.items():
-        _check_array(path, inputs[name], array)
-    total = next(iter(counts.values()))
+    arrays = dict(_checked_npz_arrays(model, path, load=False))
+    if not arrays:  # a model without inputs: nothing to feed
+        return
+    total = next(iter(arrays.values())).shape[0]
     for i in range(min(samples, total)):
         yield {name: array[i:i + 1] for name, array in arrays.items()}
 
 
-def _check_array(path: Path, value, array: np.ndarray) -> None:
-    expected = _NUMPY_DTYPES.get(value.dtype)
-    if expected is not None and array.dtype != expected:
-        raise OptcError(f"--calib npz:{path}: array {value.name!r} is {array.dtype}, the model input is {np.dtype(expected)}")
-    shape = list(value.shape or [])
-    if shape and array.ndim != len(shape):
-        raise OptcError(
-            f"--calib npz:{path}: array {value.name!r} has rank {array.ndim}, the model input has rank {len(shape)} "
-            f"(shape {[d if isinstance(d, int) else str(d) for d in shape]}; axis 0 indexes samples)"
+def _checked_npz_arrays(model: Model, path: Path, *, load: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """The archive's arrays by input name, checked; `load=True` reads (and checks the values of) one at a time.
+
+    Object arrays are never unpickled (`allow_pickle=False`): their dtype is
+    read from the `.npy` header and refused before any data is.
+    """
+    label = f"--calib npz:{path}"
+    inputs = {v.name: v for v in model.graph.inputs if v.name not in model.graph.initializers}
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy raises several types for bad files
+        raise BadCalibrationData(f"{label}: not a readable .npz file ({_first_line(exc)})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise BadCalibrationData(f"{label}: not a .npz archive (a single .npy array?); save it with numpy.savez")
+    with archive:
+        names = set(archive.files)
+        if names != set(inputs):
+            missing, extra = sorted(set(inputs) - names), sorted(names - set(inputs))
+            raise BadCalibrationData(
+                f"{label}: arrays {sorted(names)} do not match the model inputs {sorted(inputs)}"
+                + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else "")
+            )
+        headers = {name: _npy_header(archive, name, label) for name in sorted(names)}
+        counts = {}
+        for name, (shape, dtype) in headers.items():
+            _check_header(label, inputs[name], shape, dtype)
+            counts[name] = shape[0]
+        if len(set(counts.values())) != 1:
+            raise BadCalibrationData(f"{label}: arrays must share a first (sample) axis; got {counts}")
+        vocab = _known_vocab_size(model)
+        arrays: dict[str, np.ndarray] = {}
+        for name in sorted(names):
+            try:
+                array = archive[name]
+            except Exception as exc:  # noqa: BLE001 - a damaged member: zlib, EOF or format errors
+                raise BadCalibrationData(f"{label}: array {name!r} cannot be read ({_first_line(exc)})") from exc
+            if load:
+                _check_values(label, name, array, vocab)
+                del array
+            else:
+                arrays[name] = array
+    yield from arrays.items()
+
+
+def _npy_header(archive, name: str, label: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a member's `.npy` header, without reading its data (nor unpickling anything)."""
+    member = name if name in archive.zip.namelist() else name + ".npy"
+    try:
+        with archive.zip.open(member) as stream:
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+            else:
+                raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+            info = archive.zip.getinfo(member)
+            size = info.file_size - stream.tell()
+    except Exception as exc:  # noqa: BLE001 - zipfile, numpy's header parser
+        raise BadCalibrationData(f"{label}: array {name!r} is not a readable .npy member ({_first_line(exc)})") from exc
+    if dtype.hasobject:
+        raise BadCalibrationData(
+            f"{label}: array {name!r} holds Python objects (dtype {dtype}); optc never unpickles data: "
+            "save numeric arrays"
         )
-    for axis, dim in enumerate(shape):
-        if axis > 0 and isinstance(dim, int) and array.shape[axis] != dim:
-            raise OptcError(
-                f"--calib npz:{path}: array {value.name!r} has shape {list(array.shape)}, "
-                f"the model input needs {dim} on axis {axis}"
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != size:
+        raise BadCalibrationData(
+            f"{label}: array {name!r} declares shape {list(shape)} ({expected:,} bytes) but holds {size:,} bytes"
+        )
+    if info.file_size > max(_BOMB_FLOOR, _BOMB_RATIO * info.compress_size):
+        raise BadCalibrationData(
+            f"{label}: array {name!r} expands from {info.compress_size:,} to {info.file_size:,} bytes (more than "
+            f"{_BOMB_RATIO}:1); save the arrays uncompressed (numpy.savez)"
+        )
+    return tuple(shape), dtype
+
+
+def _check_header(label: str, value, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """The array's dtype, rank and static dimensions against the model input it feeds."""
+    name = value.name
+    expected = _numpy_dtype(value.dtype)
+    if expected is not None and dtype != expected:
+        raise BadCalibrationData(f"{label}: array {name!r} is {dtype}, the model input is {expected}")
+    if not shape:
+        raise BadCalibrationData(f"{label}: array {name!r} is a scalar; its first axis must index samples")
+    if shape[0] == 0:
+        raise BadCalibrationData(f"{label}: array {name!r} holds no samples (its first axis is 0)")
+    dims = list(value.shape) if value.shape is not None else None
+    if dims is None:
+        return
+    if len(shape) != len(dims):
+        raise BadCalibrationData(
+            f"{label}: array {name!r} has rank {len(shape)}, the model input has rank {len(dims)} "
+            f"(shape {[d if isinstance(d, int) else str(d) for d in dims]}; axis 0 indexes samples)"
+        )
+    if dims and isinstance(dims[0], int) and dims[0] != 1:
+        raise BadCalibrationData(
+            f"{label}: the model input {name!r} has a fixed batch of {dims[0]}, and optc feeds one sample at a "
+            "time (axis 0 of the arrays); give the model a batch of 1 or a dynamic one"
+        )
+    for axis, dim in enumerate(dims):
+        if axis > 0 and isinstance(dim, int) and shape[axis] != dim:
+            raise BadCalibrationData(
+                f"{label}: array {name!r} has shape {list(shape)}, the model input needs {dim} on axis {axis}"
             )
 
 
-__all__ = ["CalibrationSpec", "iter_samples", "load_tokenizer"]
+def _check_values(label: str, name: str, array: np.ndarray, vocab: int | None) -> None:
+    """Finite floats; token ids within the vocabulary when the model says how large it is."""
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            where = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise BadCalibrationData(
+                f"{label}: array {name!r} holds {int((~finite).sum()):,} NaN or infinite value(s) "
+                f"(the first at index {list(where)})"
+            )
+    elif name == "input_ids" and np.issubdtype(array.dtype, np.integer) and array.size:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            bound = f"0..{vocab - 1}" if vocab is not None else "non-negative"
+            raise BadCalibrationData(f"{label}: array {name!r} holds token ids {low}..{high}, outside {bound}")
+
+
+def _numpy_dtype(dtype: DataType | None) -> np.dtype | None:
+    if dtype is None:
+        return None
+    known = _NUMPY_DTYPES.get(dtype)
+    if known is not None:
+        return np.dtype(known)
+    try:
+        return np.dtype(dtype.numpy())
+    except Exception:  # noqa: BLE001 - a type numpy has no dtype for
+        return None
+
+
+def _known_vocab_size(model: Model) -> int | None:
+    config = model_metadata(model, "hf_config") or {}
+    vocab = config.get("vocab_size")
+    return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+__all__ = ["CalibrationSpec", "check_calibration", "iter_samples", "load_tokenizer"]

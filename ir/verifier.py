@@ -9,8 +9,11 @@ multi-gigabyte model costs no I/O.
 
 from __future__ import annotations
 
+import functools
+
 import onnx
 import onnx.defs
+import onnx.helper
 
 from optc.errors import VerificationError
 from optc.ir.core import Graph, Model, Value, node_label
@@ -23,8 +26,28 @@ def problems(model: Model) -> list[str]:
     opsets = dict(graph.opset_imports)
     if "" not in opsets and "ai.onnx" not in opsets:
         found.append("graph imports no default ONNX opset")
+    _check_opsets(opsets, found)
     _check_graph(graph, opsets, found, set())
     return found
+
+
+def _check_opsets(opsets: dict[str, int], found: list[str]) -> None:
+    """Every imported opset version must exist: 1 up to the newest this onnx knows (ai.onnx and ai.onnx.ml)."""
+    newest = _newest_opsets()
+    for domain, version in opsets.items():
+        shown = domain or "ai.onnx"
+        if not isinstance(version, int) or version < 1:
+            found.append(f"opset import {shown!r} has version {version}, not a positive number")
+        elif domain in newest and version > newest[domain]:
+            found.append(f"opset import {shown!r} version {version} does not exist (the newest is {newest[domain]})")
+
+
+@functools.cache
+def _newest_opsets() -> dict[str, int]:
+    """The newest opset of each standard domain that the installed onnx defines."""
+    ml = onnx.helper.VERSION_TABLE[-1][3]  # (release, IR version, ai.onnx, ai.onnx.ml, ...)
+    default = onnx.defs.onnx_opset_version()
+    return {"": default, "ai.onnx": default, "ai.onnx.ml": ml}
 
 
 def _check_graph(graph: Graph, opsets: dict[str, int], found: list[str], outer: set[int]) -> None:
@@ -106,6 +129,8 @@ def _check_initializer(value: Value, found: list[str]) -> None:
 def _check_schema(node, opsets: dict[str, int], found: list[str]) -> None:
     domain = node.domain or ""
     if domain not in ("", "ai.onnx"):
+        if domain not in opsets:
+            found.append(f"node {node_label(node)}: domain {domain!r} of {node.op_type} is not imported (no opset import)")
         return  # custom domains (com.microsoft, plugins) are checked by their runtime
     version = opsets.get(domain, opsets.get("ai.onnx"))
     if version is None:

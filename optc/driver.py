@@ -13,8 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from optc.backends import Artifact, get_backend, target_for_output
-from optc.errors import MissingCalibrationData, OptcError, PassFailure, UsageError
+from optc.errors import (
+    BadCalibrationData,
+    MissingCalibrationData,
+    OptcError,
+    PassFailure,
+    UsageError,
+)
 from optc.frontends import load_input
+from optc.frontends.calibration import check_calibration
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
 from optc.ir.io import remove_model
 from optc.passes import (
@@ -174,6 +181,7 @@ def compile_model(
     if source is None:
         check_paths(None, output, options.report)
     check_data_clash(model, output, options.report)
+    check_calibration(model, options.calib)  # bad arrays: one line now, not a pass failure later
     nodes_before = model.graph.num_nodes()
     before_path = source_onnx(model, source)
     input_bytes = model_size_bytes(before_path) if before_path is not None else initializer_bytes(model.graph)
@@ -200,6 +208,8 @@ def compile_model(
     try:
         result = full(model, am)
     except PassFailure as failure:
+        if isinstance(failure.cause, BadCalibrationData):
+            raise failure.cause from failure  # the data, not a pass, is at fault; nothing to reproduce
         if isinstance(failure.cause, MissingCalibrationData):
             raise  # the input lacks data; nothing to reproduce
         failure.reproducer = write_reproducer(source or before_path, output, pipeline_text, failure)  # type: ignore[attr-defined]

@@ -9,18 +9,21 @@ import traceback
 from collections.abc import Callable
 
 from optc.errors import OptcError, PassFailure
+from optc.messages import quiet_library_logs, without_hub_urls
 
 
 def run_command(prog: str, run: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
     """Run `run(argv)`; failures print `PROG: error: ...` (after a traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not debug:
+        quiet_library_logs()  # e.g. onnx-ir's warning about an undefined input: the verifier names it, once
     try:
         return run(argv)
     except OptcError as exc:
         if debug:
             traceback.print_exc()
-        message = str(exc)
+        message = without_hub_urls(str(exc))
         reproducer = getattr(exc, "reproducer", None)
         if isinstance(exc, PassFailure) and reproducer:
             message += f" (reproducer: {reproducer})"
@@ -37,7 +40,7 @@ def run_command(prog: str, run: Callable[[list[str]], int], argv: list[str] | No
     except Exception as exc:  # noqa: BLE001 - crashes become one line too
         if debug:
             traceback.print_exc()
-        detail = textwrap.shorten(str(exc) or type(exc).__name__, 300)
+        detail = textwrap.shorten(without_hub_urls(str(exc)) or type(exc).__name__, 300)
         hint = "" if debug else " (rerun with --debug for a traceback)"
         print(f"{prog}: error: internal error: {type(exc).__name__}: {detail}{hint}", file=sys.stderr)
         return 1

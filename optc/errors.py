@@ -36,6 +36,10 @@ class MissingCalibrationData(OptcError):
     """A pass needs calibration data and none was named; input, not a compiler bug (no reproducer)."""
 
 
+class BadCalibrationData(OptcError):
+    """Calibration data that does not fit the model (names, dtypes, shapes, values); input, not a compiler bug."""
+
+
 class VerificationError(OptcError):
     """The IR broke one of its invariants; lists every problem found."""
 

@@ -295,11 +295,12 @@ def _check_onnx_interface(path: Path, model: Any) -> None:
 
 
 def _import_llama() -> Any:
+    from optc.backends.gguf import import_llama_cpp
+
     try:
-        import llama_cpp
+        return import_llama_cpp()  # its own log lines silenced: a failure is one line
     except ImportError as exc:
         raise OptcError(f"evaluating a .gguf model needs llama-cpp-python, which is not installed: {LLAMA_HINT}") from exc
-    return llama_cpp
 
 
 def _gguf_backend(path: Path, ctx: int, threads: int) -> _Backend:

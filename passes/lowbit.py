@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from optc.errors import OptcError
 from optc.ir import (
     DataType,
     Model,
@@ -45,6 +46,7 @@ from optc.ir import (
     source_name,
     unique_name,
 )
+from optc.ir.opset import default_opset, ensure_opset
 from optc.passes.infra.options import option
 from optc.passes.linear_layers import Linear, layer_names, linear, matches_any, torch_threads
 
@@ -52,6 +54,8 @@ from optc.passes.linear_layers import Linear, layer_names, linear, matches_any, 
 CLIP_MIN = 0.6
 CLIP_STEPS = 16
 BITS = (2, 3, 4, 5, 6, 7, 8)
+#: Blocked DequantizeLinear and INT4 need opset 21 of the default domain.
+LOWBIT_OPSET = 21
 
 
 def default_device() -> torch.device:
@@ -246,7 +250,12 @@ def emit(
     model: Model, site: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     grid: Grid, group: int, info: dict,
 ) -> dict:
-    """Store codes q [N, K] with scale/zero [N, G] as integer initializer + DequantizeLinear feeding the op."""
+    """Store codes q [N, K] with scale/zero [N, G] as integer initializer + DequantizeLinear feeding the op.
+
+    The model must already be at `LOWBIT_OPSET` (find the sites with `sites_at_opset`).
+    """
+    if (default_opset(model) or 0) < LOWBIT_OPSET:
+        raise OptcError(f"low-bit weights need opset {LOWBIT_OPSET}: find the layers with sites_at_opset first")
     graph = model.graph
     node, weight = site.node, site.weight
     n, k = q.shape
@@ -296,20 +305,22 @@ def emit(
         **info,
     }
     annotate(node, "quant", full)
-    _ensure_opset(model)
     return full
 
 
-def _ensure_opset(model: Model) -> None:
-    """Blocked DequantizeLinear and INT4 need opset 21 of the default domain."""
-    if model.opset_imports.get("", 0) < 21:
-        model.opset_imports[""] = 21
+def sites_at_opset(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Linear], list[Node]]:
+    """`linear_sites`, with the model first raised to `LOWBIT_OPSET` when there is a layer to quantize (its
+    nodes converted: `optc.ir.opset`), so the sites returned are those of the graph `emit` then changes."""
+    sites, excluded = linear_sites(model, exclude)
+    if sites and ensure_opset(model, LOWBIT_OPSET):
+        sites, excluded = linear_sites(model, exclude)  # a conversion may have rebuilt the graph
+    return sites, excluded
 
 
 __all__ = [
-    "Grid", "Linear", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
+    "LOWBIT_OPSET", "Grid", "Linear", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
     "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
-    "torch_threads",
+    "sites_at_opset", "torch_threads",
 ]
 
 

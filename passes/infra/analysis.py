@@ -182,6 +182,10 @@ class AnalysisManager:
         start = time.perf_counter()
         try:
             result = analysis(**params).run(model, self)
+        except BaseException as exc:
+            for inst in reversed(instruments):
+                inst.after_analysis_failed(analysis, model, exc)
+            raise
         finally:
             self._in_progress.pop()
         elapsed = time.perf_counter() - start

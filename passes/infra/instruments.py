@@ -36,6 +36,9 @@ class PassInstrument:
     def after_analysis(self, analysis: type, model: Model, elapsed: float) -> None:
         pass
 
+    def after_analysis_failed(self, analysis: type, model: Model, error: BaseException) -> None:
+        pass
+
 
 def _is_container(pass_: Pass) -> bool:
     from optc.passes.infra.pass_manager import PassManager
@@ -44,24 +47,56 @@ def _is_container(pass_: Pass) -> bool:
 
 
 class TimingInstrument(PassInstrument):
-    """`--timing`: wall time of every pass and analysis, printed as a table."""
+    """`--timing`: wall time of every pass and analysis, printed as a table.
+
+    Passes and analyses nest (a pass computes the analyses it needs, an
+    analysis those it depends on), so each row shows its own time: a pass's
+    row leaves out the analyses it ran, which get rows of their own. Every
+    second is then counted once, and the total is the wall time of the
+    outermost passes (and of analyses computed outside any pass).
+    """
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, str, float]] = []  # (kind, name, seconds)
+        self.rows: list[tuple[str, str, float]] = []  # (kind, name, seconds of its own)
+        self.total = 0.0  # wall time of the outermost passes and analyses
+        self._nested: list[float] = []  # per running pass or analysis: the time of what ran inside it
+
+    def before_pass(self, pass_, model) -> None:
+        self._nested.append(0.0)
 
     def after_pass(self, pass_, model, result, elapsed) -> None:
+        own = self._finish(elapsed)
         if not _is_container(pass_):
-            self.rows.append(("pass", pass_.pipeline_text(), elapsed))
+            self.rows.append(("pass", pass_.pipeline_text(), own))
+
+    def after_pass_failed(self, pass_, model, error) -> None:
+        self._nested.pop()
+
+    def before_analysis(self, analysis, model) -> None:
+        self._nested.append(0.0)
 
     def after_analysis(self, analysis, model, elapsed) -> None:
-        self.rows.append(("analysis", analysis.name or analysis.__name__, elapsed))
+        self.rows.append(("analysis", analysis.name or analysis.__name__, self._finish(elapsed)))
+
+    def after_analysis_failed(self, analysis, model, error) -> None:
+        self._nested.pop()
+
+    def _finish(self, elapsed: float) -> float:
+        """Close the innermost frame: charge its time to the enclosing one (or the total); its own time."""
+        inner = self._nested.pop()
+        if self._nested:
+            self._nested[-1] += elapsed
+        else:
+            self.total += elapsed
+        return max(elapsed - inner, 0.0)
 
     def report(self) -> str:
-        total = sum(t for _, _, t in self.rows) or 1e-12
+        total = self.total
+        share = total or 1e-12
         lines = ["===-- optc timing report --===", f"{'seconds':>10}  {'share':>6}  name"]
         for kind, name, seconds in self.rows:
             label = name if kind == "pass" else f"[analysis] {name}"
-            lines.append(f"{seconds:10.4f}  {100 * seconds / total:5.1f}%  {label}")
+            lines.append(f"{seconds:10.4f}  {100 * seconds / share:5.1f}%  {label}")
         lines.append(f"{total:10.4f}  100.0%  total")
         return "\n".join(lines)
 

@@ -20,8 +20,10 @@ from optc.passes.infra.analysis_passes import InvalidateAnalysis, RequireAnalysi
 from optc.passes.infra.pass_base import Pass
 from optc.passes.infra.pass_manager import PassManager
 
-_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
-_KEY_CHARS = _NAME_CHARS | set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+#: Characters that end a name or an option key (besides whitespace and unprintable characters).
+_DELIMITERS = set(",{}()<>='\"\\")
+#: How deeply containers may nest: deeper text is refused before Python's recursion limit is near.
+MAX_NESTING = 64
 #: Named pipelines being expanded right now (to report one that includes itself).
 _expanding: list[str] = []
 
@@ -30,6 +32,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        self.depth = 0
 
     def error(self, message: str, pos: int | None = None) -> PipelineSyntaxError:
         return PipelineSyntaxError(message, self.text, (self.pos if pos is None else pos) + 1)
@@ -48,10 +51,12 @@ class _Parser:
             raise self.error(f"expected '{char}', found {found}")
         self.pos += 1
 
-    def word(self, chars: set[str], what: str) -> str:
+    def word(self, what: str) -> str:
+        """A name or key: every printable character up to a delimiter, so that an unknown name is named whole
+        (`pässé`, not `p`); the registry or the options then refuse names they do not know."""
         self.skip_space()
         start = self.pos
-        while self.peek() and self.peek() in chars:
+        while self.peek() and _is_word_char(self.peek()):
             self.pos += 1
         if start == self.pos:
             found = repr(self.peek()) if self.peek() else "end of pipeline"
@@ -80,7 +85,7 @@ class _Parser:
 
         self.skip_space()
         start = self.pos
-        name = self.word(_NAME_CHARS, "a pass name")
+        name = self.word("a pass name")
         if self.peek() == "<":
             return [self.analysis_pseudo_pass(name, start)]
         options: list[tuple[str, str]] = []
@@ -89,8 +94,12 @@ class _Parser:
             options = self.options()
         children: list[Pass] | None = None
         if self.peek_after_space() == "(":
+            if self.depth >= MAX_NESTING:
+                raise self.error(f"passes nest more than {MAX_NESTING} levels deep")
             self.expect("(")
+            self.depth += 1
             children = self.pipeline(closing=")")
+            self.depth -= 1
             self.expect(")")
         named = registry.get_pipeline(name)
         if named is not None:
@@ -127,7 +136,7 @@ class _Parser:
         if kind not in ("require", "invalidate"):
             raise self.error(f"'<...>' follows only 'require' or 'invalidate', not '{kind}'", start)
         self.expect("<")
-        name = self.word(_NAME_CHARS, "an analysis name")
+        name = self.word("an analysis name")
         self.expect(">")
         if kind == "invalidate" and name == "all":
             return InvalidateAnalysis(None)
@@ -144,7 +153,7 @@ class _Parser:
                 return items
             if not self.peek():
                 raise self.error("unterminated options: expected '}'")
-            key = self.word(_KEY_CHARS, "an option name")
+            key = self.word("an option name")
             if self.peek() != "=":
                 found = repr(self.peek()) if self.peek() else "end of pipeline"
                 raise self.error(f"expected '=' after option '{key}', found {found}")
@@ -176,6 +185,10 @@ class _Parser:
             found = repr(self.peek()) if self.peek() else "end of pipeline"
             raise self.error(f"expected a value, found {found}")
         return self.text[start:self.pos]
+
+
+def _is_word_char(char: str) -> bool:
+    return char.isprintable() and not char.isspace() and char not in _DELIMITERS
 
 
 def parse_pipeline(text: str) -> PassManager:

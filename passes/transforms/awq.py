@@ -52,10 +52,10 @@ from optc.passes.lowbit import (
     emit,
     fake_quantize,
     linear_site,
-    linear_sites,
     mark_excluded,
     remark_sites,
     rtn,
+    sites_at_opset,
     torch_threads,
 )
 from optc.passes.transforms.smoothquant import (
@@ -182,7 +182,7 @@ class Awq(Pass):
             if not copies and not inserted:
                 preserved.preserve_aspects(STRUCTURE)
             return PassResult(model, True, preserved, stats_out)
-        sites, excluded = linear_sites(model, opts.exclude)
+        sites, excluded = sites_at_opset(model, opts.exclude)
         mark_excluded(excluded, opts.exclude)
         remark_sites(am.context, model, sites, excluded)
         for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):

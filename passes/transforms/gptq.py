@@ -52,11 +52,11 @@ from optc.passes.lowbit import (
     expand,
     find_params,
     group_size,
-    linear_sites,
     mark_excluded,
     quantize,
     remark_sites,
     rtn,
+    sites_at_opset,
     torch_threads,
 )
 
@@ -194,7 +194,7 @@ class Gptq(Pass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         opts = self.options
-        sites, excluded = linear_sites(model, opts.exclude)
+        sites, excluded = sites_at_opset(model, opts.exclude)
         skipped = mark_excluded(excluded, opts.exclude)
         remark_sites(am.context, model, sites, excluded)
         if not sites:

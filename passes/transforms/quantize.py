@@ -1,4 +1,7 @@
-"""`quantize`: insert standard ONNX Q/DQ (opset 21) around weighted ops, INT8 or FP8.
+"""`quantize`: insert standard ONNX Q/DQ around weighted ops, INT8 or FP8.
+
+The model is first raised to the opset its Q/DQ need (per-axis 13, FP8 19,
+INT16 21; existing nodes converted by `optc.ir.opset.ensure_opset`).
 
 What it emits, following TensorRT's explicit-quantization rules
 (reference/quantization-and-tensorrt.md §3):
@@ -95,6 +98,7 @@ from optc.ir import (
     source_name,
     unique_name,
 )
+from optc.ir.opset import ensure_opset
 from optc.passes.analyses.histograms import DEFAULT_BINS, FP8_E4M3_MAX, ActivationHistograms
 from optc.passes.fp8_convs import fp8_conv_unsupported
 from optc.passes.infra.analysis import AnalysisManager
@@ -210,8 +214,17 @@ class Quantize(Pass):
             if self.bins < 16 or self.bins & (self.bins - 1):
                 raise ValueError(f"option 'bins' must be a power of two of at least 16, got {self.bins}")
 
+    def required_opset(self) -> int:
+        """The default-domain opset the Q/DQ this pass may emit needs: per-axis 13, FP8 19, INT16 21."""
+        opts = self.options
+        if opts.activations == "int8" and (opts.int16 or opts.min_sqnr > 0):
+            return 21
+        return 19 if "fp8" in (opts.weights, opts.activations) else 13
+
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         opts = self.options
+        if _has_candidates(model, opts.ops, opts.embeddings and opts.weights != "none"):
+            ensure_opset(model, self.required_opset())  # before planning: a conversion may rebuild the graph
         graph = model.graph
         plans = []
         excluded = []
@@ -416,6 +429,14 @@ class _WeightSite:
     axis: int  # output-channel axis of the constant
     path: str  # "direct" | "transpose"
     k_axis: int | None = None  # input-channel (reduction) axis of the constant; None for Conv
+
+
+def _has_candidates(model: Model, ops: list[str], tables: bool) -> bool:
+    """Whether the graph has an op this pass could quantize (before exclusions)."""
+    graph = model.graph
+    if any(n.op_type in ops and n.domain in ("", "ai.onnx") and _weight_site(n) is not None for n in graph):
+        return True
+    return tables and bool(_gather_tables(graph))
 
 
 def _weight_site(node: Node) -> _WeightSite | None:

@@ -22,10 +22,10 @@ from optc.passes.lowbit import (
     LowBitOptions,
     default_device,
     emit,
-    linear_sites,
     mark_excluded,
     remark_sites,
     rtn,
+    sites_at_opset,
     torch_threads,
 )
 
@@ -40,7 +40,7 @@ class Rtn(Pass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         opts = self.options
-        sites, excluded = linear_sites(model, opts.exclude)
+        sites, excluded = sites_at_opset(model, opts.exclude)
         skipped = mark_excluded(excluded, opts.exclude)
         remark_sites(am.context, model, sites, excluded)
         if not sites:

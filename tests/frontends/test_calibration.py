@@ -12,7 +12,7 @@ import pytest
 from optc.calibration_spec import CalibrationSpec
 from optc.errors import OptcError, UsageError
 from optc.frontends.calibration import iter_samples
-from optc.ir import load_model
+from optc.ir import Shape, load_model
 from optc.passes import AnalysisManager, PassContext
 from optc.passes.analyses.activation_stats import ActivationStats
 from optc.passes.analyses.runner import calibration_spec
@@ -99,6 +99,7 @@ def test_default_spec(lm, lm_without_tokenizer):
 def test_npz(tmp_path):
     model = models.to_ir(models.mlp())
     value = model.graph.inputs[0]
+    value.shape = Shape(["batch", *list(value.shape)[1:]])  # one sample at a time: a dynamic batch
     shape = [4, *[d if isinstance(d, int) else 2 for d in value.shape][1:]]
     good = tmp_path / "good.npz"
     data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -159,3 +160,19 @@ def test_activation_stats_match_numpy(tmp_path):
     np.testing.assert_allclose(stats[name].channel_absmax, np.abs(both).max(axis=0), rtol=1e-6)
     assert stats[name].samples == 5
     onnx.checker.check_model(proto)
+
+
+def test_npz_token_ids_outside_the_vocabulary(tmp_path):
+    """Token ids the embedding cannot gather (negative, or beyond the HF config's vocab_size) are named."""
+    from optc.errors import BadCalibrationData
+    from optc.frontends.calibration import check_calibration
+    from tests.passes import quant_models as qm
+
+    model = qm.to_ir(qm.llama_block(vocab=64), vocab=64)
+    for ids, bad in (([[1, 2, 64]], "1..64, outside 0..63"), ([[-1, 2, 3]], "-1..3, outside 0..63")):
+        path = tmp_path / "ids.npz"
+        np.savez(path, input_ids=np.array(ids, np.int64))
+        with pytest.raises(BadCalibrationData, match=rf"array 'input_ids' holds token ids {bad}"):
+            check_calibration(model, f"npz:{path}")
+    np.savez(path, input_ids=np.array([[0, 63]], np.int64))
+    check_calibration(model, f"npz:{path}")

@@ -216,3 +216,21 @@ def test_check_onnx_does_not_need_external_files(tmp_path):
     model = oi.load_model(tmp_path / "m.onnx")
     oi.check_onnx(model)
     oi.verify(model)
+
+
+def test_an_opset_that_does_not_exist(mlp):
+    mlp.opset_imports[""] = 99
+    found = oi.problems(mlp)
+    assert any("opset import 'ai.onnx' version 99 does not exist" in p for p in found), found
+
+
+def test_an_opset_below_one(mlp):
+    mlp.opset_imports["com.example"] = 0
+    assert any("'com.example' has version 0" in p for p in oi.problems(mlp))
+
+
+def test_a_custom_domain_without_an_opset_import(mlp):
+    relu = _nodes(mlp)["relu"]
+    relu.domain = "com.example"
+    relu.op_type = "Frobnicate"
+    _only_problem(mlp, "relu", "domain 'com.example'", "not imported")

@@ -324,3 +324,42 @@ def test_timing_report():
 def test_timing_report_empty():
     assert TimingInstrument().report().splitlines()[-1].split() == ["0.0000", "100.0%", "total"]
 
+
+
+def test_timing_counts_an_analysis_inside_a_pass_once():
+    """t-slow computes t-slow-analysis (10 ms) and sleeps 20 ms: its row is its own 20 ms, the analysis has its
+    own row, and the total is the wall time (not 10 ms more)."""
+    timing = TimingInstrument()
+    start = time.perf_counter()
+    _run([Slow(), Fixpoint([Nothing()])], [timing])
+    wall = time.perf_counter() - start
+    seconds = {name: s for _, name, s in timing.rows}
+    assert 0.02 <= seconds["t-slow"] < 0.02 + 0.009  # without the analysis' 10 ms
+    assert seconds["t-slow-analysis"] >= 0.01
+    assert sum(s for _, _, s in timing.rows) == pytest.approx(timing.total, abs=2e-3)
+    assert 0.03 <= timing.total <= wall
+    report = timing.report().splitlines()
+    assert report[-1].split()[0] == f"{timing.total:.4f}"
+    shares = [float(line.split()[1].rstrip("%")) for line in report[2:-1]]
+    assert sum(shares) == pytest.approx(100.0, abs=1.0)
+
+
+def test_timing_survives_a_failing_analysis():
+    class Broken(Analysis):
+        name = "t-broken-analysis"
+
+        def run(self, model, am):
+            raise RuntimeError("no")
+
+    class UsesBroken(Pass):
+        name = "t-uses-broken"
+
+        def run(self, model, am):
+            with pytest.raises(RuntimeError):
+                am.get(Broken, model)
+            return PassResult(model, modified=False)
+
+    timing = TimingInstrument()
+    _run([UsesBroken(), Slow()], [timing])
+    assert [name for _, name, _ in timing.rows] == ["t-uses-broken", "t-slow-analysis", "t-slow"]
+    assert sum(s for _, _, s in timing.rows) == pytest.approx(timing.total, abs=2e-3)
