@@ -1,6 +1,8 @@
-"""Golden tests: text IR in, pipeline, text IR out (one test per case; format in README.md).
+"""Golden tests: text IR in, pipeline, text IR out, checked by CHECK lines or exactly (one test per case;
+format in README.md).
 
-Regenerate expected sections with `python tools/update_golden.py` and review the diff.
+Regenerate exact expected sections with `python tools/update_golden.py` and review the diff;
+`python tools/update_golden.py --print FILE` shows what CHECK lines are matched against.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import re
 import pytest
 
 from optc.passes import all_passes, parse_pipeline
+from tests.golden.filecheck import CheckFailure, check
 from tests.golden.golden_harness import (
     EXPECTED,
     GOLDEN_DIR,
+    OUTPUT_PREFIX,
+    STDERR_PREFIX,
+    UNCHANGED,
     GoldenFormatError,
     golden_files,
     read_golden,
@@ -62,9 +68,19 @@ def test_golden(golden, case, format_error):
         assert case.expected_error in outcome.error, f"{where}: error {outcome.error!r} lacks {case.expected_error!r}"
         return
     assert outcome.error is None, f"{where}: {outcome.error}"
-    assert case.expected is not None, f"{where}: no `{EXPECTED}` section; {hint}"
-    if outcome.text != case.expected:
-        pytest.fail(f"{where}: output differs ({hint}):\n{_diff(case.expected, outcome.text, where)}", pytrace=False)
+    if case.is_check_case:
+        try:
+            check(case.directives(OUTPUT_PREFIX), outcome.text, "<output>")
+            check(case.directives(STDERR_PREFIX), outcome.stderr, "<stderr>")
+        except CheckFailure as exc:
+            pytest.fail(f"{where}:\n{exc}", pytrace=False)
+        if case.unchanged and outcome.text != outcome.input_printed:
+            diff = _diff(outcome.input_printed, outcome.text, where)
+            pytest.fail(f"{where}: marked `{UNCHANGED}` but the pipeline changed the IR:\n{diff}", pytrace=False)
+    else:
+        assert case.expected is not None, f"{where}: no `{EXPECTED}` section or CHECK lines; {hint}"
+        if outcome.text != case.expected:
+            pytest.fail(f"{where}: output differs ({hint}):\n{_diff(case.expected, outcome.text, where)}", pytrace=False)
     # A pass that changes the IR must say so (analyses are invalidated from it), and one that
     # does not must not (fixpoint would loop to its bound).
     changed = outcome.text != outcome.input_printed
@@ -84,6 +100,24 @@ def test_golden_dirs_name_registered_passes():
         golden = read_golden(path)
         text = parse_pipeline(golden.pipeline).pipeline_text()
         assert folder in text, f"{path}: pipeline {golden.pipeline!r} does not run {folder!r}"
+
+
+def _builtin_passes() -> list[str]:
+    """Registered passes that ship with optc (installed plugins test themselves)."""
+    return [name for name, cls in all_passes().items() if cls.__module__.startswith("optc.")]
+
+
+@pytest.mark.parametrize("pass_name", _builtin_passes())
+def test_every_registered_pass_has_golden_cases_with_check_lines(pass_name):
+    """Each built-in pass has `tests/golden/<pass>/` with at least one case checked by CHECK lines."""
+    folder = GOLDEN_DIR / pass_name
+    files = golden_files(GOLDEN_DIR) if folder.is_dir() else []
+    files = [path for path in files if path.parent == folder]
+    assert files, f"pass {pass_name!r} is registered but has no golden cases: add tests/golden/{pass_name}/<topic>.onnxtxt"
+    cases = [case for path in files for case in read_golden(path).cases]
+    assert any(case.checks for case in cases), (
+        f"pass {pass_name!r}: no golden case under tests/golden/{pass_name}/ is written with CHECK lines"
+    )
 
 
 def _load_tool():
