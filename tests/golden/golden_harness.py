@@ -17,8 +17,19 @@ from pathlib import Path
 
 from optc.errors import OptcError
 from optc.ir import parse_text, print_ir, verify
-from optc.passes import AnalysisManager, PassContext, StatisticsInstrument, VerifyEach, parse_pipeline
-from tests.golden.filecheck import CheckFormatError, Directive, looks_like_directive, parse_directive
+from optc.passes import (
+    AnalysisManager,
+    PassContext,
+    StatisticsInstrument,
+    VerifyEach,
+    parse_pipeline,
+)
+from tests.golden.filecheck import (
+    CheckFormatError,
+    Directive,
+    looks_like_directive,
+    parse_directive,
+)
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 RUN = "# RUN:"

@@ -6,7 +6,13 @@ import re
 
 import pytest
 
-from tests.golden.filecheck import CheckFailure, CheckFormatError, check, looks_like_directive, parse_directive
+from tests.golden.filecheck import (
+    CheckFailure,
+    CheckFormatError,
+    check,
+    looks_like_directive,
+    parse_directive,
+)
 
 PREFIXES = ("CHECK", "STDERR")
 
