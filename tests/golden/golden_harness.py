@@ -38,6 +38,7 @@ CASE = "# CASE:"
 EXPECTED = "# EXPECTED:"
 EXPECTED_ERROR = "# EXPECTED-ERROR:"
 UNCHANGED = "# UNCHANGED"
+XFAIL = "# XFAIL:"
 #: Directive prefixes: CHECK lines match the printed IR, STDERR lines what the pipeline wrote to
 #: stderr or logged, followed by its statistics (`<pass>: nodes A -> B, counter=value, ...`).
 OUTPUT_PREFIX = "CHECK"
@@ -59,6 +60,7 @@ class Case:
     expected_error: str | None  # substring of the error message, for `# EXPECTED-ERROR:` cases
     checks: list[Directive] = dataclasses.field(default_factory=list)  # CHECK and STDERR directives, in order
     unchanged: bool = False  # `# UNCHANGED`: the pipeline must leave the printed IR as it was
+    xfail: str | None = None  # `# XFAIL: <bug>`: the checks document a known bug and are expected to fail
     check_lines: list[str] = dataclasses.field(default_factory=list)  # the directive section, verbatim
 
     @property
@@ -68,7 +70,7 @@ class Case:
     @property
     def is_check_case(self) -> bool:
         """Checked by directives (and/or `# UNCHANGED`) rather than by an exact or error section."""
-        return bool(self.checks) or self.unchanged
+        return bool(self.checks) or self.unchanged or self.xfail is not None
 
     def directives(self, prefix: str) -> list[Directive]:
         return [d for d in self.checks if d.prefix == prefix]
@@ -183,16 +185,21 @@ def _parse_case(path: Path, start: int, chunk: list[str]) -> Case:
 
 
 def _is_check_line(line: str) -> bool:
-    return line.rstrip() == UNCHANGED or looks_like_directive(line, PREFIXES)
+    return line.rstrip() == UNCHANGED or line.startswith(XFAIL) or looks_like_directive(line, PREFIXES)
 
 
 def _parse_check_case(path: Path, start: int, name: str, chunk: list[str], first: int) -> Case:
     """A case whose input is followed by directives: only directives, comments and blank lines after the first."""
     checks: list[Directive] = []
     unchanged = False
+    xfail: str | None = None
     for offset, line in enumerate(chunk[first:], start=first):
         where = f"{path}:{start + offset}"
-        if line.rstrip() == UNCHANGED:
+        if line.startswith(XFAIL):
+            xfail = line[len(XFAIL):].strip()
+            if not xfail:
+                raise GoldenFormatError(f"{where}: `{XFAIL}` names the bug the case documents")
+        elif line.rstrip() == UNCHANGED:
             if unchanged:
                 raise GoldenFormatError(f"{where}: `{UNCHANGED}` is written twice in case {name!r}")
             unchanged = True
@@ -208,7 +215,7 @@ def _parse_check_case(path: Path, start: int, name: str, chunk: list[str], first
             )
     return Case(
         name, start, _strip_trailing_blank(chunk[:first]), None, None,
-        checks=checks, unchanged=unchanged, check_lines=_strip_trailing_blank(chunk[first:]),
+        checks=checks, unchanged=unchanged, xfail=xfail, check_lines=_strip_trailing_blank(chunk[first:]),
     )
 
 
