@@ -250,7 +250,7 @@ def _check_block(
             pending_not.append(directive)
             continue
         if directive.kind == "EMPTY":
-            found = _empty_line_after(source, last, cursor, end)
+            found = _empty_line_after(source, last, end)
             if found is None:
                 _fail_position(directive, source, last, cursor, end, "is not on the line after the previous match")
             _check_nots(pending_not, source, cursor, found[0], variables)
@@ -277,7 +277,7 @@ def _defined(directive: Directive) -> set[str]:
     return set(re.findall(rf"\[\[({_VAR_NAME}):", directive.pattern))
 
 
-def _empty_line_after(source: _Text, last: tuple[int, int] | None, cursor: int, end: int) -> tuple[int, int] | None:
+def _empty_line_after(source: _Text, last: tuple[int, int] | None, end: int) -> tuple[int, int] | None:
     """The (start, end) of the empty line right after the previous match's line (the first line at the top)."""
     line = 0 if last is None else source.line_end(last[1]) + 1
     if line >= len(source.body) or line > end or source.line_end(line) != line:
