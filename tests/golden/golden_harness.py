@@ -193,8 +193,9 @@ def _parse_check_case(path: Path, start: int, name: str, chunk: list[str], first
     checks: list[Directive] = []
     unchanged = False
     xfail: str | None = None
+    shown = path.relative_to(GOLDEN_DIR.parent.parent) if path.is_relative_to(GOLDEN_DIR.parent.parent) else path
     for offset, line in enumerate(chunk[first:], start=first):
-        where = f"{path}:{start + offset}"
+        where = f"{shown}:{start + offset}"
         if line.startswith(XFAIL):
             xfail = line[len(XFAIL):].strip()
             if not xfail:
