@@ -1,19 +1,35 @@
 """Reading, running and rewriting golden files (`tests/golden/<pass>/*.onnxtxt`).
 
 Shared by `test_golden.py` (which checks) and `tools/update_golden.py` (which
-regenerates the expected sections). The format is described in README.md here.
+regenerates the exact expected sections). The format is described in README.md here;
+the CHECK lines are matched by `filecheck.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
 import re
 import shlex
 from pathlib import Path
 
 from optc.errors import OptcError
 from optc.ir import parse_text, print_ir, verify
-from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
+from optc.passes import (
+    AnalysisManager,
+    PassContext,
+    StatisticsInstrument,
+    VerifyEach,
+    parse_pipeline,
+)
+from tests.golden.filecheck import (
+    CheckFormatError,
+    Directive,
+    looks_like_directive,
+    parse_directive,
+)
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 RUN = "# RUN:"
@@ -21,6 +37,13 @@ SEPARATOR = "# -----"
 CASE = "# CASE:"
 EXPECTED = "# EXPECTED:"
 EXPECTED_ERROR = "# EXPECTED-ERROR:"
+UNCHANGED = "# UNCHANGED"
+XFAIL = "# XFAIL:"
+#: Directive prefixes: CHECK lines match the printed IR, STDERR lines what the pipeline wrote to
+#: stderr or logged, followed by its statistics (`<pass>: nodes A -> B, counter=value, ...`).
+OUTPUT_PREFIX = "CHECK"
+STDERR_PREFIX = "STDERR"
+PREFIXES = (OUTPUT_PREFIX, STDERR_PREFIX)
 _CASE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
@@ -32,13 +55,25 @@ class GoldenFormatError(ValueError):
 class Case:
     name: str
     line: int  # 1-based line of the `# CASE:` line
-    input_lines: list[str]  # from `# CASE:` up to the expected marker, verbatim
+    input_lines: list[str]  # from `# CASE:` up to the expected marker or the first directive, verbatim
     expected: str | None  # printed IR, ending in a newline; None when absent or an error case
     expected_error: str | None  # substring of the error message, for `# EXPECTED-ERROR:` cases
+    checks: list[Directive] = dataclasses.field(default_factory=list)  # CHECK and STDERR directives, in order
+    unchanged: bool = False  # `# UNCHANGED`: the pipeline must leave the printed IR as it was
+    xfail: str | None = None  # `# XFAIL: <bug>`: the checks document a known bug and are expected to fail
+    check_lines: list[str] = dataclasses.field(default_factory=list)  # the directive section, verbatim
 
     @property
     def input_text(self) -> str:
         return "\n".join(self.input_lines) + "\n"
+
+    @property
+    def is_check_case(self) -> bool:
+        """Checked by directives (and/or `# UNCHANGED`) rather than by an exact or error section."""
+        return bool(self.checks) or self.unchanged or self.xfail is not None
+
+    def directives(self, prefix: str) -> list[Directive]:
+        return [d for d in self.checks if d.prefix == prefix]
 
 
 @dataclasses.dataclass
@@ -58,6 +93,7 @@ class Outcome:
     error: str | None
     modified: bool
     input_printed: str | None
+    stderr: str = ""  # what the pipeline wrote to stderr or logged, then its statistics report
 
 
 def golden_files(root: Path = GOLDEN_DIR) -> list[Path]:
@@ -123,6 +159,13 @@ def _parse_case(path: Path, start: int, chunk: list[str]) -> Case:
     if not _CASE_NAME.match(name):
         raise GoldenFormatError(f"{path}:{start}: case name {name!r} must be lowercase words joined by '-'")
     markers = [i for i, line in enumerate(chunk) if line.startswith((EXPECTED, EXPECTED_ERROR))]
+    first_check = next((i for i, line in enumerate(chunk) if _is_check_line(line)), None)
+    if first_check is not None:
+        if markers:
+            raise GoldenFormatError(
+                f"{path}:{start + markers[0]}: case {name!r} mixes an expected section with CHECK lines; use one"
+            )
+        return _parse_check_case(path, start, name, chunk, first_check)
     if len(markers) > 1:
         raise GoldenFormatError(f"{path}:{start + markers[1]}: case {name!r} has two expected sections")
     if not markers:
@@ -141,6 +184,42 @@ def _parse_case(path: Path, start: int, chunk: list[str]) -> Case:
     return Case(name, start, _strip_trailing_blank(chunk[:mark]), expected, None)
 
 
+def _is_check_line(line: str) -> bool:
+    return line.rstrip() == UNCHANGED or line.startswith(XFAIL) or looks_like_directive(line, PREFIXES)
+
+
+def _parse_check_case(path: Path, start: int, name: str, chunk: list[str], first: int) -> Case:
+    """A case whose input is followed by directives: only directives, comments and blank lines after the first."""
+    checks: list[Directive] = []
+    unchanged = False
+    xfail: str | None = None
+    shown = path.relative_to(GOLDEN_DIR.parent.parent) if path.is_relative_to(GOLDEN_DIR.parent.parent) else path
+    for offset, line in enumerate(chunk[first:], start=first):
+        where = f"{shown}:{start + offset}"
+        if line.startswith(XFAIL):
+            xfail = line[len(XFAIL):].strip()
+            if not xfail:
+                raise GoldenFormatError(f"{where}: `{XFAIL}` names the bug the case documents")
+        elif line.rstrip() == UNCHANGED:
+            if unchanged:
+                raise GoldenFormatError(f"{where}: `{UNCHANGED}` is written twice in case {name!r}")
+            unchanged = True
+        elif looks_like_directive(line, PREFIXES):
+            try:
+                checks.append(parse_directive(line, where, PREFIXES))
+            except CheckFormatError as exc:
+                raise GoldenFormatError(str(exc)) from None
+        elif line.strip() and not line.startswith("#"):
+            raise GoldenFormatError(
+                f"{where}: only CHECK lines and comments may follow the first CHECK line of case {name!r}"
+                " (the input comes first)"
+            )
+    return Case(
+        name, start, _strip_trailing_blank(chunk[:first]), None, None,
+        checks=checks, unchanged=unchanged, xfail=xfail, check_lines=_strip_trailing_blank(chunk[first:]),
+    )
+
+
 def _strip_trailing_blank(lines: list[str]) -> list[str]:
     end = len(lines)
     while end and not lines[end - 1].strip():
@@ -150,26 +229,45 @@ def _strip_trailing_blank(lines: list[str]) -> list[str]:
 
 def run_case(pipeline: str, case: Case, config: dict[str, object] | None = None) -> Outcome:
     """Parse the input, run the pipeline (with the RUN line's calibration `config`) and the verifier after
-    every pass, print the result."""
+    every pass, print the result; stderr and log records of the run are captured with the statistics."""
     model = parse_text(case.input_text)
     input_printed = print_ir(model)
-    am = AnalysisManager(PassContext(config=dict(config or {}), instruments=[VerifyEach()]))
+    statistics = StatisticsInstrument()
+    am = AnalysisManager(PassContext(config=dict(config or {}), instruments=[VerifyEach(), statistics]))
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
     try:
-        result = parse_pipeline(pipeline)(model, am)
-        verify(result.model, where="after the pipeline")
+        with contextlib.redirect_stderr(captured):
+            result = parse_pipeline(pipeline)(model, am)
+            verify(result.model, where="after the pipeline")
     except OptcError as exc:
-        return Outcome(None, str(exc).strip().splitlines()[0], False, input_printed)
-    return Outcome(print_ir(result.model), None, result.modified, input_printed)
+        return Outcome(None, str(exc).strip().splitlines()[0], False, input_printed, _stderr(captured, statistics))
+    finally:
+        root.removeHandler(handler)
+    return Outcome(print_ir(result.model), None, result.modified, input_printed, _stderr(captured, statistics))
+
+
+def _stderr(captured: io.StringIO, statistics: StatisticsInstrument) -> str:
+    # Progress bars redraw with carriage returns: keep only what each line finally showed.
+    lines = [line.rsplit("\r", 1)[-1] for line in captured.getvalue().splitlines()]
+    text = "\n".join(line for line in lines if line.strip())
+    return (text + "\n" if text else "") + statistics.report() + "\n"
 
 
 def render(golden: GoldenFile, outcomes: dict[str, Outcome]) -> str:
-    """The file text with each case's expected section replaced by its outcome (others kept)."""
+    """The file text with each case's expected section replaced by its outcome (others, and every CHECK
+    section, kept as written)."""
     out = list(golden.header)
     for case in golden.cases:
         out.append(SEPARATOR)
         out.extend(case.input_lines)
-        outcome = outcomes.get(case.name)
-        if outcome is not None and outcome.error is not None:
+        outcome = None if case.is_check_case else outcomes.get(case.name)
+        if case.is_check_case:
+            out.extend(case.check_lines)
+        elif outcome is not None and outcome.error is not None:
             out.append(f"{EXPECTED_ERROR} {outcome.error}".rstrip())
         elif outcome is not None:
             out.append(EXPECTED)
