@@ -244,15 +244,17 @@ def run_case(pipeline: str, case: Case, config: dict[str, object] | None = None)
             result = parse_pipeline(pipeline)(model, am)
             verify(result.model, where="after the pipeline")
     except OptcError as exc:
-        return Outcome(None, str(exc).strip().splitlines()[0], False, input_printed, _stderr(captured, statistics))
+        return Outcome(None, str(exc).strip().splitlines()[0], False, input_printed, _stderr(captured, statistics, am))
     finally:
         root.removeHandler(handler)
-    return Outcome(print_ir(result.model), None, result.modified, input_printed, _stderr(captured, statistics))
+    return Outcome(print_ir(result.model), None, result.modified, input_printed, _stderr(captured, statistics, am))
 
 
-def _stderr(captured: io.StringIO, statistics: StatisticsInstrument) -> str:
+def _stderr(captured: io.StringIO, statistics: StatisticsInstrument, am: AnalysisManager) -> str:
     # Progress bars redraw with carriage returns: keep only what each line finally showed.
     lines = [line.rsplit("\r", 1)[-1] for line in captured.getvalue().splitlines()]
+    # Every remark of the run, as `remark: <kind>: <pass>: <message>` (what --remarks prints, with its kind).
+    lines += [f"remark: {r.kind}: {r}" for r in am.context.remarks]
     text = "\n".join(line for line in lines if line.strip())
     return (text + "\n" if text else "") + statistics.report() + "\n"
 
