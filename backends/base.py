@@ -43,7 +43,8 @@ class Backend(ABC):
     def check_output_suffix(self, output: Path) -> None:
         """Refuse an output whose suffix this target does not write (ONNX under a .gguf name, say)."""
         if output.suffix.lower() not in self.suffixes:
-            expected = " or ".join(f"'{s}'" for s in self.suffixes)
+            quoted = [f"'{s}'" for s in self.suffixes]
+            expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
             raise UsageError(
                 f"-o {output}: --target {self.name} writes {expected} files, not '{output.suffix or output.name}'; "
                 "rename the output or choose another --target"

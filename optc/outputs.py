@@ -142,9 +142,9 @@ def check_writes(writes: list[Written], inputs: Inputs) -> None:
             raise OptcError(f"{prefix} is a directory; give a file's path")
         folder = write.path.parent if str(write.path.parent) else Path(".")
         if not folder.is_dir():
-            raise OptcError(f"{prefix}: output folder {folder} does not exist")
+            raise OptcError(f"{write.flag}: output folder {folder} does not exist")
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise OptcError(f"{prefix}: output folder {folder} is not writable")
+            raise OptcError(f"{write.flag}: output folder {folder} is not writable")
 
 
 class RunFiles:
