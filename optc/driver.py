@@ -107,9 +107,21 @@ def planned_writes(backend: Backend, output: Path, report: Path | None) -> list[
     return writes
 
 
-def model_inputs(model: Model, source: Path | None) -> Inputs:
-    """What a loaded model reads: the input path, the ONNX it was loaded or exported from, its external data."""
+def run_inputs(source: Path | None, options: CompileOptions) -> Inputs:
+    """What a run reads besides the model's own files: the input path and the calibration file."""
     inputs = Inputs.of_path(source) if source is not None else Inputs()
+    if options.calib:
+        from optc.calibration_spec import CalibrationSpec
+
+        calib = CalibrationSpec.parse(options.calib)
+        if calib.path is not None:
+            inputs.add_file(calib.path, f"the calibration data {calib.path}")
+    return inputs
+
+
+def model_inputs(model: Model, source: Path | None, options: CompileOptions) -> Inputs:
+    """What a loaded model reads: `run_inputs`, the ONNX it was loaded or exported from, its external data."""
+    inputs = run_inputs(source, options)
     exported = model.meta.get("optc.source_onnx")
     if exported:
         inputs.add_file(Path(exported), f"the input's ONNX {exported}")
@@ -128,7 +140,7 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     parse_pipeline(options.passes if options.passes is not None else DEFAULT_PIPELINE)
     check_input_kind(input_path)
     # Before anything is read: no write may touch the input file or anything in an input directory.
-    check_writes(planned_writes(backend, output, options.report), Inputs.of_path(input_path))
+    check_writes(planned_writes(backend, output, options.report), run_inputs(input_path, options))
     model = load_input(input_path)
     return compile_model(model, output, options, source=input_path, start=start)
 
@@ -164,7 +176,7 @@ def compile_model(
     for message in pipeline_warnings(pipeline):
         print(f"optc: warning: {message}", file=sys.stderr)
     files = RunFiles(planned_writes(backend, output, options.report))
-    files.check(model_inputs(model, source))
+    files.check(model_inputs(model, source, options))
     quant_report = None
     try:
         nodes_before = model.graph.num_nodes()

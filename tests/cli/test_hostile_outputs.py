@@ -129,6 +129,10 @@ GUARD_CASES: dict[str, Case] = {
     "reproducer-is-input-data": Case(
         _with_data("out.onnx.reproducer.txt", "-o", "out.onnx"), 1, ["reproducer", "input's data"],
     ),
+    "report-is-the-calibration-text": Case(
+        lambda d: [_model(d), "-o", "out.onnx", "--calib", f"text:{_text(d / 'corpus.txt')}", "--report", "corpus.txt"],
+        1, ["--report corpus.txt", "calibration data"],
+    ),
     "report-is-the-output-data": Case(
         lambda d: [build_model(d / "m.onnx").name, "-o", "out.onnx", "--report", "out.onnx.data"], 1,
         ["--report", "overwrite"],
@@ -149,6 +153,11 @@ SUFFIX_CASES: dict[str, Case] = {
 
 def _model(d: Path) -> str:
     return build_model(d / "model.onnx").name
+
+
+def _text(path: Path) -> str:
+    path.write_text("calibration text that must survive the run\n")
+    return path.name
 
 
 @pytest.mark.parametrize("name", list(GUARD_CASES))
