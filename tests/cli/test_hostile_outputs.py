@@ -361,3 +361,39 @@ def test_a_runtime_rejection_names_the_output_not_the_staging_folder(tmp_path: P
     run = run_optc(Job(["model.onnx", "--passes=foreign-op", "-o", "out.onnx"], tmp_path, [failing_plugin]))
     _check(Case(lambda d: [], 1, ["onnxruntime rejected", "out.onnx"]), run, tmp_path, files)
     assert ".out.onnx." not in run.stderr and str(tmp_path) not in run.stderr, run
+
+
+@pytest.mark.parametrize("target", ["gguf", "tensorrt"])
+def test_the_other_backends_report_a_full_disk_in_one_error(target: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GGUF writer and TensorRT's command file: ENOSPC is a `WriteError` naming the output; nothing stays."""
+    from optc.backends import get_backend
+    from optc.errors import WriteError
+    from optc.ir import load_model
+    from optc.passes.infra.context import PassContext
+
+    def fill_the_disk(*args, **kwargs) -> None:
+        for arg in args:  # a partial file where the backend stages its output
+            if isinstance(arg, (str, Path)) and Path(arg).parent == tmp_path:
+                Path(arg).write_bytes(b"\x00" * 10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if target == "gguf":
+        import optc.backends.gguf as gguf
+
+        monkeypatch.setattr(gguf, "write_gguf", fill_the_disk)
+        output = tmp_path / "out.gguf"
+    else:
+        import optc.backends.tensorrt as trt
+
+        monkeypatch.setattr(trt, "tensorrt_available", lambda: False)
+        monkeypatch.setattr(trt.os, "fdopen", fill_the_disk)  # the trtexec command file's write
+        output = tmp_path / "out.onnx"
+    model = load_model(build_model(tmp_path.parent / f"{tmp_path.name}-model.onnx"))
+    context = PassContext(config={"backend.skip_runtime_check": True})
+    with pytest.raises(WriteError, match=os.strerror(errno.ENOSPC)) as caught:
+        get_backend(target).lower(model, output, context)
+    assert str(caught.value.path) == str(output.with_name("out.trtexec.txt") if target == "tensorrt" else output)
+    if target == "tensorrt":
+        (tmp_path / "out.onnx").unlink()  # written before the command file; the driver removes it (tested above)
+    assert [p.name for p in tmp_path.iterdir()] == []
