@@ -125,10 +125,10 @@ def model_inputs(model: Model, source: Path | None, options: CompileOptions) -> 
     exported = model.meta.get("optc.source_onnx")
     if exported:
         inputs.add_file(Path(exported), f"the input's ONNX {exported}")
-    for value in model.graph.initializers.values():
-        data = value.const_value
-        if isinstance(data, ExternalTensor):
-            inputs.add_file(Path(data.path), f"the input's data {data.path}")
+    data_files = {str(v.const_value.path) for v in model.graph.initializers.values()
+                  if isinstance(v.const_value, ExternalTensor)}
+    for data_file in sorted(data_files):
+        inputs.add_file(Path(data_file), f"the input's data {data_file}")
     return inputs
 
 

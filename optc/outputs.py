@@ -66,7 +66,11 @@ class Inputs:
             if count >= MAX_DIRECTORY_ENTRIES:
                 break
             if entry.is_symlink():
-                self.files.setdefault(entry.resolve(), f"a file of the input directory {path}")
+                target = entry.resolve()
+                if target.is_dir():
+                    self.directories.setdefault(target, f"a folder linked from the input directory {path}")
+                else:
+                    self.files.setdefault(target, f"a file of the input directory {path}")
 
     @classmethod
     def of_path(cls, path: Path) -> Inputs:
