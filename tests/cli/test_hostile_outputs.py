@@ -82,6 +82,14 @@ def _hf(*args: str) -> Callable[[Path], list[str]]:
     return lambda d: [_hf_directory(d).name, *args]
 
 
+def _hf_blob(d: Path) -> list[str]:
+    folder = _hf_directory(d)
+    (d / "blobs").mkdir()
+    (d / "blobs" / "0123abcd.onnx").write_bytes(b"the weights")
+    (folder / "weights.safetensors").symlink_to(Path("..") / "blobs" / "0123abcd.onnx")
+    return [folder.name, "-o", "blobs/0123abcd.onnx"]
+
+
 def _linked(kind: str) -> Callable[[Path], list[str]]:
     def setup(d: Path) -> list[str]:
         build_model(d / "model.onnx")
@@ -116,6 +124,8 @@ GUARD_CASES: dict[str, Case] = {
     "output-inside-hf-directory": Case(_hf("-o", "hf/model.onnx"), 1, ["inside the input directory"]),
     "output-replaces-a-file-of-hf-directory": Case(_hf("-o", "hf/model.gguf"), 1, ["inside the input directory"]),
     "output-in-a-subfolder-of-hf-directory": Case(_hf("-o", "hf/sub/out.onnx"), 1, ["inside the input directory"]),
+    # A Hugging Face cache snapshot links its files to blobs elsewhere: the blobs are inputs too.
+    "output-is-a-blob-an-hf-file-links-to": Case(_hf_blob, 1, ["a file of the input directory"]),
     "report-inside-hf-directory": Case(_hf("-o", "out.onnx", "--report", "hf/r.json"), 1, ["--report", "inside"]),
     "output-is-a-symlink-to-the-input": Case(_linked("symlink"), 1, ["link.onnx", "overwrite the input"]),
     "output-is-a-hard-link-to-the-input": Case(_linked("hardlink"), 1, ["hard.onnx", "same file"]),
