@@ -26,6 +26,7 @@ class Backend(ABC):
     """Lower the IR to a deployable file and prove the runtime accepts it."""
 
     name: ClassVar[str]
+    #: Output suffixes this target writes (an explicit `--target` with another suffix is a usage error).
     suffixes: ClassVar[tuple[str, ...]]
     #: Pipeline text that legalizes the IR for this target, run before `lower`.
     legalize: ClassVar[str] = ""
@@ -33,6 +34,21 @@ class Backend(ABC):
     @abstractmethod
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
         """Write `output` atomically (checked before it is moved into place)."""
+
+    def written_files(self, output: Path) -> list[tuple[Path, str]]:
+        """Every file `lower` may write for `output`, with what it is; the driver checks them all before any work."""
+        data = output.with_name(output.name + ".data")
+        return [(output, "the output"), (data, f"its external data file {data}")]
+
+    def check_output_suffix(self, output: Path) -> None:
+        """Refuse an output whose suffix this target does not write (ONNX under a .gguf name, say)."""
+        if output.suffix.lower() not in self.suffixes:
+            quoted = [f"'{s}'" for s in self.suffixes]
+            expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+            raise UsageError(
+                f"-o {output}: --target {self.name} writes {expected} files, not '{output.suffix or output.name}'; "
+                "rename the output or choose another --target"
+            )
 
 
 _backends: dict[str, type[Backend]] = {}

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from optc.backends.base import Artifact, Backend, register_backend
-from optc.errors import OptcError
+from optc.errors import OptcError, WriteError
 from optc.ir import Model, annotation, constant_array, model_metadata
 from optc.ir.annotations import ARCHITECTURE, GGUF_TYPE, HF_CONFIG, SOURCE_NAME, TOKENIZER
 from optc.passes.infra.context import PassContext
@@ -724,15 +724,24 @@ class GgufBackend(Backend):
     name = "gguf"
     suffixes = (".gguf",)
 
+    def written_files(self, output: Path) -> list[tuple[Path, str]]:
+        return [(output, "the output")]
+
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
         output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, staged_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            fd, staged_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+        except OSError as exc:
+            raise WriteError(output, exc) from exc
         os.close(fd)
         staged = Path(staged_name)
         checks: list[str] = []
         try:
-            plans, tokenizer_line = write_gguf(model, staged)
+            try:
+                plans, tokenizer_line = write_gguf(model, staged)
+            except OSError as exc:  # a full disk or a file-size limit
+                raise WriteError(output, exc) from exc
             counts: dict[str, int] = {}
             for p in plans:
                 counts[p.qtype] = counts.get(p.qtype, 0) + 1
@@ -741,8 +750,11 @@ class GgufBackend(Backend):
                 checks.append(llama_check(staged))
             umask = os.umask(0)
             os.umask(umask)
-            os.chmod(staged, 0o666 & ~umask)  # mkstemp creates it private; the output gets ordinary permissions
-            os.replace(staged, output)
+            try:
+                os.chmod(staged, 0o666 & ~umask)  # mkstemp creates it private; the output gets ordinary permissions
+                os.replace(staged, output)
+            except OSError as exc:
+                raise WriteError(output, exc) from exc
         finally:
             if staged.exists():
                 staged.unlink()

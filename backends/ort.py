@@ -9,6 +9,7 @@ import onnxruntime as ort
 from optc.backends.base import Artifact, Backend, register_backend
 from optc.errors import OptcError
 from optc.ir import Model, model_size_bytes, save_model, verify
+from optc.ir.io import staged_to_output
 from optc.passes.infra.context import PassContext
 
 #: Session config entries added to every session `open_session` makes (after its own), e.g.
@@ -66,6 +67,7 @@ class OrtBackend(Backend):
                 session = open_session(staged, optimize=False, threads=1)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
                 detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                detail = staged_to_output(detail, staged, output)  # the staging folder is gone by now
                 raise OptcError(f"onnxruntime rejected the lowered model: {detail}") from exc
             names = ", ".join(i.name for i in session.get_inputs())
             checks.append(f"onnxruntime {ort.__version__} loaded it (inputs: {names})")

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from optc.backends.base import Artifact, Backend, register_backend
-from optc.errors import OptcError
+from optc.errors import OptcError, WriteError
 from optc.ir import Model, annotation, model_metadata, model_size_bytes, save_model, verify
 from optc.ir.annotations import SPARSITY
-from optc.ir.io import remove_model
+from optc.ir.io import remove_model, staged_to_output
 from optc.passes.infra.context import PassContext
 from optc.passes.transforms.trt_check import check_tensorrt, summarize
 
@@ -197,14 +197,30 @@ def build_engine(onnx_path: Path, engine_path: Path, *, sparse: bool,
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _onnx_and_engine(output: Path) -> tuple[Path, Path]:
+    """(the ONNX, the engine) written for `-o output`."""
+    if output.suffix.lower() in ENGINE_SUFFIXES:
+        return output.with_suffix(".onnx"), output
+    return output, output.with_suffix(".engine")
+
+
+def _command_path(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.stem + ".trtexec.txt")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -216,19 +232,24 @@ class TensorRTBackend(Backend):
     """TensorRT explicit-quantization ONNX (checked by trt-check and onnxruntime), plus the engine when TensorRT is installed."""
 
     name = "tensorrt"
-    suffixes = ENGINE_SUFFIXES
+    suffixes = (".onnx", *ENGINE_SUFFIXES)
     legalize = "lower-tensorrt"
+
+    def written_files(self, output: Path) -> list[tuple[Path, str]]:
+        """The ONNX and its data, the engine, and the trtexec command file (see the module docstring)."""
+        onnx_path, engine_path = _onnx_and_engine(output)
+        data = onnx_path.with_name(onnx_path.name + ".data")
+        command = _command_path(onnx_path)
+        if output.suffix.lower() in ENGINE_SUFFIXES:
+            files = [(output, "the engine"), (onnx_path, f"its ONNX {onnx_path}")]
+        else:
+            files = [(output, "the output"), (engine_path, f"its engine {engine_path}")]
+        return [*files, (data, f"its external data file {data}"), (command, f"its trtexec command file {command}")]
 
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
         verify(model, where="before lowering to tensorrt")
         engine_output = output.suffix.lower() in ENGINE_SUFFIXES
-        onnx_path = output.with_suffix(".onnx") if engine_output else output
-        engine_path = output if engine_output else output.with_suffix(".engine")
-        source = context.input_path.resolve() if context.input_path is not None else None
-        if engine_output and source is not None and onnx_path.resolve() == source:
-            raise OptcError(f"{output}: its ONNX {onnx_path} would overwrite the input; choose another output name")
-        if not engine_output and engine_path.resolve() == source:
-            raise OptcError(f"{output}: its engine {engine_path} would overwrite the input; choose another output name")
+        onnx_path, engine_path = _onnx_and_engine(output)
 
         findings = check_tensorrt(model)
         errors = [f for f in findings if f.rule.severity == "error"]
@@ -247,7 +268,8 @@ class TensorRTBackend(Backend):
             try:
                 session = open_session(staged, optimize=False, threads=1)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-                raise OptcError(f"onnxruntime rejected the TensorRT-lowered model: {_first_line(exc)}") from exc
+                detail = staged_to_output(_first_line(exc), staged, onnx_path)  # the staging folder is gone by now
+                raise OptcError(f"onnxruntime rejected the TensorRT-lowered model: {detail}") from exc
             import onnxruntime as ort
 
             names = ", ".join(i.name for i in session.get_inputs())
@@ -273,7 +295,7 @@ class TensorRTBackend(Backend):
                     artifact_path = engine_path
                 return Artifact(artifact_path, self.name, model_size_bytes(artifact_path) if artifact_path == onnx_path
                                 else report.size_bytes, checks)
-        command_path = onnx_path.with_name(onnx_path.stem + ".trtexec.txt")
+        command_path = _command_path(onnx_path)
         _write_atomic(command_path, (
             f"# TensorRT engine build for {onnx_path.name} (written by optc; {fallback} where optc ran).\n"
             f"# Strongly typed: precisions come from the Q/DQ nodes."

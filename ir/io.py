@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as _oir
 from google.protobuf.message import DecodeError
 
-from optc.errors import ModelLoadError, OptcError
+from optc.errors import ModelLoadError, OptcError, WriteError
 from optc.ir.core import ExternalTensor, Model, initializer_bytes
 
 #: Above this many bytes of initializers a model is saved with external data.
@@ -105,28 +105,52 @@ def save_model(
     if not directory.is_dir():
         raise OptcError(f"{path}: output folder {directory} does not exist")
     data_name = path.name + ".data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=directory))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=directory))
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     try:
         staged_model = staging / path.name
-        if external_data:
-            _oir.save(
-                model,
-                staged_model,
-                external_data=data_name,
-                size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES - 1,  # onnx-ir externalizes nbytes > threshold
-                alignment=1 << 16,
-            )
-        else:
-            _oir.save(model, staged_model)
+        try:
+            if external_data:
+                _oir.save(
+                    model,
+                    staged_model,
+                    external_data=data_name,
+                    size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES - 1,  # onnx-ir externalizes nbytes > threshold
+                    alignment=1 << 16,
+                )
+            else:
+                _oir.save(model, staged_model)
+        except OSError as exc:  # a full disk, a file-size limit, a folder that became read-only
+            if exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(staging.absolute()):
+                raise OptcError(f"{path}: cannot read {exc.filename} while writing ({_reason(exc)})") from exc
+            raise WriteError(path, exc) from exc
         if check is not None:
             check(staged_model)
         staged_data = staging / data_name
-        if staged_data.exists():
-            os.replace(staged_data, directory / data_name)
-        os.replace(staged_model, path)
+        try:
+            if staged_data.exists():
+                os.replace(staged_data, directory / data_name)
+            os.replace(staged_model, path)
+        except OSError as exc:
+            raise WriteError(path, exc) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def staged_to_output(text: str, staged: Path, output: Path) -> str:
+    """`text` (a runtime's message about the staged file) naming the output instead of the staging folder."""
+    for folder in sorted({str(staged.parent), os.path.abspath(staged.parent)}, key=len, reverse=True):
+        for name in (staged.name, staged.name + ".data"):
+            text = text.replace(os.path.join(folder, name), str(Path(output).with_name(name)))
+        text = text.replace(folder, str(Path(output).parent))
+    return text
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:

@@ -8,9 +8,15 @@ The sub-packages are `optc.ir`, `optc.passes`, `optc.frontends` and
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# onnxruntime's telemetry writes a session file (`$TMPDIR/.ses`) on import; optc leaves nothing in
+# TMPDIR and sends nothing anywhere. Set before any optc module imports onnxruntime; the user's own
+# setting wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 if TYPE_CHECKING:
     from optc.driver import CompileResult

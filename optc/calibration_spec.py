@@ -32,6 +32,9 @@ class CalibrationSpec:
         if kind not in ("text", "npz") or not file:
             raise UsageError(f"--calib {spec!r}: expected builtin, random, text:FILE or npz:FILE")
         path = Path(file)
+        from optc.outputs import check_input_kind
+
+        check_input_kind(path, f"--calib {spec}")  # a FIFO or device would block the read
         if not path.is_file():
             raise OptcError(f"--calib {spec!r}: no such file: {file}")
         return cls(kind, path)

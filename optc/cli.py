@@ -52,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="fail when a pass misses a structure it targets")
     parser.add_argument(
         "--report", type=Path,
-        help="write a JSON report of the run; when the pipeline quantized, also per-layer SQNR as HTML beside it (FILE.html)",
+        help="write a report of the run: FILE.html writes the HTML page and FILE.json beside it; any other name "
+             "writes JSON, plus the HTML page beside it when the pipeline quantized (per-layer SQNR)",
     )
     parser.add_argument(
         "--compare", action=argparse.BooleanOptionalAction, default=None,
-        help="evaluate before and after (size, held-out perplexity, latency); on by default for the default model",
+        help="evaluate before and after (size, held-out perplexity, latency); on by default for the default model; "
+             "if the comparison fails, the run fails and keeps no output",
     )
     parser.add_argument("--no-runtime-check", action="store_true", help="do not load the result in its runtime")
     parser.add_argument("--list-passes", action="store_true", help="list every registered pass and exit")
@@ -142,6 +144,7 @@ def run(argv: list[str]) -> int:
         skip_runtime_check=args.no_runtime_check,
         remarks=args.remarks,
         strict=args.strict,
+        compare=compare,
     )
     result = compile_file(args.input, args.output, options)
     if result.timing and args.timing:
@@ -151,10 +154,8 @@ def run(argv: list[str]) -> int:
     print(f"optc: {result.summary()}")
     for check in result.artifact.checks:
         print(f"optc: check: {check}")
-    if compare:
-        from optc.driver import compare_table
-
-        print(compare_table(result))
+    if result.comparison:
+        print(result.comparison)
     return 0
 
 

@@ -13,17 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from optc.backends import Artifact, get_backend, target_for_output
-from optc.errors import (
-    BadCalibrationData,
-    MissingCalibrationData,
-    OptcError,
-    PassFailure,
-    UsageError,
-)
+from optc.backends.base import Backend
+from optc.errors import BadCalibrationData, MissingCalibrationData, OptcError, PassFailure, UsageError
 from optc.frontends import load_input
 from optc.frontends.calibration import check_calibration
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
-from optc.ir.io import remove_model
+from optc.outputs import Inputs, RunFiles, Written, check_input_kind, check_writes
 from optc.passes import (
     AnalysisManager,
     PassContext,
@@ -39,7 +34,7 @@ from optc.passes import (
 )
 from optc.passes.infra.pipeline import pipeline_warnings
 from optc.passes.infra.remarks import compile_filter, unique_remarks
-from optc.report import QuantReport
+from optc.report import QuantReport, report_paths, write_reports
 
 #: The pipeline run when none is given.
 DEFAULT_PIPELINE = "cleanup"
@@ -59,6 +54,8 @@ class CompileOptions:
     statistics: bool = False
     report: Path | None = None
     skip_runtime_check: bool = False
+    #: Evaluate before and after (`--compare`); a failed comparison fails the run (nothing is kept).
+    compare: bool = False
     #: Print every remark of the passes whose name this regular expression matches (`--remarks`; ".*": all).
     #: Remarks of passes that matched nothing they were meant for are printed regardless.
     remarks: str | None = None
@@ -78,6 +75,8 @@ class CompileResult:
     statistics: StatisticsInstrument | None
     #: The ONNX file of the model before the pipeline, when there is one (for before/after tables).
     before_path: Path | None = None
+    #: The before/after table, when `CompileOptions.compare` asked for it.
+    comparison: str | None = None
     #: What the passes remarked (`optc.passes.Remark`), without repeats.
     remarks: list[Remark] = dataclasses.field(default_factory=list)
 
@@ -108,56 +107,65 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def check_paths(input_path: Path | None, output: Path, report: Path | None = None) -> None:
-    """Refuse, before any work, an output or report that would overwrite the input or cannot be written."""
-    source = input_path.resolve() if input_path is not None else None
-    out = output.resolve()
-    if out == source:
-        raise OptcError(f"{output}: output would overwrite the input; choose another path")
-    if out.is_dir():
-        raise OptcError(f"{output}: is a directory; give the output file's path")
-    _check_folder(str(output), out.parent)
+def planned_writes(backend: Backend, output: Path, report: Path | None) -> list[Written]:
+    """Every file a run may write: what the backend declares, the report files and the reproducer."""
+    flag = str(output)
+    writes = [Written(path, flag, what) for path, what in backend.written_files(output)]
     if report is not None:
-        rep = report.resolve()
-        if rep == source:
-            raise OptcError(f"--report {report}: would overwrite the input; choose another path")
-        if rep in (out, out.with_name(out.name + ".data")):
-            raise OptcError(f"--report {report}: would overwrite the output; choose another path")
-        if rep.is_dir():
-            raise OptcError(f"--report {report}: is a directory; give the report file's path")
-        _check_folder(f"--report {report}", rep.parent)
+        for path in report_paths(report):
+            what = "the report" if path == report else f"its companion {path}"
+            writes.append(Written(path, f"--report {report}", what))
+    reproducer = reproducer_path(output)
+    writes.append(Written(reproducer, flag, f"its reproducer file {reproducer}"))
+    return writes
 
 
-def _check_folder(label: str, folder: Path) -> None:
-    if not folder.is_dir():
-        raise OptcError(f"{label}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OptcError(f"{label}: output folder {folder} is not writable")
+def run_inputs(source: Path | None, options: CompileOptions) -> Inputs:
+    """What a run reads besides the model's own files: the input path and the calibration file."""
+    inputs = Inputs.of_path(source) if source is not None else Inputs()
+    if options.calib:
+        from optc.calibration_spec import CalibrationSpec
+
+        calib = CalibrationSpec.parse(options.calib)
+        if calib.path is not None:
+            inputs.add_file(calib.path, f"the calibration data {calib.path}")
+    return inputs
 
 
-def check_data_clash(model: Model, output: Path, report: Path | None) -> None:
-    """Refuse an output, its external data file or a report that would overwrite the input's weights."""
-    out = output.resolve()
-    written = {out: str(output), out.with_name(out.name + ".data"): f"{output}: its external data file"}
-    if report is not None:
-        written[report.resolve()] = f"--report {report}"
-    for value in model.graph.initializers.values():
-        data = value.const_value
-        if isinstance(data, ExternalTensor) and Path(data.path).resolve() in written:
-            raise OptcError(f"{written[Path(data.path).resolve()]} would overwrite the input's data {data.path}")
+def model_inputs(model: Model, source: Path | None, options: CompileOptions) -> Inputs:
+    """What a loaded model reads: `run_inputs`, the ONNX it was loaded or exported from, its external data."""
+    inputs = run_inputs(source, options)
+    exported = model.meta.get("optc.source_onnx")
+    if exported:
+        inputs.add_file(Path(exported), f"the input's ONNX {exported}")
+    data_files = {str(v.const_value.path) for v in model.graph.initializers.values()
+                  if isinstance(v.const_value, ExternalTensor)}
+    for data_file in sorted(data_files):
+        inputs.add_file(Path(data_file), f"the input's data {data_file}")
+    return inputs
 
 
 def compile_file(input_path: str | Path, output: str | Path, options: CompileOptions) -> CompileResult:
     """Compile one model file or directory; raises `OptcError` (or `UsageError`) with one clear line."""
     input_path, output = Path(input_path), Path(output)
     start = time.perf_counter()
-    target = options.target or target_for_output(output)
-    get_backend(target)
+    backend = _backend(options, output)
     parse_pipeline(options.passes if options.passes is not None else DEFAULT_PIPELINE)
     _remark_filter(options.remarks)
-    check_paths(input_path, output, options.report)
+    check_input_kind(input_path)
+    # Before anything is read: no write may touch the input file or anything in an input directory.
+    check_writes(planned_writes(backend, output, options.report), run_inputs(input_path, options))
     model = load_input(input_path)
     return compile_model(model, output, options, source=input_path, start=start)
+
+
+def _backend(options: CompileOptions, output: Path) -> Backend:
+    """The target's backend; an explicit target must match the output's suffix."""
+    if options.target is None:
+        return get_backend(target_for_output(output))
+    backend = get_backend(options.target)
+    backend.check_output_suffix(output)
+    return backend
 
 
 def compile_model(
@@ -168,26 +176,56 @@ def compile_model(
     source: Path | None = None,
     start: float | None = None,
 ) -> CompileResult:
-    """Run the pipeline on an IR model and lower it; `source` is recorded in reproducers."""
+    """Run the pipeline on an IR model and lower it; `source` is recorded in reproducers.
+
+    Every file the run may write is checked against what it reads first; if
+    anything fails afterwards (an error or a signal, as `KeyboardInterrupt`),
+    the files the run had already moved into place are removed again.
+    """
     output = Path(output)
     start = time.perf_counter() if start is None else start
-    target = options.target or target_for_output(output)
-    backend = get_backend(target)
+    backend = _backend(options, output)
     pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
     pipeline = parse_pipeline(pipeline_text)
-    remark_filter = _remark_filter(options.remarks)
+    _remark_filter(options.remarks)
     for message in pipeline_warnings(pipeline):
         print(f"optc: warning: {message}", file=sys.stderr)
-    if source is None:
-        check_paths(None, output, options.report)
-    check_data_clash(model, output, options.report)
+    files = RunFiles(planned_writes(backend, output, options.report))
+    files.check(model_inputs(model, source, options))
     check_calibration(model, options.calib)  # bad arrays: one line now, not a pass failure later
-    nodes_before = model.graph.num_nodes()
-    before_path = source_onnx(model, source)
-    input_bytes = model_size_bytes(before_path) if before_path is not None else initializer_bytes(model.graph)
-    quant_report = QuantReport.start(model, options.report, before_path, output, source)
+    quant_report = None
+    try:
+        nodes_before = model.graph.num_nodes()
+        before_path = source_onnx(model, source)
+        input_bytes = model_size_bytes(before_path) if before_path is not None else initializer_bytes(model.graph)
+        quant_report = QuantReport.start(model, options.report, before_path, output, source)
+        return _run(model, output, options, backend, quant_report, source=source, before_path=before_path,
+                    nodes_before=nodes_before, input_bytes=input_bytes, start=start)
+    except BaseException:
+        files.discard(keep=[reproducer_path(output)])  # a failed run leaves no output (a reproducer stays)
+        raise
+    finally:
+        if quant_report is not None:
+            quant_report.close()
 
-    instruments: list[PassInstrument] = [RemarkPrinter(remark_filter)]
+
+def _run(
+    model: Model,
+    output: Path,
+    options: CompileOptions,
+    backend: Backend,
+    quant_report: QuantReport | None,
+    *,
+    source: Path | None,
+    before_path: Path | None,
+    nodes_before: int,
+    input_bytes: int,
+    start: float,
+) -> CompileResult:
+    """The pipeline, the lowering, the report and the comparison (`compile_model` cleans up after a failure)."""
+    pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
+    pipeline = parse_pipeline(pipeline_text)
+    instruments: list[PassInstrument] = [RemarkPrinter(_remark_filter(options.remarks))]
     timing = TimingInstrument() if options.timing or options.report else None
     stats = StatisticsInstrument() if options.statistics or options.report else None
     if options.verify_each:
@@ -201,8 +239,8 @@ def compile_model(
         "calibration.seqlen": options.calib_seqlen,
         "backend.skip_runtime_check": options.skip_runtime_check,
     }
-    context = PassContext(config=config, instruments=instruments, seed=options.seed, input_path=source, target=target,
-                          strict=options.strict)
+    context = PassContext(config=config, instruments=instruments, seed=options.seed, input_path=source,
+                          target=backend.name, strict=options.strict)
     am = AnalysisManager(context)
     full = PassManager([*pipeline.passes, *parse_pipeline(backend.legalize).passes])
     try:
@@ -212,32 +250,48 @@ def compile_model(
             raise failure.cause from failure  # the data, not a pass, is at fault; nothing to reproduce
         if isinstance(failure.cause, MissingCalibrationData):
             raise  # the input lacks data; nothing to reproduce
-        failure.reproducer = write_reproducer(source or before_path, output, pipeline_text, failure)  # type: ignore[attr-defined]
+        reproduce_from = source or persistent_source(model, before_path)
+        failure.reproducer = write_reproducer(reproduce_from, output, pipeline_text, failure)  # type: ignore[attr-defined]
         raise
     if quant_report is not None:
         quant_report.after_pipeline(result.model, output)
-    artifact = backend.lower(result.model, output, context)
+    try:
+        artifact = backend.lower(result.model, output, context)
+    except OSError as exc:
+        raise OptcError(f"{output}: cannot write ({_reason(exc)}); nothing was written") from exc
     compiled = CompileResult(
         artifact, pipeline.pipeline_text(), nodes_before, result.model.graph.num_nodes(), input_bytes,
-        time.perf_counter() - start, timing, stats, before_path, unique_remarks(context.remarks),
+        time.perf_counter() - start, timing, stats, before_path, remarks=unique_remarks(context.remarks),
     )
     if options.report:
+        data = compiled.as_dict()
+        quantized = quant_report is not None and quant_report.quantized
+        if quantized:
+            # A per-layer error section (optc/report.py).
+            data["quantization"] = quant_report.measure(artifact.path, context)  # type: ignore[union-attr]
         try:
-            if quant_report is not None and quant_report.quantized:
-                # Quantized: a per-layer error section, written as JSON and as HTML (optc/report.py).
-                quant_report.write({**compiled.as_dict(), "quantization": quant_report.measure(artifact.path, context)})
+            if quantized or options.report.suffix.lower() in (".html", ".htm"):
+                write_reports(options.report, data)  # the HTML page and the JSON beside it
             else:
-                write_report(options.report, compiled.as_dict())
+                write_report(options.report, data)
         except OSError as exc:
-            remove_model(artifact.path)  # a failed run leaves no output
-            raise OptcError(f"--report {options.report}: cannot write ({exc.strerror or exc}); nothing was written") from exc
-        except OptcError:
-            remove_model(artifact.path)
-            raise
-        finally:
-            if quant_report is not None:
-                quant_report.close()
+            raise OptcError(f"--report {options.report}: cannot write ({_reason(exc)}); nothing was written") from exc
+    if options.compare:
+        compiled.comparison = compare_table(compiled)
     return compiled
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def persistent_source(model: Model, before_path: Path | None) -> Path | None:
+    """`before_path` when it outlives the run (not an export in a temporary folder), for reproducers."""
+    return None if model.meta.get("optc.export_dir") is not None else before_path
+
+
+def reproducer_path(output: Path) -> Path:
+    return output.with_name(output.name + ".reproducer.txt")
 
 
 def _remark_filter(pattern: str | None) -> re.Pattern[str] | None:
@@ -272,7 +326,7 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
 
 def write_reproducer(input_path: Path | None, output: Path, pipeline_text: str, failure: PassFailure) -> Path | None:
     """Write `<output>.reproducer.txt`: the failing pass, the error, and the command that reproduces it."""
-    path = output.with_name(output.name + ".reproducer.txt")
+    path = reproducer_path(output)
     lines = [
         "# optc reproducer",
         f"# failed pass: {failure.pass_name}",
@@ -284,22 +338,39 @@ def write_reproducer(input_path: Path | None, output: Path, pipeline_text: str, 
     else:
         command = ["optc", str(input_path.resolve()), "--passes", pipeline_text, "-o", str(output.resolve())]
         lines += [f"input: {input_path.resolve()}", f"pipeline: {pipeline_text}", shlex.join([*command, "--verify-each", "--debug"])]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.write_text("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)  # never written through a link into someone else's file
     except OSError:
         return None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
 def compare_table(result: CompileResult, *, max_tokens: int = 4096, ctx: int = 256) -> str:
     """Before/after table (size on disk, held-out perplexity, latency of one window) for a causal LM."""
-    from optc.evaluate import evaluate, load_tokenizer
+    from optc.evaluate import TOKENIZER_HINT, evaluate, load_tokenizer
 
     if result.before_path is None:
         raise OptcError("--compare needs the model before the pipeline as a file (an .onnx, HF directory or .gguf input)")
-    tokenizer = load_tokenizer(result.artifact.path if result.artifact.path.suffix == ".onnx" else result.before_path)
-    before = evaluate(result.before_path, None, ctx, max_tokens, tokenizer)
-    after = evaluate(result.artifact.path, None, ctx, max_tokens, tokenizer)
+    source = result.artifact.path if result.artifact.path.suffix == ".onnx" else result.before_path
+    try:
+        tokenizer = load_tokenizer(source)
+    except OptcError as exc:
+        # load_tokenizer speaks to optc-eval's users (--tokenizer SRC); optc has no such flag.
+        cause = str(exc).replace(f"; {TOKENIZER_HINT}", "").removeprefix("--tokenizer ")
+        raise OptcError(
+            f"--compare: {cause}; it measures perplexity with the model's own tokenizer (inputs from a Hugging Face "
+            "directory or a .gguf file carry one); measure with another tokenizer by running "
+            "optc-eval OUTPUT --tokenizer SRC instead"
+        ) from exc
+    try:
+        before = evaluate(result.before_path, None, ctx, max_tokens, tokenizer)
+        after = evaluate(result.artifact.path, None, ctx, max_tokens, tokenizer)
+    except OptcError as exc:
+        raise OptcError(f"--compare: {exc}") from exc
     rows = [
         ("size on disk", f"{before.size_bytes / 1e6:.1f} MB", f"{after.size_bytes / 1e6:.1f} MB", after.size_bytes / before.size_bytes),
         ("perplexity", f"{before.ppl:.3f}", f"{after.ppl:.3f}", after.ppl / before.ppl),

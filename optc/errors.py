@@ -32,6 +32,15 @@ class ModelLoadError(OptcError):
     """An input model that is missing, unreadable or not a valid model."""
 
 
+class WriteError(OptcError):
+    """A file could not be written (full disk, file-size limit, read-only folder); nothing was kept."""
+
+    def __init__(self, path: object, exc: OSError) -> None:
+        self.path = path
+        self.reason = exc.strerror or str(exc) or type(exc).__name__
+        super().__init__(f"{path}: cannot write ({self.reason}); nothing was written")
+
+
 class MissingCalibrationData(OptcError):
     """A pass needs calibration data and none was named; input, not a compiler bug (no reproducer)."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from optc.errors import MissingCalibrationData, OptcError
+from optc.errors import MissingCalibrationData, OptcError, WriteError
 from optc.ir import Model, save_model
 from optc.passes.infra.context import PassContext
 
@@ -27,7 +27,12 @@ class ModelRunner:
 
         self._folder = tempfile.TemporaryDirectory(prefix="optc-run-")
         path = Path(self._folder.name) / "model.onnx"
-        save_model(model, path, external_data=True)
+        try:
+            save_model(model, path, external_data=True)
+        except WriteError as exc:  # name TMPDIR, not the copy that is gone by the time the user reads this
+            self._folder.cleanup()
+            raise OptcError(f"cannot write a copy of the model for onnxruntime in {tempfile.gettempdir()} "
+                            f"({exc.reason}); set TMPDIR to a folder with room") from exc
         proto = onnx.load(str(path), load_external_data=False)
         declared = {o.name for o in proto.graph.output}
         known = {v.name for v in proto.graph.value_info}
@@ -43,7 +48,8 @@ class ModelRunner:
             self.session = open_session(path, optimize=False, threads=threads)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             self.close()
-            raise OptcError(f"onnxruntime cannot run the model for calibration: {str(exc).splitlines()[0]}") from exc
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0].replace(str(path), "the model")
+            raise OptcError(f"onnxruntime cannot run the model for calibration: {detail}") from exc
 
     def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         wanted = list(names) if names is not None else self.output_names

@@ -110,8 +110,9 @@ def _external_clash(d: Path) -> list[str]:
 
 
 def _output_is_input_data(d: Path) -> list[str]:
-    build_model(d / "ext.onnx", external_data="ext.onnx.data")
-    return ["ext.onnx", "--target", "ort", "-o", "ext.onnx.data"]
+    # The input's weights live in a file with an ONNX name, which `-o` then names.
+    build_model(d / "ext.onnx", external_data="weights.onnx")
+    return ["ext.onnx", "--target", "ort", "-o", "weights.onnx"]
 
 
 def _output_is_directory(d: Path) -> list[str]:
@@ -136,7 +137,7 @@ EDGE_CASES: dict[str, Case] = {
         lambda d: [_model(d), "-o", str(d / "." / "model.onnx")], 1, ["overwrite the input"],
     ),
     "output-overwrites-input-data": Case(_external_clash, 1, ["out.onnx", "input's data"]),
-    "output-is-input-data": Case(_output_is_input_data, 1, ["ext.onnx.data", "input's data"]),
+    "output-is-input-data": Case(_output_is_input_data, 1, ["weights.onnx", "input's data"]),
     "output-is-directory": Case(_output_is_directory, 1, ["out.onnx", "directory"]),
     "output-folder-missing": Case(lambda d: [_model(d), "-o", "nowhere/out.onnx"], 1, ["nowhere", "does not exist"]),
     "report-folder-missing": Case(_compile("--report", "nowhere/report.json"), 1, ["--report", "nowhere"]),
