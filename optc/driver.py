@@ -14,7 +14,13 @@ from typing import Any
 
 from optc.backends import Artifact, get_backend, target_for_output
 from optc.backends.base import Backend
-from optc.errors import BadCalibrationData, MissingCalibrationData, OptcError, PassFailure, UsageError
+from optc.errors import (
+    BadCalibrationData,
+    MissingCalibrationData,
+    OptcError,
+    PassFailure,
+    UsageError,
+)
 from optc.frontends import load_input
 from optc.frontends.calibration import check_calibration
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
