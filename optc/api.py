@@ -26,13 +26,16 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
     seed: int = 0,
     verify_each: bool = False,
     report: str | Path | None = None,
+    memory_budget: int | str | None = None,
 ) -> CompileResult:
     """Compile a model and write the artifact; returns its path (`.artifact.path`) and a summary.
 
     `model` is a path (`.onnx` file, Hugging Face directory, `.gguf` file), an
     `optc.ir.Model`, or a `torch.nn.Module` together with `example_inputs`
     (a tensor or a tuple of tensors; the first axis of each is dynamic unless
-    `dynamic_axes` says otherwise). Raises `optc.errors.OptcError` on failure.
+    `dynamic_axes` says otherwise). `memory_budget` (bytes, or text such as `"8G"`;
+    default: the memory available) refuses a path input whose load would need more.
+    Raises `optc.errors.OptcError` on failure.
     """
     options = CompileOptions(
         passes=passes,
@@ -43,6 +46,7 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
         seed=seed,
         verify_each=verify_each,
         report=Path(report) if report is not None else None,
+        memory_budget=memory_budget,
     )
     if isinstance(model, (str, Path)):
         return compile_file(model, output, options)

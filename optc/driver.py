@@ -48,6 +48,8 @@ class CompileOptions:
     statistics: bool = False
     report: Path | None = None
     skip_runtime_check: bool = False
+    #: Memory a load may use, in bytes or as text (`8G`); None: what the machine has available.
+    memory_budget: int | str | None = None
 
 
 @dataclasses.dataclass
@@ -135,9 +137,21 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     target = options.target or target_for_output(output)
     get_backend(target)
     parse_pipeline(options.passes if options.passes is not None else DEFAULT_PIPELINE)
+    budget = _memory_budget(options)
     check_paths(input_path, output, options.report)
-    model = load_input(input_path)
+    model = load_input(input_path, memory_budget=budget)
     return compile_model(model, output, options, source=input_path, start=start)
+
+
+def _memory_budget(options: CompileOptions) -> int | None:
+    """The budget in bytes (an ill-typed one is a usage error); None when the machine's memory is unknown."""
+    from optc.errors import UsageError
+    from optc.memory import resolve_budget
+
+    try:
+        return resolve_budget(options.memory_budget)
+    except ValueError as exc:
+        raise UsageError(f"memory budget: {exc}") from exc
 
 
 def compile_model(
