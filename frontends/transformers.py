@@ -403,7 +403,13 @@ def _weights_held(source: _Source) -> WeightsHeld:
         if isinstance(arch, str):
             _check_layer_count(source, f"{arch}.block_count", header.metadata.get(f"{arch}.block_count"), held)
         return held
-    return weights_held(source.folder, source.label)
+    held = weights_held(source.folder, source.label)
+    if held.elements == 0 and held.tensor_bytes == 0:
+        raise ModelLoadError(
+            f"{source.label}: cannot read the weights: the directory holds no weight files "
+            "(.safetensors, or .bin and other checkpoints)"
+        )
+    return held
 
 
 #: The files must hold at least this share of the parameters the config implies
@@ -419,11 +425,6 @@ def _check_what_the_files_hold(source: _Source, config: Any, task: _Task, held: 
     """Refuse, before allocating, a config the files cannot fill, or an export over the memory budget."""
     parameters = _implied_parameters(source, config, task)
     where = "the file holds" if source.gguf_file else "the files hold"
-    if held.elements == 0 and held.tensor_bytes == 0 and not source.gguf_file:
-        raise ModelLoadError(
-            f"{source.label}: cannot read the weights: the directory holds no weight files "
-            f"(config describes {_count(parameters)} parameters)"
-        )
     if held.elements < parameters * _MIN_SHARE_HELD:
         raise ModelLoadError(
             f"{source.label}: config describes {_count(parameters)} parameters but {where} "
