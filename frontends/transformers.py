@@ -529,7 +529,8 @@ def _load_weights(source: _Source, task: _Task) -> Any:
     for kind, keys in problems.items():
         if keys:
             shown = ", ".join(sorted(keys)[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-            raise ModelLoadError(f"{source.label}: the weights do not match config.json: {kind} {shown}")
+            what = "its metadata" if source.gguf_file else "config.json"
+            raise ModelLoadError(f"{source.label}: the weights do not match {what}: {kind} {shown}")
     return model.eval()
 
 

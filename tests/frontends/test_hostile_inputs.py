@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,49 +22,16 @@ from onnx import TensorProto, helper
 from optc.errors import ModelLoadError, UsageError
 from optc.frontends import load_input
 from optc.memory import MemoryBudgetExceeded
-from tests.cli.cli_support import Job, _env, build_model, optc_command, run_in_process, snapshot
-
-#: What a child optc may use for an input under 1 MB (the issue's bound), in KiB as ru_maxrss reports it.
-PEAK_RSS_LIMIT_KIB = 1 << 20
-
+from tests.cli.cli_support import Job, build_model, run_in_process, snapshot
+from tests.frontends.hostile_support import (
+    PEAK_RSS_LIMIT_KIB,
+    gguf_bytes,
+    gguf_string,
+    run_measured,
+    safetensors_bytes,
+)
 
 # --------------------------------------------------------------------------- builders
-
-
-def _gguf_string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def gguf_bytes(
-    metadata: dict[str, str | int], tensors: list[tuple[str, list[int], int, int]] = (), data: bytes = b"",
-    *, tensor_count: int | None = None,
-) -> bytes:
-    """A GGUF v3 file: string or uint32 metadata, tensor infos (name, ggml dims, ggml type, offset), data."""
-    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if tensor_count is None else tensor_count, len(metadata))
-    for key, value in metadata.items():
-        out += _gguf_string(key)
-        out += struct.pack("<I", 8) + _gguf_string(value) if isinstance(value, str) else struct.pack("<II", 4, value)
-    for name, dims, ggml_type, offset in tensors:
-        out += _gguf_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-        out += struct.pack("<IQ", ggml_type, offset)
-    if data:
-        out += b"\0" * (-len(out) % 32) + data
-    return out
-
-
-def safetensors_bytes(tensors: dict[str, np.ndarray], *, lie: dict[str, dict] | None = None) -> bytes:
-    """A safetensors file; `lie` overrides fields of a tensor's header entry."""
-    header, blobs, offset = {}, [], 0
-    for name, array in tensors.items():
-        raw = np.ascontiguousarray(array).tobytes()
-        header[name] = {"dtype": {"float32": "F32", "int64": "I64"}[array.dtype.name], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        header[name].update((lie or {}).get(name, {}))
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
 def big_llama_config(**overrides) -> dict:
@@ -96,22 +61,6 @@ def private_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("OPTC_CACHE_DIR", str(cache))
     monkeypatch.delenv("OPTC_NO_CACHE", raising=False)
     return cache
-
-
-def run_measured(args: list[str], cwd: Path) -> tuple[int, list[str], int]:
-    """Run optc in a fresh parent that reports its children's peak RSS: (exit code, stderr lines, peak KiB)."""
-    probe = (
-        "import resource, subprocess, sys\n"
-        "proc = subprocess.run(sys.argv[1:], capture_output=True, text=True, stdin=subprocess.DEVNULL)\n"
-        "sys.stderr.write(proc.stderr)\n"
-        "print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, *optc_command(), *args], cwd=cwd, env=_env(()),
-        capture_output=True, text=True, timeout=300,
-    )
-    code, peak = (int(v) for v in done.stdout.split())
-    return code, done.stderr.splitlines(), peak
 
 
 def _one_line(info: pytest.ExceptionInfo) -> str:
@@ -166,8 +115,8 @@ def test_gguf_header_that_lies_about_its_tensors(tmp_path, private_cache, tensor
     [
         b"GGUF" + struct.pack("<IQQ", 3, 0, 1 << 62),  # a metadata count no file could hold
         b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 62) + b"key",  # a key longer than the file
-        b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _gguf_string("a") + struct.pack("<IIQ", 9, 8, 1 << 61),  # huge array
-        b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _gguf_string("a") + struct.pack("<I", 77) + b"\0" * 16,  # bad type
+        b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gguf_string("a") + struct.pack("<IIQ", 9, 8, 1 << 61),  # huge array
+        b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gguf_string("a") + struct.pack("<I", 77) + b"\0" * 16,  # bad type
         b"GGUF" + struct.pack("<IQQ", 1, 0, 0) + b"\0" * 8,  # version 1
     ],
 )
