@@ -85,7 +85,7 @@ class _Cursor:
         self.label = label
 
     def fail(self, what: str) -> ModelLoadError:
-        return ModelLoadError(f"{self.label}: not a valid GGUF file ({what})")
+        return ModelLoadError(f"{self.label}: cannot read the GGUF file: {what}")
 
     @property
     def left(self) -> int:
@@ -159,12 +159,12 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     path = Path(path)
     label = str(path)
     if not path.is_file():
-        raise ModelLoadError(f"{label}: not a regular file")
+        raise ModelLoadError(f"{label}: cannot read the GGUF file: not a regular file")
     try:
         with path.open("rb") as f:
             size = path.stat().st_size
             if size < 24:
-                raise ModelLoadError(f"{label}: not a valid GGUF file (only {size} bytes)")
+                raise ModelLoadError(f"{label}: cannot read the GGUF file: only {size} bytes")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
                 return _parse_gguf(buffer, label, size)
     except OSError as exc:
@@ -178,7 +178,7 @@ def _parse_gguf(buffer: Any, label: str, size: int) -> GGUFHeader:
     cursor.pos = 4
     version = cursor.unpack("I", "the version")
     if version not in (2, 3):
-        raise ModelLoadError(f"{label}: unsupported GGUF version {version} (optc reads versions 2 and 3)")
+        raise ModelLoadError(f"{label}: cannot read the GGUF file: unsupported version {version} (optc reads versions 2 and 3)")
     n_tensors = cursor.unpack("Q", "the tensor count")
     n_kv = cursor.count("the metadata count", 12)
     if n_tensors * 24 > cursor.left:
@@ -217,8 +217,8 @@ def _parse_gguf(buffer: Any, label: str, size: int) -> GGUFHeader:
         nbytes = elements // per_block * block_bytes
         if offset > room or nbytes > room - offset:
             raise ModelLoadError(
-                f"{label}: tensor {name!r} ({nbytes} bytes at offset {offset}) runs past the end of the file "
-                f"({room} bytes of tensor data); the file is truncated or damaged"
+                f"{label}: cannot read the GGUF file: tensor {name!r} ({nbytes} bytes at offset {offset}) runs past the end "
+                f"of its {room} bytes of tensor data; the file is truncated or damaged"
             )
         tensors.append(GGUFTensor(name, tuple(reversed(dims)), ggml_type, offset, nbytes))
     return GGUFHeader(version, metadata, tensors, data_offset, size)

@@ -303,8 +303,13 @@ def _export_entry(source: _Source, opset: int, entry: Path) -> None:
 
 def _export(source: _Source, opset: int) -> Model:
     start = time.perf_counter()
+    if not source.gguf_file:
+        config_json = _check_config_json(source)
     held = _weights_held(source)
-    config = _load_config(source, held)
+    if not source.gguf_file:
+        for key in _LAYER_COUNT_KEYS:
+            _check_layer_count(source, key, config_json.get(key), held)
+    config = _load_config(source)
     task = _task(source, config)
     _check_what_the_files_hold(source, config, task, held)
     hf_model = _load_weights(source, task)
@@ -344,9 +349,7 @@ def _export(source: _Source, opset: int) -> Model:
     return model
 
 
-def _load_config(source: _Source, held: WeightsHeld) -> Any:
-    if not source.gguf_file:
-        _check_config_json(source, held)
+def _load_config(source: _Source) -> Any:
     from transformers import AutoConfig
 
     try:
@@ -364,12 +367,14 @@ def _load_config(source: _Source, held: WeightsHeld) -> Any:
         raise ModelLoadError(f"{source.label}: cannot read the {what}: {message}") from exc
 
 
-def _check_config_json(source: _Source, held: WeightsHeld) -> None:
-    """Reject an unsupported architecture, or an absurd layer count, before transformers reads the config."""
+def _check_config_json(source: _Source) -> dict[str, Any]:
+    """config.json as read, or an unsupported architecture rejected before transformers resolves it."""
     path = source.folder / "config.json"
     try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ModelLoadError(f"{path}: not a readable config.json (over {_MAX_CONFIG_BYTES >> 20} MiB)")
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"{path}: not a readable config.json ({_first_line(exc)})") from exc
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path}: not a readable config.json (not a JSON object)")
@@ -377,10 +382,11 @@ def _check_config_json(source: _Source, held: WeightsHeld) -> None:
     if not model_type:
         raise ModelLoadError(f"{path}: config.json has no 'model_type'")
     _check_supported(source, str(model_type), config.get("architectures"))
-    for key in _LAYER_COUNT_KEYS:
-        _check_layer_count(source, key, config.get(key), held)
+    return config
 
 
+#: A config.json is a few kilobytes; one larger than this is not read.
+_MAX_CONFIG_BYTES = 16 << 20
 #: Config entries that count layers (transformers builds per-layer lists from them on reading the config).
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers", "num_layers", "n_layer")
 
