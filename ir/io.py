@@ -11,6 +11,7 @@ always saved with external data.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -65,11 +66,24 @@ def load_model(path: str | os.PathLike, *, memory_budget: int | None = None) -> 
         raise ModelLoadError(f"{path}: not an ONNX model or truncated (no opset_import)")
     _check_tensors(proto, path)
     try:
-        model = _oir.serde.deserialize_model(proto)
+        with _quiet_onnx_ir():
+            model = _oir.serde.deserialize_model(proto)
     except Exception as exc:  # noqa: BLE001 - onnx-ir raises many types on malformed protos
         raise ModelLoadError(f"{path}: malformed ONNX model ({_short(exc)})") from exc
     _oir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
+
+
+@contextlib.contextmanager
+def _quiet_onnx_ir() -> Iterator[None]:
+    """Keep onnx-ir's warnings about a malformed graph off stderr: the verifier reports them, in one line."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 #: A parsed protobuf and its IR take about this many times the file's size.

@@ -134,28 +134,85 @@ def mutated(draw: st.DrawFn, seed: bytes) -> bytes:
     return bytes(data)
 
 
+_OPS = ["ConstantOfShape", "Expand", "Tile", "Range", "Reshape", "Pad", "Resize", "Gather", "MatMul", "Concat",
+        "Transpose", "Squeeze", "Identity", "Add", "NoSuchOp"]
+_DIMS = [0, 1, 2, 3, 16, 1 << 20, 1 << 40, -1]
+_LOCATIONS = ["w.bin", "../w.bin", "/etc/hostname", "missing.bin", "", "sub/../w.bin"]
+
+
+def _tensors(proto: onnx.ModelProto) -> list[TensorProto]:
+    found = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        found += [a.t for a in node.attribute if a.HasField("t")]
+    return found
+
+
+@st.composite
+def proto_mutated(draw: st.DrawFn, seed: bytes) -> bytes:
+    """The seed model with a few structural changes: tensors whose dims, dtype, bytes or external
+    data disagree, nodes turned into other (shape-producing) ops, extreme attributes, odd opsets."""
+    proto = onnx.load_from_string(seed)
+    rng = random.Random(draw(st.integers(0, (1 << 32) - 1)))
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.choice(["dims", "dtype", "raw", "external", "op", "attribute", "inputs", "opset"])
+        tensor = rng.choice(_tensors(proto))
+        node = rng.choice(list(proto.graph.node))
+        if kind == "dims":
+            tensor.dims[:] = [rng.choice(_DIMS) for _ in range(rng.randint(0, 3))]
+        elif kind == "dtype":
+            tensor.data_type = rng.randint(0, 26)
+        elif kind == "raw":
+            tensor.raw_data = rng.randbytes(rng.choice([0, 1, 7, 8, 64, 4096]))
+        elif kind == "external":
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            tensor.external_data.add(key="location", value=rng.choice(_LOCATIONS))
+            for key in ("offset", "length"):
+                if rng.random() < 0.6:
+                    tensor.external_data.add(key=key, value=str(rng.choice([0, 4, 8, 64, 1 << 40, -8])))
+        elif kind == "op":
+            node.op_type = rng.choice(_OPS)
+        elif kind == "attribute":
+            node.attribute.append(helper.make_attribute(rng.choice(["axis", "perm", "value", "axes"]),
+                                                        rng.choice([rng.choice(_DIMS), [rng.choice(_DIMS)] * 2])))
+        elif kind == "inputs":
+            names = [i for n in proto.graph.node for i in n.input] + ["x", "nowhere", ""]
+            node.input[:] = [rng.choice(names) for _ in range(rng.randint(0, 3))]
+        else:
+            proto.opset_import[0].version = rng.choice([1, 7, 13, 17, 21, 23, 99, 1000])
+    return proto.SerializeToString()
+
+
 # --------------------------------------------------------------------------- the check
 
 
-def _check_one(data: bytes, suffix: str, folder: Path, run: Callable[[list[str]], int]) -> None:
-    """Run the CLI's own error path on one mutated file and check what it promises."""
+def _check_one(
+    data: bytes, suffix: str, folder: Path, run: Callable[[list[str]], int], extra_files: dict[str, bytes] | None = None,
+) -> None:
+    """Run the CLI's own error path on one mutated file (beside `extra_files`) and check what it promises."""
+    extra_files = extra_files or {}
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         work = Path(scratch)
         (work / f"in{suffix}").write_bytes(data)
+        for name, content in extra_files.items():
+            (work / name).write_bytes(content)
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
                 _deadline(EXAMPLE_DEADLINE_S):
             code = run_command("optc", run, [str(work / f"in{suffix}"), "-o", str(work / "out.onnx")])
         lines = err.getvalue().splitlines()
         left = sorted(p.name for p in work.iterdir())
+        inputs = sorted([f"in{suffix}", *extra_files])
         assert (work / f"in{suffix}").read_bytes() == data, "the input changed"
+        assert all((work / name).read_bytes() == content for name, content in extra_files.items())
         if code == 0:
-            assert left == sorted([f"in{suffix}", "out.onnx"]), left
+            assert left in (sorted([*inputs, "out.onnx"]), sorted([*inputs, "out.onnx", "out.onnx.data"])), left
             return
         assert code == 1, (code, lines)
         assert len(lines) == 1, lines
         assert lines[0].startswith("optc: error: ") and "internal error" not in lines[0], lines[0]
-        assert left == [f"in{suffix}"], left
+        assert left == inputs, left
 
 
 def _compile(argv: list[str]) -> int:
@@ -199,6 +256,20 @@ def test_onnx_loader_fuzz(seeds, tmp_path_factory, peak_before):
     @given(data=st.data())
     def check(data: st.DataObject) -> None:
         _check_one(data.draw(mutated(seeds["onnx"]), label="mutated onnx"), ".onnx", folder, _compile)
+
+    check()
+
+
+def test_onnx_structure_fuzz(seeds, tmp_path_factory, peak_before):
+    """Well-formed protobufs whose tensors, nodes and opsets disagree: loaded, verified, cleaned up or refused."""
+    folder = tmp_path_factory.mktemp("fuzz-onnx-structure")
+    weights = {"w.bin": np.arange(16, dtype=np.float32).tobytes()}
+
+    @_FUZZ
+    @given(data=st.data())
+    def check(data: st.DataObject) -> None:
+        mutant = data.draw(proto_mutated(seeds["onnx"]), label="mutated onnx")
+        _check_one(mutant, ".onnx", folder, _compile, weights)
 
     check()
 
