@@ -18,9 +18,11 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as _oir
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from optc.errors import ModelLoadError, OptcError
@@ -64,6 +66,7 @@ def load_model(path: str | os.PathLike, *, memory_budget: int | None = None) -> 
         raise ModelLoadError(f"{path}: not an ONNX model or truncated (no graph with outputs)")
     if not proto.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model or truncated (no opset_import)")
+    _check_text(proto, path)
     _check_tensors(proto, path)
     try:
         with _quiet_onnx_ir():
@@ -84,6 +87,31 @@ def _quiet_onnx_ir() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def _check_text(proto: onnx.ModelProto, path: Path) -> None:
+    """Every text field (names, op types, domains, keys) is UTF-8: the protobuf parser lets bad bytes through."""
+    string = FieldDescriptor.TYPE_STRING
+    message = FieldDescriptor.TYPE_MESSAGE
+    stack: list[Any] = [proto]
+    while stack:
+        current = stack.pop()
+        for field, value in current.ListFields():
+            values = value if _is_repeated(field) else [value]
+            if field.type == string:
+                bad = next((v for v in values if not isinstance(v, str)), None)
+                if bad is not None:
+                    raise ModelLoadError(
+                        f"{path}: not an ONNX model or truncated ({field.containing_type.name}.{field.name} "
+                        f"{bytes(bad)[:40]!r} is not UTF-8 text)"
+                    )
+            elif field.type == message:
+                stack.extend(values)
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    repeated = getattr(field, "is_repeated", None)
+    return bool(repeated) if repeated is not None else field.label == FieldDescriptor.LABEL_REPEATED
 
 
 #: A parsed protobuf and its IR take about this many times the file's size.
@@ -173,7 +201,7 @@ def _check_external(
         raise ModelLoadError(f"{path}: external data of {where} has a malformed offset or length") from None
     if offset < 0 or (length is not None and length < 0):
         raise ModelLoadError(f"{path}: external data of {where} has a negative offset or length")
-    file = folder / normal
+    file = folder / location  # as the reader will open it ("sub/../w.bin" needs a folder sub)
     if file not in sizes:
         if not file.exists():
             raise ModelLoadError(f"{path}: external data file {location!r} is missing")

@@ -239,6 +239,8 @@ ONNX_CASES = {
     "external-absolute-path": (lambda d: _external(str(d.parent / "outside.bin")), ["outside the model's folder"]),
     "external-sneaky-path": (lambda d: _external("sub/../../outside.bin"), ["outside the model's folder"]),
     "external-not-a-file": (lambda d: _external("folder"), ["'folder'", "not a regular file"]),
+    # (found by the fuzzer) lexically inside, but the reader opens it as written and "sub" does not exist
+    "external-through-a-missing-folder": (lambda d: _external("sub/../w.bin"), ["'sub/../w.bin'", "missing"]),
 }
 
 
@@ -261,6 +263,22 @@ def test_onnx_tensor_sizes_and_places_are_checked_at_load(tmp_path, name):
     for text in mentions:
         assert text in line, line
     assert snapshot(work) == before
+
+
+@pytest.mark.parametrize(("field", "text"), [("name", b"add_node"), ("op_type", b"Add")])
+def test_text_that_is_not_utf8_is_refused_at_load(tmp_path, field, text):
+    """(Found by the fuzzer) a node name or op type of invalid UTF-8 crashed the verifier or the writer."""
+    path = _onnx_with(tmp_path, _raw(16))
+    proto = onnx.load(str(path))
+    proto.graph.node[0].name = "add_node"
+    data = proto.SerializeToString()
+    assert data.count(text) == 1
+    path.write_bytes(data.replace(text, text[:-1] + b"\xff"))
+    before = snapshot(tmp_path)
+    run = run_in_process(Job([path.name, "-o", "out.onnx", "--no-runtime-check"], tmp_path))
+    assert run.returncode == 1 and len(run.stderr_lines) == 1, run
+    assert f"NodeProto.{field}" in run.stderr and "is not UTF-8 text" in run.stderr, run
+    assert snapshot(tmp_path) == before
 
 
 def test_well_formed_external_data_still_loads(tmp_path):
