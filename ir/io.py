@@ -67,6 +67,7 @@ def load_model(path: str | os.PathLike, *, memory_budget: int | None = None) -> 
     if not proto.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model or truncated (no opset_import)")
     _check_text(proto, path)
+    _check_attributes(proto, path)
     _check_tensors(proto, path)
     try:
         with _quiet_onnx_ir():
@@ -122,11 +123,33 @@ _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "doubl
 _COMPLEX = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
 
 
-def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
-    """Every TensorProto of the model (initializers, tensor attributes, subgraphs), with what holds it."""
+def _all_graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph and every subgraph, however deep."""
     graphs = [proto.graph]
     while graphs:
         graph = graphs.pop()
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def _check_attributes(proto: onnx.ModelProto, path: Path) -> None:
+    """Every attribute says its type (onnx-ir keeps an untyped one, then cannot write it back)."""
+    for graph in _all_graphs(proto):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.UNDEFINED and not attr.ref_attr_name:
+                    raise ModelLoadError(
+                        f"{path}: attribute {attr.name!r} of node {node.name or node.op_type!r} has no type"
+                    )
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """Every TensorProto of the model (initializers, tensor attributes, subgraphs), with what holds it."""
+    for graph in _all_graphs(proto):
         for tensor_proto in graph.initializer:
             yield tensor_proto, f"initializer {tensor_proto.name!r}"
         for sparse in graph.sparse_initializer:
@@ -141,9 +164,6 @@ def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str
                     yield tensor_proto, where
                 if attr.HasField("sparse_tensor"):
                     yield attr.sparse_tensor.values, where
-                if attr.HasField("g"):
-                    graphs.append(attr.g)
-                graphs.extend(attr.graphs)
 
 
 def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import onnx
@@ -132,7 +133,10 @@ def _inferred_output_bytes(node: Node, opset: int, ir_version: int) -> int | Non
         schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
     except onnx.defs.SchemaError:
         return None
-    proto_node = node_to_proto(node)
+    try:
+        proto_node = node_to_proto(node)
+    except Exception:  # noqa: BLE001 - a node onnx-ir cannot write (e.g. an attribute without a type)
+        return None
     del proto_node.input[:]
     types: dict[str, onnx.TypeProto] = {}
     data: dict[str, onnx.TensorProto] = {}
@@ -168,7 +172,7 @@ def _inferred_output_bytes(node: Node, opset: int, ir_version: int) -> int | Non
             return None
         try:
             width = DataType(tensor_type.elem_type).bitwidth
-        except ValueError:
+        except Exception:  # noqa: BLE001 - unknown types, and strings (no bit width): not folded
             return None
         total += (int(np.prod([d.dim_value for d in dims], dtype=object)) * width + 7) // 8
     return total
@@ -177,7 +181,10 @@ def _inferred_output_bytes(node: Node, opset: int, ir_version: int) -> int | Non
 def _run_node(node: Node, opset: int, ir_version: int) -> list[np.ndarray] | None:
     """Evaluate one node with onnx's reference evaluator; None when it cannot."""
     feeds: dict[str, np.ndarray] = {}
-    proto_node = node_to_proto(node)
+    try:
+        proto_node = node_to_proto(node)
+    except Exception:  # noqa: BLE001 - see _inferred_output_bytes
+        return None
     del proto_node.input[:]
     for i, value in enumerate(node.inputs):
         if value is None:
@@ -197,7 +204,9 @@ def _run_node(node: Node, opset: int, ir_version: int) -> list[np.ndarray] | Non
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
     try:
-        results = onnx.reference.ReferenceEvaluator(proto).run(None, feeds)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NaN or overflow in a folded constant is the model's own
+            results = onnx.reference.ReferenceEvaluator(proto).run(None, feeds)
     except Exception:  # noqa: BLE001 - an op the evaluator cannot run is simply not folded
         return None
     arrays = [np.asarray(r) for r in results]

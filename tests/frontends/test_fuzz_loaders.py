@@ -41,7 +41,7 @@ EXAMPLE_DEADLINE_S = 60
 PEAK_GROWTH_LIMIT_KIB = 1 << 20
 
 _FUZZ = settings(
-    max_examples=60, deadline=None, derandomize=True, database=None,
+    max_examples=150, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -285,7 +285,7 @@ def test_gguf_loader_fuzz(seeds, tmp_path_factory, peak_before):
         mp.setattr(torch_frontend, "export_module", stop)
         mp.setenv("OPTC_NO_CACHE", "1")
 
-        @settings(_FUZZ, max_examples=40)
+        @settings(_FUZZ, max_examples=60)
         @given(data=st.data())
         def check(data: st.DataObject) -> None:
             _check_one(data.draw(mutated(seeds["gguf"]), label="mutated gguf"), ".gguf", folder, _compile)

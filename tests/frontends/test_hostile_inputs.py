@@ -281,6 +281,19 @@ def test_text_that_is_not_utf8_is_refused_at_load(tmp_path, field, text):
     assert snapshot(tmp_path) == before
 
 
+def test_attribute_without_a_type_is_refused_at_load(tmp_path):
+    """(Found by the fuzzer) onnx-ir keeps an untyped attribute, then fails to write the output."""
+    path = _onnx_with(tmp_path, _raw(16))
+    proto = onnx.load(str(path))
+    proto.graph.node[0].attribute.add(name="mystery")  # no type
+    path.write_bytes(proto.SerializeToString())
+    before = snapshot(tmp_path)
+    run = run_in_process(Job([path.name, "-o", "out.onnx", "--no-runtime-check"], tmp_path))
+    assert run.returncode == 1 and len(run.stderr_lines) == 1, run
+    assert "attribute 'mystery' of node 'Add' has no type" in run.stderr, run
+    assert snapshot(tmp_path) == before
+
+
 def test_well_formed_external_data_still_loads(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "w.bin").write_bytes(b"\0" * 16 + np.arange(4, dtype=np.float32).tobytes())

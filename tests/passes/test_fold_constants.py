@@ -295,3 +295,35 @@ g (float[4,8] x) => (float[4,8] y)
     result = b.run(model, "cleanup")
     assert [n.op_type for n in result.model.graph] == ["Mul"]
     b.assert_same_outputs(before, result.model)
+
+
+def test_cast_to_string_is_left_alone():
+    """(Found by the fuzzer) a result of type STRING has no bit width: not folded, no crash."""
+    model = b.text_model(
+        """
+g (float[2] x) => (string[2] y) <float[2] c = {1.0, 2.0}>
+{
+  y = Cast<to=8>(c)
+}
+"""
+    )
+    assert not b.run(model, "fold-constants").modified
+
+
+def test_numeric_warnings_stay_quiet():
+    """Folding 0/0 gives NaN, as the model says, without numpy's RuntimeWarning on stderr."""
+    model = b.text_model(
+        """
+g (float[1] x) => (float[1] y) <float[1] z = {0.0}>
+{
+  q = Div(z, z)
+  y = Add(x, q)
+}
+"""
+    )
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert b.run(model, "fold-constants").modified
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
