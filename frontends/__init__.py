@@ -24,6 +24,8 @@ def load_input(path: str | Path, *, memory_budget: int | None = None) -> Model:
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
+    if not path.is_dir() and not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file or a directory (a pipe or a device cannot be read as a model)")
     if path.is_dir() or path.suffix.lower() == ".gguf" or (path.suffix.lower() != ".onnx" and _is_gguf(path)):
         from optc.frontends.transformers import load_transformers
 

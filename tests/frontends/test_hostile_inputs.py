@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import struct
 from pathlib import Path
 
@@ -300,6 +301,22 @@ def test_well_formed_external_data_still_loads(tmp_path):
     path = _onnx_with(tmp_path, _external("sub/w.bin", 16, 16))
     model = load_input(path)
     np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), np.arange(4, dtype=np.float32))
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".gguf", ".bin"])
+def test_a_pipe_is_refused_without_blocking(tmp_path, suffix):
+    """Opening a FIFO blocks until a writer comes; the loader refuses it unopened."""
+    import os
+
+    pipe = tmp_path / f"model{suffix}"
+    os.mkfifo(pipe)
+    signal.alarm(20)  # a regression would block here: end it as a failure instead
+    try:
+        with pytest.raises(ModelLoadError) as info:
+            load_input(pipe)
+    finally:
+        signal.alarm(0)
+    assert "not a regular file" in _one_line(info)
 
 
 # --------------------------------------------------------------------------- --memory-budget
