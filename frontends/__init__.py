@@ -15,17 +15,23 @@ from optc.frontends.onnx import load_onnx
 from optc.ir import Model
 
 
-def load_input(path: str | Path) -> Model:
-    """Load any supported input; the format follows the path."""
+def load_input(path: str | Path, *, memory_budget: int | None = None) -> Model:
+    """Load any supported input; the format follows the path.
+
+    `memory_budget` (bytes; None: unchecked) refuses, before anything large is allocated,
+    an input whose load is estimated to need more memory.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
+    if not path.is_dir() and not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file or a directory (a pipe or a device cannot be read as a model)")
     if path.is_dir() or path.suffix.lower() == ".gguf" or (path.suffix.lower() != ".onnx" and _is_gguf(path)):
         from optc.frontends.transformers import load_transformers
 
-        return load_transformers(path)
+        return load_transformers(path, memory_budget=memory_budget)
     if path.suffix.lower() == ".onnx":
-        return load_onnx(path)
+        return load_onnx(path, memory_budget=memory_budget)
     raise ModelLoadError(
         f"{path}: unsupported input format '{path.suffix or path.name}'; "
         "give an .onnx file, a Hugging Face model directory or a .gguf file"

@@ -41,6 +41,7 @@ No hub is ever contacted: `HF_HUB_OFFLINE=1` and `local_files_only=True`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -63,6 +64,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from optc.errors import ModelLoadError, OptcError  # noqa: E402
+from optc.frontends.headers import WeightsHeld, read_gguf_header, weights_held  # noqa: E402
 from optc.ir import (  # noqa: E402 - the offline switches must be set before transformers is imported
     DEFAULT_OPSET,
     Model,
@@ -74,6 +76,7 @@ from optc.ir import (  # noqa: E402 - the offline switches must be set before tr
     verify,
 )
 from optc.ir.annotations import ARCHITECTURE, HF_CONFIG  # noqa: E402
+from optc.memory import check_budget, format_size  # noqa: E402
 
 _log = logging.getLogger("optc.frontends.transformers")
 
@@ -113,6 +116,8 @@ class _Source:
     path: Path
     folder: Path
     gguf_file: str | None = None
+    #: Bytes the export may use (None: unchecked); see `_check_what_the_files_hold`.
+    memory_budget: int | None = None
 
     @property
     def label(self) -> str:
@@ -145,9 +150,15 @@ def supported_architectures() -> str:
 # --------------------------------------------------------------------------- entry point
 
 
-def load_transformers(path: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> Model:
-    """Load a Hugging Face model directory or `.gguf` file into optc's IR (export cached)."""
-    source = _source(Path(path))
+def load_transformers(
+    path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, memory_budget: int | None = None,
+) -> Model:
+    """Load a Hugging Face model directory or `.gguf` file into optc's IR (export cached).
+
+    Before the weights are read, the parameter count the config implies is checked against
+    what the files hold, and the export's estimated memory against `memory_budget` (bytes).
+    """
+    source = dataclasses.replace(_source(Path(path)), memory_budget=memory_budget)
     settings = {"opset": opset, "example": [_EXAMPLE_BATCH, _EXAMPLE_SEQ], "format": EXPORT_FORMAT_VERSION}
     use_cache = os.environ.get("OPTC_NO_CACHE", "") in ("", "0")
     if use_cache:
@@ -292,8 +303,15 @@ def _export_entry(source: _Source, opset: int, entry: Path) -> None:
 
 def _export(source: _Source, opset: int) -> Model:
     start = time.perf_counter()
+    if not source.gguf_file:
+        config_json = _check_config_json(source)
+    held = _weights_held(source)
+    if not source.gguf_file:
+        for key in _LAYER_COUNT_KEYS:
+            _check_layer_count(source, key, config_json.get(key), held)
     config = _load_config(source)
     task = _task(source, config)
+    _check_what_the_files_hold(source, config, task, held)
     hf_model = _load_weights(source, task)
     tokenizer = _load_tokenizer(source)
     _log.info("loaded %s (%s) in %.1fs", source.label, type(hf_model).__name__, time.perf_counter() - start)
@@ -332,8 +350,6 @@ def _export(source: _Source, opset: int) -> Model:
 
 
 def _load_config(source: _Source) -> Any:
-    if not source.gguf_file:
-        _check_config_json(source)
     from transformers import AutoConfig
 
     try:
@@ -351,12 +367,14 @@ def _load_config(source: _Source) -> Any:
         raise ModelLoadError(f"{source.label}: cannot read the {what}: {message}") from exc
 
 
-def _check_config_json(source: _Source) -> None:
-    """Reject an unsupported architecture before transformers tries to resolve it."""
+def _check_config_json(source: _Source) -> dict[str, Any]:
+    """config.json as read, or an unsupported architecture rejected before transformers resolves it."""
     path = source.folder / "config.json"
     try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ModelLoadError(f"{path}: not a readable config.json (over {_MAX_CONFIG_BYTES >> 20} MiB)")
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"{path}: not a readable config.json ({_first_line(exc)})") from exc
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path}: not a readable config.json (not a JSON object)")
@@ -364,6 +382,102 @@ def _check_config_json(source: _Source) -> None:
     if not model_type:
         raise ModelLoadError(f"{path}: config.json has no 'model_type'")
     _check_supported(source, str(model_type), config.get("architectures"))
+    return config
+
+
+#: A config.json is a few kilobytes; one larger than this is not read.
+_MAX_CONFIG_BYTES = 16 << 20
+#: Config entries that count layers (transformers builds per-layer lists from them on reading the config).
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers", "num_layers", "n_layer")
+
+
+def _check_layer_count(source: _Source, key: str, layers: Any, held: WeightsHeld) -> None:
+    """Every layer holds parameters: more layers than parameters in the files is refused unread."""
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > max(held.elements, 1):
+        raise ModelLoadError(
+            f"{source.label}: config describes {layers} layers ({key}) but the "
+            f"{'file holds' if source.gguf_file else 'files hold'} {held.elements} parameters; refusing to allocate"
+        )
+
+
+def _weights_held(source: _Source) -> WeightsHeld:
+    """What the input's weight files hold, read from their headers (each checked against the file's size)."""
+    if source.gguf_file:
+        header = read_gguf_header(source.path)
+        arch = header.metadata.get("general.architecture")
+        held = WeightsHeld(header.elements, header.tensor_bytes)
+        if isinstance(arch, str):
+            _check_layer_count(source, f"{arch}.block_count", header.metadata.get(f"{arch}.block_count"), held)
+        return held
+    held = weights_held(source.folder, source.label)
+    if held.elements == 0 and held.tensor_bytes == 0:
+        raise ModelLoadError(
+            f"{source.label}: cannot read the weights: the directory holds no weight files "
+            "(.safetensors, or .bin and other checkpoints)"
+        )
+    return held
+
+
+#: The files must hold at least this share of the parameters the config implies
+#: (a little slack for parameters a checkpoint may leave out, such as an encoder's pooler).
+_MIN_SHARE_HELD = 0.5
+#: Bytes per parameter the export needs at its peak: float32 weights of the model and of
+#: its export; reading a GGUF file adds its dequantized float32 copy.
+_EXPORT_BYTES_PER_PARAMETER = 8
+_GGUF_EXTRA_BYTES_PER_PARAMETER = 4
+
+
+def _check_what_the_files_hold(source: _Source, config: Any, task: _Task, held: WeightsHeld) -> None:
+    """Refuse, before allocating, a config the files cannot fill, or an export over the memory budget."""
+    parameters = _implied_parameters(source, config, task)
+    where = "the file holds" if source.gguf_file else "the files hold"
+    if held.elements < parameters * _MIN_SHARE_HELD:
+        raise ModelLoadError(
+            f"{source.label}: config describes {_count(parameters)} parameters but {where} "
+            f"{format_size(held.tensor_bytes)} of tensor data ({_count(held.elements)} parameters); refusing to allocate"
+        )
+    per_parameter = _EXPORT_BYTES_PER_PARAMETER + (_GGUF_EXTRA_BYTES_PER_PARAMETER if source.gguf_file else 0)
+    check_budget(
+        source.label, parameters * per_parameter, source.memory_budget,
+        f"exporting it ({_count(parameters)} parameters in float32)",
+    )
+
+
+def _count(n: int) -> str:
+    """A parameter count as people write it: 6.7B, 135.0M, 12.3K, 950."""
+    for suffix, factor in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= factor:
+            return f"{n / factor:.1f}{suffix}"
+    return str(n)
+
+
+def _implied_parameters(source: _Source, config: Any, task: _Task) -> int:
+    """The parameter count of the model the config describes, built on the meta device (nothing allocated).
+
+    Deep models are counted from one- and two-layer builds (every layer has the same
+    parameters), so even a config of absurd depth costs two small builds.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if task.kind == "causal-lm" else AutoModel
+    layers = getattr(config, "num_hidden_layers", None)
+
+    def count(num_layers: int | None) -> int:
+        shallow = copy.deepcopy(config)
+        if num_layers is not None:
+            shallow.num_hidden_layers = num_layers
+        with torch.device("meta"), _quiet():
+            model = cls.from_config(shallow)
+        return sum(p.numel() for p in model.parameters())
+
+    try:
+        if not isinstance(layers, int) or layers <= 2:
+            return count(None)
+        one, two = count(1), count(2)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for inconsistent configs
+        what = "GGUF file" if source.gguf_file else "config.json"
+        raise ModelLoadError(f"{source.label}: cannot read the {what}: {_first_line(exc)}") from exc
+    return one + (layers - 1) * (two - one)
 
 
 def _check_supported(source: _Source, model_type: str, architectures: Any) -> None:
@@ -421,7 +535,8 @@ def _load_weights(source: _Source, task: _Task) -> Any:
     for kind, keys in problems.items():
         if keys:
             shown = ", ".join(sorted(keys)[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-            raise ModelLoadError(f"{source.label}: the weights do not match config.json: {kind} {shown}")
+            what = "its metadata" if source.gguf_file else "config.json"
+            raise ModelLoadError(f"{source.label}: the weights do not match {what}: {kind} {shown}")
     return model.eval()
 
 

@@ -11,14 +11,18 @@ always saved with external data.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as _oir
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from optc.errors import ModelLoadError, OptcError, WriteError
@@ -30,15 +34,28 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 
-def load_model(path: str | os.PathLike) -> Model:
-    """Load an ONNX file into the IR, with one clear error for every bad input."""
+def load_model(path: str | os.PathLike, *, memory_budget: int | None = None) -> Model:
+    """Load an ONNX file into the IR, with one clear error for every bad input.
+
+    Every tensor's size is checked against its shape and dtype (inline bytes, and external
+    data's offset and length against its file) and external data must lie inside the model's
+    folder, before any weight is read. `memory_budget` (bytes) refuses a file whose protobuf
+    alone would take more (external data is memory-mapped, not counted).
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
-    if path.stat().st_size == 0:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file (a pipe or a device cannot be an ONNX model)")
+    size = path.stat().st_size
+    if size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
+    if memory_budget is not None:
+        from optc.memory import check_budget
+
+        check_budget(str(path), PROTOBUF_MEMORY_FACTOR * size, memory_budget, "loading its protobuf")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
@@ -49,33 +66,182 @@ def load_model(path: str | os.PathLike) -> Model:
         raise ModelLoadError(f"{path}: not an ONNX model or truncated (no graph with outputs)")
     if not proto.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model or truncated (no opset_import)")
+    _check_text(proto, path)
+    _check_attributes(proto, path)
+    _check_tensors(proto, path)
     try:
-        model = _oir.serde.deserialize_model(proto)
+        with _quiet_onnx_ir():
+            model = _oir.serde.deserialize_model(proto)
     except Exception as exc:  # noqa: BLE001 - onnx-ir raises many types on malformed protos
         raise ModelLoadError(f"{path}: malformed ONNX model ({_short(exc)})") from exc
     _oir.external_data.set_base_dir(model.graph, str(path.parent))
-    _check_external_data(model, path)
     return model
 
 
-def _check_external_data(model: Model, path: Path) -> None:
-    """Every external tensor must point into a file that holds all its bytes."""
-    sizes: dict[str, int] = {}
-    for value in model.graph.initializers.values():
-        data = value.const_value
-        if not isinstance(data, ExternalTensor):
+@contextlib.contextmanager
+def _quiet_onnx_ir() -> Iterator[None]:
+    """Keep onnx-ir's warnings about a malformed graph off stderr: the verifier reports them, in one line."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_text(proto: onnx.ModelProto, path: Path) -> None:
+    """Every text field (names, op types, domains, keys) is UTF-8: the protobuf parser lets bad bytes through."""
+    string = FieldDescriptor.TYPE_STRING
+    message = FieldDescriptor.TYPE_MESSAGE
+    stack: list[Any] = [proto]
+    while stack:
+        current = stack.pop()
+        for field, value in current.ListFields():
+            values = value if _is_repeated(field) else [value]
+            if field.type == string:
+                bad = next((v for v in values if not isinstance(v, str)), None)
+                if bad is not None:
+                    raise ModelLoadError(
+                        f"{path}: not an ONNX model or truncated ({field.containing_type.name}.{field.name} "
+                        f"{bytes(bad)[:40]!r} is not UTF-8 text)"
+                    )
+            elif field.type == message:
+                stack.extend(values)
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    repeated = getattr(field, "is_repeated", None)
+    return bool(repeated) if repeated is not None else field.label == FieldDescriptor.LABEL_REPEATED
+
+
+#: A parsed protobuf and its IR take about this many times the file's size.
+PROTOBUF_MEMORY_FACTOR = 2
+
+#: TensorProto fields holding typed values, and how many of them each element takes.
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+_COMPLEX = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+
+
+def _all_graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph and every subgraph, however deep."""
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def _check_attributes(proto: onnx.ModelProto, path: Path) -> None:
+    """Every attribute says its type (onnx-ir keeps an untyped one, then cannot write it back)."""
+    for graph in _all_graphs(proto):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.UNDEFINED and not attr.ref_attr_name:
+                    raise ModelLoadError(
+                        f"{path}: attribute {attr.name!r} of node {node.name or node.op_type!r} has no type"
+                    )
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """Every TensorProto of the model (initializers, tensor attributes, subgraphs), with what holds it."""
+    for graph in _all_graphs(proto):
+        for tensor_proto in graph.initializer:
+            yield tensor_proto, f"initializer {tensor_proto.name!r}"
+        for sparse in graph.sparse_initializer:
+            yield sparse.values, f"sparse initializer {sparse.values.name!r}"
+            yield sparse.indices, f"sparse initializer {sparse.values.name!r} (indices)"
+        for node in graph.node:
+            for attr in node.attribute:
+                where = f"attribute {attr.name!r} of node {node.name or node.op_type!r}"
+                if attr.HasField("t"):
+                    yield attr.t, where
+                for tensor_proto in attr.tensors:
+                    yield tensor_proto, where
+                if attr.HasField("sparse_tensor"):
+                    yield attr.sparse_tensor.values, where
+
+
+def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
+    """Each tensor holds exactly the bytes its shape and dtype need; external data stays in the model's folder."""
+    folder = path.parent
+    sizes: dict[Path, int] = {}
+    for tensor_proto, where in _all_tensors(proto):
+        if any(d < 0 for d in tensor_proto.dims):
+            raise ModelLoadError(f"{path}: {where} has a negative dimension {list(tensor_proto.dims)}")
+        try:
+            dtype = _oir.DataType(tensor_proto.data_type)
+            if dtype == _oir.DataType.UNDEFINED:
+                raise ValueError(dtype)
+        except ValueError:
+            raise ModelLoadError(f"{path}: {where} has unknown data type {tensor_proto.data_type}") from None
+        if dtype == _oir.DataType.STRING:
             continue
-        file = str(data.path)
-        if file not in sizes:
-            if not os.path.isfile(file):
-                raise ModelLoadError(f"{path}: external data file {data.location!r} is missing")
-            sizes[file] = os.path.getsize(file)
-        end = (data.offset or 0) + (data.length if data.length is not None else data.nbytes)
-        if end > sizes[file]:
-            raise ModelLoadError(
-                f"{path}: external data file {data.location!r} is truncated "
-                f"(tensor {value.name!r} needs {end} bytes, file has {sizes[file]})"
-            )
+        elements = math.prod(tensor_proto.dims)
+        nbytes = (elements * dtype.bitwidth + 7) // 8
+        if tensor_proto.data_location == onnx.TensorProto.EXTERNAL:
+            _check_external(tensor_proto, where, nbytes, path, folder, sizes)
+        elif tensor_proto.HasField("raw_data"):
+            if len(tensor_proto.raw_data) != nbytes:
+                raise ModelLoadError(
+                    f"{path}: {where} of {dtype.name} {list(tensor_proto.dims)} needs {nbytes} bytes "
+                    f"but holds {len(tensor_proto.raw_data)}"
+                )
+        else:
+            held = sum(len(getattr(tensor_proto, field)) for field in _TYPED_FIELDS)
+            per_element = 2 if tensor_proto.data_type in _COMPLEX else 1
+            needed = (elements + 1) // 2 if dtype.bitwidth == 4 else elements * per_element
+            if held != needed and not (held == 0 and elements == 0):
+                raise ModelLoadError(
+                    f"{path}: {where} of {dtype.name} {list(tensor_proto.dims)} needs {needed} values but holds {held}"
+                )
+
+
+def _check_external(
+    tensor_proto: onnx.TensorProto, where: str, nbytes: int, path: Path, folder: Path, sizes: dict[Path, int],
+) -> None:
+    """External data: inside the model's folder, present, and its offset and length within the file."""
+    info = {entry.key: entry.value for entry in tensor_proto.external_data}
+    location = info.get("location", "")
+    normal = os.path.normpath(location) if location else ""
+    if not location or os.path.isabs(location) or normal == ".." or normal.startswith(".." + os.sep) or (
+        os.altsep and normal.startswith(".." + os.altsep)
+    ):
+        raise ModelLoadError(
+            f"{path}: external data {location!r} of {where} is outside the model's folder; refusing to read it"
+        )
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ModelLoadError(f"{path}: external data of {where} has a malformed offset or length") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelLoadError(f"{path}: external data of {where} has a negative offset or length")
+    file = folder / location  # as the reader will open it ("sub/../w.bin" needs a folder sub)
+    if file not in sizes:
+        if not file.exists():
+            raise ModelLoadError(f"{path}: external data file {location!r} is missing")
+        if not file.is_file():
+            raise ModelLoadError(f"{path}: external data file {location!r} is not a regular file")
+        sizes[file] = file.stat().st_size
+    if length is not None and length != nbytes:
+        raise ModelLoadError(
+            f"{path}: external data of {where} has length {length} but its shape and dtype need {nbytes} bytes"
+        )
+    if offset > sizes[file]:
+        raise ModelLoadError(
+            f"{path}: external data file {location!r} is truncated "
+            f"({where} starts at offset {offset}, beyond the file's {sizes[file]} bytes)"
+        )
+    if offset + nbytes > sizes[file]:
+        raise ModelLoadError(
+            f"{path}: external data file {location!r} is truncated "
+            f"({where} needs {offset + nbytes} bytes, file has {sizes[file]})"
+        )
 
 
 def has_external_data(model: Model) -> bool:

@@ -28,6 +28,7 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
     report: str | Path | None = None,
     remarks: str | None = None,
     strict: bool = False,
+    memory_budget: int | str | None = None,
 ) -> CompileResult:
     """Compile a model and write the artifact; returns its path (`.artifact.path`) and a summary.
 
@@ -38,6 +39,9 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
 
     The passes' remarks are on `.remarks` (`optc.passes.Remark`); `remarks=REGEX` also prints those
     of the passes it names, and `strict=True` fails on a `missed` remark (`optc.passes.RemarkError`).
+    `dynamic_axes` says otherwise). `memory_budget` (bytes, or text such as `"8G"`;
+    default: the memory available) refuses a path input whose load would need more.
+    Raises `optc.errors.OptcError` on failure.
     """
     options = CompileOptions(
         passes=passes,
@@ -50,6 +54,7 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
         report=Path(report) if report is not None else None,
         remarks=remarks,
         strict=strict,
+        memory_budget=memory_budget,
     )
     if isinstance(model, (str, Path)):
         return compile_file(model, output, options)

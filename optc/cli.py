@@ -60,12 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate before and after (size, held-out perplexity, latency); on by default for the default model; "
              "if the comparison fails, the run fails and keeps no output",
     )
+    parser.add_argument(
+        "--memory-budget", type=_memory_size, metavar="SIZE",
+        help="memory a load may use, e.g. 8G or 512M; refused before loading when the estimate exceeds it "
+        "(default: the memory available to this process, cgroup limits included)",
+    )
     parser.add_argument("--no-runtime-check", action="store_true", help="do not load the result in its runtime")
     parser.add_argument("--list-passes", action="store_true", help="list every registered pass and exit")
     parser.add_argument("--print-pipeline", action="store_true", help="print the canonical pipeline and exit")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     parser.add_argument("--version", action="version", version=f"optc {__version__}")
     return parser
+
+
+def _memory_size(text: str) -> int:
+    from optc.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def list_passes() -> str:
@@ -145,6 +159,7 @@ def run(argv: list[str]) -> int:
         remarks=args.remarks,
         strict=args.strict,
         compare=compare,
+        memory_budget=args.memory_budget,
     )
     result = compile_file(args.input, args.output, options)
     if result.timing and args.timing:

@@ -24,6 +24,7 @@ from optc.errors import (
 from optc.frontends import load_input
 from optc.frontends.calibration import check_calibration
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
+from optc.memory import resolve_budget
 from optc.outputs import Inputs, RunFiles, Written, check_input_kind, check_writes
 from optc.passes import (
     AnalysisManager,
@@ -67,6 +68,8 @@ class CompileOptions:
     remarks: str | None = None
     #: Fail (exit 1, nothing written) when a pass emits a `missed` remark (`--strict`).
     strict: bool = False
+    #: Memory a load may use, in bytes or as text (`8G`); None: what the machine has available.
+    memory_budget: int | str | None = None
 
 
 @dataclasses.dataclass
@@ -158,10 +161,11 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     backend = _backend(options, output)
     parse_pipeline(options.passes if options.passes is not None else DEFAULT_PIPELINE)
     _remark_filter(options.remarks)
+    budget = _memory_budget(options)
     check_input_kind(input_path)
     # Before anything is read: no write may touch the input file or anything in an input directory.
     check_writes(planned_writes(backend, output, options.report), run_inputs(input_path, options))
-    model = load_input(input_path)
+    model = load_input(input_path, memory_budget=budget)
     return compile_model(model, output, options, source=input_path, start=start)
 
 
@@ -172,6 +176,14 @@ def _backend(options: CompileOptions, output: Path) -> Backend:
     backend = get_backend(options.target)
     backend.check_output_suffix(output)
     return backend
+
+
+def _memory_budget(options: CompileOptions) -> int | None:
+    """The budget in bytes (an ill-typed one is a usage error); None when the machine's memory is unknown."""
+    try:
+        return resolve_budget(options.memory_budget)
+    except ValueError as exc:
+        raise UsageError(f"memory budget: {exc}") from exc
 
 
 def compile_model(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx.reference
+import onnx.shape_inference
 
 from optc.ir import (
     NONDETERMINISTIC_OPS,
@@ -88,8 +91,10 @@ class FoldConstants(Pass):
         # consumer), so folding never duplicates weight data (e.g. a tied embedding's Transpose).
         freed = all(all(c is node for c in v.consumers()) and not v.is_graph_output() for v in inputs)
         input_bytes = sum(v.const_value.nbytes for v in inputs) if freed else 0
-        expected = _expected_output_bytes(node)
-        if expected is not None and expected > max(self.options.size_limit, input_bytes):
+        # The output's size comes from the inputs' values, never from the shapes the file declares
+        # (a file can declare a small shape for a huge result): unknown means not folded.
+        expected = _inferred_output_bytes(node, opset, ir_version)
+        if expected is None or expected > max(self.options.size_limit, input_bytes):
             return None
         arrays = _run_node(node, opset, ir_version)
         if arrays is None:
@@ -114,19 +119,72 @@ def _static_shape_result(node: Node) -> list[np.ndarray] | None:
     return [np.array(dims[start:end], dtype=np.int64)]
 
 
-def _expected_output_bytes(node: Node) -> int | None:
+#: Constant inputs up to this many elements are given to shape inference as values (shapes, repeats, pads...).
+_VALUE_ELEMENTS = 4096
+
+
+def _inferred_output_bytes(node: Node, opset: int, ir_version: int) -> int | None:
+    """Bytes of the node's outputs by ONNX shape inference from its inputs' shapes and small values.
+
+    None when any output's shape or type stays unknown: the node is then not evaluated, since
+    nothing bounds what evaluating it would allocate.
+    """
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    except onnx.defs.SchemaError:
+        return None
+    try:
+        proto_node = node_to_proto(node)
+    except Exception:  # noqa: BLE001 - a node onnx-ir cannot write (e.g. an attribute without a type)
+        return None
+    del proto_node.input[:]
+    types: dict[str, onnx.TypeProto] = {}
+    data: dict[str, onnx.TensorProto] = {}
+    for i, value in enumerate(node.inputs):
+        if value is None:
+            proto_node.input.append("")
+            continue
+        name = f"in{i}"
+        proto_node.input.append(name)
+        const = value.const_value
+        dims = [int(d) for d in const.shape]
+        types[name] = onnx.helper.make_tensor_type_proto(int(const.dtype), dims)
+        if const.size <= _VALUE_ELEMENTS:
+            data[name] = onnx.numpy_helper.from_array(np.asarray(const.numpy()), name)
+    del proto_node.output[:]
+    proto_node.output.extend(f"out{i}" for i in range(len(node.outputs)))
+    try:
+        inferred = onnx.shape_inference.infer_node_outputs(
+            schema, proto_node, types, data, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=ir_version,
+        )
+    except Exception:  # noqa: BLE001 - inference rejects many inconsistent nodes; they are not folded
+        return None
     total = 0
-    for out in node.outputs:
-        if out.shape is None or out.dtype is None or not all(isinstance(d, int) for d in out.shape):
+    for name in proto_node.output:
+        type_proto = inferred.get(name)
+        if type_proto is None or not type_proto.HasField("tensor_type"):
             return None
-        total += int(np.prod([int(d) for d in out.shape])) * out.dtype.itemsize
+        tensor_type = type_proto.tensor_type
+        if not tensor_type.elem_type or not tensor_type.HasField("shape"):
+            return None
+        dims = tensor_type.shape.dim
+        if not all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+            return None
+        try:
+            width = DataType(tensor_type.elem_type).bitwidth
+        except Exception:  # noqa: BLE001 - unknown types, and strings (no bit width): not folded
+            return None
+        total += (int(np.prod([d.dim_value for d in dims], dtype=object)) * width + 7) // 8
     return total
 
 
 def _run_node(node: Node, opset: int, ir_version: int) -> list[np.ndarray] | None:
     """Evaluate one node with onnx's reference evaluator; None when it cannot."""
     feeds: dict[str, np.ndarray] = {}
-    proto_node = node_to_proto(node)
+    try:
+        proto_node = node_to_proto(node)
+    except Exception:  # noqa: BLE001 - see _inferred_output_bytes
+        return None
     del proto_node.input[:]
     for i, value in enumerate(node.inputs):
         if value is None:
@@ -146,7 +204,9 @@ def _run_node(node: Node, opset: int, ir_version: int) -> list[np.ndarray] | Non
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
     try:
-        results = onnx.reference.ReferenceEvaluator(proto).run(None, feeds)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NaN or overflow in a folded constant is the model's own
+            results = onnx.reference.ReferenceEvaluator(proto).run(None, feeds)
     except Exception:  # noqa: BLE001 - an op the evaluator cannot run is simply not folded
         return None
     arrays = [np.asarray(r) for r in results]

@@ -217,3 +217,113 @@ def test_never_duplicates_a_shared_weight():
     folded = get_pass("fold-constants")(size_limit=1024)(models.to_ir(proto2))
     assert folded.modified
     b.assert_same_outputs(proto2, folded.model, atol=1e-4)
+
+
+# --- the size limit holds before anything is evaluated ----------------------------------------
+
+_HUGE = 100_000_000  # elements: 400 MB of float32 if ever allocated
+
+_COMPUTED_SHAPES = {
+    # op: (nodes computing y from x[1]; the huge result has a shape known only from constants)
+    "ConstantOfShape": """
+  a = Constant<value=int64[1] {10000}>()
+  b = Constant<value=int64[1] {10000}>()
+  shape = Concat<axis=0>(a, b)
+  big = ConstantOfShape<value=float[1] {1.0}>(shape)
+  y = ReduceSum<keepdims=0>(big)
+""",
+    "Expand": """
+  one = Constant<value=float[1] {1.0}>()
+  shape = Constant<value=int64[2] {10000, 10000}>()
+  big = Expand(one, shape)
+  y = ReduceSum<keepdims=0>(big)
+""",
+    "Tile": """
+  one = Constant<value=float[1,1] {1.0}>()
+  reps = Constant<value=int64[2] {10000, 10000}>()
+  big = Tile(one, reps)
+  y = ReduceSum<keepdims=0>(big)
+""",
+    "Range": """
+  start = Constant<value=float {0.0}>()
+  limit = Constant<value=float {100000000.0}>()
+  delta = Constant<value=float {1.0}>()
+  big = Range(start, limit, delta)
+  y = ReduceSum<keepdims=0>(big)
+""",
+    "Pad": """
+  one = Constant<value=float[1] {1.0}>()
+  pads = Constant<value=int64[2] {0, 99999999}>()
+  big = Pad(one, pads)
+  y = ReduceSum<keepdims=0>(big)
+""",
+}
+
+
+@pytest.mark.parametrize("op", list(_COMPUTED_SHAPES))
+@pytest.mark.parametrize("declared", [False, True])
+def test_size_limit_holds_before_evaluation(op, declared):
+    """A result whose shape only constants give (or that the file declares tiny) is never allocated."""
+    import tracemalloc
+
+    value_info = "<float[1] big>" if declared else ""
+    model = b.text_model(f"g (float[1] x) => (float y) {value_info}\n{{{_COMPUTED_SHAPES[op]}}}")
+    tracemalloc.start()
+    try:
+        result = b.run(model, "cleanup")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024, f"peak {peak / 1e6:.0f} MB while folding"
+    assert op in [n.op_type for n in result.model.graph], "the huge node stays"
+    assert all(v.const_value.size < _HUGE for v in result.model.graph.initializers.values())
+
+
+def test_inferred_shape_still_folds_within_the_limit():
+    model = b.text_model(
+        """
+g (float[4,8] x) => (float[4,8] y)
+{
+  shape = Constant<value=int64[2] {4, 8}>()
+  one = Constant<value=float[1] {2.0}>()
+  big = Expand(one, shape)
+  y = Mul(x, big)
+}
+"""
+    )
+    before = b.snapshot(model)
+    result = b.run(model, "cleanup")
+    assert [n.op_type for n in result.model.graph] == ["Mul"]
+    b.assert_same_outputs(before, result.model)
+
+
+def test_cast_to_string_is_left_alone():
+    """(Found by the fuzzer) a result of type STRING has no bit width: not folded, no crash."""
+    model = b.text_model(
+        """
+g (float[2] x) => (string[2] y) <float[2] c = {1.0, 2.0}>
+{
+  y = Cast<to=8>(c)
+}
+"""
+    )
+    assert not b.run(model, "fold-constants").modified
+
+
+def test_numeric_warnings_stay_quiet():
+    """Folding 0/0 gives NaN, as the model says, without numpy's RuntimeWarning on stderr."""
+    model = b.text_model(
+        """
+g (float[1] x) => (float[1] y) <float[1] z = {0.0}>
+{
+  q = Div(z, z)
+  y = Add(x, q)
+}
+"""
+    )
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert b.run(model, "fold-constants").modified
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
