@@ -17,7 +17,7 @@ What comes out (`load_transformers`):
 
 Batch and sequence axes are dynamic. The IR carries, as model metadata, the HF
 config (`HF_CONFIG`), the exported class (`ARCHITECTURE`), the tokenizer
-(`TOKENIZER`, see `optc.frontends.tokenizer`) and `TIED_PARAMETERS` (alias →
+(`TOKENIZER`, see `optc.runtime.tokenizer`) and `TIED_PARAMETERS` (alias →
 stored name, e.g. `lm_head.weight` → `model.embed_tokens.weight`); every
 initializer that holds a parameter carries its state-dict name
 (`optc.ir.source_name`), plus `SOURCE_TRANSPOSED` when the exporter stored
@@ -44,6 +44,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import importlib.metadata
 import inspect
 import io
 import json
@@ -75,15 +76,11 @@ from optc.ir import (  # noqa: E402 - the offline switches must be set before tr
     set_source_name,
     verify,
 )
-from optc.ir.annotations import ARCHITECTURE, HF_CONFIG  # noqa: E402
+from optc.ir.annotations import ARCHITECTURE, HF_CONFIG, SOURCE_ALIASES, SOURCE_TRANSPOSED  # noqa: E402
 from optc.memory import check_budget, format_size  # noqa: E402
 
 _log = logging.getLogger("optc.frontends.transformers")
 
-#: Value annotation: the initializer holds the transpose of its source parameter.
-SOURCE_TRANSPOSED = "source_transposed"
-#: Value annotation: other state-dict names the same tensor stands for.
-SOURCE_ALIASES = "source_aliases"
 #: Model metadata: tied parameter aliases, `{alias: stored name}`.
 TIED_PARAMETERS = "tied_parameters"
 #: Model metadata: what the frontend exported (task, inputs, outputs, source format).
@@ -230,8 +227,6 @@ def _cache_key(source: _Source, settings: dict[str, Any]) -> str:
     import onnxscript
     import transformers
 
-    import optc
-
     files = []
     for file in source.files():
         stat = file.stat()
@@ -240,7 +235,7 @@ def _cache_key(source: _Source, settings: dict[str, Any]) -> str:
         "source": str(source.path),
         "gguf_file": source.gguf_file,
         "files": files,
-        "optc": optc.__version__,
+        "optc": importlib.metadata.version("optc"),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "onnxscript": onnxscript.__version__,
@@ -343,7 +338,7 @@ def _export(source: _Source, opset: int) -> Model:
         "source": source.path.name,
     })
     if tokenizer is not None:
-        from optc.frontends.tokenizer import store_tokenizer
+        from optc.runtime.tokenizer import store_tokenizer
 
         store_tokenizer(model, tokenizer)
     return model

@@ -77,3 +77,9 @@ def set_model_metadata(model: Model, key: str, value: Any) -> None:
 def model_metadata(model: Model, key: str, default: Any = None) -> Any:
     """Read model-level metadata stored by `set_model_metadata`."""
     return annotation(model, key, default)
+
+#: Value annotation: the initializer holds the transpose of its source parameter.
+SOURCE_TRANSPOSED = "source_transposed"
+
+#: Value annotation: other state-dict names the same tensor stands for.
+SOURCE_ALIASES = "source_aliases"

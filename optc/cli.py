@@ -102,7 +102,7 @@ def list_passes() -> str:
 
 
 def _validate_calib(spec: str | None) -> None:
-    from optc.calibration_spec import CalibrationSpec
+    from optc.runtime.calibration_spec import CalibrationSpec
 
     if spec is not None:
         CalibrationSpec.parse(spec)

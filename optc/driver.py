@@ -21,11 +21,11 @@ from optc.errors import (
     PassFailure,
     UsageError,
 )
+from optc.files import check_input_kind
 from optc.frontends import load_input
-from optc.frontends.calibration import check_calibration
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
 from optc.memory import resolve_budget
-from optc.outputs import Inputs, RunFiles, Written, check_input_kind, check_writes
+from optc.outputs import Inputs, RunFiles, Written, check_writes
 from optc.passes import (
     AnalysisManager,
     PassContext,
@@ -42,6 +42,7 @@ from optc.passes import (
 from optc.passes.infra.pipeline import pipeline_warnings
 from optc.passes.infra.remarks import compile_filter, unique_remarks
 from optc.report import QuantReport, report_paths, write_reports
+from optc.runtime.calibration import check_calibration
 
 #: The pipeline run when none is given.
 DEFAULT_PIPELINE = "cleanup"
@@ -133,7 +134,7 @@ def run_inputs(source: Path | None, options: CompileOptions) -> Inputs:
     """What a run reads besides the model's own files: the input path and the calibration file."""
     inputs = Inputs.of_path(source) if source is not None else Inputs()
     if options.calib:
-        from optc.calibration_spec import CalibrationSpec
+        from optc.runtime.calibration_spec import CalibrationSpec
 
         calib = CalibrationSpec.parse(options.calib)
         if calib.path is not None:
@@ -256,6 +257,7 @@ def _run(
         "calibration.samples": options.calib_samples,
         "calibration.seqlen": options.calib_seqlen,
         "backend.skip_runtime_check": options.skip_runtime_check,
+        "frontend.load_model": load_input,  # for passes that read a second model (distill teacher=PATH)
     }
     context = PassContext(config=config, instruments=instruments, seed=options.seed, input_path=source,
                           target=backend.name, strict=options.strict)

@@ -26,7 +26,7 @@ tokenizer stored in its metadata). Default: the ONNX model's own stored
 tokenizer, or for a `.gguf` model the tokenizer of that same file.
 
 Text: `--text FILE`, or by default the `eval` split of Python's own
-`pydoc_data.topics` (see `optc.frontends.text`), which calibration never sees.
+`pydoc_data.topics` (see `optc.runtime.text`), which calibration never sees.
 
 It prints the size on disk (model plus external data), the median wall time
 of one window's forward pass (after one untimed warm-up run), and ends with
@@ -161,9 +161,9 @@ def _directory_tokenizer(path: Path) -> Any:
 
 
 def _onnx_tokenizer(path: Path, *, model: Any = None, role: str) -> Any:
-    from optc.frontends.tokenizer import tokenizer_from_files
     from optc.ir import load_model, model_metadata
     from optc.ir.annotations import TOKENIZER
+    from optc.runtime.tokenizer import tokenizer_from_files
 
     model = load_model(path) if model is None else model
     entry = model_metadata(model, TOKENIZER)
@@ -234,7 +234,7 @@ class _Backend:
 def _onnx_backend(path: Path, model: Any, threads: int) -> _Backend:
     import onnxruntime as ort
 
-    from optc.backends.ort import open_session
+    from optc.runtime.ort import open_session
 
     graph = model.graph
     inputs = [v.name for v in graph.inputs if v.name not in graph.initializers]
@@ -373,7 +373,7 @@ def evaluate(
         tokenizer = load_tokenizer(tokenizer)
 
     if text is None:
-        from optc.frontends.text import builtin_text
+        from optc.runtime.text import builtin_text
 
         text = builtin_text("eval")
     ids = tokenize(tokenizer, text)
@@ -455,7 +455,7 @@ def run(argv: list[str]) -> int:
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     if args.text is None:
-        from optc.frontends.text import describe
+        from optc.runtime.text import describe
 
         text, source = None, describe("eval")
     else:

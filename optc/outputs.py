@@ -182,17 +182,4 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
-def check_input_kind(path: Path, label: str | None = None) -> None:
-    """Refuse, without opening it, an input that is neither a regular file nor a directory (a FIFO would block)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return  # missing or unreadable: the loader names it
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return
-    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-    raise OptcError(f"{label or path}: is {kind}, not a regular file or a directory")
-
-
-__all__ = ["Inputs", "RunFiles", "Written", "check_input_kind", "check_writes"]
+__all__ = ["Inputs", "RunFiles", "Written", "check_writes"]

@@ -166,7 +166,7 @@ class QuantReport:
 
 
 def _calibration_spec(model: Model, context: Any) -> tuple[str, str | None]:
-    from optc.passes.analyses.runner import calibration_spec
+    from optc.passes.infra.calibration import calibration_spec
 
     try:
         return calibration_spec(model, context), None
@@ -175,7 +175,7 @@ def _calibration_spec(model: Model, context: Any) -> tuple[str, str | None]:
 
 
 def _samples(model: Model, spec: str, samples: int, seqlen: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    from optc.frontends.calibration import iter_samples
+    from optc.runtime.calibration import iter_samples
 
     yield from iter_samples(model, spec, samples, seqlen, seed=seed)
 
@@ -185,7 +185,7 @@ def perplexity(reference: Path | None, quantized: Path | None) -> dict[str, Any]
     if reference is None or quantized is None or quantized.suffix.lower() not in (".onnx", ".gguf"):
         return {"status": "not measured: needs the float model as ONNX and the quantized model as .onnx or .gguf"}
     from optc.evaluate import evaluate, load_tokenizer
-    from optc.frontends.text import describe
+    from optc.runtime.text import describe
 
     model = load_model(reference)
     inputs = {v.name for v in model.graph.inputs}

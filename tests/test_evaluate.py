@@ -22,8 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optc import evaluate as ev
 from optc.evaluate import EvalResult, evaluate, main, window_count, window_nll
-from optc.frontends.text import SPLITS, builtin_text, split_topics
 from optc.ir import DEFAULT_IR_VERSION, DEFAULT_OPSET, load_model, save_model
+from optc.runtime.text import SPLITS, builtin_text, split_topics
 
 WORDS = [f"w{i}" for i in range(20)]
 VOCAB = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
@@ -66,7 +66,7 @@ def build_lm(path: Path, *, tokenizer=True, input_name="input_ids", output_name=
     onnx.checker.check_model(proto)
     onnx.save(proto, path)
     if tokenizer:
-        from optc.frontends.tokenizer import store_tokenizer
+        from optc.runtime.tokenizer import store_tokenizer
 
         model = load_model(path)
         store_tokenizer(model, tiny_tokenizer())
@@ -273,7 +273,7 @@ def _big_vocab_lm(d: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from optc.frontends.tokenizer import store_tokenizer
+    from optc.runtime.tokenizer import store_tokenizer
 
     path = build_lm(d / "small.onnx", tokenizer=False)
     vocab = {"[UNK]": 0, **{w: i + 1 + V for i, w in enumerate(WORDS)}}  # ids past the model's vocab

@@ -56,7 +56,7 @@ PROMPT = "The capital of France is"
 def optc_quantize(model, dst: Path, mix: str, threads: int, am=None, imatrix: bool = False) -> float:
     """kquant + the GGUF backend's writer; returns the wall time."""
     from optc.backends.gguf import write_gguf
-    from optc.passes.transforms.kquant import KQuant
+    from optc.backends.gguf.kquant import KQuant
 
     start = time.perf_counter()
     KQuant(mix=mix, imatrix=imatrix)(model, am)
@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     from optc.backends.gguf import write_gguf
     from optc.evaluate import evaluate
     from optc.frontends.models import default_model_path
-    from optc.frontends.tokenizer import tokenizer_from_model
     from optc.frontends.transformers import load_transformers
     from optc.passes.infra.analysis import AnalysisManager
     from optc.passes.infra.context import PassContext
+    from optc.runtime.tokenizer import tokenizer_from_model
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -274,9 +274,9 @@ def kernels(path: Path, level: str, threads: int, feeds: dict, tmp: Path) -> str
 
 
 def windows(model_path: Path, split: str, count: int, seqlen: int) -> list[np.ndarray]:
-    from optc.frontends.calibration import load_tokenizer
-    from optc.frontends.text import builtin_text
     from optc.ir import load_model
+    from optc.runtime.calibration import load_tokenizer
+    from optc.runtime.text import builtin_text
 
     tokenizer = load_tokenizer(load_model(model_path))
     ids = np.asarray(tokenizer(builtin_text(split), add_special_tokens=False)["input_ids"], dtype=np.int64)
@@ -308,7 +308,7 @@ def host() -> str:
                 break
     except OSError:
         pass
-    from optc.passes.transforms.ort_int8_lowering import _cpu_flags
+    from optc.backends.ort.lower_ort_int8 import _cpu_flags
 
     flags = _cpu_flags()
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown form or level: {', '.join(unknown)}")
 
-    from optc.passes.transforms.ort_int8_lowering import host_kernel
+    from optc.backends.ort.lower_ort_int8 import host_kernel
 
     work = args.workdir
     fp32 = copy_model(args.model or default_fp32(), work / "fp32")

@@ -107,7 +107,7 @@ def zero_fraction(model, sites_only: bool = True) -> float:
 
 def interleaved_latency(paths: list[Path], feeds: list[dict], rounds: int, threads: int) -> list[float]:
     """Median latency of each model on its feed, sessions taking turns (drift hits all alike)."""
-    from optc.backends.ort import open_session
+    from optc.runtime.ort import open_session
 
     sessions = [open_session(p, threads=threads) for p in paths]
     times: list[list[float]] = [[] for _ in paths]

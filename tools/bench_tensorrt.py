@@ -120,8 +120,8 @@ def _lower_both(pre: Path, work: Path, stem: str, calib: str, samples: int, seql
 
 
 def _findings(path: Path) -> tuple[int, list[str]]:
+    from optc.backends.tensorrt.trt_check import check_tensorrt
     from optc.ir import load_model
-    from optc.passes.transforms.trt_check import check_tensorrt
 
     findings = check_tensorrt(load_model(path))
     return len(findings), [str(f) for f in findings[:5]]
@@ -144,7 +144,7 @@ def fused_dq_accuracy(level: str) -> None:
     scores both files as written; `--fused-dq-accuracy 4` shows onnxruntime's
     default.
     """
-    import optc.backends.ort as backend
+    import optc.runtime.ort as backend
 
     backend.SESSION_CONFIG["session.qdq_matmulnbits_accuracy_level"] = level
 

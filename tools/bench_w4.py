@@ -87,7 +87,7 @@ def ort_quantize(variant: str, fp32: Path, out: Path, model: Any, samples: int, 
     elif variant == "ort-gptq":
         from onnxruntime.quantization import CalibrationDataReader
 
-        from optc.frontends.calibration import iter_samples
+        from optc.runtime.calibration import iter_samples
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:

@@ -11,9 +11,9 @@ Side by side, on the same model and the same calibration data:
   processes. A named pipeline that is not registered yet is skipped with a note.
 
 Calibration data: the `calib` split of the built-in text
-(`optc.frontends.text.builtin_text`), `--samples` windows of `--seqlen` tokens
+(`optc.runtime.text.builtin_text`), `--samples` windows of `--seqlen` tokens
 (16×256 by default), tokenized with the model's tokenizer. onnxruntime gets the
-same feeds (`optc.frontends.calibration.iter_samples(model, "builtin", ...)`)
+same feeds (`optc.runtime.calibration.iter_samples(model, "builtin", ...)`)
 that optc's `--calib builtin` produces.
 
 Every model is then scored in this one process by `optc.evaluate.evaluate`:
@@ -164,7 +164,7 @@ def last_line(text: str) -> str:
 
 
 def calibration_feeds(model: Any, samples: int, seqlen: int) -> Iterator[dict[str, np.ndarray]]:
-    from optc.frontends.calibration import iter_samples
+    from optc.runtime.calibration import iter_samples
 
     yield from iter_samples(model, "builtin", samples, seqlen)
 
@@ -276,7 +276,7 @@ ORT_WORKAROUND = ["QDQPropagationTransformer"]
 @contextlib.contextmanager
 def ort_disabled_optimizers(names: list[str]) -> Iterator[None]:
     """Make optc's sessions (evaluate, latency) skip these onnxruntime graph transformers."""
-    import optc.backends.ort as backend
+    import optc.runtime.ort as backend
 
     before = list(backend.DISABLED_OPTIMIZERS)
     backend.DISABLED_OPTIMIZERS[:] = names
@@ -326,8 +326,8 @@ def interleaved_latency(rows: list[Row], args: argparse.Namespace, tokenizer: An
     the other, so slow drift in the machine's load (other processes) hits every model alike.
     """
     from optc.evaluate import _onnx_backend, default_threads, tokenize
-    from optc.frontends.text import builtin_text
     from optc.ir import load_model
+    from optc.runtime.text import builtin_text
 
     threads = args.threads or default_threads()
     window = tokenize(tokenizer, builtin_text("eval"))[: args.ctx]
@@ -428,7 +428,7 @@ def rss_check(args: argparse.Namespace, gguf: Path, work: Path) -> list[str]:
     head = passes.split("{")[0].split(",")[0]
     if head not in registered_pipelines() | registered_passes():
         return [f"- RSS check skipped: '{head}' is neither a registered pipeline nor a pass"]
-    from optc.frontends.text import builtin_text
+    from optc.runtime.text import builtin_text
 
     lines, peaks = [], {}
     for samples in args.rss_samples:

@@ -36,7 +36,7 @@ echo "-- CPU with OPTC_TORCH_THREADS=$(nproc)"
 OPTC_TORCH_THREADS=$(nproc) timeout 120 python3 tools/bench_w4.py --layer-timing 4096 2>&1 | grep cpu | tee -a "$out/layer_timing.txt"
 
 echo "== tests that take the CUDA path"
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests/passes/test_torch_exec.py tests/passes/test_gptq.py \
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_torch_exec.py tests/passes/test_gptq.py \
     tests/passes/test_rtn.py tests/passes/test_awq.py tests/passes/test_distill.py tests/passes/analyses \
     2>&1 | tee "$out/pytest.txt" | tail -5
 

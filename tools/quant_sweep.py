@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.reference:
-        import optc.backends.ort as ort_backend
+        import optc.runtime.ort as ort_backend
 
         plain = ort_backend.open_session
         ort_backend.open_session = lambda path, optimize=True, threads=0: plain(path, optimize=False, threads=threads)

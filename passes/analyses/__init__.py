@@ -1,3 +1,7 @@
-"""Built-in analyses; importing this package registers them."""
+"""Built-in analyses, one per module; importing this package registers them."""
 
-from optc.passes.analyses import activation_stats, graph_stats, hessian  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")

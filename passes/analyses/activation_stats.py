@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from optc.ir import Model, is_constant
-from optc.passes.analyses.runner import ModelRunner, calibration_samples
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
+from optc.passes.infra.calibration import calibration_samples
 from optc.passes.infra.registry import register_analysis
+from optc.runtime.runner import ModelRunner
 
 #: Ops whose first input is the activation a quantizer scales.
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")

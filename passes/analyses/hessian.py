@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from optc.ir import Model, Node, is_constant
-from optc.passes.analyses.runner import ModelRunner, calibration_samples
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
+from optc.passes.infra.calibration import calibration_samples
 from optc.passes.infra.registry import register_analysis
+from optc.runtime.runner import ModelRunner
 
 
 @dataclass

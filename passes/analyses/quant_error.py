@@ -32,7 +32,7 @@ import numpy as np
 
 from optc.ir import Model, Node, annotation, is_constant, node_label, source_name
 from optc.ir.annotations import QUANTIZATION
-from optc.passes.analyses.runner import ModelRunner
+from optc.runtime.runner import ModelRunner
 
 #: Ops that carry quantization rather than compute a layer; never reported as layers.
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})

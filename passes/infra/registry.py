@@ -40,7 +40,15 @@ _plugin_origin: dict[str, str] = {}
 _analyses: dict[str, type[Analysis]] = {}
 _pipelines: dict[str, PipelineEntry] = {}
 _loaded = False
-_BUILTIN_MODULES = ("optc.passes.transforms", "optc.passes.analyses", "optc.passes.pipelines")
+_BUILTIN_MODULES = (
+    "optc.passes.transforms",
+    "optc.passes.analyses",
+    "optc.passes.pipelines",
+    # each target's own passes (lowerings, legality checks, GGUF type assignment)
+    "optc.backends.ort",
+    "optc.backends.tensorrt",
+    "optc.backends.gguf",
+)
 
 
 def _check_name(kind: str, name: str) -> None:

@@ -67,7 +67,7 @@ def _bias_add(value: Value) -> Node | None:
     return node
 
 
-def _linear_of(value: Value) -> tuple[Linear, Node | None] | None:
+def linear_of(value: Value) -> tuple[Linear, Node | None] | None:
     """The linear layer producing `value` (directly, or through a constant bias Add)."""
     node = value.producer()
     if node is None:
@@ -94,7 +94,7 @@ def _sources(value: Value, allowed: frozenset[str], limit: int = 64) -> list[tup
         if current is None or id(current) in seen or is_constant(current):
             continue
         seen.add(id(current))
-        hit = _linear_of(current)
+        hit = linear_of(current)
         if hit is not None:
             found[id(hit[0].node)] = (hit[0], hit[1], current)
             continue

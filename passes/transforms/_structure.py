@@ -83,7 +83,7 @@ def store_nk(graph, site: Linear, w_nk: np.ndarray, suffix: str) -> Value:
 def calibration_hessians(model: Model, am, who: str, values: Sequence[str] | None = None) -> dict:
     """The `hessian` analysis (XᵀX of each linear input; only `values` when given), one-line error without data."""
     from optc.passes.analyses.hessian import Hessian
-    from optc.passes.analyses.runner import calibration_spec
+    from optc.passes.infra.calibration import calibration_spec
 
     try:
         calibration_spec(model, am.context)

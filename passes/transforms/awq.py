@@ -61,10 +61,10 @@ from optc.passes.lowbit import (
 from optc.passes.transforms.smoothquant import (
     S_MAX,
     S_MIN,
-    _insert_mul,
-    _scale_sites,
-    _Site,
+    ScaleSite,
     find_groups,
+    insert_scale_mul,
+    scale_sites,
 )
 
 
@@ -162,11 +162,11 @@ class Awq(Pass):
                     continue
                 factor = s.to("cpu", torch.float64).numpy()
                 if group.producer == "mul":
-                    _insert_mul(model.graph, group, 1.0 / factor)
+                    insert_scale_mul(model.graph, group, 1.0 / factor)
                     inserted += 1
                 else:
-                    copies += _scale_sites(model.graph, group.folds, 1.0 / factor, group.channels)
-                copies += _scale_sites(model.graph, [_Site(n, 1, a) for n, a in group.consumers], factor, group.channels)
+                    copies += scale_sites(model.graph, group.folds, 1.0 / factor, group.channels)
+                copies += scale_sites(model.graph, [ScaleSite(n, 1, a) for n, a in group.consumers], factor, group.channels)
                 scaled += 1
         stats_out: dict[str, int | float] = {
             "groups": len(groups), "groups-scaled": scaled, "muls-inserted": inserted, "constants-copied": copies,
@@ -193,7 +193,7 @@ class Awq(Pass):
         return PassResult(model, bool(sites) or scaled > 0, None, stats_out)
 
     def _hessians(self, model: Model, am: AnalysisManager, names: list[str]):
-        from optc.passes.analyses.runner import calibration_spec
+        from optc.passes.infra.calibration import calibration_spec
 
         try:
             calibration_spec(model, am.context)

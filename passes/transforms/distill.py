@@ -1,7 +1,7 @@
 """`distill`: knowledge distillation — fine-tune the IR's float weights to match a teacher's outputs.
 
 The student is the current IR, run by the PyTorch executor
-(`optc.passes.torch_exec.TorchExecutor`) with its float weights as
+(`optc.runtime.torch_exec.TorchExecutor`) with its float weights as
 `nn.Parameter`s; the teacher is, by default (`teacher=input`), the model as it
 entered the pipeline (the pass manager keeps a snapshot while a pipeline that
 contains `distill` runs), or any model file (`teacher=PATH`: .onnx, .gguf or a
@@ -32,7 +32,7 @@ Constraints earlier passes set are kept:
   QuantizeLinear passes no gradient — distill before quantizing (a pipeline
   that does it the other way round gets a warning);
 * buffers without an original parameter name (rotary frequencies, constants)
-  are not trained (`optc.passes.torch_exec.default_trainable`).
+  are not trained (`optc.runtime.torch_exec.default_trainable`).
 
 The trained weights are written back into the IR's initializers. The run is
 deterministic for a given model, calibration data and `--seed`
@@ -72,7 +72,7 @@ from optc.passes.infra.registry import register_pass
 if TYPE_CHECKING:
     import torch
 
-    from optc.passes.torch_exec import TorchExecutor
+    from optc.runtime.torch_exec import TorchExecutor
 
 #: Passes that leave quantized weights or activations behind; distilling after them is flagged.
 QUANTIZING_PASSES = frozenset({
@@ -135,7 +135,7 @@ class Distill(Pass):
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         import torch
 
-        from optc.passes.torch_exec import TorchExecutor, default_trainable
+        from optc.runtime.torch_exec import TorchExecutor, default_trainable
 
         opts = self.options
         context = am.context
@@ -176,9 +176,13 @@ class Distill(Pass):
                     "(optc --passes, optc.compile, a PassManager) or give teacher=PATH"
                 )
             return snapshot
-        from optc.frontends import load_input
-
-        return load_input(Path(self.options.teacher))
+        load = am.context.get("frontend.load_model")
+        if load is None:
+            raise OptcError(
+                f"distill: teacher={self.options.teacher} is a file, and this pipeline was run without a model "
+                "loader; run it through optc or optc.compile, or set the context's frontend.load_model"
+            )
+        return load(Path(self.options.teacher))
 
     def _train(self, student: TorchExecutor, teacher: TorchExecutor, samples: _SampleCycle,
                masks: dict[int, torch.Tensor], optimizer: torch.optim.Optimizer, device: torch.device) -> list[float]:
@@ -303,7 +307,7 @@ class _SampleCycle:
     """Calibration samples one at a time, streamed again from the start when they run out."""
 
     def __init__(self, model: Model, am: AnalysisManager) -> None:
-        from optc.passes.analyses.runner import calibration_samples
+        from optc.passes.infra.calibration import calibration_samples
 
         self._open = lambda: calibration_samples(model, am.context)
         self._it = self._open()

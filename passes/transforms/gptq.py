@@ -244,7 +244,7 @@ class Gptq(Pass):
         return PassResult(model, True, None, stats)
 
     def _hessians(self, model: Model, am: AnalysisManager, sites):
-        from optc.passes.analyses.runner import calibration_spec
+        from optc.passes.infra.calibration import calibration_spec
 
         try:
             calibration_spec(model, am.context)

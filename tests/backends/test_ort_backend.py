@@ -1,10 +1,10 @@
-"""`optc.backends.ort.open_session`: the session options optc's runs and benchmarks rely on."""
+"""`optc.runtime.ort.open_session`: the session options optc's runs and benchmarks rely on."""
 
 from __future__ import annotations
 
 import onnx
 
-import optc.backends.ort as ort_backend
+import optc.runtime.ort as ort_backend
 from tests import models
 
 

@@ -22,6 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import optc.backends.tensorrt as trt_backend
+from optc.backends.tensorrt.trt_check import check_tensorrt
 from optc.driver import CompileOptions, compile_model
 from optc.errors import OptcError
 from optc.ir import (
@@ -34,7 +35,6 @@ from optc.ir import (
     model_metadata,
 )
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
-from optc.passes.transforms.trt_check import check_tensorrt
 from tests import models
 from tests.cnn_models import cnn_feeds, small_cnn
 from tests.passes import quant_models as qm

@@ -42,7 +42,7 @@ class Hold(Pass):
     """Keep an onnxruntime copy of the model in TMPDIR and wait."""
 
     def run(self, model, am):
-        from optc.passes.analyses.runner import ModelRunner
+        from optc.runtime.runner import ModelRunner
 
         runner = ModelRunner(model)
         hold()

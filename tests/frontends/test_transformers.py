@@ -32,7 +32,6 @@ transformers = pytest.importorskip("transformers")
 import optc.frontends.transformers as hf_frontend  # noqa: E402
 from optc.frontends import load_input  # noqa: E402
 from optc.frontends.models import default_model_path, has_default_model  # noqa: E402
-from optc.frontends.tokenizer import tokenizer_from_model  # noqa: E402
 from optc.frontends.transformers import (  # noqa: E402
     HF_EXPORT,
     SOURCE_ALIASES,
@@ -41,6 +40,7 @@ from optc.frontends.transformers import (  # noqa: E402
     cached_export_path,
     load_transformers,
 )
+from optc.runtime.tokenizer import tokenizer_from_model  # noqa: E402
 
 VOCAB = 96
 WORDS = [f"w{i}" for i in range(VOCAB - 5)]

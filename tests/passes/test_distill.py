@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from optc.errors import OptcError, UsageError
+from optc.frontends import load_input
 from optc.ir import DataType, constant_array, save_model, tensor
 from optc.passes import AnalysisManager, Pass, PassContext, PassManager, PassResult, parse_pipeline
 from optc.passes.infra.pipeline import pipeline_warnings
-from optc.passes.torch_exec import TorchExecutor
 from optc.passes.transforms.distill import Distill, is_quantizing
+from optc.runtime.torch_exec import TorchExecutor
 from tests import models
 from tests.passes import quant_models as qm
 
@@ -45,7 +46,8 @@ class ZeroTwoFour(Pass):
 
 
 def _context(samples: int = 8, seqlen: int = 16, seed: int = 0) -> PassContext:
-    config = {"calibration.spec": "random", "calibration.samples": samples, "calibration.seqlen": seqlen}
+    config = {"calibration.spec": "random", "calibration.samples": samples, "calibration.seqlen": seqlen,
+              "frontend.load_model": load_input}
     return PassContext(config=config, seed=seed)
 
 
@@ -282,3 +284,9 @@ def test_p_kd_q_pipeline_orders_prune_distill_quantize() -> None:
     assert all(is_quantizing(p) for p in pipeline.passes[2:])
     assert pipeline.passes[1].options.steps == 100
     assert pipeline_warnings(pipeline) == []
+
+
+def test_teacher_path_without_a_loader_says_how_to_run_it(tmp_path):
+    context = PassContext(config={"calibration.spec": "random", "calibration.samples": 2, "calibration.seqlen": 8})
+    with pytest.raises(OptcError, match="without a model loader"):
+        Distill(steps=1, teacher=str(tmp_path / "t.onnx"))(_llama(), AnalysisManager(context))

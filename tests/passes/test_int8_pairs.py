@@ -7,13 +7,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from optc.backends.ort import lower_ort_int8 as lowering
 from optc.passes.int8_pairs import (
     U8S8_PAIR_LIMIT,
     limit_pair_sums,
     pair_limited_scale,
     pair_sums_within,
 )
-from optc.passes.transforms import ort_int8_lowering as lowering
 
 
 def _codes(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -72,8 +72,8 @@ def test_w4a16_pipelines_on_a_llama_block():
     """w4a16: int4 blocks for the layers, the tied table int8 per row (the lm_head reads it weight-only);
     w4a16-h8 also smooths the final norm into the table and quantizes the head's input (one group: the
     other layers have no float weights left after gptq), so the ort backend runs the head on the integer kernel."""
+    from optc.backends.ort import lower_ort_int8 as lowering
     from optc.passes.pipelines import W4A16, W4A16_FAST, W4A16_H8
-    from optc.passes.transforms import ort_int8_lowering as lowering
 
     assert {all_pipelines()[n].text for n in ("w4a16", "w4a16-fast", "w4a16-h8")} == {W4A16, W4A16_FAST, W4A16_H8}
     proto = qm.llama_block(outliers=4.0)

@@ -201,8 +201,8 @@ def test_int16_for_chosen_activations():
 
 def _expected_sqnrs(model, fmt="int8", calib="mse"):
     """Per activation, the expected SQNR the histogram gives (what min-sqnr compares)."""
+    from optc.passes.analyses.activation_histograms import ActivationHistograms
     from optc.passes.analyses.activation_stats import default_values
-    from optc.passes.analyses.histograms import ActivationHistograms
 
     hists = _am().get(ActivationHistograms, model, values=tuple(default_values(model)), bins=2048)
     weighted = {n.inputs[0].name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None}
@@ -454,7 +454,7 @@ def test_preserves_nothing():
     result = _run(model, "quantize")
     assert result.effective_preserved() is not None
     assert not result.effective_preserved().all_preserved()
-    from optc.passes.analyses.histograms import ActivationHistograms
+    from optc.passes.analyses.activation_histograms import ActivationHistograms
 
     assert not result.effective_preserved().is_preserved(ActivationHistograms)
 

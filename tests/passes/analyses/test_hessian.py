@@ -7,7 +7,8 @@ import torch
 
 from optc.passes import ACTIVATIONS, AnalysisManager, PassContext, PreservedAnalyses, get_analysis
 from optc.passes.analyses.hessian import Hessian, HessianStats, default_values
-from optc.passes.analyses.runner import ModelRunner, calibration_samples
+from optc.passes.infra.calibration import calibration_samples
+from optc.runtime.runner import ModelRunner
 from tests.passes import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 3, "calibration.seqlen": 8}

@@ -1,7 +1,7 @@
 """The `--calib` specification, parsed without importing the compiler (fast usage errors).
 
 * `builtin`: the calibration split of Python's own `pydoc_data.topics` text
-  (`optc.frontends.text`), tokenized with the model's tokenizer; the default
+  (`optc.runtime.text`), tokenized with the model's tokenizer; the default
   for models that carry a tokenizer;
 * `random`: random inputs shaped like the model's;
 * `text:FILE`: a text file, tokenized with the model's tokenizer;
@@ -32,7 +32,7 @@ class CalibrationSpec:
         if kind not in ("text", "npz") or not file:
             raise UsageError(f"--calib {spec!r}: expected builtin, random, text:FILE or npz:FILE")
         path = Path(file)
-        from optc.outputs import check_input_kind
+        from optc.files import check_input_kind
 
         check_input_kind(path, f"--calib {spec}")  # a FIFO or device would block the read
         if not path.is_file():

@@ -11,7 +11,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from optc.backends import gguf_quants as gq
+from optc.backends.gguf import quants as gq
 from optc.errors import OptcError
 from tests.backends.ggml_oracle import ggml_quantize, load_ggml
 

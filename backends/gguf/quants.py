@@ -13,7 +13,7 @@ How exactness is kept without a Python loop per block:
   step runs over all blocks at once, and a sum over a block's elements is
   `array.sum(axis=0)`: numpy reduces a leading axis of a C-contiguous array
   row after row, which is the same sequential float32 accumulation as the
-  C loop (`tests/backends/test_gguf_quants.py` checks this);
+  C loop (`tests/backends/gguf/test_quants.py` checks this);
 * all arithmetic is float32 in the C order of operations; `nearest_int` is
   round-half-to-even (`np.rint` on float32); fp16 conversions are `astype`
   (round-half-to-even, as `GGML_FP32_TO_FP16`); requantization uses the

@@ -21,7 +21,7 @@ through it (distill before quantizing). Any other op, a subgraph (`If`,
 `Loop`) or a non-default domain stops with one line naming it.
 
 Outputs match onnxruntime's (CPU, fp32) within 1e-4 on SmolLM2 and on the
-tests' BERT-like and LLaMA-like blocks (`tests/passes/test_torch_exec.py`).
+tests' BERT-like and LLaMA-like blocks (`tests/runtime/test_torch_exec.py`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from optc.backends.ort import OrtBackend
+from optc.backends.ort.lower_ort_nbits import METADATA
 from optc.ir import annotation, model_metadata, to_proto
-from optc.passes.transforms.ort_nbits_lowering import METADATA
 from tests import models
 from tests.passes import lowbit_helpers as h
 from tests.passes import quant_models as qm

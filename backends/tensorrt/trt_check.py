@@ -3,13 +3,12 @@
 `check_tensorrt(model)` returns one `Finding` per offending node, each naming
 the node and the rule it breaks (`RULES`: id, name, severity, text, source).
 The rules encode what the TensorRT ONNX parser accepts and what TensorRT's
-developer guide asks of Q/DQ placement, as summarised in
-shared/reference/quantization-and-tensorrt.md §3 (import constraints from
+developer guide asks of Q/DQ placement, (import constraints from
 onnx-tensorrt's `QuantDequantLinearHelper`/`onnxOpImporters.cpp` and
 `docs/operators.md`; placement from the developer guide's "Q/DQ
 Layer-Placement Recommendations"; 2:4 from Polygraphy's `sparse.py`) and the
-user reports in shared/reference/olive-and-ort-quantization.md §3 (int32
-bias, DynamicQuantizeLinear, ConvInteger).
+user reports on GitHub (int32 bias: TensorRT #4542; DynamicQuantizeLinear:
+onnxruntime #21169, TensorRT #3963; ConvInteger).
 
 Severity `error`: the TensorRT parser or a strongly-typed build rejects it
 (or silently computes something else). Severity `warning`: legal, but against
@@ -47,7 +46,9 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 
-_REF = "reference/quantization-and-tensorrt.md"
+_IMPORT = "onnx-tensorrt QuantDequantLinearHelper, onnxOpImporters.cpp, docs/operators.md"
+_PLACEMENT = "TensorRT developer guide, explicit quantization: Q/DQ layer-placement recommendations"
+_TRT = "TensorRT developer guide, explicit quantization"
 
 
 @dataclass(frozen=True)
@@ -63,58 +64,58 @@ class Rule:
 
 _RULE_LIST = (
     Rule("T01", "symmetric", "error", "zero points must be 0 (TensorRT only supports symmetric quantization)",
-         f"{_REF} §3.1 'Symmetric only'"),
+         f"{_IMPORT}: symmetric only"),
     Rule("T02", "constant-positive-scale", "error",
          "Q/DQ scales (and zero points) must be build-time constants, finite and strictly positive",
-         f"{_REF} §3.1 'Scales'"),
+         f"{_IMPORT}: scales"),
     Rule("T03", "qdq-dtype", "error", "quantized types are INT8, FP8 E4M3 or (weight-only) INT4",
-         f"{_REF} §3.1 'Allowed types'"),
+         f"{_IMPORT}: allowed types"),
     Rule("T04", "per-tensor-activation", "error", "activations use one scale per tensor (no per-channel or blocked activations)",
-         f"{_REF} §3.1 'Scale shapes', §3.2.7"),
+         f"{_IMPORT}: scale shapes; {_PLACEMENT}"),
     Rule("T05", "weight-axis", "error",
          "per-channel weight scales run along the output channels: Conv axis 0, ConvTranspose axis 1, "
          "Gemm axis 0 with transB else 1, MatMul B the last axis",
-         f"{_REF} §3.1 'Scale shapes', §3.3"),
+         f"{_IMPORT}: scale shapes; {_TRT}: per-channel axis"),
     Rule("T06", "no-bias-quantization", "error", "no int32 (bias) quantization: biases stay float",
-         "reference/olive-and-ort-quantization.md §3 #7 (TensorRT #4542); §2.6 QuantizeBias"),
+         "TensorRT #4542; onnxruntime quantize_static extra option QuantizeBias"),
     Rule("T07", "no-dynamic-quantization", "error", "no DynamicQuantizeLinear: TensorRT needs static scales",
-         "reference/olive-and-ort-quantization.md §3 #7 (onnxruntime #21169 / TensorRT #3963); " + f"{_REF} §3.4"),
+         "onnxruntime #21169, TensorRT #3963; " + f"{_TRT}"),
     Rule("T08", "no-integer-ops", "error",
          "QLinear*, ConvInteger, MatMulInteger and contrib integer ops are not supported: use standard Q/DQ",
-         f"{_REF} §3.1 'Allowed types'"),
+         f"{_IMPORT}: allowed types"),
     Rule("T09", "qdq-pair", "error",
          "a QuantizeLinear's output goes only to DequantizeLinear nodes with the same scale and zero point",
-         f"{_REF} §3.1, §3.2.9"),
+         f"{_IMPORT}; {_PLACEMENT}"),
     Rule("T10", "int4-blocked", "error",
          "INT4 is weight-only: a constant feeding MatMul/Gemm through a DequantizeLinear blocked along K "
          "(one blocked dimension, even last dimension), opset >= 21; blocks are for INT4 only",
-         f"{_REF} §3.1 'Scale shapes'/'INT4', §3.3, §3.4"),
-    Rule("T11", "fp8-opset", "error", "FP8 E4M3 Q/DQ needs opset >= 19", f"{_REF} §3.4"),
+         f"{_IMPORT}: scale shapes, INT4; {_TRT}: INT4"),
+    Rule("T11", "fp8-opset", "error", "FP8 E4M3 Q/DQ needs opset >= 19", f"{_TRT}: FP8"),
     Rule("T12", "residual-quantized", "warning",
-         "the residual input of an Add fused into a quantized Conv is quantized (Q/DQ)", f"{_REF} §3.2.4, §3.5"),
+         "the residual input of an Add fused into a quantized Conv is quantized (Q/DQ)", f"{_PLACEMENT}; {_TRT}: Q/DQ fusion"),
     Rule("T13", "concat-one-scale", "warning",
-         "quantized Concat inputs are all quantized and share one scale and zero point", f"{_REF} §3.2.8-9"),
+         "quantized Concat inputs are all quantized and share one scale and zero point", f"{_PLACEMENT}"),
     Rule("T14", "weighted-output", "warning",
          "outputs of weighted ops are not quantized unless a quantized consumer (or the user) asks for it",
-         f"{_REF} §3.2.2"),
+         f"{_PLACEMENT}"),
     Rule("T15", "weighted-inputs", "warning",
          "a quantized weighted op has both inputs quantized (8-bit weights need quantized activations; "
-         "weight-only is INT4 blocks on GEMMs)", f"{_REF} §3.2.1, §3.4"),
+         "weight-only is INT4 blocks on GEMMs)", f"{_PLACEMENT}; {_TRT}: INT4"),
     Rule("T18", "shared-qdq", "warning",
          "an activation's Q/DQ pair shared by a quantized weighted op feeds only ops TensorRT fuses or moves Q/DQ "
          "through (weighted ops, residual Add, Concat, pooling, shape ops), not ops that need the float input",
-         "reference/olive-and-ort-quantization.md §2.6 (DedicatedQDQPair); " + f"{_REF} §3.2.2, §3.2.6, §3.2.8"),
+         "onnxruntime quantize_static extra option DedicatedQDQPair; " + f"{_PLACEMENT}"),
     Rule("T19", "fp8-conv-shape", "error",
          f"an FP8 Conv has at least {FP8_CONV_MIN_CHANNELS} input channels per group and output channels and a filter "
          f"of at most {FP8_CONV_MAX_TAPS} taps (TensorRT has no FP8 kernel otherwise)",
-         f"{_REF} §3.4 (FP8); NVIDIA Model Optimizer's modelopt/onnx/quantization/graph_utils.py "
+         f"{_TRT}: FP8; NVIDIA Model Optimizer's modelopt/onnx/quantization/graph_utils.py "
          "find_nodes_from_convs_to_exclude (quantize_mode='fp8'); optc.passes.fp8_convs"),
     Rule("T16", "sparsity-2-4", "error",
          "a weight annotated 2:4 has at most 2 non-zeros in every 4 consecutive elements along K (K divisible by 4)",
-         f"{_REF} §3.6"),
+         f"{_TRT}: structured sparsity"),
     Rule("T17", "sparsity-axis", "error",
          "a 2:4 weight's pattern runs along its reader's reduction axis (Conv 1, MatMul B 0, Gemm B 1 with transB else 0)",
-         f"{_REF} §3.6 (Polygraphy sparse.py)"),
+         f"{_TRT}: structured sparsity; Polygraphy sparse.py"),
 )
 RULES: dict[str, Rule] = {r.name: r for r in _RULE_LIST}
 
@@ -137,7 +138,7 @@ _LEGAL_QTYPES = (DataType.INT8, DataType.FLOAT8E4M3FN, DataType.INT4)
 _INTEGER_OPS = ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul",
                 "MatMulNBits", "GatherBlockQuantized", "QAttention", "DynamicQuantizeLSTM")
 _PASS_THROUGH = ("Transpose", "Cast", "Identity")
-_ONNX_DOMAINS = ("", "ai.onnx")
+ONNX_DOMAINS = ("", "ai.onnx")
 
 
 # ---------------------------------------------------------------------------- small graph helpers
@@ -150,7 +151,7 @@ def const_value(value: Value | None) -> np.ndarray | None:
     if value.const_value is not None and not value.is_graph_input():
         return value.const_value.numpy()
     node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in _ONNX_DOMAINS:
+    if node is not None and node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
         attr = node.attributes.get("value")
         if attr is not None:
             return attr.as_tensor().numpy()
@@ -163,7 +164,7 @@ def is_const(value: Value | None) -> bool:
     if value.const_value is not None and not value.is_graph_input():
         return True
     node = value.producer()
-    return node is not None and node.op_type == "Constant" and node.domain in _ONNX_DOMAINS
+    return node is not None and node.op_type == "Constant" and node.domain in ONNX_DOMAINS
 
 
 def producer(value: Value | None, op_type: str | tuple[str, ...]) -> Node | None:
@@ -172,7 +173,7 @@ def producer(value: Value | None, op_type: str | tuple[str, ...]) -> Node | None
         return None
     node = value.producer()
     types = (op_type,) if isinstance(op_type, str) else op_type
-    if node is None or node.op_type not in types or node.domain not in _ONNX_DOMAINS:
+    if node is None or node.op_type not in types or node.domain not in ONNX_DOMAINS:
         return None
     return node
 
@@ -222,7 +223,7 @@ def _numpy_to_dtype(array: np.ndarray) -> DataType | None:
 
 def weight_slot(node: Node) -> int | None:
     """The input index of a weighted op's weight when it traces back to a constant, else None."""
-    if node.op_type not in WEIGHTED_OPS or node.domain not in _ONNX_DOMAINS or len(node.inputs) < 2:
+    if node.op_type not in WEIGHTED_OPS or node.domain not in ONNX_DOMAINS or len(node.inputs) < 2:
         return None
     if node.inputs[0] is None or node.inputs[1] is None or trace_constant(node.inputs[0]) is not None:
         return None
@@ -297,7 +298,7 @@ def weight_readers(value: Value) -> list[tuple[Node, list[int] | None]]:
         current, perm = stack.pop()
         for use in current.uses():
             node = use.node
-            if id(node) in seen or node.domain not in _ONNX_DOMAINS:
+            if id(node) in seen or node.domain not in ONNX_DOMAINS:
                 continue
             if node.op_type in WEIGHTED_OPS and use.idx == 1 and weight_slot(node) == 1:
                 seen.add(id(node))
@@ -314,12 +315,12 @@ def weight_readers(value: Value) -> list[tuple[Node, list[int] | None]]:
     return found
 
 
-def _scalar_like(array: np.ndarray | None) -> bool:
+def scalar_like(array: np.ndarray | None) -> bool:
     """A scale of one element (per tensor); False for None (a run-time scale)."""
     return array is not None and (array.ndim == 0 or (array.size == 1 and array.ndim == 1))
 
 
-def _same(a: Value | None, b: Value | None) -> bool:
+def same_constant(a: Value | None, b: Value | None) -> bool:
     if a is b:
         return True
     x, y = const_value(a), const_value(b)
@@ -336,7 +337,7 @@ def _is_dq_output(value: Value | None) -> bool:
     return producer(value, "DequantizeLinear") is not None
 
 
-def _quantized_activation(value: Value | None) -> bool:
+def quantized_activation(value: Value | None) -> bool:
     """An activation read through Q → DQ (not a constant)."""
     dq = producer(value, "DequantizeLinear")
     return dq is not None and not is_const(dq.inputs[0])
@@ -351,7 +352,7 @@ def output_quantization_requested(node: Node) -> bool:
 # ---------------------------------------------------------------------------- the checker
 
 
-class _Checker:
+class TrtChecker:
     def __init__(self, model: Model) -> None:
         self.model = model
         self.opset = opset(model)
@@ -363,15 +364,15 @@ class _Checker:
 
     def run(self) -> list[Finding]:
         for node in self.model.graph:
-            if node.op_type in _QDQ and node.domain in _ONNX_DOMAINS:
+            if node.op_type in _QDQ and node.domain in ONNX_DOMAINS:
                 self.qdq(node)
             elif node.op_type == "DynamicQuantizeLinear":
                 self.add("no-dynamic-quantization", node, "DynamicQuantizeLinear computes its scale at run time")
             elif node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPS or (
-                node.op_type in _QDQ and node.domain not in _ONNX_DOMAINS
+                node.op_type in _QDQ and node.domain not in ONNX_DOMAINS
             ):
                 self.add("no-integer-ops", node, f"{node.domain + '.' if node.domain else ''}{node.op_type} has no TensorRT importer")
-            if node.domain in _ONNX_DOMAINS:
+            if node.domain in ONNX_DOMAINS:
                 if weight_slot(node) is not None:
                     self.weighted(node)
                 if node.op_type == "Add":
@@ -422,7 +423,7 @@ class _Checker:
             self.shared(node)
 
     def activation(self, node: Node, scale: np.ndarray | None, block: int, kind: DataType | None) -> None:
-        if block or (scale is not None and not _scalar_like(scale)):
+        if block or (scale is not None and not scalar_like(scale)):
             shape = "blocked" if block else f"per-channel (scale shape {list(scale.shape)})"
             self.add("per-tensor-activation", node, f"activation {node.inputs[0].name!r} is quantized {shape}")
         if kind == DataType.INT4:
@@ -440,7 +441,7 @@ class _Checker:
         if block:
             self.add("int4-blocked", node, f"block quantization of a {kind.name if kind else '?'} weight (blocks are for INT4)")
             return
-        if scale is None or _scalar_like(scale):
+        if scale is None or scalar_like(scale):
             return  # per-tensor weights are legal
         if scale.ndim != 1 or scale.shape[0] != array.shape[axis]:
             self.add("weight-axis", node, f"scale shape {list(scale.shape)} does not match weight dim {axis} of {list(array.shape)}")
@@ -483,11 +484,11 @@ class _Checker:
             self.add("qdq-pair", q, f"its quantized output {out.name!r} is a graph output")
         for use in out.uses():
             reader = use.node
-            if reader.op_type != "DequantizeLinear" or reader.domain not in _ONNX_DOMAINS or use.idx != 0:
+            if reader.op_type != "DequantizeLinear" or reader.domain not in ONNX_DOMAINS or use.idx != 0:
                 self.add("qdq-pair", q, f"its quantized output reaches {reader.op_type} {node_label(reader)!r}")
-            elif not _same(reader.inputs[1], q.inputs[1]) or not _same(_zero_point(reader), _zero_point(q)):
+            elif not same_constant(reader.inputs[1], q.inputs[1]) or not same_constant(_zero_point(reader), _zero_point(q)):
                 self.add("qdq-pair", q, f"its DequantizeLinear {node_label(reader)!r} uses another scale or zero point")
-            elif int_attr(reader, "axis", 1) != int_attr(q, "axis", 1) and not _scalar_like(const_value(q.inputs[1])):
+            elif int_attr(reader, "axis", 1) != int_attr(q, "axis", 1) and not scalar_like(const_value(q.inputs[1])):
                 self.add("qdq-pair", q, f"its DequantizeLinear {node_label(reader)!r} uses another axis")
 
     # ------------------------------------------------------------------ placement
@@ -498,7 +499,7 @@ class _Checker:
             traced = trace_constant(node.inputs[1])
             w_dq = next((n for n in traced[2] if n.op_type == "DequantizeLinear"), None) if traced else None
         w_type = qtype(w_dq) if w_dq is not None else None
-        act_q = _quantized_activation(node.inputs[0])
+        act_q = quantized_activation(node.inputs[0])
         if w_type is not None and w_type != DataType.INT4 and w_type != DataType.INT32 and not act_q:
             self.add("weighted-inputs", node, f"{w_type.name} weight with a float activation {node.inputs[0].name!r}")
         elif w_type is None and act_q:
@@ -508,7 +509,7 @@ class _Checker:
             self.fp8_conv(node)
         for use in node.outputs[0].uses():
             q = use.node
-            if q.op_type != "QuantizeLinear" or q.domain not in _ONNX_DOMAINS:
+            if q.op_type != "QuantizeLinear" or q.domain not in ONNX_DOMAINS:
                 continue
             if output_quantization_requested(q) or output_quantization_requested(node):
                 continue
@@ -544,7 +545,7 @@ class _Checker:
         uses = list(dq.outputs[0].uses())
         if not any(u.idx == 0 and weight_slot(u.node) is not None for u in uses):
             return
-        others = [u.node for u in uses if not _fuses_quantized_input(u.node, u.idx)]
+        others = [u.node for u in uses if not fuses_quantized_input(u.node, u.idx)]
         if others:
             names = ", ".join(f"{n.op_type} {node_label(n)!r}" for n in others[:3])
             self.add("shared-qdq", dq, f"also feeds {names}, which would compute on quantized data")
@@ -556,7 +557,7 @@ class _Checker:
         fusable = [self._quantized_conv_output(v) for v in inputs]
         if not any(fusable):
             return
-        quantized = [_quantized_activation(v) for v in inputs]
+        quantized = [quantized_activation(v) for v in inputs]
         if (fusable[0] and quantized[1]) or (fusable[1] and quantized[0]):
             return
         conv = fusable[0] or fusable[1]
@@ -571,7 +572,7 @@ class _Checker:
             node = producer(node.inputs[0], ("Conv", "ConvTranspose"))
             if node is not None and len(list(node.outputs[0].uses())) != 1:
                 return None
-        if node is None or weight_slot(node) is None or not _quantized_activation(node.inputs[0]):
+        if node is None or weight_slot(node) is None or not quantized_activation(node.inputs[0]):
             return None
         return node
 
@@ -586,7 +587,7 @@ class _Checker:
             return
         first = dqs[0]
         for dq in dqs[1:]:
-            if not _same(dq.inputs[1], first.inputs[1]) or not _same(_zero_point(dq), _zero_point(first)) or qtype(dq) != qtype(first):
+            if not same_constant(dq.inputs[1], first.inputs[1]) or not same_constant(_zero_point(dq), _zero_point(first)) or qtype(dq) != qtype(first):
                 self.add("concat-one-scale", node, f"inputs {first.outputs[0].name!r} and {dq.outputs[0].name!r} have different scales")
                 return
 
@@ -648,8 +649,8 @@ _QDQ_FRIENDLY = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool",
                  "QuantizeLinear")
 
 
-def _fuses_quantized_input(node: Node, idx: int) -> bool:
-    if node.domain not in _ONNX_DOMAINS:
+def fuses_quantized_input(node: Node, idx: int) -> bool:
+    if node.domain not in ONNX_DOMAINS:
         return False
     if node.op_type in WEIGHTED_OPS:
         return idx == 0 and weight_slot(node) is not None
@@ -676,7 +677,7 @@ def _describe(array: np.ndarray) -> str:
 
 def check_tensorrt(model: Model) -> list[Finding]:
     """Every TensorRT explicit-quantization rule the model breaks, one finding per node and rule, in graph order."""
-    return _Checker(model).run()
+    return TrtChecker(model).run()
 
 
 def summarize(findings: Iterable[Finding]) -> str:

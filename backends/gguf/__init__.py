@@ -20,7 +20,7 @@ by tensor so memory stays at one tensor):
   Norms and other 1-D tensors stay F32.
 * **Types.** A weight's type is its `gguf_type` annotation (set by the
   `kquant` pass, with its importance matrix in `gguf_imatrix`); unannotated
-  weights stay F32. Encoding is `optc.backends.gguf_quants` (ggml's
+  weights stay F32. Encoding is `optc.backends.gguf.quants` (ggml's
   reference algorithms, vectorized), with a progress bar.
 * **Weights earlier passes changed.** Pruned weights are read as they are.
   Weights a weight-only pass quantized (integer codes + scale (+ zero point)
@@ -157,7 +157,7 @@ class CarriedGrid:
 
     def encode(self, permute_heads: int = 0) -> np.ndarray:
         """The GGUF blocks, uint8 `[out, bytes_per_row]`."""
-        from optc.backends.gguf_quants import fp16_bytes
+        from optc.backends.gguf.quants import fp16_bytes
 
         codes, scale, zero = self.arrays()
         if permute_heads:
@@ -221,7 +221,7 @@ def _dequantize_linear(value: Any) -> tuple[Callable[[], np.ndarray], tuple[int,
 
 def collect_parameters(model: Model) -> dict[str, Parameter]:
     """Every live initializer that carries a source parameter name, in Hugging Face layout."""
-    from optc.frontends.transformers import SOURCE_ALIASES, SOURCE_TRANSPOSED
+    from optc.ir.annotations import SOURCE_ALIASES, SOURCE_TRANSPOSED
 
     params: dict[str, Parameter] = {}
     for value in model.graph.initializers.values():
@@ -570,7 +570,7 @@ def encode(
     """The tensor's bytes (uint8 `[rows, bytes_per_row]`) or float array, encoded in row chunks (in parallel with `executor`)."""
     from gguf import GGMLQuantizationType
 
-    from optc.backends.gguf_quants import quantize, row_bytes
+    from optc.backends.gguf.quants import quantize, row_bytes
 
     if plan.transcode is not None:
         out = plan.transcode()
@@ -611,7 +611,7 @@ def write_gguf(model: Model, path: Path, *, show_progress: bool = True, threads:
     import gguf
     from tqdm import tqdm
 
-    from optc.backends.gguf_quants import row_bytes
+    from optc.backends.gguf.quants import row_bytes
 
     cfg = llama_config(model)
     plans = tensor_plan(model, cfg)
@@ -766,3 +766,6 @@ __all__ = [
     "collect_parameters", "encode", "gguf_tensor_name", "llama_check", "llama_config", "permute_qk",
     "tensor_plan", "write_gguf",
 ]
+
+# The target's passes register on import (after the backend, which they may use).
+from optc.backends.gguf import kquant  # noqa: E402, F401

@@ -8,23 +8,21 @@ number of samples.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from optc.errors import MissingCalibrationData, OptcError, WriteError
+from optc.errors import OptcError, WriteError
 from optc.ir import Model, save_model
-from optc.passes.infra.context import PassContext
+from optc.runtime.ort import open_session
 
 
 class ModelRunner:
     """An onnxruntime session over a snapshot of the model that also returns `extra_outputs`."""
 
     def __init__(self, model: Model, extra_outputs: Sequence[str] = (), threads: int = 0) -> None:
-        from optc.backends.ort import open_session
-
         self._folder = tempfile.TemporaryDirectory(prefix="optc-run-")
         path = Path(self._folder.name) / "model.onnx"
         try:
@@ -64,31 +62,3 @@ class ModelRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def calibration_spec(model: Model, context: PassContext) -> str:
-    """The calibration data to use: `--calib` (`calibration.spec`); without it, a clear error.
-
-    Ranges are never guessed: a pass that needs activations stops unless the
-    user named the data. The error says which data the model could use.
-    """
-    spec = context.get("calibration.spec")
-    if spec:
-        return spec
-    from optc.ir import model_metadata
-
-    hint = "--calib builtin (the built-in text, tokenized with the model's tokenizer), " if model_metadata(model, "tokenizer") else ""
-    raise MissingCalibrationData(f"this pipeline needs calibration data and none was given: pass {hint}--calib text:FILE, npz:FILE or random")
-
-
-def calibration_samples(model: Model, context: PassContext) -> Iterator[dict[str, np.ndarray]]:
-    """The calibration feeds configured in the context, one sample at a time."""
-    from optc.frontends.calibration import iter_samples
-
-    yield from iter_samples(
-        model,
-        calibration_spec(model, context),
-        int(context.get("calibration.samples", 16)),
-        int(context.get("calibration.seqlen", 256)),
-        seed=context.seed,
-    )

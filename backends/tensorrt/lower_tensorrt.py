@@ -4,8 +4,8 @@ The tensorrt backend runs this before writing (`TensorRTBackend.legalize`);
 it never runs `lower-ort-int8` (no onnxruntime-specific integer forms, no
 uint8 re-encoding): the result keeps standard `QuantizeLinear`/
 `DequantizeLinear`, which onnxruntime also runs. What it rewrites, each
-against a rule of `trt-check` (passes/transforms/trt_check.py, citing
-shared/reference/quantization-and-tensorrt.md §3):
+against a rule of `trt-check` (backends/tensorrt/trt_check.py, which cites each rule's
+upstream source):
 
 * **Activation Q/DQ TensorRT cannot import** (T03): INT16/UINT16 pairs
   (quantize's `int16=down_proj`) are removed, so those activations stay float
@@ -72,6 +72,21 @@ from typing import Literal
 
 import numpy as np
 
+from optc.backends.tensorrt.trt_check import (
+    ONNX_DOMAINS,
+    const_value,
+    int_attr,
+    is_const,
+    output_axis,
+    output_quantization_requested,
+    producer,
+    qtype,
+    quantized_activation,
+    reduction_axis,
+    same_constant,
+    scalar_like,
+    weight_slot,
+)
 from optc.errors import OptcError
 from optc.ir import (
     DataType,
@@ -95,21 +110,6 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
-from optc.passes.transforms.trt_check import (
-    _ONNX_DOMAINS,
-    _quantized_activation,
-    _same,
-    _scalar_like,
-    const_value,
-    int_attr,
-    is_const,
-    output_axis,
-    output_quantization_requested,
-    producer,
-    qtype,
-    reduction_axis,
-    weight_slot,
-)
 
 #: Largest magnitude of each legal quantized type, as a symmetric scale uses it.
 _QMAX = {DataType.INT8: 127.0, DataType.FLOAT8E4M3FN: 448.0, DataType.INT4: 7.0}
@@ -260,7 +260,7 @@ class _Lowering:
 
     def activations(self) -> None:
         for q in list(self.graph):
-            if q.op_type != "QuantizeLinear" or q.domain not in _ONNX_DOMAINS or is_const(q.inputs[0]):
+            if q.op_type != "QuantizeLinear" or q.domain not in ONNX_DOMAINS or is_const(q.inputs[0]):
                 continue
             uses = self._uses(q.outputs[0])
             if q.outputs[0].is_graph_output() or any(u.node.op_type != "DequantizeLinear" or u.idx != 0 for u in uses):
@@ -276,7 +276,7 @@ class _Lowering:
             if scale is None:
                 continue
             asymmetric = kind == DataType.UINT8 or (zp is not None and np.any(zp.astype(np.float64) != 0))
-            if asymmetric or not _scalar_like(scale):
+            if asymmetric or not scalar_like(scale):
                 self._requantize_activation(q, dqs, kind, scale, zp, asymmetric)
 
     def _bypass(self, q: Node, dqs: list[Node]) -> str:
@@ -299,7 +299,7 @@ class _Lowering:
 
         UINT8 with zero point 128 is INT8 with zero point 0 shifted by 128: same scale, exact.
         """
-        if kind == DataType.UINT8 and zp is not None and np.all(zp.astype(np.int16) == 128) and _scalar_like(scale):
+        if kind == DataType.UINT8 and zp is not None and np.all(zp.astype(np.int16) == 128) and scalar_like(scale):
             z_value = self._const(f"{q.inputs[0].name or 'activation'}_trt_zero_point", np.zeros(zp.shape, dtype=np.int8))
             for node in (q, *dqs):
                 node.replace_input_with(2, z_value)
@@ -339,10 +339,10 @@ class _Lowering:
 
     def shared_pairs(self) -> None:
         """T18: readers of a weighted op's activation Q/DQ that want float read the float tensor instead."""
-        from optc.passes.transforms.trt_check import _fuses_quantized_input
+        from optc.backends.tensorrt.trt_check import fuses_quantized_input
 
         for dq in list(self.graph):
-            if dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX_DOMAINS or id(dq) in self._dead_ids:
+            if dq.op_type != "DequantizeLinear" or dq.domain not in ONNX_DOMAINS or id(dq) in self._dead_ids:
                 continue
             q = producer(dq.inputs[0], "QuantizeLinear")
             if q is None or is_const(q.inputs[0]):
@@ -350,7 +350,7 @@ class _Lowering:
             uses = self._uses(dq.outputs[0])
             if not any(u.idx == 0 and weight_slot(u.node) is not None for u in uses):
                 continue
-            others = [u for u in uses if not _fuses_quantized_input(u.node, u.idx)]
+            others = [u for u in uses if not fuses_quantized_input(u.node, u.idx)]
             for use in others:
                 use.node.replace_input_with(use.idx, q.inputs[0])
             if others:
@@ -359,19 +359,19 @@ class _Lowering:
     # ------------------------------------------------------------------ outputs of weighted ops
 
     def weighted_outputs(self) -> None:
-        from optc.passes.transforms.trt_check import _Checker
+        from optc.backends.tensorrt.trt_check import TrtChecker
 
         for node in list(self.graph):
             if weight_slot(node) is None or output_quantization_requested(node) or self._asked(node):
                 continue
             for use in self._uses(node.outputs[0]):
                 q = use.node
-                if q.op_type != "QuantizeLinear" or q.domain not in _ONNX_DOMAINS or output_quantization_requested(q):
+                if q.op_type != "QuantizeLinear" or q.domain not in ONNX_DOMAINS or output_quantization_requested(q):
                     continue
                 uses = self._uses(q.outputs[0])
                 if q.outputs[0].is_graph_output() or any(u.node.op_type != "DequantizeLinear" for u in uses):
                     continue
-                if _Checker._feeds_quantized_consumer(q):
+                if TrtChecker._feeds_quantized_consumer(q):
                     continue
                 self._bypass(q, [u.node for u in uses])
                 self.done["output_quantization"].append(node_label(node))
@@ -388,7 +388,7 @@ class _Lowering:
 
     def weights(self) -> None:
         for dq in list(self.graph):
-            if dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX_DOMAINS or id(dq) in self._dead_ids:
+            if dq.op_type != "DequantizeLinear" or dq.domain not in ONNX_DOMAINS or id(dq) in self._dead_ids:
                 continue
             if not is_const(dq.inputs[0]) or not is_const(dq.inputs[1]):
                 continue
@@ -418,7 +418,7 @@ class _Lowering:
         out_axes: list[int] = []  # per kept use: the output-channel axis in the DequantizeLinear's layout
         for use in uses:
             node = use.node
-            ok = (use.idx == 1 and weight_slot(node) == 1 and _quantized_activation(node.inputs[0]))
+            ok = (use.idx == 1 and weight_slot(node) == 1 and quantized_activation(node.inputs[0]))
             if ok:
                 out_axes.append(output_axis(node, rank))
             else:
@@ -432,7 +432,7 @@ class _Lowering:
             self.done["float_weights"].append("/".join(sorted({_label(u.node) for u in fold})))
         if not keep:
             return
-        if _scalar_like(scale):
+        if scalar_like(scale):
             wrong_axis = bool(block)
         elif scale.ndim == 1:
             wrong_axis = any(axis != a for a in out_axes)
@@ -613,7 +613,7 @@ class _Lowering:
 
     def concats(self) -> None:
         for node in list(self.graph):
-            if node.op_type != "Concat" or node.domain not in _ONNX_DOMAINS:
+            if node.op_type != "Concat" or node.domain not in ONNX_DOMAINS:
                 continue
             slots = [(i, v) for i, v in enumerate(node.inputs) if v is not None and not is_const(v)]
             dqs = [producer(v, "DequantizeLinear") for _, v in slots]
@@ -627,13 +627,13 @@ class _Lowering:
                 continue
             first = dqs[0]
             kinds = {qtype(dq) for dq in dqs}
-            if all(_same(dq.inputs[1], first.inputs[1]) and _same(dq.inputs[2] if len(dq.inputs) > 2 else None,
+            if all(same_constant(dq.inputs[1], first.inputs[1]) and same_constant(dq.inputs[2] if len(dq.inputs) > 2 else None,
                                                                   first.inputs[2] if len(first.inputs) > 2 else None)
                    for dq in dqs) and len(kinds) == 1:
                 continue
             kind = kinds.pop() if len(kinds) == 1 else None
             scales = [const_value(dq.inputs[1]) for dq in dqs]
-            if kind not in _QMAX or any(s is None or not _scalar_like(s) for s in scales):
+            if kind not in _QMAX or any(s is None or not scalar_like(s) for s in scales):
                 continue
             float_type = scales[0].dtype
             new_scale = np.asarray(max(float(s.reshape(())) for s in scales), dtype=float_type)
@@ -666,17 +666,17 @@ class _Lowering:
     # ------------------------------------------------------------------ residual Add
 
     def residuals(self) -> None:
-        from optc.passes.transforms.trt_check import _Checker
+        from optc.backends.tensorrt.trt_check import TrtChecker
 
         pending: list[tuple[Node, int, Value, Node]] = []
         for add in list(self.graph):
-            if add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or len(add.inputs) != 2:
+            if add.op_type != "Add" or add.domain not in ONNX_DOMAINS or len(add.inputs) != 2:
                 continue
             a, b = add.inputs
             if a is None or b is None or is_const(a) or is_const(b):
                 continue
-            convs = [_Checker._quantized_conv_output(v) for v in (a, b)]
-            quantized = [_quantized_activation(v) for v in (a, b)]
+            convs = [TrtChecker._quantized_conv_output(v) for v in (a, b)]
+            quantized = [quantized_activation(v) for v in (a, b)]
             if not any(convs) or (convs[0] and quantized[1]) or (convs[1] and quantized[0]):
                 continue
             idx = 1 if convs[0] else 0
@@ -703,7 +703,7 @@ class _Lowering:
             if q.op_type != "QuantizeLinear" or use.idx != 0 or qtype(q) != want:
                 continue
             scale = const_value(q.inputs[1])
-            if scale is None or not _scalar_like(scale):
+            if scale is None or not scalar_like(scale):
                 continue
             for dq_use in self._uses(q.outputs[0]):
                 if dq_use.node.op_type == "DequantizeLinear":
@@ -711,7 +711,7 @@ class _Lowering:
         return None
 
     def _calibrated_residuals(self, missing: list[tuple[Node, int, Value, Node]]) -> None:
-        from optc.passes.analyses.histograms import ActivationHistograms
+        from optc.passes.analyses.activation_histograms import ActivationHistograms
 
         names = tuple(sorted({x.name for _, _, x, _ in missing}))
         try:
@@ -793,7 +793,7 @@ def _transposed_weight_reader(use, rank: int) -> tuple[Node, int] | None:
         return None
     reader = next(iter(t.outputs[0].uses()))
     node, idx = reader.node, reader.idx
-    if idx != 1 or weight_slot(node) != 1 or not _quantized_activation(node.inputs[0]):
+    if idx != 1 or weight_slot(node) != 1 or not quantized_activation(node.inputs[0]):
         return None
     perm = transpose_perm(t, rank)
     return node, perm[output_axis(node, rank)]

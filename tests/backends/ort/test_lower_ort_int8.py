@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from optc.backends.ort import lower_ort_int8 as lowering
 from optc.ir import DataType, annotation, model_metadata, print_ir, to_proto
 from optc.passes import get_pass, parse_pipeline
-from optc.passes.transforms import ort_int8_lowering as lowering
 from tests import models
 from tests.passes import builders as b
 

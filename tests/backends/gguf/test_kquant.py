@@ -22,13 +22,7 @@ from optc.backends.gguf import (
     collect_parameters,
     gguf_tensor_name,
 )
-from optc.errors import MissingCalibrationData, UsageError
-from optc.ir import annotation, model_metadata
-from optc.ir.annotations import GGUF_TYPE
-from optc.passes.infra.analysis import AnalysisManager
-from optc.passes.infra.context import PassContext
-from optc.passes.infra.pipeline import parse_pipeline
-from optc.passes.transforms.kquant import (
+from optc.backends.gguf.kquant import (
     MIXES,
     KQuant,
     TensorInfo,
@@ -36,6 +30,12 @@ from optc.passes.transforms.kquant import (
     tensor_type,
     use_more_bits,
 )
+from optc.errors import MissingCalibrationData, UsageError
+from optc.ir import annotation, model_metadata
+from optc.ir.annotations import GGUF_TYPE
+from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.context import PassContext
+from optc.passes.infra.pipeline import parse_pipeline
 from tests.backends.ggml_oracle import llama_quantize as oracle_quantize
 from tests.backends.gguf_models import ir_like_frontend, tiny_hf_llama
 
@@ -183,8 +183,8 @@ def test_imatrix_is_the_mean_square_of_the_op_input(tiny):
     """The matrix of q_proj is the per-column mean of x² of its MatMul input over every calibration token."""
     import onnxruntime as ort
 
-    from optc.frontends.calibration import iter_samples
     from optc.ir import save_model
+    from optc.runtime.calibration import iter_samples
 
     model = ir_like_frontend(*tiny)
     am = calibrated(samples=3)

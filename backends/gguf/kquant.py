@@ -257,7 +257,7 @@ class KQuant(Pass):
     def _imatrix(self, model: Model, am: AnalysisManager, sources: list[str]) -> tuple[dict[str, object], dict]:
         """Per weight: the mean of x² of each input column of its op over the calibration data."""
         from optc.passes.analyses.activation_stats import ActivationStats
-        from optc.passes.analyses.runner import calibration_spec
+        from optc.passes.infra.calibration import calibration_spec
 
         spec = calibration_spec(model, am.context)
         inputs = _weight_sources(model)

@@ -16,13 +16,13 @@ from optc.passes import (
     PreservedAnalyses,
     get_analysis,
 )
-from optc.passes.analyses.activation_stats import ActivationStats
-from optc.passes.analyses.histograms import (
+from optc.passes.analyses.activation_histograms import (
     ActivationHistograms,
     TensorHistogram,
     qmax_of,
     quantize_grid,
 )
+from optc.passes.analyses.activation_stats import ActivationStats
 from tests import models
 from tests.passes import quant_models as qm
 

@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import pytest
 
-from optc.calibration_spec import CalibrationSpec
 from optc.errors import OptcError, UsageError
-from optc.frontends.calibration import iter_samples
 from optc.ir import Shape, load_model
 from optc.passes import AnalysisManager, PassContext
 from optc.passes.analyses.activation_stats import ActivationStats
-from optc.passes.analyses.runner import calibration_spec
+from optc.passes.infra.calibration import calibration_spec
+from optc.runtime.calibration import iter_samples
+from optc.runtime.calibration_spec import CalibrationSpec
 from tests import models
 from tests.test_evaluate import VOCAB, build_lm
 
@@ -165,7 +165,7 @@ def test_activation_stats_match_numpy(tmp_path):
 def test_npz_token_ids_outside_the_vocabulary(tmp_path):
     """Token ids the embedding cannot gather (negative, or beyond the HF config's vocab_size) are named."""
     from optc.errors import BadCalibrationData
-    from optc.frontends.calibration import check_calibration
+    from optc.runtime.calibration import check_calibration
     from tests.passes import quant_models as qm
 
     model = qm.to_ir(qm.llama_block(vocab=64), vocab=64)

@@ -47,9 +47,10 @@ import numpy as np
 from optc.errors import OptcError
 from optc.ir import Model
 from optc.passes.analyses.activation_stats import default_values
-from optc.passes.analyses.runner import ModelRunner, calibration_samples
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
+from optc.passes.infra.calibration import calibration_samples
 from optc.passes.infra.registry import register_analysis
+from optc.runtime.runner import ModelRunner
 
 #: Range-selection methods, for options and messages.
 METHODS = ("minmax", "percentile", "mse", "entropy")

@@ -1,9 +1,9 @@
 """The TensorRT backend: explicit-quantization ONNX that TensorRT accepts, and the engine where TensorRT is installed.
 
 `--target tensorrt` (or an output ending in `.engine`/`.plan`) runs the
-`lower-tensorrt` legalization (passes/transforms/trt_lowering.py; never the
+`lower-tensorrt` legalization (backends/tensorrt/lower_tensorrt.py; never the
 onnxruntime integer lowering), checks the result against TensorRT's rules
-(`trt-check`, passes/transforms/trt_check.py) and writes it. Behaviour by
+(`trt-check`, backends/tensorrt/trt_check.py) and writes it. Behaviour by
 output suffix and by whether the `tensorrt` Python package (the optional
 extra `optc[tensorrt]`) can be imported:
 
@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from optc.backends.base import Artifact, Backend, register_backend
+from optc.backends.tensorrt.trt_check import check_tensorrt, summarize
 from optc.errors import OptcError, WriteError
 from optc.ir import Model, annotation, model_metadata, model_size_bytes, save_model, verify
 from optc.ir.annotations import SPARSITY
 from optc.ir.io import remove_model, staged_to_output
 from optc.passes.infra.context import PassContext
-from optc.passes.transforms.trt_check import check_tensorrt, summarize
 
 ENGINE_SUFFIXES = (".engine", ".plan")
 #: Shape ranges (min, opt, max) for dynamic input axes: batch-like axes, then every other axis.
@@ -263,7 +263,7 @@ class TensorRTBackend(Backend):
         def check(staged: Path) -> None:
             if context.get("backend.skip_runtime_check"):
                 return
-            from optc.backends.ort import open_session
+            from optc.runtime.ort import open_session
 
             try:
                 session = open_session(staged, optimize=False, threads=1)
@@ -308,3 +308,6 @@ class TensorRTBackend(Backend):
 
 __all__ = ["EngineReport", "TensorRTBackend", "build_engine", "layer_precisions", "shape_profile",
            "tensorrt_available", "trtexec_command", "uses_2_4"]
+
+# The target's passes register on import (after the backend, which they may use).
+from optc.backends.tensorrt import lower_tensorrt, trt_check  # noqa: E402, F401

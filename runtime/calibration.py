@@ -1,8 +1,8 @@
 """Calibration data for every analysis, streamed one sample at a time.
 
-Specs (the `--calib` flag; parsed by `optc.calibration_spec`):
+Specs (the `--calib` flag; parsed by `optc.runtime.calibration_spec`):
 
-* `builtin`: the calibration split of `pydoc_data.topics` (`optc.frontends.text`), tokenized;
+* `builtin`: the calibration split of `pydoc_data.topics` (`optc.runtime.text`), tokenized;
 * `random`: random inputs shaped like the model's (token ids below the vocab size);
 * `text:FILE`: the file tokenized with the model's own tokenizer into
   `samples` windows of `seqlen` tokens;
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from optc.calibration_spec import CalibrationSpec
 from optc.errors import BadCalibrationData
 from optc.ir import DataType, Model, model_metadata
+from optc.runtime.calibration_spec import CalibrationSpec
 
 _NUMPY_DTYPES = {
     DataType.FLOAT: np.float32,
@@ -41,7 +41,7 @@ def iter_samples(model: Model, spec: str | CalibrationSpec, samples: int, seqlen
     if spec.kind == "random":
         yield from _random_samples(model, samples, seqlen, seed)
     elif spec.kind == "builtin":
-        from optc.frontends.text import builtin_text
+        from optc.runtime.text import builtin_text
 
         yield from _text_samples(model, builtin_text("calib"), samples, seqlen, "builtin")
     elif spec.kind == "text":
@@ -93,7 +93,7 @@ def _random_samples(model: Model, samples: int, seqlen: int, seed: int) -> Itera
 
 def load_tokenizer(model: Model):
     """The model's own tokenizer, rebuilt from the metadata the frontend stored."""
-    from optc.frontends.tokenizer import tokenizer_from_model
+    from optc.runtime.tokenizer import tokenizer_from_model
 
     return tokenizer_from_model(model)
 

@@ -1,0 +1,22 @@
+"""What kind of file a path is, checked without opening it (a FIFO or a device would block a read)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from optc.errors import OptcError
+
+
+def check_input_kind(path: Path, label: str | None = None) -> None:
+    """Refuse, without opening it, an input that is neither a regular file nor a directory (a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the loader names it
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise OptcError(f"{label or path}: is {kind}, not a regular file or a directory")

@@ -1,0 +1,53 @@
+"""The dependency rule (tools/check_layers.py) holds: layers import downwards, targets stay apart."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_dependency_rule_holds():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layers.py")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    assert "0 violation(s)" in proc.stderr
+
+
+def test_checker_catches_an_upward_import(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_layers
+    finally:
+        sys.path.pop(0)
+    assert check_layers.layer("optc.ir.core") == "ir"
+    assert check_layers.layer("optc.passes") == "passes.infra"
+    assert check_layers.layer("optc.passes.transforms.dce") == "passes"
+    assert check_layers.layer("optc.backends.ort.lower_ort_int8") == "backends"
+    assert check_layers.layer("optc.driver") == "driver"
+    assert "backends" not in check_layers.ALLOWED["passes"]
+    assert "frontends" not in check_layers.ALLOWED["passes"]
+    assert "passes" not in check_layers.ALLOWED["frontends"]
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from optc.backends.ort import lower_ort_int8\n    from optc.passes.transforms.smoothquant import _x\n")
+    found = check_layers.imports(bad, "optc.passes.transforms.bad", {"optc.backends.ort.lower_ort_int8"})
+    assert (2, "optc.backends.ort.lower_ort_int8", None) in found
+    assert (3, "optc.passes.transforms.smoothquant", "_x") in found
+    assert check_layers.target("optc.backends.gguf.kquant") == "gguf"
+    assert check_layers.target("optc.backends.base") is None
+
+
+def test_every_pass_and_analysis_lives_in_a_file_named_like_it():
+    import inspect
+
+    from optc.passes import all_analyses, all_passes
+    from optc.passes.infra.registry import plugin_origin
+
+    containers = {"fixpoint"}  # pass-manager containers live with the pass manager
+    misplaced = []
+    for name, cls in [*all_passes().items(), *all_analyses().items()]:
+        if name in containers or plugin_origin(name):
+            continue
+        path = Path(inspect.getsourcefile(cls))
+        if path.stem != name.replace("-", "_"):
+            misplaced.append(f"{name}: {path}")
+    assert not misplaced
