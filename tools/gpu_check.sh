@@ -25,7 +25,7 @@ if [ $# -ge 1 ]; then
 fi
 # optc's packages live at the repository root (pyproject's package-dir): link them under optc/.
 if ! python3 -c "import optc.passes" 2>/dev/null; then
-    for d in ir passes frontends backends; do ln -sfn "../$d" "optc/$d"; done
+    for d in ir passes frontends backends runtime; do ln -sfn "../$d" "optc/$d"; done
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
