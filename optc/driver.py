@@ -139,7 +139,32 @@ def run_inputs(source: Path | None, options: CompileOptions) -> Inputs:
         calib = CalibrationSpec.parse(options.calib)
         if calib.path is not None:
             inputs.add_file(calib.path, f"the calibration data {calib.path}")
+    for name, path in pipeline_files(options.passes if options.passes is not None else DEFAULT_PIPELINE):
+        what = f"the file {path} that {name} reads"
+        if path.is_dir():
+            inputs.add_directory(path, what)
+        else:
+            inputs.add_file(path, what)
     return inputs
+
+
+def pipeline_files(pipeline_text: str) -> list[tuple[str, Path]]:
+    """Files and folders the pipeline's options name (e.g. distill's `teacher=PATH`): inputs of the run too."""
+    found: list[tuple[str, Path]] = []
+
+    def visit(passes: list) -> None:
+        for p in passes:
+            visit(getattr(p, "passes", []))
+            options = getattr(p, "options", None)
+            if not dataclasses.is_dataclass(options):
+                continue
+            for field in dataclasses.fields(options):
+                value = getattr(options, field.name)
+                if isinstance(value, str) and value and Path(value).exists():
+                    found.append((f"{p.name}{{{field.name}=...}}", Path(value)))
+
+    visit(parse_pipeline(pipeline_text).passes)
+    return found
 
 
 def model_inputs(model: Model, source: Path | None, options: CompileOptions) -> Inputs:

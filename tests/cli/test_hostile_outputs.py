@@ -141,6 +141,10 @@ GUARD_CASES: dict[str, Case] = {
         lambda d: [_model(d), "-o", "out.onnx", "--calib", f"text:{_text(d / 'corpus.txt')}", "--report", "corpus.txt"],
         1, ["--report corpus.txt", "calibration data"],
     ),
+    "output-is-the-distill-teacher": Case(
+        lambda d: [_model(d), "--passes", f"distill{{steps=1 teacher={build_model(d / 'teacher.onnx').name}}}",
+                   "--calib", "random", "-o", "teacher.onnx"], 1, ["teacher.onnx", "distill{teacher=...}"],
+    ),
     "report-is-the-output-data": Case(
         lambda d: [build_model(d / "m.onnx").name, "-o", "out.onnx", "--report", "out.onnx.data"], 1,
         ["--report", "overwrite"],
