@@ -47,6 +47,8 @@ from optc.ir import (
     unique_name,
 )
 from optc.ir.opset import default_opset, ensure_opset
+from optc.ir.patterns.ops import GEMM_OPS
+from optc.ir.patterns.weights import weight_view
 from optc.passes.infra.options import option
 from optc.passes.linear_layers import Linear, layer_names, linear, matches_any, torch_threads
 
@@ -215,9 +217,9 @@ def remark_sites(context, model: Model, sites: list[Linear], excluded: list[Node
     for node in model.graph:
         if linear(node) is not None and linear_site(node) is None:
             unsupported += 1  # a Gemm with alpha != 1
-        elif node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1] is not None:
-            producer = node.inputs[1].producer()
-            already += producer is not None and producer.op_type == "DequantizeLinear"
+        else:
+            view = weight_view(node, through=("DequantizeLinear",), ops=GEMM_OPS)
+            already += view is not None and view.through == ("DequantizeLinear",)
     if unsupported:
         message = f"{len(sites)} of {len(sites) + unsupported} linear layers quantizable: Gemm with alpha != 1"
         context.remark("missed", message, matched_none=not sites and not excluded)

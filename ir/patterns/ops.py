@@ -6,6 +6,9 @@ from __future__ import annotations
 GEMM_OPS: tuple[str, ...] = ("MatMul", "Gemm")
 CONV_OPS: tuple[str, ...] = ("Conv", "ConvTranspose")
 WEIGHTED_OPS: tuple[str, ...] = (*GEMM_OPS, *CONV_OPS)
+#: The weighted ops static INT8/FP8 quantization handles (`quantize`, and the activations its calibration
+#: measures): ConvTranspose stays float.
+QUANTIZED_OPS: tuple[str, ...] = (*GEMM_OPS, "Conv")
 
 #: Standard quantize/dequantize ops, and the dynamic one TensorRT cannot import.
 QDQ_OPS: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear")

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from optc.ir.core import Node, Value, is_constant, transpose_perm
-from optc.ir.patterns.ops import WEIGHT_VIEW_OPS, WEIGHTED_OPS
+from optc.ir.patterns.ops import QDQ_OPS, WEIGHT_VIEW_OPS, WEIGHTED_OPS
 
 ONNX_DOMAINS = ("", "ai.onnx")
+#: Ops that keep their input's layout (a Transpose's is followed); past any other (a Reshape) the axes are unknown.
+_LAYOUT_KEEPING = (*QDQ_OPS, "Transpose", "Cast", "Identity")
 #: How many nodes a trace walks through at most.
 MAX_DEPTH = 16
 
@@ -60,7 +62,7 @@ class WeightView:
 
     `perm[i]` is the constant's axis that the op's weight axis i comes from (None when no Transpose
     is in the way); `out_axis` and `k_axis` are in the constant's layout (None when its rank is
-    unknown or under 2). `path` holds the nodes walked through, the one nearest the op first.
+    unknown or under 2, or when a node on the path, a Reshape, changes the layout). `path` holds the nodes walked through, the one nearest the op first.
     """
 
     node: Node
@@ -101,22 +103,27 @@ class WeightView:
         return constant_rank(self.constant)
 
 
-def _trace(
-    node: Node, through: tuple[str, ...], is_source: Callable[[Value], bool], ops: tuple[str, ...],
-) -> WeightView | str:
-    """The view of `node`'s weight, or why there is none."""
-    if node.op_type not in ops or node.domain not in ONNX_DOMAINS:
-        return f"{node.op_type} is not a weighted op"
-    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
-        return f"{node.op_type} lacks an input"
-    if is_constant(node.inputs[0]):
-        return "its data input is a constant"
+@dataclass(frozen=True)
+class Trace:
+    """A value followed back to a constant: the constant, the nodes walked through (nearest the value
+    first), and `perm` (the value's axis i is the constant's axis perm[i]; None when no Transpose)."""
+
+    constant: Value
+    path: tuple[Node, ...]
+    perm: tuple[int, ...] | None
+
+
+def trace_back(
+    value: Value, *, through: tuple[str, ...] = WEIGHT_VIEW_OPS, is_source: Callable[[Value], bool] = is_constant,
+) -> Trace | str:
+    """Follow `value` back through standard-domain ops of `through` (each read at input 0) to a value
+    `is_source` accepts; the `Trace`, or why there is none."""
     path: list[Node] = []
     perm: list[int] | None = None
-    current = node.inputs[1]
+    current = value
     for _ in range(MAX_DEPTH):
         if is_source(current):
-            break
+            return Trace(current, tuple(path), None if perm is None else tuple(perm))
         producer = current.producer()
         if producer is None:
             return f"weight {current.name!r} is not a constant"
@@ -130,14 +137,30 @@ def _trace(
             perm = [p[i] for i in perm] if perm is not None else p
         path.append(producer)
         current = producer.inputs[0]
-    else:
-        return f"weight {node.inputs[1].name!r} is more than {MAX_DEPTH} nodes from a constant"
-    rank = constant_rank(current)
+    return f"weight {value.name!r} is more than {MAX_DEPTH} nodes from a constant"
+
+
+def _trace(
+    node: Node, through: tuple[str, ...], is_source: Callable[[Value], bool], ops: tuple[str, ...],
+) -> WeightView | str:
+    """The view of `node`'s weight, or why there is none."""
+    if node.op_type not in ops or node.domain not in ONNX_DOMAINS:
+        return f"{node.op_type} is not a weighted op"
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return f"{node.op_type} lacks an input"
+    if is_constant(node.inputs[0]):
+        return "its data input is a constant"
+    found = trace_back(node.inputs[1], through=through, is_source=is_source)
+    if isinstance(found, str):
+        return found
+    rank = constant_rank(found.constant)
+    perm = found.perm
     out_axis = k_axis = None
-    if rank is not None and rank >= 2 and (perm is None or len(perm) == rank):
+    layout_known = all(n.op_type in _LAYOUT_KEEPING for n in found.path)
+    if layout_known and rank is not None and rank >= 2 and (perm is None or len(perm) == rank):
         out, k = weight_axes(node, rank)
         out_axis, k_axis = (out, k) if perm is None else (perm[out], perm[k])
-    return WeightView(node, 1, current, out_axis, k_axis, tuple(path), None if perm is None else tuple(perm))
+    return WeightView(node, 1, found.constant, out_axis, k_axis, found.path, perm)
 
 
 def _value_rank(value: Value) -> int | None:
@@ -165,4 +188,4 @@ def weight_miss(
     return None if isinstance(found, WeightView) else found
 
 
-__all__ = ["MAX_DEPTH", "ONNX_DOMAINS", "WeightView", "constant_rank", "weight_axes", "weight_miss", "weight_view"]
+__all__ = ["MAX_DEPTH", "ONNX_DOMAINS", "Trace", "WeightView", "constant_rank", "trace_back", "weight_axes", "weight_miss", "weight_view"]
