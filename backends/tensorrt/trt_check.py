@@ -40,7 +40,7 @@ import numpy as np
 from optc.errors import OptcError
 from optc.ir import DataType, Model, Node, Value, annotation, node_label, transpose_perm
 from optc.ir.annotations import QUANTIZATION, SPARSITY
-from optc.ir.patterns.ops import INTEGER_OPS, QDQ_OPS, WEIGHTED_OPS
+from optc.ir.patterns.ops import GEMM_OPS, INTEGER_OPS, QDQ_OPS, WEIGHTED_OPS
 from optc.ir.patterns.weights import trace_back, weight_axes, weight_view
 from optc.passes.fp8_convs import FP8_CONV_MAX_TAPS, FP8_CONV_MIN_CHANNELS, fp8_conv_unsupported
 from optc.passes.infra.analysis import AnalysisManager
@@ -440,7 +440,7 @@ class TrtChecker:
         if not readers:
             self.add("int4-blocked", node, f"{where} feeds no MatMul/Gemm weight")
         for reader, perm in readers:
-            if reader.op_type not in ("MatMul", "Gemm"):
+            if reader.op_type not in GEMM_OPS:
                 self.add("int4-blocked", node, f"{where} feeds {reader.op_type} {node_label(reader)!r} (INT4 is for GEMMs only)")
                 continue
             k = reduction_axis(reader, array.ndim)

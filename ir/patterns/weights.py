@@ -115,13 +115,14 @@ class Trace:
 
 def trace_back(
     value: Value, *, through: tuple[str, ...] = WEIGHT_VIEW_OPS, is_source: Callable[[Value], bool] = is_constant,
+    depth: int = MAX_DEPTH,
 ) -> Trace | str:
-    """Follow `value` back through standard-domain ops of `through` (each read at input 0) to a value
-    `is_source` accepts; the `Trace`, or why there is none."""
+    """Follow `value` back through at most `depth` standard-domain ops of `through` (each read at input 0)
+    to a value `is_source` accepts; the `Trace`, or why there is none."""
     path: list[Node] = []
     perm: list[int] | None = None
     current = value
-    for _ in range(MAX_DEPTH):
+    for _ in range(depth):
         if is_source(current):
             return Trace(current, tuple(path), None if perm is None else tuple(perm))
         producer = current.producer()
@@ -137,7 +138,9 @@ def trace_back(
             perm = [p[i] for i in perm] if perm is not None else p
         path.append(producer)
         current = producer.inputs[0]
-    return f"weight {value.name!r} is more than {MAX_DEPTH} nodes from a constant"
+    if is_source(current):
+        return Trace(current, tuple(path), None if perm is None else tuple(perm))
+    return f"weight {value.name!r} is more than {depth} nodes from a constant"
 
 
 def _trace(

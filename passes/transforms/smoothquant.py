@@ -76,6 +76,7 @@ from optc.ir import (
     tensor,
     unique_name,
 )
+from optc.ir.patterns.ops import GEMM_OPS, NORM_OPS, NORM_PATH_OPS, REDUCTION_OPS
 from optc.passes.analyses.activation_stats import ActivationStats
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
@@ -83,10 +84,6 @@ from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.infra.remarks import match_summary
 
-#: Ops along a normalization's statistics path (between x and its per-token scale).
-_NORM_PATH_OPS = frozenset({"Reciprocal", "Sqrt", "Add", "Pow", "Mul", "Div", "Cast", "Sub", "Max", "Clip"})
-_NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"})
-_REDUCTIONS = frozenset({"ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum"})
 #: Clamp of the smoothing factors.
 S_MIN, S_MAX = 1e-5, 1e5
 
@@ -257,7 +254,7 @@ def _norm_output(x: Value) -> bool:
     node = x.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return False
-    if node.op_type in _NORM_OPS:
+    if node.op_type in NORM_OPS:
         return True
     if node.op_type == "Add" and len(node.inputs) == 2:
         inner = [v for v in node.inputs if v is not None and not is_constant(v)]
@@ -365,7 +362,7 @@ def _plan(x: Value, c: int, targets: str) -> tuple[str, list[ScaleSite]] | None:
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
     op = node.op_type
-    if op in _NORM_OPS and node.outputs[0] is x:
+    if op in NORM_OPS and node.outputs[0] is x:
         if not _norm_along_last_axis(node, x):
             return None
         sites = [ScaleSite(node, i, -1) for i in (1, 2) if i < len(node.inputs) and node.inputs[i] is not None]
@@ -447,7 +444,7 @@ def _gating_order(node: Node) -> list[int]:
     """Operands of a gating Mul, the plain linear one first (the other is usually behind an activation)."""
     def rank(i: int) -> int:
         producer = node.inputs[i].producer()
-        return 0 if producer is not None and producer.op_type in ("MatMul", "Gemm", "Add") else 1
+        return 0 if producer is not None and producer.op_type in (*GEMM_OPS, "Add") else 1
 
     return sorted((0, 1), key=rank)
 
@@ -497,7 +494,7 @@ def _is_normalized(value: Value | None) -> bool:
     node = value.producer()
     if node is None:
         return False
-    if node.op_type in _NORM_OPS:
+    if node.op_type in NORM_OPS:
         return True
     if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
         return False
@@ -510,9 +507,9 @@ def _reaches_reduction(value: Value, depth: int) -> bool:
     node = value.producer()
     if node is None or depth == 0:
         return False
-    if node.op_type in _REDUCTIONS:
+    if node.op_type in REDUCTION_OPS:
         return True
-    if node.op_type not in _NORM_PATH_OPS:
+    if node.op_type not in NORM_PATH_OPS:
         return False
     return any(_reaches_reduction(v, depth - 1) for v in node.inputs if v is not None and not is_constant(v))
 
