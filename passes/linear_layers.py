@@ -35,8 +35,6 @@ from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.weights import weight_view
 
 FLOAT_TYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
-#: What weight passes leave alone by default: the output head and embedding tables.
-DEFAULT_EXCLUDE = ("lm_head", "embed", "wte", "word_embeddings")
 
 
 @dataclass(frozen=True)
@@ -129,4 +127,4 @@ def torch_threads(device: Any = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-__all__ = ["DEFAULT_EXCLUDE", "FLOAT_TYPES", "Linear", "layer_names", "linear", "matches_any", "torch_threads"]
+__all__ = ["FLOAT_TYPES", "Linear", "layer_names", "linear", "matches_any", "torch_threads"]

@@ -50,7 +50,8 @@ from optc.ir.opset import default_opset, ensure_opset
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.weights import weight_view
 from optc.passes.infra.options import option
-from optc.passes.linear_layers import Linear, layer_names, linear, matches_any, torch_threads
+from optc.passes.layer_selector import LayerSelector, default_exclude
+from optc.passes.linear_layers import Linear, linear, torch_threads
 
 #: Smallest clipping ratio searched with `clip`, and how many ratios.
 CLIP_MIN = 0.6
@@ -199,12 +200,13 @@ def linear_site(node: Node) -> Linear | None:
 
 def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Linear], list[Node]]:
     """Quantizable linear layers in graph order (not yet quantized), and the weighted ops `exclude` matched."""
+    selector = LayerSelector.of(exclude)
     sites, excluded = [], []
     for node in model.graph:
         site = linear_site(node)
         if site is None:
             continue
-        if exclude and matches(node, exclude):
+        if not selector.selects(node, site.weight):
             excluded.append(node)
             continue
         sites.append(site)
@@ -235,14 +237,16 @@ def remark_sites(context, model: Model, sites: list[Linear], excluded: list[Node
 
 def matches(node: Node, patterns) -> bool:
     """Whether a node, its outputs or its weight (also by source name) match a pattern (substring or glob)."""
-    return matches_any(layer_names(node, node.inputs[1] if len(node.inputs) > 1 else None), patterns)
+    return not LayerSelector.of(patterns).selects(node, node.inputs[1] if len(node.inputs) > 1 else None)
 
 
 def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
-    reason = "excluded (exclude=" + ",".join(exclude) + ")"
+    """Annotate each excluded node `quant_skipped` with the selector's reason; returns how many changed."""
+    selector = LayerSelector.of(exclude)
     changed = 0
     for node in nodes:
-        if annotation(node, "quant_skipped") != reason and annotation(node, "quant") is None:
+        reason = selector.why_not(node, node.inputs[1] if len(node.inputs) > 1 else None)
+        if reason is not None and annotation(node, "quant_skipped") != reason and annotation(node, "quant") is None:
             annotate(node, "quant_skipped", reason)
             changed += 1
     return changed
@@ -337,8 +341,8 @@ class LowBitOptions:
     group: int = option(128, help="input channels per scale (blocks along K); -1 for one scale per output channel")
     symmetric: bool = option(True, help="symmetric (signed, no zero point; what TensorRT takes); false: uint + zero point")
     clip: bool = option(True, help="search each group's clipping ratio for the least squared weight error (else min-max)")
-    exclude: list[str] = option(
-        ["lm_head"], help="ops left in float (node, output, weight or source names; substring or glob)"
+    exclude: list[str] = option(  # rtn, gptq and awq share these options: their defaults agree
+        default_exclude("rtn"), help="ops left in float (node, output, weight or source names; substring or glob)"
     )
 
     def validate(self) -> None:

@@ -112,6 +112,7 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.int8_pairs import limit_pair_sums, pair_limited_scale
+from optc.passes.layer_selector import LayerSelector, default_exclude
 from optc.passes.linear_layers import FLOAT_TYPES, layer_names, matches_any
 
 _NUMPY_FLOATS = {DataType.FLOAT: np.float32, DataType.FLOAT16: np.float16}
@@ -167,7 +168,7 @@ class Quantize(Pass):
         )
         percentile: float = option(99.99, help="the percentile for calib=percentile")
         symmetric: bool = option(True, help="symmetric activations (zero point 0); false: asymmetric uint8")
-        exclude: list[str] = option(["lm_head"], help="ops left in float (names, weight names, source names; substring or glob)")
+        exclude: list[str] = option(default_exclude("quantize"), help="ops left in float (names, weight names, source names; substring or glob)")
         int16: list[str] = option([], help="ops whose activations use int16 Q/DQ instead")
         weight_only: list[str] = option([], help="ops whose weights are quantized but activations stay float")
         ops: list[Literal["MatMul", "Gemm", "Conv"]] = option(list(QUANTIZED_OPS), help="op types to quantize")
@@ -236,6 +237,7 @@ class Quantize(Pass):
         skipped = 0
         float_convs = 0
         already = 0  # weighted ops an earlier pass quantized (their weight comes from a DequantizeLinear)
+        selector = LayerSelector.of(opts.exclude)
         for node in graph:
             if node.op_type not in opts.ops or node.domain not in ("", "ai.onnx"):
                 continue
@@ -243,9 +245,9 @@ class Quantize(Pass):
             if weight is None:
                 already += _dequantized_weight(node)
                 continue
-            if _matches(node, weight, opts.exclude):
+            reason = selector.why_not(node, weight.value)
+            if reason is not None:
                 excluded.append((node, weight))
-                reason = "excluded (exclude=" + ",".join(opts.exclude) + ")"
                 if annotation(node, "quant_skipped") != reason:
                     annotate(node, "quant_skipped", reason)
                     skipped += 1

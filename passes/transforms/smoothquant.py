@@ -53,7 +53,6 @@ structure when it only rescaled initializers in place.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,13 +65,10 @@ from optc.ir import (
     Value,
     add_initializer,
     annotate,
-    annotation,
     constant_array,
     is_constant,
     make_node,
-    node_label,
     sole_transpose,
-    source_name,
     tensor,
     unique_name,
 )
@@ -83,6 +79,7 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.infra.remarks import match_summary
+from optc.passes.layer_selector import LayerSelector, default_exclude
 
 #: Clamp of the smoothing factors.
 S_MIN, S_MAX = 1e-5, 1e5
@@ -118,7 +115,7 @@ class SmoothQuant(Pass):
             "norm", help="producers to fold into: norm (RMSNorm/LayerNorm) or all (also linear layers, e.g. up->down)"
         )
         exclude: list[str] = option(
-            ["lm_head"],
+            default_exclude("smoothquant"),
             help="skip groups with a consumer whose node, output or weight (source) name matches (substring or glob); "
             "the default matches quantize's, which leaves lm_head in float",
         )
@@ -226,6 +223,7 @@ def find_groups(
     `excluded` the groups that `exclude` removed.
     """
     graph = model.graph
+    selector = LayerSelector.of(exclude)
     seen: set[int] = set()
     groups = []
     for node in graph:
@@ -241,7 +239,8 @@ def find_groups(
             if misses is not None and _norm_output(x):
                 misses.append(_why_not(x, tied, insert_mul))
             continue
-        if exclude and any(_matches(n, exclude) for n in (*(c for c, _ in group.consumers), *(c for c, _ in group.tied))):
+        if exclude and not all(selector.selects(n, _weight_input(n)) for n in (*(c for c, _ in group.consumers),
+                                                                                   *(c for c, _ in group.tied))):
             if excluded is not None:
                 excluded.append(group)
             continue
@@ -514,18 +513,8 @@ def _reaches_reduction(value: Value, depth: int) -> bool:
     return any(_reaches_reduction(v, depth - 1) for v in node.inputs if v is not None and not is_constant(v))
 
 
-def _matches(node: Node, patterns) -> bool:
-    names = [node_label(node), *(o.name for o in node.outputs if o.name)]
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if w is not None:
-        names += [w.name or "", source_name(w), *(annotation(w, "source_aliases") or [])]
-    return any(_match(p, n) for p in patterns for n in names if n)
-
-
-def _match(pattern: str, name: str) -> bool:
-    if any(ch in pattern for ch in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
-    return pattern in name
+def _weight_input(node: Node) -> Value | None:
+    return node.inputs[1] if len(node.inputs) > 1 else None
 
 
 # --------------------------------------------------------------------------- rewriting
