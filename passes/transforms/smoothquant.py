@@ -73,6 +73,7 @@ from optc.ir import (
     unique_name,
 )
 from optc.ir.patterns.ops import GEMM_OPS, NORM_OPS, NORM_PATH_OPS, REDUCTION_OPS
+from optc.ir.patterns.weights import weight_view
 from optc.passes.analyses.activation_stats import ActivationStats
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
@@ -282,35 +283,26 @@ def _why_not(x: Value, tied: bool, insert_mul: bool) -> str:
 
 def balance_axis(node: Node) -> int | None:
     """The input-channel axis of the weight when `node` is X·W with a constant 2-D W, else None."""
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    view = weight_view(node, through=(), ops=GEMM_OPS)  # the weight itself, no op in between
+    if view is None or view.constant.shape is None or len(view.constant.shape) != 2:
         return None
-    x, w = node.inputs[0], node.inputs[1]
-    if x is None or is_constant(x) or not is_constant(w) or w.shape is None or len(w.shape) != 2:
+    trans_a = node.attributes.get("transA") if node.op_type == "Gemm" else None
+    if trans_a is not None and trans_a.as_int():
         return None
-    if node.op_type == "MatMul":
-        return 0
-    if node.op_type == "Gemm":
-        attrs = node.attributes
-        if attrs.get("transA") is not None and attrs["transA"].as_int():
-            return None
-        return 1 if attrs.get("transB") is not None and attrs["transB"].as_int() else 0
-    return None
+    return view.k_axis
 
 
 def tied_weight_site(node: Node) -> ScaleSite | None:
     """A MatMul reading its weight as `Transpose(T)` of a 2-D constant: the site of T's input-channel axis."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+    view = weight_view(node, through=("Transpose",), ops=("MatMul",))
+    if view is None or len(view.path) != 1 or view.perm != (1, 0) or view.k_axis is None:
         return None
-    x, w = node.inputs
-    if x is None or w is None or is_constant(x) or is_constant(w):
+    if sole_transpose(node.inputs[1]) is None:  # the Transpose only this MatMul reads
         return None
-    transposed = sole_transpose(w)
-    if transposed is None or transposed[1] != [1, 0] or not is_constant(transposed[0].inputs[0]):
-        return None
-    t, table = transposed[0], transposed[0].inputs[0]
+    table = view.constant
     if table.dtype is None or not table.dtype.is_floating_point():
         return None
-    return ScaleSite(t, 0, 1)  # W = Tᵀ: W's input channels (axis 0) are T's axis 1
+    return ScaleSite(view.reader, 0, view.k_axis)  # W = Tᵀ: W's input channels (axis 0) are T's axis 1
 
 
 def _group_for(x: Value, targets: str, insert_mul: bool = True, tied: bool = False) -> _Group | None:
@@ -418,25 +410,17 @@ def _linear_plan(value: Value, c: int, reader: Node) -> list[ScaleSite] | None:
 
 
 def _linear_sites(node: Node, c: int) -> tuple[str, list[ScaleSite]] | None:
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    """The sites that scale the `c` output channels of a linear layer (its weight, and a Gemm's bias)."""
+    view = weight_view(node, through=(), ops=GEMM_OPS)  # the weight itself, no op in between
+    w = view.constant if view is not None else None
+    if w is None or w.shape is None or len(w.shape) != 2 or w.shape[view.out_axis] != c:
         return None
-    w = node.inputs[1]
-    if not is_constant(w) or w.shape is None or len(w.shape) != 2 or is_constant(node.inputs[0]):
-        return None
-    if node.op_type == "MatMul" and w.shape[1] == c:
-        return "linear", [ScaleSite(node, 1, 1)]
-    if node.op_type == "Gemm":
-        trans_b = node.attributes.get("transB")
-        axis = 0 if trans_b is not None and trans_b.as_int() else 1
-        if w.shape[axis] != c:
+    sites = [ScaleSite(node, 1, view.out_axis)]
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        if not _per_channel_constant(node.inputs[2], c):
             return None
-        sites = [ScaleSite(node, 1, axis)]
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            if not _per_channel_constant(node.inputs[2], c):
-                return None
-            sites.append(ScaleSite(node, 2, -1))
-        return "linear", sites
-    return None
+        sites.append(ScaleSite(node, 2, -1))
+    return "linear", sites
 
 
 def _gating_order(node: Node) -> list[int]:
