@@ -29,6 +29,7 @@ axis 0 instead. The op is annotated `quant` with `{"weights": "int4",
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -49,7 +50,11 @@ from optc.ir import (
 from optc.ir.opset import default_opset, ensure_opset
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.weights import weight_view
+from optc.passes.analyses.hessian import Hessian
+from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.calibration import calibration_spec
 from optc.passes.infra.options import option
+from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.layer_selector import LayerSelector, default_exclude
 from optc.passes.linear_layers import Linear, linear, torch_threads
 
@@ -324,7 +329,7 @@ def sites_at_opset(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> t
 
 
 __all__ = [
-    "LOWBIT_OPSET", "Grid", "Linear", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
+    "LOWBIT_OPSET", "Grid", "Linear", "LowBitOptions", "LowBitPass", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
     "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
     "sites_at_opset", "torch_threads",
 ]
@@ -354,3 +359,45 @@ class LowBitOptions:
     @property
     def grid(self) -> Grid:
         return Grid(self.bits, self.symmetric)
+
+
+# --------------------------------------------------------------------------- the passes' common base
+
+
+class LowBitPass(Pass):
+    """Base of the weight-only low-bit passes (`rtn`, `gptq`, `awq`): finding the layers (the layer
+    selector, the opset raise, the remarks), calibration Hessians and emitting the quantized weights."""
+
+    Options: ClassVar[type] = LowBitOptions
+    #: The annotation's `method`; also names the pass in its error lines.
+    method: ClassVar[str] = "lowbit"
+    #: What the pass needs from calibration data, for the error line when there is none.
+    calibration_need: ClassVar[str] = "calibration statistics"
+
+    def layers(self, model: Model, am: AnalysisManager) -> tuple[list[Linear], list[Node], int]:
+        """The layers to quantize (the model raised to `LOWBIT_OPSET` when there is one), those `exclude`
+        left out, and how many of those were newly annotated `quant_skipped`; the remarks are emitted."""
+        exclude = self.options.exclude
+        sites, excluded = sites_at_opset(model, exclude)
+        skipped = mark_excluded(excluded, exclude)
+        remark_sites(am.context, model, sites, excluded)
+        return sites, excluded, skipped
+
+    def nothing_quantized(self, model: Model, excluded: list[Node], skipped: int) -> PassResult:
+        """The result when no layer is left to quantize (changed only by new `quant_skipped` annotations)."""
+        return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})
+
+    def calibration_hessians(self, model: Model, am: AnalysisManager, names: list[str]) -> dict:
+        """The `hessian` analysis of the activations `names`; one error line when there is no calibration data."""
+        try:
+            calibration_spec(model, am.context)
+        except OptcError as exc:
+            message = str(exc).split(": ", 1)[-1]
+            raise OptcError(f"{self.method} needs {self.calibration_need} from calibration data: {message}") from exc
+        return am.get(Hessian, model, values=tuple(dict.fromkeys(names)))
+
+    def emit(self, model: Model, site: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             info: dict) -> dict:
+        """Store one layer's codes with the options' grid and group (`emit`), annotated with `method` and `info`."""
+        opts = self.options
+        return emit(model, site, q, scale, zero, opts.grid, opts.group, {"method": self.method, **info})
