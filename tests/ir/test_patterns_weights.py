@@ -6,7 +6,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from optc.ir.patterns.ops import GEMM_OPS
-from optc.ir.patterns.weights import weight_axes, weight_miss, weight_view
+from optc.ir.patterns.weights import Trace, trace_back, weight_axes, weight_miss, weight_view
 from tests import models
 
 
@@ -114,3 +114,17 @@ def test_ops_narrow_the_weighted_ops():
     conv = _model([helper.make_node("Conv", ["x", "w"], ["y"])], [1, 2, 5, 5], [_w("w", [6, 2, 3, 3])], [1, 6, 3, 3])
     assert weight_view(_op(conv, "Conv"), ops=GEMM_OPS) is None
     assert weight_axes(_op(conv, "Conv"), 4) == (0, 1)
+
+
+def test_past_a_reshape_the_axes_are_unknown_and_depth_bounds_the_trace():
+    shape = numpy_helper.from_array(np.array([4, 3], dtype=np.int64), "shape")
+    nodes = [helper.make_node("Reshape", ["w", "shape"], ["w_r"]), helper.make_node("Cast", ["w_r"], ["w_c"], to=1),
+             helper.make_node("MatMul", ["x", "w_c"], ["y"])]
+    model = _model(nodes, [2, 4], [_w("w", [12]), shape], [2, 3])
+    node = _op(model, "MatMul")
+    assert weight_view(node) is None  # Reshape is not followed by default
+    view = weight_view(node, through=("Cast", "Reshape"))
+    assert view is not None and view.constant.name == "w" and (view.out_axis, view.k_axis) == (None, None)
+    found = trace_back(node.inputs[1], through=("Cast", "Reshape"), depth=1)
+    assert found == "weight 'w_c' is more than 1 nodes from a constant"
+    assert isinstance(trace_back(node.inputs[1], through=("Cast", "Reshape"), depth=2), Trace)
