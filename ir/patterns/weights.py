@@ -133,7 +133,7 @@ def trace_back(
         if producer.op_type == "Transpose":
             source = producer.inputs[0]
             p = transpose_perm(producer, constant_rank(source) if is_source(source) else _value_rank(source))
-            if p is None:
+            if p is None or (perm is not None and len(p) != len(perm)):
                 return f"Transpose {producer.name!r} has no known permutation"
             perm = [p[i] for i in perm] if perm is not None else p
         path.append(producer)
