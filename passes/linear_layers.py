@@ -28,14 +28,13 @@ from optc.ir import (
     Value,
     annotation,
     constant_array,
-    is_constant,
     node_label,
     source_name,
 )
+from optc.ir.patterns.ops import GEMM_OPS
+from optc.ir.patterns.weights import weight_view
 
 FLOAT_TYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
-#: What weight passes leave alone by default: the output head and embedding tables.
-DEFAULT_EXCLUDE = ("lm_head", "embed", "wte", "word_embeddings")
 
 
 @dataclass(frozen=True)
@@ -76,20 +75,17 @@ class Linear:
 
 def linear(node: Node) -> Linear | None:
     """The `Linear` view of `node` when it is X·W with a constant 2-D float W, else None."""
-    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    view = weight_view(node, through=(), ops=GEMM_OPS)  # the weight itself, no op in between
+    if view is None:
         return None
-    x, w = node.inputs[0], node.inputs[1]
-    if x is None or w is None or is_constant(x) or not is_constant(w):
-        return None
+    w = view.constant
     if w.shape is None or len(w.shape) != 2 or w.dtype not in FLOAT_TYPES:
         return None
     if node.op_type == "Gemm":
         trans_a = node.attributes.get("transA")
         if trans_a is not None and trans_a.as_int():
             return None
-        trans_b = node.attributes.get("transB")
-        return Linear(node, w, 1 if trans_b is not None and trans_b.as_int() else 0)
-    return Linear(node, w, 0)
+    return Linear(node, w, view.k_axis)
 
 
 def layer_names(node: Node, weight: Value | None) -> list[str]:
@@ -131,4 +127,4 @@ def torch_threads(device: Any = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-__all__ = ["DEFAULT_EXCLUDE", "FLOAT_TYPES", "Linear", "layer_names", "linear", "matches_any", "torch_threads"]
+__all__ = ["FLOAT_TYPES", "Linear", "layer_names", "linear", "matches_any", "torch_threads"]

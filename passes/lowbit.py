@@ -29,6 +29,7 @@ axis 0 instead. The op is annotated `quant` with `{"weights": "int4",
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -47,8 +48,15 @@ from optc.ir import (
     unique_name,
 )
 from optc.ir.opset import default_opset, ensure_opset
+from optc.ir.patterns.ops import GEMM_OPS
+from optc.ir.patterns.weights import weight_view
+from optc.passes.analyses.hessian import Hessian
+from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.calibration import calibration_spec
 from optc.passes.infra.options import option
-from optc.passes.linear_layers import Linear, layer_names, linear, matches_any, torch_threads
+from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.layer_selector import LayerSelector, default_exclude
+from optc.passes.linear_layers import Linear, linear, torch_threads
 
 #: Smallest clipping ratio searched with `clip`, and how many ratios.
 CLIP_MIN = 0.6
@@ -197,12 +205,13 @@ def linear_site(node: Node) -> Linear | None:
 
 def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Linear], list[Node]]:
     """Quantizable linear layers in graph order (not yet quantized), and the weighted ops `exclude` matched."""
+    selector = LayerSelector.of(exclude)
     sites, excluded = [], []
     for node in model.graph:
         site = linear_site(node)
         if site is None:
             continue
-        if exclude and matches(node, exclude):
+        if not selector.selects(node, site.weight):
             excluded.append(node)
             continue
         sites.append(site)
@@ -215,9 +224,9 @@ def remark_sites(context, model: Model, sites: list[Linear], excluded: list[Node
     for node in model.graph:
         if linear(node) is not None and linear_site(node) is None:
             unsupported += 1  # a Gemm with alpha != 1
-        elif node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1] is not None:
-            producer = node.inputs[1].producer()
-            already += producer is not None and producer.op_type == "DequantizeLinear"
+        else:
+            view = weight_view(node, through=("DequantizeLinear",), ops=GEMM_OPS)
+            already += view is not None and view.through == ("DequantizeLinear",)
     if unsupported:
         message = f"{len(sites)} of {len(sites) + unsupported} linear layers quantizable: Gemm with alpha != 1"
         context.remark("missed", message, matched_none=not sites and not excluded)
@@ -233,14 +242,16 @@ def remark_sites(context, model: Model, sites: list[Linear], excluded: list[Node
 
 def matches(node: Node, patterns) -> bool:
     """Whether a node, its outputs or its weight (also by source name) match a pattern (substring or glob)."""
-    return matches_any(layer_names(node, node.inputs[1] if len(node.inputs) > 1 else None), patterns)
+    return not LayerSelector.of(patterns).selects(node, node.inputs[1] if len(node.inputs) > 1 else None)
 
 
 def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
-    reason = "excluded (exclude=" + ",".join(exclude) + ")"
+    """Annotate each excluded node `quant_skipped` with the selector's reason; returns how many changed."""
+    selector = LayerSelector.of(exclude)
     changed = 0
     for node in nodes:
-        if annotation(node, "quant_skipped") != reason and annotation(node, "quant") is None:
+        reason = selector.why_not(node, node.inputs[1] if len(node.inputs) > 1 else None)
+        if reason is not None and annotation(node, "quant_skipped") != reason and annotation(node, "quant") is None:
             annotate(node, "quant_skipped", reason)
             changed += 1
     return changed
@@ -318,7 +329,7 @@ def sites_at_opset(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> t
 
 
 __all__ = [
-    "LOWBIT_OPSET", "Grid", "Linear", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
+    "LOWBIT_OPSET", "Grid", "Linear", "LowBitOptions", "LowBitPass", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
     "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
     "sites_at_opset", "torch_threads",
 ]
@@ -335,8 +346,8 @@ class LowBitOptions:
     group: int = option(128, help="input channels per scale (blocks along K); -1 for one scale per output channel")
     symmetric: bool = option(True, help="symmetric (signed, no zero point; what TensorRT takes); false: uint + zero point")
     clip: bool = option(True, help="search each group's clipping ratio for the least squared weight error (else min-max)")
-    exclude: list[str] = option(
-        ["lm_head"], help="ops left in float (node, output, weight or source names; substring or glob)"
+    exclude: list[str] = option(  # rtn, gptq and awq share these options: their defaults agree
+        default_exclude("rtn"), help="ops left in float (node, output, weight or source names; substring or glob)"
     )
 
     def validate(self) -> None:
@@ -348,3 +359,45 @@ class LowBitOptions:
     @property
     def grid(self) -> Grid:
         return Grid(self.bits, self.symmetric)
+
+
+# --------------------------------------------------------------------------- the passes' common base
+
+
+class LowBitPass(Pass):
+    """Base of the weight-only low-bit passes (`rtn`, `gptq`, `awq`): finding the layers (the layer
+    selector, the opset raise, the remarks), calibration Hessians and emitting the quantized weights."""
+
+    Options: ClassVar[type] = LowBitOptions
+    #: The annotation's `method`; also names the pass in its error lines.
+    method: ClassVar[str] = "lowbit"
+    #: What the pass needs from calibration data, for the error line when there is none.
+    calibration_need: ClassVar[str] = "calibration statistics"
+
+    def layers(self, model: Model, am: AnalysisManager) -> tuple[list[Linear], list[Node], int]:
+        """The layers to quantize (the model raised to `LOWBIT_OPSET` when there is one), those `exclude`
+        left out, and how many of those were newly annotated `quant_skipped`; the remarks are emitted."""
+        exclude = self.options.exclude
+        sites, excluded = sites_at_opset(model, exclude)
+        skipped = mark_excluded(excluded, exclude)
+        remark_sites(am.context, model, sites, excluded)
+        return sites, excluded, skipped
+
+    def nothing_quantized(self, model: Model, excluded: list[Node], skipped: int) -> PassResult:
+        """The result when no layer is left to quantize (changed only by new `quant_skipped` annotations)."""
+        return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})
+
+    def calibration_hessians(self, model: Model, am: AnalysisManager, names: list[str]) -> dict:
+        """The `hessian` analysis of the activations `names`; one error line when there is no calibration data."""
+        try:
+            calibration_spec(model, am.context)
+        except OptcError as exc:
+            message = str(exc).split(": ", 1)[-1]
+            raise OptcError(f"{self.method} needs {self.calibration_need} from calibration data: {message}") from exc
+        return am.get(Hessian, model, values=tuple(dict.fromkeys(names)))
+
+    def emit(self, model: Model, site: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             info: dict) -> dict:
+        """Store one layer's codes with the options' grid and group (`emit`), annotated with `method` and `info`."""
+        opts = self.options
+        return emit(model, site, q, scale, zero, opts.grid, opts.group, {"method": self.method, **info})

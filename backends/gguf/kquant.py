@@ -44,6 +44,8 @@ from typing import Literal
 from optc.errors import OptcError, PreconditionError
 from optc.ir import Model, annotate, is_constant, model_metadata, set_model_metadata
 from optc.ir.annotations import GGUF_TYPE, SOURCE_NAME, annotation
+from optc.ir.patterns.ops import GEMM_OPS, WEIGHT_VIEW_OPS
+from optc.ir.patterns.weights import weight_view
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -155,28 +157,21 @@ def tensor_type(
     return fallback(new, info.ne0)
 
 
+#: What a weight may pass through on its way to a linear layer in a model from GGUF or Hugging Face:
+#: the weight view's ops, plus the Identity and Reshape some exporters leave in front of a weight.
+_SOURCE_PATH_OPS = (*WEIGHT_VIEW_OPS, "Identity", "Reshape")
+
+
 def _weight_sources(model: Model) -> dict[str, str]:
     """Source parameter name → the activation its weighted op reads (through DQ/Transpose/Cast/Reshape)."""
+    initializers = model.graph.initializers
     found: dict[str, str] = {}
     for node in model.graph:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[0] is None:
+        view = weight_view(node, through=_SOURCE_PATH_OPS, ops=GEMM_OPS,
+                           is_source=lambda v: is_constant(v) and v.name in initializers)
+        if view is None:
             continue
-        if is_constant(node.inputs[0]):
-            continue
-        value = node.inputs[1]
-        for _ in range(6):
-            if value is None:
-                break
-            if is_constant(value) and value.name in model.graph.initializers:
-                break
-            producer = value.producer()
-            if producer is None or producer.op_type not in ("DequantizeLinear", "Transpose", "Cast", "Identity", "Reshape"):
-                value = None
-                break
-            value = producer.inputs[0]
-        if value is None:
-            continue
-        name = annotation(value, SOURCE_NAME)
+        name = annotation(view.constant, SOURCE_NAME)
         if name and name not in found:
             found[name] = node.inputs[0].name
     return found

@@ -79,6 +79,7 @@ from optc.ir import (
     tensor,
     unique_name,
 )
+from optc.ir.patterns.ops import GEMM_OPS
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -88,7 +89,6 @@ from optc.passes.int8_pairs import pair_sums_within
 
 Kernel = Literal["auto", "u8u8", "u8s8", "keep"]
 
-_INTEGER_OPS = ("MatMul", "Gemm")
 #: Weight element types whose DequantizeLinear can become Cast → Mul (onnxruntime casts all of them on CPU).
 _FOLDABLE = (DataType.INT8, DataType.UINT8, DataType.FLOAT8E4M3FN)
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"})
@@ -184,7 +184,7 @@ class _Rewriter:
     # ------------------------------------------------------------------ integer MatMul / Gemm
 
     def integer_op(self, node: Node) -> None:
-        if node.op_type not in _INTEGER_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        if node.op_type not in GEMM_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             return
         act_dq, w_dq = _producer(node.inputs[0], "DequantizeLinear"), _producer(node.inputs[1], "DequantizeLinear")
         if act_dq is not None and w_dq is None:
@@ -560,7 +560,7 @@ def _pair_safe(node: Node, weight: Value) -> bool:
 
 def _fused_integer(node: Node) -> bool:
     """A MatMul/Gemm whose activation input is an 8-bit Q → DQ: onnxruntime runs it as an integer kernel."""
-    if node.op_type not in _INTEGER_OPS or node.domain not in ("", "ai.onnx"):
+    if node.op_type not in GEMM_OPS or node.domain not in ("", "ai.onnx"):
         return False
     dq = _producer(node.inputs[0], "DequantizeLinear")
     return (
@@ -595,10 +595,10 @@ def _float_weight_reader(node: Node) -> bool:
     """Ops that read a weight in float: MatMul/Gemm (B), or a Transpose feeding them (a tied lm_head)."""
     if node.domain not in ("", "ai.onnx"):
         return False
-    if node.op_type in _INTEGER_OPS:
+    if node.op_type in GEMM_OPS:
         return True
     if node.op_type == "Transpose":
-        return all(u.node.op_type in _INTEGER_OPS for u in node.outputs[0].uses())
+        return all(u.node.op_type in GEMM_OPS for u in node.outputs[0].uses())
     return False
 
 

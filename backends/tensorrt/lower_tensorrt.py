@@ -106,6 +106,7 @@ from optc.ir import (
     unique_name,
 )
 from optc.ir.annotations import QUANTIZATION
+from optc.ir.patterns.ops import GEMM_OPS
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -510,10 +511,10 @@ class _Lowering:
     def _int4(self, dq: Node, uses: list, q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None,
               axis: int, block: int, kind: DataType) -> None:
         name = dq.inputs[0].name or node_label(dq)
-        gemm_k = all(use.idx == 1 and weight_slot(use.node) == 1 and use.node.op_type in ("MatMul", "Gemm")
+        gemm_k = all(use.idx == 1 and weight_slot(use.node) == 1 and use.node.op_type in GEMM_OPS
                      and reduction_axis(use.node, q.ndim) == axis for use in uses)
         per_channel = (not block and scale.ndim == 1 and q.ndim == 2 and uses and all(
-            use.idx == 1 and weight_slot(use.node) == 1 and use.node.op_type in ("MatMul", "Gemm")
+            use.idx == 1 and weight_slot(use.node) == 1 and use.node.op_type in GEMM_OPS
             and output_axis(use.node, 2) == axis for use in uses))
         if per_channel:
             # One scale per output channel = one block spanning all of K: the same numbers, TensorRT's form.

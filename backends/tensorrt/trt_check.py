@@ -40,6 +40,8 @@ import numpy as np
 from optc.errors import OptcError
 from optc.ir import DataType, Model, Node, Value, annotation, node_label, transpose_perm
 from optc.ir.annotations import QUANTIZATION, SPARSITY
+from optc.ir.patterns.ops import GEMM_OPS, INTEGER_OPS, QDQ_OPS, WEIGHTED_OPS
+from optc.ir.patterns.weights import trace_back, weight_axes, weight_view
 from optc.passes.fp8_convs import FP8_CONV_MAX_TAPS, FP8_CONV_MIN_CHANNELS, fp8_conv_unsupported
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
@@ -132,12 +134,9 @@ class Finding:
         return f"{self.node}: [{self.rule.id} {self.rule.name}, {self.rule.severity}] {self.detail} (rule: {self.rule.text})"
 
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
 _LEGAL_QTYPES = (DataType.INT8, DataType.FLOAT8E4M3FN, DataType.INT4)
-_INTEGER_OPS = ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul",
-                "MatMulNBits", "GatherBlockQuantized", "QAttention", "DynamicQuantizeLSTM")
-_PASS_THROUGH = ("Transpose", "Cast", "Identity")
+#: What a constant is followed back through (Polygraphy folds these): Q/DQ, Transpose, Cast, Identity.
+_TRACED_OPS = (*QDQ_OPS, "Transpose", "Cast", "Identity")
 ONNX_DOMAINS = ("", "ai.onnx")
 
 
@@ -223,11 +222,10 @@ def _numpy_to_dtype(array: np.ndarray) -> DataType | None:
 
 def weight_slot(node: Node) -> int | None:
     """The input index of a weighted op's weight when it traces back to a constant, else None."""
-    if node.op_type not in WEIGHTED_OPS or node.domain not in ONNX_DOMAINS or len(node.inputs) < 2:
+    view = weight_view(node, through=_TRACED_OPS, is_source=is_const)
+    if view is None or trace_constant(node.inputs[0]) is not None:
         return None
-    if node.inputs[0] is None or node.inputs[1] is None or trace_constant(node.inputs[0]) is not None:
-        return None
-    return 1 if trace_constant(node.inputs[1]) is not None else None
+    return view.index
 
 
 def trace_constant(value: Value | None) -> tuple[Value, list[int] | None, list[Node]] | None:
@@ -237,25 +235,10 @@ def trace_constant(value: Value | None) -> tuple[Value, list[int] | None, list[N
     axes (`value` axis i is constant axis perm[i]; None when no Transpose), and
     the nodes walked through, nearest first.
     """
-    walked: list[Node] = []
-    perm: list[int] | None = None
-    current = value
-    for _ in range(16):
-        if current is None:
-            return None
-        if is_const(current):
-            return current, perm, walked
-        node = producer(current, (*_QDQ, *_PASS_THROUGH))
-        if node is None or node.inputs[0] is None:
-            return None
-        if node.op_type == "Transpose":
-            p = transpose_perm(node, _rank(node.inputs[0]))
-            if p is None:
-                return None
-            perm = [p[i] for i in perm] if perm is not None else p
-        walked.append(node)
-        current = node.inputs[0]
-    return None
+    found = trace_back(value, through=_TRACED_OPS, is_source=is_const) if value is not None else None
+    if found is None or isinstance(found, str):
+        return None
+    return found.constant, None if found.perm is None else list(found.perm), list(found.path)
 
 
 def _rank(value: Value | None) -> int | None:
@@ -269,24 +252,12 @@ def _rank(value: Value | None) -> int | None:
 
 def output_axis(node: Node, rank: int) -> int:
     """The output-channel axis of a weighted op's weight (in the weight's layout at the op)."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if int_attr(node, "transB", 0) else 1
-    return rank - 1
+    return weight_axes(node, rank)[0] if node.op_type in WEIGHTED_OPS else rank - 1
 
 
 def reduction_axis(node: Node, rank: int) -> int:
     """The reduction (K) axis of a weighted op's weight (in the weight's layout at the op)."""
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "ConvTranspose":
-        return 0
-    if node.op_type == "Gemm":
-        return 1 if int_attr(node, "transB", 0) else 0
-    return rank - 2
+    return weight_axes(node, rank)[1] if node.op_type in WEIGHTED_OPS else rank - 2
 
 
 def weight_readers(value: Value) -> list[tuple[Node, list[int] | None]]:
@@ -303,7 +274,7 @@ def weight_readers(value: Value) -> list[tuple[Node, list[int] | None]]:
             if node.op_type in WEIGHTED_OPS and use.idx == 1 and weight_slot(node) == 1:
                 seen.add(id(node))
                 found.append((node, perm))
-            elif node.op_type in (*_QDQ, *_PASS_THROUGH) and use.idx == 0:
+            elif node.op_type in _TRACED_OPS and use.idx == 0:
                 seen.add(id(node))
                 next_perm = perm
                 if node.op_type == "Transpose":
@@ -364,12 +335,12 @@ class TrtChecker:
 
     def run(self) -> list[Finding]:
         for node in self.model.graph:
-            if node.op_type in _QDQ and node.domain in ONNX_DOMAINS:
+            if node.op_type in QDQ_OPS and node.domain in ONNX_DOMAINS:
                 self.qdq(node)
             elif node.op_type == "DynamicQuantizeLinear":
                 self.add("no-dynamic-quantization", node, "DynamicQuantizeLinear computes its scale at run time")
-            elif node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPS or (
-                node.op_type in _QDQ and node.domain not in ONNX_DOMAINS
+            elif node.op_type.startswith("QLinear") or node.op_type in INTEGER_OPS or (
+                node.op_type in QDQ_OPS and node.domain not in ONNX_DOMAINS
             ):
                 self.add("no-integer-ops", node, f"{node.domain + '.' if node.domain else ''}{node.op_type} has no TensorRT importer")
             if node.domain in ONNX_DOMAINS:
@@ -469,7 +440,7 @@ class TrtChecker:
         if not readers:
             self.add("int4-blocked", node, f"{where} feeds no MatMul/Gemm weight")
         for reader, perm in readers:
-            if reader.op_type not in ("MatMul", "Gemm"):
+            if reader.op_type not in GEMM_OPS:
                 self.add("int4-blocked", node, f"{where} feeds {reader.op_type} {node_label(reader)!r} (INT4 is for GEMMs only)")
                 continue
             k = reduction_axis(reader, array.ndim)

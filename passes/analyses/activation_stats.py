@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from optc.ir import Model, is_constant
+from optc.ir.patterns.ops import QUANTIZED_OPS
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
 from optc.passes.infra.calibration import calibration_samples
 from optc.passes.infra.registry import register_analysis
 from optc.runtime.runner import ModelRunner
-
-#: Ops whose first input is the activation a quantizer scales.
-WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
 
 
 @dataclass
@@ -64,7 +62,7 @@ def default_values(model: Model) -> list[str]:
     """The activation inputs of weighted ops, in graph order."""
     names: list[str] = []
     for node in model.graph:
-        if node.op_type in WEIGHTED_OPS and node.inputs and node.inputs[0] is not None:
+        if node.op_type in QUANTIZED_OPS and node.inputs and node.inputs[0] is not None:
             value = node.inputs[0]
             if not is_constant(value) and value.name not in names:
                 names.append(value.name)

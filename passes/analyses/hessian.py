@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optc.ir import Model, Node, is_constant
+from optc.ir import Model, Node
+from optc.ir.patterns.ops import GEMM_OPS
+from optc.ir.patterns.weights import weight_view
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
 from optc.passes.infra.calibration import calibration_samples
 from optc.passes.infra.registry import register_analysis
@@ -67,16 +69,15 @@ class HessianStats:
 
 def weighted_input(node: Node) -> str | None:
     """The activation name of `node` when it is X·W (MatMul/Gemm) with a constant 2-D W, else None."""
-    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-        return None
-    x, w = node.inputs[0], node.inputs[1]
-    if x is None or w is None or is_constant(x) or not is_constant(w) or w.shape is None or len(w.shape) != 2:
+    view = weight_view(node, through=(), ops=GEMM_OPS)  # the weight itself, no op in between
+    w = view.constant if view is not None else None
+    if w is None or w.shape is None or len(w.shape) != 2:
         return None
     if node.op_type == "Gemm":
         trans_a = node.attributes.get("transA")
         if trans_a is not None and trans_a.as_int():
             return None
-    return x.name
+    return node.inputs[0].name
 
 
 def default_values(model: Model) -> list[str]:

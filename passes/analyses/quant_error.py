@@ -32,13 +32,13 @@ import numpy as np
 
 from optc.ir import Model, Node, annotation, is_constant, node_label, source_name
 from optc.ir.annotations import QUANTIZATION
+from optc.ir.patterns.ops import QUANTIZATION_OPS, WEIGHT_VIEW_OPS
+from optc.ir.patterns.weights import trace_back
 from optc.runtime.runner import ModelRunner
 
-#: Ops that carry quantization rather than compute a layer; never reported as layers.
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
-
-#: Ops between a weight initializer and the op that reads it (dequantization, a tied transpose...).
-_WEIGHT_VIEWS = frozenset({"DequantizeLinear", "Transpose", "Cast", "Reshape", "Mul"})
+#: Ops between a weight initializer and the op that reads it: the weight view's (dequantization, a tied
+#: transpose), and the Reshape and Mul of a dequantization written out (Cast then Mul).
+_WEIGHT_PATH_OPS = (*WEIGHT_VIEW_OPS, "Reshape", "Mul")
 
 #: Elements reduced at a time (float64 scratch of this many elements).
 _CHUNK = 1 << 20
@@ -68,16 +68,10 @@ def weight_parameter(node: Node, quant: dict[str, Any] | None) -> str | None:
     if quant and quant.get("weight_source"):
         return str(quant["weight_source"])
     for value in node.inputs[1:]:
-        for _ in range(4):  # through a short chain of dequantization (DQ, or Cast then Mul) and views
-            if value is None or is_constant(value):
-                break
-            producer = value.producer()
-            if producer is None or producer.op_type not in _WEIGHT_VIEWS or not producer.inputs:
-                value = None
-                break
-            value = producer.inputs[0]
-        if value is not None and is_constant(value):
-            return source_name(value)
+        # through a short chain of dequantization (DQ, or Cast then Mul) and views
+        found = trace_back(value, through=_WEIGHT_PATH_OPS, depth=4) if value is not None else None
+        if found is not None and not isinstance(found, str):
+            return source_name(found.constant)
     return None
 
 
@@ -101,7 +95,7 @@ def quantized_nodes(model: Model) -> list[QuantizedNode]:
     found = []
     for index, node in enumerate(model.graph):
         quant = annotation(node, QUANTIZATION)
-        if quant is None or node.op_type in QDQ_OPS or not node.outputs or not node.outputs[0].name:
+        if quant is None or node.op_type in QUANTIZATION_OPS or not node.outputs or not node.outputs[0].name:
             continue
         quant = quant if isinstance(quant, dict) else {"value": quant}
         found.append(QuantizedNode(node_label(node), node.op_type, node.outputs[0].name, quant, index,
@@ -283,6 +277,6 @@ def measure_error(
 
 
 __all__ = [
-    "QDQ_OPS", "ErrorStats", "QuantError", "QuantizedNode", "has_quantized_nodes", "measure_error", "quantized_nodes",
+    "ErrorStats", "QuantError", "QuantizedNode", "has_quantized_nodes", "measure_error", "quantized_nodes",
     "weight_parameter",
 ]

@@ -21,15 +21,8 @@ from dataclasses import dataclass, field
 
 from optc.errors import OptcError
 from optc.ir import Model, Node, Value, constant_array, is_constant, transpose_perm
+from optc.ir.patterns.ops import ATTENTION_SCORE_OPS, DATA_MOVEMENT_OPS, ELEMENTWISE_OPS, LAYOUT_OPS
 from optc.passes.transforms._structure import Linear, linear
-
-_ELEMENTWISE = frozenset({
-    "Add", "Sub", "Mul", "Div", "Neg", "Where", "IsNaN", "Softmax", "Cast", "Sigmoid", "Tanh", "Relu",
-    "Identity", "Erf", "Sqrt", "Pow", "Exp", "Max", "Min", "Clip", "Dropout",
-})
-# Split only lets a fused projection be recognized (and reported): Q, K and V must come from three layers.
-_BACK_DATA_ONLY = frozenset({"Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Slice", "Split", "Concat"})
-_SCORE_PATH = frozenset({"Softmax", "Where", "IsNaN", "Add", "Mul", "Div", "Cast", "Sub", "Dropout", "Identity"})
 
 
 @dataclass
@@ -101,7 +94,8 @@ def _sources(value: Value, allowed: frozenset[str], limit: int = 64) -> list[tup
         node = current.producer()
         if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in allowed:
             continue
-        inputs = node.inputs[:1] if node.op_type in _BACK_DATA_ONLY - {"Concat"} else node.inputs
+        # Split only lets a fused projection be recognized (and reported): Q, K and V must come from three layers.
+        inputs = node.inputs[:1] if node.op_type in DATA_MOVEMENT_OPS - {"Concat"} else node.inputs
         stack.extend(v for v in inputs if v is not None)
     return list(found.values())
 
@@ -148,10 +142,10 @@ def scan_attention(model: Model) -> AttentionScan:
         o = linear(node)
         if o is None:
             continue
-        attn = _two_activation_matmul(o.activation, frozenset({"Reshape", "Transpose"}))
+        attn = _two_activation_matmul(o.activation, LAYOUT_OPS)
         if attn is None:
             continue
-        score = _two_activation_matmul(attn.inputs[0], _SCORE_PATH, depth=12)
+        score = _two_activation_matmul(attn.inputs[0], ATTENTION_SCORE_OPS, depth=12)
         if score is None:
             continue
         block_or_reason = _block(o, attn, score)
@@ -164,7 +158,7 @@ def scan_attention(model: Model) -> AttentionScan:
 
 def _block(o: Linear, attn: Node, score: Node) -> AttentionBlock | str:
     """The block around an attention core, or why its projections do not fit the pattern."""
-    path = _ELEMENTWISE | _BACK_DATA_ONLY
+    path = ELEMENTWISE_OPS | DATA_MOVEMENT_OPS
     sources = {"q": _sources(score.inputs[0], path), "k": _sources(score.inputs[1], path), "v": _sources(attn.inputs[1], path)}
     for key, found in sources.items():
         if len(found) != 1:
@@ -288,7 +282,7 @@ class HeadAxes:
         x = ins[0] or {}
         if op == "Shape":
             return {}  # a runtime shape follows the data: nothing to rewrite
-        if op in _ELEMENTWISE or op == "Concat":
+        if op in ELEMENTWISE_OPS or op == "Concat":
             merged: dict[int, str] = {}
             for roles in ins:
                 for axis, role in (roles or {}).items():

@@ -16,8 +16,8 @@ import numpy as np
 
 from optc.errors import OptcError
 from optc.ir import Model, Node, Shape, Value, add_initializer, constant_array, tensor, unique_name
+from optc.passes.layer_selector import LayerSelector
 from optc.passes.linear_layers import (
-    DEFAULT_EXCLUDE,
     Linear,
     layer_names,
     linear,
@@ -48,14 +48,8 @@ def reads_table(value: Value) -> bool:
 
 def select(model: Model, include: Sequence[str], exclude: Sequence[str]) -> list[Linear]:
     """The linear layers to transform: those matching `include` (empty: all), minus `exclude` and embeddings."""
-    sites = []
-    for site in linears(model):
-        if include and not matches(site, include):
-            continue
-        if matches(site, exclude) or reads_table(site.weight):
-            continue
-        sites.append(site)
-    return sites
+    selector = LayerSelector.of(exclude, include)
+    return [site for site in linears(model) if selector.selects(site.node, site.weight) and not reads_table(site.weight)]
 
 
 def set_constant(graph, node: Node, index: int, array: np.ndarray, suffix: str) -> Value:
@@ -104,7 +98,6 @@ def drop_unused_initializers(graph) -> int:
 
 
 __all__ = [
-    "DEFAULT_EXCLUDE",
     "Linear",
     "calibration_hessians",
     "drop_unused_initializers",

@@ -40,22 +40,18 @@ from tqdm import tqdm
 
 from optc.errors import OptcError
 from optc.ir import Model, annotate
-from optc.passes.analyses.hessian import Hessian
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
-from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.lowbit import (
     Grid,
     LowBitOptions,
+    LowBitPass,
     default_device,
-    emit,
     fake_quantize,
     linear_site,
-    mark_excluded,
-    remark_sites,
     rtn,
-    sites_at_opset,
     torch_threads,
 )
 from optc.passes.transforms.smoothquant import (
@@ -109,8 +105,11 @@ def search_alpha(
 
 
 @register_pass("awq")
-class Awq(Pass):
+class Awq(LowBitPass):
     """Activation-aware scaling (s = mean|x|^alpha, alpha searched on the group output error), then RTN."""
+
+    method = "awq"
+    calibration_need = "per-channel activation statistics"
 
     @dataclass
     class Options(LowBitOptions):
@@ -137,7 +136,7 @@ class Awq(Pass):
         scaled = inserted = copies = 0
         alphas: list[float] = []
         if groups:
-            hessians = self._hessians(model, am, [g.value.name for g in groups])
+            hessians = self.calibration_hessians(model, am, [g.value.name for g in groups])
             for group in tqdm(groups, desc="awq", unit="group", leave=False, disable=None):
                 stats = hessians.get(group.value.name)
                 if stats is None or stats.tokens == 0:
@@ -182,25 +181,12 @@ class Awq(Pass):
             if not copies and not inserted:
                 preserved.preserve_aspects(STRUCTURE)
             return PassResult(model, True, preserved, stats_out)
-        sites, excluded = sites_at_opset(model, opts.exclude)
-        mark_excluded(excluded, opts.exclude)
-        remark_sites(am.context, model, sites, excluded)
+        sites, excluded, _ = self.layers(model, am)
         for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):
             q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
-            emit(model, site, q, scale, zero, grid, opts.group, {"method": "awq", "clip": opts.clip})
+            self.emit(model, site, q, scale, zero, {"clip": opts.clip})
         stats_out["quantized-ops"] = len(sites)
         stats_out["excluded-ops"] = len(excluded)
         return PassResult(model, bool(sites) or scaled > 0, None, stats_out)
-
-    def _hessians(self, model: Model, am: AnalysisManager, names: list[str]):
-        from optc.passes.infra.calibration import calibration_spec
-
-        try:
-            calibration_spec(model, am.context)
-        except OptcError as exc:
-            message = str(exc).split(": ", 1)[-1]
-            raise OptcError(f"awq needs per-channel activation statistics from calibration data: {message}") from exc
-        return am.get(Hessian, model, values=tuple(dict.fromkeys(names)))
-
 
 __all__ = ["Awq", "awq_scales", "group_error", "search_alpha"]

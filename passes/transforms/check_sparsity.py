@@ -30,6 +30,8 @@ from optc.ir import (
     node_label,
     transpose_perm,
 )
+from optc.ir.patterns.ops import GEMM_OPS
+from optc.ir.patterns.weights import weight_axes
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
@@ -101,15 +103,9 @@ def _dequantize(node: Node) -> np.ndarray | None:
     return (x - zp.reshape(shape)) * scale.reshape(shape)
 
 
-def _k_axis(node: Node) -> int | None:
-    if node.op_type == "MatMul":
-        return -2
-    if node.op_type == "Gemm":
-        trans = node.attributes.get("transB")
-        return 1 if trans is not None and trans.as_int() else 0
-    if node.op_type == "Conv":
-        return 1
-    return None
+#: The ops whose N:M weights are checked: the linear layers `sparsify` annotates, and Conv (TensorRT's
+#: sparse kernels take both). Any other annotated op is reported as having no known K axis.
+CHECKED_OPS = (*GEMM_OPS, "Conv")
 
 
 def nm_violations(array: np.ndarray, axis: int, n: int, m: int) -> int:
@@ -147,13 +143,14 @@ def check_nm_sparsity(model: Model) -> tuple[int, list[Violation]]:
         info = annotation(node, "sparsity")
         if not info or len(node.inputs) < 2:
             continue
-        axis = _k_axis(node)
         weight = node.inputs[1]
-        if axis is None:
+        if node.op_type not in CHECKED_OPS:
             problems.append(Violation(node_label(node), weight.name or "", f"{node.op_type} has no known K axis"))
             continue
         seen.add(id(weight))
-        check(effective_weight(weight), axis, info["pattern"], node_label(node), weight.name or "")
+        array = effective_weight(weight)
+        axis = weight_axes(node, array.ndim if array is not None else 2)[1]  # K as the op reads the weight
+        check(array, axis, info["pattern"], node_label(node), weight.name or "")
     for value in model.graph.initializers.values():
         info = annotation(value, "sparsity")
         if not info or id(value) in seen or value.dtype not in (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16):

@@ -38,25 +38,21 @@ from tqdm import tqdm
 from optc.errors import OptcError
 from optc.ir import Model, annotation
 from optc.ir.annotations import SPARSITY
-from optc.passes.analyses.hessian import Hessian
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
-from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.lowbit import (
     Grid,
     LowBitOptions,
+    LowBitPass,
     default_device,
     dequantize,
-    emit,
     expand,
     find_params,
     group_size,
-    mark_excluded,
     quantize,
-    remark_sites,
     rtn,
-    sites_at_opset,
     torch_threads,
 )
 
@@ -176,8 +172,11 @@ def dequantized(result: GptqResult, group: int) -> torch.Tensor:
 
 
 @register_pass("gptq")
-class Gptq(Pass):
+class Gptq(LowBitPass):
     """Weight-only GPTQ: columns quantized in order with the Hessian-weighted error spread over the rest."""
+
+    method = "gptq"
+    calibration_need = "the Hessian of each layer's input"
 
     @dataclass
     class Options(LowBitOptions):
@@ -193,13 +192,10 @@ class Gptq(Pass):
                 raise ValueError(f"option 'block' must be positive, got {self.block}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        opts = self.options
-        sites, excluded = sites_at_opset(model, opts.exclude)
-        skipped = mark_excluded(excluded, opts.exclude)
-        remark_sites(am.context, model, sites, excluded)
+        sites, excluded, skipped = self.layers(model, am)
         if not sites:
-            return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})
-        hessians = self._hessians(model, am, sites)
+            return self.nothing_quantized(model, excluded, skipped)
+        hessians = self.calibration_hessians(model, am, [s.activation.name for s in sites])
         device = default_device()
         with torch_threads(device):
             return self._quantize(model, sites, excluded, hessians, device)
@@ -228,7 +224,7 @@ class Gptq(Pass):
             for site, w in zip(members, weights, strict=True):
                 rows = slice(row, row + w.shape[0])
                 row += w.shape[0]
-                info: dict = {"method": "gptq", "act_order": opts.act_order, "damp": opts.damp, "clip": opts.clip}
+                info: dict = {"act_order": opts.act_order, "damp": opts.damp, "clip": opts.clip}
                 if result.fallback:
                     log.warning("gptq: Cholesky factorization failed for %s; quantized with RTN", site.label)
                     info["fallback"] = "rtn"
@@ -237,22 +233,10 @@ class Gptq(Pass):
                     loss = float(result.row_loss[rows].sum())
                     info["gptq_loss"] = loss
                     total += loss
-                emit(model, site, result.q[rows], result.scale[rows], result.zero[rows], grid, opts.group, info)
+                self.emit(model, site, result.q[rows], result.scale[rows], result.zero[rows], info)
                 progress.update()
         progress.close()
         stats = {"quantized-ops": len(sites), "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}
         return PassResult(model, True, None, stats)
-
-    def _hessians(self, model: Model, am: AnalysisManager, sites):
-        from optc.passes.infra.calibration import calibration_spec
-
-        try:
-            calibration_spec(model, am.context)
-        except OptcError as exc:
-            message = str(exc).split(": ", 1)[-1]
-            raise OptcError(f"gptq needs the Hessian of each layer's input from calibration data: {message}") from exc
-        names = tuple(dict.fromkeys(s.activation.name for s in sites))
-        return am.get(Hessian, model, values=names)
-
 
 __all__ = ["Factor", "Gptq", "GptqResult", "dequantized", "factor", "gptq_quantize"]

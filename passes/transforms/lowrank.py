@@ -26,8 +26,8 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+from optc.passes.layer_selector import default_exclude
 from optc.passes.transforms._structure import (
-    DEFAULT_EXCLUDE,
     Linear,
     calibration_hessians,
     drop_unused_initializers,
@@ -49,7 +49,7 @@ class LowRank(Pass):
         whiten: bool = option(False, help="activation-aware SVD, whitened by the calibration X^T X")
         damp: float = option(0.01, help="whitening dampening: X^T X + damp * mean(diag) * I")
         include: list[str] = option([], help="only layers whose node/weight/parameter name matches (substring or glob)")
-        exclude: list[str] = option(list(DEFAULT_EXCLUDE), help="layers left alone (the lm_head and embeddings by default)")
+        exclude: list[str] = option(default_exclude("lowrank"), help="layers left alone (the lm_head and embeddings by default)")
 
         def validate(self) -> None:
             if self.rank < 0:

@@ -99,6 +99,8 @@ from optc.ir import (
     unique_name,
 )
 from optc.ir.opset import ensure_opset
+from optc.ir.patterns.ops import QUANTIZED_OPS
+from optc.ir.patterns.weights import weight_view
 from optc.passes.analyses.activation_histograms import (
     DEFAULT_BINS,
     FP8_E4M3_MAX,
@@ -110,9 +112,9 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.int8_pairs import limit_pair_sums, pair_limited_scale
+from optc.passes.layer_selector import LayerSelector, default_exclude
 from optc.passes.linear_layers import FLOAT_TYPES, layer_names, matches_any
 
-WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
 _NUMPY_FLOATS = {DataType.FLOAT: np.float32, DataType.FLOAT16: np.float16}
 
 
@@ -166,10 +168,10 @@ class Quantize(Pass):
         )
         percentile: float = option(99.99, help="the percentile for calib=percentile")
         symmetric: bool = option(True, help="symmetric activations (zero point 0); false: asymmetric uint8")
-        exclude: list[str] = option(["lm_head"], help="ops left in float (names, weight names, source names; substring or glob)")
+        exclude: list[str] = option(default_exclude("quantize"), help="ops left in float (names, weight names, source names; substring or glob)")
         int16: list[str] = option([], help="ops whose activations use int16 Q/DQ instead")
         weight_only: list[str] = option([], help="ops whose weights are quantized but activations stay float")
-        ops: list[Literal["MatMul", "Gemm", "Conv"]] = option(["MatMul", "Gemm", "Conv"], help="op types to quantize")
+        ops: list[Literal["MatMul", "Gemm", "Conv"]] = option(list(QUANTIZED_OPS), help="op types to quantize")
         embeddings: bool = option(False, help="also store constant Gather tables (embeddings) per row in the weight format")
         bins: int = option(DEFAULT_BINS, help="histogram bins per sign (a power of two)")
         min_sqnr: float = option(
@@ -235,6 +237,7 @@ class Quantize(Pass):
         skipped = 0
         float_convs = 0
         already = 0  # weighted ops an earlier pass quantized (their weight comes from a DequantizeLinear)
+        selector = LayerSelector.of(opts.exclude)
         for node in graph:
             if node.op_type not in opts.ops or node.domain not in ("", "ai.onnx"):
                 continue
@@ -242,9 +245,9 @@ class Quantize(Pass):
             if weight is None:
                 already += _dequantized_weight(node)
                 continue
-            if _matches(node, weight, opts.exclude):
+            reason = selector.why_not(node, weight.value)
+            if reason is not None:
                 excluded.append((node, weight))
-                reason = "excluded (exclude=" + ",".join(opts.exclude) + ")"
                 if annotation(node, "quant_skipped") != reason:
                     annotate(node, "quant_skipped", reason)
                     skipped += 1
@@ -444,48 +447,22 @@ def _has_candidates(model: Model, ops: list[str], tables: bool) -> bool:
 
 
 def _weight_site(node: Node) -> _WeightSite | None:
-    """The constant weight of a MatMul/Gemm/Conv (directly or through a Transpose), or None."""
-    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+    """The constant float weight of a MatMul/Gemm/Conv (directly or through one Transpose only it reads), or None."""
+    view = weight_view(node, through=("Transpose",), ops=QUANTIZED_OPS)
+    if view is None or view.out_axis is None or view.constant.dtype not in FLOAT_TYPES:
         return None
-    if is_constant(node.inputs[0]):
+    k_axis = None if node.op_type == "Conv" else view.k_axis  # K feeds the pair limit of MatMul/Gemm only
+    if view.direct:
+        return _WeightSite(view.constant, node, 1, view.out_axis, "direct", k_axis)
+    if len(view.path) != 1 or sole_transpose(node.inputs[1]) is None:  # one Transpose, only this op reads it
         return None
-    w = node.inputs[1]
-    op = node.op_type
-    k_axis: int | None = None
-    if op == "MatMul":
-        out_axis, k_axis = -1, -2
-    elif op == "Gemm":
-        trans = node.attributes.get("transB")
-        out_axis = 0 if trans is not None and trans.as_int() else 1
-        k_axis = 1 - out_axis
-    elif op == "Conv":
-        out_axis = 0
-    else:
-        return None
-    if is_constant(w):
-        rank = len(w.shape) if w.shape is not None else 0
-        if rank < 2 or w.dtype not in FLOAT_TYPES:
-            return None
-        return _WeightSite(w, node, 1, out_axis % rank, "direct", None if k_axis is None else k_axis % rank)
-    transposed = sole_transpose(w)
-    if transposed is None or transposed[1] is None or not is_constant(transposed[0].inputs[0]):
-        return None
-    (producer, perm), source = transposed, transposed[0].inputs[0]
-    rank = len(perm)
-    if rank < 2 or source.dtype not in FLOAT_TYPES:
-        return None
-    return _WeightSite(source, producer, 0, perm[out_axis % rank], "transpose",
-                       None if k_axis is None else perm[k_axis % rank])
+    return _WeightSite(view.constant, view.reader, 0, view.out_axis, "transpose", k_axis)
 
 
 def _dequantized_weight(node: Node) -> bool:
     """True when the op reads its weight from a DequantizeLinear (directly or through a Transpose)."""
-    if len(node.inputs) < 2 or node.inputs[1] is None:
-        return False
-    producer = node.inputs[1].producer()
-    if producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is not None:
-        producer = producer.inputs[0].producer()
-    return producer is not None and producer.op_type == "DequantizeLinear"
+    view = weight_view(node, through=("Transpose", "DequantizeLinear"), ops=QUANTIZED_OPS)
+    return view is not None and view.through in (("DequantizeLinear",), ("Transpose", "DequantizeLinear"))
 
 
 def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache, pair_limit: int = 0) -> dict:
@@ -707,4 +684,4 @@ def _after_colon(message: str) -> str:
     return message.split(": ", 1)[1] if ": " in message else message
 
 
-__all__ = ["FORMATS", "Quantize", "WEIGHTED_OPS"]
+__all__ = ["FORMATS", "Quantize"]

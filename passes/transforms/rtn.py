@@ -16,23 +16,22 @@ from tqdm import tqdm
 
 from optc.ir import Model
 from optc.passes.infra.analysis import AnalysisManager
-from optc.passes.infra.pass_base import Pass, PassResult
+from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.lowbit import (
     LowBitOptions,
+    LowBitPass,
     default_device,
-    emit,
-    mark_excluded,
-    remark_sites,
     rtn,
-    sites_at_opset,
     torch_threads,
 )
 
 
 @register_pass("rtn")
-class Rtn(Pass):
+class Rtn(LowBitPass):
     """Weight-only round-to-nearest: int2-int8 weights, a scale per group of input channels, float activations."""
+
+    method = "rtn"
 
     @dataclass
     class Options(LowBitOptions):
@@ -40,15 +39,13 @@ class Rtn(Pass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         opts = self.options
-        sites, excluded = sites_at_opset(model, opts.exclude)
-        skipped = mark_excluded(excluded, opts.exclude)
-        remark_sites(am.context, model, sites, excluded)
+        sites, excluded, skipped = self.layers(model, am)
         if not sites:
-            return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})
+            return self.nothing_quantized(model, excluded, skipped)
         device = default_device()
         grid = opts.grid
         with torch_threads(device):
             for site in tqdm(sites, desc="rtn", unit="layer", leave=False, disable=None):
                 q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
-                emit(model, site, q, scale, zero, grid, opts.group, {"method": "rtn", "clip": opts.clip})
+                self.emit(model, site, q, scale, zero, {"clip": opts.clip})
         return PassResult(model, True, None, {"quantized-ops": len(sites), "excluded-ops": len(excluded)})

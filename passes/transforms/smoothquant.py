@@ -53,7 +53,6 @@ structure when it only rescaled initializers in place.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,27 +65,23 @@ from optc.ir import (
     Value,
     add_initializer,
     annotate,
-    annotation,
     constant_array,
     is_constant,
     make_node,
-    node_label,
     sole_transpose,
-    source_name,
     tensor,
     unique_name,
 )
+from optc.ir.patterns.ops import GEMM_OPS, NORM_OPS, NORM_PATH_OPS, REDUCTION_OPS
+from optc.ir.patterns.weights import weight_view
 from optc.passes.analyses.activation_stats import ActivationStats
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.infra.remarks import match_summary
+from optc.passes.layer_selector import LayerSelector, default_exclude
 
-#: Ops along a normalization's statistics path (between x and its per-token scale).
-_NORM_PATH_OPS = frozenset({"Reciprocal", "Sqrt", "Add", "Pow", "Mul", "Div", "Cast", "Sub", "Max", "Clip"})
-_NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"})
-_REDUCTIONS = frozenset({"ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum"})
 #: Clamp of the smoothing factors.
 S_MIN, S_MAX = 1e-5, 1e5
 
@@ -121,7 +116,7 @@ class SmoothQuant(Pass):
             "norm", help="producers to fold into: norm (RMSNorm/LayerNorm) or all (also linear layers, e.g. up->down)"
         )
         exclude: list[str] = option(
-            ["lm_head"],
+            default_exclude("smoothquant"),
             help="skip groups with a consumer whose node, output or weight (source) name matches (substring or glob); "
             "the default matches quantize's, which leaves lm_head in float",
         )
@@ -229,6 +224,7 @@ def find_groups(
     `excluded` the groups that `exclude` removed.
     """
     graph = model.graph
+    selector = LayerSelector.of(exclude)
     seen: set[int] = set()
     groups = []
     for node in graph:
@@ -244,7 +240,8 @@ def find_groups(
             if misses is not None and _norm_output(x):
                 misses.append(_why_not(x, tied, insert_mul))
             continue
-        if exclude and any(_matches(n, exclude) for n in (*(c for c, _ in group.consumers), *(c for c, _ in group.tied))):
+        if exclude and not all(selector.selects(n, _weight_input(n)) for n in (*(c for c, _ in group.consumers),
+                                                                                   *(c for c, _ in group.tied))):
             if excluded is not None:
                 excluded.append(group)
             continue
@@ -257,7 +254,7 @@ def _norm_output(x: Value) -> bool:
     node = x.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return False
-    if node.op_type in _NORM_OPS:
+    if node.op_type in NORM_OPS:
         return True
     if node.op_type == "Add" and len(node.inputs) == 2:
         inner = [v for v in node.inputs if v is not None and not is_constant(v)]
@@ -286,35 +283,26 @@ def _why_not(x: Value, tied: bool, insert_mul: bool) -> str:
 
 def balance_axis(node: Node) -> int | None:
     """The input-channel axis of the weight when `node` is X·W with a constant 2-D W, else None."""
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    view = weight_view(node, through=(), ops=GEMM_OPS)  # the weight itself, no op in between
+    if view is None or view.constant.shape is None or len(view.constant.shape) != 2:
         return None
-    x, w = node.inputs[0], node.inputs[1]
-    if x is None or is_constant(x) or not is_constant(w) or w.shape is None or len(w.shape) != 2:
+    trans_a = node.attributes.get("transA") if node.op_type == "Gemm" else None
+    if trans_a is not None and trans_a.as_int():
         return None
-    if node.op_type == "MatMul":
-        return 0
-    if node.op_type == "Gemm":
-        attrs = node.attributes
-        if attrs.get("transA") is not None and attrs["transA"].as_int():
-            return None
-        return 1 if attrs.get("transB") is not None and attrs["transB"].as_int() else 0
-    return None
+    return view.k_axis
 
 
 def tied_weight_site(node: Node) -> ScaleSite | None:
     """A MatMul reading its weight as `Transpose(T)` of a 2-D constant: the site of T's input-channel axis."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+    view = weight_view(node, through=("Transpose",), ops=("MatMul",))
+    if view is None or len(view.path) != 1 or view.perm != (1, 0) or view.k_axis is None:
         return None
-    x, w = node.inputs
-    if x is None or w is None or is_constant(x) or is_constant(w):
+    if sole_transpose(node.inputs[1]) is None:  # the Transpose only this MatMul reads
         return None
-    transposed = sole_transpose(w)
-    if transposed is None or transposed[1] != [1, 0] or not is_constant(transposed[0].inputs[0]):
-        return None
-    t, table = transposed[0], transposed[0].inputs[0]
+    table = view.constant
     if table.dtype is None or not table.dtype.is_floating_point():
         return None
-    return ScaleSite(t, 0, 1)  # W = Tᵀ: W's input channels (axis 0) are T's axis 1
+    return ScaleSite(view.reader, 0, view.k_axis)  # W = Tᵀ: W's input channels (axis 0) are T's axis 1
 
 
 def _group_for(x: Value, targets: str, insert_mul: bool = True, tied: bool = False) -> _Group | None:
@@ -365,7 +353,7 @@ def _plan(x: Value, c: int, targets: str) -> tuple[str, list[ScaleSite]] | None:
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
     op = node.op_type
-    if op in _NORM_OPS and node.outputs[0] is x:
+    if op in NORM_OPS and node.outputs[0] is x:
         if not _norm_along_last_axis(node, x):
             return None
         sites = [ScaleSite(node, i, -1) for i in (1, 2) if i < len(node.inputs) and node.inputs[i] is not None]
@@ -422,32 +410,24 @@ def _linear_plan(value: Value, c: int, reader: Node) -> list[ScaleSite] | None:
 
 
 def _linear_sites(node: Node, c: int) -> tuple[str, list[ScaleSite]] | None:
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    """The sites that scale the `c` output channels of a linear layer (its weight, and a Gemm's bias)."""
+    view = weight_view(node, through=(), ops=GEMM_OPS)  # the weight itself, no op in between
+    w = view.constant if view is not None else None
+    if w is None or w.shape is None or len(w.shape) != 2 or w.shape[view.out_axis] != c:
         return None
-    w = node.inputs[1]
-    if not is_constant(w) or w.shape is None or len(w.shape) != 2 or is_constant(node.inputs[0]):
-        return None
-    if node.op_type == "MatMul" and w.shape[1] == c:
-        return "linear", [ScaleSite(node, 1, 1)]
-    if node.op_type == "Gemm":
-        trans_b = node.attributes.get("transB")
-        axis = 0 if trans_b is not None and trans_b.as_int() else 1
-        if w.shape[axis] != c:
+    sites = [ScaleSite(node, 1, view.out_axis)]
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        if not _per_channel_constant(node.inputs[2], c):
             return None
-        sites = [ScaleSite(node, 1, axis)]
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            if not _per_channel_constant(node.inputs[2], c):
-                return None
-            sites.append(ScaleSite(node, 2, -1))
-        return "linear", sites
-    return None
+        sites.append(ScaleSite(node, 2, -1))
+    return "linear", sites
 
 
 def _gating_order(node: Node) -> list[int]:
     """Operands of a gating Mul, the plain linear one first (the other is usually behind an activation)."""
     def rank(i: int) -> int:
         producer = node.inputs[i].producer()
-        return 0 if producer is not None and producer.op_type in ("MatMul", "Gemm", "Add") else 1
+        return 0 if producer is not None and producer.op_type in (*GEMM_OPS, "Add") else 1
 
     return sorted((0, 1), key=rank)
 
@@ -497,7 +477,7 @@ def _is_normalized(value: Value | None) -> bool:
     node = value.producer()
     if node is None:
         return False
-    if node.op_type in _NORM_OPS:
+    if node.op_type in NORM_OPS:
         return True
     if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
         return False
@@ -510,25 +490,15 @@ def _reaches_reduction(value: Value, depth: int) -> bool:
     node = value.producer()
     if node is None or depth == 0:
         return False
-    if node.op_type in _REDUCTIONS:
+    if node.op_type in REDUCTION_OPS:
         return True
-    if node.op_type not in _NORM_PATH_OPS:
+    if node.op_type not in NORM_PATH_OPS:
         return False
     return any(_reaches_reduction(v, depth - 1) for v in node.inputs if v is not None and not is_constant(v))
 
 
-def _matches(node: Node, patterns) -> bool:
-    names = [node_label(node), *(o.name for o in node.outputs if o.name)]
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if w is not None:
-        names += [w.name or "", source_name(w), *(annotation(w, "source_aliases") or [])]
-    return any(_match(p, n) for p in patterns for n in names if n)
-
-
-def _match(pattern: str, name: str) -> bool:
-    if any(ch in pattern for ch in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
-    return pattern in name
+def _weight_input(node: Node) -> Value | None:
+    return node.inputs[1] if len(node.inputs) > 1 else None
 
 
 # --------------------------------------------------------------------------- rewriting

@@ -43,8 +43,8 @@ from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnal
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+from optc.passes.layer_selector import default_exclude
 from optc.passes.transforms._structure import (
-    DEFAULT_EXCLUDE,
     Linear,
     calibration_hessians,
     linears,
@@ -81,7 +81,7 @@ class Sparsify(Pass):
         block_size: int = option(128, help="SparseGPT columns per block")
         damp: float = option(0.01, help="SparseGPT dampening: H += damp * mean(diag H) * I")
         include: list[str] = option([], help="only layers whose node/weight/parameter name matches (substring or glob)")
-        exclude: list[str] = option(list(DEFAULT_EXCLUDE), help="layers left dense (the lm_head and embeddings by default)")
+        exclude: list[str] = option(default_exclude("sparsify"), help="layers left dense (the lm_head and embeddings by default)")
 
         def validate(self) -> None:
             nm = parse_pattern(self.pattern)
