@@ -73,18 +73,12 @@ from typing import Literal
 import numpy as np
 
 from optc.backends.tensorrt.trt_check import (
-    ONNX_DOMAINS,
-    const_value,
-    int_attr,
-    is_const,
+    feeds_quantized_consumer,
+    fuses_quantized_input,
     output_axis,
     output_quantization_requested,
-    producer,
-    qtype,
-    quantized_activation,
+    quantized_conv,
     reduction_axis,
-    same_constant,
-    scalar_like,
     weight_slot,
 )
 from optc.errors import OptcError
@@ -106,6 +100,17 @@ from optc.ir import (
     unique_name,
 )
 from optc.ir.annotations import QUANTIZATION
+from optc.ir.patterns.match import ONNX_DOMAINS, const_value, int_attr, is_const
+from optc.ir.patterns.qdq import (
+    QDQ,
+    activation_pair,
+    dequantized,
+    qdq,
+    quantized_activation,
+    quantized_type,
+    scalar_like,
+)
+from optc.ir.patterns.residual import residual_adds
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -259,20 +264,22 @@ class _Lowering:
     # ------------------------------------------------------------------ activations
 
     def activations(self) -> None:
-        for q in list(self.graph):
-            if q.op_type != "QuantizeLinear" or q.domain not in ONNX_DOMAINS or is_const(q.inputs[0]):
+        for node in list(self.graph):
+            view = qdq(node)
+            if view is None or not view.is_quantize or view.of_constant:
                 continue
-            uses = self._uses(q.outputs[0])
-            if q.outputs[0].is_graph_output() or any(u.node.op_type != "DequantizeLinear" or u.idx != 0 for u in uses):
+            q = view.node
+            partners = view.dequantizers(self._uses(view.output))
+            if partners is None:
                 continue  # not a plain Q → DQ pair: trt-check reports it
-            dqs = [u.node for u in uses]
-            kind = qtype(q)
+            dqs = [dq.node for dq in partners]
+            kind = view.dtype
             if kind in _UNSUPPORTED_ACTIVATION:
                 readers = self._bypass(q, dqs)
                 self.done[f"{kind.name.lower()}_activations"].append(readers)
                 continue
-            scale = const_value(q.inputs[1])
-            zp = const_value(q.inputs[2]) if len(q.inputs) > 2 else None
+            scale = view.scale_array
+            zp = view.zero_point_array
             if scale is None:
                 continue
             asymmetric = kind == DataType.UINT8 or (zp is not None and np.any(zp.astype(np.float64) != 0))
@@ -339,28 +346,21 @@ class _Lowering:
 
     def shared_pairs(self) -> None:
         """T18: readers of a weighted op's activation Q/DQ that want float read the float tensor instead."""
-        from optc.backends.tensorrt.trt_check import fuses_quantized_input
-
         for dq in list(self.graph):
-            if dq.op_type != "DequantizeLinear" or dq.domain not in ONNX_DOMAINS or id(dq) in self._dead_ids:
-                continue
-            q = producer(dq.inputs[0], "QuantizeLinear")
-            if q is None or is_const(q.inputs[0]):
+            if id(dq) in self._dead_ids or (pair := activation_pair(dq.outputs[0] if dq.outputs else None)) is None:
                 continue
             uses = self._uses(dq.outputs[0])
             if not any(u.idx == 0 and weight_slot(u.node) is not None for u in uses):
                 continue
             others = [u for u in uses if not fuses_quantized_input(u.node, u.idx)]
             for use in others:
-                use.node.replace_input_with(use.idx, q.inputs[0])
+                use.node.replace_input_with(use.idx, pair.source)
             if others:
                 self.done["shared_qdq"].append(",".join(sorted({node_label(u.node) for u in others})))
 
     # ------------------------------------------------------------------ outputs of weighted ops
 
     def weighted_outputs(self) -> None:
-        from optc.backends.tensorrt.trt_check import TrtChecker
-
         for node in list(self.graph):
             if weight_slot(node) is None or output_quantization_requested(node) or self._asked(node):
                 continue
@@ -371,7 +371,7 @@ class _Lowering:
                 uses = self._uses(q.outputs[0])
                 if q.outputs[0].is_graph_output() or any(u.node.op_type != "DequantizeLinear" for u in uses):
                     continue
-                if TrtChecker._feeds_quantized_consumer(q):
+                if feeds_quantized_consumer(q):
                     continue
                 self._bypass(q, [u.node for u in uses])
                 self.done["output_quantization"].append(node_label(node))
@@ -387,24 +387,22 @@ class _Lowering:
     # ------------------------------------------------------------------ weights
 
     def weights(self) -> None:
-        for dq in list(self.graph):
-            if dq.op_type != "DequantizeLinear" or dq.domain not in ONNX_DOMAINS or id(dq) in self._dead_ids:
+        for node in list(self.graph):
+            view = qdq(node)
+            if view is None or view.is_quantize or id(node) in self._dead_ids:
                 continue
-            if not is_const(dq.inputs[0]) or not is_const(dq.inputs[1]):
-                continue
-            if len(dq.inputs) > 2 and dq.inputs[2] is not None and not is_const(dq.inputs[2]):
-                continue
-            self._weight(dq)
+            if view.of_constant and view.constant_parameters:
+                self._weight(node)
 
     def _weight(self, dq: Node) -> None:
-        kind = qtype(dq)
-        q = const_value(dq.inputs[0])
-        scale = const_value(dq.inputs[1])
-        zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
-        zp = const_value(zp_value)
+        view = QDQ(dq)
+        kind = view.dtype
+        q = const_value(view.input)
+        scale = view.scale_array
+        zp = view.zero_point_array
         rank = q.ndim
-        axis = int_attr(dq, "axis", 1) % rank if rank else 0
-        block = int_attr(dq, "block_size", 0)
+        axis = view.axis % rank if rank else 0
+        block = view.block_size
         uses = self._uses(dq.outputs[0])
         name = dq.inputs[0].name or node_label(dq)
         if kind == DataType.INT32:
@@ -523,7 +521,7 @@ class _Lowering:
             zp = np.expand_dims(zp, k_axis) if zp is not None else None
             self._replace_dq(dq, uses, q, scale, k_axis, block, kind, "_blocked", zero_point=zp)
             self.done["int4_per_channel_blocked"].append(name)
-            dq = producer(uses[0].node.inputs[1], "DequantizeLinear")
+            dq = dequantized(uses[0].node.inputs[1]).node
             uses = self._uses(dq.outputs[0])
             axis = k_axis
             gemm_k = True
@@ -616,23 +614,21 @@ class _Lowering:
             if node.op_type != "Concat" or node.domain not in ONNX_DOMAINS:
                 continue
             slots = [(i, v) for i, v in enumerate(node.inputs) if v is not None and not is_const(v)]
-            dqs = [producer(v, "DequantizeLinear") for _, v in slots]
+            dqs = [dequantized(v) for _, v in slots]
             if not any(dqs):
                 continue
-            if not all(dqs) or any(is_const(dq.inputs[0]) for dq in dqs if dq is not None):
+            if not all(dqs) or any(dq.of_constant for dq in dqs if dq is not None):
                 for (i, _), dq in zip(slots, dqs, strict=True):
-                    if dq is not None and not is_const(dq.inputs[0]) and (src := producer(dq.inputs[0], "QuantizeLinear")):
-                        node.replace_input_with(i, src.inputs[0])
+                    if dq is not None and not dq.of_constant and (src := dq.quantize):
+                        node.replace_input_with(i, src.input)
                 self.done["concat_float"].append(node_label(node))
                 continue
             first = dqs[0]
-            kinds = {qtype(dq) for dq in dqs}
-            if all(same_constant(dq.inputs[1], first.inputs[1]) and same_constant(dq.inputs[2] if len(dq.inputs) > 2 else None,
-                                                                  first.inputs[2] if len(first.inputs) > 2 else None)
-                   for dq in dqs) and len(kinds) == 1:
+            kinds = {dq.dtype for dq in dqs}
+            if all(dq.same_parameters(first) for dq in dqs):
                 continue
             kind = kinds.pop() if len(kinds) == 1 else None
-            scales = [const_value(dq.inputs[1]) for dq in dqs]
+            scales = [dq.scale_array for dq in dqs]
             if kind not in _QMAX or any(s is None or not scalar_like(s) for s in scales):
                 continue
             float_type = scales[0].dtype
@@ -641,10 +637,10 @@ class _Lowering:
             s_value = self._const(f"{base}_input_scale", new_scale)
             z_value = self._const(f"{base}_input_zero_point", np.zeros((), dtype=_np_type(kind)))
             for (i, v), dq in zip(slots, dqs, strict=True):
-                src = producer(dq.inputs[0], "QuantizeLinear")
+                src = dq.quantize
                 if src is None:
                     continue
-                pair = self._qdq(src.inputs[0], s_value, z_value, kind, f"{v.name}_concat", before=node)
+                pair = self._qdq(src.input, s_value, z_value, kind, f"{v.name}_concat", before=node)
                 node.replace_input_with(i, pair)
             self.done["concat_unified"].append(node_label(node))
 
@@ -666,21 +662,8 @@ class _Lowering:
     # ------------------------------------------------------------------ residual Add
 
     def residuals(self) -> None:
-        from optc.backends.tensorrt.trt_check import TrtChecker
-
-        pending: list[tuple[Node, int, Value, Node]] = []
-        for add in list(self.graph):
-            if add.op_type != "Add" or add.domain not in ONNX_DOMAINS or len(add.inputs) != 2:
-                continue
-            a, b = add.inputs
-            if a is None or b is None or is_const(a) or is_const(b):
-                continue
-            convs = [TrtChecker._quantized_conv_output(v) for v in (a, b)]
-            quantized = [quantized_activation(v) for v in (a, b)]
-            if not any(convs) or (convs[0] and quantized[1]) or (convs[1] and quantized[0]):
-                continue
-            idx = 1 if convs[0] else 0
-            pending.append((add, idx, add.inputs[idx], convs[1 - idx]))
+        pending = [(r.add, r.index, r.residual, r.conv) for r in residual_adds(list(self.graph), quantized_conv)
+                   if not quantized_activation(r.residual)]
         if not pending:
             return
         missing: list[tuple[Node, int, Value, Node]] = []
@@ -696,14 +679,13 @@ class _Lowering:
 
     def _existing_dq(self, x: Value, conv: Node) -> Value | None:
         """A DequantizeLinear output of `x` (through a plain Q → DQ pair) in the Conv's activation format."""
-        conv_dq = producer(conv.inputs[0], "DequantizeLinear")
-        want = qtype(conv_dq) if conv_dq is not None else DataType.INT8
+        conv_dq = dequantized(conv.inputs[0])
+        want = conv_dq.dtype if conv_dq is not None else DataType.INT8
         for use in self._uses(x):
             q = use.node
-            if q.op_type != "QuantizeLinear" or use.idx != 0 or qtype(q) != want:
+            if q.op_type != "QuantizeLinear" or use.idx != 0 or quantized_type(q) != want:
                 continue
-            scale = const_value(q.inputs[1])
-            if scale is None or not scalar_like(scale):
+            if not scalar_like(QDQ(q).scale_array):
                 continue
             for dq_use in self._uses(q.outputs[0]):
                 if dq_use.node.op_type == "DequantizeLinear":
@@ -723,8 +705,8 @@ class _Lowering:
             return
         made: dict[tuple[str, DataType], Value] = {}
         for add, idx, x, conv in missing:
-            conv_dq = producer(conv.inputs[0], "DequantizeLinear")
-            kind = qtype(conv_dq) or DataType.INT8
+            conv_dq = dequantized(conv.inputs[0])
+            kind = (conv_dq.dtype if conv_dq is not None else None) or DataType.INT8
             key = (x.name, kind)
             if key not in made:
                 threshold = histograms[x.name].threshold("minmax")
