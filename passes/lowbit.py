@@ -47,6 +47,7 @@ from optc.ir import (
     unique_name,
 )
 from optc.ir.opset import default_opset, ensure_opset
+from optc.ir.patterns.qdq import dequantized
 from optc.passes.infra.options import option
 from optc.passes.linear_layers import Linear, layer_names, linear, matches_any, torch_threads
 
@@ -216,8 +217,7 @@ def remark_sites(context, model: Model, sites: list[Linear], excluded: list[Node
         if linear(node) is not None and linear_site(node) is None:
             unsupported += 1  # a Gemm with alpha != 1
         elif node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1] is not None:
-            producer = node.inputs[1].producer()
-            already += producer is not None and producer.op_type == "DequantizeLinear"
+            already += dequantized(node.inputs[1]) is not None
     if unsupported:
         message = f"{len(sites)} of {len(sites) + unsupported} linear layers quantizable: Gemm with alpha != 1"
         context.remark("missed", message, matched_none=not sites and not excluded)

@@ -37,6 +37,7 @@ import torch
 
 from optc.errors import OptcError, PreconditionError
 from optc.ir import DataType, Model, Node, Value, annotations, node_label
+from optc.ir.patterns.ops import QDQ_OPS
 
 __all__ = ["SUPPORTED_OPS", "TorchExecutor", "default_trainable", "to_torch"]
 
@@ -72,7 +73,6 @@ _QRANGE: dict[DataType, tuple[int, int]] = {
 }
 _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 _FLOAT_DTYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16, DataType.DOUBLE)
-_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
@@ -125,7 +125,7 @@ def default_trainable(model: Model) -> list[str]:
     graph = model.graph
     candidates = [v for v in graph.initializers.values()
                   if v.const_value is not None and not v.is_graph_input() and v.dtype in _FLOAT_DTYPES
-                  and not any(c.op_type in _QDQ_OPS for c in v.consumers())]
+                  and not any(c.op_type in QDQ_OPS for c in v.consumers())]
     named = [v for v in candidates if "source_name" in annotations(v)]
     if any("source_name" in annotations(v) for v in graph.initializers.values()):
         return [v.name for v in named]

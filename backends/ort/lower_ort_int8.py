@@ -79,6 +79,8 @@ from optc.ir import (
     tensor,
     unique_name,
 )
+from optc.ir.patterns.match import producer
+from optc.ir.patterns.qdq import QDQ
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -186,17 +188,17 @@ class _Rewriter:
     def integer_op(self, node: Node) -> None:
         if node.op_type not in _INTEGER_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             return
-        act_dq, w_dq = _producer(node.inputs[0], "DequantizeLinear"), _producer(node.inputs[1], "DequantizeLinear")
+        act_dq, w_dq = producer(node.inputs[0], "DequantizeLinear"), producer(node.inputs[1], "DequantizeLinear")
         if act_dq is not None and w_dq is None:
             w_dq = self._untie_transpose(node, act_dq)
         if act_dq is None or w_dq is None:
             return
-        q = _producer(act_dq.inputs[0], "QuantizeLinear")
+        q = producer(act_dq.inputs[0], "QuantizeLinear")
         weight = w_dq.inputs[0]
         if q is None or not (is_constant(weight) or _transposed_table(weight) is not None) or is_constant(q.inputs[0]):
             return
         eight_bit = (DataType.INT8, DataType.UINT8)
-        act_type = _qtype(act_dq.inputs[0])
+        act_type = QDQ(act_dq).dtype
         if act_type not in eight_bit or weight.dtype not in eight_bit:
             return  # 16-bit activations or low-bit weights: not an 8-bit integer op, they run in float
         if not (_plain_8bit(act_dq) and _plain_8bit(w_dq) and _plain_8bit(q)):
@@ -234,13 +236,13 @@ class _Rewriter:
         VNNI, or pairs along its rows within the limit. Returns the new
         DequantizeLinear, or None (nothing changed).
         """
-        if node.op_type != "MatMul" or _producer(act_dq.inputs[0], "QuantizeLinear") is None:
+        if node.op_type != "MatMul" or producer(act_dq.inputs[0], "QuantizeLinear") is None:
             return None
         transposed = sole_transpose(node.inputs[1])
         if transposed is None or transposed[1] not in (None, [1, 0]):  # a 2-D table is checked below
             return None
         t = transposed[0]
-        dq = _producer(t.inputs[0], "DequantizeLinear")
+        dq = producer(t.inputs[0], "DequantizeLinear")
         if dq is None or not _plain_8bit(dq) or not is_constant(dq.inputs[0]):
             return None
         table, scale = dq.inputs[0], dq.inputs[1]
@@ -379,7 +381,7 @@ class _Rewriter:
         axis = node.attributes.get("axis")
         if axis is not None and axis.as_int() != 0:
             return
-        dq = _producer(node.inputs[0], "DequantizeLinear")
+        dq = producer(node.inputs[0], "DequantizeLinear")
         if dq is None or not _plain_8bit(dq) or not _foldable(dq):
             return
         table = dq.inputs[0]
@@ -487,31 +489,6 @@ class _Rewriter:
 # ---------------------------------------------------------------------- helpers
 
 
-def _producer(value: Value | None, op_type: str) -> Node | None:
-    if value is None:
-        return None
-    node = value.producer()
-    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
-        return None
-    return node
-
-
-def _qtype(value: Value | None) -> DataType | None:
-    """The element type of a quantized value: an initializer's, or what its QuantizeLinear produces."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.dtype
-    q = _producer(value, "QuantizeLinear")
-    if q is None:
-        return value.dtype
-    attr = q.attributes.get("output_dtype")
-    if attr is not None and attr.as_int():
-        return DataType(attr.as_int())
-    zp = q.inputs[2] if len(q.inputs) > 2 else None
-    return zp.dtype if zp is not None and zp.dtype is not None else DataType.UINT8
-
-
 def _copy_type(dst: Value, src: Value) -> None:
     """Give `dst` the dtype and shape of `src` (a shape is set only with a dtype: it would not serialize)."""
     if src.dtype is not None:
@@ -521,11 +498,10 @@ def _copy_type(dst: Value, src: Value) -> None:
 
 def _plain_8bit(node: Node) -> bool:
     """A Q/DQ without blocks, with constant scale (and zero point)."""
-    if "block_size" in node.attributes and node.attributes["block_size"].as_int() != 0:
+    view = QDQ(node)
+    if view.block_size:
         return False
-    scale = node.inputs[1] if len(node.inputs) > 1 else None
-    zp = node.inputs[2] if len(node.inputs) > 2 else None
-    return is_constant(scale) and (zp is None or is_constant(zp))
+    return is_constant(view.scale) and (view.zero_point is None or is_constant(view.zero_point))
 
 
 def _foldable(dq: Node) -> bool:
@@ -538,7 +514,7 @@ def _foldable(dq: Node) -> bool:
 
 def _transposed_table(value: Value) -> Value | None:
     """The int8 constant T when `value` is `Transpose(T)` (what `_untie_transpose` writes), else None."""
-    t = _producer(value, "Transpose")
+    t = producer(value, "Transpose")
     return t.inputs[0] if t is not None and is_constant(t.inputs[0]) else None
 
 
@@ -562,13 +538,13 @@ def _fused_integer(node: Node) -> bool:
     """A MatMul/Gemm whose activation input is an 8-bit Q → DQ: onnxruntime runs it as an integer kernel."""
     if node.op_type not in _INTEGER_OPS or node.domain not in ("", "ai.onnx"):
         return False
-    dq = _producer(node.inputs[0], "DequantizeLinear")
+    dq = producer(node.inputs[0], "DequantizeLinear")
     return (
         dq is not None
-        and _producer(dq.inputs[0], "QuantizeLinear") is not None
-        and _qtype(dq.inputs[0]) in (DataType.INT8, DataType.UINT8)
-        and (w := _producer(node.inputs[1], "DequantizeLinear")) is not None
-        and _qtype(w.inputs[0]) in (DataType.INT8, DataType.UINT8)
+        and producer(dq.inputs[0], "QuantizeLinear") is not None
+        and QDQ(dq).dtype in (DataType.INT8, DataType.UINT8)
+        and (w := producer(node.inputs[1], "DequantizeLinear")) is not None
+        and QDQ(w).dtype in (DataType.INT8, DataType.UINT8)
         and _per_output_channel(node, w)
     )
 

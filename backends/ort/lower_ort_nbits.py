@@ -53,6 +53,7 @@ from optc.ir import (
     set_model_metadata,
     unique_name,
 )
+from optc.ir.patterns.qdq import dequantized
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -196,25 +197,21 @@ def _match(node: Node) -> tuple[Node, Value, int] | str | None:
     """`_plan`'s answer; for a weight-only low-bit MatMul that MatMulNBits cannot take, the reason; else None."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
-    b = node.inputs[1]
-    dq = b.producer() if b is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+    view = dequantized(node.inputs[1])
+    if view is None:
         return None
-    weight = dq.inputs[0]
+    dq, weight = view.node, view.input
     if not is_constant(weight) or weight.dtype not in _LOWBIT or weight.shape is None or len(weight.shape) != 2:
         return None
     if is_constant(node.inputs[0]) or not all(is_constant(v) for v in dq.inputs[1:] if v is not None):
         return None
-    x_producer = node.inputs[0].producer()
-    if x_producer is not None and x_producer.op_type == "DequantizeLinear":
+    if dequantized(node.inputs[0]) is not None:
         return None  # quantized activations (W8A8, int16): lower-ort-int8's integer kernels, not weight-only
-    scale = dq.inputs[1]
+    scale = view.scale
     if scale.dtype != DataType.FLOAT:
         return f"{scale.dtype} scales (MatMulNBits takes float)"
-    axis_attr = dq.attributes.get("axis")
-    axis = axis_attr.as_int() % 2 if axis_attr is not None else 1
-    block_attr = dq.attributes.get("block_size")
-    block = block_attr.as_int() if block_attr is not None else 0
+    axis = view.axis % 2
+    block = view.block_size
     if block:
         if axis != 0:
             return "blocks along N, not K"

@@ -32,10 +32,12 @@ import numpy as np
 
 from optc.ir import Model, Node, annotation, is_constant, node_label, source_name
 from optc.ir.annotations import QUANTIZATION
+from optc.ir.patterns import ops
+from optc.ir.patterns.qdq import activation_pair
 from optc.runtime.runner import ModelRunner
 
 #: Ops that carry quantization rather than compute a layer; never reported as layers.
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+QDQ_OPS = frozenset({*ops.QDQ_OPS, *ops.DYNAMIC_QDQ_OPS})
 
 #: Ops between a weight initializer and the op that reads it (dequantization, a tied transpose...).
 _WEIGHT_VIEWS = frozenset({"DequantizeLinear", "Transpose", "Cast", "Reshape", "Mul"})
@@ -84,16 +86,10 @@ def weight_parameter(node: Node, quant: dict[str, Any] | None) -> str | None:
 def _activation_pair(node: Node) -> tuple[str, str] | None:
     """(x, DequantizeLinear(QuantizeLinear(x))) when the node's data input is a static Q→DQ of x."""
     dq_out = node.inputs[0] if node.inputs else None
-    dq = dq_out.producer() if dq_out is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear":
+    pair = activation_pair(dq_out)
+    if pair is None or not pair.source.name or not dq_out.name:
         return None
-    q_out = dq.inputs[0]
-    q = q_out.producer() if q_out is not None else None
-    if q is None or q.op_type != "QuantizeLinear" or q.inputs[0] is None or is_constant(q.inputs[0]):
-        return None
-    if not q.inputs[0].name or not dq_out.name:
-        return None
-    return q.inputs[0].name, dq_out.name
+    return pair.source.name, dq_out.name
 
 
 def quantized_nodes(model: Model) -> list[QuantizedNode]:

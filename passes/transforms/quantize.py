@@ -99,6 +99,8 @@ from optc.ir import (
     unique_name,
 )
 from optc.ir.opset import ensure_opset
+from optc.ir.patterns.qdq import dequantized
+from optc.ir.patterns.residual import residual_adds
 from optc.passes.analyses.activation_histograms import (
     DEFAULT_BINS,
     FP8_E4M3_MAX,
@@ -396,8 +398,7 @@ class Quantize(Pass):
             return None
         if x.dtype is not None and x.dtype not in FLOAT_TYPES:
             return None
-        producer = x.producer()
-        if producer is not None and producer.op_type == "DequantizeLinear":
+        if dequantized(x) is not None:
             return None  # already quantized
         if _matches(node, weight, opts.weight_only):
             return None
@@ -608,31 +609,12 @@ def _residual_adds(graph, plans: list) -> list[tuple[Node, int, Value, _Format]]
                     if node.op_type == "Conv" and fmt is not None and fmt.name in ("int8", "uint8", "fp8")}
     if not conv_formats:
         return []
-
-    def conv_format(value: Value) -> _Format | None:
-        node = value.producer()
-        if node is not None and node.op_type == "BatchNormalization" and node.inputs[0] is not None:
-            if len(list(node.inputs[0].uses())) != 1:
-                return None
-            node = node.inputs[0].producer()
-        return conv_formats.get(id(node)) if node is not None else None
-
     found = []
-    for add in graph:
-        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+    for match in residual_adds(graph, lambda node: id(node) in conv_formats):
+        x = match.residual
+        if dequantized(x) is not None or (x.dtype is not None and x.dtype not in FLOAT_TYPES):
             continue
-        a, b = add.inputs
-        if a is None or b is None or is_constant(a) or is_constant(b):
-            continue
-        formats = [conv_format(a), conv_format(b)]
-        if not any(formats):
-            continue
-        idx = 1 if formats[0] else 0
-        x = add.inputs[idx]
-        dq = x.producer()
-        if (dq is not None and dq.op_type == "DequantizeLinear") or (x.dtype is not None and x.dtype not in FLOAT_TYPES):
-            continue
-        found.append((add, idx, x, formats[1 - idx]))
+        found.append((match.add, match.index, x, conv_formats[id(match.conv)]))
     return found
 
 
