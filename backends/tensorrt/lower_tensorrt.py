@@ -87,7 +87,6 @@ from optc.ir import (
     Model,
     Node,
     Value,
-    add_initializer,
     annotate,
     annotation,
     make_node,
@@ -97,9 +96,9 @@ from optc.ir import (
     sole_transpose,
     source_name,
     transpose_perm,
-    unique_name,
 )
 from optc.ir.annotations import QUANTIZATION
+from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.match import ONNX_DOMAINS, const_value, int_attr, is_const
 from optc.ir.patterns.qdq import (
     QDQ,
@@ -235,6 +234,7 @@ class _Lowering:
     def __init__(self, model: Model, am: AnalysisManager, options: LowerTensorRT.Options) -> None:
         self.model = model
         self.graph = model.graph
+        self.build = Builder(self.graph)
         self.am = am
         self.options = options
         self.done: dict[str, list[str]] = defaultdict(list)
@@ -255,7 +255,7 @@ class _Lowering:
         return [u for u in value.uses() if id(u.node) not in self._dead_ids]
 
     def _const(self, name: str, array: np.ndarray) -> Value:
-        return add_initializer(self.graph, unique_name(self.graph, name), array)
+        return self.build.initializer(name, array)
 
     def _readers_label(self, dq_outputs: list[Value]) -> str:
         labels = sorted({_label(u.node) for v in dq_outputs for u in self._uses(v)})
@@ -491,8 +491,8 @@ class _Lowering:
         if block:
             attributes["block_size"] = block
         new = make_node("DequantizeLinear", [q_value, s_value, z_value], attributes=attributes,
-                        name=unique_name(self.graph, f"{base}{suffix}_DequantizeLinear"),
-                        output_names=[unique_name(self.graph, f"{base}{suffix}_dequantized")])
+                        name=self.build.node_name(f"{base}{suffix}_DequantizeLinear"),
+                        output_names=[self.build.fresh(f"{base}{suffix}_dequantized")])
         if dq.outputs[0].dtype is not None:  # a shape without a type does not serialize
             new.outputs[0].dtype = dq.outputs[0].dtype
             new.outputs[0].shape = dq.outputs[0].shape
@@ -583,12 +583,12 @@ class _Lowering:
             node = use.node
             g = self.graph
             name = node.outputs[0].name or "matmul"
-            summed = make_node("MatMul", [node.inputs[0], e_value], name=unique_name(g, f"{name}_block_sum"),
-                               output_names=[unique_name(g, f"{name}_block_sum")])
-            corr = make_node("MatMul", [summed.outputs[0], c_value], name=unique_name(g, f"{name}_zp_correction"),
-                             output_names=[unique_name(g, f"{name}_zp_correction")])
-            add = make_node("Add", [node.outputs[0], corr.outputs[0]], name=unique_name(g, f"{name}_corrected"),
-                            output_names=[unique_name(g, f"{name}_corrected")])
+            summed = make_node("MatMul", [node.inputs[0], e_value], name=self.build.node_name(f"{name}_block_sum"),
+                               output_names=[self.build.fresh(f"{name}_block_sum")])
+            corr = make_node("MatMul", [summed.outputs[0], c_value], name=self.build.node_name(f"{name}_zp_correction"),
+                             output_names=[self.build.fresh(f"{name}_zp_correction")])
+            add = make_node("Add", [node.outputs[0], corr.outputs[0]], name=self.build.node_name(f"{name}_corrected"),
+                            output_names=[self.build.fresh(f"{name}_corrected")])
             for n in (summed, corr, add):
                 annotate(n, "provenance", "lower-tensorrt")
             out = node.outputs[0]
@@ -600,9 +600,11 @@ class _Lowering:
                 if reader.node is not add:
                     reader.node.replace_input_with(reader.idx, add.outputs[0])
             if out.is_graph_output():
-                old_name = out.name
-                out.name = unique_name(g, f"{old_name}_uncorrected")
+                old_name, corrected = out.name, add.outputs[0].name
+                self.build.rename(out, f"{old_name}_uncorrected")
                 add.outputs[0].name = old_name
+                self.build.reserve(old_name)
+                self.build.release(corrected)
                 for i, value in enumerate(g.outputs):
                     if value is out:
                         g.outputs[i] = add.outputs[0]
@@ -646,10 +648,10 @@ class _Lowering:
 
     def _qdq(self, x: Value, scale: Value, zero_point: Value, kind: DataType, base: str, *, before: Node) -> Value:
         g = self.graph
-        q = make_node("QuantizeLinear", [x, scale, zero_point], name=unique_name(g, f"{base}_QuantizeLinear"),
-                      output_names=[unique_name(g, f"{base}_quantized")])
-        dq = make_node("DequantizeLinear", [q.outputs[0], scale, zero_point], name=unique_name(g, f"{base}_DequantizeLinear"),
-                       output_names=[unique_name(g, f"{base}_dequantized")])
+        q = make_node("QuantizeLinear", [x, scale, zero_point], name=self.build.node_name(f"{base}_QuantizeLinear"),
+                      output_names=[self.build.fresh(f"{base}_quantized")])
+        dq = make_node("DequantizeLinear", [q.outputs[0], scale, zero_point], name=self.build.node_name(f"{base}_DequantizeLinear"),
+                       output_names=[self.build.fresh(f"{base}_dequantized")])
         if x.dtype is not None:
             q.outputs[0].dtype = kind
             dq.outputs[0].dtype = x.dtype
