@@ -77,8 +77,8 @@ from optc.ir import (
     set_model_metadata,
     sole_transpose,
     tensor,
-    unique_name,
 )
+from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.match import producer
 from optc.ir.patterns.qdq import QDQ
 from optc.passes.infra.analysis import AnalysisManager
@@ -172,6 +172,7 @@ class LowerOrtInt8(Pass):
 class _Rewriter:
     def __init__(self, graph: Graph, kernel: str, *, safe_s8: bool) -> None:
         self.graph = graph
+        self.build = Builder(graph)  # owns the fresh names of everything this run adds
         self.kernel = kernel
         self.safe_s8 = safe_s8
         self.stats = {"matmul-u8u8": 0, "matmul-u8s8": 0, "dequantized-at-load": 0, "gathers": 0}
@@ -257,13 +258,13 @@ class _Rewriter:
         if self.kernel == "u8u8" and not (self.safe_s8 and pair_sums_within(constant_array(table), 1)):
             return None
         g, name = self.graph, node.outputs[0].name
-        t_new = make_node("Transpose", [table], attributes={"perm": [1, 0]}, name=unique_name(g, f"{table.name}_transpose"),
-                          output_names=[unique_name(g, f"{table.name}_transposed")])
+        t_new = make_node("Transpose", [table], attributes={"perm": [1, 0]}, name=self.build.node_name(f"{table.name}_transpose"),
+                          output_names=[self.build.fresh(f"{table.name}_transposed")])
         t_new.outputs[0].dtype = DataType.INT8
         t_new.outputs[0].shape = Shape([table.shape[1], table.shape[0]])
         inputs = [t_new.outputs[0], scale] + ([zp] if zp is not None else [])
-        dq_new = make_node("DequantizeLinear", inputs, attributes={"axis": 1}, name=unique_name(g, f"{name}_weight_dq"),
-                           output_names=[unique_name(g, f"{name}_weight")])
+        dq_new = make_node("DequantizeLinear", inputs, attributes={"axis": 1}, name=self.build.node_name(f"{name}_weight_dq"),
+                           output_names=[self.build.fresh(f"{name}_weight")])
         _copy_type(dq_new.outputs[0], node.inputs[1])
         for n in (t_new, dq_new):
             annotate(n, "provenance", "lower-ort-int8")
@@ -285,13 +286,13 @@ class _Rewriter:
         bias = c
         if beta != 1.0:
             array = constant_array(c)
-            bias = add_initializer(g, unique_name(g, f"{c.name}_beta"), (array * np.asarray(beta, array.dtype)).astype(array.dtype))
+            bias = self.build.initializer(f"{c.name}_beta", (array * np.asarray(beta, array.dtype)).astype(array.dtype))
             del gemm.attributes["beta"]
         name = gemm.outputs[0].name
         gemm.replace_input_with(2, None)
         gemm.resize_inputs(2)
-        add = make_node("Add", [gemm.outputs[0], bias], name=unique_name(g, f"{name}_bias"),
-                        output_names=[unique_name(g, f"{name}_with_bias")])
+        add = make_node("Add", [gemm.outputs[0], bias], name=self.build.node_name(f"{name}_bias"),
+                        output_names=[self.build.fresh(f"{name}_with_bias")])
         annotate(add, "provenance", "lower-ort-int8")
         _copy_type(add.outputs[0], gemm.outputs[0])
         g.insert_after(gemm, [add])
@@ -299,7 +300,7 @@ class _Rewriter:
             if use.node is not add:
                 use.node.replace_input_with(use.idx, add.outputs[0])
         if gemm.outputs[0].is_graph_output():
-            _replace_graph_output(g, gemm.outputs[0], add.outputs[0])
+            _replace_graph_output(self.build, gemm.outputs[0], add.outputs[0])
         self._orphan_candidates.append(c)
 
     def _activation_readers(self, q: Node) -> list[Node] | None:
@@ -338,7 +339,7 @@ class _Rewriter:
         readers = [u.node for u in weight.uses()]
         if weight.is_graph_output() or any(r.op_type != "DequantizeLinear" or r.inputs[0] is not weight for r in readers):
             # Something else reads the int8 weight: the uint8 copy is this DequantizeLinear's own.
-            copy = add_initializer(self.graph, unique_name(self.graph, f"{weight.name}_u8"), shifted)
+            copy = self.build.initializer(f"{weight.name}_u8", shifted)
             dq.replace_input_with(0, copy)
             readers, weight = [dq], copy
         else:
@@ -365,7 +366,7 @@ class _Rewriter:
                 scale = node.inputs[1]
                 shifted = np.full(list(scale.shape or []), 128, dtype=np.uint8)
                 name = f"{scale.name}_zero_point_u8"
-            new = add_initializer(self.graph, unique_name(self.graph, name), shifted)
+            new = self.build.initializer(name, shifted)
             self._u8_zero_points[key] = new
         if len(node.inputs) > 2:
             node.replace_input_with(2, new)
@@ -393,25 +394,25 @@ class _Rewriter:
         if per_row and (dq_axis.as_int() if dq_axis is not None else 1) % 2 != 0:
             return  # per-column scales (DequantizeLinear's default axis is 1): gathering rows does not select them
         g, ids, name = self.graph, node.inputs[1], node.outputs[0].name
-        rows = make_node("Gather", [table, ids], attributes={"axis": 0}, name=unique_name(g, f"{name}_rows"),
-                         output_names=[unique_name(g, f"{name}_rows_quantized")])
+        rows = make_node("Gather", [table, ids], attributes={"axis": 0}, name=self.build.node_name(f"{name}_rows"),
+                         output_names=[self.build.fresh(f"{name}_rows_quantized")])
         rows.outputs[0].dtype = table.dtype
         new_nodes = [rows]
         if per_row:
             # Per-row scales (and zero points) gathered with the rows, then (q - zp) · scale as DequantizeLinear computes it.
-            row_scale = make_node("Gather", [scale, ids], attributes={"axis": 0}, name=unique_name(g, f"{name}_row_scale"))
-            unsq_axes = add_initializer(g, unique_name(g, f"{name}_last_axis"), np.array([-1], dtype=np.int64))
-            scale_col = make_node("Unsqueeze", [row_scale.outputs[0], unsq_axes], name=unique_name(g, f"{name}_row_scale_col"))
+            row_scale = make_node("Gather", [scale, ids], attributes={"axis": 0}, name=self.build.node_name(f"{name}_row_scale"))
+            unsq_axes = self.build.initializer(f"{name}_last_axis", np.array([-1], dtype=np.int64))
+            scale_col = make_node("Unsqueeze", [row_scale.outputs[0], unsq_axes], name=self.build.node_name(f"{name}_row_scale_col"))
             new_nodes += [row_scale, scale_col]
             zp_col = None
             if zp is not None and np.any(constant_array(zp)):
-                row_zp = make_node("Gather", [zp, ids], attributes={"axis": 0}, name=unique_name(g, f"{name}_row_zp"))
-                zp_col = make_node("Unsqueeze", [row_zp.outputs[0], unsq_axes], name=unique_name(g, f"{name}_row_zp_col"))
+                row_zp = make_node("Gather", [zp, ids], attributes={"axis": 0}, name=self.build.node_name(f"{name}_row_zp"))
+                zp_col = make_node("Unsqueeze", [row_zp.outputs[0], unsq_axes], name=self.build.node_name(f"{name}_row_zp_col"))
                 new_nodes += [row_zp, zp_col]
-            new_nodes += _cast_mul(g, rows.outputs[0], scale_col.outputs[0], zp_col.outputs[0] if zp_col else None,
+            new_nodes += _cast_mul(self.build, rows.outputs[0], scale_col.outputs[0], zp_col.outputs[0] if zp_col else None,
                                    scale.dtype, name)
         else:
-            new_dq = make_node("DequantizeLinear", [rows.outputs[0], scale, zp], name=unique_name(g, f"{name}_DequantizeLinear"))
+            new_dq = make_node("DequantizeLinear", [rows.outputs[0], scale, zp], name=self.build.node_name(f"{name}_DequantizeLinear"))
             new_nodes.append(new_dq)
         out = new_nodes[-1].outputs[0]
         _copy_type(out, node.outputs[0])
@@ -419,7 +420,7 @@ class _Rewriter:
             annotate(n, "provenance", "lower-ort-int8")
         annotate(rows, "ort_lowering", {"rewrite": "gather 8-bit rows, then dequantize them"})
         g.insert_before(node, new_nodes)
-        _replace_output(node.outputs[0], out)
+        _replace_output(node.outputs[0], out, self.build)
         self._dead.append(node)
         if all(u.node is node for u in dq.outputs[0].uses()) and not dq.outputs[0].is_graph_output():
             self._dead.append(dq)  # the table is no longer dequantized as a whole
@@ -447,13 +448,13 @@ class _Rewriter:
         new_nodes: list[Node] = []
         scale_in = scale
         if shape != list(scale.shape or []):
-            scale_in = add_initializer(g, unique_name(g, f"{scale.name}_bcast"), constant_array(scale).reshape(shape))
+            scale_in = self.build.initializer(f"{scale.name}_bcast", constant_array(scale).reshape(shape))
         zp_in = None
         if zp is not None and np.any(constant_array(zp)):
-            zp_in = add_initializer(g, unique_name(g, f"{zp.name}_float"),
+            zp_in = add_initializer(g, self.build.fresh(f"{zp.name}_float"),
                                     constant_array(zp).astype(np.float32).astype(_np_float(scale)).reshape(shape))
         base = node.outputs[0].name
-        new_nodes = _cast_mul(g, w, scale_in, zp_in, scale.dtype, base)
+        new_nodes = _cast_mul(self.build, w, scale_in, zp_in, scale.dtype, base)
         out = new_nodes[-1].outputs[0]
         _copy_type(out, node.outputs[0])
         for n in new_nodes:
@@ -600,38 +601,42 @@ def _np_float(value: Value):
     return np.float16 if value.dtype == DataType.FLOAT16 else np.float32
 
 
-def _cast_mul(graph: Graph, q: Value, scale: Value, zp: Value | None, float_type: DataType, base: str) -> list[Node]:
+def _cast_mul(build: Builder, q: Value, scale: Value, zp: Value | None, float_type: DataType, base: str) -> list[Node]:
     """(float(q) - zp) · scale: DequantizeLinear's arithmetic in plain ops."""
-    cast = make_node("Cast", [q], attributes={"to": int(float_type)}, name=unique_name(graph, f"{base}_Cast"),
-                     output_names=[unique_name(graph, f"{base}_cast")])
+    cast = make_node("Cast", [q], attributes={"to": int(float_type)}, name=build.node_name(f"{base}_Cast"),
+                     output_names=[build.fresh(f"{base}_cast")])
     cast.outputs[0].dtype = float_type
     nodes = [cast]
     x = cast.outputs[0]
     if zp is not None:
-        sub = make_node("Sub", [x, zp], name=unique_name(graph, f"{base}_Sub"), output_names=[unique_name(graph, f"{base}_centered")])
+        sub = make_node("Sub", [x, zp], name=build.node_name(f"{base}_Sub"), output_names=[build.fresh(f"{base}_centered")])
         nodes.append(sub)
         x = sub.outputs[0]
-    mul = make_node("Mul", [x, scale], name=unique_name(graph, f"{base}_Mul"), output_names=[unique_name(graph, f"{base}_float")])
+    mul = make_node("Mul", [x, scale], name=build.node_name(f"{base}_Mul"), output_names=[build.fresh(f"{base}_float")])
     nodes.append(mul)
     return nodes
 
 
-def _replace_graph_output(graph: Graph, old: Value, new: Value) -> None:
+def _replace_graph_output(build: Builder, old: Value, new: Value) -> None:
     """`new` takes `old`'s place (and name) among the graph outputs."""
-    name = old.name
-    old.name = unique_name(graph, f"{name}_inner")
+    name, new_name = old.name, new.name
+    build.rename(old, f"{name}_inner")
     new.name = name
-    for i, out in enumerate(graph.outputs):
+    build.reserve(name)
+    build.release(new_name)
+    for i, out in enumerate(build.graph.outputs):
         if out is old:
-            graph.outputs[i] = new
+            build.graph.outputs[i] = new
 
 
-def _replace_output(old: Value, new: Value) -> None:
+def _replace_output(old: Value, new: Value, build: Builder) -> None:
     """Point every reader of `old` at `new`; a graph output keeps its name."""
     if old.is_graph_output():
-        name = old.name
+        name, new_name = old.name, new.name
         old.name = f"{name}.replaced"
         new.name = name
+        build.reserve(old.name)
+        build.release(new_name)
     old.replace_all_uses_with(new, replace_graph_outputs=True)
 
 

@@ -51,8 +51,8 @@ from optc.ir import (
     make_node,
     model_metadata,
     set_model_metadata,
-    unique_name,
 )
+from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.qdq import dequantized
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
@@ -106,6 +106,7 @@ class LowerOrtNbits(Pass):
         lowered = 0
         dead: list[Node] = []
         misses: list[str] = []
+        build = Builder(graph)  # owns the fresh names of everything this run adds
         for node in list(graph):
             plan = _match(node)
             if isinstance(plan, str) and form == "nbits":
@@ -116,9 +117,9 @@ class LowerOrtNbits(Pass):
             if bits == 8 and not self.options.bits8 and form == "nbits":
                 continue
             if form == "nbits":
-                done = self._nbits(model, node, dq, weight, bits)
+                done = self._nbits(build, node, dq, weight, bits)
             else:
-                done = _dequantize_at_load(model, node, dq)
+                done = _dequantize_at_load(build, node, dq)
             if done:
                 lowered += 1
                 dead.append(dq)
@@ -136,8 +137,8 @@ class LowerOrtNbits(Pass):
         set_model_metadata(model, METADATA, {"form": form, "accuracy_level": self.options.accuracy_level, "lowered": lowered})
         return PassResult(model, True, None, {"lowered": lowered})
 
-    def _nbits(self, model: Model, node: Node, dq: Node, weight: Value, bits: int) -> bool:
-        graph = model.graph
+    def _nbits(self, build: Builder, node: Node, dq: Node, weight: Value, bits: int) -> bool:
+        graph = build.graph
         codes = constant_array(weight).astype(np.int32)  # [K, N]
         k, n = codes.shape
         scale = constant_array(dq.inputs[1])
@@ -167,8 +168,8 @@ class LowerOrtNbits(Pass):
         packed = _pack(per_col, nbits)
         inputs = [
             node.inputs[0],
-            add_initializer(graph, unique_name(graph, f"{weight.name}_nbits"), np.ascontiguousarray(packed)),
-            add_initializer(graph, unique_name(graph, f"{dq.inputs[1].name}_nbits"),
+            build.initializer(f"{weight.name}_nbits", np.ascontiguousarray(packed)),
+            add_initializer(graph, build.fresh(f"{dq.inputs[1].name}_nbits"),
                             np.ascontiguousarray(np.asarray(scale).T).reshape(-1)),
         ]
         if zp is not None:
@@ -177,11 +178,11 @@ class LowerOrtNbits(Pass):
                 if blocks % 2:
                     zp_cols = np.concatenate([zp_cols, np.zeros((n, 1), np.uint8)], axis=1)
                 zp_cols = (zp_cols[:, 0::2] | (zp_cols[:, 1::2] << 4)).astype(np.uint8)
-            inputs.append(add_initializer(graph, unique_name(graph, f"{weight.name}_nbits_zero_point"), zp_cols.reshape(-1)))
+            inputs.append(build.initializer(f"{weight.name}_nbits_zero_point", zp_cols.reshape(-1)))
         attrs = {"K": k, "N": n, "bits": nbits, "block_size": block, "accuracy_level": self.options.accuracy_level}
         new = make_node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft",
-                        name=unique_name(graph, f"{node.name or 'MatMul'}_nbits"))
-        _swap(graph, node, new)
+                        name=build.node_name(f"{node.name or 'MatMul'}_nbits"))
+        _swap(build, node, new)
         annotate(new, "ort_lowering", {"runs_as": "com.microsoft.MatMulNBits", "bits": nbits, "block_size": block,
                                        "accuracy_level": self.options.accuracy_level})
         return True
@@ -231,12 +232,14 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return (low | (high << 4)).astype(np.uint8)
 
 
-def _swap(graph, old: Node, new: Node) -> None:
+def _swap(build: Builder, old: Node, new: Node) -> None:
     """Put `new` in `old`'s place: same output name and type, annotations moved."""
+    graph = build.graph
     out_old, out_new = old.outputs[0], new.outputs[0]
     name = out_old.name
-    out_old.name = unique_name(graph, f"{name}_replaced")
+    build.rename(out_old, f"{name}_replaced")
     out_new.name = name
+    build.reserve(name)
     if out_old.dtype is not None:  # a shape serializes only with a dtype
         out_new.dtype = out_old.dtype
         out_new.shape = out_old.shape
@@ -245,11 +248,12 @@ def _swap(graph, old: Node, new: Node) -> None:
     graph.insert_before(old, [new])
     out_old.replace_all_uses_with(out_new, replace_graph_outputs=True)
     graph.remove(old, safe=True)
+    build.release(out_old.name)
 
 
-def _dequantize_at_load(model: Model, node: Node, dq: Node) -> bool:
+def _dequantize_at_load(build: Builder, node: Node, dq: Node) -> bool:
     """DequantizeLinear → Cast, Reshape to [G, g, N], (Sub zero point), Mul, Reshape back: constants onnxruntime folds."""
-    graph = model.graph
+    graph = build.graph
     weight = dq.inputs[0]
     k, n = weight.shape
     scale = constant_array(dq.inputs[1]).astype(np.float32)
@@ -263,30 +267,30 @@ def _dequantize_at_load(model: Model, node: Node, dq: Node) -> bool:
     nodes: list[Node] = []
 
     def const(label: str, array: np.ndarray) -> Value:
-        return add_initializer(graph, unique_name(graph, f"{base}_{label}"), array)
+        return build.initializer(f"{base}_{label}", array)
 
-    cast = make_node("Cast", [weight], attributes={"to": int(DataType.FLOAT)}, name=unique_name(graph, f"{base}_Cast"),
-                     output_names=[unique_name(graph, f"{base}_cast")])
+    cast = make_node("Cast", [weight], attributes={"to": int(DataType.FLOAT)}, name=build.node_name(f"{base}_Cast"),
+                     output_names=[build.fresh(f"{base}_cast")])
     nodes.append(cast)
     x = cast.outputs[0]
     if block:  # onnxruntime reshapes no 4-bit tensor: cast first
         reshape = make_node("Reshape", [x, const("block_shape", np.array(shape3, np.int64))],
-                            name=unique_name(graph, f"{base}_Reshape"), output_names=[unique_name(graph, f"{base}_blocks")])
+                            name=build.node_name(f"{base}_Reshape"), output_names=[build.fresh(f"{base}_blocks")])
         nodes.append(reshape)
         x = reshape.outputs[0]
     view = (lambda a: a.reshape(k // block, 1, n)) if block else (lambda a: a.reshape(1, n))
     if zp_value is not None:
         sub = make_node("Sub", [x, const("zp_float", view(constant_array(zp_value).astype(np.float32)))],
-                        name=unique_name(graph, f"{base}_Sub"), output_names=[unique_name(graph, f"{base}_centered")])
+                        name=build.node_name(f"{base}_Sub"), output_names=[build.fresh(f"{base}_centered")])
         nodes.append(sub)
         x = sub.outputs[0]
-    mul = make_node("Mul", [x, const("scale_view", view(scale))], name=unique_name(graph, f"{base}_Mul"),
-                    output_names=[unique_name(graph, f"{base}_scaled")])
+    mul = make_node("Mul", [x, const("scale_view", view(scale))], name=build.node_name(f"{base}_Mul"),
+                    output_names=[build.fresh(f"{base}_scaled")])
     nodes.append(mul)
     x = mul.outputs[0]
     if block:
         back = make_node("Reshape", [x, const("shape", np.array([k, n], np.int64))],
-                         name=unique_name(graph, f"{base}_Reshape_back"), output_names=[unique_name(graph, f"{base}_float")])
+                         name=build.node_name(f"{base}_Reshape_back"), output_names=[build.fresh(f"{base}_float")])
         nodes.append(back)
         x = back.outputs[0]
     x.dtype = DataType.FLOAT
