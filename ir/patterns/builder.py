@@ -27,6 +27,11 @@ class Builder:
         self._taken: set[str] = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
         self._taken |= {o.name for n in graph for o in n.outputs if o.name}
 
+    @classmethod
+    def of(cls, target: Graph | Builder) -> Builder:
+        """`target` itself when it is a builder, else a new one for the graph (for helpers callers pass either)."""
+        return target if isinstance(target, Builder) else cls(target)
+
     def _free(self, base: str) -> str:
         if base not in self._taken:
             return base

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from optc.errors import OptcError
 from optc.ir import Model, annotate
+from optc.ir.patterns.builder import Builder
 from optc.passes.analyses.hessian import Hessian
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
@@ -185,9 +186,10 @@ class Awq(Pass):
         sites, excluded = sites_at_opset(model, opts.exclude)
         mark_excluded(excluded, opts.exclude)
         remark_sites(am.context, model, sites, excluded)
+        build = Builder(model.graph)  # owns the fresh names of everything this run adds
         for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):
             q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
-            emit(model, site, q, scale, zero, grid, opts.group, {"method": "awq", "clip": opts.clip})
+            emit(model, site, q, scale, zero, grid, opts.group, {"method": "awq", "clip": opts.clip}, build)
         stats_out["quantized-ops"] = len(sites)
         stats_out["excluded-ops"] = len(excluded)
         return PassResult(model, bool(sites) or scaled > 0, None, stats_out)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from optc.ir import Model
+from optc.ir.patterns.builder import Builder
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
@@ -47,8 +48,9 @@ class Rtn(Pass):
             return PassResult(model, skipped > 0, None, {"quantized-ops": 0, "excluded-ops": len(excluded)})
         device = default_device()
         grid = opts.grid
+        build = Builder(model.graph)  # owns the fresh names of everything this run adds
         with torch_threads(device):
             for site in tqdm(sites, desc="rtn", unit="layer", leave=False, disable=None):
                 q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
-                emit(model, site, q, scale, zero, grid, opts.group, {"method": "rtn", "clip": opts.clip})
+                emit(model, site, q, scale, zero, grid, opts.group, {"method": "rtn", "clip": opts.clip}, build)
         return PassResult(model, True, None, {"quantized-ops": len(sites), "excluded-ops": len(excluded)})
