@@ -78,7 +78,7 @@ from optc.ir import (
     sole_transpose,
     tensor,
 )
-from optc.ir.patterns.builder import Builder
+from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.match import producer
 from optc.ir.patterns.qdq import QDQ
 from optc.passes.infra.analysis import AnalysisManager
@@ -480,11 +480,7 @@ class _Rewriter:
             self.graph.remove(dead, safe=True)
             dead = [p for k, p in producers.items() if k not in removed and p.graph is self.graph and all(
                 not o.uses() and not o.is_graph_output() for o in p.outputs)]
-        for value in self._orphan_candidates:
-            name = value.name
-            if (name in self.graph.initializers and self.graph.initializers[name] is value and not value.uses()
-                    and not value.is_graph_output() and not value.is_graph_input()):
-                self.graph.initializers.pop(name)
+        drop_unused_initializers(self.graph, self._orphan_candidates)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -52,7 +52,7 @@ from optc.ir import (
     model_metadata,
     set_model_metadata,
 )
-from optc.ir.patterns.builder import Builder
+from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.qdq import dequantized
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
@@ -131,7 +131,7 @@ class LowerOrtNbits(Pass):
         for dq in dead:
             if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
                 graph.remove(dq, safe=True)
-        _drop_unused(graph)
+        drop_unused_initializers(graph)
         if form == "nbits" and model.opset_imports.get("com.microsoft") is None:
             model.opset_imports["com.microsoft"] = 1
         set_model_metadata(model, METADATA, {"form": form, "accuracy_level": self.options.accuracy_level, "lowered": lowered})
@@ -300,9 +300,6 @@ def _dequantize_at_load(build: Builder, node: Node, dq: Node) -> bool:
     return True
 
 
-def _drop_unused(graph) -> None:
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]:
-        graph.initializers.pop(name)
 
 
 __all__ = ["LowerOrtNbits"]

@@ -98,7 +98,7 @@ from optc.ir import (
     transpose_perm,
 )
 from optc.ir.annotations import QUANTIZATION
-from optc.ir.patterns.builder import Builder
+from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.match import ONNX_DOMAINS, const_value, int_attr, is_const
 from optc.ir.patterns.qdq import (
     QDQ,
@@ -726,9 +726,7 @@ class _Lowering:
         """Remove replaced nodes, then initializers that were read before this pass and are read by nothing now."""
         if self.dead:
             self.graph.remove(self.dead, safe=True)
-        for name in [n for n, v in self.graph.initializers.items()
-                     if n in self.used_before and not v.uses() and not v.is_graph_output() and not v.is_graph_input()]:
-            self.graph.initializers.pop(name)
+        drop_unused_initializers(self.graph, [v for n, v in self.graph.initializers.items() if n in self.used_before])
 
     def notes(self) -> list[str]:
         texts = {

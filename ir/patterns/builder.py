@@ -6,6 +6,9 @@ name `unique_name` would (base, else base_1, base_2...) and reserves it. Names s
 `unique_name` gives as long as the pass tells the builder about what it removes or renames
 outside it (`release`, `rename`).
 
+`drop_unused_initializers` is the one sweep of initializers nothing reads that passes run after a
+rewrite (the `dce` pass removes dead nodes too).
+
 Node names are not values: as `unique_name` always had it, `node_name(base)` avoids the value
 names but reserves nothing, so a node and its output may share a name.
 """
@@ -94,4 +97,24 @@ class Builder:
                          domain=domain, output_names=[self.fresh(base) for base in outputs])
 
 
-__all__ = ["Builder"]
+def drop_unused_initializers(graph: Graph, among: Iterable[Value] | None = None) -> list[str]:
+    """Remove the initializers no node reads that are neither graph inputs nor outputs; returns their names.
+
+    `among` restricts the sweep to those values (a pass removing only what it left unused); a value
+    counts only while it is still the graph's initializer of its name.
+    """
+    if among is None:
+        candidates = list(graph.initializers.items())
+    else:
+        candidates = [(v.name, v) for v in among if v.name in graph.initializers and graph.initializers[v.name] is v]
+    dead: list[str] = []
+    for name, value in candidates:
+        if name in dead or value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        dead.append(name)
+    for name in dead:
+        graph.initializers.pop(name)
+    return dead
+
+
+__all__ = ["Builder", "drop_unused_initializers"]

@@ -97,7 +97,7 @@ from optc.ir import (
     source_name,
 )
 from optc.ir.opset import ensure_opset
-from optc.ir.patterns.builder import Builder
+from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.qdq import dequantized
 from optc.ir.patterns.residual import residual_adds
 from optc.passes.analyses.activation_histograms import (
@@ -327,7 +327,7 @@ class Quantize(Pass):
                 act_cache[key] = _quantize_activation(build, add, x, fmt, histograms[x.name], opts)
             add.replace_input_with(idx, act_cache[key][0])
             annotate(add, "quant", {"op": "Add", "weights": "none", "activations": fmt.name, "residual": x.name})
-        _drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
         stats = {
             "quantized-ops": len(plans),
             "excluded-ops": skipped,
@@ -616,11 +616,6 @@ def _residual_adds(graph, plans: list) -> list[tuple[Node, int, Value, _Format]]
             continue
         found.append((match.add, match.index, x, conv_formats[id(match.conv)]))
     return found
-
-
-def _drop_unused_initializers(graph) -> None:
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]:
-        graph.initializers.pop(name)
 
 
 # --------------------------------------------------------------------------- activations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from optc.ir import parse_text, unique_name
-from optc.ir.patterns.builder import Builder
+from optc.ir.patterns.builder import Builder, drop_unused_initializers
 
 _MODEL = """
 <ir_version: 10, opset_import: ["" : 21]>
@@ -48,3 +48,17 @@ def test_released_and_renamed_names_follow_the_graph():
     assert build.rename(scaled, "y_scaled_inner") == "y_scaled_inner"
     assert build.fresh("y_scaled") == unique_name(graph, "y_scaled") == "y_scaled"
     assert Builder.of(build) is build and Builder.of(graph) is not build
+
+
+def test_one_sweep_drops_unread_initializers_but_never_inputs_or_outputs():
+    model = parse_text("""
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[2] x, float[2] d) => (float[2] y, float[2] kept) <float[2] w = {1, 2}, float[2] a = {3, 4}, float[2] b = {5, 6},
+                                                          float[2] kept = {7, 8}, float[2] d = {0, 0}> {
+  y = Mul(x, w)
+}
+""")
+    graph = model.graph
+    assert drop_unused_initializers(graph, [graph.initializers["a"], graph.initializers["w"]]) == ["a"]
+    assert drop_unused_initializers(graph) == ["b"]  # w is read, kept is an output, d is an input
+    assert sorted(graph.initializers) == ["d", "kept", "w"]
