@@ -53,7 +53,8 @@ from optc.ir import (
     set_model_metadata,
 )
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
-from optc.ir.patterns.qdq import dequantized
+from optc.ir.patterns.qdq import QDQ, dequantized
+from optc.ir.patterns.rewrite import Rule, apply_rules
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -103,26 +104,23 @@ class LowerOrtNbits(Pass):
             set_model_metadata(model, METADATA, {"form": "keep"})
             return PassResult(model, True, PreservedAnalyses.all())
         graph = model.graph
-        lowered = 0
         dead: list[Node] = []
-        misses: list[str] = []
         build = Builder(graph)  # owns the fresh names of everything this run adds
-        for node in list(graph):
-            plan = _match(node)
-            if isinstance(plan, str) and form == "nbits":
-                misses.append(plan)
-            if not isinstance(plan, tuple):
-                continue
-            dq, weight, bits = plan
-            if bits == 8 and not self.options.bits8 and form == "nbits":
-                continue
+
+        def rewrite(site: _Site) -> bool:
             if form == "nbits":
-                done = self._nbits(build, node, dq, weight, bits)
+                if site.bits == 8 and not self.options.bits8:
+                    return False
+                done = self._nbits(build, site.node, site.dq, site.weight, site.bits)
             else:
-                done = _dequantize_at_load(build, node, dq)
+                done = _dequantize_at_load(build, site.node, site.dq)
             if done:
-                lowered += 1
-                dead.append(dq)
+                dead.append(site.dq)
+            return done
+
+        result = apply_rules(graph, [Rule(form, _weight_only_matmul, rewrite, _nbits_reason)])
+        lowered = result.total
+        misses = result.reasons() if form == "nbits" else []
         if misses:
             message = match_summary(lowered, misses, "weight-only low-bit MatMuls", "lowered to MatMulNBits")
             am.context.remark("missed", message, matched_none=not lowered)
@@ -188,14 +186,28 @@ class LowerOrtNbits(Pass):
         return True
 
 
-def _plan(node: Node) -> tuple[Node, Value, int] | None:
-    """(DequantizeLinear, its integer weight, storage bits) when `node` is MatMul(x, DQ(low-bit B [K, N]))."""
-    plan = _match(node)
-    return plan if isinstance(plan, tuple) else None
+@dataclass(frozen=True)
+class _Site:
+    """A weight-only low-bit MatMul: the MatMul, the DequantizeLinear of its B [K, N], the codes, storage bits."""
+
+    node: Node
+    view: QDQ
+    weight: Value
+    bits: int
+
+    @property
+    def dq(self) -> Node:
+        return self.view.node
 
 
-def _match(node: Node) -> tuple[Node, Value, int] | str | None:
-    """`_plan`'s answer; for a weight-only low-bit MatMul that MatMulNBits cannot take, the reason; else None."""
+def _plan(node: Node) -> _Site | None:
+    """The site when `node` is MatMul(x, DQ(low-bit B [K, N])) and MatMulNBits can take it, else None."""
+    site = _weight_only_matmul(node)
+    return site if site is not None and _nbits_reason(site) is None else None
+
+
+def _weight_only_matmul(node: Node) -> _Site | None:
+    """The rule's match: MatMul(x, DQ(constant low-bit B [K, N])) with a float activation x, else None."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
     view = dequantized(node.inputs[1])
@@ -208,6 +220,12 @@ def _match(node: Node) -> tuple[Node, Value, int] | str | None:
         return None
     if dequantized(node.inputs[0]) is not None:
         return None  # quantized activations (W8A8, int16): lower-ort-int8's integer kernels, not weight-only
+    return _Site(node, view, weight, 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8)
+
+
+def _nbits_reason(site: _Site) -> str | None:
+    """The rule's check: why MatMulNBits cannot take the site's scales, or None."""
+    view = site.view
     scale = view.scale
     if scale.dtype != DataType.FLOAT:
         return f"{scale.dtype} scales (MatMulNBits takes float)"
@@ -220,8 +238,7 @@ def _match(node: Node) -> tuple[Node, Value, int] | str | None:
             return f"block_size {block} (MatMulNBits takes a power of two of at least 16)"
     elif axis != 1 or scale.shape is None or len(scale.shape) != 1:
         return "scales that are neither per block along K nor per output channel"
-    bits = 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8
-    return dq, weight, bits
+    return None
 
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:
