@@ -58,6 +58,10 @@ upstream source):
   difference of the CNN's logits with no trend over scales from 0.5x to 2x
   the calibrated one.
 
+The rewrites are rule sets of `optc.ir.patterns.rewrite` (`_Lowering.rule_sets`), run in the order
+above, each once over the graph; their legality tests are trt-check's (`weight_slot`,
+`fuses_quantized_input`, `feeds_quantized_consumer`, `quantized_conv`, the output axes).
+
 Every group of rewrites is summarised as one line in the model metadata
 `tensorrt_lowering` (the backend prints them). DynamicQuantizeLinear, integer
 ops and run-time scales are not rewritten: `trt-check` reports them.
@@ -102,6 +106,7 @@ from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.match import ONNX_DOMAINS, const_value, int_attr, is_const
 from optc.ir.patterns.qdq import (
     QDQ,
+    QDQPair,
     activation_pair,
     dequantized,
     qdq,
@@ -109,7 +114,8 @@ from optc.ir.patterns.qdq import (
     quantized_type,
     scalar_like,
 )
-from optc.ir.patterns.residual import residual_adds
+from optc.ir.patterns.residual import ResidualAdd, residual_add
+from optc.ir.patterns.rewrite import Rule, apply_rules
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -202,15 +208,7 @@ class LowerTensorRT(Pass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         lowering = _Lowering(model, am, self.options)
-        lowering.activations()
-        lowering.shared_pairs()
-        lowering.weighted_outputs()
-        lowering.weights()
-        if self.options.concat:
-            lowering.concats()
-        if self.options.residual:
-            lowering.residuals()
-        lowering.drop_dead()
+        lowering.apply()
         notes = lowering.notes()
         for key, note in zip(lowering.done, notes, strict=True):
             if key in MISSED:  # quantization TensorRT cannot take: the model runs those parts in float
@@ -242,6 +240,7 @@ class _Lowering:
         self.dead: list[Node] = []
         self._dead_ids: set[int] = set()
         self._int4_rel = 0.0
+        self._pending_residuals: list[tuple[Node, int, Value, Node]] = []
         self.used_before = {n for n, v in self.graph.initializers.items() if v.uses()}
 
     # ------------------------------------------------------------------ helpers
@@ -263,28 +262,56 @@ class _Lowering:
 
     # ------------------------------------------------------------------ activations
 
-    def activations(self) -> None:
-        for node in list(self.graph):
-            view = qdq(node)
-            if view is None or not view.is_quantize or view.of_constant:
-                continue
-            q = view.node
-            partners = view.dequantizers(self._uses(view.output))
-            if partners is None:
-                continue  # not a plain Q → DQ pair: trt-check reports it
-            dqs = [dq.node for dq in partners]
-            kind = view.dtype
-            if kind in _UNSUPPORTED_ACTIVATION:
-                readers = self._bypass(q, dqs)
-                self.done[f"{kind.name.lower()}_activations"].append(readers)
-                continue
-            scale = view.scale_array
-            zp = view.zero_point_array
-            if scale is None:
-                continue
-            asymmetric = kind == DataType.UINT8 or (zp is not None and np.any(zp.astype(np.float64) != 0))
-            if asymmetric or not scalar_like(scale):
-                self._requantize_activation(q, dqs, kind, scale, zp, asymmetric)
+    def rule_sets(self) -> list[list[Rule]]:
+        """The lowering's rules, in the order their sets run (each set once over the graph, in graph order)."""
+        sets = [
+            [Rule("activation", self._activation_pair, self._activation)],
+            [Rule("shared-pair", self._shared_pair, self._shared)],
+            [Rule("weighted-output", self._weighted_op, self._weighted_output)],
+            [Rule("weight", self._weight_dq, self._weight)],
+        ]
+        if self.options.concat:
+            sets.append([Rule("concat", self._quantized_concat, self._concat)])
+        if self.options.residual:
+            sets.append([Rule("residual", self._residual_add, self._collect_residual)])
+        return sets
+
+    def apply(self) -> None:
+        """Every rule set, then the residuals it collected (calibrated together), then the clean-up."""
+        for rules in self.rule_sets():
+            apply_rules(self.graph, rules, fixpoint=False)
+        self._residuals()
+        self.drop_dead()
+
+    # ------------------------------------------------------------------ activations
+
+    def _activation_pair(self, node: Node) -> tuple[QDQ, list[Node]] | None:
+        """An activation's QuantizeLinear and its DequantizeLinear partners (a plain Q → DQ pair; others:
+        trt-check reports them)."""
+        view = qdq(node)
+        if view is None or not view.is_quantize or view.of_constant:
+            return None
+        partners = view.dequantizers(self._uses(view.output))
+        return (view, [dq.node for dq in partners]) if partners is not None else None
+
+    def _activation(self, found: tuple[QDQ, list[Node]]) -> bool:
+        """T03, T01, T04: pairs TensorRT cannot import go (the activation stays float) or become symmetric INT8."""
+        view, dqs = found
+        q = view.node
+        kind = view.dtype
+        if kind in _UNSUPPORTED_ACTIVATION:
+            readers = self._bypass(q, dqs)
+            self.done[f"{kind.name.lower()}_activations"].append(readers)
+            return True
+        scale = view.scale_array
+        zp = view.zero_point_array
+        if scale is None:
+            return False
+        asymmetric = kind == DataType.UINT8 or (zp is not None and np.any(zp.astype(np.float64) != 0))
+        if asymmetric or not scalar_like(scale):
+            self._requantize_activation(q, dqs, kind, scale, zp, asymmetric)
+            return True
+        return False
 
     def _bypass(self, q: Node, dqs: list[Node]) -> str:
         """Remove a Q/DQ pair: every reader of its DequantizeLinear nodes reads the float input again."""
@@ -344,37 +371,47 @@ class _Lowering:
         why = "asymmetric" if asymmetric else "per-channel"
         self.done[f"{why}_activations"].append(q.inputs[0].name or node_label(q))
 
-    def shared_pairs(self) -> None:
+    def _shared_pair(self, dq: Node) -> tuple[QDQPair, list] | None:
+        """An activation's Q/DQ pair (its DequantizeLinear `dq`) that a quantized weighted op reads, with its uses."""
+        if id(dq) in self._dead_ids or (pair := activation_pair(dq.outputs[0] if dq.outputs else None)) is None:
+            return None
+        uses = self._uses(dq.outputs[0])
+        return (pair, uses) if any(u.idx == 0 and weight_slot(u.node) is not None for u in uses) else None
+
+    def _shared(self, found: tuple[QDQPair, list]) -> bool:
         """T18: readers of a weighted op's activation Q/DQ that want float read the float tensor instead."""
-        for dq in list(self.graph):
-            if id(dq) in self._dead_ids or (pair := activation_pair(dq.outputs[0] if dq.outputs else None)) is None:
-                continue
-            uses = self._uses(dq.outputs[0])
-            if not any(u.idx == 0 and weight_slot(u.node) is not None for u in uses):
-                continue
-            others = [u for u in uses if not fuses_quantized_input(u.node, u.idx)]
-            for use in others:
-                use.node.replace_input_with(use.idx, pair.source)
-            if others:
-                self.done["shared_qdq"].append(",".join(sorted({node_label(u.node) for u in others})))
+        pair, uses = found
+        others = [u for u in uses if not fuses_quantized_input(u.node, u.idx)]
+        for use in others:
+            use.node.replace_input_with(use.idx, pair.source)
+        if others:
+            self.done["shared_qdq"].append(",".join(sorted({node_label(u.node) for u in others})))
+        return bool(others)
 
     # ------------------------------------------------------------------ outputs of weighted ops
 
-    def weighted_outputs(self) -> None:
-        for node in list(self.graph):
-            if weight_slot(node) is None or output_quantization_requested(node) or self._asked(node):
+    def _weighted_op(self, node: Node) -> Node | None:
+        """A weighted op whose output quantization nobody asked for."""
+        if weight_slot(node) is None or output_quantization_requested(node) or self._asked(node):
+            return None
+        return node
+
+    def _weighted_output(self, node: Node) -> bool:
+        """T14: Q/DQ on a weighted op's output that feeds no quantized consumer goes."""
+        changed = False
+        for use in self._uses(node.outputs[0]):
+            q = use.node
+            if q.op_type != "QuantizeLinear" or q.domain not in ONNX_DOMAINS or output_quantization_requested(q):
                 continue
-            for use in self._uses(node.outputs[0]):
-                q = use.node
-                if q.op_type != "QuantizeLinear" or q.domain not in ONNX_DOMAINS or output_quantization_requested(q):
-                    continue
-                uses = self._uses(q.outputs[0])
-                if q.outputs[0].is_graph_output() or any(u.node.op_type != "DequantizeLinear" for u in uses):
-                    continue
-                if feeds_quantized_consumer(q):
-                    continue
-                self._bypass(q, [u.node for u in uses])
-                self.done["output_quantization"].append(node_label(node))
+            uses = self._uses(q.outputs[0])
+            if q.outputs[0].is_graph_output() or any(u.node.op_type != "DequantizeLinear" for u in uses):
+                continue
+            if feeds_quantized_consumer(q):
+                continue
+            self._bypass(q, [u.node for u in uses])
+            self.done["output_quantization"].append(node_label(node))
+            changed = True
+        return changed
 
     def _asked(self, node: Node) -> bool:
         names = [node_label(node), *(o.name for o in node.outputs if o.name)]
@@ -386,15 +423,20 @@ class _Lowering:
 
     # ------------------------------------------------------------------ weights
 
-    def weights(self) -> None:
-        for node in list(self.graph):
-            view = qdq(node)
-            if view is None or view.is_quantize or id(node) in self._dead_ids:
-                continue
-            if view.of_constant and view.constant_parameters:
-                self._weight(node)
+    def _weight_dq(self, node: Node) -> Node | None:
+        """A live DequantizeLinear of a constant with constant parameters: a stored weight (or bias)."""
+        view = qdq(node)
+        if view is None or view.is_quantize or id(node) in self._dead_ids:
+            return None
+        return node if view.of_constant and view.constant_parameters else None
 
-    def _weight(self, dq: Node) -> None:
+    def _weight(self, dq: Node) -> bool:
+        """T05, T06, T10, T15: a weight kept on the right axis, re-quantized, or stored float."""
+        done = sum(len(v) for v in self.done.values())
+        self._lower_weight(dq)
+        return sum(len(v) for v in self.done.values()) != done
+
+    def _lower_weight(self, dq: Node) -> None:
         view = QDQ(dq)
         kind = view.dtype
         q = const_value(view.input)
@@ -611,40 +653,43 @@ class _Lowering:
 
     # ------------------------------------------------------------------ Concat
 
-    def concats(self) -> None:
-        for node in list(self.graph):
-            if node.op_type != "Concat" or node.domain not in ONNX_DOMAINS:
+    def _quantized_concat(self, node: Node) -> Node | None:
+        """A standard Concat (the rule looks at its inputs' Q/DQ)."""
+        return node if node.op_type == "Concat" and node.domain in ONNX_DOMAINS else None
+
+    def _concat(self, node: Node) -> bool:
+        """T13: inputs all DequantizeLinear get one scale; a Concat mixing quantized and float reads float."""
+        slots = [(i, v) for i, v in enumerate(node.inputs) if v is not None and not is_const(v)]
+        dqs = [dequantized(v) for _, v in slots]
+        if not any(dqs):
+            return False
+        if not all(dqs) or any(dq.of_constant for dq in dqs if dq is not None):
+            for (i, _), dq in zip(slots, dqs, strict=True):
+                if dq is not None and not dq.of_constant and (src := dq.quantize):
+                    node.replace_input_with(i, src.input)
+            self.done["concat_float"].append(node_label(node))
+            return True
+        first = dqs[0]
+        kinds = {dq.dtype for dq in dqs}
+        if all(dq.same_parameters(first) for dq in dqs):
+            return False
+        kind = kinds.pop() if len(kinds) == 1 else None
+        scales = [dq.scale_array for dq in dqs]
+        if kind not in _QMAX or any(s is None or not scalar_like(s) for s in scales):
+            return False
+        float_type = scales[0].dtype
+        new_scale = np.asarray(max(float(s.reshape(())) for s in scales), dtype=float_type)
+        base = node.outputs[0].name or "concat"
+        s_value = self._const(f"{base}_input_scale", new_scale)
+        z_value = self._const(f"{base}_input_zero_point", np.zeros((), dtype=_np_type(kind)))
+        for (i, v), dq in zip(slots, dqs, strict=True):
+            src = dq.quantize
+            if src is None:
                 continue
-            slots = [(i, v) for i, v in enumerate(node.inputs) if v is not None and not is_const(v)]
-            dqs = [dequantized(v) for _, v in slots]
-            if not any(dqs):
-                continue
-            if not all(dqs) or any(dq.of_constant for dq in dqs if dq is not None):
-                for (i, _), dq in zip(slots, dqs, strict=True):
-                    if dq is not None and not dq.of_constant and (src := dq.quantize):
-                        node.replace_input_with(i, src.input)
-                self.done["concat_float"].append(node_label(node))
-                continue
-            first = dqs[0]
-            kinds = {dq.dtype for dq in dqs}
-            if all(dq.same_parameters(first) for dq in dqs):
-                continue
-            kind = kinds.pop() if len(kinds) == 1 else None
-            scales = [dq.scale_array for dq in dqs]
-            if kind not in _QMAX or any(s is None or not scalar_like(s) for s in scales):
-                continue
-            float_type = scales[0].dtype
-            new_scale = np.asarray(max(float(s.reshape(())) for s in scales), dtype=float_type)
-            base = node.outputs[0].name or "concat"
-            s_value = self._const(f"{base}_input_scale", new_scale)
-            z_value = self._const(f"{base}_input_zero_point", np.zeros((), dtype=_np_type(kind)))
-            for (i, v), dq in zip(slots, dqs, strict=True):
-                src = dq.quantize
-                if src is None:
-                    continue
-                pair = self._qdq(src.input, s_value, z_value, kind, f"{v.name}_concat", before=node)
-                node.replace_input_with(i, pair)
-            self.done["concat_unified"].append(node_label(node))
+            pair = self._qdq(src.input, s_value, z_value, kind, f"{v.name}_concat", before=node)
+            node.replace_input_with(i, pair)
+        self.done["concat_unified"].append(node_label(node))
+        return True
 
     def _qdq(self, x: Value, scale: Value, zero_point: Value, kind: DataType, base: str, *, before: Node) -> Value:
         g = self.graph
@@ -663,9 +708,18 @@ class _Lowering:
 
     # ------------------------------------------------------------------ residual Add
 
-    def residuals(self) -> None:
-        pending = [(r.add, r.index, r.residual, r.conv) for r in residual_adds(list(self.graph), quantized_conv)
-                   if not quantized_activation(r.residual)]
+    def _residual_add(self, node: Node) -> ResidualAdd | None:
+        """T12: an Add fused into a quantized Conv whose residual input is not quantized."""
+        found = residual_add(node, quantized_conv)
+        return found if found is not None and not quantized_activation(found.residual) else None
+
+    def _collect_residual(self, found: ResidualAdd) -> bool:
+        """Residuals get their Q/DQ together after the walk (one calibration run for those that need one)."""
+        self._pending_residuals.append((found.add, found.index, found.residual, found.conv))
+        return False
+
+    def _residuals(self) -> None:
+        pending = self._pending_residuals
         if not pending:
             return
         missing: list[tuple[Node, int, Value, Node]] = []
