@@ -81,6 +81,7 @@ from optc.ir import (
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.match import producer
 from optc.ir.patterns.qdq import QDQ
+from optc.ir.patterns.rewrite import Rule, apply_rules
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -146,15 +147,10 @@ class LowerOrtInt8(Pass):
         elif kernel == "auto":
             kernel, reason = host_kernel()
         rewriter = _Rewriter(graph, kernel, safe_s8=self.options.kernel == "auto")
-        if kernel != "keep":
-            for node in list(graph):
-                rewriter.integer_op(node)
-        if self.options.gather:
-            for node in list(graph):
-                rewriter.gather(node)
-        if self.options.dequantize_at_load:
-            for node in list(graph):
-                rewriter.dequantize_at_load(node)
+        for rules in rewriter.rule_sets(integer=kernel != "keep", gather=self.options.gather,
+                                        at_load=self.options.dequantize_at_load):
+            result = apply_rules(graph, rules, fixpoint=False)
+            rewriter.misses.extend(result.reasons())
         rewriter.drop_dead()
         stats = rewriter.stats
         if rewriter.misses:
@@ -167,6 +163,17 @@ class LowerOrtInt8(Pass):
         if modified and not earlier:
             set_model_metadata(model, "ort_lowering", {"kernel": kernel, "reason": reason, **stats})
         return PassResult(model, modified, None, stats)
+
+
+@dataclass(frozen=True)
+class _IntegerSite:
+    """An 8-bit Q/DQ MatMul/Gemm: the op, its activation's DQ and Q, its weight's DQ, the activation type."""
+
+    node: Node
+    act_dq: Node
+    w_dq: Node
+    q: Node
+    act_type: DataType
 
 
 class _Rewriter:
@@ -184,33 +191,62 @@ class _Rewriter:
         self._u8_weights: set[int] = set()
         self._dead: list[Node] = []
 
+    def rule_sets(self, *, integer: bool, gather: bool, at_load: bool) -> list[list[Rule]]:
+        """The lowering's rule sets, in the order they run (each once over the graph, in graph order)."""
+        sets = []
+        if integer:
+            sets.append([Rule("untie-transpose", self._tied_head, self._untie, exclusive=False),
+                         Rule("integer-op", self._integer_site, self._integer_op, self._integer_reason)])
+        if gather:
+            sets.append([Rule("gather", _standard("Gather"), self.gather)])
+        if at_load:
+            sets.append([Rule("dequantize-at-load", _standard("DequantizeLinear"), self.dequantize_at_load)])
+        return sets
+
     # ------------------------------------------------------------------ integer MatMul / Gemm
 
-    def integer_op(self, node: Node) -> None:
+    def _tied_head(self, node: Node) -> tuple[Node, Node] | None:
+        """A MatMul/Gemm with a Q/DQ activation whose weight is not read through a DequantizeLinear."""
         if node.op_type not in _INTEGER_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-            return
+            return None
+        act_dq = producer(node.inputs[0], "DequantizeLinear")
+        if act_dq is None or producer(node.inputs[1], "DequantizeLinear") is not None:
+            return None
+        return node, act_dq
+
+    def _untie(self, found: tuple[Node, Node]) -> bool:
+        return self._untie_transpose(*found) is not None
+
+    def _integer_site(self, node: Node) -> _IntegerSite | None:
+        """An 8-bit Q/DQ MatMul/Gemm: Q → DQ activation, a constant 8-bit weight through a DequantizeLinear."""
+        if node.op_type not in _INTEGER_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            return None
         act_dq, w_dq = producer(node.inputs[0], "DequantizeLinear"), producer(node.inputs[1], "DequantizeLinear")
-        if act_dq is not None and w_dq is None:
-            w_dq = self._untie_transpose(node, act_dq)
         if act_dq is None or w_dq is None:
-            return
+            return None
         q = producer(act_dq.inputs[0], "QuantizeLinear")
         weight = w_dq.inputs[0]
         if q is None or not (is_constant(weight) or _transposed_table(weight) is not None) or is_constant(q.inputs[0]):
-            return
+            return None
         eight_bit = (DataType.INT8, DataType.UINT8)
         act_type = QDQ(act_dq).dtype
         if act_type not in eight_bit or weight.dtype not in eight_bit:
-            return  # 16-bit activations or low-bit weights: not an 8-bit integer op, they run in float
-        if not (_plain_8bit(act_dq) and _plain_8bit(w_dq) and _plain_8bit(q)):
-            self.misses.append("blocked or non-constant quantization parameters")
-            return
-        if not _per_output_channel(node, w_dq):
-            self.misses.append("weight scales that are not per output channel")
-            return
-        if act_type == DataType.INT8 and not self._activation_readers(q):
-            self.misses.append("a quantized activation that other ops also read")
-            return  # a Q output read by something other than plain DequantizeLinear nodes: left as written
+            return None  # 16-bit activations or low-bit weights: not an 8-bit integer op, they run in float
+        return _IntegerSite(node, act_dq, w_dq, q, act_type)
+
+    def _integer_reason(self, site: _IntegerSite) -> str | None:
+        """Why onnxruntime's integer kernels cannot take the site as written, or None."""
+        if not (_plain_8bit(site.act_dq) and _plain_8bit(site.w_dq) and _plain_8bit(site.q)):
+            return "blocked or non-constant quantization parameters"
+        if not _per_output_channel(site.node, site.w_dq):
+            return "weight scales that are not per output channel"
+        if site.act_type == DataType.INT8 and not self._activation_readers(site.q):
+            return "a quantized activation that other ops also read"  # left as written
+        return None
+
+    def _integer_op(self, site: _IntegerSite) -> bool:
+        node, w_dq, q, act_type = site.node, site.w_dq, site.q, site.act_type
+        weight = w_dq.inputs[0]
         weight_to_u8 = self.kernel == "u8u8" and weight.dtype == DataType.INT8
         if weight_to_u8 and self.safe_s8 and _pair_safe(node, weight):
             weight_to_u8 = False  # byte-pair sums of these weights cannot saturate: the faster u8s8 is exact
@@ -226,6 +262,7 @@ class _Rewriter:
             "kernel": kernel,
             "runs_as": "com.microsoft.MatMulIntegerToFloat" if node.op_type == "MatMul" else "com.microsoft.QGemm",
         })
+        return True
 
     def _untie_transpose(self, node: Node, act_dq: Node) -> Node | None:
         """A tied lm_head `MatMul(DQ(x), Transpose(DQ(T, axis=0)))` → `MatMul(DQ(x), DQ(Transpose(T), axis=1))`.
@@ -376,23 +413,23 @@ class _Rewriter:
 
     # ------------------------------------------------------------------ Gather of a dequantized table
 
-    def gather(self, node: Node) -> None:
+    def gather(self, node: Node) -> bool:
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-            return
+            return False
         axis = node.attributes.get("axis")
         if axis is not None and axis.as_int() != 0:
-            return
+            return False
         dq = producer(node.inputs[0], "DequantizeLinear")
         if dq is None or not _plain_8bit(dq) or not _foldable(dq):
-            return
+            return False
         table = dq.inputs[0]
         if table.shape is None or len(table.shape) != 2:
-            return
+            return False
         scale, zp = dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None
         per_row = constant_array(scale).size > 1
         dq_axis = dq.attributes.get("axis")
         if per_row and (dq_axis.as_int() if dq_axis is not None else 1) % 2 != 0:
-            return  # per-column scales (DequantizeLinear's default axis is 1): gathering rows does not select them
+            return False  # per-column scales (DequantizeLinear's default axis is 1): gathering rows does not select them
         g, ids, name = self.graph, node.inputs[1], node.outputs[0].name
         rows = make_node("Gather", [table, ids], attributes={"axis": 0}, name=self.build.node_name(f"{name}_rows"),
                          output_names=[self.build.fresh(f"{name}_rows_quantized")])
@@ -425,26 +462,27 @@ class _Rewriter:
         if all(u.node is node for u in dq.outputs[0].uses()) and not dq.outputs[0].is_graph_output():
             self._dead.append(dq)  # the table is no longer dequantized as a whole
         self.stats["gathers"] += 1
+        return True
 
     # ------------------------------------------------------------------ weights of ops that stay float
 
-    def dequantize_at_load(self, node: Node) -> None:
+    def dequantize_at_load(self, node: Node) -> bool:
         """A weight DequantizeLinear that no integer kernel absorbs → Cast → Mul, folded by onnxruntime at load."""
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or not _plain_8bit(node):
-            return
+            return False
         if not is_constant(node.inputs[0]) or not _foldable(node) or node.outputs[0].is_graph_output():
-            return
+            return False
         dead = {id(n) for n in self._dead}
         readers = [u.node for u in node.outputs[0].uses() if id(u.node) not in dead]
         if not readers or all(_fused_integer(r) for r in readers):
-            return
+            return False
         if not all(_float_weight_reader(r) for r in readers):
-            return
+            return False
         g, w = self.graph, node.inputs[0]
         scale, zp = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
         shape = _broadcast_shape(node, w, scale)
         if shape is None:
-            return
+            return False
         new_nodes: list[Node] = []
         scale_in = scale
         if shape != list(scale.shape or []):
@@ -467,6 +505,7 @@ class _Rewriter:
         if all(id(u.node) in dead for u in node.outputs[0].uses()):
             self._dead.append(node)
         self.stats["dequantized-at-load"] += 1
+        return True
 
     def drop_dead(self) -> None:
         """Remove the nodes this pass replaced, the producers left with no reader (onnxruntime would still run
@@ -484,6 +523,11 @@ class _Rewriter:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _standard(op_type: str):
+    """A rule's match: the node itself when it is a standard-domain `op_type` (the rewrite looks further)."""
+    return lambda node: node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
 
 def _copy_type(dst: Value, src: Value) -> None:

@@ -6,8 +6,8 @@ whether the target can take it, and returns the reason when it cannot: every suc
 kept, so a pass can say why it left a structure it was meant for as written (a remark).
 `rewrite(match)` changes the graph and returns whether it did.
 
-`apply_rules` walks the graph in order, tries the rules on each node (the first rule that rewrites
-a node wins), and repeats while a round rewrote something. The failed matches reported are those of
+`apply_rules` walks the graph in order, tries the rules on each node (the first exclusive rule that
+rewrites a node ends its turn), and repeats while a round rewrote something. The failed matches reported are those of
 the last round, so a structure a later round rewrote is not reported as missed.
 
 Why not onnxscript's rewriter (`onnxscript.rewriter.pattern`), which works on the same onnx-ir
@@ -28,12 +28,17 @@ from optc.ir.core import Graph, Node
 
 @dataclass(frozen=True)
 class Rule:
-    """One rewrite: `match` the structure, `check` it (None, or why it cannot be rewritten), `rewrite` it."""
+    """One rewrite: `match` the structure, `check` it (None, or why it cannot be rewritten), `rewrite` it.
+
+    `exclusive=False` lets the rules after it still try a node it rewrote (a preparing step, such as
+    putting a weight in the form the next rule takes).
+    """
 
     name: str
     match: Callable[[Node], Any]
     rewrite: Callable[[Any], bool]
     check: Callable[[Any], str | None] | None = None
+    exclusive: bool = True
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,8 @@ def apply_rules(graph: Graph | Callable[[], Iterable[Node]], rules: Sequence[Rul
                 if rule.rewrite(found):
                     result.applied[rule.name] = result.applied.get(rule.name, 0) + 1
                     changed = True
-                    break
+                    if rule.exclusive:
+                        break
         result.misses = misses
         if not fixpoint or not changed or result.rounds >= max_rounds:
             return result

@@ -78,3 +78,14 @@ def test_one_round_without_fixpoint_and_a_guard_against_rules_that_never_settle(
     assert apply_rules(graph, [_negations(graph)], fixpoint=False).rounds == 1
     forever = Rule("forever", lambda node: node if node.op_type == "Abs" else None, lambda node: True)
     assert apply_rules(graph, [forever], max_rounds=3).rounds == 3
+
+
+def test_a_preparing_rule_lets_the_next_rule_take_the_same_node():
+    model = parse_text(_MODEL)
+    graph = model.graph
+    seen: list[str] = []
+    mark = Rule("mark", lambda node: node if node.op_type == "Abs" else None,
+                lambda node: seen.append("mark") or True, exclusive=False)
+    take = Rule("take", lambda node: node if node.op_type == "Abs" else None, lambda node: seen.append("take") or True)
+    result = apply_rules(graph, [mark, take], fixpoint=False)
+    assert seen == ["mark", "take"] and result.applied == {"mark": 1, "take": 1}
