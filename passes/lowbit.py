@@ -40,16 +40,14 @@ from optc.ir import (
     DataType,
     Model,
     Node,
-    add_initializer,
     annotate,
     annotation,
-    make_node,
     source_name,
-    unique_name,
 )
 from optc.ir.opset import default_opset, ensure_opset
+from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.ops import GEMM_OPS
-from optc.ir.patterns.weights import weight_view
+from optc.ir.patterns.qdq import dequantized
 from optc.passes.analyses.hessian import Hessian
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.calibration import calibration_spec
@@ -224,9 +222,8 @@ def remark_sites(context, model: Model, sites: list[Linear], excluded: list[Node
     for node in model.graph:
         if linear(node) is not None and linear_site(node) is None:
             unsupported += 1  # a Gemm with alpha != 1
-        else:
-            view = weight_view(node, through=("DequantizeLinear",), ops=GEMM_OPS)
-            already += view is not None and view.through == ("DequantizeLinear",)
+        elif node.op_type in GEMM_OPS and len(node.inputs) > 1 and node.inputs[1] is not None:
+            already += dequantized(node.inputs[1]) is not None
     if unsupported:
         message = f"{len(sites)} of {len(sites) + unsupported} linear layers quantizable: Gemm with alpha != 1"
         context.remark("missed", message, matched_none=not sites and not excluded)
@@ -259,15 +256,17 @@ def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
 
 def emit(
     model: Model, site: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-    grid: Grid, group: int, info: dict,
+    grid: Grid, group: int, info: dict, build: Builder | None = None,
 ) -> dict:
     """Store codes q [N, K] with scale/zero [N, G] as integer initializer + DequantizeLinear feeding the op.
 
-    The model must already be at `LOWBIT_OPSET` (find the sites with `sites_at_opset`).
+    The model must already be at `LOWBIT_OPSET` (find the sites with `sites_at_opset`). `build`: the
+    pass run's builder (one per run names without scanning the graph each time).
     """
     if (default_opset(model) or 0) < LOWBIT_OPSET:
         raise OptcError(f"low-bit weights need opset {LOWBIT_OPSET}: find the layers with sites_at_opset first")
     graph = model.graph
+    build = build if build is not None else Builder(graph)
     node, weight = site.node, site.weight
     n, k = q.shape
     g = group_size(group, k)
@@ -283,18 +282,18 @@ def emit(
     data = codes if site.k_axis == 1 else codes.T
     dtype = grid.numpy_dtype()
     base = weight.name or "weight"
-    q_value = add_initializer(graph, unique_name(graph, f"{base}_q{grid.bits}"), np.ascontiguousarray(data).astype(dtype))
+    q_value = build.initializer(f"{base}_q{grid.bits}", np.ascontiguousarray(data).astype(dtype))
     for key, v in weight.metadata_props.items():
         q_value.metadata_props[key] = v
-    inputs = [q_value, add_initializer(graph, unique_name(graph, f"{base}_scale"), np.ascontiguousarray(s))]
+    inputs = [q_value, build.initializer(f"{base}_scale", np.ascontiguousarray(s))]
     if not grid.symmetric:
-        inputs.append(add_initializer(graph, unique_name(graph, f"{base}_zero_point"), np.ascontiguousarray(z).astype(dtype)))
+        inputs.append(build.initializer(f"{base}_zero_point", np.ascontiguousarray(z).astype(dtype)))
     k_axis = site.k_axis
     attributes: dict = {"axis": 1 - k_axis if per_channel else k_axis}
     if not per_channel:
         attributes["block_size"] = g
-    dq = make_node("DequantizeLinear", inputs, attributes=attributes,
-                   name=unique_name(graph, f"{base}_DequantizeLinear"), output_names=[unique_name(graph, f"{base}_dequantized")])
+    dq = build.node("DequantizeLinear", inputs, attributes=attributes, name=f"{base}_DequantizeLinear",
+                    outputs=[f"{base}_dequantized"])
     annotate(dq, "provenance", info.get("method", "lowbit"))
     dq.outputs[0].dtype = weight.dtype
     dq.outputs[0].shape = weight.shape
@@ -302,6 +301,7 @@ def emit(
     node.replace_input_with(1, dq.outputs[0])
     if not weight.uses() and not weight.is_graph_output() and weight.name in graph.initializers:
         graph.initializers.pop(weight.name)
+        build.release(weight.name)
     full = {
         "op": node.op_type,
         "weights": grid.storage if grid.bits in (4, 8) else f"{grid.storage}({grid.bits}-bit)",
@@ -397,7 +397,8 @@ class LowBitPass(Pass):
         return am.get(Hessian, model, values=tuple(dict.fromkeys(names)))
 
     def emit(self, model: Model, site: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-             info: dict) -> dict:
-        """Store one layer's codes with the options' grid and group (`emit`), annotated with `method` and `info`."""
+             info: dict, build: Builder | None = None) -> dict:
+        """Store one layer's codes with the options' grid and group (`emit`), annotated with `method` and `info`;
+        `build` (one per run) owns the fresh names."""
         opts = self.options
-        return emit(model, site, q, scale, zero, opts.grid, opts.group, {"method": self.method, **info})
+        return emit(model, site, q, scale, zero, opts.grid, opts.group, {"method": self.method, **info}, build)

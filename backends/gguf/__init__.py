@@ -63,6 +63,7 @@ from optc.backends.base import Artifact, Backend, register_backend
 from optc.errors import OptcError, WriteError
 from optc.ir import Model, annotation, constant_array, model_metadata
 from optc.ir.annotations import ARCHITECTURE, GGUF_TYPE, HF_CONFIG, SOURCE_NAME, TOKENIZER
+from optc.ir.patterns.qdq import QDQ
 from optc.passes.infra.context import PassContext
 
 #: Value annotation: the importance matrix (per input column mean of x²) the encoder weights errors by.
@@ -179,17 +180,14 @@ def _carried_grid(dq: Any, codes_dtype: Any, transposed: bool, shape: tuple[int,
     """The GGUF type that holds a DequantizeLinear's codes exactly, if any (blocks of 32 along K)."""
     if len(shape) != 2:
         return None
-    block = dq.attributes.get("block_size")
-    axis = dq.attributes.get("axis")
+    view = QDQ(dq)
     k_axis = 0 if transposed else 1
-    axis_index = 1 if axis is None else axis.as_int()  # DequantizeLinear's default axis is 1
-    if block is None or block.as_int() != 32 or axis_index % 2 != k_axis:
+    if view.block_size != 32 or view.axis % 2 != k_axis:
         return None
     name = np.dtype(codes_dtype).name
-    zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
-    zero = None if zp_value is None else constant_array(zp_value)
+    zero = None if view.zero_point is None else constant_array(view.zero_point)
     symmetric = zero is None or not np.asarray(zero).astype(np.int32).any()
-    if np.asarray(constant_array(dq.inputs[1])).dtype != np.float32:
+    if np.asarray(constant_array(view.scale)).dtype != np.float32:
         return None
     if name == "int4" and symmetric:
         return CarriedGrid("Q4_0", dq, transposed)

@@ -77,9 +77,12 @@ from optc.ir import (
     set_model_metadata,
     sole_transpose,
     tensor,
-    unique_name,
 )
+from optc.ir.patterns.builder import Builder, drop_unused_initializers
+from optc.ir.patterns.match import producer
 from optc.ir.patterns.ops import GEMM_OPS
+from optc.ir.patterns.qdq import QDQ
+from optc.ir.patterns.rewrite import Rule, apply_rules
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -144,15 +147,10 @@ class LowerOrtInt8(Pass):
         elif kernel == "auto":
             kernel, reason = host_kernel()
         rewriter = _Rewriter(graph, kernel, safe_s8=self.options.kernel == "auto")
-        if kernel != "keep":
-            for node in list(graph):
-                rewriter.integer_op(node)
-        if self.options.gather:
-            for node in list(graph):
-                rewriter.gather(node)
-        if self.options.dequantize_at_load:
-            for node in list(graph):
-                rewriter.dequantize_at_load(node)
+        for rules in rewriter.rule_sets(integer=kernel != "keep", gather=self.options.gather,
+                                        at_load=self.options.dequantize_at_load):
+            result = apply_rules(graph, rules, fixpoint=False)
+            rewriter.misses.extend(result.reasons())
         rewriter.drop_dead()
         stats = rewriter.stats
         if rewriter.misses:
@@ -167,9 +165,21 @@ class LowerOrtInt8(Pass):
         return PassResult(model, modified, None, stats)
 
 
+@dataclass(frozen=True)
+class _IntegerSite:
+    """An 8-bit Q/DQ MatMul/Gemm: the op, its activation's DQ and Q, its weight's DQ, the activation type."""
+
+    node: Node
+    act_dq: Node
+    w_dq: Node
+    q: Node
+    act_type: DataType
+
+
 class _Rewriter:
     def __init__(self, graph: Graph, kernel: str, *, safe_s8: bool) -> None:
         self.graph = graph
+        self.build = Builder(graph)  # owns the fresh names of everything this run adds
         self.kernel = kernel
         self.safe_s8 = safe_s8
         self.stats = {"matmul-u8u8": 0, "matmul-u8s8": 0, "dequantized-at-load": 0, "gathers": 0}
@@ -181,33 +191,62 @@ class _Rewriter:
         self._u8_weights: set[int] = set()
         self._dead: list[Node] = []
 
+    def rule_sets(self, *, integer: bool, gather: bool, at_load: bool) -> list[list[Rule]]:
+        """The lowering's rule sets, in the order they run (each once over the graph, in graph order)."""
+        sets = []
+        if integer:
+            sets.append([Rule("untie-transpose", self._tied_head, self._untie, exclusive=False),
+                         Rule("integer-op", self._integer_site, self._integer_op, self._integer_reason)])
+        if gather:
+            sets.append([Rule("gather", _standard("Gather"), self.gather)])
+        if at_load:
+            sets.append([Rule("dequantize-at-load", _standard("DequantizeLinear"), self.dequantize_at_load)])
+        return sets
+
     # ------------------------------------------------------------------ integer MatMul / Gemm
 
-    def integer_op(self, node: Node) -> None:
+    def _tied_head(self, node: Node) -> tuple[Node, Node] | None:
+        """A MatMul/Gemm with a Q/DQ activation whose weight is not read through a DequantizeLinear."""
         if node.op_type not in GEMM_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-            return
-        act_dq, w_dq = _producer(node.inputs[0], "DequantizeLinear"), _producer(node.inputs[1], "DequantizeLinear")
-        if act_dq is not None and w_dq is None:
-            w_dq = self._untie_transpose(node, act_dq)
+            return None
+        act_dq = producer(node.inputs[0], "DequantizeLinear")
+        if act_dq is None or producer(node.inputs[1], "DequantizeLinear") is not None:
+            return None
+        return node, act_dq
+
+    def _untie(self, found: tuple[Node, Node]) -> bool:
+        return self._untie_transpose(*found) is not None
+
+    def _integer_site(self, node: Node) -> _IntegerSite | None:
+        """An 8-bit Q/DQ MatMul/Gemm: Q → DQ activation, a constant 8-bit weight through a DequantizeLinear."""
+        if node.op_type not in GEMM_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            return None
+        act_dq, w_dq = producer(node.inputs[0], "DequantizeLinear"), producer(node.inputs[1], "DequantizeLinear")
         if act_dq is None or w_dq is None:
-            return
-        q = _producer(act_dq.inputs[0], "QuantizeLinear")
+            return None
+        q = producer(act_dq.inputs[0], "QuantizeLinear")
         weight = w_dq.inputs[0]
         if q is None or not (is_constant(weight) or _transposed_table(weight) is not None) or is_constant(q.inputs[0]):
-            return
+            return None
         eight_bit = (DataType.INT8, DataType.UINT8)
-        act_type = _qtype(act_dq.inputs[0])
+        act_type = QDQ(act_dq).dtype
         if act_type not in eight_bit or weight.dtype not in eight_bit:
-            return  # 16-bit activations or low-bit weights: not an 8-bit integer op, they run in float
-        if not (_plain_8bit(act_dq) and _plain_8bit(w_dq) and _plain_8bit(q)):
-            self.misses.append("blocked or non-constant quantization parameters")
-            return
-        if not _per_output_channel(node, w_dq):
-            self.misses.append("weight scales that are not per output channel")
-            return
-        if act_type == DataType.INT8 and not self._activation_readers(q):
-            self.misses.append("a quantized activation that other ops also read")
-            return  # a Q output read by something other than plain DequantizeLinear nodes: left as written
+            return None  # 16-bit activations or low-bit weights: not an 8-bit integer op, they run in float
+        return _IntegerSite(node, act_dq, w_dq, q, act_type)
+
+    def _integer_reason(self, site: _IntegerSite) -> str | None:
+        """Why onnxruntime's integer kernels cannot take the site as written, or None."""
+        if not (_plain_8bit(site.act_dq) and _plain_8bit(site.w_dq) and _plain_8bit(site.q)):
+            return "blocked or non-constant quantization parameters"
+        if not _per_output_channel(site.node, site.w_dq):
+            return "weight scales that are not per output channel"
+        if site.act_type == DataType.INT8 and not self._activation_readers(site.q):
+            return "a quantized activation that other ops also read"  # left as written
+        return None
+
+    def _integer_op(self, site: _IntegerSite) -> bool:
+        node, w_dq, q, act_type = site.node, site.w_dq, site.q, site.act_type
+        weight = w_dq.inputs[0]
         weight_to_u8 = self.kernel == "u8u8" and weight.dtype == DataType.INT8
         if weight_to_u8 and self.safe_s8 and _pair_safe(node, weight):
             weight_to_u8 = False  # byte-pair sums of these weights cannot saturate: the faster u8s8 is exact
@@ -223,6 +262,7 @@ class _Rewriter:
             "kernel": kernel,
             "runs_as": "com.microsoft.MatMulIntegerToFloat" if node.op_type == "MatMul" else "com.microsoft.QGemm",
         })
+        return True
 
     def _untie_transpose(self, node: Node, act_dq: Node) -> Node | None:
         """A tied lm_head `MatMul(DQ(x), Transpose(DQ(T, axis=0)))` → `MatMul(DQ(x), DQ(Transpose(T), axis=1))`.
@@ -234,13 +274,13 @@ class _Rewriter:
         VNNI, or pairs along its rows within the limit. Returns the new
         DequantizeLinear, or None (nothing changed).
         """
-        if node.op_type != "MatMul" or _producer(act_dq.inputs[0], "QuantizeLinear") is None:
+        if node.op_type != "MatMul" or producer(act_dq.inputs[0], "QuantizeLinear") is None:
             return None
         transposed = sole_transpose(node.inputs[1])
         if transposed is None or transposed[1] not in (None, [1, 0]):  # a 2-D table is checked below
             return None
         t = transposed[0]
-        dq = _producer(t.inputs[0], "DequantizeLinear")
+        dq = producer(t.inputs[0], "DequantizeLinear")
         if dq is None or not _plain_8bit(dq) or not is_constant(dq.inputs[0]):
             return None
         table, scale = dq.inputs[0], dq.inputs[1]
@@ -255,13 +295,13 @@ class _Rewriter:
         if self.kernel == "u8u8" and not (self.safe_s8 and pair_sums_within(constant_array(table), 1)):
             return None
         g, name = self.graph, node.outputs[0].name
-        t_new = make_node("Transpose", [table], attributes={"perm": [1, 0]}, name=unique_name(g, f"{table.name}_transpose"),
-                          output_names=[unique_name(g, f"{table.name}_transposed")])
+        t_new = make_node("Transpose", [table], attributes={"perm": [1, 0]}, name=self.build.node_name(f"{table.name}_transpose"),
+                          output_names=[self.build.fresh(f"{table.name}_transposed")])
         t_new.outputs[0].dtype = DataType.INT8
         t_new.outputs[0].shape = Shape([table.shape[1], table.shape[0]])
         inputs = [t_new.outputs[0], scale] + ([zp] if zp is not None else [])
-        dq_new = make_node("DequantizeLinear", inputs, attributes={"axis": 1}, name=unique_name(g, f"{name}_weight_dq"),
-                           output_names=[unique_name(g, f"{name}_weight")])
+        dq_new = make_node("DequantizeLinear", inputs, attributes={"axis": 1}, name=self.build.node_name(f"{name}_weight_dq"),
+                           output_names=[self.build.fresh(f"{name}_weight")])
         _copy_type(dq_new.outputs[0], node.inputs[1])
         for n in (t_new, dq_new):
             annotate(n, "provenance", "lower-ort-int8")
@@ -283,13 +323,13 @@ class _Rewriter:
         bias = c
         if beta != 1.0:
             array = constant_array(c)
-            bias = add_initializer(g, unique_name(g, f"{c.name}_beta"), (array * np.asarray(beta, array.dtype)).astype(array.dtype))
+            bias = self.build.initializer(f"{c.name}_beta", (array * np.asarray(beta, array.dtype)).astype(array.dtype))
             del gemm.attributes["beta"]
         name = gemm.outputs[0].name
         gemm.replace_input_with(2, None)
         gemm.resize_inputs(2)
-        add = make_node("Add", [gemm.outputs[0], bias], name=unique_name(g, f"{name}_bias"),
-                        output_names=[unique_name(g, f"{name}_with_bias")])
+        add = make_node("Add", [gemm.outputs[0], bias], name=self.build.node_name(f"{name}_bias"),
+                        output_names=[self.build.fresh(f"{name}_with_bias")])
         annotate(add, "provenance", "lower-ort-int8")
         _copy_type(add.outputs[0], gemm.outputs[0])
         g.insert_after(gemm, [add])
@@ -297,7 +337,7 @@ class _Rewriter:
             if use.node is not add:
                 use.node.replace_input_with(use.idx, add.outputs[0])
         if gemm.outputs[0].is_graph_output():
-            _replace_graph_output(g, gemm.outputs[0], add.outputs[0])
+            _replace_graph_output(self.build, gemm.outputs[0], add.outputs[0])
         self._orphan_candidates.append(c)
 
     def _activation_readers(self, q: Node) -> list[Node] | None:
@@ -336,7 +376,7 @@ class _Rewriter:
         readers = [u.node for u in weight.uses()]
         if weight.is_graph_output() or any(r.op_type != "DequantizeLinear" or r.inputs[0] is not weight for r in readers):
             # Something else reads the int8 weight: the uint8 copy is this DequantizeLinear's own.
-            copy = add_initializer(self.graph, unique_name(self.graph, f"{weight.name}_u8"), shifted)
+            copy = self.build.initializer(f"{weight.name}_u8", shifted)
             dq.replace_input_with(0, copy)
             readers, weight = [dq], copy
         else:
@@ -363,7 +403,7 @@ class _Rewriter:
                 scale = node.inputs[1]
                 shifted = np.full(list(scale.shape or []), 128, dtype=np.uint8)
                 name = f"{scale.name}_zero_point_u8"
-            new = add_initializer(self.graph, unique_name(self.graph, name), shifted)
+            new = self.build.initializer(name, shifted)
             self._u8_zero_points[key] = new
         if len(node.inputs) > 2:
             node.replace_input_with(2, new)
@@ -373,43 +413,43 @@ class _Rewriter:
 
     # ------------------------------------------------------------------ Gather of a dequantized table
 
-    def gather(self, node: Node) -> None:
+    def gather(self, node: Node) -> bool:
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-            return
+            return False
         axis = node.attributes.get("axis")
         if axis is not None and axis.as_int() != 0:
-            return
-        dq = _producer(node.inputs[0], "DequantizeLinear")
+            return False
+        dq = producer(node.inputs[0], "DequantizeLinear")
         if dq is None or not _plain_8bit(dq) or not _foldable(dq):
-            return
+            return False
         table = dq.inputs[0]
         if table.shape is None or len(table.shape) != 2:
-            return
+            return False
         scale, zp = dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None
         per_row = constant_array(scale).size > 1
         dq_axis = dq.attributes.get("axis")
         if per_row and (dq_axis.as_int() if dq_axis is not None else 1) % 2 != 0:
-            return  # per-column scales (DequantizeLinear's default axis is 1): gathering rows does not select them
+            return False  # per-column scales (DequantizeLinear's default axis is 1): gathering rows does not select them
         g, ids, name = self.graph, node.inputs[1], node.outputs[0].name
-        rows = make_node("Gather", [table, ids], attributes={"axis": 0}, name=unique_name(g, f"{name}_rows"),
-                         output_names=[unique_name(g, f"{name}_rows_quantized")])
+        rows = make_node("Gather", [table, ids], attributes={"axis": 0}, name=self.build.node_name(f"{name}_rows"),
+                         output_names=[self.build.fresh(f"{name}_rows_quantized")])
         rows.outputs[0].dtype = table.dtype
         new_nodes = [rows]
         if per_row:
             # Per-row scales (and zero points) gathered with the rows, then (q - zp) · scale as DequantizeLinear computes it.
-            row_scale = make_node("Gather", [scale, ids], attributes={"axis": 0}, name=unique_name(g, f"{name}_row_scale"))
-            unsq_axes = add_initializer(g, unique_name(g, f"{name}_last_axis"), np.array([-1], dtype=np.int64))
-            scale_col = make_node("Unsqueeze", [row_scale.outputs[0], unsq_axes], name=unique_name(g, f"{name}_row_scale_col"))
+            row_scale = make_node("Gather", [scale, ids], attributes={"axis": 0}, name=self.build.node_name(f"{name}_row_scale"))
+            unsq_axes = self.build.initializer(f"{name}_last_axis", np.array([-1], dtype=np.int64))
+            scale_col = make_node("Unsqueeze", [row_scale.outputs[0], unsq_axes], name=self.build.node_name(f"{name}_row_scale_col"))
             new_nodes += [row_scale, scale_col]
             zp_col = None
             if zp is not None and np.any(constant_array(zp)):
-                row_zp = make_node("Gather", [zp, ids], attributes={"axis": 0}, name=unique_name(g, f"{name}_row_zp"))
-                zp_col = make_node("Unsqueeze", [row_zp.outputs[0], unsq_axes], name=unique_name(g, f"{name}_row_zp_col"))
+                row_zp = make_node("Gather", [zp, ids], attributes={"axis": 0}, name=self.build.node_name(f"{name}_row_zp"))
+                zp_col = make_node("Unsqueeze", [row_zp.outputs[0], unsq_axes], name=self.build.node_name(f"{name}_row_zp_col"))
                 new_nodes += [row_zp, zp_col]
-            new_nodes += _cast_mul(g, rows.outputs[0], scale_col.outputs[0], zp_col.outputs[0] if zp_col else None,
+            new_nodes += _cast_mul(self.build, rows.outputs[0], scale_col.outputs[0], zp_col.outputs[0] if zp_col else None,
                                    scale.dtype, name)
         else:
-            new_dq = make_node("DequantizeLinear", [rows.outputs[0], scale, zp], name=unique_name(g, f"{name}_DequantizeLinear"))
+            new_dq = make_node("DequantizeLinear", [rows.outputs[0], scale, zp], name=self.build.node_name(f"{name}_DequantizeLinear"))
             new_nodes.append(new_dq)
         out = new_nodes[-1].outputs[0]
         _copy_type(out, node.outputs[0])
@@ -417,41 +457,42 @@ class _Rewriter:
             annotate(n, "provenance", "lower-ort-int8")
         annotate(rows, "ort_lowering", {"rewrite": "gather 8-bit rows, then dequantize them"})
         g.insert_before(node, new_nodes)
-        _replace_output(node.outputs[0], out)
+        _replace_output(node.outputs[0], out, self.build)
         self._dead.append(node)
         if all(u.node is node for u in dq.outputs[0].uses()) and not dq.outputs[0].is_graph_output():
             self._dead.append(dq)  # the table is no longer dequantized as a whole
         self.stats["gathers"] += 1
+        return True
 
     # ------------------------------------------------------------------ weights of ops that stay float
 
-    def dequantize_at_load(self, node: Node) -> None:
+    def dequantize_at_load(self, node: Node) -> bool:
         """A weight DequantizeLinear that no integer kernel absorbs → Cast → Mul, folded by onnxruntime at load."""
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or not _plain_8bit(node):
-            return
+            return False
         if not is_constant(node.inputs[0]) or not _foldable(node) or node.outputs[0].is_graph_output():
-            return
+            return False
         dead = {id(n) for n in self._dead}
         readers = [u.node for u in node.outputs[0].uses() if id(u.node) not in dead]
         if not readers or all(_fused_integer(r) for r in readers):
-            return
+            return False
         if not all(_float_weight_reader(r) for r in readers):
-            return
+            return False
         g, w = self.graph, node.inputs[0]
         scale, zp = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
         shape = _broadcast_shape(node, w, scale)
         if shape is None:
-            return
+            return False
         new_nodes: list[Node] = []
         scale_in = scale
         if shape != list(scale.shape or []):
-            scale_in = add_initializer(g, unique_name(g, f"{scale.name}_bcast"), constant_array(scale).reshape(shape))
+            scale_in = self.build.initializer(f"{scale.name}_bcast", constant_array(scale).reshape(shape))
         zp_in = None
         if zp is not None and np.any(constant_array(zp)):
-            zp_in = add_initializer(g, unique_name(g, f"{zp.name}_float"),
+            zp_in = add_initializer(g, self.build.fresh(f"{zp.name}_float"),
                                     constant_array(zp).astype(np.float32).astype(_np_float(scale)).reshape(shape))
         base = node.outputs[0].name
-        new_nodes = _cast_mul(g, w, scale_in, zp_in, scale.dtype, base)
+        new_nodes = _cast_mul(self.build, w, scale_in, zp_in, scale.dtype, base)
         out = new_nodes[-1].outputs[0]
         _copy_type(out, node.outputs[0])
         for n in new_nodes:
@@ -464,6 +505,7 @@ class _Rewriter:
         if all(id(u.node) in dead for u in node.outputs[0].uses()):
             self._dead.append(node)
         self.stats["dequantized-at-load"] += 1
+        return True
 
     def drop_dead(self) -> None:
         """Remove the nodes this pass replaced, the producers left with no reader (onnxruntime would still run
@@ -477,39 +519,15 @@ class _Rewriter:
             self.graph.remove(dead, safe=True)
             dead = [p for k, p in producers.items() if k not in removed and p.graph is self.graph and all(
                 not o.uses() and not o.is_graph_output() for o in p.outputs)]
-        for value in self._orphan_candidates:
-            name = value.name
-            if (name in self.graph.initializers and self.graph.initializers[name] is value and not value.uses()
-                    and not value.is_graph_output() and not value.is_graph_input()):
-                self.graph.initializers.pop(name)
+        drop_unused_initializers(self.graph, self._orphan_candidates)
 
 
 # ---------------------------------------------------------------------- helpers
 
 
-def _producer(value: Value | None, op_type: str) -> Node | None:
-    if value is None:
-        return None
-    node = value.producer()
-    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
-        return None
-    return node
-
-
-def _qtype(value: Value | None) -> DataType | None:
-    """The element type of a quantized value: an initializer's, or what its QuantizeLinear produces."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.dtype
-    q = _producer(value, "QuantizeLinear")
-    if q is None:
-        return value.dtype
-    attr = q.attributes.get("output_dtype")
-    if attr is not None and attr.as_int():
-        return DataType(attr.as_int())
-    zp = q.inputs[2] if len(q.inputs) > 2 else None
-    return zp.dtype if zp is not None and zp.dtype is not None else DataType.UINT8
+def _standard(op_type: str):
+    """A rule's match: the node itself when it is a standard-domain `op_type` (the rewrite looks further)."""
+    return lambda node: node if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
 
 def _copy_type(dst: Value, src: Value) -> None:
@@ -521,11 +539,10 @@ def _copy_type(dst: Value, src: Value) -> None:
 
 def _plain_8bit(node: Node) -> bool:
     """A Q/DQ without blocks, with constant scale (and zero point)."""
-    if "block_size" in node.attributes and node.attributes["block_size"].as_int() != 0:
+    view = QDQ(node)
+    if view.block_size:
         return False
-    scale = node.inputs[1] if len(node.inputs) > 1 else None
-    zp = node.inputs[2] if len(node.inputs) > 2 else None
-    return is_constant(scale) and (zp is None or is_constant(zp))
+    return is_constant(view.scale) and (view.zero_point is None or is_constant(view.zero_point))
 
 
 def _foldable(dq: Node) -> bool:
@@ -538,7 +555,7 @@ def _foldable(dq: Node) -> bool:
 
 def _transposed_table(value: Value) -> Value | None:
     """The int8 constant T when `value` is `Transpose(T)` (what `_untie_transpose` writes), else None."""
-    t = _producer(value, "Transpose")
+    t = producer(value, "Transpose")
     return t.inputs[0] if t is not None and is_constant(t.inputs[0]) else None
 
 
@@ -562,13 +579,13 @@ def _fused_integer(node: Node) -> bool:
     """A MatMul/Gemm whose activation input is an 8-bit Q → DQ: onnxruntime runs it as an integer kernel."""
     if node.op_type not in GEMM_OPS or node.domain not in ("", "ai.onnx"):
         return False
-    dq = _producer(node.inputs[0], "DequantizeLinear")
+    dq = producer(node.inputs[0], "DequantizeLinear")
     return (
         dq is not None
-        and _producer(dq.inputs[0], "QuantizeLinear") is not None
-        and _qtype(dq.inputs[0]) in (DataType.INT8, DataType.UINT8)
-        and (w := _producer(node.inputs[1], "DequantizeLinear")) is not None
-        and _qtype(w.inputs[0]) in (DataType.INT8, DataType.UINT8)
+        and producer(dq.inputs[0], "QuantizeLinear") is not None
+        and QDQ(dq).dtype in (DataType.INT8, DataType.UINT8)
+        and (w := producer(node.inputs[1], "DequantizeLinear")) is not None
+        and QDQ(w).dtype in (DataType.INT8, DataType.UINT8)
         and _per_output_channel(node, w)
     )
 
@@ -624,38 +641,42 @@ def _np_float(value: Value):
     return np.float16 if value.dtype == DataType.FLOAT16 else np.float32
 
 
-def _cast_mul(graph: Graph, q: Value, scale: Value, zp: Value | None, float_type: DataType, base: str) -> list[Node]:
+def _cast_mul(build: Builder, q: Value, scale: Value, zp: Value | None, float_type: DataType, base: str) -> list[Node]:
     """(float(q) - zp) · scale: DequantizeLinear's arithmetic in plain ops."""
-    cast = make_node("Cast", [q], attributes={"to": int(float_type)}, name=unique_name(graph, f"{base}_Cast"),
-                     output_names=[unique_name(graph, f"{base}_cast")])
+    cast = make_node("Cast", [q], attributes={"to": int(float_type)}, name=build.node_name(f"{base}_Cast"),
+                     output_names=[build.fresh(f"{base}_cast")])
     cast.outputs[0].dtype = float_type
     nodes = [cast]
     x = cast.outputs[0]
     if zp is not None:
-        sub = make_node("Sub", [x, zp], name=unique_name(graph, f"{base}_Sub"), output_names=[unique_name(graph, f"{base}_centered")])
+        sub = make_node("Sub", [x, zp], name=build.node_name(f"{base}_Sub"), output_names=[build.fresh(f"{base}_centered")])
         nodes.append(sub)
         x = sub.outputs[0]
-    mul = make_node("Mul", [x, scale], name=unique_name(graph, f"{base}_Mul"), output_names=[unique_name(graph, f"{base}_float")])
+    mul = make_node("Mul", [x, scale], name=build.node_name(f"{base}_Mul"), output_names=[build.fresh(f"{base}_float")])
     nodes.append(mul)
     return nodes
 
 
-def _replace_graph_output(graph: Graph, old: Value, new: Value) -> None:
+def _replace_graph_output(build: Builder, old: Value, new: Value) -> None:
     """`new` takes `old`'s place (and name) among the graph outputs."""
-    name = old.name
-    old.name = unique_name(graph, f"{name}_inner")
+    name, new_name = old.name, new.name
+    build.rename(old, f"{name}_inner")
     new.name = name
-    for i, out in enumerate(graph.outputs):
+    build.reserve(name)
+    build.release(new_name)
+    for i, out in enumerate(build.graph.outputs):
         if out is old:
-            graph.outputs[i] = new
+            build.graph.outputs[i] = new
 
 
-def _replace_output(old: Value, new: Value) -> None:
+def _replace_output(old: Value, new: Value, build: Builder) -> None:
     """Point every reader of `old` at `new`; a graph output keeps its name."""
     if old.is_graph_output():
-        name = old.name
+        name, new_name = old.name, new.name
         old.name = f"{name}.replaced"
         new.name = name
+        build.reserve(old.name)
+        build.release(new_name)
     old.replace_all_uses_with(new, replace_graph_outputs=True)
 
 

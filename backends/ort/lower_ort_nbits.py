@@ -51,8 +51,10 @@ from optc.ir import (
     make_node,
     model_metadata,
     set_model_metadata,
-    unique_name,
 )
+from optc.ir.patterns.builder import Builder, drop_unused_initializers
+from optc.ir.patterns.qdq import QDQ, dequantized
+from optc.ir.patterns.rewrite import Rule, apply_rules
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -102,25 +104,23 @@ class LowerOrtNbits(Pass):
             set_model_metadata(model, METADATA, {"form": "keep"})
             return PassResult(model, True, PreservedAnalyses.all())
         graph = model.graph
-        lowered = 0
         dead: list[Node] = []
-        misses: list[str] = []
-        for node in list(graph):
-            plan = _match(node)
-            if isinstance(plan, str) and form == "nbits":
-                misses.append(plan)
-            if not isinstance(plan, tuple):
-                continue
-            dq, weight, bits = plan
-            if bits == 8 and not self.options.bits8 and form == "nbits":
-                continue
+        build = Builder(graph)  # owns the fresh names of everything this run adds
+
+        def rewrite(site: _Site) -> bool:
             if form == "nbits":
-                done = self._nbits(model, node, dq, weight, bits)
+                if site.bits == 8 and not self.options.bits8:
+                    return False
+                done = self._nbits(build, site.node, site.dq, site.weight, site.bits)
             else:
-                done = _dequantize_at_load(model, node, dq)
+                done = _dequantize_at_load(build, site.node, site.dq)
             if done:
-                lowered += 1
-                dead.append(dq)
+                dead.append(site.dq)
+            return done
+
+        result = apply_rules(graph, [Rule(form, _weight_only_matmul, rewrite, _nbits_reason)])
+        lowered = result.total
+        misses = result.reasons() if form == "nbits" else []
         if misses:
             message = match_summary(lowered, misses, "weight-only low-bit MatMuls", "lowered to MatMulNBits")
             am.context.remark("missed", message, matched_none=not lowered)
@@ -129,14 +129,14 @@ class LowerOrtNbits(Pass):
         for dq in dead:
             if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
                 graph.remove(dq, safe=True)
-        _drop_unused(graph)
+        drop_unused_initializers(graph)
         if form == "nbits" and model.opset_imports.get("com.microsoft") is None:
             model.opset_imports["com.microsoft"] = 1
         set_model_metadata(model, METADATA, {"form": form, "accuracy_level": self.options.accuracy_level, "lowered": lowered})
         return PassResult(model, True, None, {"lowered": lowered})
 
-    def _nbits(self, model: Model, node: Node, dq: Node, weight: Value, bits: int) -> bool:
-        graph = model.graph
+    def _nbits(self, build: Builder, node: Node, dq: Node, weight: Value, bits: int) -> bool:
+        graph = build.graph
         codes = constant_array(weight).astype(np.int32)  # [K, N]
         k, n = codes.shape
         scale = constant_array(dq.inputs[1])
@@ -166,8 +166,8 @@ class LowerOrtNbits(Pass):
         packed = _pack(per_col, nbits)
         inputs = [
             node.inputs[0],
-            add_initializer(graph, unique_name(graph, f"{weight.name}_nbits"), np.ascontiguousarray(packed)),
-            add_initializer(graph, unique_name(graph, f"{dq.inputs[1].name}_nbits"),
+            build.initializer(f"{weight.name}_nbits", np.ascontiguousarray(packed)),
+            add_initializer(graph, build.fresh(f"{dq.inputs[1].name}_nbits"),
                             np.ascontiguousarray(np.asarray(scale).T).reshape(-1)),
         ]
         if zp is not None:
@@ -176,45 +176,61 @@ class LowerOrtNbits(Pass):
                 if blocks % 2:
                     zp_cols = np.concatenate([zp_cols, np.zeros((n, 1), np.uint8)], axis=1)
                 zp_cols = (zp_cols[:, 0::2] | (zp_cols[:, 1::2] << 4)).astype(np.uint8)
-            inputs.append(add_initializer(graph, unique_name(graph, f"{weight.name}_nbits_zero_point"), zp_cols.reshape(-1)))
+            inputs.append(build.initializer(f"{weight.name}_nbits_zero_point", zp_cols.reshape(-1)))
         attrs = {"K": k, "N": n, "bits": nbits, "block_size": block, "accuracy_level": self.options.accuracy_level}
         new = make_node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft",
-                        name=unique_name(graph, f"{node.name or 'MatMul'}_nbits"))
-        _swap(graph, node, new)
+                        name=build.node_name(f"{node.name or 'MatMul'}_nbits"))
+        _swap(build, node, new)
         annotate(new, "ort_lowering", {"runs_as": "com.microsoft.MatMulNBits", "bits": nbits, "block_size": block,
                                        "accuracy_level": self.options.accuracy_level})
         return True
 
 
-def _plan(node: Node) -> tuple[Node, Value, int] | None:
-    """(DequantizeLinear, its integer weight, storage bits) when `node` is MatMul(x, DQ(low-bit B [K, N]))."""
-    plan = _match(node)
-    return plan if isinstance(plan, tuple) else None
+@dataclass(frozen=True)
+class _Site:
+    """A weight-only low-bit MatMul: the MatMul, the DequantizeLinear of its B [K, N], the codes, storage bits."""
+
+    node: Node
+    view: QDQ
+    weight: Value
+    bits: int
+
+    @property
+    def dq(self) -> Node:
+        return self.view.node
 
 
-def _match(node: Node) -> tuple[Node, Value, int] | str | None:
-    """`_plan`'s answer; for a weight-only low-bit MatMul that MatMulNBits cannot take, the reason; else None."""
+def _plan(node: Node) -> _Site | None:
+    """The site when `node` is MatMul(x, DQ(low-bit B [K, N])) and MatMulNBits can take it, else None."""
+    site = _weight_only_matmul(node)
+    return site if site is not None and _nbits_reason(site) is None else None
+
+
+def _weight_only_matmul(node: Node) -> _Site | None:
+    """The rule's match: MatMul(x, DQ(constant low-bit B [K, N])) with a float activation x, else None."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
-    b = node.inputs[1]
-    dq = b.producer() if b is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+    view = dequantized(node.inputs[1])
+    if view is None:
         return None
-    weight = dq.inputs[0]
+    dq, weight = view.node, view.input
     if not is_constant(weight) or weight.dtype not in _LOWBIT or weight.shape is None or len(weight.shape) != 2:
         return None
     if is_constant(node.inputs[0]) or not all(is_constant(v) for v in dq.inputs[1:] if v is not None):
         return None
-    x_producer = node.inputs[0].producer()
-    if x_producer is not None and x_producer.op_type == "DequantizeLinear":
+    if dequantized(node.inputs[0]) is not None:
         return None  # quantized activations (W8A8, int16): lower-ort-int8's integer kernels, not weight-only
-    scale = dq.inputs[1]
+    return _Site(node, view, weight, 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8)
+
+
+def _nbits_reason(site: _Site) -> str | None:
+    """The rule's check: why MatMulNBits cannot take the site's scales, or None."""
+    view = site.view
+    scale = view.scale
     if scale.dtype != DataType.FLOAT:
         return f"{scale.dtype} scales (MatMulNBits takes float)"
-    axis_attr = dq.attributes.get("axis")
-    axis = axis_attr.as_int() % 2 if axis_attr is not None else 1
-    block_attr = dq.attributes.get("block_size")
-    block = block_attr.as_int() if block_attr is not None else 0
+    axis = view.axis % 2
+    block = view.block_size
     if block:
         if axis != 0:
             return "blocks along N, not K"
@@ -222,8 +238,7 @@ def _match(node: Node) -> tuple[Node, Value, int] | str | None:
             return f"block_size {block} (MatMulNBits takes a power of two of at least 16)"
     elif axis != 1 or scale.shape is None or len(scale.shape) != 1:
         return "scales that are neither per block along K nor per output channel"
-    bits = 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8
-    return dq, weight, bits
+    return None
 
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:
@@ -234,12 +249,14 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return (low | (high << 4)).astype(np.uint8)
 
 
-def _swap(graph, old: Node, new: Node) -> None:
+def _swap(build: Builder, old: Node, new: Node) -> None:
     """Put `new` in `old`'s place: same output name and type, annotations moved."""
+    graph = build.graph
     out_old, out_new = old.outputs[0], new.outputs[0]
     name = out_old.name
-    out_old.name = unique_name(graph, f"{name}_replaced")
+    build.rename(out_old, f"{name}_replaced")
     out_new.name = name
+    build.reserve(name)
     if out_old.dtype is not None:  # a shape serializes only with a dtype
         out_new.dtype = out_old.dtype
         out_new.shape = out_old.shape
@@ -248,11 +265,12 @@ def _swap(graph, old: Node, new: Node) -> None:
     graph.insert_before(old, [new])
     out_old.replace_all_uses_with(out_new, replace_graph_outputs=True)
     graph.remove(old, safe=True)
+    build.release(out_old.name)
 
 
-def _dequantize_at_load(model: Model, node: Node, dq: Node) -> bool:
+def _dequantize_at_load(build: Builder, node: Node, dq: Node) -> bool:
     """DequantizeLinear → Cast, Reshape to [G, g, N], (Sub zero point), Mul, Reshape back: constants onnxruntime folds."""
-    graph = model.graph
+    graph = build.graph
     weight = dq.inputs[0]
     k, n = weight.shape
     scale = constant_array(dq.inputs[1]).astype(np.float32)
@@ -266,30 +284,30 @@ def _dequantize_at_load(model: Model, node: Node, dq: Node) -> bool:
     nodes: list[Node] = []
 
     def const(label: str, array: np.ndarray) -> Value:
-        return add_initializer(graph, unique_name(graph, f"{base}_{label}"), array)
+        return build.initializer(f"{base}_{label}", array)
 
-    cast = make_node("Cast", [weight], attributes={"to": int(DataType.FLOAT)}, name=unique_name(graph, f"{base}_Cast"),
-                     output_names=[unique_name(graph, f"{base}_cast")])
+    cast = make_node("Cast", [weight], attributes={"to": int(DataType.FLOAT)}, name=build.node_name(f"{base}_Cast"),
+                     output_names=[build.fresh(f"{base}_cast")])
     nodes.append(cast)
     x = cast.outputs[0]
     if block:  # onnxruntime reshapes no 4-bit tensor: cast first
         reshape = make_node("Reshape", [x, const("block_shape", np.array(shape3, np.int64))],
-                            name=unique_name(graph, f"{base}_Reshape"), output_names=[unique_name(graph, f"{base}_blocks")])
+                            name=build.node_name(f"{base}_Reshape"), output_names=[build.fresh(f"{base}_blocks")])
         nodes.append(reshape)
         x = reshape.outputs[0]
     view = (lambda a: a.reshape(k // block, 1, n)) if block else (lambda a: a.reshape(1, n))
     if zp_value is not None:
         sub = make_node("Sub", [x, const("zp_float", view(constant_array(zp_value).astype(np.float32)))],
-                        name=unique_name(graph, f"{base}_Sub"), output_names=[unique_name(graph, f"{base}_centered")])
+                        name=build.node_name(f"{base}_Sub"), output_names=[build.fresh(f"{base}_centered")])
         nodes.append(sub)
         x = sub.outputs[0]
-    mul = make_node("Mul", [x, const("scale_view", view(scale))], name=unique_name(graph, f"{base}_Mul"),
-                    output_names=[unique_name(graph, f"{base}_scaled")])
+    mul = make_node("Mul", [x, const("scale_view", view(scale))], name=build.node_name(f"{base}_Mul"),
+                    output_names=[build.fresh(f"{base}_scaled")])
     nodes.append(mul)
     x = mul.outputs[0]
     if block:
         back = make_node("Reshape", [x, const("shape", np.array([k, n], np.int64))],
-                         name=unique_name(graph, f"{base}_Reshape_back"), output_names=[unique_name(graph, f"{base}_float")])
+                         name=build.node_name(f"{base}_Reshape_back"), output_names=[build.fresh(f"{base}_float")])
         nodes.append(back)
         x = back.outputs[0]
     x.dtype = DataType.FLOAT
@@ -299,9 +317,6 @@ def _dequantize_at_load(model: Model, node: Node, dq: Node) -> bool:
     return True
 
 
-def _drop_unused(graph) -> None:
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]:
-        graph.initializers.pop(name)
 
 
 __all__ = ["LowerOrtNbits"]

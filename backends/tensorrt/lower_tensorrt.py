@@ -58,6 +58,10 @@ upstream source):
   difference of the CNN's logits with no trend over scales from 0.5x to 2x
   the calibrated one.
 
+The rewrites are rule sets of `optc.ir.patterns.rewrite` (`_Lowering.rule_sets`), run in the order
+above, each once over the graph; their legality tests are trt-check's (`weight_slot`,
+`fuses_quantized_input`, `feeds_quantized_consumer`, `quantized_conv`, the output axes).
+
 Every group of rewrites is summarised as one line in the model metadata
 `tensorrt_lowering` (the backend prints them). DynamicQuantizeLinear, integer
 ops and run-time scales are not rewritten: `trt-check` reports them.
@@ -73,18 +77,12 @@ from typing import Literal
 import numpy as np
 
 from optc.backends.tensorrt.trt_check import (
-    ONNX_DOMAINS,
-    const_value,
-    int_attr,
-    is_const,
+    feeds_quantized_consumer,
+    fuses_quantized_input,
     output_axis,
     output_quantization_requested,
-    producer,
-    qtype,
-    quantized_activation,
+    quantized_conv,
     reduction_axis,
-    same_constant,
-    scalar_like,
     weight_slot,
 )
 from optc.errors import OptcError
@@ -93,7 +91,6 @@ from optc.ir import (
     Model,
     Node,
     Value,
-    add_initializer,
     annotate,
     annotation,
     make_node,
@@ -103,10 +100,23 @@ from optc.ir import (
     sole_transpose,
     source_name,
     transpose_perm,
-    unique_name,
 )
 from optc.ir.annotations import QUANTIZATION
+from optc.ir.patterns.builder import Builder, drop_unused_initializers
+from optc.ir.patterns.match import ONNX_DOMAINS, const_value, int_attr, is_const
 from optc.ir.patterns.ops import GEMM_OPS
+from optc.ir.patterns.qdq import (
+    QDQ,
+    QDQPair,
+    activation_pair,
+    dequantized,
+    qdq,
+    quantized_activation,
+    quantized_type,
+    scalar_like,
+)
+from optc.ir.patterns.residual import ResidualAdd, residual_add
+from optc.ir.patterns.rewrite import Rule, apply_rules
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -199,15 +209,7 @@ class LowerTensorRT(Pass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         lowering = _Lowering(model, am, self.options)
-        lowering.activations()
-        lowering.shared_pairs()
-        lowering.weighted_outputs()
-        lowering.weights()
-        if self.options.concat:
-            lowering.concats()
-        if self.options.residual:
-            lowering.residuals()
-        lowering.drop_dead()
+        lowering.apply()
         notes = lowering.notes()
         for key, note in zip(lowering.done, notes, strict=True):
             if key in MISSED:  # quantization TensorRT cannot take: the model runs those parts in float
@@ -231,6 +233,7 @@ class _Lowering:
     def __init__(self, model: Model, am: AnalysisManager, options: LowerTensorRT.Options) -> None:
         self.model = model
         self.graph = model.graph
+        self.build = Builder(self.graph)
         self.am = am
         self.options = options
         self.done: dict[str, list[str]] = defaultdict(list)
@@ -238,6 +241,7 @@ class _Lowering:
         self.dead: list[Node] = []
         self._dead_ids: set[int] = set()
         self._int4_rel = 0.0
+        self._pending_residuals: list[tuple[Node, int, Value, Node]] = []
         self.used_before = {n for n, v in self.graph.initializers.items() if v.uses()}
 
     # ------------------------------------------------------------------ helpers
@@ -251,7 +255,7 @@ class _Lowering:
         return [u for u in value.uses() if id(u.node) not in self._dead_ids]
 
     def _const(self, name: str, array: np.ndarray) -> Value:
-        return add_initializer(self.graph, unique_name(self.graph, name), array)
+        return self.build.initializer(name, array)
 
     def _readers_label(self, dq_outputs: list[Value]) -> str:
         labels = sorted({_label(u.node) for v in dq_outputs for u in self._uses(v)})
@@ -259,26 +263,56 @@ class _Lowering:
 
     # ------------------------------------------------------------------ activations
 
-    def activations(self) -> None:
-        for q in list(self.graph):
-            if q.op_type != "QuantizeLinear" or q.domain not in ONNX_DOMAINS or is_const(q.inputs[0]):
-                continue
-            uses = self._uses(q.outputs[0])
-            if q.outputs[0].is_graph_output() or any(u.node.op_type != "DequantizeLinear" or u.idx != 0 for u in uses):
-                continue  # not a plain Q → DQ pair: trt-check reports it
-            dqs = [u.node for u in uses]
-            kind = qtype(q)
-            if kind in _UNSUPPORTED_ACTIVATION:
-                readers = self._bypass(q, dqs)
-                self.done[f"{kind.name.lower()}_activations"].append(readers)
-                continue
-            scale = const_value(q.inputs[1])
-            zp = const_value(q.inputs[2]) if len(q.inputs) > 2 else None
-            if scale is None:
-                continue
-            asymmetric = kind == DataType.UINT8 or (zp is not None and np.any(zp.astype(np.float64) != 0))
-            if asymmetric or not scalar_like(scale):
-                self._requantize_activation(q, dqs, kind, scale, zp, asymmetric)
+    def rule_sets(self) -> list[list[Rule]]:
+        """The lowering's rules, in the order their sets run (each set once over the graph, in graph order)."""
+        sets = [
+            [Rule("activation", self._activation_pair, self._activation)],
+            [Rule("shared-pair", self._shared_pair, self._shared)],
+            [Rule("weighted-output", self._weighted_op, self._weighted_output)],
+            [Rule("weight", self._weight_dq, self._weight)],
+        ]
+        if self.options.concat:
+            sets.append([Rule("concat", self._quantized_concat, self._concat)])
+        if self.options.residual:
+            sets.append([Rule("residual", self._residual_add, self._collect_residual)])
+        return sets
+
+    def apply(self) -> None:
+        """Every rule set, then the residuals it collected (calibrated together), then the clean-up."""
+        for rules in self.rule_sets():
+            apply_rules(self.graph, rules, fixpoint=False)
+        self._residuals()
+        self.drop_dead()
+
+    # ------------------------------------------------------------------ activations
+
+    def _activation_pair(self, node: Node) -> tuple[QDQ, list[Node]] | None:
+        """An activation's QuantizeLinear and its DequantizeLinear partners (a plain Q → DQ pair; others:
+        trt-check reports them)."""
+        view = qdq(node)
+        if view is None or not view.is_quantize or view.of_constant:
+            return None
+        partners = view.dequantizers(self._uses(view.output))
+        return (view, [dq.node for dq in partners]) if partners is not None else None
+
+    def _activation(self, found: tuple[QDQ, list[Node]]) -> bool:
+        """T03, T01, T04: pairs TensorRT cannot import go (the activation stays float) or become symmetric INT8."""
+        view, dqs = found
+        q = view.node
+        kind = view.dtype
+        if kind in _UNSUPPORTED_ACTIVATION:
+            readers = self._bypass(q, dqs)
+            self.done[f"{kind.name.lower()}_activations"].append(readers)
+            return True
+        scale = view.scale_array
+        zp = view.zero_point_array
+        if scale is None:
+            return False
+        asymmetric = kind == DataType.UINT8 or (zp is not None and np.any(zp.astype(np.float64) != 0))
+        if asymmetric or not scalar_like(scale):
+            self._requantize_activation(q, dqs, kind, scale, zp, asymmetric)
+            return True
+        return False
 
     def _bypass(self, q: Node, dqs: list[Node]) -> str:
         """Remove a Q/DQ pair: every reader of its DequantizeLinear nodes reads the float input again."""
@@ -338,44 +372,47 @@ class _Lowering:
         why = "asymmetric" if asymmetric else "per-channel"
         self.done[f"{why}_activations"].append(q.inputs[0].name or node_label(q))
 
-    def shared_pairs(self) -> None:
-        """T18: readers of a weighted op's activation Q/DQ that want float read the float tensor instead."""
-        from optc.backends.tensorrt.trt_check import fuses_quantized_input
+    def _shared_pair(self, dq: Node) -> tuple[QDQPair, list] | None:
+        """An activation's Q/DQ pair (its DequantizeLinear `dq`) that a quantized weighted op reads, with its uses."""
+        if id(dq) in self._dead_ids or (pair := activation_pair(dq.outputs[0] if dq.outputs else None)) is None:
+            return None
+        uses = self._uses(dq.outputs[0])
+        return (pair, uses) if any(u.idx == 0 and weight_slot(u.node) is not None for u in uses) else None
 
-        for dq in list(self.graph):
-            if dq.op_type != "DequantizeLinear" or dq.domain not in ONNX_DOMAINS or id(dq) in self._dead_ids:
-                continue
-            q = producer(dq.inputs[0], "QuantizeLinear")
-            if q is None or is_const(q.inputs[0]):
-                continue
-            uses = self._uses(dq.outputs[0])
-            if not any(u.idx == 0 and weight_slot(u.node) is not None for u in uses):
-                continue
-            others = [u for u in uses if not fuses_quantized_input(u.node, u.idx)]
-            for use in others:
-                use.node.replace_input_with(use.idx, q.inputs[0])
-            if others:
-                self.done["shared_qdq"].append(",".join(sorted({node_label(u.node) for u in others})))
+    def _shared(self, found: tuple[QDQPair, list]) -> bool:
+        """T18: readers of a weighted op's activation Q/DQ that want float read the float tensor instead."""
+        pair, uses = found
+        others = [u for u in uses if not fuses_quantized_input(u.node, u.idx)]
+        for use in others:
+            use.node.replace_input_with(use.idx, pair.source)
+        if others:
+            self.done["shared_qdq"].append(",".join(sorted({node_label(u.node) for u in others})))
+        return bool(others)
 
     # ------------------------------------------------------------------ outputs of weighted ops
 
-    def weighted_outputs(self) -> None:
-        from optc.backends.tensorrt.trt_check import TrtChecker
+    def _weighted_op(self, node: Node) -> Node | None:
+        """A weighted op whose output quantization nobody asked for."""
+        if weight_slot(node) is None or output_quantization_requested(node) or self._asked(node):
+            return None
+        return node
 
-        for node in list(self.graph):
-            if weight_slot(node) is None or output_quantization_requested(node) or self._asked(node):
+    def _weighted_output(self, node: Node) -> bool:
+        """T14: Q/DQ on a weighted op's output that feeds no quantized consumer goes."""
+        changed = False
+        for use in self._uses(node.outputs[0]):
+            q = use.node
+            if q.op_type != "QuantizeLinear" or q.domain not in ONNX_DOMAINS or output_quantization_requested(q):
                 continue
-            for use in self._uses(node.outputs[0]):
-                q = use.node
-                if q.op_type != "QuantizeLinear" or q.domain not in ONNX_DOMAINS or output_quantization_requested(q):
-                    continue
-                uses = self._uses(q.outputs[0])
-                if q.outputs[0].is_graph_output() or any(u.node.op_type != "DequantizeLinear" for u in uses):
-                    continue
-                if TrtChecker._feeds_quantized_consumer(q):
-                    continue
-                self._bypass(q, [u.node for u in uses])
-                self.done["output_quantization"].append(node_label(node))
+            uses = self._uses(q.outputs[0])
+            if q.outputs[0].is_graph_output() or any(u.node.op_type != "DequantizeLinear" for u in uses):
+                continue
+            if feeds_quantized_consumer(q):
+                continue
+            self._bypass(q, [u.node for u in uses])
+            self.done["output_quantization"].append(node_label(node))
+            changed = True
+        return changed
 
     def _asked(self, node: Node) -> bool:
         names = [node_label(node), *(o.name for o in node.outputs if o.name)]
@@ -387,25 +424,28 @@ class _Lowering:
 
     # ------------------------------------------------------------------ weights
 
-    def weights(self) -> None:
-        for dq in list(self.graph):
-            if dq.op_type != "DequantizeLinear" or dq.domain not in ONNX_DOMAINS or id(dq) in self._dead_ids:
-                continue
-            if not is_const(dq.inputs[0]) or not is_const(dq.inputs[1]):
-                continue
-            if len(dq.inputs) > 2 and dq.inputs[2] is not None and not is_const(dq.inputs[2]):
-                continue
-            self._weight(dq)
+    def _weight_dq(self, node: Node) -> Node | None:
+        """A live DequantizeLinear of a constant with constant parameters: a stored weight (or bias)."""
+        view = qdq(node)
+        if view is None or view.is_quantize or id(node) in self._dead_ids:
+            return None
+        return node if view.of_constant and view.constant_parameters else None
 
-    def _weight(self, dq: Node) -> None:
-        kind = qtype(dq)
-        q = const_value(dq.inputs[0])
-        scale = const_value(dq.inputs[1])
-        zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
-        zp = const_value(zp_value)
+    def _weight(self, dq: Node) -> bool:
+        """T05, T06, T10, T15: a weight kept on the right axis, re-quantized, or stored float."""
+        done = sum(len(v) for v in self.done.values())
+        self._lower_weight(dq)
+        return sum(len(v) for v in self.done.values()) != done
+
+    def _lower_weight(self, dq: Node) -> None:
+        view = QDQ(dq)
+        kind = view.dtype
+        q = const_value(view.input)
+        scale = view.scale_array
+        zp = view.zero_point_array
         rank = q.ndim
-        axis = int_attr(dq, "axis", 1) % rank if rank else 0
-        block = int_attr(dq, "block_size", 0)
+        axis = view.axis % rank if rank else 0
+        block = view.block_size
         uses = self._uses(dq.outputs[0])
         name = dq.inputs[0].name or node_label(dq)
         if kind == DataType.INT32:
@@ -494,8 +534,8 @@ class _Lowering:
         if block:
             attributes["block_size"] = block
         new = make_node("DequantizeLinear", [q_value, s_value, z_value], attributes=attributes,
-                        name=unique_name(self.graph, f"{base}{suffix}_DequantizeLinear"),
-                        output_names=[unique_name(self.graph, f"{base}{suffix}_dequantized")])
+                        name=self.build.node_name(f"{base}{suffix}_DequantizeLinear"),
+                        output_names=[self.build.fresh(f"{base}{suffix}_dequantized")])
         if dq.outputs[0].dtype is not None:  # a shape without a type does not serialize
             new.outputs[0].dtype = dq.outputs[0].dtype
             new.outputs[0].shape = dq.outputs[0].shape
@@ -524,7 +564,7 @@ class _Lowering:
             zp = np.expand_dims(zp, k_axis) if zp is not None else None
             self._replace_dq(dq, uses, q, scale, k_axis, block, kind, "_blocked", zero_point=zp)
             self.done["int4_per_channel_blocked"].append(name)
-            dq = producer(uses[0].node.inputs[1], "DequantizeLinear")
+            dq = dequantized(uses[0].node.inputs[1]).node
             uses = self._uses(dq.outputs[0])
             axis = k_axis
             gemm_k = True
@@ -586,12 +626,12 @@ class _Lowering:
             node = use.node
             g = self.graph
             name = node.outputs[0].name or "matmul"
-            summed = make_node("MatMul", [node.inputs[0], e_value], name=unique_name(g, f"{name}_block_sum"),
-                               output_names=[unique_name(g, f"{name}_block_sum")])
-            corr = make_node("MatMul", [summed.outputs[0], c_value], name=unique_name(g, f"{name}_zp_correction"),
-                             output_names=[unique_name(g, f"{name}_zp_correction")])
-            add = make_node("Add", [node.outputs[0], corr.outputs[0]], name=unique_name(g, f"{name}_corrected"),
-                            output_names=[unique_name(g, f"{name}_corrected")])
+            summed = make_node("MatMul", [node.inputs[0], e_value], name=self.build.node_name(f"{name}_block_sum"),
+                               output_names=[self.build.fresh(f"{name}_block_sum")])
+            corr = make_node("MatMul", [summed.outputs[0], c_value], name=self.build.node_name(f"{name}_zp_correction"),
+                             output_names=[self.build.fresh(f"{name}_zp_correction")])
+            add = make_node("Add", [node.outputs[0], corr.outputs[0]], name=self.build.node_name(f"{name}_corrected"),
+                            output_names=[self.build.fresh(f"{name}_corrected")])
             for n in (summed, corr, add):
                 annotate(n, "provenance", "lower-tensorrt")
             out = node.outputs[0]
@@ -603,58 +643,61 @@ class _Lowering:
                 if reader.node is not add:
                     reader.node.replace_input_with(reader.idx, add.outputs[0])
             if out.is_graph_output():
-                old_name = out.name
-                out.name = unique_name(g, f"{old_name}_uncorrected")
+                old_name, corrected = out.name, add.outputs[0].name
+                self.build.rename(out, f"{old_name}_uncorrected")
                 add.outputs[0].name = old_name
+                self.build.reserve(old_name)
+                self.build.release(corrected)
                 for i, value in enumerate(g.outputs):
                     if value is out:
                         g.outputs[i] = add.outputs[0]
 
     # ------------------------------------------------------------------ Concat
 
-    def concats(self) -> None:
-        for node in list(self.graph):
-            if node.op_type != "Concat" or node.domain not in ONNX_DOMAINS:
+    def _quantized_concat(self, node: Node) -> Node | None:
+        """A standard Concat (the rule looks at its inputs' Q/DQ)."""
+        return node if node.op_type == "Concat" and node.domain in ONNX_DOMAINS else None
+
+    def _concat(self, node: Node) -> bool:
+        """T13: inputs all DequantizeLinear get one scale; a Concat mixing quantized and float reads float."""
+        slots = [(i, v) for i, v in enumerate(node.inputs) if v is not None and not is_const(v)]
+        dqs = [dequantized(v) for _, v in slots]
+        if not any(dqs):
+            return False
+        if not all(dqs) or any(dq.of_constant for dq in dqs if dq is not None):
+            for (i, _), dq in zip(slots, dqs, strict=True):
+                if dq is not None and not dq.of_constant and (src := dq.quantize):
+                    node.replace_input_with(i, src.input)
+            self.done["concat_float"].append(node_label(node))
+            return True
+        first = dqs[0]
+        kinds = {dq.dtype for dq in dqs}
+        if all(dq.same_parameters(first) for dq in dqs):
+            return False
+        kind = kinds.pop() if len(kinds) == 1 else None
+        scales = [dq.scale_array for dq in dqs]
+        if kind not in _QMAX or any(s is None or not scalar_like(s) for s in scales):
+            return False
+        float_type = scales[0].dtype
+        new_scale = np.asarray(max(float(s.reshape(())) for s in scales), dtype=float_type)
+        base = node.outputs[0].name or "concat"
+        s_value = self._const(f"{base}_input_scale", new_scale)
+        z_value = self._const(f"{base}_input_zero_point", np.zeros((), dtype=_np_type(kind)))
+        for (i, v), dq in zip(slots, dqs, strict=True):
+            src = dq.quantize
+            if src is None:
                 continue
-            slots = [(i, v) for i, v in enumerate(node.inputs) if v is not None and not is_const(v)]
-            dqs = [producer(v, "DequantizeLinear") for _, v in slots]
-            if not any(dqs):
-                continue
-            if not all(dqs) or any(is_const(dq.inputs[0]) for dq in dqs if dq is not None):
-                for (i, _), dq in zip(slots, dqs, strict=True):
-                    if dq is not None and not is_const(dq.inputs[0]) and (src := producer(dq.inputs[0], "QuantizeLinear")):
-                        node.replace_input_with(i, src.inputs[0])
-                self.done["concat_float"].append(node_label(node))
-                continue
-            first = dqs[0]
-            kinds = {qtype(dq) for dq in dqs}
-            if all(same_constant(dq.inputs[1], first.inputs[1]) and same_constant(dq.inputs[2] if len(dq.inputs) > 2 else None,
-                                                                  first.inputs[2] if len(first.inputs) > 2 else None)
-                   for dq in dqs) and len(kinds) == 1:
-                continue
-            kind = kinds.pop() if len(kinds) == 1 else None
-            scales = [const_value(dq.inputs[1]) for dq in dqs]
-            if kind not in _QMAX or any(s is None or not scalar_like(s) for s in scales):
-                continue
-            float_type = scales[0].dtype
-            new_scale = np.asarray(max(float(s.reshape(())) for s in scales), dtype=float_type)
-            base = node.outputs[0].name or "concat"
-            s_value = self._const(f"{base}_input_scale", new_scale)
-            z_value = self._const(f"{base}_input_zero_point", np.zeros((), dtype=_np_type(kind)))
-            for (i, v), dq in zip(slots, dqs, strict=True):
-                src = producer(dq.inputs[0], "QuantizeLinear")
-                if src is None:
-                    continue
-                pair = self._qdq(src.inputs[0], s_value, z_value, kind, f"{v.name}_concat", before=node)
-                node.replace_input_with(i, pair)
-            self.done["concat_unified"].append(node_label(node))
+            pair = self._qdq(src.input, s_value, z_value, kind, f"{v.name}_concat", before=node)
+            node.replace_input_with(i, pair)
+        self.done["concat_unified"].append(node_label(node))
+        return True
 
     def _qdq(self, x: Value, scale: Value, zero_point: Value, kind: DataType, base: str, *, before: Node) -> Value:
         g = self.graph
-        q = make_node("QuantizeLinear", [x, scale, zero_point], name=unique_name(g, f"{base}_QuantizeLinear"),
-                      output_names=[unique_name(g, f"{base}_quantized")])
-        dq = make_node("DequantizeLinear", [q.outputs[0], scale, zero_point], name=unique_name(g, f"{base}_DequantizeLinear"),
-                       output_names=[unique_name(g, f"{base}_dequantized")])
+        q = make_node("QuantizeLinear", [x, scale, zero_point], name=self.build.node_name(f"{base}_QuantizeLinear"),
+                      output_names=[self.build.fresh(f"{base}_quantized")])
+        dq = make_node("DequantizeLinear", [q.outputs[0], scale, zero_point], name=self.build.node_name(f"{base}_DequantizeLinear"),
+                       output_names=[self.build.fresh(f"{base}_dequantized")])
         if x.dtype is not None:
             q.outputs[0].dtype = kind
             dq.outputs[0].dtype = x.dtype
@@ -666,22 +709,18 @@ class _Lowering:
 
     # ------------------------------------------------------------------ residual Add
 
-    def residuals(self) -> None:
-        from optc.backends.tensorrt.trt_check import TrtChecker
+    def _residual_add(self, node: Node) -> ResidualAdd | None:
+        """T12: an Add fused into a quantized Conv whose residual input is not quantized."""
+        found = residual_add(node, quantized_conv)
+        return found if found is not None and not quantized_activation(found.residual) else None
 
-        pending: list[tuple[Node, int, Value, Node]] = []
-        for add in list(self.graph):
-            if add.op_type != "Add" or add.domain not in ONNX_DOMAINS or len(add.inputs) != 2:
-                continue
-            a, b = add.inputs
-            if a is None or b is None or is_const(a) or is_const(b):
-                continue
-            convs = [TrtChecker._quantized_conv_output(v) for v in (a, b)]
-            quantized = [quantized_activation(v) for v in (a, b)]
-            if not any(convs) or (convs[0] and quantized[1]) or (convs[1] and quantized[0]):
-                continue
-            idx = 1 if convs[0] else 0
-            pending.append((add, idx, add.inputs[idx], convs[1 - idx]))
+    def _collect_residual(self, found: ResidualAdd) -> bool:
+        """Residuals get their Q/DQ together after the walk (one calibration run for those that need one)."""
+        self._pending_residuals.append((found.add, found.index, found.residual, found.conv))
+        return False
+
+    def _residuals(self) -> None:
+        pending = self._pending_residuals
         if not pending:
             return
         missing: list[tuple[Node, int, Value, Node]] = []
@@ -697,14 +736,13 @@ class _Lowering:
 
     def _existing_dq(self, x: Value, conv: Node) -> Value | None:
         """A DequantizeLinear output of `x` (through a plain Q → DQ pair) in the Conv's activation format."""
-        conv_dq = producer(conv.inputs[0], "DequantizeLinear")
-        want = qtype(conv_dq) if conv_dq is not None else DataType.INT8
+        conv_dq = dequantized(conv.inputs[0])
+        want = conv_dq.dtype if conv_dq is not None else DataType.INT8
         for use in self._uses(x):
             q = use.node
-            if q.op_type != "QuantizeLinear" or use.idx != 0 or qtype(q) != want:
+            if q.op_type != "QuantizeLinear" or use.idx != 0 or quantized_type(q) != want:
                 continue
-            scale = const_value(q.inputs[1])
-            if scale is None or not scalar_like(scale):
+            if not scalar_like(QDQ(q).scale_array):
                 continue
             for dq_use in self._uses(q.outputs[0]):
                 if dq_use.node.op_type == "DequantizeLinear":
@@ -724,8 +762,8 @@ class _Lowering:
             return
         made: dict[tuple[str, DataType], Value] = {}
         for add, idx, x, conv in missing:
-            conv_dq = producer(conv.inputs[0], "DequantizeLinear")
-            kind = qtype(conv_dq) or DataType.INT8
+            conv_dq = dequantized(conv.inputs[0])
+            kind = (conv_dq.dtype if conv_dq is not None else None) or DataType.INT8
             key = (x.name, kind)
             if key not in made:
                 threshold = histograms[x.name].threshold("minmax")
@@ -743,9 +781,7 @@ class _Lowering:
         """Remove replaced nodes, then initializers that were read before this pass and are read by nothing now."""
         if self.dead:
             self.graph.remove(self.dead, safe=True)
-        for name in [n for n, v in self.graph.initializers.items()
-                     if n in self.used_before and not v.uses() and not v.is_graph_output() and not v.is_graph_input()]:
-            self.graph.initializers.pop(name)
+        drop_unused_initializers(self.graph, [v for n, v in self.graph.initializers.items() if n in self.used_before])
 
     def notes(self) -> list[str]:
         texts = {

@@ -40,7 +40,17 @@ import numpy as np
 from optc.errors import OptcError
 from optc.ir import DataType, Model, Node, Value, annotation, node_label, transpose_perm
 from optc.ir.annotations import QUANTIZATION, SPARSITY
+from optc.ir.patterns.match import ONNX_DOMAINS, const_value, int_attr, is_const, producer
 from optc.ir.patterns.ops import GEMM_OPS, INTEGER_OPS, QDQ_OPS, WEIGHTED_OPS
+from optc.ir.patterns.qdq import (
+    QDQ,
+    dequantized,
+    quantized_activation,
+    quantized_type,
+    same_constant,
+    scalar_like,
+)
+from optc.ir.patterns.residual import residual_add
 from optc.ir.patterns.weights import trace_back, weight_axes, weight_view
 from optc.passes.fp8_convs import FP8_CONV_MAX_TAPS, FP8_CONV_MIN_CHANNELS, fp8_conv_unsupported
 from optc.passes.infra.analysis import AnalysisManager
@@ -137,87 +147,13 @@ class Finding:
 _LEGAL_QTYPES = (DataType.INT8, DataType.FLOAT8E4M3FN, DataType.INT4)
 #: What a constant is followed back through (Polygraphy folds these): Q/DQ, Transpose, Cast, Identity.
 _TRACED_OPS = (*QDQ_OPS, "Transpose", "Cast", "Identity")
-ONNX_DOMAINS = ("", "ai.onnx")
 
 
 # ---------------------------------------------------------------------------- small graph helpers
 
 
-def const_value(value: Value | None) -> np.ndarray | None:
-    """The array of an initializer or a `Constant` node's output; None for anything computed."""
-    if value is None:
-        return None
-    if value.const_value is not None and not value.is_graph_input():
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
-        attr = node.attributes.get("value")
-        if attr is not None:
-            return attr.as_tensor().numpy()
-    return None
-
-
-def is_const(value: Value | None) -> bool:
-    if value is None:
-        return False
-    if value.const_value is not None and not value.is_graph_input():
-        return True
-    node = value.producer()
-    return node is not None and node.op_type == "Constant" and node.domain in ONNX_DOMAINS
-
-
-def producer(value: Value | None, op_type: str | tuple[str, ...]) -> Node | None:
-    """The node producing `value` if it is a standard-domain `op_type`."""
-    if value is None:
-        return None
-    node = value.producer()
-    types = (op_type,) if isinstance(op_type, str) else op_type
-    if node is None or node.op_type not in types or node.domain not in ONNX_DOMAINS:
-        return None
-    return node
-
-
-def int_attr(node: Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
-
-
 def opset(model: Model) -> int:
     return int(model.graph.opset_imports.get("", model.opset_imports.get("", 1)))
-
-
-def qtype(node: Node) -> DataType | None:
-    """The quantized element type of a QuantizeLinear (its output) or DequantizeLinear (its input)."""
-    if node.op_type == "QuantizeLinear":
-        out_dtype = int_attr(node, "output_dtype", 0)
-        if out_dtype:
-            return DataType(out_dtype)
-        zp = node.inputs[2] if len(node.inputs) > 2 else None
-        if zp is not None:
-            if zp.const_value is not None:
-                return zp.const_value.dtype
-            if zp.dtype is not None:
-                return zp.dtype
-            array = const_value(zp)
-            if array is not None:
-                return _numpy_to_dtype(array)
-        return DataType.UINT8  # the ONNX default without a zero point
-    data = node.inputs[0]
-    if data is None:
-        return None
-    if data.const_value is not None:
-        return data.const_value.dtype
-    if data.dtype is not None:
-        return data.dtype
-    q = producer(data, "QuantizeLinear")
-    return qtype(q) if q is not None else None
-
-
-def _numpy_to_dtype(array: np.ndarray) -> DataType | None:
-    try:
-        return DataType.from_numpy(array.dtype)
-    except (TypeError, ValueError):
-        return None
 
 
 def weight_slot(node: Node) -> int | None:
@@ -286,34 +222,6 @@ def weight_readers(value: Value) -> list[tuple[Node, list[int] | None]]:
     return found
 
 
-def scalar_like(array: np.ndarray | None) -> bool:
-    """A scale of one element (per tensor); False for None (a run-time scale)."""
-    return array is not None and (array.ndim == 0 or (array.size == 1 and array.ndim == 1))
-
-
-def same_constant(a: Value | None, b: Value | None) -> bool:
-    if a is b:
-        return True
-    x, y = const_value(a), const_value(b)
-    if x is None or y is None:
-        return a is None and b is None
-    return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x.astype(np.float64), y.astype(np.float64)))
-
-
-def _zero_point(node: Node) -> Value | None:
-    return node.inputs[2] if len(node.inputs) > 2 else None
-
-
-def _is_dq_output(value: Value | None) -> bool:
-    return producer(value, "DequantizeLinear") is not None
-
-
-def quantized_activation(value: Value | None) -> bool:
-    """An activation read through Q → DQ (not a constant)."""
-    dq = producer(value, "DequantizeLinear")
-    return dq is not None and not is_const(dq.inputs[0])
-
-
 def output_quantization_requested(node: Node) -> bool:
     """A Q node, or the weighted op it reads, annotated `quant: {"output_quantization": true}`."""
     info = annotation(node, QUANTIZATION)
@@ -336,7 +244,7 @@ class TrtChecker:
     def run(self) -> list[Finding]:
         for node in self.model.graph:
             if node.op_type in QDQ_OPS and node.domain in ONNX_DOMAINS:
-                self.qdq(node)
+                self.qdq(QDQ(node))
             elif node.op_type == "DynamicQuantizeLinear":
                 self.add("no-dynamic-quantization", node, "DynamicQuantizeLinear computes its scale at run time")
             elif node.op_type.startswith("QLinear") or node.op_type in INTEGER_OPS or (
@@ -355,10 +263,10 @@ class TrtChecker:
 
     # ------------------------------------------------------------------ Q/DQ nodes
 
-    def qdq(self, node: Node) -> None:
-        data, scale, zp = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None, _zero_point(node)
-        kind = qtype(node)
-        scale_array = const_value(scale)
+    def qdq(self, view: QDQ) -> None:
+        node, data, zp = view.node, view.input, view.zero_point
+        kind = view.dtype
+        scale_array = view.scale_array
         if scale_array is None:
             self.add("constant-positive-scale", node, "its scale is computed at run time")
         elif not np.all(np.isfinite(scale_array.astype(np.float64))) or not np.all(scale_array.astype(np.float64) > 0):
@@ -366,7 +274,7 @@ class TrtChecker:
             self.add("constant-positive-scale", node, f"its scale has non-positive or non-finite entries (min {np.nanmin(bad):.3g})")
         if zp is not None and not is_const(zp):
             self.add("constant-positive-scale", node, "its zero point is computed at run time")
-        zp_array = const_value(zp)
+        zp_array = view.zero_point_array
         if zp_array is not None and np.any(zp_array.astype(np.float64) != 0):
             nonzero = zp_array.astype(np.float64)
             self.add("symmetric", node, f"zero point {_describe(nonzero)} is not 0")
@@ -377,19 +285,19 @@ class TrtChecker:
             self.add("qdq-dtype", node, f"quantizes to {kind.name}")
         if kind in (DataType.FLOAT8E4M3FN,) and self.opset < 19:
             self.add("fp8-opset", node, f"FP8 Q/DQ in a model of opset {self.opset}")
-        block = int_attr(node, "block_size", 0)
+        block = view.block_size
         # A weight: a constant, or (Q → DQ on a float constant, which TensorRT quantizes at build time) its Q's input.
         source = data
-        upstream = producer(data, "QuantizeLinear") if node.op_type == "DequantizeLinear" else None
-        if upstream is not None and is_const(upstream.inputs[0]):
-            source = upstream.inputs[0]
+        upstream = view.quantize
+        if upstream is not None and upstream.of_constant:
+            source = upstream.input
         weight_like = is_const(source)
         if not weight_like:
             self.activation(node, scale_array, block, kind)
         else:
             self.weight(node, source, scale_array, block, kind)
-        if node.op_type == "QuantizeLinear":
-            self.pairing(node)
+        if view.is_quantize:
+            self.pairing(view)
         elif not weight_like:
             self.shared(node)
 
@@ -449,17 +357,18 @@ class TrtChecker:
                 self.add("int4-blocked", node, f"{where} is blocked along axis {axis}, but the K axis of "
                                                f"{node_label(reader)!r} is {k}")
 
-    def pairing(self, q: Node) -> None:
-        out = q.outputs[0]
+    def pairing(self, view: QDQ) -> None:
+        q, out = view.node, view.output
         if out.is_graph_output():
             self.add("qdq-pair", q, f"its quantized output {out.name!r} is a graph output")
         for use in out.uses():
             reader = use.node
+            partner = QDQ(reader)
             if reader.op_type != "DequantizeLinear" or reader.domain not in ONNX_DOMAINS or use.idx != 0:
                 self.add("qdq-pair", q, f"its quantized output reaches {reader.op_type} {node_label(reader)!r}")
-            elif not same_constant(reader.inputs[1], q.inputs[1]) or not same_constant(_zero_point(reader), _zero_point(q)):
+            elif not same_constant(partner.scale, view.scale) or not same_constant(partner.zero_point, view.zero_point):
                 self.add("qdq-pair", q, f"its DequantizeLinear {node_label(reader)!r} uses another scale or zero point")
-            elif int_attr(reader, "axis", 1) != int_attr(q, "axis", 1) and not scalar_like(const_value(q.inputs[1])):
+            elif partner.axis != view.axis and not scalar_like(view.scale_array):
                 self.add("qdq-pair", q, f"its DequantizeLinear {node_label(reader)!r} uses another axis")
 
     # ------------------------------------------------------------------ placement
@@ -469,14 +378,14 @@ class TrtChecker:
         if w_dq is None:
             traced = trace_constant(node.inputs[1])
             w_dq = next((n for n in traced[2] if n.op_type == "DequantizeLinear"), None) if traced else None
-        w_type = qtype(w_dq) if w_dq is not None else None
+        w_type = quantized_type(w_dq) if w_dq is not None else None
         act_q = quantized_activation(node.inputs[0])
         if w_type is not None and w_type != DataType.INT4 and w_type != DataType.INT32 and not act_q:
             self.add("weighted-inputs", node, f"{w_type.name} weight with a float activation {node.inputs[0].name!r}")
         elif w_type is None and act_q:
             self.add("weighted-inputs", node, f"quantized activation with a float weight {node.inputs[1].name!r}")
-        act_dq = producer(node.inputs[0], "DequantizeLinear") if act_q else None
-        if node.op_type == "Conv" and DataType.FLOAT8E4M3FN in (w_type, qtype(act_dq) if act_dq is not None else None):
+        act_dq = dequantized(node.inputs[0]) if act_q else None
+        if node.op_type == "Conv" and DataType.FLOAT8E4M3FN in (w_type, act_dq.dtype if act_dq is not None else None):
             self.fp8_conv(node)
         for use in node.outputs[0].uses():
             q = use.node
@@ -484,7 +393,7 @@ class TrtChecker:
                 continue
             if output_quantization_requested(q) or output_quantization_requested(node):
                 continue
-            if not self._feeds_quantized_consumer(q):
+            if not feeds_quantized_consumer(q):
                 self.add("weighted-output", node, f"its output is quantized by {node_label(q)!r} for no quantized consumer")
 
     def fp8_conv(self, node: Node) -> None:
@@ -499,18 +408,6 @@ class TrtChecker:
         if why:
             self.add("fp8-conv-shape", node, f"FP8 Conv with {why}")
 
-    @staticmethod
-    def _feeds_quantized_consumer(q: Node) -> bool:
-        """A Q whose DequantizeLinear feeds a weighted op's data input or an Add (a quantized residual)."""
-        for dq_use in q.outputs[0].uses():
-            dq = dq_use.node
-            if dq.op_type != "DequantizeLinear":
-                continue
-            for use in dq.outputs[0].uses():
-                if use.node.op_type == "Add" or (use.idx == 0 and weight_slot(use.node) is not None):
-                    return True
-        return False
-
     def shared(self, dq: Node) -> None:
         """T18: an activation DQ read by a quantized weighted op and by an op that wants float."""
         uses = list(dq.outputs[0].uses())
@@ -522,34 +419,16 @@ class TrtChecker:
             self.add("shared-qdq", dq, f"also feeds {names}, which would compute on quantized data")
 
     def residual(self, add: Node) -> None:
-        inputs = [v for v in add.inputs if v is not None]
-        if len(inputs) != 2 or any(is_const(v) for v in inputs):
+        found = residual_add(add, quantized_conv)
+        if found is None or quantized_activation(found.residual):
             return
-        fusable = [self._quantized_conv_output(v) for v in inputs]
-        if not any(fusable):
-            return
-        quantized = [quantized_activation(v) for v in inputs]
-        if (fusable[0] and quantized[1]) or (fusable[1] and quantized[0]):
-            return
-        conv = fusable[0] or fusable[1]
-        other = inputs[1] if fusable[0] else inputs[0]
+        conv = found.conv
         self.add("residual-quantized", add, f"adds the output of quantized {conv.op_type} {node_label(conv)!r} "
-                                            f"to the unquantized residual {other.name!r}")
-
-    @staticmethod
-    def _quantized_conv_output(value: Value) -> Node | None:
-        node = producer(value, ("Conv", "ConvTranspose", "BatchNormalization"))
-        if node is not None and node.op_type == "BatchNormalization":
-            node = producer(node.inputs[0], ("Conv", "ConvTranspose"))
-            if node is not None and len(list(node.outputs[0].uses())) != 1:
-                return None
-        if node is None or weight_slot(node) is None or not quantized_activation(node.inputs[0]):
-            return None
-        return node
+                                            f"to the unquantized residual {found.residual.name!r}")
 
     def concat(self, node: Node) -> None:
         inputs = [v for v in node.inputs if v is not None and not is_const(v)]
-        dqs = [producer(v, "DequantizeLinear") for v in inputs]
+        dqs = [dequantized(v) for v in inputs]
         if not any(dqs):
             return
         if not all(dqs):
@@ -558,8 +437,8 @@ class TrtChecker:
             return
         first = dqs[0]
         for dq in dqs[1:]:
-            if not same_constant(dq.inputs[1], first.inputs[1]) or not same_constant(_zero_point(dq), _zero_point(first)) or qtype(dq) != qtype(first):
-                self.add("concat-one-scale", node, f"inputs {first.outputs[0].name!r} and {dq.outputs[0].name!r} have different scales")
+            if not dq.same_parameters(first):
+                self.add("concat-one-scale", node, f"inputs {first.output.name!r} and {dq.output.name!r} have different scales")
                 return
 
     # ------------------------------------------------------------------ 2:4 sparsity
@@ -620,7 +499,25 @@ _QDQ_FRIENDLY = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool",
                  "QuantizeLinear")
 
 
+def quantized_conv(node: Node) -> bool:
+    """A Conv with a constant weight and a Q/DQ activation: what a residual Add is fused into."""
+    return weight_slot(node) is not None and quantized_activation(node.inputs[0])
+
+
+def feeds_quantized_consumer(q: Node) -> bool:
+    """A Q whose DequantizeLinear feeds a weighted op's data input or an Add (a quantized residual)."""
+    for dq_use in q.outputs[0].uses():
+        dq = dq_use.node
+        if dq.op_type != "DequantizeLinear":
+            continue
+        for use in dq.outputs[0].uses():
+            if use.node.op_type == "Add" or (use.idx == 0 and weight_slot(use.node) is not None):
+                return True
+    return False
+
+
 def fuses_quantized_input(node: Node, idx: int) -> bool:
+    """Whether `node` takes a Q/DQ'd input `idx` without computing on the quantized data in float."""
     if node.domain not in ONNX_DOMAINS:
         return False
     if node.op_type in WEIGHTED_OPS:

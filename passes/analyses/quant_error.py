@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from optc.ir import Model, Node, annotation, is_constant, node_label, source_name
+from optc.ir import Model, Node, annotation, node_label, source_name
 from optc.ir.annotations import QUANTIZATION
 from optc.ir.patterns.ops import QUANTIZATION_OPS, WEIGHT_VIEW_OPS
+from optc.ir.patterns.qdq import activation_pair
 from optc.ir.patterns.weights import trace_back
 from optc.runtime.runner import ModelRunner
 
@@ -78,16 +79,10 @@ def weight_parameter(node: Node, quant: dict[str, Any] | None) -> str | None:
 def _activation_pair(node: Node) -> tuple[str, str] | None:
     """(x, DequantizeLinear(QuantizeLinear(x))) when the node's data input is a static Q→DQ of x."""
     dq_out = node.inputs[0] if node.inputs else None
-    dq = dq_out.producer() if dq_out is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear":
+    pair = activation_pair(dq_out)
+    if pair is None or not pair.source.name or not dq_out.name:
         return None
-    q_out = dq.inputs[0]
-    q = q_out.producer() if q_out is not None else None
-    if q is None or q.op_type != "QuantizeLinear" or q.inputs[0] is None or is_constant(q.inputs[0]):
-        return None
-    if not q.inputs[0].name or not dq_out.name:
-        return None
-    return q.inputs[0].name, dq_out.name
+    return pair.source.name, dq_out.name
 
 
 def quantized_nodes(model: Model) -> list[QuantizedNode]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from optc.errors import OptcError
 from optc.ir import Model, Node, Shape, Value, add_initializer, constant_array, tensor, unique_name
+from optc.ir.patterns.builder import drop_unused_initializers as sweep_initializers
 from optc.passes.layer_selector import LayerSelector
 from optc.passes.linear_layers import (
     Linear,
@@ -91,10 +92,7 @@ def calibration_hessians(model: Model, am, who: str, values: Sequence[str] | Non
 
 def drop_unused_initializers(graph) -> int:
     """Remove initializers nothing reads; returns how many went."""
-    dead = [name for name, v in graph.initializers.items() if not list(v.uses()) and not v.is_graph_output()]
-    for name in dead:
-        graph.initializers.pop(name)
-    return len(dead)
+    return len(sweep_initializers(graph))
 
 
 __all__ = [

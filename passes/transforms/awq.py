@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from optc.errors import OptcError
 from optc.ir import Model, annotate
+from optc.ir.patterns.builder import Builder
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import PassResult
@@ -182,9 +183,10 @@ class Awq(LowBitPass):
                 preserved.preserve_aspects(STRUCTURE)
             return PassResult(model, True, preserved, stats_out)
         sites, excluded, _ = self.layers(model, am)
+        build = Builder(model.graph)  # owns the fresh names of everything this run adds
         for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):
             q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
-            self.emit(model, site, q, scale, zero, {"clip": opts.clip})
+            self.emit(model, site, q, scale, zero, {"clip": opts.clip}, build)
         stats_out["quantized-ops"] = len(sites)
         stats_out["excluded-ops"] = len(excluded)
         return PassResult(model, bool(sites) or scaled > 0, None, stats_out)

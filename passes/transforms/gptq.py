@@ -38,6 +38,7 @@ from tqdm import tqdm
 from optc.errors import OptcError
 from optc.ir import Model, annotation
 from optc.ir.annotations import SPARSITY
+from optc.ir.patterns.builder import Builder
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import PassResult
@@ -210,6 +211,7 @@ class Gptq(LowBitPass):
             by_input.setdefault(site.activation.name, []).append(site)
         total, fallbacks = 0.0, 0
         progress = tqdm(total=len(sites), desc="gptq", unit="layer", leave=False, disable=None)
+        build = Builder(model.graph)  # owns the fresh names of everything this run adds
         for name, members in by_input.items():
             stats = hessians.get(name)
             if stats is None or stats.tokens == 0:
@@ -233,7 +235,7 @@ class Gptq(LowBitPass):
                     loss = float(result.row_loss[rows].sum())
                     info["gptq_loss"] = loss
                     total += loss
-                self.emit(model, site, result.q[rows], result.scale[rows], result.zero[rows], info)
+                self.emit(model, site, result.q[rows], result.scale[rows], result.zero[rows], info, build)
                 progress.update()
         progress.close()
         stats = {"quantized-ops": len(sites), "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}

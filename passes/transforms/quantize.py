@@ -88,7 +88,6 @@ from optc.ir import (
     Model,
     Node,
     Value,
-    add_initializer,
     annotate,
     annotation,
     constant_array,
@@ -96,10 +95,12 @@ from optc.ir import (
     make_node,
     sole_transpose,
     source_name,
-    unique_name,
 )
 from optc.ir.opset import ensure_opset
+from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.ops import QUANTIZED_OPS
+from optc.ir.patterns.qdq import dequantized
+from optc.ir.patterns.residual import residual_adds
 from optc.ir.patterns.weights import weight_view
 from optc.passes.analyses.activation_histograms import (
     DEFAULT_BINS,
@@ -291,10 +292,11 @@ class Quantize(Pass):
         dq_cache: dict[tuple[int, int], Value] = {}
         act_cache: dict[tuple[int, str], tuple[Value, dict]] = {}
         # A table that a tied integer op (int8 activations) reads through a Transpose gets its pairs limited too.
+        build = Builder(graph)  # owns the fresh names of everything this run adds
         integer_tables = {id(w.value) for _, w, f in plans if w.path == "transpose" and f is not None and f.name in ("int8", "uint8")}
         for gather, index in tables:  # first: a tied lm_head below then reuses the table's DequantizeLinear
             limit = opts.weight_pair_limit if id(gather.inputs[index]) in integer_tables else 0
-            _quantize_table(graph, gather, index, table_fmt, dq_cache, limit)
+            _quantize_table(build, gather, index, table_fmt, dq_cache, limit)
         for node, weight in excluded:
             if tables and weight.node.inputs[weight.index].producer() is not None:
                 reason = annotation(node, "quant_skipped", "")
@@ -304,14 +306,14 @@ class Quantize(Pass):
             reason = sensitive.get(node.inputs[0].name) if node.inputs[0] is not None else None
             if weight_fmt is not None:
                 integer = act_fmt is not None and act_fmt.name in ("int8", "uint8")  # runs as an integer kernel
-                info.update(_quantize_weight(graph, node, weight, weight_fmt, dq_cache, opts.weight_pair_limit if integer else 0))
+                info.update(_quantize_weight(build, node, weight, weight_fmt, dq_cache, opts.weight_pair_limit if integer else 0))
             else:
                 info["weights"] = "float"
             if act_fmt is not None:
                 x = node.inputs[0]
                 key = (id(x), act_fmt.name)
                 if key not in act_cache:
-                    act_cache[key] = _quantize_activation(graph, node, x, act_fmt, histograms[x.name], opts)
+                    act_cache[key] = _quantize_activation(build, node, x, act_fmt, histograms[x.name], opts)
                 dq_out, act_info = act_cache[key]
                 node.replace_input_with(0, dq_out)
                 info.update(act_info)
@@ -325,10 +327,10 @@ class Quantize(Pass):
         for add, idx, x, fmt in residuals:  # after the Convs' own Q/DQ, so a residual reuses its tensor's pair
             key = (id(x), fmt.name)
             if key not in act_cache:
-                act_cache[key] = _quantize_activation(graph, add, x, fmt, histograms[x.name], opts)
+                act_cache[key] = _quantize_activation(build, add, x, fmt, histograms[x.name], opts)
             add.replace_input_with(idx, act_cache[key][0])
             annotate(add, "quant", {"op": "Add", "weights": "none", "activations": fmt.name, "residual": x.name})
-        _drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
         stats = {
             "quantized-ops": len(plans),
             "excluded-ops": skipped,
@@ -399,8 +401,7 @@ class Quantize(Pass):
             return None
         if x.dtype is not None and x.dtype not in FLOAT_TYPES:
             return None
-        producer = x.producer()
-        if producer is not None and producer.op_type == "DequantizeLinear":
+        if dequantized(x) is not None:
             return None  # already quantized
         if _matches(node, weight, opts.weight_only):
             return None
@@ -465,12 +466,12 @@ def _dequantized_weight(node: Node) -> bool:
     return view is not None and view.through in (("DequantizeLinear",), ("Transpose", "DequantizeLinear"))
 
 
-def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache, pair_limit: int = 0) -> dict:
+def _quantize_weight(build: Builder, node: Node, site: _WeightSite, fmt: _Format, cache, pair_limit: int = 0) -> dict:
     key = (id(site.value), site.axis)
     dq_out = cache.get(key)
     pair_axis = site.k_axis if pair_limit else None
     if dq_out is None:
-        dq_out = _dequantized_constant(graph, site.value, site.axis, fmt, before=site.node,
+        dq_out = _dequantized_constant(build, site.value, site.axis, fmt, before=site.node,
                                        pair_axis=pair_axis, pair_limit=pair_limit)
         cache[key] = dq_out
     site.node.replace_input_with(site.index, dq_out)
@@ -490,7 +491,7 @@ def _quantize_weight(graph, node: Node, site: _WeightSite, fmt: _Format, cache, 
 
 
 def _dequantized_constant(
-    graph, value: Value, axis: int, fmt: _Format, *, before: Node, pair_axis: int | None = None, pair_limit: int = 0
+    build: Builder, value: Value, axis: int, fmt: _Format, *, before: Node, pair_axis: int | None = None, pair_limit: int = 0
 ) -> Value:
     """Store `value` quantized per channel along `axis`; returns the DequantizeLinear output.
 
@@ -515,20 +516,20 @@ def _dequantized_constant(
     else:
         quantized = fmt.cast(scaled)
     base = value.name or "weight"
-    q_value = add_initializer(graph, unique_name(graph, f"{base}_quantized"), quantized)
+    q_value = build.initializer(f"{base}_quantized", quantized)
     for k, v in value.metadata_props.items():
         q_value.metadata_props[k] = v
-    s_value = add_initializer(graph, unique_name(graph, f"{base}_scale"), scale)
-    z_value = add_initializer(graph, unique_name(graph, f"{base}_zero_point"), np.zeros(scale.shape, dtype=fmt.numpy_dtype()))
+    s_value = build.initializer(f"{base}_scale", scale)
+    z_value = build.initializer(f"{base}_zero_point", np.zeros(scale.shape, dtype=fmt.numpy_dtype()))
     dq = make_node(
         "DequantizeLinear", [q_value, s_value, z_value], attributes={"axis": axis},
-        name=unique_name(graph, f"{base}_DequantizeLinear"), output_names=[unique_name(graph, f"{base}_dequantized")],
+        name=build.node_name(f"{base}_DequantizeLinear"), output_names=[build.fresh(f"{base}_dequantized")],
     )
     annotate(dq, "provenance", "quantize")
     out = dq.outputs[0]
     out.dtype = value.dtype
     out.shape = value.shape
-    graph.insert_before(before, [dq])
+    build.graph.insert_before(before, [dq])
     return out
 
 
@@ -546,7 +547,7 @@ def _gather_tables(graph) -> list[tuple[Node, int]]:
     return tables
 
 
-def _quantize_table(graph, gather: Node, index: int, fmt: _Format, cache, pair_limit: int = 0) -> None:
+def _quantize_table(build: Builder, gather: Node, index: int, fmt: _Format, cache, pair_limit: int = 0) -> None:
     """Quantize an embedding table per row; every float reader of it reads the dequantized table.
 
     With `pair_limit`, pairs along the row (the K axis of a tied lm_head) are limited too.
@@ -557,8 +558,8 @@ def _quantize_table(graph, gather: Node, index: int, fmt: _Format, cache, pair_l
     key = (id(table), 0)
     dq_out = cache.get(key)
     if dq_out is None:
-        first = min((u.node for u in table.uses()), key=_position(graph))
-        dq_out = _dequantized_constant(graph, table, 0, fmt, before=first, pair_axis=1 if pair_limit else None,
+        first = min((u.node for u in table.uses()), key=_position(build.graph))
+        dq_out = _dequantized_constant(build, table, 0, fmt, before=first, pair_axis=1 if pair_limit else None,
                                        pair_limit=pair_limit)
         cache[key] = dq_out
     for use in list(table.uses()):
@@ -585,43 +586,19 @@ def _residual_adds(graph, plans: list) -> list[tuple[Node, int, Value, _Format]]
                     if node.op_type == "Conv" and fmt is not None and fmt.name in ("int8", "uint8", "fp8")}
     if not conv_formats:
         return []
-
-    def conv_format(value: Value) -> _Format | None:
-        node = value.producer()
-        if node is not None and node.op_type == "BatchNormalization" and node.inputs[0] is not None:
-            if len(list(node.inputs[0].uses())) != 1:
-                return None
-            node = node.inputs[0].producer()
-        return conv_formats.get(id(node)) if node is not None else None
-
     found = []
-    for add in graph:
-        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+    for match in residual_adds(graph, lambda node: id(node) in conv_formats):
+        x = match.residual
+        if dequantized(x) is not None or (x.dtype is not None and x.dtype not in FLOAT_TYPES):
             continue
-        a, b = add.inputs
-        if a is None or b is None or is_constant(a) or is_constant(b):
-            continue
-        formats = [conv_format(a), conv_format(b)]
-        if not any(formats):
-            continue
-        idx = 1 if formats[0] else 0
-        x = add.inputs[idx]
-        dq = x.producer()
-        if (dq is not None and dq.op_type == "DequantizeLinear") or (x.dtype is not None and x.dtype not in FLOAT_TYPES):
-            continue
-        found.append((add, idx, x, formats[1 - idx]))
+        found.append((match.add, match.index, x, conv_formats[id(match.conv)]))
     return found
-
-
-def _drop_unused_initializers(graph) -> None:
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]:
-        graph.initializers.pop(name)
 
 
 # --------------------------------------------------------------------------- activations
 
 
-def _quantize_activation(graph, first: Node, x: Value, fmt: _Format, hist, opts) -> tuple[Value, dict]:
+def _quantize_activation(build: Builder, first: Node, x: Value, fmt: _Format, hist, opts) -> tuple[Value, dict]:
     """Insert QuantizeLinear → DequantizeLinear for `x` before its first quantized reader."""
     float_dtype = _NUMPY_FLOATS.get(x.dtype, np.float32) if x.dtype is not None else np.float32
     if hist.count == 0:
@@ -650,19 +627,19 @@ def _quantize_activation(graph, first: Node, x: Value, fmt: _Format, hist, opts)
         "scale_source": f"calibration:{method}" + (f"@{opts.percentile}" if method == "percentile" else ""),
     })
     base = x.name if fmt.name in ("int8", "uint8", "fp8") else f"{x.name}_{fmt.name}"
-    s_value = add_initializer(graph, unique_name(graph, f"{base}_scale"), np.asarray(scale, dtype=float_dtype))
-    z_value = add_initializer(graph, unique_name(graph, f"{base}_zero_point"), np.asarray(zero_point, dtype=fmt.numpy_dtype()))
-    q = make_node("QuantizeLinear", [x, s_value, z_value], name=unique_name(graph, f"{base}_QuantizeLinear"),
-                  output_names=[unique_name(graph, f"{base}_quantized")])
-    dq = make_node("DequantizeLinear", [q.outputs[0], s_value, z_value], name=unique_name(graph, f"{base}_DequantizeLinear"),
-                   output_names=[unique_name(graph, f"{base}_dequantized")])
+    s_value = build.initializer(f"{base}_scale", np.asarray(scale, dtype=float_dtype))
+    z_value = build.initializer(f"{base}_zero_point", np.asarray(zero_point, dtype=fmt.numpy_dtype()))
+    q = make_node("QuantizeLinear", [x, s_value, z_value], name=build.node_name(f"{base}_QuantizeLinear"),
+                  output_names=[build.fresh(f"{base}_quantized")])
+    dq = make_node("DequantizeLinear", [q.outputs[0], s_value, z_value], name=build.node_name(f"{base}_DequantizeLinear"),
+                   output_names=[build.fresh(f"{base}_dequantized")])
     if x.dtype is not None:  # a shape without a type does not serialize
         q.outputs[0].dtype = _onnx_type(fmt)
         dq.outputs[0].dtype = x.dtype
         q.outputs[0].shape = dq.outputs[0].shape = x.shape
     for n in (q, dq):
         annotate(n, "provenance", "quantize")
-    graph.insert_before(first, [q, dq])
+    build.graph.insert_before(first, [q, dq])
     return dq.outputs[0], info
 
 

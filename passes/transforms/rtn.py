@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from optc.ir import Model
+from optc.ir.patterns.builder import Builder
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
@@ -44,8 +45,9 @@ class Rtn(LowBitPass):
             return self.nothing_quantized(model, excluded, skipped)
         device = default_device()
         grid = opts.grid
+        build = Builder(model.graph)  # owns the fresh names of everything this run adds
         with torch_threads(device):
             for site in tqdm(sites, desc="rtn", unit="layer", leave=False, disable=None):
                 q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
-                self.emit(model, site, q, scale, zero, {"clip": opts.clip})
+                self.emit(model, site, q, scale, zero, {"clip": opts.clip}, build)
         return PassResult(model, True, None, {"quantized-ops": len(sites), "excluded-ops": len(excluded)})

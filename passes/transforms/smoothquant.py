@@ -60,18 +60,17 @@ import numpy as np
 
 from optc.errors import MissingCalibrationData
 from optc.ir import (
+    Graph,
     Model,
     Node,
     Value,
-    add_initializer,
     annotate,
     constant_array,
     is_constant,
-    make_node,
     sole_transpose,
     tensor,
-    unique_name,
 )
+from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.ops import GEMM_OPS, NORM_OPS, NORM_PATH_OPS, REDUCTION_OPS
 from optc.ir.patterns.weights import weight_view
 from optc.passes.analyses.activation_stats import ActivationStats
@@ -140,6 +139,7 @@ class SmoothQuant(Pass):
             return PassResult(model, False, None, {"groups-smoothed": 0})
         stats = self._activation_stats(model, am)
         graph = model.graph
+        build = Builder(graph)  # owns the fresh names of everything this run adds
         copies = inserted = 0
         smoothed = 0
         for group in groups:
@@ -155,16 +155,16 @@ class SmoothQuant(Pass):
             if np.all(s == 1.0):
                 continue
             if group.producer == "mul":
-                insert_scale_mul(graph, group, 1.0 / s)
+                insert_scale_mul(build, group, 1.0 / s)
                 inserted += 1
             else:
-                copies += scale_sites(graph, group.folds, 1.0 / s, group.channels)
-            copies += scale_sites(graph, [ScaleSite(n, 1, a) for n, a in group.consumers], s, group.channels)
+                copies += scale_sites(build, group.folds, 1.0 / s, group.channels)
+            copies += scale_sites(build, [ScaleSite(n, 1, a) for n, a in group.consumers], s, group.channels)
             for _, site in group.tied:
-                if _scale_tied_table(graph, site, s):
+                if _scale_tied_table(build, site, s):
                     inserted += 1
                 else:
-                    copies += scale_sites(graph, [site], s, group.channels)
+                    copies += scale_sites(build, [site], s, group.channels)
             info = {"alpha": self.options.alpha, "producer": group.producer, "input": group.value.name}
             for node in (*(n for n, _ in group.consumers), *(n for n, _ in group.tied)):
                 annotate(node, "smoothquant", info)
@@ -504,8 +504,9 @@ def _weight_input(node: Node) -> Value | None:
 # --------------------------------------------------------------------------- rewriting
 
 
-def scale_sites(graph, sites: list[ScaleSite], factor: np.ndarray, channels: int) -> int:
+def scale_sites(graph: Graph | Builder, sites: list[ScaleSite], factor: np.ndarray, channels: int) -> int:
     """Multiply each site's constant by `factor` along its channel axis; returns how many constants were copied."""
+    build = graph if isinstance(graph, Builder) else None  # made when a copy needs a name
     by_value: dict[int, list[ScaleSite]] = {}
     values: dict[int, Value] = {}
     for site in sites:
@@ -526,7 +527,8 @@ def scale_sites(graph, sites: list[ScaleSite], factor: np.ndarray, channels: int
             value.const_value = tensor(scaled, name=value.name)
             value.shape = _shape_of(scaled)
         else:
-            new = add_initializer(graph, unique_name(graph, f"{value.name}_smoothed"), scaled)
+            build = build or Builder(graph)
+            new = build.initializer(f"{value.name}_smoothed", scaled)
             for k, v in value.metadata_props.items():
                 new.metadata_props[k] = v
             for site in group:
@@ -535,7 +537,7 @@ def scale_sites(graph, sites: list[ScaleSite], factor: np.ndarray, channels: int
     return copies
 
 
-def _scale_tied_table(graph, site: ScaleSite, factor: np.ndarray) -> bool:
+def _scale_tied_table(build: Builder, site: ScaleSite, factor: np.ndarray) -> bool:
     """Scale a table read by a tied lm_head (through `site`'s Transpose) and by embedding Gathers, keeping it tied.
 
     The table T [vocab, hidden] becomes T·diag(s) in place, and every Gather
@@ -561,17 +563,17 @@ def _scale_tied_table(graph, site: ScaleSite, factor: np.ndarray) -> bool:
     for gather in gathers:
         rows = gather.outputs[0]
         readers = list(rows.uses())
-        mul = _scaling_mul(graph, rows, (1.0 / factor).astype(array.dtype), f"{table.name}_unsmooth", f"{rows.name}_unsmooth")
-        graph.insert_after(gather, [mul])
+        mul = _scaling_mul(build, rows, (1.0 / factor).astype(array.dtype), f"{table.name}_unsmooth", f"{rows.name}_unsmooth")
+        build.graph.insert_after(gather, [mul])
         for use in readers:
             use.node.replace_input_with(use.idx, mul.outputs[0])
     return True
 
 
-def _scaling_mul(graph, x: Value, factor: np.ndarray, scale_name: str, name: str) -> Node:
+def _scaling_mul(build: Builder, x: Value, factor: np.ndarray, scale_name: str, name: str) -> Node:
     """A new `Mul(x, factor)` node (not yet inserted), typed like x, with `factor` as a new initializer."""
-    scale = add_initializer(graph, unique_name(graph, scale_name), factor)
-    mul = make_node("Mul", [x, scale], name=unique_name(graph, name), output_names=[unique_name(graph, f"{name}ed")])
+    scale = build.initializer(scale_name, factor)
+    mul = build.node("Mul", [x, scale], name=name, outputs=[f"{name}ed"])
     if x.dtype is not None:
         mul.outputs[0].dtype = x.dtype
         mul.outputs[0].shape = x.shape
@@ -579,13 +581,14 @@ def _scaling_mul(graph, x: Value, factor: np.ndarray, scale_name: str, name: str
     return mul
 
 
-def insert_scale_mul(graph, group: _Group, inverse: np.ndarray) -> None:
+def insert_scale_mul(graph: Graph | Builder, group: _Group, inverse: np.ndarray) -> None:
     """x_smoothed = Mul(x, 1/s), read by the group's linear layers instead of x."""
     x = group.value
     dtype = np.float16 if x.dtype is not None and x.dtype.name == "FLOAT16" else np.float32
-    mul = _scaling_mul(graph, x, inverse.astype(dtype), f"{x.name}_smooth_scale", f"{x.name}_smooth")
-    first = min((n for n, _ in group.consumers), key=_position(graph))
-    graph.insert_before(first, [mul])
+    build = Builder.of(graph)
+    mul = _scaling_mul(build, x, inverse.astype(dtype), f"{x.name}_smooth_scale", f"{x.name}_smooth")
+    first = min((n for n, _ in group.consumers), key=_position(build.graph))
+    build.graph.insert_before(first, [mul])
     for node, _ in group.consumers:
         node.replace_input_with(0, mul.outputs[0])
 

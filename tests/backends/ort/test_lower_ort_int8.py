@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optc.backends.ort import lower_ort_int8 as lowering
 from optc.ir import DataType, annotation, model_metadata, print_ir, to_proto
+from optc.ir.patterns.qdq import quantized_type
 from optc.passes import get_pass, parse_pipeline
 from tests import models
 from tests.passes import builders as b
@@ -198,10 +199,10 @@ def test_u8u8_reencodes_activations_and_weights():
     assert result.modified
     assert result.statistics["matmul-u8u8"] == 3 and result.statistics["matmul-u8s8"] == 0
     for q in _nodes(model, "QuantizeLinear"):
-        assert lowering._qtype(q.outputs[0]) == DataType.UINT8
+        assert quantized_type(q) == DataType.UINT8
         assert q.inputs[2].dtype == DataType.UINT8 and int(q.inputs[2].const_value.numpy()) == 128
     for dq in _nodes(model, "DequantizeLinear"):
-        assert lowering._qtype(dq.inputs[0]) == DataType.UINT8
+        assert quantized_type(dq) == DataType.UINT8
         assert np.all(dq.inputs[2].const_value.numpy() == 128)
     for name in ("q_w", "k_w", "o_w"):
         assert model.graph.initializers[name].const_value.dtype == DataType.UINT8
@@ -274,7 +275,7 @@ def test_u8s8_keeps_int8_weights():
     result, _ = _lower(qdq_mlp(), "kernel=u8s8")
     assert result.statistics["matmul-u8s8"] == 3
     assert result.model.graph.initializers["q_w"].const_value.dtype == DataType.INT8
-    assert all(lowering._qtype(q.outputs[0]) == DataType.UINT8 for q in _nodes(result.model, "QuantizeLinear"))
+    assert all(quantized_type(q) == DataType.UINT8 for q in _nodes(result.model, "QuantizeLinear"))
 
 
 def test_keep_leaves_integer_qdq_alone():
