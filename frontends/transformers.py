@@ -76,15 +76,18 @@ from optc.ir import (  # noqa: E402 - the offline switches must be set before tr
     set_source_name,
     verify,
 )
-from optc.ir.annotations import ARCHITECTURE, HF_CONFIG, SOURCE_ALIASES, SOURCE_TRANSPOSED  # noqa: E402
+from optc.ir.annotations import (  # noqa: E402
+    ARCHITECTURE,
+    HF_CONFIG,
+    HF_EXPORT,
+    SOURCE_ALIASES,
+    SOURCE_TRANSPOSED,
+    TIED_PARAMETERS,
+)
 from optc.memory import check_budget, format_size  # noqa: E402
 
 _log = logging.getLogger("optc.frontends.transformers")
 
-#: Model metadata: tied parameter aliases, `{alias: stored name}`.
-TIED_PARAMETERS = "tied_parameters"
-#: Model metadata: what the frontend exported (task, inputs, outputs, source format).
-HF_EXPORT = "hf_export"
 
 #: Bump when the exported graph or its annotations change, to invalidate cached exports.
 EXPORT_FORMAT_VERSION = 2

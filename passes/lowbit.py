@@ -46,6 +46,7 @@ from optc.ir import (
     source_name,
     unique_name,
 )
+from optc.ir.annotations import PROVENANCE, QUANTIZATION, QUANTIZATION_SKIPPED
 from optc.ir.opset import default_opset, ensure_opset
 from optc.passes.infra.options import option
 from optc.passes.linear_layers import Linear, layer_names, linear, matches_any, torch_threads
@@ -240,8 +241,8 @@ def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
     reason = "excluded (exclude=" + ",".join(exclude) + ")"
     changed = 0
     for node in nodes:
-        if annotation(node, "quant_skipped") != reason and annotation(node, "quant") is None:
-            annotate(node, "quant_skipped", reason)
+        if annotation(node, QUANTIZATION_SKIPPED) != reason and annotation(node, QUANTIZATION) is None:
+            annotate(node, QUANTIZATION_SKIPPED, reason)
             changed += 1
     return changed
 
@@ -284,7 +285,7 @@ def emit(
         attributes["block_size"] = g
     dq = make_node("DequantizeLinear", inputs, attributes=attributes,
                    name=unique_name(graph, f"{base}_DequantizeLinear"), output_names=[unique_name(graph, f"{base}_dequantized")])
-    annotate(dq, "provenance", info.get("method", "lowbit"))
+    annotate(dq, PROVENANCE, info.get("method", "lowbit"))
     dq.outputs[0].dtype = weight.dtype
     dq.outputs[0].shape = weight.shape
     graph.insert_before(node, [dq])
@@ -304,7 +305,7 @@ def emit(
         "activations": "float",
         **info,
     }
-    annotate(node, "quant", full)
+    annotate(node, QUANTIZATION, full)
     return full
 
 

@@ -79,6 +79,7 @@ from optc.ir import (
     tensor,
     unique_name,
 )
+from optc.ir.annotations import ORT_LOWERING, PROVENANCE
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -137,7 +138,7 @@ class LowerOrtInt8(Pass):
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         graph = model.graph
         kernel, reason = self.options.kernel, "requested"
-        earlier = model_metadata(model, "ort_lowering")
+        earlier = model_metadata(model, ORT_LOWERING)
         if kernel == "auto" and earlier:
             # Lowered already (e.g. `--passes '...,lower-ort-int8{kernel=u8s8}'` before the backend's own run).
             kernel = "keep"
@@ -163,7 +164,7 @@ class LowerOrtInt8(Pass):
         if kernel == "u8u8" and stats["matmul-u8s8"]:
             reason += f"; u8s8 (exact) for the {stats['matmul-u8s8']} whose weights' K pairs cannot saturate"
         if modified and not earlier:
-            set_model_metadata(model, "ort_lowering", {"kernel": kernel, "reason": reason, **stats})
+            set_model_metadata(model, ORT_LOWERING, {"kernel": kernel, "reason": reason, **stats})
         return PassResult(model, modified, None, stats)
 
 
@@ -219,7 +220,7 @@ class _Rewriter:
             self._split_gemm_bias(node)
         kernel = "u8u8" if w_dq.inputs[0].dtype == DataType.UINT8 else "u8s8"
         self.stats[f"matmul-{kernel}"] += 1
-        annotate(node, "ort_lowering", {
+        annotate(node, ORT_LOWERING, {
             "kernel": kernel,
             "runs_as": "com.microsoft.MatMulIntegerToFloat" if node.op_type == "MatMul" else "com.microsoft.QGemm",
         })
@@ -264,8 +265,8 @@ class _Rewriter:
                            output_names=[unique_name(g, f"{name}_weight")])
         _copy_type(dq_new.outputs[0], node.inputs[1])
         for n in (t_new, dq_new):
-            annotate(n, "provenance", "lower-ort-int8")
-        annotate(t_new, "ort_lowering", {"rewrite": "tied int8 table transposed at session load for the integer kernel"})
+            annotate(n, PROVENANCE, "lower-ort-int8")
+        annotate(t_new, ORT_LOWERING, {"rewrite": "tied int8 table transposed at session load for the integer kernel"})
         g.insert_before(node, [t_new, dq_new])
         node.replace_input_with(1, dq_new.outputs[0])
         if not t.outputs[0].uses() and not t.outputs[0].is_graph_output():
@@ -290,7 +291,7 @@ class _Rewriter:
         gemm.resize_inputs(2)
         add = make_node("Add", [gemm.outputs[0], bias], name=unique_name(g, f"{name}_bias"),
                         output_names=[unique_name(g, f"{name}_with_bias")])
-        annotate(add, "provenance", "lower-ort-int8")
+        annotate(add, PROVENANCE, "lower-ort-int8")
         _copy_type(add.outputs[0], gemm.outputs[0])
         g.insert_after(gemm, [add])
         for use in list(gemm.outputs[0].uses()):
@@ -324,7 +325,7 @@ class _Rewriter:
             del q.attributes["output_dtype"]
         if q.outputs[0].dtype is not None:
             q.outputs[0].dtype = DataType.UINT8
-        annotate(q, "ort_lowering", {"encoding": "uint8, zero point +128"})
+        annotate(q, ORT_LOWERING, {"encoding": "uint8, zero point +128"})
         self._u8_activations.add(id(q))
 
     def _weight_to_u8(self, dq: Node) -> None:
@@ -344,7 +345,7 @@ class _Rewriter:
             weight.dtype = DataType.UINT8
         for r in readers:
             self._to_u8_zero_point(r)
-            annotate(r, "ort_lowering", {"encoding": "uint8, zero point +128"})
+            annotate(r, ORT_LOWERING, {"encoding": "uint8, zero point +128"})
         self._u8_weights.add(id(weight))
 
     def _to_u8_zero_point(self, node: Node) -> None:
@@ -414,8 +415,8 @@ class _Rewriter:
         out = new_nodes[-1].outputs[0]
         _copy_type(out, node.outputs[0])
         for n in new_nodes:
-            annotate(n, "provenance", "lower-ort-int8")
-        annotate(rows, "ort_lowering", {"rewrite": "gather 8-bit rows, then dequantize them"})
+            annotate(n, PROVENANCE, "lower-ort-int8")
+        annotate(rows, ORT_LOWERING, {"rewrite": "gather 8-bit rows, then dequantize them"})
         g.insert_before(node, new_nodes)
         _replace_output(node.outputs[0], out)
         self._dead.append(node)
@@ -455,8 +456,8 @@ class _Rewriter:
         out = new_nodes[-1].outputs[0]
         _copy_type(out, node.outputs[0])
         for n in new_nodes:
-            annotate(n, "provenance", "lower-ort-int8")
-        annotate(new_nodes[-1], "ort_lowering", {"rewrite": "DequantizeLinear as Cast->Mul, folded at session load"})
+            annotate(n, PROVENANCE, "lower-ort-int8")
+        annotate(new_nodes[-1], ORT_LOWERING, {"rewrite": "DequantizeLinear as Cast->Mul, folded at session load"})
         g.insert_before(node, new_nodes)
         for use in list(node.outputs[0].uses()):
             if id(use.node) not in dead and not _fused_integer(use.node):

@@ -53,6 +53,7 @@ from optc.ir import (
     set_model_metadata,
     unique_name,
 )
+from optc.ir.annotations import ORT_LOWERING, ORT_NBITS_LOWERING
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -62,7 +63,7 @@ from optc.passes.infra.remarks import match_summary
 _LOWBIT = (DataType.INT4, DataType.UINT4, DataType.INT8, DataType.UINT8)
 _SIGNED = (DataType.INT4, DataType.INT8)
 #: Model metadata key recording that (and how) the model was lowered: a later `form=auto` run keeps it.
-METADATA = "ort_nbits_lowering"
+METADATA = ORT_NBITS_LOWERING
 
 
 @register_pass("lower-ort-nbits")
@@ -181,7 +182,7 @@ class LowerOrtNbits(Pass):
         new = make_node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft",
                         name=unique_name(graph, f"{node.name or 'MatMul'}_nbits"))
         _swap(graph, node, new)
-        annotate(new, "ort_lowering", {"runs_as": "com.microsoft.MatMulNBits", "bits": nbits, "block_size": block,
+        annotate(new, ORT_LOWERING, {"runs_as": "com.microsoft.MatMulNBits", "bits": nbits, "block_size": block,
                                        "accuracy_level": self.options.accuracy_level})
         return True
 
@@ -295,7 +296,7 @@ def _dequantize_at_load(model: Model, node: Node, dq: Node) -> bool:
     x.dtype = DataType.FLOAT
     graph.insert_before(dq, nodes)
     dq.outputs[0].replace_all_uses_with(x)
-    annotate(node, "ort_lowering", {"weights": "dequantized at load (Cast -> Mul, folded by onnxruntime)"})
+    annotate(node, ORT_LOWERING, {"weights": "dequantized at load (Cast -> Mul, folded by onnxruntime)"})
     return True
 
 

@@ -42,7 +42,7 @@ from optc.backends.base import Artifact, Backend, register_backend
 from optc.backends.tensorrt.trt_check import check_tensorrt, summarize
 from optc.errors import OptcError, WriteError
 from optc.ir import Model, annotation, model_metadata, model_size_bytes, save_model, verify
-from optc.ir.annotations import SPARSITY
+from optc.ir.annotations import SPARSITY, TENSORRT_LOWERING
 from optc.ir.io import remove_model, staged_to_output
 from optc.passes.infra.context import PassContext
 
@@ -256,7 +256,7 @@ class TensorRTBackend(Backend):
         if errors:
             raise OptcError(f"the model breaks {len(errors)} TensorRT rule(s) that lower-tensorrt cannot fix; "
                             f"first: {errors[0]} (run --passes=trt-check for all)")
-        checks = [f"lower-tensorrt: {note}" for note in model_metadata(model, "tensorrt_lowering") or []]
+        checks = [f"lower-tensorrt: {note}" for note in model_metadata(model, TENSORRT_LOWERING) or []]
         checks.append(f"trt-check: {summarize(findings)}")
         checks += [f"trt-check: {f}" for f in findings[:20]]
 

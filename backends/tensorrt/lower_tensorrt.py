@@ -105,7 +105,7 @@ from optc.ir import (
     transpose_perm,
     unique_name,
 )
-from optc.ir.annotations import QUANTIZATION
+from optc.ir.annotations import PROVENANCE, QUANTIZATION, QUANTIZATION_SKIPPED, TENSORRT_LOWERING
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -213,8 +213,8 @@ class LowerTensorRT(Pass):
                 am.context.remark("missed", note if len(note) <= 240 else note[:237] + "...")
         if not notes:
             return PassResult(model, False, None, {"rewrites": 0})
-        earlier = model_metadata(model, "tensorrt_lowering") or []
-        set_model_metadata(model, "tensorrt_lowering", [*earlier, *notes])
+        earlier = model_metadata(model, TENSORRT_LOWERING) or []
+        set_model_metadata(model, TENSORRT_LOWERING, [*earlier, *notes])
         stats = {key.replace("_", "-"): len(v) for key, v in lowering.done.items()}
         return PassResult(model, True, None, stats)
 
@@ -500,7 +500,7 @@ class _Lowering:
             new.outputs[0].shape = dq.outputs[0].shape
         for k, v in dq.metadata_props.items():
             new.metadata_props[k] = v
-        annotate(new, "provenance", "lower-tensorrt")
+        annotate(new, PROVENANCE, "lower-tensorrt")
         self.graph.insert_before(dq, [new])
         for use in uses:
             use.node.replace_input_with(use.idx, new.outputs[0])
@@ -592,7 +592,7 @@ class _Lowering:
             add = make_node("Add", [node.outputs[0], corr.outputs[0]], name=unique_name(g, f"{name}_corrected"),
                             output_names=[unique_name(g, f"{name}_corrected")])
             for n in (summed, corr, add):
-                annotate(n, "provenance", "lower-tensorrt")
+                annotate(n, PROVENANCE, "lower-tensorrt")
             out = node.outputs[0]
             if out.dtype is not None:
                 add.outputs[0].dtype = out.dtype
@@ -659,7 +659,7 @@ class _Lowering:
             dq.outputs[0].dtype = x.dtype
             q.outputs[0].shape = dq.outputs[0].shape = x.shape
         for n in (q, dq):
-            annotate(n, "provenance", "lower-tensorrt")
+            annotate(n, PROVENANCE, "lower-tensorrt")
         g.insert_before(before, [q, dq])
         return dq.outputs[0]
 
@@ -813,7 +813,7 @@ def _splittable(node: Node, axis: int) -> bool:
 
 def _label(node: Node) -> str:
     """A node's name for notes: the parameter its weight came from when `quantize` recorded it."""
-    info = annotation(node, QUANTIZATION) or annotation(node, "quant_skipped")
+    info = annotation(node, QUANTIZATION) or annotation(node, QUANTIZATION_SKIPPED)
     if isinstance(info, dict) and info.get("weight_source"):
         return str(info["weight_source"]).removesuffix(".weight")
     for value in node.inputs[1:2]:

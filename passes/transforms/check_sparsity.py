@@ -30,6 +30,7 @@ from optc.ir import (
     node_label,
     transpose_perm,
 )
+from optc.ir.annotations import SPARSITY
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
@@ -144,7 +145,7 @@ def check_nm_sparsity(model: Model) -> tuple[int, list[Violation]]:
             problems.append(Violation(node, weight, f"{bad} group(s) of {nm[1]} along K hold more than {nm[0]} non-zeros"))
 
     for node in model.graph:
-        info = annotation(node, "sparsity")
+        info = annotation(node, SPARSITY)
         if not info or len(node.inputs) < 2:
             continue
         axis = _k_axis(node)
@@ -155,7 +156,7 @@ def check_nm_sparsity(model: Model) -> tuple[int, list[Violation]]:
         seen.add(id(weight))
         check(effective_weight(weight), axis, info["pattern"], node_label(node), weight.name or "")
     for value in model.graph.initializers.values():
-        info = annotation(value, "sparsity")
+        info = annotation(value, SPARSITY)
         if not info or id(value) in seen or value.dtype not in (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16):
             continue
         if not list(value.uses()):

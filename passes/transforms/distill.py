@@ -64,6 +64,7 @@ import numpy as np
 
 from optc.errors import OptcError
 from optc.ir import Model
+from optc.ir.annotations import SPARSITY
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -234,7 +235,7 @@ def _masks(model: Model, student: TorchExecutor) -> dict[int, torch.Tensor]:
     for i, (name, param) in enumerate(zip(student.param_names, student.params, strict=True)):
         value = model.graph.initializers[name]
         nonzero = param.detach() != 0
-        annotated = annotation(value, "sparsity") is not None or any(annotation(c, "sparsity") is not None for c in value.consumers())
+        annotated = annotation(value, SPARSITY) is not None or any(annotation(c, SPARSITY) is not None for c in value.consumers())
         if annotated or 1.0 - float(nonzero.float().mean()) >= PRUNED_FRACTION:
             masks[i] = nonzero
     return masks

@@ -98,6 +98,7 @@ from optc.ir import (
     source_name,
     unique_name,
 )
+from optc.ir.annotations import PROVENANCE, QUANTIZATION, QUANTIZATION_SKIPPED
 from optc.ir.opset import ensure_opset
 from optc.passes.analyses.activation_histograms import (
     DEFAULT_BINS,
@@ -245,16 +246,16 @@ class Quantize(Pass):
             if _matches(node, weight, opts.exclude):
                 excluded.append((node, weight))
                 reason = "excluded (exclude=" + ",".join(opts.exclude) + ")"
-                if annotation(node, "quant_skipped") != reason:
-                    annotate(node, "quant_skipped", reason)
+                if annotation(node, QUANTIZATION_SKIPPED) != reason:
+                    annotate(node, QUANTIZATION_SKIPPED, reason)
                     skipped += 1
                 continue
             act_fmt = self._activation_format(node, weight)
             why = self._fp8_conv_unsupported(node, weight, act_fmt)
             if why:
                 float_convs += 1
-                if annotation(node, "quant_skipped") != why:
-                    annotate(node, "quant_skipped", why)
+                if annotation(node, QUANTIZATION_SKIPPED) != why:
+                    annotate(node, QUANTIZATION_SKIPPED, why)
                     skipped += 1
                 continue
             if opts.weights == "none" and act_fmt is None:
@@ -294,8 +295,8 @@ class Quantize(Pass):
             _quantize_table(graph, gather, index, table_fmt, dq_cache, limit)
         for node, weight in excluded:
             if tables and weight.node.inputs[weight.index].producer() is not None:
-                reason = annotation(node, "quant_skipped", "")
-                annotate(node, "quant_skipped", reason + f"; its weight is the {table_fmt.name} embedding table it is tied to")
+                reason = annotation(node, QUANTIZATION_SKIPPED, "")
+                annotate(node, QUANTIZATION_SKIPPED, reason + f"; its weight is the {table_fmt.name} embedding table it is tied to")
         for node, weight, act_fmt in plans:
             info: dict[str, object] = {"op": node.op_type}
             reason = sensitive.get(node.inputs[0].name) if node.inputs[0] is not None else None
@@ -318,13 +319,13 @@ class Quantize(Pass):
                 info["precision_reason"] = reason
             elif act_fmt is not None and act_fmt.bits == 16:
                 info["precision_reason"] = "int16=" + ",".join(opts.int16)
-            annotate(node, "quant", info)
+            annotate(node, QUANTIZATION, info)
         for add, idx, x, fmt in residuals:  # after the Convs' own Q/DQ, so a residual reuses its tensor's pair
             key = (id(x), fmt.name)
             if key not in act_cache:
                 act_cache[key] = _quantize_activation(graph, add, x, fmt, histograms[x.name], opts)
             add.replace_input_with(idx, act_cache[key][0])
-            annotate(add, "quant", {"op": "Add", "weights": "none", "activations": fmt.name, "residual": x.name})
+            annotate(add, QUANTIZATION, {"op": "Add", "weights": "none", "activations": fmt.name, "residual": x.name})
         _drop_unused_initializers(graph)
         stats = {
             "quantized-ops": len(plans),
@@ -547,7 +548,7 @@ def _dequantized_constant(
         "DequantizeLinear", [q_value, s_value, z_value], attributes={"axis": axis},
         name=unique_name(graph, f"{base}_DequantizeLinear"), output_names=[unique_name(graph, f"{base}_dequantized")],
     )
-    annotate(dq, "provenance", "quantize")
+    annotate(dq, PROVENANCE, "quantize")
     out = dq.outputs[0]
     out.dtype = value.dtype
     out.shape = value.shape
@@ -587,7 +588,7 @@ def _quantize_table(graph, gather: Node, index: int, fmt: _Format, cache, pair_l
     for use in list(table.uses()):
         if use.node.op_type != "DequantizeLinear":
             use.node.replace_input_with(use.idx, dq_out)
-    annotate(gather, "quant", {"op": "Gather", "weights": fmt.name, "weight_scheme": "per-row symmetric",
+    annotate(gather, QUANTIZATION, {"op": "Gather", "weights": fmt.name, "weight_scheme": "per-row symmetric",
                                "weight_axis": 0, "weight": table.name, "weight_source": source_name(table),
                                "activations": "float"})
 
@@ -684,7 +685,7 @@ def _quantize_activation(graph, first: Node, x: Value, fmt: _Format, hist, opts)
         dq.outputs[0].dtype = x.dtype
         q.outputs[0].shape = dq.outputs[0].shape = x.shape
     for n in (q, dq):
-        annotate(n, "provenance", "quantize")
+        annotate(n, PROVENANCE, "quantize")
     graph.insert_before(first, [q, dq])
     return dq.outputs[0], info
 

@@ -76,6 +76,7 @@ from optc.ir import (
     tensor,
     unique_name,
 )
+from optc.ir.annotations import PROVENANCE, SMOOTHQUANT, SOURCE_ALIASES
 from optc.passes.analyses.activation_stats import ActivationStats
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
@@ -172,7 +173,7 @@ class SmoothQuant(Pass):
                     copies += scale_sites(graph, [site], s, group.channels)
             info = {"alpha": self.options.alpha, "producer": group.producer, "input": group.value.name}
             for node in (*(n for n, _ in group.consumers), *(n for n, _ in group.tied)):
-                annotate(node, "smoothquant", info)
+                annotate(node, SMOOTHQUANT, info)
             smoothed += 1
         if not smoothed:
             return PassResult(model, False, None, {"groups-smoothed": 0})
@@ -521,7 +522,7 @@ def _matches(node: Node, patterns) -> bool:
     names = [node_label(node), *(o.name for o in node.outputs if o.name)]
     w = node.inputs[1] if len(node.inputs) > 1 else None
     if w is not None:
-        names += [w.name or "", source_name(w), *(annotation(w, "source_aliases") or [])]
+        names += [w.name or "", source_name(w), *(annotation(w, SOURCE_ALIASES) or [])]
     return any(_match(p, n) for p in patterns for n in names if n)
 
 
@@ -605,7 +606,7 @@ def _scaling_mul(graph, x: Value, factor: np.ndarray, scale_name: str, name: str
     if x.dtype is not None:
         mul.outputs[0].dtype = x.dtype
         mul.outputs[0].shape = x.shape
-    annotate(mul, "provenance", "smoothquant")
+    annotate(mul, PROVENANCE, "smoothquant")
     return mul
 
 

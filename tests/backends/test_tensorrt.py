@@ -70,7 +70,7 @@ def _run_optimized(path: Path, feeds):
 
 def _conv_with_unquantized_residual(act, weight, channels: int = 4):
     """x → Q/DQ → Conv (quantized weight) + Sigmoid(x) → Add: the residual input has no Q/DQ (rule T12)."""
-    from tests.passes import test_trt_check as planted
+    from tests.backends.tensorrt import test_trt_check as planted
 
     (a_nodes, a_inits), (w_nodes, w_inits) = act, weight
     nodes = [*a_nodes, *w_nodes,
@@ -161,7 +161,7 @@ def test_cnn_fp8_is_legal_and_computes_the_ort_targets_numbers(tmp_path):
 
 def test_fp8_residual_without_an_existing_qdq_gets_an_fp8_minmax_qdq(tmp_path):
     """A calibrated residual Q/DQ takes the Conv's FP8 format and scale amax/448 (ModelOpt: max calibration, x448/127)."""
-    from tests.passes import test_trt_check as planted
+    from tests.backends.tensorrt import test_trt_check as planted
 
     f8 = ml_dtypes.float8_e4m3fn
     rng = np.random.default_rng(0)
@@ -316,7 +316,7 @@ def test_per_channel_int4_becomes_one_block_along_k():
 
 
 def test_planted_violations_that_lowering_fixes():
-    from tests.passes import test_trt_check as planted
+    from tests.backends.tensorrt import test_trt_check as planted
 
     fixable = ("symmetric", "qdq-dtype", "per-tensor-activation", "weight-axis", "no-bias-quantization",
                "residual-quantized", "concat-one-scale", "weighted-output", "weighted-inputs", "shared-qdq")
@@ -330,7 +330,7 @@ def test_planted_violations_that_lowering_fixes():
 
 
 def test_concat_inputs_get_the_largest_scale():
-    from tests.passes import test_trt_check as planted
+    from tests.backends.tensorrt import test_trt_check as planted
 
     model, _ = planted.planted_concat()
     lowered = _lower(model)
@@ -340,7 +340,7 @@ def test_concat_inputs_get_the_largest_scale():
 
 
 def test_residual_without_an_existing_qdq_is_calibrated(tmp_path):
-    from tests.passes import test_trt_check as planted
+    from tests.backends.tensorrt import test_trt_check as planted
 
     rng = np.random.default_rng(0)
     model = _conv_with_unquantized_residual(planted._act_qdq(), planted._w_dq(
@@ -391,7 +391,7 @@ def test_engine_output_without_tensorrt_writes_the_onnx_beside_it(tmp_path, suff
 
 
 def test_cli_tensorrt_target_with_onnx_output_exits_0(tmp_path):
-    from tests.passes.test_trt_check import optc_in_process
+    from tests.backends.tensorrt.test_trt_check import optc_in_process
 
     path = tmp_path / "cnn.onnx"
     onnx.save(small_cnn(), path)
