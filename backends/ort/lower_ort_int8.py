@@ -1,56 +1,23 @@
 """`lower-ort-int8`: rewrite 8-bit Q/DQ into the forms onnxruntime's CPU kernels run fastest, exactly.
 
-The ort backend runs this before writing the model (`OrtBackend.legalize`).
-Every rewrite keeps the model's numerics (the dequantized values are
-bit-identical; splitting a Gemm's bias only moves one float addition); what
-changes is which onnxruntime kernel computes them. The one exception is
-opt-in: `kernel=u8s8` on a CPU without VNNI (see below). What
-it does, and why, was measured on SmolLM2-135M with onnxruntime 1.32 on a
-2-core AVX2 CPU (tools/bench_ort_int8_forms.py prints the table):
+The ort backend runs this before writing the model (`OrtBackend.legalize`). Every
+rewrite keeps the dequantized values bit-identical (splitting a Gemm's bias only
+moves one float addition); what changes is which onnxruntime kernel computes them:
 
-* **Integer MatMul/Gemm.** onnxruntime fuses `DequantizeLinear(activation) ×
-  DequantizeLinear(weight) → MatMul` into `MatMulIntegerToFloat` (Gemm into
-  `QGemm`), but on x86 only with *uint8* activations: it converts an int8
-  Q/DQ pair to uint8 itself only when the pair has one reader, so a pair
-  shared by q/k/v or gate/up (what `quantize` emits) stays a float MatMul
-  that dequantizes its weight on every run (the whole model 1.24-1.37× fp32).
-  And its uint8 × int8 kernel on CPUs without VNNI (AVX2 only) adds byte
-  products in pairs into saturating int16 (`vpmaddubsw`): on SmolLM2's own
-  activations 0.07 % of the outputs are wrong, by up to 35 % of a layer's
-  range. `kernel=u8u8` re-encodes activations and weights as uint8 with zero
-  point +128 (`q + 128`, exact): every pair fuses, and the uint8 × uint8
-  kernel widens to int16 before multiplying, so it is exact (0.73-0.78× fp32
-  per MatMul). `kernel=u8s8` re-encodes only the activations: faster (~0.6×
-  per MatMul), exact on CPUs with VNNI (`vpdpbusd` accumulates in int32), and
-  on any CPU for weights whose adjacent pairs along K have |q₀ + q₁| ≤ 128
-  (`optc.passes.int8_pairs`: what `quantize{weight-pair-limit=128}` and
-  7-bit weights guarantee). `auto` picks for the compiling host, per op:
-  u8s8 with VNNI or for such weights, else u8u8; on non-x86 hosts it keeps
-  int8 (ARM kernels are exact). `keep` leaves the Q/DQ as written. A Gemm's
-  float bias moves to an `Add` (onnxruntime fuses QGemm only without one).
-* **Tied int8 lm_head.** `MatMul(DQ(x), Transpose(DQ(T)))`, T the int8
-  table the embedding Gather also reads, becomes `MatMul(DQ(x),
-  DQ(Transpose(T), axis=1))`: onnxruntime folds the int8 Transpose into an
-  initializer at session load and fuses the integer kernel, and the file
-  keeps one table. Only where u8s8 is exact for T (T stays int8, shared).
-* **Weights of ops that stay float** (int16 or float activations, a tied
-  lm_head through `Transpose`): onnxruntime never constant-folds a
-  `DequantizeLinear`, so it either dequantizes the weight on every run or,
-  for a float activation, fuses it into `MatMulNBits` with int8 dynamic
-  activations (accuracy level 4: other numerics, and 1.4-1.8× slower than
-  fp32 here). With `dequantize-at-load` the `DequantizeLinear` becomes
-  `Cast → Mul` (`(q - zp) · scale`, the same float arithmetic), which
-  onnxruntime folds into a float weight when the session loads: fp32 speed,
-  the file keeps the 8-bit weight.
-* **Embedding tables.** `Gather(DequantizeLinear(table), ids)` dequantizes
-  the whole table on every run; `gather` reads the 8-bit rows first and
-  dequantizes only those (per-row scales gathered alongside).
+* integer MatMul/Gemm: activations (and with `kernel=u8u8` weights) re-encoded as
+  uint8 with zero point +128 so every pair fuses into `MatMulIntegerToFloat` /
+  `QGemm`; `auto` picks u8s8 where it is exact (VNNI, or weights whose K pairs
+  cannot saturate: `optc.passes.int8_pairs`), else u8u8, and keeps int8 off x86;
+  `kernel=u8s8` on a CPU without VNNI is the one opt-in that is not exact;
+* a tied int8 lm_head reads `DQ(Transpose(T))`, folded at session load, so the file
+  keeps one table;
+* weights of ops that stay float become `Cast → Mul`, folded to float at load;
+* embedding Gathers read the 8-bit rows first and dequantize only those.
 
-Each rewritten node is annotated `ort_lowering` with what was done; the chosen
-kernel and the host it was chosen for are recorded in the model metadata. A
-model lowered once is not lowered again by `kernel=auto`, so a pipeline can
-choose, e.g. `--passes 'w8a8,lower-ort-int8{kernel=u8s8}'`, and the backend's
-own run (`OrtBackend.legalize`) keeps that choice.
+Each rewritten node is annotated `ort_lowering`; the chosen kernel and host go into
+the model metadata, and a model lowered once is not lowered again by `kernel=auto`
+(`--passes 'w8a8,lower-ort-int8{kernel=u8s8}'` keeps its choice). The measurements
+behind these forms: README (Results) and tools/bench_ort_int8_forms.py.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ values (u − 2^(bits−1))·s = q·s), unsigned codes keep their own zero point
 `per-channel-block`. Blocks must be a power of two of at least 16; anything
 else (and Gemm) is left as written.
 
-5-8-bit weights are left to `lower-ort-int8` unless `bits8=true` (MatMulNBits with
-8 bits ran 1.35x the fp32 latency on SmolLM2; folding to float at load runs at fp32 speed).
+5-8-bit weights are left to `lower-ort-int8` unless `bits8=true` (folding them to
+float at load is faster: README, Results).
 
 `accuracy-level` is MatMulNBits' compute type: 0 (default, =fp32) computes
 with float activations, the numerics of the IR; 4 quantizes activations to
