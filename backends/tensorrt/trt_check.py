@@ -333,10 +333,6 @@ def _zero_point(node: Node) -> Value | None:
     return node.inputs[2] if len(node.inputs) > 2 else None
 
 
-def _is_dq_output(value: Value | None) -> bool:
-    return producer(value, "DequantizeLinear") is not None
-
-
 def quantized_activation(value: Value | None) -> bool:
     """An activation read through Q → DQ (not a constant)."""
     dq = producer(value, "DequantizeLinear")
