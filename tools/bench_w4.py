@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -44,13 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_w8a8 import (  # noqa: E402 - the sibling benchmark's runner, evaluation and table
     Row,
     add_run_options,
+    build_rows,
+    calibration_args,
     evaluate_rows,
     interleaved_latency,
-    last_line,
     model_path,
-    optc_command,
-    run_child,
+    optc_build,
     table,
+    target_check,
+    timed_build,
 )
 
 OPTC = {
@@ -108,36 +109,13 @@ def ort_quantize(variant: str, fp32: Path, out: Path, model: Any, samples: int, 
 
 
 def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Path) -> list[Row]:
-    rows: list[Row] = []
-    calib = ["--calib", "builtin", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
-    for variant in args.variants:
-        row = Row(variant)
-        rows.append(row)
-        out = work / f"{variant.replace('+', '_')}.onnx"
-        print(f"bench_w4: building {variant} ...", file=sys.stderr, flush=True)
-        try:
-            if variant == "fp32":
-                row.path, row.note = fp32, "optc's export of the GGUF (dequantized to float32)"
-            elif args.reuse and out.exists():
-                row.path, row.note = out, f"reused {out} (not rebuilt)"
-            elif variant in ORT:
-                start = time.perf_counter()
-                row.note = ort_quantize(variant, fp32, out, model, args.samples, args.seqlen)
-                row.compile_s, row.path = time.perf_counter() - start, out
-            else:
-                pipeline = OPTC[variant]
-                command = optc_command(gguf, out, pipeline, *calib)
-                row.command = shlex.join(command)
-                child = run_child(command)
-                row.compile_s = child.seconds
-                if child.returncode != 0:
-                    row.note = f"failed (exit {child.returncode}): {last_line(child.stderr)}"
-                    continue
-                row.path = out
-                row.note = f"--passes={pipeline}, peak RSS {child.peak_rss / 2**20:.0f} MiB"
-        except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the table
-            row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-    return rows
+    def build_variant(row: Row, variant: str, out: Path) -> None:
+        if variant in ORT:
+            timed_build(row, out, lambda: ort_quantize(variant, fp32, out, model, args.samples, args.seqlen))
+        else:
+            optc_build(row, gguf, out, OPTC[variant], calibration_args(args))
+
+    return build_rows(args, fp32, work, "bench_w4", build_variant)
 
 
 def targets(rows: list[Row]) -> list[str]:
@@ -148,13 +126,7 @@ def targets(rows: list[Row]) -> list[str]:
     four = [r for r in rows if r.variant in OPTC and "w3" not in r.variant and "w8" not in r.variant and r.ppl]
     best = min(four, key=lambda r: r.ppl, default=None)
     out = []
-
-    def check(label: str, value: float | None, ref: float | None, limit: float) -> str:
-        if value is None or ref is None:
-            return f"- {label}: not measured"
-        ratio = value / ref
-        return f"- {label}: {ratio:.3f}× (target ≤ {limit}×) {'PASS' if ratio <= limit else 'FAIL'}"
-
+    check = target_check
     name = best.variant if best else "—"
     out.append(check(f"W4 g128 perplexity / fp32 (best optc: {name})", best.ppl if best else None, base.ppl, PPL_TARGET))
     out.append(check(f"W4 latency / fp32 ({name})", best.latency_s if best else None, base.latency_s, LATENCY_TARGET))

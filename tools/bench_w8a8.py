@@ -67,7 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,52 +218,77 @@ def registered_passes() -> set[str]:
     return set(all_passes())
 
 
-def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Path) -> list[Row]:
+def build_rows(
+    args: argparse.Namespace, fp32: Path, work: Path, tool: str, build_variant: Callable[[Row, str, Path], None],
+) -> list[Row]:
+    """One row per `args.variants`: fp32 and reused files here, the rest by `build_variant(row, variant, out)`."""
     rows: list[Row] = []
-    pipelines = registered_pipelines()
-    calib = ["--calib", "builtin", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
     for variant in args.variants:
         row = Row(variant)
         rows.append(row)
-        out = work / f"{variant}.onnx"
-        print(f"bench_w8a8: building {variant} ...", file=sys.stderr, flush=True)
+        out = work / f"{variant.replace('+', '_')}.onnx"
+        print(f"{tool}: building {variant} ...", file=sys.stderr, flush=True)
         try:
             if variant == "fp32":
                 row.path, row.note = fp32, "optc's export of the GGUF (dequantized to float32)"
             elif args.reuse and out.exists():
                 row.path, row.note = out, f"reused {out} (not rebuilt)"
-            elif variant == "ort-static":
-                start = time.perf_counter()
-                ort_static(fp32, out, model, args.samples, args.seqlen)
-                row.compile_s, row.path = time.perf_counter() - start, out
-                row.note = "QDQ, per-channel s8 weights, symmetric MinMax s8 activations, MatMul/Gemm"
-            elif variant == "ort-dynamic":
-                start = time.perf_counter()
-                ort_dynamic(fp32, out)
-                row.compile_s, row.path = time.perf_counter() - start, out
-                row.note = "s8 weights per tensor, dynamic u8 activations, MatMul/Gemm"
             else:
-                pipeline = OPTC_PIPELINES[variant]
-                if variant in VARIANTS and pipeline not in pipelines:
-                    row.note = f"skipped: pipeline '{pipeline}' is not registered (optc --list-passes)"
-                    continue
-                extra = [*calib]
-                if args.report:
-                    extra += ["--report", str(work / f"{variant}.report.html")]
-                command = optc_command(gguf, out, pipeline, *extra)
-                row.command = shlex.join(command)
-                child = run_child(command)
-                row.compile_s = child.seconds
-                if child.returncode != 0:
-                    row.note = f"failed (exit {child.returncode}): {last_line(child.stderr)}"
-                    continue
-                row.path = out
-                row.note = f"--passes={pipeline}, peak RSS {child.peak_rss / 2**20:.0f} MiB"
-                if args.report:
-                    row.note += f", report {work / f'{variant}.report.html'}"
+                build_variant(row, variant, out)
         except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the table
             row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     return rows
+
+
+def timed_build(row: Row, out: Path, make: Callable[[], str | None]) -> None:
+    """Build `out` with a baseline quantizer, timing it; `make` may return the row's note."""
+    start = time.perf_counter()
+    note = make()
+    row.compile_s, row.path = time.perf_counter() - start, out
+    if note is not None:
+        row.note = note
+
+
+def optc_build(row: Row, gguf: Path, out: Path, pipeline: str, extra: list[str]) -> bool:
+    """Compile `out` with optc's `pipeline` in a child process; False (and the row's note) when it failed."""
+    command = optc_command(gguf, out, pipeline, *extra)
+    row.command = shlex.join(command)
+    child = run_child(command)
+    row.compile_s = child.seconds
+    if child.returncode != 0:
+        row.note = f"failed (exit {child.returncode}): {last_line(child.stderr)}"
+        return False
+    row.path = out
+    row.note = f"--passes={pipeline}, peak RSS {child.peak_rss / 2**20:.0f} MiB"
+    return True
+
+
+def calibration_args(args: argparse.Namespace) -> list[str]:
+    return ["--calib", "builtin", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
+
+
+def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Path) -> list[Row]:
+    pipelines = registered_pipelines()
+
+    def build_variant(row: Row, variant: str, out: Path) -> None:
+        if variant == "ort-static":
+            timed_build(row, out, lambda: ort_static(fp32, out, model, args.samples, args.seqlen))
+            row.note = "QDQ, per-channel s8 weights, symmetric MinMax s8 activations, MatMul/Gemm"
+            return
+        if variant == "ort-dynamic":
+            timed_build(row, out, lambda: ort_dynamic(fp32, out))
+            row.note = "s8 weights per tensor, dynamic u8 activations, MatMul/Gemm"
+            return
+        pipeline = OPTC_PIPELINES[variant]
+        if variant in VARIANTS and pipeline not in pipelines:
+            row.note = f"skipped: pipeline '{pipeline}' is not registered (optc --list-passes)"
+            return
+        report = work / f"{variant}.report.html"
+        extra = calibration_args(args) + (["--report", str(report)] if args.report else [])
+        if optc_build(row, gguf, out, pipeline, extra) and args.report:
+            row.note += f", report {report}"
+
+    return build_rows(args, fp32, work, "bench_w8a8", build_variant)
 
 
 #: onnxruntime's QDQPropagationTransformer copies a QuantizeLinear across a Reshape and the
@@ -377,6 +402,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def target_check(label: str, value: float | None, ref: float | None, limit: float) -> str:
+    """One line of a benchmark's targets: `value / ref` against `limit`, PASS or FAIL."""
+    if value is None or ref is None:
+        return f"- {label}: not measured"
+    ratio = value / ref
+    return f"- {label}: {ratio:.3f}× (target ≤ {limit}×) {'PASS' if ratio <= limit else 'FAIL'}"
+
+
 def targets(rows: list[Row]) -> list[str]:
     by = {r.variant: r for r in rows}
     base = by.get("fp32")
@@ -384,12 +417,7 @@ def targets(rows: list[Row]) -> list[str]:
     if base is None or base.ppl is None:
         return ["targets: no fp32 baseline measured"]
 
-    def check(label: str, value: float | None, ref: float | None, limit: float) -> str:
-        if value is None or ref is None:
-            return f"- {label}: not measured"
-        ratio = value / ref
-        return f"- {label}: {ratio:.3f}× (target ≤ {limit}×) {'PASS' if ratio <= limit else 'FAIL'}"
-
+    check = target_check
     w8, f8 = by.get("optc-w8a8"), by.get("optc-fp8")
     out.append(check("W8A8 INT8 perplexity / fp32", w8.ppl if w8 else None, base.ppl, PPL_TARGET))
     out.append(check("FP8 perplexity / fp32", f8.ppl if f8 else None, base.ppl, PPL_TARGET))
