@@ -28,7 +28,6 @@ them alike). Compile time is the child's wall time (for onnxruntime: the quantiz
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -45,10 +44,10 @@ from bench_w8a8 import (  # noqa: E402 - the sibling benchmark's runner, evaluat
     add_run_options,
     build_rows,
     calibration_args,
-    evaluate_rows,
-    interleaved_latency,
+    measure_rows,
     model_path,
     optc_build,
+    rows_json,
     table,
     target_check,
     timed_build,
@@ -211,15 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-w4-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        from optc.evaluate import load_tokenizer
-        from optc.frontends import load_input
-
-        model = load_input(gguf)
-        fp32 = Path(model.meta["optc.source_onnx"])
-        tokenizer = load_tokenizer(fp32)
-        rows = build(args, gguf, model, fp32, work)
-        evaluate_rows(rows, args, tokenizer)
-        interleaved_latency(rows, args, tokenizer)
+        rows = measure_rows(args, gguf, work, build, "bench_w4")
         load = os.getloadavg()
         print(f"\n## SmolLM2-135M weight-only low-bit benchmark ({args.samples}×{args.seqlen} calibration tokens)\n")
         print(f"Perplexity: {args.eval_info}. Latency: {args.latency_info}; load average {load[0]:.1f} on "
@@ -229,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nTargets:")
         print("\n".join(targets(rows)))
         if args.json:
-            data = {"rows": [{**dataclasses.asdict(r), "path": str(r.path) if r.path else None} for r in rows],
+            data = {"rows": rows_json(rows),
                     "eval": args.eval_info, "latency": args.latency_info}
             args.json.write_text(json.dumps(data, indent=2) + "\n")
     finally:

@@ -263,6 +263,29 @@ def optc_build(row: Row, gguf: Path, out: Path, pipeline: str, extra: list[str])
     return True
 
 
+def measure_rows(
+    args: argparse.Namespace, gguf: Path, work: Path,
+    build_fn: Callable[[argparse.Namespace, Path, Any, Path, Path], list[Row]], tool: str,
+) -> list[Row]:
+    """Load the GGUF (optc's fp32 export), build every variant with `build_fn`, then score perplexity and latency."""
+    from optc.evaluate import load_tokenizer
+    from optc.frontends import load_input
+
+    start = time.perf_counter()
+    model = load_input(gguf)
+    fp32 = Path(model.meta["optc.source_onnx"])
+    print(f"{tool}: model loaded in {time.perf_counter() - start:.1f} s (fp32 ONNX {fp32})", file=sys.stderr)
+    tokenizer = load_tokenizer(fp32)
+    rows = build_fn(args, gguf, model, fp32, work)
+    evaluate_rows(rows, args, tokenizer)
+    interleaved_latency(rows, args, tokenizer)
+    return rows
+
+
+def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
+    return [{**dataclasses.asdict(r), "path": str(r.path) if r.path else None} for r in rows]
+
+
 def calibration_args(args: argparse.Namespace) -> list[str]:
     return ["--calib", "builtin", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
 
@@ -535,17 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"model": str(gguf), "samples": args.samples, "seqlen": args.seqlen}
     try:
         if not args.rss_only:
-            from optc.evaluate import load_tokenizer
-            from optc.frontends import load_input
-
-            start = time.perf_counter()
-            model = load_input(gguf)
-            fp32 = Path(model.meta["optc.source_onnx"])
-            print(f"bench_w8a8: model loaded in {time.perf_counter() - start:.1f} s (fp32 ONNX {fp32})", file=sys.stderr)
-            tokenizer = load_tokenizer(fp32)
-            rows = build(args, gguf, model, fp32, work)
-            evaluate_rows(rows, args, tokenizer)
-            interleaved_latency(rows, args, tokenizer)
+            rows = measure_rows(args, gguf, work, build, "bench_w8a8")
             load = os.getloadavg()
             print(f"\n## SmolLM2-135M W8A8 benchmark ({args.samples}×{args.seqlen} calibration tokens, calib split)\n")
             print(f"Perplexity: {args.eval_info} (pydoc_data.topics eval split). Latency: {args.latency_info}; "
@@ -553,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows))
             print("\nTargets:")
             print("\n".join(targets(rows)))
-            results["rows"] = [{**dataclasses.asdict(r), "path": str(r.path) if r.path else None} for r in rows]
+            results["rows"] = rows_json(rows)
             results["eval"], results["latency"] = args.eval_info, args.latency_info
         if not args.skip_no_data and not args.rss_only:
             print("\nNo calibration data (`quantize{activations=int8}` without --calib):")
