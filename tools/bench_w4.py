@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_w8a8 import (  # noqa: E402 - the sibling benchmark's runner, evaluation and table
     Row,
+    add_candidates,
     add_run_options,
     build_rows,
     calibration_args,
@@ -51,6 +50,7 @@ from bench_w8a8 import (  # noqa: E402 - the sibling benchmark's runner, evaluat
     table,
     target_check,
     timed_build,
+    work_folder,
 )
 
 OPTC = {
@@ -192,12 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.ort_gptq and "ort-gptq" not in args.variants:
         args.variants.append("ort-gptq")
-    for candidate in args.candidate:
-        name, sep, pipeline = candidate.partition("=")
-        if not sep or not name or not pipeline:
-            parser.error(f"--candidate wants NAME=PIPELINE, got {candidate!r}")
-        OPTC[name] = pipeline
-        args.variants.append(name)
+    add_candidates(parser, args, OPTC)
     unknown = [v for v in args.variants if v not in ("fp32", *OPTC, *ORT)]
     if unknown:
         parser.error(f"unknown variants {unknown}")
@@ -206,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_info = args.latency_info = ""
 
     gguf = model_path()
-    keep = args.workdir is not None
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-w4-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, "bench-w4-") as work:
         rows = measure_rows(args, gguf, work, build, "bench_w4")
         load = os.getloadavg()
         print(f"\n## SmolLM2-135M weight-only low-bit benchmark ({args.samples}×{args.seqlen} calibration tokens)\n")
@@ -223,9 +215,6 @@ def main(argv: list[str] | None = None) -> int:
             data = {"rows": rows_json(rows),
                     "eval": args.eval_info, "latency": args.latency_info}
             args.json.write_text(json.dumps(data, indent=2) + "\n")
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -286,6 +286,28 @@ def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
     return [{**dataclasses.asdict(r), "path": str(r.path) if r.path else None} for r in rows]
 
 
+@contextlib.contextmanager
+def work_folder(workdir: Path | None, prefix: str) -> Iterator[Path]:
+    """`--workdir` (kept afterwards), else a temporary folder removed at the end."""
+    work = workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def add_candidates(parser: argparse.ArgumentParser, args: argparse.Namespace, pipelines: dict[str, str]) -> None:
+    """Each `--candidate NAME=PIPELINE` becomes a variant NAME built with optc's PIPELINE."""
+    for candidate in args.candidate:
+        name, sep, pipeline = candidate.partition("=")
+        if not sep or not name or not pipeline:
+            parser.error(f"--candidate wants NAME=PIPELINE, got {candidate!r}")
+        pipelines[name] = pipeline
+        args.variants.append(name)
+
+
 def calibration_args(args: argparse.Namespace) -> list[str]:
     return ["--calib", "builtin", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
 
@@ -538,12 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also build and score optc with this pipeline as row NAME (repeatable)")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for candidate in args.candidate:
-        name, sep, pipeline = candidate.partition("=")
-        if not sep or not name or not pipeline:
-            parser.error(f"--candidate wants NAME=PIPELINE, got {candidate!r}")
-        OPTC_PIPELINES[name] = pipeline
-        args.variants.append(name)
+    add_candidates(parser, args, OPTC_PIPELINES)
     unknown = [v for v in args.variants if v not in (*VARIANTS, *OPTC_PIPELINES)]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -552,11 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_info = args.latency_info = ""
 
     gguf = model_path()
-    keep = args.workdir is not None
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-w8a8-"))
-    work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"model": str(gguf), "samples": args.samples, "seqlen": args.seqlen}
-    try:
+    with work_folder(args.workdir, "bench-w8a8-") as work:
         if not args.rss_only:
             rows = measure_rows(args, gguf, work, build, "bench_w8a8")
             load = os.getloadavg()
@@ -580,9 +594,6 @@ def main(argv: list[str] | None = None) -> int:
             results["rss"] = lines
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
