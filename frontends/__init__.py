@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optc.errors import ModelLoadError
+from optc.files import has_gguf_magic
 from optc.frontends.onnx import load_onnx
 from optc.ir import Model
 
@@ -26,7 +27,7 @@ def load_input(path: str | Path, *, memory_budget: int | None = None) -> Model:
         raise ModelLoadError(f"{path}: no such file or directory")
     if not path.is_dir() and not path.is_file():
         raise ModelLoadError(f"{path}: not a regular file or a directory (a pipe or a device cannot be read as a model)")
-    if path.is_dir() or path.suffix.lower() == ".gguf" or (path.suffix.lower() != ".onnx" and _is_gguf(path)):
+    if path.is_dir() or path.suffix.lower() == ".gguf" or (path.suffix.lower() != ".onnx" and has_gguf_magic(path)):
         from optc.frontends.transformers import load_transformers
 
         return load_transformers(path, memory_budget=memory_budget)
@@ -36,14 +37,6 @@ def load_input(path: str | Path, *, memory_budget: int | None = None) -> Model:
         f"{path}: unsupported input format '{path.suffix or path.name}'; "
         "give an .onnx file, a Hugging Face model directory or a .gguf file"
     )
-
-
-def _is_gguf(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 __all__ = ["load_input", "load_onnx"]

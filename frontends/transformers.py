@@ -65,6 +65,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from optc.errors import ModelLoadError, OptcError  # noqa: E402
+from optc.files import has_gguf_magic  # noqa: E402
 from optc.frontends.headers import WeightsHeld, read_gguf_header, weights_held  # noqa: E402
 from optc.ir import (  # noqa: E402 - the offline switches must be set before transformers is imported
     DEFAULT_OPSET,
@@ -76,15 +77,18 @@ from optc.ir import (  # noqa: E402 - the offline switches must be set before tr
     set_source_name,
     verify,
 )
-from optc.ir.annotations import ARCHITECTURE, HF_CONFIG, SOURCE_ALIASES, SOURCE_TRANSPOSED  # noqa: E402
+from optc.ir.annotations import (  # noqa: E402
+    ARCHITECTURE,
+    HF_CONFIG,
+    HF_EXPORT,
+    SOURCE_ALIASES,
+    SOURCE_TRANSPOSED,
+    TIED_PARAMETERS,
+)
 from optc.memory import check_budget, format_size  # noqa: E402
 
 _log = logging.getLogger("optc.frontends.transformers")
 
-#: Model metadata: tied parameter aliases, `{alias: stored name}`.
-TIED_PARAMETERS = "tied_parameters"
-#: Model metadata: what the frontend exported (task, inputs, outputs, source format).
-HF_EXPORT = "hf_export"
 
 #: Bump when the exported graph or its annotations change, to invalidate cached exports.
 EXPORT_FORMAT_VERSION = 2
@@ -198,18 +202,10 @@ def _source(path: Path) -> _Source:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: is a directory but not a Hugging Face model directory (no config.json)")
         return _Source(path.resolve(), path.resolve())
-    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+    if path.suffix.lower() == ".gguf" or has_gguf_magic(path):
         resolved = path.resolve()
         return _Source(resolved, resolved.parent, resolved.name)
     raise ModelLoadError(f"{path}: not a Hugging Face model directory or a .gguf file")
-
-
-def _has_gguf_magic(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- the cache

@@ -12,23 +12,61 @@ prefix, as JSON, so they survive ONNX export and import unchanged:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from optc.ir.core import Model, Node, Value
 
 PREFIX = "optc."
 
-#: Well-known annotation keys.
+# Every key optc writes under its prefix; `SCHEMA` below gives each one's type.
+#: Node annotation: the pass that created the node.
 PROVENANCE = "provenance"
+#: Value annotation: the initializer's original parameter name.
 SOURCE_NAME = "source_name"
+#: Value annotation: the initializer holds the transpose of its source parameter.
+SOURCE_TRANSPOSED = "source_transposed"
+#: Value annotation: other state-dict names the same tensor stands for.
+SOURCE_ALIASES = "source_aliases"
+#: Node annotation: how the node was quantized (`op`, `weights`, `activations` and their schemes).
 QUANTIZATION = "quant"
+#: Node annotation: why a node the quantizer could take was left in float.
+QUANTIZATION_SKIPPED = "quant_skipped"
+#: Node/value annotation: the N:M or unstructured sparsity of a weight.
 SPARSITY = "sparsity"
+#: Node annotations of the transforms that rewrote the node.
+SMOOTHQUANT = "smoothquant"
+AWQ = "awq"
+LOWRANK = "lowrank"
+PRUNED_HEADS = "pruned_heads"
+PRUNED_FFN = "pruned_ffn"
+#: Node annotation and model metadata: how the onnxruntime int8 lowering rewrote the node / the model.
+ORT_LOWERING = "ort_lowering"
+#: Value annotation: the GGUF type a weight is encoded as.
 GGUF_TYPE = "gguf_type"
+#: Value annotation: the importance matrix (per input column mean of x²) the encoder weights errors by.
+GGUF_IMATRIX = "gguf_imatrix"
 
-#: Well-known model metadata keys.
+#: Model metadata: the HF architecture class name.
 ARCHITECTURE = "architecture"
+#: Model metadata: the HF config as JSON.
 HF_CONFIG = "hf_config"
+#: Model metadata: the tokenizer's files, `{"files": {name: text}}`.
 TOKENIZER = "tokenizer"
+#: Model metadata: tied parameter aliases, `{alias: stored name}`.
+TIED_PARAMETERS = "tied_parameters"
+#: Model metadata: what the frontend exported (task, inputs, outputs, source format).
+HF_EXPORT = "hf_export"
+#: Model metadata: `[heads, kv_heads]` per attention layer after prune-heads.
+LAYER_HEADS = "layer_heads"
+#: Model metadata: the FFN width per layer after prune-ffn.
+LAYER_FFN = "layer_ffn"
+#: Model metadata: the notes of lower-tensorrt's runs.
+TENSORRT_LOWERING = "tensorrt_lowering"
+#: Model metadata: that (and how) lower-ort-nbits lowered the model; a later `form=auto` run keeps it.
+ORT_NBITS_LOWERING = "ort_nbits_lowering"
+#: Model metadata written by `kquant`: `{"mix": "Q4_K_M", "imatrix": {...} | None}`.
+GGUF_PLAN = "gguf"
 
 
 def _key(key: str) -> str:
@@ -78,8 +116,146 @@ def model_metadata(model: Model, key: str, default: Any = None) -> Any:
     """Read model-level metadata stored by `set_model_metadata`."""
     return annotation(model, key, default)
 
-#: Value annotation: the initializer holds the transpose of its source parameter.
-SOURCE_TRANSPOSED = "source_transposed"
 
-#: Value annotation: other state-dict names the same tensor stands for.
-SOURCE_ALIASES = "source_aliases"
+# --------------------------------------------------------------------------- the schema
+
+#: A JSON number (a bool is not one).
+NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a dict-valued annotation: its type(s), and whether it must be there."""
+
+    types: type | tuple[type, ...]
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class AnnotationSpec:
+    """What one key holds: its JSON type and, for a dict, the types of the fields optc reads back."""
+
+    types: type | tuple[type, ...]
+    #: For a list: the type of its items.
+    items: type | tuple[type, ...] | None = None
+    #: For a dict: known fields (others are allowed: passes add their own details).
+    fields: dict[str, Field] = field(default_factory=dict)
+
+
+_OPTIONAL_STR = (str, type(None))
+_OPTIONAL_INT = (int, type(None))
+
+#: Every key optc writes, with the type it must hold (checked by the verifier).
+SCHEMA: dict[str, AnnotationSpec] = {
+    PROVENANCE: AnnotationSpec(str),
+    SOURCE_NAME: AnnotationSpec(str),
+    SOURCE_TRANSPOSED: AnnotationSpec(bool),
+    SOURCE_ALIASES: AnnotationSpec(list, items=str),
+    QUANTIZATION: AnnotationSpec(dict, fields={
+        "op": Field(str, required=True),
+        "weights": Field(str),
+        "activations": Field(str),
+        "bits": Field(int),
+        "group": Field(int),
+        "symmetric": Field(bool),
+        "weight": Field(str),
+        "weight_source": Field(str),
+        "weight_scheme": Field(str),
+        "weight_axis": Field(_OPTIONAL_INT),
+        "weight_bits": Field(int),
+        "weight_pair_limit": Field(int),
+        "activation_scheme": Field(str),
+        "activation_range": Field(list),
+        "activation_threshold": Field(NUMBER),
+        "activation_scale": Field(NUMBER),
+        "activation_zero_point": Field(int),
+        "activation_absmax": Field(NUMBER),
+        "precision_reason": Field(str),
+        "residual": Field(str),
+        "method": Field(str),
+    }),
+    QUANTIZATION_SKIPPED: AnnotationSpec(str),
+    SPARSITY: AnnotationSpec(dict, fields={
+        "pattern": Field(str, required=True),
+        "axis": Field(_OPTIONAL_INT),
+        "method": Field(str),
+        "sparsity": Field(NUMBER),
+    }),
+    SMOOTHQUANT: AnnotationSpec(dict, fields={"alpha": Field(NUMBER), "producer": Field(str), "input": Field(str)}),
+    AWQ: AnnotationSpec(dict, fields={"alpha": Field(NUMBER), "producer": Field(str), "input": Field(str)}),
+    LOWRANK: AnnotationSpec(dict, fields={"rank": Field(int, required=True), "in": Field(int), "out": Field(int)}),
+    PRUNED_HEADS: AnnotationSpec(dict, fields={"heads": Field(int), "kv_heads": Field(int), "of": Field(int)}),
+    PRUNED_FFN: AnnotationSpec(dict, fields={"width": Field(int, required=True), "of": Field(int)}),
+    ORT_LOWERING: AnnotationSpec(dict),
+    GGUF_TYPE: AnnotationSpec(str),
+    GGUF_IMATRIX: AnnotationSpec(list, items=NUMBER),
+    ARCHITECTURE: AnnotationSpec(str),
+    HF_CONFIG: AnnotationSpec(dict),
+    TOKENIZER: AnnotationSpec(dict, fields={"files": Field(dict, required=True)}),
+    TIED_PARAMETERS: AnnotationSpec(dict),
+    HF_EXPORT: AnnotationSpec(dict),
+    LAYER_HEADS: AnnotationSpec(list, items=list),
+    LAYER_FFN: AnnotationSpec(list, items=_OPTIONAL_INT),
+    TENSORRT_LOWERING: AnnotationSpec(list, items=str),
+    ORT_NBITS_LOWERING: AnnotationSpec(dict, fields={"form": Field(str, required=True)}),
+    GGUF_PLAN: AnnotationSpec(dict, fields={"mix": Field(_OPTIONAL_STR)}),
+}
+
+
+def register_annotation(key: str, spec: AnnotationSpec) -> None:
+    """Declare a key a plugin writes under optc's prefix, so that the verifier accepts it."""
+    known = SCHEMA.get(key)
+    if known is not None and known != spec:
+        raise ValueError(f"annotation key {key!r} is already declared with another type")
+    SCHEMA[key] = spec
+
+
+def _is(value: Any, types: type | tuple[type, ...]) -> bool:
+    """isinstance for JSON values: a bool is neither an int nor a float."""
+    wanted = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool):
+        return bool in wanted
+    return isinstance(value, wanted)
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    wanted = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in wanted)
+
+
+def annotation_problems(obj: Node | Value | Model, where: str) -> list[str]:
+    """What breaks the schema in the optc annotations of `obj` (named `where` in the messages)."""
+    found: list[str] = []
+    for raw_key, raw in sorted(obj.metadata_props.items()):
+        if not raw_key.startswith(PREFIX):
+            continue
+        key = raw_key[len(PREFIX):]
+        spec = SCHEMA.get(key)
+        if spec is None:
+            found.append(f"{where}: unknown annotation key {raw_key!r}")
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            found.append(f"{where}: annotation {raw_key!r} is not JSON")
+            continue
+        found += [f"{where}: annotation {raw_key!r} {problem}" for problem in _value_problems(value, spec)]
+    return found
+
+
+def _value_problems(value: Any, spec: AnnotationSpec) -> list[str]:
+    if not _is(value, spec.types):
+        return [f"must be {_type_names(spec.types)}, not {type(value).__name__}"]
+    found: list[str] = []
+    if spec.items is not None:
+        for index, item in enumerate(value):
+            if not _is(item, spec.items):
+                found.append(f"item {index} must be {_type_names(spec.items)}, not {type(item).__name__}")
+                break
+    for name, expected in spec.fields.items():
+        if name not in value:
+            if expected.required:
+                found.append(f"lacks field {name!r}")
+        elif not _is(value[name], expected.types):
+            found.append(f"field {name!r} must be {_type_names(expected.types)}, not {type(value[name]).__name__}")
+    return found

@@ -13,20 +13,21 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as _oir
-
-Model = _oir.Model
-Graph = _oir.Graph
-Node = _oir.Node
-Value = _oir.Value
-Tensor = _oir.Tensor
-ExternalTensor = _oir.ExternalTensor
-DataType = _oir.DataType
-Shape = _oir.Shape
-SymbolicDim = _oir.SymbolicDim
-TensorType = _oir.TensorType
-Attr = _oir.Attr
-AttributeType = _oir.AttributeType
-TensorProtocol = _oir.TensorProtocol
+from onnx_ir import (  # noqa: F401 - re-exported: the rest of optc takes these types from optc.ir
+    Attr,
+    AttributeType,
+    DataType,
+    ExternalTensor,
+    Graph,
+    Model,
+    Node,
+    Shape,
+    SymbolicDim,
+    Tensor,
+    TensorProtocol,
+    TensorType,
+    Value,
+)
 
 #: Opset of the default ONNX domain that optc emits (21 makes blocked
 #: DequantizeLinear, INT4 and FP8 first-class).

@@ -1,4 +1,4 @@
-"""The IR verifier: SSA, topological order, known ops, dtype/shape consistency.
+"""The IR verifier: SSA, topological order, known ops, dtype/shape consistency, annotation types.
 
 `verify(model)` raises `VerificationError` listing every problem found;
 `problems(model)` returns them. `check_onnx(model)` additionally runs
@@ -16,6 +16,7 @@ import onnx.defs
 import onnx.helper
 
 from optc.errors import VerificationError
+from optc.ir.annotations import annotation_problems
 from optc.ir.core import Graph, Model, Value, node_label
 
 
@@ -27,6 +28,7 @@ def problems(model: Model) -> list[str]:
     if "" not in opsets and "ai.onnx" not in opsets:
         found.append("graph imports no default ONNX opset")
     _check_opsets(opsets, found)
+    found += annotation_problems(model, "model")
     _check_graph(graph, opsets, found, set())
     return found
 
@@ -61,6 +63,7 @@ def _check_graph(graph: Graph, opsets: dict[str, int], found: list[str], outer: 
                 found.append(f"value name {value.name!r} is defined twice ({where})")
             names[value.name] = value
         defined.add(id(value))
+        found.extend(annotation_problems(value, f"value {value.name!r}"))
 
     for value in graph.inputs:
         define(value, "graph input")
@@ -90,6 +93,7 @@ def _check_graph(graph: Graph, opsets: dict[str, int], found: list[str], outer: 
                 else:
                     found.append(f"node {label} input {index} ({value.name!r}) is not defined")
         _check_schema(node, opsets, found)
+        found.extend(annotation_problems(node, f"node {label}"))
         for attr in node.attributes.values():
             for sub in _subgraphs(attr):
                 _check_graph(sub, opsets, found, defined)

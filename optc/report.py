@@ -39,6 +39,7 @@ import numpy as np
 
 from optc.errors import OptcError
 from optc.ir import Model, annotation, load_model, node_label, save_model
+from optc.ir.annotations import QUANTIZATION, QUANTIZATION_SKIPPED
 from optc.passes.analyses.quant_error import (
     QuantError,
     QuantizedNode,
@@ -72,8 +73,8 @@ def skipped_nodes(model: Model) -> list[QuantizedNode]:
     """Weighted ops the pipeline left in float on purpose (`quant_skipped`), with the reason."""
     found = []
     for index, node in enumerate(model.graph):
-        reason = annotation(node, "quant_skipped")
-        if reason is None or annotation(node, "quant") is not None or not node.outputs or not node.outputs[0].name:
+        reason = annotation(node, QUANTIZATION_SKIPPED)
+        if reason is None or annotation(node, QUANTIZATION) is not None or not node.outputs or not node.outputs[0].name:
             continue
         found.append(QuantizedNode(node_label(node), node.op_type, node.outputs[0].name, {"skipped": reason}, index,
                                    weight_parameter(node, None)))

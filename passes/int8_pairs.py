@@ -10,17 +10,11 @@ a₀q₀ + a₁q₁ stays within int16 for every possible activation iff
     |q₂ᵢ + q₂ᵢ₊₁| ≤ 128 for every pair i (along K)
 
 (opposite signs: at most 255·128 in magnitude; same signs: 255·|q₀ + q₁|).
-Measured on onnxruntime 1.32 (AVX2): pairs (0,1), (2,3) saturate at 127 + 127,
-pairs (1,2) or (0,2) never do, and a limit of 128 gives bit-exact results on
-random weights and extreme activations, 129 does not.
 
-How to meet it at the least cost (measured on 14 SmolLM2-135M weight
-matrices, weight SQNR): moving the offending pairs onto the limit costs
-14.5 dB, because the pairs over it hold the largest weights (41.6 → 27.1 dB);
-7-bit weights (onnxruntime's `reduce_range`) cost 6.1 dB; `pair_limited_scale`
-widens the scale of only the output channels that need it, just enough, and
-costs 2.1 dB (39.5 dB). `limit_pair_sums` then fixes what rounding pushes over
-the limit by one step. `pair_sums_within` is the exact check the ort lowering
+`pair_limited_scale` meets the limit at the least cost in weight SQNR by widening
+the scale of only the output channels that need it, just enough (the measured
+alternatives: README, Results); `limit_pair_sums` then fixes what rounding pushes
+over the limit by one step. `pair_sums_within` is the exact check the ort lowering
 uses to pick the faster kernel.
 """
 

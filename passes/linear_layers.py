@@ -31,6 +31,7 @@ from optc.ir import (
     node_label,
     source_name,
 )
+from optc.ir.annotations import SOURCE_ALIASES
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.weights import weight_view
 
@@ -92,7 +93,7 @@ def layer_names(node: Node, weight: Value | None) -> list[str]:
     """The names a pattern may match: node, outputs, and the weight's name, original parameter name and aliases."""
     names = [node_label(node), *(o.name for o in node.outputs if o.name)]
     if weight is not None:
-        names += [weight.name or "", source_name(weight), *(annotation(weight, "source_aliases") or [])]
+        names += [weight.name or "", source_name(weight), *(annotation(weight, SOURCE_ALIASES) or [])]
     return [n for n in names if n]
 
 

@@ -44,6 +44,7 @@ from optc.ir import (
     annotation,
     source_name,
 )
+from optc.ir.annotations import PROVENANCE, QUANTIZATION, QUANTIZATION_SKIPPED
 from optc.ir.opset import default_opset, ensure_opset
 from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.ops import GEMM_OPS
@@ -248,8 +249,8 @@ def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
     changed = 0
     for node in nodes:
         reason = selector.why_not(node, node.inputs[1] if len(node.inputs) > 1 else None)
-        if reason is not None and annotation(node, "quant_skipped") != reason and annotation(node, "quant") is None:
-            annotate(node, "quant_skipped", reason)
+        if reason is not None and annotation(node, QUANTIZATION_SKIPPED) != reason and annotation(node, QUANTIZATION) is None:
+            annotate(node, QUANTIZATION_SKIPPED, reason)
             changed += 1
     return changed
 
@@ -294,7 +295,7 @@ def emit(
         attributes["block_size"] = g
     dq = build.node("DequantizeLinear", inputs, attributes=attributes, name=f"{base}_DequantizeLinear",
                     outputs=[f"{base}_dequantized"])
-    annotate(dq, "provenance", info.get("method", "lowbit"))
+    annotate(dq, PROVENANCE, info.get("method", "lowbit"))
     dq.outputs[0].dtype = weight.dtype
     dq.outputs[0].shape = weight.shape
     graph.insert_before(node, [dq])
@@ -315,7 +316,7 @@ def emit(
         "activations": "float",
         **info,
     }
-    annotate(node, "quant", full)
+    annotate(node, QUANTIZATION, full)
     return full
 
 

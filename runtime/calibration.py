@@ -23,6 +23,7 @@ import numpy as np
 
 from optc.errors import BadCalibrationData
 from optc.ir import DataType, Model, model_metadata
+from optc.ir.annotations import HF_CONFIG
 from optc.runtime.calibration_spec import CalibrationSpec
 
 _NUMPY_DTYPES = {
@@ -62,7 +63,7 @@ def _input_shape(value, seqlen: int) -> list[int]:
 
 
 def _vocab_size(model: Model) -> int:
-    config = model_metadata(model, "hf_config") or {}
+    config = model_metadata(model, HF_CONFIG) or {}
     return int(config.get("vocab_size") or 100)
 
 
@@ -281,7 +282,7 @@ def _numpy_dtype(dtype: DataType | None) -> np.dtype | None:
 
 
 def _known_vocab_size(model: Model) -> int | None:
-    config = model_metadata(model, "hf_config") or {}
+    config = model_metadata(model, HF_CONFIG) or {}
     vocab = config.get("vocab_size")
     return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from optc.errors import OptcError
+from optc.ir.io import staged_to_output
+
 #: Session config entries added to every session `open_session` makes (after its own), e.g.
 #: {"session.qdq_matmulnbits_accuracy_level": "0"} from a benchmark that scores files as written.
 SESSION_CONFIG: dict[str, str] = {}
@@ -36,3 +39,19 @@ def open_session(path: Path, *, optimize: bool = True, threads: int = 0) -> ort.
         options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(DISABLED_OPTIMIZERS) or None)
+
+
+def runtime_check(staged: Path, output: Path, model_kind: str) -> str:
+    """Load a backend's staged file into a session (weights untouched): the report's check line.
+
+    Raises `OptcError` with onnxruntime's first line, naming `output` where it named the staged
+    file (the staging folder is gone by the time the user reads it).
+    """
+    try:
+        session = open_session(staged, optimize=False, threads=1)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = staged_to_output(detail, staged, output)
+        raise OptcError(f"onnxruntime rejected the {model_kind} model: {detail}") from exc
+    names = ", ".join(i.name for i in session.get_inputs())
+    return f"onnxruntime {ort.__version__} loaded it (inputs: {names})"

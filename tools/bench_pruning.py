@@ -94,10 +94,11 @@ def compile_variant(dense: Path, pipeline: str, calib: dict, out: Path):
 
 def zero_fraction(model, sites_only: bool = True) -> float:
     from optc.ir import annotation, constant_array
+    from optc.ir.annotations import SPARSITY
 
     zeros = total = 0
     for node in model.graph:
-        if annotation(node, "sparsity") is None:
+        if annotation(node, SPARSITY) is None:
             continue
         array = constant_array(node.inputs[1])
         zeros += int((array == 0).sum())
@@ -341,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         (work / "sparse-quant.onnx").unlink(missing_ok=True)
         (work / "sparse-quant.onnx.data").unlink(missing_ok=True)
         from optc.ir import annotation
+        from optc.ir.annotations import SPARSITY
 
-        untouched = [n.name for n in result.model.graph if n.op_type in ("MatMul", "Gemm") and annotation(n, "sparsity") is None
+        untouched = [n.name for n in result.model.graph if n.op_type in ("MatMul", "Gemm") and annotation(n, SPARSITY) is None
                      and n.inputs[1] is not None and n.inputs[1].producer() is None and n.inputs[1].const_value is not None]
         notes.append(f"linear layers left dense by sparsify: {untouched} (the tied lm_head)")
 

@@ -63,6 +63,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,13 +160,8 @@ def bench_smollm2(args: argparse.Namespace, work: Path) -> tuple[list[Row], floa
     fp32 = Path(load_input(gguf).meta["optc.source_onnx"])
     tokenizer = load_tokenizer(fp32)
     base = evaluate(fp32, None, args.ctx, args.max_tokens, tokenizer, threads=args.threads).ppl
-    rows = []
-    for name, pipeline in args.variants.items():
-        row = Row("SmolLM2-135M", name, pipeline)
-        rows.append(row)
-        if not _registered(pipeline):
-            row.skipped = "pipeline not registered in this optc"
-            continue
+    rows: list[Row] = []
+    for row, name, pipeline in _variant_rows(args.variants, "SmolLM2-135M", rows):
         print(f"bench_tensorrt: SmolLM2 {name}: {pipeline} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
@@ -190,6 +186,17 @@ def bench_smollm2(args: argparse.Namespace, work: Path) -> tuple[list[Row], floa
     return rows, base
 
 
+def _variant_rows(variants: dict[str, str], model: str, rows: list[Row]) -> Iterator[tuple[Row, str, str]]:
+    """A row for each variant, appended to `rows`; those whose pipeline this optc lacks are marked skipped."""
+    for name, pipeline in variants.items():
+        row = Row(model, name, pipeline)
+        rows.append(row)
+        if not _registered(pipeline):
+            row.skipped = "pipeline not registered in this optc"
+            continue
+        yield row, name, pipeline
+
+
 def bench_cnn(args: argparse.Namespace, work: Path) -> list[Row]:
     import onnx
 
@@ -203,13 +210,8 @@ def bench_cnn(args: argparse.Namespace, work: Path) -> list[Row]:
     onnx.save(proto, fp32)
     feeds = cnn_feeds(seed=123, batch=args.cnn_batch, size=args.cnn_size)
     reference = models.run_ort(proto, feeds)[0]
-    rows = []
-    for name, pipeline in args.variants.items():
-        row = Row("CNN", name, pipeline)
-        rows.append(row)
-        if not _registered(pipeline):
-            row.skipped = "pipeline not registered in this optc"
-            continue
+    rows: list[Row] = []
+    for row, name, pipeline in _variant_rows(args.variants, "CNN", rows):
         start = time.perf_counter()
         try:
             model = _run_pipeline(load_input(fp32), pipeline, "random", 32, args.seqlen)

@@ -28,13 +28,9 @@ them alike). Compile time is the child's wall time (for onnxruntime: the quantiz
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,14 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_w8a8 import (  # noqa: E402 - the sibling benchmark's runner, evaluation and table
     Row,
+    add_candidates,
     add_run_options,
-    evaluate_rows,
-    interleaved_latency,
-    last_line,
+    build_rows,
+    calibration_args,
+    measure_rows,
     model_path,
-    optc_command,
-    run_child,
+    optc_build,
+    rows_json,
     table,
+    target_check,
+    timed_build,
+    work_folder,
 )
 
 OPTC = {
@@ -108,36 +108,13 @@ def ort_quantize(variant: str, fp32: Path, out: Path, model: Any, samples: int, 
 
 
 def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Path) -> list[Row]:
-    rows: list[Row] = []
-    calib = ["--calib", "builtin", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
-    for variant in args.variants:
-        row = Row(variant)
-        rows.append(row)
-        out = work / f"{variant.replace('+', '_')}.onnx"
-        print(f"bench_w4: building {variant} ...", file=sys.stderr, flush=True)
-        try:
-            if variant == "fp32":
-                row.path, row.note = fp32, "optc's export of the GGUF (dequantized to float32)"
-            elif args.reuse and out.exists():
-                row.path, row.note = out, f"reused {out} (not rebuilt)"
-            elif variant in ORT:
-                start = time.perf_counter()
-                row.note = ort_quantize(variant, fp32, out, model, args.samples, args.seqlen)
-                row.compile_s, row.path = time.perf_counter() - start, out
-            else:
-                pipeline = OPTC[variant]
-                command = optc_command(gguf, out, pipeline, *calib)
-                row.command = shlex.join(command)
-                child = run_child(command)
-                row.compile_s = child.seconds
-                if child.returncode != 0:
-                    row.note = f"failed (exit {child.returncode}): {last_line(child.stderr)}"
-                    continue
-                row.path = out
-                row.note = f"--passes={pipeline}, peak RSS {child.peak_rss / 2**20:.0f} MiB"
-        except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the table
-            row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-    return rows
+    def build_variant(row: Row, variant: str, out: Path) -> None:
+        if variant in ORT:
+            timed_build(row, out, lambda: ort_quantize(variant, fp32, out, model, args.samples, args.seqlen))
+        else:
+            optc_build(row, gguf, out, OPTC[variant], calibration_args(args))
+
+    return build_rows(args, fp32, work, "bench_w4", build_variant)
 
 
 def targets(rows: list[Row]) -> list[str]:
@@ -148,13 +125,7 @@ def targets(rows: list[Row]) -> list[str]:
     four = [r for r in rows if r.variant in OPTC and "w3" not in r.variant and "w8" not in r.variant and r.ppl]
     best = min(four, key=lambda r: r.ppl, default=None)
     out = []
-
-    def check(label: str, value: float | None, ref: float | None, limit: float) -> str:
-        if value is None or ref is None:
-            return f"- {label}: not measured"
-        ratio = value / ref
-        return f"- {label}: {ratio:.3f}× (target ≤ {limit}×) {'PASS' if ratio <= limit else 'FAIL'}"
-
+    check = target_check
     name = best.variant if best else "—"
     out.append(check(f"W4 g128 perplexity / fp32 (best optc: {name})", best.ppl if best else None, base.ppl, PPL_TARGET))
     out.append(check(f"W4 latency / fp32 ({name})", best.latency_s if best else None, base.latency_s, LATENCY_TARGET))
@@ -221,12 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.ort_gptq and "ort-gptq" not in args.variants:
         args.variants.append("ort-gptq")
-    for candidate in args.candidate:
-        name, sep, pipeline = candidate.partition("=")
-        if not sep or not name or not pipeline:
-            parser.error(f"--candidate wants NAME=PIPELINE, got {candidate!r}")
-        OPTC[name] = pipeline
-        args.variants.append(name)
+    add_candidates(parser, args, OPTC)
     unknown = [v for v in args.variants if v not in ("fp32", *OPTC, *ORT)]
     if unknown:
         parser.error(f"unknown variants {unknown}")
@@ -235,19 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_info = args.latency_info = ""
 
     gguf = model_path()
-    keep = args.workdir is not None
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-w4-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        from optc.evaluate import load_tokenizer
-        from optc.frontends import load_input
-
-        model = load_input(gguf)
-        fp32 = Path(model.meta["optc.source_onnx"])
-        tokenizer = load_tokenizer(fp32)
-        rows = build(args, gguf, model, fp32, work)
-        evaluate_rows(rows, args, tokenizer)
-        interleaved_latency(rows, args, tokenizer)
+    with work_folder(args.workdir, "bench-w4-") as work:
+        rows = measure_rows(args, gguf, work, build, "bench_w4")
         load = os.getloadavg()
         print(f"\n## SmolLM2-135M weight-only low-bit benchmark ({args.samples}×{args.seqlen} calibration tokens)\n")
         print(f"Perplexity: {args.eval_info}. Latency: {args.latency_info}; load average {load[0]:.1f} on "
@@ -257,12 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nTargets:")
         print("\n".join(targets(rows)))
         if args.json:
-            data = {"rows": [{**dataclasses.asdict(r), "path": str(r.path) if r.path else None} for r in rows],
+            data = {"rows": rows_json(rows),
                     "eval": args.eval_info, "latency": args.latency_info}
             args.json.write_text(json.dumps(data, indent=2) + "\n")
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -67,7 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,52 +218,122 @@ def registered_passes() -> set[str]:
     return set(all_passes())
 
 
-def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Path) -> list[Row]:
+def build_rows(
+    args: argparse.Namespace, fp32: Path, work: Path, tool: str, build_variant: Callable[[Row, str, Path], None],
+) -> list[Row]:
+    """One row per `args.variants`: fp32 and reused files here, the rest by `build_variant(row, variant, out)`."""
     rows: list[Row] = []
-    pipelines = registered_pipelines()
-    calib = ["--calib", "builtin", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
     for variant in args.variants:
         row = Row(variant)
         rows.append(row)
-        out = work / f"{variant}.onnx"
-        print(f"bench_w8a8: building {variant} ...", file=sys.stderr, flush=True)
+        out = work / f"{variant.replace('+', '_')}.onnx"
+        print(f"{tool}: building {variant} ...", file=sys.stderr, flush=True)
         try:
             if variant == "fp32":
                 row.path, row.note = fp32, "optc's export of the GGUF (dequantized to float32)"
             elif args.reuse and out.exists():
                 row.path, row.note = out, f"reused {out} (not rebuilt)"
-            elif variant == "ort-static":
-                start = time.perf_counter()
-                ort_static(fp32, out, model, args.samples, args.seqlen)
-                row.compile_s, row.path = time.perf_counter() - start, out
-                row.note = "QDQ, per-channel s8 weights, symmetric MinMax s8 activations, MatMul/Gemm"
-            elif variant == "ort-dynamic":
-                start = time.perf_counter()
-                ort_dynamic(fp32, out)
-                row.compile_s, row.path = time.perf_counter() - start, out
-                row.note = "s8 weights per tensor, dynamic u8 activations, MatMul/Gemm"
             else:
-                pipeline = OPTC_PIPELINES[variant]
-                if variant in VARIANTS and pipeline not in pipelines:
-                    row.note = f"skipped: pipeline '{pipeline}' is not registered (optc --list-passes)"
-                    continue
-                extra = [*calib]
-                if args.report:
-                    extra += ["--report", str(work / f"{variant}.report.html")]
-                command = optc_command(gguf, out, pipeline, *extra)
-                row.command = shlex.join(command)
-                child = run_child(command)
-                row.compile_s = child.seconds
-                if child.returncode != 0:
-                    row.note = f"failed (exit {child.returncode}): {last_line(child.stderr)}"
-                    continue
-                row.path = out
-                row.note = f"--passes={pipeline}, peak RSS {child.peak_rss / 2**20:.0f} MiB"
-                if args.report:
-                    row.note += f", report {work / f'{variant}.report.html'}"
+                build_variant(row, variant, out)
         except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the table
             row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     return rows
+
+
+def timed_build(row: Row, out: Path, make: Callable[[], str | None]) -> None:
+    """Build `out` with a baseline quantizer, timing it; `make` may return the row's note."""
+    start = time.perf_counter()
+    note = make()
+    row.compile_s, row.path = time.perf_counter() - start, out
+    if note is not None:
+        row.note = note
+
+
+def optc_build(row: Row, gguf: Path, out: Path, pipeline: str, extra: list[str]) -> bool:
+    """Compile `out` with optc's `pipeline` in a child process; False (and the row's note) when it failed."""
+    command = optc_command(gguf, out, pipeline, *extra)
+    row.command = shlex.join(command)
+    child = run_child(command)
+    row.compile_s = child.seconds
+    if child.returncode != 0:
+        row.note = f"failed (exit {child.returncode}): {last_line(child.stderr)}"
+        return False
+    row.path = out
+    row.note = f"--passes={pipeline}, peak RSS {child.peak_rss / 2**20:.0f} MiB"
+    return True
+
+
+def measure_rows(
+    args: argparse.Namespace, gguf: Path, work: Path,
+    build_fn: Callable[[argparse.Namespace, Path, Any, Path, Path], list[Row]], tool: str,
+) -> list[Row]:
+    """Load the GGUF (optc's fp32 export), build every variant with `build_fn`, then score perplexity and latency."""
+    from optc.evaluate import load_tokenizer
+    from optc.frontends import load_input
+
+    start = time.perf_counter()
+    model = load_input(gguf)
+    fp32 = Path(model.meta["optc.source_onnx"])
+    print(f"{tool}: model loaded in {time.perf_counter() - start:.1f} s (fp32 ONNX {fp32})", file=sys.stderr)
+    tokenizer = load_tokenizer(fp32)
+    rows = build_fn(args, gguf, model, fp32, work)
+    evaluate_rows(rows, args, tokenizer)
+    interleaved_latency(rows, args, tokenizer)
+    return rows
+
+
+def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
+    return [{**dataclasses.asdict(r), "path": str(r.path) if r.path else None} for r in rows]
+
+
+@contextlib.contextmanager
+def work_folder(workdir: Path | None, prefix: str) -> Iterator[Path]:
+    """`--workdir` (kept afterwards), else a temporary folder removed at the end."""
+    work = workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def add_candidates(parser: argparse.ArgumentParser, args: argparse.Namespace, pipelines: dict[str, str]) -> None:
+    """Each `--candidate NAME=PIPELINE` becomes a variant NAME built with optc's PIPELINE."""
+    for candidate in args.candidate:
+        name, sep, pipeline = candidate.partition("=")
+        if not sep or not name or not pipeline:
+            parser.error(f"--candidate wants NAME=PIPELINE, got {candidate!r}")
+        pipelines[name] = pipeline
+        args.variants.append(name)
+
+
+def calibration_args(args: argparse.Namespace) -> list[str]:
+    return ["--calib", "builtin", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
+
+
+def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Path) -> list[Row]:
+    pipelines = registered_pipelines()
+
+    def build_variant(row: Row, variant: str, out: Path) -> None:
+        if variant == "ort-static":
+            timed_build(row, out, lambda: ort_static(fp32, out, model, args.samples, args.seqlen))
+            row.note = "QDQ, per-channel s8 weights, symmetric MinMax s8 activations, MatMul/Gemm"
+            return
+        if variant == "ort-dynamic":
+            timed_build(row, out, lambda: ort_dynamic(fp32, out))
+            row.note = "s8 weights per tensor, dynamic u8 activations, MatMul/Gemm"
+            return
+        pipeline = OPTC_PIPELINES[variant]
+        if variant in VARIANTS and pipeline not in pipelines:
+            row.note = f"skipped: pipeline '{pipeline}' is not registered (optc --list-passes)"
+            return
+        report = work / f"{variant}.report.html"
+        extra = calibration_args(args) + (["--report", str(report)] if args.report else [])
+        if optc_build(row, gguf, out, pipeline, extra) and args.report:
+            row.note += f", report {report}"
+
+    return build_rows(args, fp32, work, "bench_w8a8", build_variant)
 
 
 #: onnxruntime's QDQPropagationTransformer copies a QuantizeLinear across a Reshape and the
@@ -377,6 +447,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def target_check(label: str, value: float | None, ref: float | None, limit: float) -> str:
+    """One line of a benchmark's targets: `value / ref` against `limit`, PASS or FAIL."""
+    if value is None or ref is None:
+        return f"- {label}: not measured"
+    ratio = value / ref
+    return f"- {label}: {ratio:.3f}× (target ≤ {limit}×) {'PASS' if ratio <= limit else 'FAIL'}"
+
+
 def targets(rows: list[Row]) -> list[str]:
     by = {r.variant: r for r in rows}
     base = by.get("fp32")
@@ -384,12 +462,7 @@ def targets(rows: list[Row]) -> list[str]:
     if base is None or base.ppl is None:
         return ["targets: no fp32 baseline measured"]
 
-    def check(label: str, value: float | None, ref: float | None, limit: float) -> str:
-        if value is None or ref is None:
-            return f"- {label}: not measured"
-        ratio = value / ref
-        return f"- {label}: {ratio:.3f}× (target ≤ {limit}×) {'PASS' if ratio <= limit else 'FAIL'}"
-
+    check = target_check
     w8, f8 = by.get("optc-w8a8"), by.get("optc-fp8")
     out.append(check("W8A8 INT8 perplexity / fp32", w8.ppl if w8 else None, base.ppl, PPL_TARGET))
     out.append(check("FP8 perplexity / fp32", f8.ppl if f8 else None, base.ppl, PPL_TARGET))
@@ -487,12 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also build and score optc with this pipeline as row NAME (repeatable)")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for candidate in args.candidate:
-        name, sep, pipeline = candidate.partition("=")
-        if not sep or not name or not pipeline:
-            parser.error(f"--candidate wants NAME=PIPELINE, got {candidate!r}")
-        OPTC_PIPELINES[name] = pipeline
-        args.variants.append(name)
+    add_candidates(parser, args, OPTC_PIPELINES)
     unknown = [v for v in args.variants if v not in (*VARIANTS, *OPTC_PIPELINES)]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -501,23 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_info = args.latency_info = ""
 
     gguf = model_path()
-    keep = args.workdir is not None
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-w8a8-"))
-    work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"model": str(gguf), "samples": args.samples, "seqlen": args.seqlen}
-    try:
+    with work_folder(args.workdir, "bench-w8a8-") as work:
         if not args.rss_only:
-            from optc.evaluate import load_tokenizer
-            from optc.frontends import load_input
-
-            start = time.perf_counter()
-            model = load_input(gguf)
-            fp32 = Path(model.meta["optc.source_onnx"])
-            print(f"bench_w8a8: model loaded in {time.perf_counter() - start:.1f} s (fp32 ONNX {fp32})", file=sys.stderr)
-            tokenizer = load_tokenizer(fp32)
-            rows = build(args, gguf, model, fp32, work)
-            evaluate_rows(rows, args, tokenizer)
-            interleaved_latency(rows, args, tokenizer)
+            rows = measure_rows(args, gguf, work, build, "bench_w8a8")
             load = os.getloadavg()
             print(f"\n## SmolLM2-135M W8A8 benchmark ({args.samples}×{args.seqlen} calibration tokens, calib split)\n")
             print(f"Perplexity: {args.eval_info} (pydoc_data.topics eval split). Latency: {args.latency_info}; "
@@ -525,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows))
             print("\nTargets:")
             print("\n".join(targets(rows)))
-            results["rows"] = [{**dataclasses.asdict(r), "path": str(r.path) if r.path else None} for r in rows]
+            results["rows"] = rows_json(rows)
             results["eval"], results["latency"] = args.eval_info, args.latency_info
         if not args.skip_no_data and not args.rss_only:
             print("\nNo calibration data (`quantize{activations=int8}` without --calib):")
@@ -539,9 +594,6 @@ def main(argv: list[str] | None = None) -> int:
             results["rss"] = lines
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

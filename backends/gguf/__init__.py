@@ -62,14 +62,20 @@ import numpy as np
 from optc.backends.base import Artifact, Backend, register_backend
 from optc.errors import OptcError, WriteError
 from optc.ir import Model, annotation, constant_array, model_metadata
-from optc.ir.annotations import ARCHITECTURE, GGUF_TYPE, HF_CONFIG, SOURCE_NAME, TOKENIZER
+from optc.ir.annotations import (
+    ARCHITECTURE,
+    GGUF_IMATRIX,
+    GGUF_PLAN,
+    GGUF_TYPE,
+    HF_CONFIG,
+    SOURCE_ALIASES,
+    SOURCE_NAME,
+    SOURCE_TRANSPOSED,
+    TOKENIZER,
+)
 from optc.ir.patterns.qdq import QDQ
 from optc.passes.infra.context import PassContext
 
-#: Value annotation: the importance matrix (per input column mean of x²) the encoder weights errors by.
-GGUF_IMATRIX = "gguf_imatrix"
-#: Model metadata written by `kquant`: `{"mix": "Q4_K_M", "imatrix": {...} | None}`.
-GGUF_PLAN = "gguf"
 #: Hugging Face model types this backend writes, and the GGUF architecture they become.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 #: GGUF architectures whose rope pairs consecutive values (llama.cpp's "normal" rope): Q/K rows are permuted.
@@ -219,8 +225,6 @@ def _dequantize_linear(value: Any) -> tuple[Callable[[], np.ndarray], tuple[int,
 
 def collect_parameters(model: Model) -> dict[str, Parameter]:
     """Every live initializer that carries a source parameter name, in Hugging Face layout."""
-    from optc.ir.annotations import SOURCE_ALIASES, SOURCE_TRANSPOSED
-
     params: dict[str, Parameter] = {}
     for value in model.graph.initializers.values():
         name = annotation(value, SOURCE_NAME)

@@ -43,7 +43,7 @@ from typing import Literal
 
 from optc.errors import OptcError, PreconditionError
 from optc.ir import Model, annotate, is_constant, model_metadata, set_model_metadata
-from optc.ir.annotations import GGUF_TYPE, SOURCE_NAME, annotation
+from optc.ir.annotations import GGUF_IMATRIX, GGUF_PLAN, GGUF_TYPE, SOURCE_NAME, annotation
 from optc.ir.patterns.ops import GEMM_OPS, WEIGHT_VIEW_OPS
 from optc.ir.patterns.weights import weight_view
 from optc.passes.infra.analysis import AnalysisManager, PreservedAnalyses
@@ -188,8 +188,6 @@ class KQuant(Pass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         from optc.backends.gguf import (
-            GGUF_IMATRIX,
-            GGUF_PLAN,
             Parameter,
             collect_parameters,
             gguf_tensor_name,

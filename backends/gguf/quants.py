@@ -118,30 +118,10 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     amax, vmax = signed_absmax(x)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
-    n = x.shape[0]
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = f32(-nmax) / safe_max
         lev = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-        w = x * x
-        wx = w * x
-        lf = lev.astype(F32)
-        sumlx = seqsum(wx * lf)
-        suml2 = seqsum(w * lf * lf)
-        # A pass that changes nothing leaves the state as it was, so running all five is exact.
-        for _ in range(5):
-            for i in range(n):
-                li = lev[i].astype(F32)
-                slx = sumlx - wx[i] * li
-                sl2 = suml2 - w[i] * li * li
-                new_l = np.clip(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
-                nl = new_l.astype(F32)
-                slx2 = slx + wx[i] * nl
-                sl22 = sl2 + w[i] * nl * nl
-                accept = (slx > 0) & (new_l != lev[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                lev[i] = np.where(accept, new_l, lev[i])
-                sumlx = np.where(accept, slx2, sumlx)
-                suml2 = np.where(accept, sl22, suml2)
-        scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
+        scale = _refine_levels(x, x * x, lev, -nmax, nmax - 1, qp=False)
     levels = (lev + nmax).astype(np.int32)
     levels[:, zero] = 0
     return np.where(zero, F32(0), scale).astype(F32), levels
@@ -201,7 +181,6 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
     vmax = np.maximum(x.max(axis=0), F32(0))
     zero = vmax < GROUP_MAX_EPS
     safe = np.where(zero, F32(1), vmax)
-    n = x.shape[0]
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = f32(nmax) / safe
         lev = nearest_int(iscale * x) & 0xFF
@@ -220,26 +199,39 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
             best = np.where(better, mse, best)
             iscale = np.where(better, iscale_is, iscale)
         lev = np.minimum(nearest_int(iscale * x), nmax) & 0xFF
-        wx = qw * x
-        lf = lev.astype(F32)
-        sumlx = seqsum(wx * lf)
-        suml2 = seqsum(qw * lf * lf)
-        for _ in range(5):
-            for i in range(n):
-                li = lev[i].astype(F32)
-                slx = sumlx - wx[i] * li
-                sl2 = suml2 - qw[i] * li * li
-                new_l = np.minimum(nearest_int(x[i] * sl2 / slx), nmax)
-                nl = new_l.astype(F32)
-                slx2 = slx + wx[i] * nl
-                sl22 = sl2 + qw[i] * nl * nl
-                accept = (slx > 0) & (sl2 > 0) & (new_l != lev[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                lev[i] = np.where(accept, new_l & 0xFF, lev[i])
-                sumlx = np.where(accept, slx2, sumlx)
-                suml2 = np.where(accept, sl22, suml2)
-        scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
+        scale = _refine_levels(x, qw, lev, None, nmax, qp=True)
     lev[:, zero] = 0
     return np.where(zero, F32(0), scale).astype(F32), lev.astype(np.int32)
+
+
+def _refine_levels(x: np.ndarray, w: np.ndarray, lev: np.ndarray, low: int | None, high: int, *, qp: bool) -> np.ndarray:
+    """The five rounds of coordinate descent that end `make_q3_quants` and `make_qp_quants`.
+
+    Each level in turn moves to the value that best fits the rest of its block, kept when the
+    weighted fit improves; `lev` is updated in place and the least-squares scale returned. With
+    `qp` (make_qp_quants) the move needs the sum without the level to be positive and levels are
+    kept as bytes; otherwise (make_q3_quants) the sum with the new level must be. A round that
+    changes nothing leaves the state as it was, so running all five is exact.
+    """
+    wx = w * x
+    lf = lev.astype(F32)
+    sumlx = seqsum(wx * lf)
+    suml2 = seqsum(w * lf * lf)
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            li = lev[i].astype(F32)
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            new_l = np.clip(nearest_int(x[i] * sl2 / slx), low, high)
+            nl = new_l.astype(F32)
+            slx2 = slx + wx[i] * nl
+            sl22 = sl2 + w[i] * nl * nl
+            positive = sl2 > 0 if qp else sl22 > 0
+            accept = (slx > 0) & positive & (new_l != lev[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            lev[i] = np.where(accept, new_l & 0xFF if qp else new_l, lev[i])
+            sumlx = np.where(accept, slx2, sumlx)
+            suml2 = np.where(accept, sl22, suml2)
+    return np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
 
 
 # --------------------------------------------------------------------------- packing helpers

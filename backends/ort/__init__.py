@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnxruntime as ort
-
 from optc.backends.base import Artifact, Backend, register_backend
-from optc.errors import OptcError
 from optc.ir import Model, model_size_bytes, save_model, verify
-from optc.ir.io import staged_to_output
 from optc.passes.infra.context import PassContext
-from optc.runtime.ort import open_session
+from optc.runtime.ort import runtime_check
 
 
 @register_backend
@@ -31,16 +27,8 @@ class OrtBackend(Backend):
         checks: list[str] = []
 
         def check(staged: Path) -> None:
-            if context.get("backend.skip_runtime_check"):
-                return
-            try:
-                session = open_session(staged, optimize=False, threads=1)
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                detail = staged_to_output(detail, staged, output)  # the staging folder is gone by now
-                raise OptcError(f"onnxruntime rejected the lowered model: {detail}") from exc
-            names = ", ".join(i.name for i in session.get_inputs())
-            checks.append(f"onnxruntime {ort.__version__} loaded it (inputs: {names})")
+            if not context.get("backend.skip_runtime_check"):
+                checks.append(runtime_check(staged, output, "lowered"))
 
         path = save_model(model, output, check=check)
         return Artifact(path, self.name, model_size_bytes(path), checks)

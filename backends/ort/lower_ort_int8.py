@@ -1,56 +1,23 @@
 """`lower-ort-int8`: rewrite 8-bit Q/DQ into the forms onnxruntime's CPU kernels run fastest, exactly.
 
-The ort backend runs this before writing the model (`OrtBackend.legalize`).
-Every rewrite keeps the model's numerics (the dequantized values are
-bit-identical; splitting a Gemm's bias only moves one float addition); what
-changes is which onnxruntime kernel computes them. The one exception is
-opt-in: `kernel=u8s8` on a CPU without VNNI (see below). What
-it does, and why, was measured on SmolLM2-135M with onnxruntime 1.32 on a
-2-core AVX2 CPU (tools/bench_ort_int8_forms.py prints the table):
+The ort backend runs this before writing the model (`OrtBackend.legalize`). Every
+rewrite keeps the dequantized values bit-identical (splitting a Gemm's bias only
+moves one float addition); what changes is which onnxruntime kernel computes them:
 
-* **Integer MatMul/Gemm.** onnxruntime fuses `DequantizeLinear(activation) ×
-  DequantizeLinear(weight) → MatMul` into `MatMulIntegerToFloat` (Gemm into
-  `QGemm`), but on x86 only with *uint8* activations: it converts an int8
-  Q/DQ pair to uint8 itself only when the pair has one reader, so a pair
-  shared by q/k/v or gate/up (what `quantize` emits) stays a float MatMul
-  that dequantizes its weight on every run (the whole model 1.24-1.37× fp32).
-  And its uint8 × int8 kernel on CPUs without VNNI (AVX2 only) adds byte
-  products in pairs into saturating int16 (`vpmaddubsw`): on SmolLM2's own
-  activations 0.07 % of the outputs are wrong, by up to 35 % of a layer's
-  range. `kernel=u8u8` re-encodes activations and weights as uint8 with zero
-  point +128 (`q + 128`, exact): every pair fuses, and the uint8 × uint8
-  kernel widens to int16 before multiplying, so it is exact (0.73-0.78× fp32
-  per MatMul). `kernel=u8s8` re-encodes only the activations: faster (~0.6×
-  per MatMul), exact on CPUs with VNNI (`vpdpbusd` accumulates in int32), and
-  on any CPU for weights whose adjacent pairs along K have |q₀ + q₁| ≤ 128
-  (`optc.passes.int8_pairs`: what `quantize{weight-pair-limit=128}` and
-  7-bit weights guarantee). `auto` picks for the compiling host, per op:
-  u8s8 with VNNI or for such weights, else u8u8; on non-x86 hosts it keeps
-  int8 (ARM kernels are exact). `keep` leaves the Q/DQ as written. A Gemm's
-  float bias moves to an `Add` (onnxruntime fuses QGemm only without one).
-* **Tied int8 lm_head.** `MatMul(DQ(x), Transpose(DQ(T)))`, T the int8
-  table the embedding Gather also reads, becomes `MatMul(DQ(x),
-  DQ(Transpose(T), axis=1))`: onnxruntime folds the int8 Transpose into an
-  initializer at session load and fuses the integer kernel, and the file
-  keeps one table. Only where u8s8 is exact for T (T stays int8, shared).
-* **Weights of ops that stay float** (int16 or float activations, a tied
-  lm_head through `Transpose`): onnxruntime never constant-folds a
-  `DequantizeLinear`, so it either dequantizes the weight on every run or,
-  for a float activation, fuses it into `MatMulNBits` with int8 dynamic
-  activations (accuracy level 4: other numerics, and 1.4-1.8× slower than
-  fp32 here). With `dequantize-at-load` the `DequantizeLinear` becomes
-  `Cast → Mul` (`(q - zp) · scale`, the same float arithmetic), which
-  onnxruntime folds into a float weight when the session loads: fp32 speed,
-  the file keeps the 8-bit weight.
-* **Embedding tables.** `Gather(DequantizeLinear(table), ids)` dequantizes
-  the whole table on every run; `gather` reads the 8-bit rows first and
-  dequantizes only those (per-row scales gathered alongside).
+* integer MatMul/Gemm: activations (and with `kernel=u8u8` weights) re-encoded as
+  uint8 with zero point +128 so every pair fuses into `MatMulIntegerToFloat` /
+  `QGemm`; `auto` picks u8s8 where it is exact (VNNI, or weights whose K pairs
+  cannot saturate: `optc.passes.int8_pairs`), else u8u8, and keeps int8 off x86;
+  `kernel=u8s8` on a CPU without VNNI is the one opt-in that is not exact;
+* a tied int8 lm_head reads `DQ(Transpose(T))`, folded at session load, so the file
+  keeps one table;
+* weights of ops that stay float become `Cast → Mul`, folded to float at load;
+* embedding Gathers read the 8-bit rows first and dequantize only those.
 
-Each rewritten node is annotated `ort_lowering` with what was done; the chosen
-kernel and the host it was chosen for are recorded in the model metadata. A
-model lowered once is not lowered again by `kernel=auto`, so a pipeline can
-choose, e.g. `--passes 'w8a8,lower-ort-int8{kernel=u8s8}'`, and the backend's
-own run (`OrtBackend.legalize`) keeps that choice.
+Each rewritten node is annotated `ort_lowering`; the chosen kernel and host go into
+the model metadata, and a model lowered once is not lowered again by `kernel=auto`
+(`--passes 'w8a8,lower-ort-int8{kernel=u8s8}'` keeps its choice). The measurements
+behind these forms: README (Results) and tools/bench_ort_int8_forms.py.
 """
 
 from __future__ import annotations
@@ -78,6 +45,7 @@ from optc.ir import (
     sole_transpose,
     tensor,
 )
+from optc.ir.annotations import ORT_LOWERING, PROVENANCE
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.match import producer
 from optc.ir.patterns.ops import GEMM_OPS
@@ -140,7 +108,7 @@ class LowerOrtInt8(Pass):
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         graph = model.graph
         kernel, reason = self.options.kernel, "requested"
-        earlier = model_metadata(model, "ort_lowering")
+        earlier = model_metadata(model, ORT_LOWERING)
         if kernel == "auto" and earlier:
             # Lowered already (e.g. `--passes '...,lower-ort-int8{kernel=u8s8}'` before the backend's own run).
             kernel = "keep"
@@ -161,7 +129,7 @@ class LowerOrtInt8(Pass):
         if kernel == "u8u8" and stats["matmul-u8s8"]:
             reason += f"; u8s8 (exact) for the {stats['matmul-u8s8']} whose weights' K pairs cannot saturate"
         if modified and not earlier:
-            set_model_metadata(model, "ort_lowering", {"kernel": kernel, "reason": reason, **stats})
+            set_model_metadata(model, ORT_LOWERING, {"kernel": kernel, "reason": reason, **stats})
         return PassResult(model, modified, None, stats)
 
 
@@ -258,7 +226,7 @@ class _Rewriter:
             self._split_gemm_bias(node)
         kernel = "u8u8" if w_dq.inputs[0].dtype == DataType.UINT8 else "u8s8"
         self.stats[f"matmul-{kernel}"] += 1
-        annotate(node, "ort_lowering", {
+        annotate(node, ORT_LOWERING, {
             "kernel": kernel,
             "runs_as": "com.microsoft.MatMulIntegerToFloat" if node.op_type == "MatMul" else "com.microsoft.QGemm",
         })
@@ -304,8 +272,8 @@ class _Rewriter:
                            output_names=[self.build.fresh(f"{name}_weight")])
         _copy_type(dq_new.outputs[0], node.inputs[1])
         for n in (t_new, dq_new):
-            annotate(n, "provenance", "lower-ort-int8")
-        annotate(t_new, "ort_lowering", {"rewrite": "tied int8 table transposed at session load for the integer kernel"})
+            annotate(n, PROVENANCE, "lower-ort-int8")
+        annotate(t_new, ORT_LOWERING, {"rewrite": "tied int8 table transposed at session load for the integer kernel"})
         g.insert_before(node, [t_new, dq_new])
         node.replace_input_with(1, dq_new.outputs[0])
         if not t.outputs[0].uses() and not t.outputs[0].is_graph_output():
@@ -330,7 +298,7 @@ class _Rewriter:
         gemm.resize_inputs(2)
         add = make_node("Add", [gemm.outputs[0], bias], name=self.build.node_name(f"{name}_bias"),
                         output_names=[self.build.fresh(f"{name}_with_bias")])
-        annotate(add, "provenance", "lower-ort-int8")
+        annotate(add, PROVENANCE, "lower-ort-int8")
         _copy_type(add.outputs[0], gemm.outputs[0])
         g.insert_after(gemm, [add])
         for use in list(gemm.outputs[0].uses()):
@@ -364,7 +332,7 @@ class _Rewriter:
             del q.attributes["output_dtype"]
         if q.outputs[0].dtype is not None:
             q.outputs[0].dtype = DataType.UINT8
-        annotate(q, "ort_lowering", {"encoding": "uint8, zero point +128"})
+        annotate(q, ORT_LOWERING, {"encoding": "uint8, zero point +128"})
         self._u8_activations.add(id(q))
 
     def _weight_to_u8(self, dq: Node) -> None:
@@ -384,7 +352,7 @@ class _Rewriter:
             weight.dtype = DataType.UINT8
         for r in readers:
             self._to_u8_zero_point(r)
-            annotate(r, "ort_lowering", {"encoding": "uint8, zero point +128"})
+            annotate(r, ORT_LOWERING, {"encoding": "uint8, zero point +128"})
         self._u8_weights.add(id(weight))
 
     def _to_u8_zero_point(self, node: Node) -> None:
@@ -454,8 +422,8 @@ class _Rewriter:
         out = new_nodes[-1].outputs[0]
         _copy_type(out, node.outputs[0])
         for n in new_nodes:
-            annotate(n, "provenance", "lower-ort-int8")
-        annotate(rows, "ort_lowering", {"rewrite": "gather 8-bit rows, then dequantize them"})
+            annotate(n, PROVENANCE, "lower-ort-int8")
+        annotate(rows, ORT_LOWERING, {"rewrite": "gather 8-bit rows, then dequantize them"})
         g.insert_before(node, new_nodes)
         _replace_output(node.outputs[0], out, self.build)
         self._dead.append(node)
@@ -496,8 +464,8 @@ class _Rewriter:
         out = new_nodes[-1].outputs[0]
         _copy_type(out, node.outputs[0])
         for n in new_nodes:
-            annotate(n, "provenance", "lower-ort-int8")
-        annotate(new_nodes[-1], "ort_lowering", {"rewrite": "DequantizeLinear as Cast->Mul, folded at session load"})
+            annotate(n, PROVENANCE, "lower-ort-int8")
+        annotate(new_nodes[-1], ORT_LOWERING, {"rewrite": "DequantizeLinear as Cast->Mul, folded at session load"})
         g.insert_before(node, new_nodes)
         for use in list(node.outputs[0].uses()):
             if id(use.node) not in dead and not _fused_integer(use.node):

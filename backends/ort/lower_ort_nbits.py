@@ -15,8 +15,8 @@ values (u − 2^(bits−1))·s = q·s), unsigned codes keep their own zero point
 `per-channel-block`. Blocks must be a power of two of at least 16; anything
 else (and Gemm) is left as written.
 
-5-8-bit weights are left to `lower-ort-int8` unless `bits8=true` (MatMulNBits with
-8 bits ran 1.35x the fp32 latency on SmolLM2; folding to float at load runs at fp32 speed).
+5-8-bit weights are left to `lower-ort-int8` unless `bits8=true` (folding them to
+float at load is faster: README, Results).
 
 `accuracy-level` is MatMulNBits' compute type: 0 (default, =fp32) computes
 with float activations, the numerics of the IR; 4 quantizes activations to
@@ -52,6 +52,7 @@ from optc.ir import (
     model_metadata,
     set_model_metadata,
 )
+from optc.ir.annotations import ORT_LOWERING, ORT_NBITS_LOWERING
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.qdq import QDQ, dequantized
 from optc.ir.patterns.rewrite import Rule, apply_rules
@@ -64,7 +65,7 @@ from optc.passes.infra.remarks import match_summary
 _LOWBIT = (DataType.INT4, DataType.UINT4, DataType.INT8, DataType.UINT8)
 _SIGNED = (DataType.INT4, DataType.INT8)
 #: Model metadata key recording that (and how) the model was lowered: a later `form=auto` run keeps it.
-METADATA = "ort_nbits_lowering"
+METADATA = ORT_NBITS_LOWERING
 
 
 @register_pass("lower-ort-nbits")
@@ -181,7 +182,7 @@ class LowerOrtNbits(Pass):
         new = make_node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft",
                         name=build.node_name(f"{node.name or 'MatMul'}_nbits"))
         _swap(build, node, new)
-        annotate(new, "ort_lowering", {"runs_as": "com.microsoft.MatMulNBits", "bits": nbits, "block_size": block,
+        annotate(new, ORT_LOWERING, {"runs_as": "com.microsoft.MatMulNBits", "bits": nbits, "block_size": block,
                                        "accuracy_level": self.options.accuracy_level})
         return True
 
@@ -313,7 +314,7 @@ def _dequantize_at_load(build: Builder, node: Node, dq: Node) -> bool:
     x.dtype = DataType.FLOAT
     graph.insert_before(dq, nodes)
     dq.outputs[0].replace_all_uses_with(x)
-    annotate(node, "ort_lowering", {"weights": "dequantized at load (Cast -> Mul, folded by onnxruntime)"})
+    annotate(node, ORT_LOWERING, {"weights": "dequantized at load (Cast -> Mul, folded by onnxruntime)"})
     return True
 
 

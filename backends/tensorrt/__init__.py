@@ -42,8 +42,8 @@ from optc.backends.base import Artifact, Backend, register_backend
 from optc.backends.tensorrt.trt_check import check_tensorrt, summarize
 from optc.errors import OptcError, WriteError
 from optc.ir import Model, annotation, model_metadata, model_size_bytes, save_model, verify
-from optc.ir.annotations import SPARSITY
-from optc.ir.io import remove_model, staged_to_output
+from optc.ir.annotations import SPARSITY, TENSORRT_LOWERING
+from optc.ir.io import remove_model
 from optc.passes.infra.context import PassContext
 
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -256,24 +256,16 @@ class TensorRTBackend(Backend):
         if errors:
             raise OptcError(f"the model breaks {len(errors)} TensorRT rule(s) that lower-tensorrt cannot fix; "
                             f"first: {errors[0]} (run --passes=trt-check for all)")
-        checks = [f"lower-tensorrt: {note}" for note in model_metadata(model, "tensorrt_lowering") or []]
+        checks = [f"lower-tensorrt: {note}" for note in model_metadata(model, TENSORRT_LOWERING) or []]
         checks.append(f"trt-check: {summarize(findings)}")
         checks += [f"trt-check: {f}" for f in findings[:20]]
 
         def check(staged: Path) -> None:
             if context.get("backend.skip_runtime_check"):
                 return
-            from optc.runtime.ort import open_session
+            from optc.runtime.ort import runtime_check
 
-            try:
-                session = open_session(staged, optimize=False, threads=1)
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-                detail = staged_to_output(_first_line(exc), staged, onnx_path)  # the staging folder is gone by now
-                raise OptcError(f"onnxruntime rejected the TensorRT-lowered model: {detail}") from exc
-            import onnxruntime as ort
-
-            names = ", ".join(i.name for i in session.get_inputs())
-            checks.append(f"onnxruntime {ort.__version__} loaded it (inputs: {names})")
+            checks.append(runtime_check(staged, onnx_path, "TensorRT-lowered"))
 
         save_model(model, onnx_path, check=check)
         sparse = uses_2_4(model)

@@ -1,70 +1,28 @@
 """`lower-tensorrt`: optc's quantization annotations → TensorRT's explicit-quantization ONNX.
 
-The tensorrt backend runs this before writing (`TensorRTBackend.legalize`);
-it never runs `lower-ort-int8` (no onnxruntime-specific integer forms, no
-uint8 re-encoding): the result keeps standard `QuantizeLinear`/
-`DequantizeLinear`, which onnxruntime also runs. What it rewrites, each
-against a rule of `trt-check` (backends/tensorrt/trt_check.py, which cites each rule's
-upstream source):
+The tensorrt backend runs this before writing (`TensorRTBackend.legalize`). The
+result keeps standard `QuantizeLinear`/`DequantizeLinear` (which onnxruntime also
+runs); each rewrite answers a rule of `trt-check` (backends/tensorrt/trt_check.py):
 
-* **Activation Q/DQ TensorRT cannot import** (T03): INT16/UINT16 pairs
-  (quantize's `int16=down_proj`) are removed, so those activations stay float
-  (TensorRT has no INT16 Q/DQ); an asymmetric (UINT8, or a non-zero zero point)
-  or per-channel activation pair (T01, T04) becomes symmetric INT8 per tensor
-  whose range covers the old one (scale = max |representable value| / 127).
-* **Weights** (DequantizeLinear of a constant): kept when they feed a weighted
-  op whose activation is quantized, on the right axis (T05, T15). A weight
-  whose reader stays float (an op whose activation went float above, a
-  `weight-only` op, a tied lm_head through `Transpose`, an embedding
-  `Gather`) is stored as the float it dequantizes to (bit-identical
-  arithmetic; TensorRT's weight-only path is INT4 GEMMs only). An int32 bias
-  DequantizeLinear is folded to float (T06). An 8-bit weight with a non-zero
-  zero point or on the wrong axis is re-quantized symmetric per output channel.
-* **INT4 weight-only** (T10): a blocked DQ along K on a MatMul/Gemm stays
-  (an all-zero zero point is dropped); per-channel INT4 becomes one block
-  spanning K (exact); UINT4 with every zero point 8 becomes INT4 exactly
-  (`q - 8`). Other asymmetric blocks (TensorRT takes no zero point):
-  `int4-asymmetric=split` (default) writes `x @ ((q - z)·s)` as
-  `x @ ((q - o)·s) + (x @ E) @ ((o - z)·s)` with o = 8 for UINT4 (0 for INT4):
-  symmetric INT4 codes plus a float GEMM of K/block rows (E sums x over each
-  block), exact up to float rounding; `requantize` re-quantizes symmetric per
-  block (scale = max|w| / 7, the weight change reported), `float` stores the
-  dequantized weight. INT4 on anything else, or blocked along the wrong axis,
-  is stored float.
-* **Shared pairs** (T18): an op that wants float (a norm, Softmax, SiLU...)
-  reading the Q/DQ pair of a quantized weighted op's activation reads the
-  float tensor instead.
-* **Weighted-op outputs** quantized for no quantized consumer (T14) lose that
-  Q/DQ unless asked (`output-quant=PATTERNS`, or a `quant` annotation with
-  `output_quantization: true`).
-* **Concat** (T13): inputs all DequantizeLinear with different scales get their
-  own Q/DQ with the one largest scale (ModelOpt's `concat_elimination`); a
-  Concat mixing quantized and float inputs reads all inputs float.
-* **Residual Add fused into a quantized Conv** (T12): the residual input is
-  read through a Q/DQ; an existing one of that tensor is reused, otherwise
-  one is calibrated (`activation-histograms`, minmax) in the Conv's
-  activation format. FP8 included: ModelOpt's ONNX FP8 mode quantizes
-  "Residual-Add" too (modelopt/onnx/quantization/fp8.py, same placement as
-  int8.py) with a max-calibrated scale amax/448, which minmax gives. Reuse is
-  what ModelOpt emits (onnxruntime's quantizer with `DedicatedQDQPair=False`:
-  one Q/DQ per tensor) and keeps one scale per tensor, so the producer's Q
-  can fuse (§3.2 rules 6 and 9). optc's own `quantize` already places this
-  Q/DQ (its `residual` option), so its models pass through unchanged and the
-  file computes the ort target's numbers; this rewrite is for models
-  quantized elsewhere (or with `quantize{residual=false}`). There the
-  residual's rounding is where the file parts from the ort target's: for
-  FP8, E4M3 rounds to 3 mantissa bits whatever the scale (~2.7% relative
-  error per element on the test CNN's residual), measured as a 0.5-1.8%
-  difference of the CNN's logits with no trend over scales from 0.5x to 2x
-  the calibrated one.
+* activation Q/DQ TensorRT cannot import: INT16 pairs removed, asymmetric or
+  per-channel ones made symmetric INT8 per tensor (T01, T03, T04);
+* weights: kept on the right axis when their reader's activation is quantized,
+  else stored as the float they dequantize to; int32 biases folded (T05, T06, T15);
+* INT4 weight-only blocked along K (T10), asymmetric blocks split exactly into
+  symmetric codes plus a float correction GEMM (`int4-asymmetric=split`), or
+  re-quantized / stored float;
+* shared pairs (T18), unneeded output Q/DQ (T14), Concat scales (T13), and the
+  residual Add fused into a quantized Conv (T12), whose Q/DQ is reused or calibrated
+  (a no-op for optc's own `quantize`, which already places it).
 
 The rewrites are rule sets of `optc.ir.patterns.rewrite` (`_Lowering.rule_sets`), run in the order
 above, each once over the graph; their legality tests are trt-check's (`weight_slot`,
 `fuses_quantized_input`, `feeds_quantized_consumer`, `quantized_conv`, the output axes).
 
 Every group of rewrites is summarised as one line in the model metadata
-`tensorrt_lowering` (the backend prints them). DynamicQuantizeLinear, integer
-ops and run-time scales are not rewritten: `trt-check` reports them.
+`tensorrt_lowering` (the backend prints them). DynamicQuantizeLinear, integer ops
+and run-time scales are not rewritten: `trt-check` reports them. Measurements:
+README (Results).
 """
 
 from __future__ import annotations
@@ -101,7 +59,7 @@ from optc.ir import (
     source_name,
     transpose_perm,
 )
-from optc.ir.annotations import QUANTIZATION
+from optc.ir.annotations import PROVENANCE, QUANTIZATION, QUANTIZATION_SKIPPED, TENSORRT_LOWERING
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.match import ONNX_DOMAINS, const_value, int_attr, is_const
 from optc.ir.patterns.ops import GEMM_OPS
@@ -216,8 +174,8 @@ class LowerTensorRT(Pass):
                 am.context.remark("missed", note if len(note) <= 240 else note[:237] + "...")
         if not notes:
             return PassResult(model, False, None, {"rewrites": 0})
-        earlier = model_metadata(model, "tensorrt_lowering") or []
-        set_model_metadata(model, "tensorrt_lowering", [*earlier, *notes])
+        earlier = model_metadata(model, TENSORRT_LOWERING) or []
+        set_model_metadata(model, TENSORRT_LOWERING, [*earlier, *notes])
         stats = {key.replace("_", "-"): len(v) for key, v in lowering.done.items()}
         return PassResult(model, True, None, stats)
 
@@ -541,7 +499,7 @@ class _Lowering:
             new.outputs[0].shape = dq.outputs[0].shape
         for k, v in dq.metadata_props.items():
             new.metadata_props[k] = v
-        annotate(new, "provenance", "lower-tensorrt")
+        annotate(new, PROVENANCE, "lower-tensorrt")
         self.graph.insert_before(dq, [new])
         for use in uses:
             use.node.replace_input_with(use.idx, new.outputs[0])
@@ -633,7 +591,7 @@ class _Lowering:
             add = make_node("Add", [node.outputs[0], corr.outputs[0]], name=self.build.node_name(f"{name}_corrected"),
                             output_names=[self.build.fresh(f"{name}_corrected")])
             for n in (summed, corr, add):
-                annotate(n, "provenance", "lower-tensorrt")
+                annotate(n, PROVENANCE, "lower-tensorrt")
             out = node.outputs[0]
             if out.dtype is not None:
                 add.outputs[0].dtype = out.dtype
@@ -703,7 +661,7 @@ class _Lowering:
             dq.outputs[0].dtype = x.dtype
             q.outputs[0].shape = dq.outputs[0].shape = x.shape
         for n in (q, dq):
-            annotate(n, "provenance", "lower-tensorrt")
+            annotate(n, PROVENANCE, "lower-tensorrt")
         g.insert_before(before, [q, dq])
         return dq.outputs[0]
 
@@ -850,7 +808,7 @@ def _splittable(node: Node, axis: int) -> bool:
 
 def _label(node: Node) -> str:
     """A node's name for notes: the parameter its weight came from when `quantize` recorded it."""
-    info = annotation(node, QUANTIZATION) or annotation(node, "quant_skipped")
+    info = annotation(node, QUANTIZATION) or annotation(node, QUANTIZATION_SKIPPED)
     if isinstance(info, dict) and info.get("weight_source"):
         return str(info["weight_source"]).removesuffix(".weight")
     for value in node.inputs[1:2]:

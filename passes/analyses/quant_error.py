@@ -102,11 +102,6 @@ def has_quantized_nodes(model: Model) -> bool:
     return any(annotation(n, QUANTIZATION) is not None for n in model.graph)
 
 
-def _sum_squares(a: np.ndarray) -> float:
-    flat = a.reshape(-1)
-    return float(sum(np.dot(c, c) for c in (flat[i:i + _CHUNK].astype(np.float64) for i in range(0, flat.size, _CHUNK))))
-
-
 @dataclass
 class ErrorStats:
     """Running SQNR statistics of one value (float reference vs quantized)."""

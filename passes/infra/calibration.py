@@ -8,6 +8,7 @@ import numpy as np
 
 from optc.errors import MissingCalibrationData
 from optc.ir import Model
+from optc.ir.annotations import TOKENIZER
 from optc.passes.infra.context import PassContext
 from optc.runtime.calibration import iter_samples
 
@@ -23,7 +24,7 @@ def calibration_spec(model: Model, context: PassContext) -> str:
         return spec
     from optc.ir import model_metadata
 
-    hint = "--calib builtin (the built-in text, tokenized with the model's tokenizer), " if model_metadata(model, "tokenizer") else ""
+    hint = "--calib builtin (the built-in text, tokenized with the model's tokenizer), " if model_metadata(model, TOKENIZER) else ""
     raise MissingCalibrationData(f"this pipeline needs calibration data and none was given: pass {hint}--calib text:FILE, npz:FILE or random")
 
 

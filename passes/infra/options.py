@@ -24,11 +24,12 @@ from optc.errors import UsageError
 _PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_.:/+\-,@]+$")
 
 
-def option(default: Any, *, help: str = "") -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with a default and a help line for `--list-passes`."""
+def option(default: Any, *, help: str = "", at_least: float | None = None) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with a default and a help line for `--list-passes`; `at_least`: the smallest value allowed."""
+    metadata = {"help": help, "at_least": at_least}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
@@ -138,6 +139,11 @@ def build_options(cls: type, pass_name: str, items: list[tuple[str, str]]) -> An
                 f"pass '{pass_name}': option '{key}' expects {describe_type(types[name])}, got {text!r}"
             ) from None
     options = cls(**kwargs)
+    for field in fields.values():
+        least = field.metadata.get("at_least")
+        value = getattr(options, field.name)
+        if least is not None and value < least:
+            raise UsageError(f"pass '{pass_name}': option '{to_kebab(field.name)}' must be at least {least}, got {value}")
     validate = getattr(options, "validate", None)
     if validate is not None:
         try:

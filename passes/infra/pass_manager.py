@@ -133,11 +133,7 @@ class Fixpoint(PassManager):
 
     @dataclasses.dataclass
     class Options:
-        max_iterations: int = option(10, help="upper bound on the number of rounds")
-
-        def validate(self) -> None:
-            if self.max_iterations < 1:
-                raise ValueError("option 'max-iterations' must be at least 1")
+        max_iterations: int = option(10, help="upper bound on the number of rounds", at_least=1)
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         preserved = PreservedAnalyses.all()

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from optc.errors import OptcError
 from optc.ir import Model, annotate
+from optc.ir.annotations import AWQ
 from optc.ir.patterns.builder import Builder
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
@@ -157,7 +158,7 @@ class Awq(LowBitPass):
                 info = {"alpha": alpha, "producer": group.producer, "input": group.value.name,
                         "error": err, "error_rtn": base}
                 for node, _ in group.consumers:
-                    annotate(node, "awq", info)
+                    annotate(node, AWQ, info)
                 if alpha == 0.0:
                     continue
                 factor = s.to("cpu", torch.float64).numpy()

@@ -30,6 +30,7 @@ from optc.ir import (
     node_label,
     transpose_perm,
 )
+from optc.ir.annotations import SPARSITY
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.weights import weight_axes
 from optc.passes.infra.analysis import AnalysisManager
@@ -140,7 +141,7 @@ def check_nm_sparsity(model: Model) -> tuple[int, list[Violation]]:
             problems.append(Violation(node, weight, f"{bad} group(s) of {nm[1]} along K hold more than {nm[0]} non-zeros"))
 
     for node in model.graph:
-        info = annotation(node, "sparsity")
+        info = annotation(node, SPARSITY)
         if not info or len(node.inputs) < 2:
             continue
         weight = node.inputs[1]
@@ -152,7 +153,7 @@ def check_nm_sparsity(model: Model) -> tuple[int, list[Violation]]:
         axis = weight_axes(node, array.ndim if array is not None else 2)[1]  # K as the op reads the weight
         check(array, axis, info["pattern"], node_label(node), weight.name or "")
     for value in model.graph.initializers.values():
-        info = annotation(value, "sparsity")
+        info = annotation(value, SPARSITY)
         if not info or id(value) in seen or value.dtype not in (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16):
             continue
         if not list(value.uses()):

@@ -26,11 +26,7 @@ class CommonSubexpressionElimination(Pass):
 
     @dataclasses.dataclass
     class Options:
-        constant_bytes: int = option(65536, help="merge identical initializers up to this size in bytes")
-
-        def validate(self) -> None:
-            if self.constant_bytes < 0:
-                raise ValueError("option 'constant-bytes' must be >= 0")
+        constant_bytes: int = option(65536, help="merge identical initializers up to this size in bytes", at_least=0)
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         graph = model.graph

@@ -1,53 +1,18 @@
 """`distill`: knowledge distillation — fine-tune the IR's float weights to match a teacher's outputs.
 
-The student is the current IR, run by the PyTorch executor
-(`optc.runtime.torch_exec.TorchExecutor`) with its float weights as
-`nn.Parameter`s; the teacher is, by default (`teacher=input`), the model as it
-entered the pipeline (the pass manager keeps a snapshot while a pipeline that
-contains `distill` runs), or any model file (`teacher=PATH`: .onnx, .gguf or a
-Hugging Face directory) with the same inputs and output vocabulary.
-
-Each step takes one calibration sample (`--calib`, `--calib-samples`,
-`--calib-seqlen`; the samples are streamed again, in order, when `steps`
-exceeds their count) and minimises
+The student is the current IR run by the PyTorch executor
+(`optc.runtime.torch_exec.TorchExecutor`) with its float weights as parameters; the
+teacher is the model as it entered the pipeline (`teacher=input`) or a model file
+(`teacher=PATH`). Each step takes one calibration sample and minimises
 
     α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α)·CE(z_s, next tokens)
 
-over every position (z_t, z_s: teacher and student logits, the first graph
-output). The cross-entropy needs a causal LM (an `input_ids` input and logits
-`[batch, seq, vocab]`); other models get the KL term alone. Adam (no weight
-decay), gradient norm clipped to 1.0, batch 1, fp32.
-
-Constraints earlier passes set are kept:
-
-* in a pruned weight — annotated `sparsity` (by `sparsify`), or with at least
-  5% of its elements exactly zero (heads or channels zeroed out) — every zero
-  stays zero (gradient and value masked): 2:4 / N:M and unstructured masks
-  survive, so `check-sparsity` still passes. Heads and channels that
-  `prune-heads` / `prune-ffn` removed are simply absent from the smaller
-  shapes. (A dense weight's few incidental zeros, e.g. from a GGUF's
-  quantized source, may move.)
-* shapes, the graph and every non-float initializer are untouched; quantized
-  (integer) weights, their scales and zero points are frozen, and rounding in
-  QuantizeLinear passes no gradient — distill before quantizing (a pipeline
-  that does it the other way round gets a warning);
-* buffers without an original parameter name (rotary frequencies, constants)
-  are not trained (`optc.runtime.torch_exec.default_trainable`).
-
-The trained weights are written back into the IR's initializers. The run is
-deterministic for a given model, calibration data and `--seed`
-(`torch.manual_seed`, deterministic algorithms). A progress bar shows the
-running loss, KL and CE.
-
-Cost on SmolLM2-135M (fp32, 128-token windows, `threads=1`): about 3.3
-CPU-seconds a step (student forward + backward + Adam, teacher forward), i.e.
-about 18 steps per minute on one idle core; peak RSS 4.4 GB (weights,
-gradients, Adam moments, the teacher). 100 steps after `prune-heads{ratio=0.25}`
-took 19 minutes of wall time on the project's 2-core machine under a load
-average of about 14 (other jobs), and brought held-out perplexity from 449.6
-back to 23.1 (fp32: 19.6; after 2:4 magnitude sparsity: 1510 -> 54.4). One thread is the default: on a busy 2-core machine
-two threads mostly wait for each other (45–90 s a step against 7–8 s); use
-`threads=0` (torch's default) on an idle or larger machine, or a GPU.
+(the KL term alone for a model that is not a causal LM) with Adam, batch 1, fp32.
+Zeros of pruned weights (annotated `sparsity`, or at least 5% exactly zero) stay
+zero; shapes, the graph, quantized weights and unnamed buffers are untouched. The
+trained weights are written back into the initializers; the run is deterministic
+for a given model, data and `--seed`. `threads=1` is the default (a busy 2-core
+machine's threads wait for each other); cost and results: README (Distillation).
 """
 
 from __future__ import annotations
@@ -64,6 +29,7 @@ import numpy as np
 
 from optc.errors import OptcError
 from optc.ir import Model
+from optc.ir.annotations import SPARSITY
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -234,7 +200,7 @@ def _masks(model: Model, student: TorchExecutor) -> dict[int, torch.Tensor]:
     for i, (name, param) in enumerate(zip(student.param_names, student.params, strict=True)):
         value = model.graph.initializers[name]
         nonzero = param.detach() != 0
-        annotated = annotation(value, "sparsity") is not None or any(annotation(c, "sparsity") is not None for c in value.consumers())
+        annotated = annotation(value, SPARSITY) is not None or any(annotation(c, SPARSITY) is not None for c in value.consumers())
         if annotated or 1.0 - float(nonzero.float().mean()) >= PRUNED_FRACTION:
             masks[i] = nonzero
     return masks

@@ -43,11 +43,8 @@ class FoldConstants(Pass):
         size_limit: int = option(
             1 << 20,
             help="largest folded output in bytes, unless it replaces constants no other node reads and is no larger",
+            at_least=0,
         )
-
-        def validate(self) -> None:
-            if self.size_limit < 0:
-                raise ValueError("option 'size-limit' must be >= 0")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         graph = model.graph

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from optc.ir import Model, Shape, add_initializer, annotate, constant_array, make_node, unique_name
+from optc.ir.annotations import LOWRANK, PROVENANCE
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -130,12 +131,12 @@ def _rewrite(graph, site: Linear, a: np.ndarray, c: np.ndarray) -> None:
         h.dtype = site.activation.dtype
     if site.activation.shape is not None:
         h.shape = Shape([*list(site.activation.shape)[:-1], a.shape[1]])
-    annotate(first, "provenance", "lowrank")
+    annotate(first, PROVENANCE, "lowrank")
     graph.insert_before(node, [first])
     node.replace_input_with(0, h)
     stored = c if site.k_axis == 0 else c.T  # MatMul/Gemm B [r, N]; Gemm transB [N, r]
     set_constant(graph, node, 1, np.ascontiguousarray(stored.astype(dtype)), "lowrank_b")
-    annotate(node, "lowrank", {"rank": int(a.shape[1]), "in": int(a.shape[0]), "out": int(c.shape[1])})
+    annotate(node, LOWRANK, {"rank": int(a.shape[1]), "in": int(a.shape[0]), "out": int(c.shape[1])})
 
 
 __all__ = ["LowRank", "factorize"]

@@ -37,6 +37,7 @@ from optc.ir import (
     model_metadata,
     set_model_metadata,
 )
+from optc.ir.annotations import HF_CONFIG, LAYER_FFN, PRUNED_FFN
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -217,11 +218,11 @@ class PruneFFN(Pass):
             return PassResult(model, False, None, {"ffn-pruned": 0, "channels-removed": 0})
         drop_unused_initializers(graph)
         context.remark("passed", f"removed {removed} channels in {pruned} of {len(blocks)} MLP blocks")
-        set_model_metadata(model, "layer_ffn", widths)
-        config = model_metadata(model, "hf_config")
+        set_model_metadata(model, LAYER_FFN, widths)
+        config = model_metadata(model, HF_CONFIG)
         if isinstance(config, dict) and len(set(widths)) == 1 and "intermediate_size" in config:
             config["intermediate_size"] = widths[0]
-            set_model_metadata(model, "hf_config", config)
+            set_model_metadata(model, HF_CONFIG, config)
         return PassResult(model, True, None, {"ffn-pruned": pruned, "channels-removed": removed})
 
 
@@ -246,7 +247,7 @@ def _rewrite(graph, block: FFNBlock, keep: np.ndarray) -> None:
             dims = list(value.shape)
             dims[-1] = len(keep)
             value.shape = Shape(dims)
-    annotate(block.down.node, "pruned_ffn", {"width": len(keep), "of": f})
+    annotate(block.down.node, PRUNED_FFN, {"width": len(keep), "of": f})
 
 
 def _take_last(array: np.ndarray, keep: np.ndarray, f: int) -> np.ndarray:

@@ -51,6 +51,7 @@ from optc.ir import (
     set_model_metadata,
     unique_name,
 )
+from optc.ir.annotations import HF_CONFIG, LAYER_HEADS, PRUNED_HEADS
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -204,7 +205,7 @@ def _rewrite(graph, block: AttentionBlock, axes: HeadAxes, keep: list[int], keep
                 dims[axis] = counts[role]
         value.shape = Shape(dims)
     info = {"heads": counts["H"], "kv_heads": counts["KV"], "kept": keep, "of": block.heads}
-    annotate(block.o.node, "pruned_heads", info)
+    annotate(block.o.node, PRUNED_HEADS, info)
 
 
 def _apply_patch(graph, patch: ShapePatch, count: int) -> None:
@@ -251,8 +252,8 @@ def _node_name(graph, base: str) -> str:
 
 def _update_config(model: Model, layer_heads: list[list[int]], removed: list[list[int]], head_dim: int) -> None:
     """Record per-layer head counts; update the HF config the way its architecture can express them."""
-    set_model_metadata(model, "layer_heads", layer_heads)
-    config = model_metadata(model, "hf_config")
+    set_model_metadata(model, LAYER_HEADS, layer_heads)
+    config = model_metadata(model, HF_CONFIG)
     if not isinstance(config, dict):
         return
     if "num_key_value_heads" in config or "head_dim" in config:
@@ -268,7 +269,7 @@ def _update_config(model: Model, layer_heads: list[list[int]], removed: list[lis
         # BERT-like: the original head count stays and `pruned_heads` lists what went (transformers' convention).
         pruned = {str(i): r for i, r in enumerate(removed) if r}
         config["pruned_heads"] = pruned
-    set_model_metadata(model, "hf_config", config)
+    set_model_metadata(model, HF_CONFIG, config)
 
 
 __all__ = ["PruneHeads", "head_scores", "select_heads"]

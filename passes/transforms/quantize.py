@@ -1,78 +1,24 @@
 """`quantize`: insert standard ONNX Q/DQ around weighted ops, INT8 or FP8.
 
-The model is first raised to the opset its Q/DQ need (per-axis 13, FP8 19,
-INT16 21; existing nodes converted by `optc.ir.opset.ensure_opset`).
+Follows TensorRT's explicit-quantization placement rules. Weights of MatMul, Gemm
+and Conv become per-output-channel symmetric constants with a `DequantizeLinear`
+(no Q at run time, biases stay float); activations get static per-tensor
+`QuantizeLinear → DequantizeLinear` from calibration histograms (`calib=`), one
+pair per tensor and precision shared by all its readers. The model is first
+raised to the opset its Q/DQ need (`optc.ir.opset.ensure_opset`).
 
-What it emits, following TensorRT's explicit-quantization rules
-(TensorRT developer guide, explicit quantization, Q/DQ placement):
+Options choose precision per op: `int16=` and `weight-only=` patterns, `exclude=`
+(float), `min-sqnr=` (raise an activation whose measured 8-bit SQNR is too low),
+`weight-bits=7` and `weight-pair-limit=128` (exact in onnxruntime's u8s8 kernel on
+AVX2), `embeddings=true` (int8 Gather tables), `residual=` (Q/DQ on the input of an
+Add after a quantized Conv, which TensorRT fuses) and `fp8-unsupported-convs=`.
+Patterns match node, output, weight and source parameter names (substring or glob).
 
-* **Weights** of MatMul (B `[K, N]`, or `[..., K, N]`), Gemm (B, `transB`
-  respected) and Conv (W `[M, C, kh, kw]`) are quantized at compile time,
-  per output channel and symmetric (MatMul axis 1 / the last axis, Gemm
-  axis 1 or 0 with `transB`, Conv axis 0): an int8 (or FLOAT8E4M3FN)
-  initializer, a float scale per channel (absmax / 127, or / 448 for FP8), a
-  zero zero-point, then `DequantizeLinear(axis)` feeding the op. No Q runs on
-  weights at run time; the float weight goes when nothing else reads it. A
-  weight read through a `Transpose` of a constant (a tied lm_head) is
-  quantized along the matching axis of the constant. Biases stay float (no
-  int32 bias quantization).
-* **Activations** (the op's data input) get static per-tensor
-  `QuantizeLinear → DequantizeLinear` with a constant positive scale from
-  calibration (`activation-histograms`; `calib=minmax|percentile|mse|entropy`),
-  symmetric (int8/int16 zero point 0) by default, asymmetric uint8 with
-  `symmetric=false`; one Q/DQ pair per tensor and precision, shared by all its
-  quantized readers (q/k/v share one). Outputs of weighted ops are never
-  quantized; ops whose inputs are both activations (attention score matmuls)
-  stay float.
-* Mixed precision: `int16=PATTERNS` gives the matching ops' activations int16
-  Q/DQ (e.g. `int16=down_proj`: SmolLM2's FFN down-projection input, where
-  static int8 breaks), always over the full calibrated range (minmax: at 16
-  bits clipping only loses); `weight-only=PATTERNS` keeps their activations float;
-  `exclude=PATTERNS` (default `lm_head`) leaves ops entirely float.
-* Measured sensitivity: `min-sqnr=DB` computes, from each activation's
-  calibration histogram, the SQNR its 8-bit grid would give at the chosen
-  range; below `DB` an int8 activation gets int16 (an FP8 one stays float).
-  The reason, with the measured SQNR, is kept in the `quant` annotation
-  (`precision_reason`) and shown by `--report`. On SmolLM2, `min-sqnr=26`
-  picks exactly the 30 FFN down-projection inputs (the `w8a8` pipeline).
-* `weight-bits=7` limits int8 weights to ±63 (onnxruntime's u8s8 kernel is
-  then exact on AVX2 CPUs without VNNI, as onnxruntime's own `reduce_range`);
-  opt-in: it doubles the weight error (measure with `tools/bench_w8a8.py
-  --candidate NAME=PIPELINE`). Patterns
-  match node names, output names and weight names, original parameter names
-  (`optc.ir.source_name`) and their aliases, as substrings or globs.
-* `weight-pair-limit=128` keeps |q[2i] + q[2i+1]| ≤ 128 along K for the int8
-  weights of ops with int8 activations (and a table a tied int8 lm_head
-  reads): onnxruntime's fast uint8 × int8 kernel then cannot saturate on AVX2
-  CPUs without VNNI, so the ort backend runs it exactly. Only the output
-  channels that need it get a wider scale (`optc.passes.int8_pairs`); on
-  SmolLM2 it costs nothing measurable (1.012× fp32 perplexity either way).
-* `embeddings=true` also stores constant `Gather` tables (embeddings) as int8
-  (FP8) per row with a DequantizeLinear before every reader; a tied lm_head
-  then reads the same dequantized table (weight-only, or with int8
-  activations when it is not excluded: its per-row scales are per output
-  channel of the head).
-* **Residuals**: an Add of a quantized Conv's output (directly or through
-  its BatchNormalization) and another activation reads that activation
-  through a Q/DQ in the Conv's format (8-bit only): its tensor's existing pair
-  when it has one, else a calibrated one. TensorRT fuses such an Add into the
-  Conv (its placement rules, §3.2.4; ModelOpt's `build_non_residual_input_map`
-  does the same for INT8 and FP8); deciding it here rather than in
-  `lower-tensorrt` keeps every target computing the same numbers.
-  `residual=false` leaves the Add float.
-
-Every quantized node is annotated `quant` (`optc.ir.annotate`) with the dtypes,
-schemes, axis, scale and where the scale came from, so backends can lower it;
-an excluded weighted op is annotated `quant_skipped` with the reason.
-
-FP8 Convs that TensorRT has no FP8 kernel for (under 16 input or output
-channels, filters over 32 taps: `optc.passes.fp8_convs`, as NVIDIA's Model
-Optimizer decides) stay float, annotated `quant_skipped`;
-`fp8-unsupported-convs=true` quantizes them anyway.
-
-Static activation scales need calibration data: with none configured,
-`activations=int8` (or fp8) stops with an error instead of guessing. The
-output is deterministic for a given model, calibration data and seed.
+Every quantized node is annotated `quant` (formats, schemes, axis, scales and why
+it got its precision); an op left float is annotated `quant_skipped` with the
+reason. Activations need calibration data (an error without it); the output is
+deterministic for a given model, calibration data and seed. The measured figures
+behind these choices are in the README (Results).
 """
 
 from __future__ import annotations
@@ -96,6 +42,7 @@ from optc.ir import (
     sole_transpose,
     source_name,
 )
+from optc.ir.annotations import PROVENANCE, QUANTIZATION, QUANTIZATION_SKIPPED
 from optc.ir.opset import ensure_opset
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.ops import QUANTIZED_OPS
@@ -249,16 +196,16 @@ class Quantize(Pass):
             reason = selector.why_not(node, weight.value)
             if reason is not None:
                 excluded.append((node, weight))
-                if annotation(node, "quant_skipped") != reason:
-                    annotate(node, "quant_skipped", reason)
+                if annotation(node, QUANTIZATION_SKIPPED) != reason:
+                    annotate(node, QUANTIZATION_SKIPPED, reason)
                     skipped += 1
                 continue
             act_fmt = self._activation_format(node, weight)
             why = self._fp8_conv_unsupported(node, weight, act_fmt)
             if why:
                 float_convs += 1
-                if annotation(node, "quant_skipped") != why:
-                    annotate(node, "quant_skipped", why)
+                if annotation(node, QUANTIZATION_SKIPPED) != why:
+                    annotate(node, QUANTIZATION_SKIPPED, why)
                     skipped += 1
                 continue
             if opts.weights == "none" and act_fmt is None:
@@ -299,8 +246,8 @@ class Quantize(Pass):
             _quantize_table(build, gather, index, table_fmt, dq_cache, limit)
         for node, weight in excluded:
             if tables and weight.node.inputs[weight.index].producer() is not None:
-                reason = annotation(node, "quant_skipped", "")
-                annotate(node, "quant_skipped", reason + f"; its weight is the {table_fmt.name} embedding table it is tied to")
+                reason = annotation(node, QUANTIZATION_SKIPPED, "")
+                annotate(node, QUANTIZATION_SKIPPED, reason + f"; its weight is the {table_fmt.name} embedding table it is tied to")
         for node, weight, act_fmt in plans:
             info: dict[str, object] = {"op": node.op_type}
             reason = sensitive.get(node.inputs[0].name) if node.inputs[0] is not None else None
@@ -323,13 +270,13 @@ class Quantize(Pass):
                 info["precision_reason"] = reason
             elif act_fmt is not None and act_fmt.bits == 16:
                 info["precision_reason"] = "int16=" + ",".join(opts.int16)
-            annotate(node, "quant", info)
+            annotate(node, QUANTIZATION, info)
         for add, idx, x, fmt in residuals:  # after the Convs' own Q/DQ, so a residual reuses its tensor's pair
             key = (id(x), fmt.name)
             if key not in act_cache:
                 act_cache[key] = _quantize_activation(build, add, x, fmt, histograms[x.name], opts)
             add.replace_input_with(idx, act_cache[key][0])
-            annotate(add, "quant", {"op": "Add", "weights": "none", "activations": fmt.name, "residual": x.name})
+            annotate(add, QUANTIZATION, {"op": "Add", "weights": "none", "activations": fmt.name, "residual": x.name})
         drop_unused_initializers(graph)
         stats = {
             "quantized-ops": len(plans),
@@ -525,7 +472,7 @@ def _dequantized_constant(
         "DequantizeLinear", [q_value, s_value, z_value], attributes={"axis": axis},
         name=build.node_name(f"{base}_DequantizeLinear"), output_names=[build.fresh(f"{base}_dequantized")],
     )
-    annotate(dq, "provenance", "quantize")
+    annotate(dq, PROVENANCE, "quantize")
     out = dq.outputs[0]
     out.dtype = value.dtype
     out.shape = value.shape
@@ -565,7 +512,7 @@ def _quantize_table(build: Builder, gather: Node, index: int, fmt: _Format, cach
     for use in list(table.uses()):
         if use.node.op_type != "DequantizeLinear":
             use.node.replace_input_with(use.idx, dq_out)
-    annotate(gather, "quant", {"op": "Gather", "weights": fmt.name, "weight_scheme": "per-row symmetric",
+    annotate(gather, QUANTIZATION, {"op": "Gather", "weights": fmt.name, "weight_scheme": "per-row symmetric",
                                "weight_axis": 0, "weight": table.name, "weight_source": source_name(table),
                                "activations": "float"})
 
@@ -638,7 +585,7 @@ def _quantize_activation(build: Builder, first: Node, x: Value, fmt: _Format, hi
         dq.outputs[0].dtype = x.dtype
         q.outputs[0].shape = dq.outputs[0].shape = x.shape
     for n in (q, dq):
-        annotate(n, "provenance", "quantize")
+        annotate(n, PROVENANCE, "quantize")
     build.graph.insert_before(first, [q, dq])
     return dq.outputs[0], info
 

@@ -70,6 +70,7 @@ from optc.ir import (
     sole_transpose,
     tensor,
 )
+from optc.ir.annotations import PROVENANCE, SMOOTHQUANT
 from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.ops import GEMM_OPS, NORM_OPS, NORM_PATH_OPS, REDUCTION_OPS
 from optc.ir.patterns.weights import weight_view
@@ -167,7 +168,7 @@ class SmoothQuant(Pass):
                     copies += scale_sites(build, [site], s, group.channels)
             info = {"alpha": self.options.alpha, "producer": group.producer, "input": group.value.name}
             for node in (*(n for n, _ in group.consumers), *(n for n, _ in group.tied)):
-                annotate(node, "smoothquant", info)
+                annotate(node, SMOOTHQUANT, info)
             smoothed += 1
         if not smoothed:
             return PassResult(model, False, None, {"groups-smoothed": 0})
@@ -577,7 +578,7 @@ def _scaling_mul(build: Builder, x: Value, factor: np.ndarray, scale_name: str, 
     if x.dtype is not None:
         mul.outputs[0].dtype = x.dtype
         mul.outputs[0].shape = x.shape
-    annotate(mul, "provenance", "smoothquant")
+    annotate(mul, PROVENANCE, "smoothquant")
     return mul
 
 

@@ -39,6 +39,7 @@ import torch
 
 from optc.errors import OptcError
 from optc.ir import Model, annotate
+from optc.ir.annotations import SPARSITY
 from optc.passes.infra.analysis import STRUCTURE, AnalysisManager, PreservedAnalyses
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -143,8 +144,8 @@ class Sparsify(Pass):
                 "method": opts.method,
                 "sparsity": round(float((array == 0).mean()), 6),
             }
-            annotate(site.node, "sparsity", info)
-            annotate(new, "sparsity", info)
+            annotate(site.node, SPARSITY, info)
+            annotate(new, SPARSITY, info)
             zeros += int((array == 0).sum())
             total += array.size
         return zeros, total

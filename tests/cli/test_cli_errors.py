@@ -13,6 +13,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import pytest
 
 from tests.cli.cli_support import Job, build_model, run_in_process, run_many, snapshot
@@ -115,6 +116,15 @@ def _output_is_input_data(d: Path) -> list[str]:
     return ["ext.onnx", "--target", "ort", "-o", "weights.onnx"]
 
 
+def _ill_typed_annotation(d: Path) -> list[str]:
+    # A node carries optc's quantization annotation as a string, where the schema wants an object.
+    path = build_model(d / "model.onnx")
+    proto = onnx.load(path)
+    proto.graph.node[0].metadata_props.add(key="optc.quant", value='"int8"')
+    onnx.save(proto, path)
+    return ["model.onnx", "-o", "out.onnx"]
+
+
 def _output_is_directory(d: Path) -> list[str]:
     (d / "out.onnx").mkdir()
     return [_model(d), "-o", "out.onnx"]
@@ -139,6 +149,7 @@ EDGE_CASES: dict[str, Case] = {
     "output-overwrites-input-data": Case(_external_clash, 1, ["out.onnx", "input's data"]),
     "output-is-input-data": Case(_output_is_input_data, 1, ["weights.onnx", "input's data"]),
     "output-is-directory": Case(_output_is_directory, 1, ["out.onnx", "directory"]),
+    "ill-typed-annotation": Case(_ill_typed_annotation, 1, ["model.onnx", "'optc.quant'", "must be dict, not str"]),
     "output-folder-missing": Case(lambda d: [_model(d), "-o", "nowhere/out.onnx"], 1, ["nowhere", "does not exist"]),
     "report-folder-missing": Case(_compile("--report", "nowhere/report.json"), 1, ["--report", "nowhere"]),
     "report-is-input": Case(_compile("--report", "model.onnx"), 1, ["--report", "overwrite the input"]),

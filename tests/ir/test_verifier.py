@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import onnx
 import pytest
 from onnx import helper
@@ -234,3 +236,57 @@ def test_a_custom_domain_without_an_opset_import(mlp):
     relu.domain = "com.example"
     relu.op_type = "Frobnicate"
     _only_problem(mlp, "relu", "domain 'com.example'", "not imported")
+
+
+# --------------------------------------------------------------------------- the annotation schema
+
+
+def test_wrong_typed_annotation_is_a_problem_naming_node_and_key(mlp):
+    node = next(iter(mlp.graph))
+    oi.annotate(node, "quant", "int8")  # a string where the schema wants a dict
+    problem = _only_problem(mlp, f"node {oi.node_label(node)}", "'optc.quant'", "must be dict, not str")
+    assert problem.count("\n") == 0
+
+
+def test_quantization_annotation_fields_are_typed(mlp):
+    node = next(iter(mlp.graph))
+    oi.annotate(node, "quant", {"op": node.op_type, "bits": "4"})
+    _only_problem(mlp, "'optc.quant'", "field 'bits' must be int, not str")
+    oi.annotate(node, "quant", {"bits": 4})
+    _only_problem(mlp, "'optc.quant'", "lacks field 'op'")
+    oi.annotate(node, "quant", {"op": node.op_type, "bits": True})  # a bool is not an int
+    _only_problem(mlp, "field 'bits' must be int, not bool")
+
+
+def test_unknown_optc_key_and_bad_json_are_problems(mlp):
+    weight = mlp.graph.initializers["W1"]
+    oi.annotate(weight, "quant_sceme", "sym")
+    _only_problem(mlp, "value 'W1'", "unknown annotation key 'optc.quant_sceme'")
+    oi.annotate(weight, "quant_sceme", None)
+    weight.metadata_props["optc.source_name"] = "{not json"
+    _only_problem(mlp, "value 'W1'", "'optc.source_name' is not JSON")
+
+
+def test_model_metadata_and_list_items_are_checked(mlp):
+    oi.set_model_metadata(mlp, "tensorrt_lowering", ["ok", 3])
+    _only_problem(mlp, "model: annotation 'optc.tensorrt_lowering'", "item 1 must be str, not int")
+
+
+def test_foreign_keys_and_well_typed_annotations_verify(mlp):
+    ann = importlib.import_module("optc.ir.annotations")  # `optc.ir.annotations` the attribute is a function
+    node = next(iter(mlp.graph))
+    node.metadata_props["pkg.note"] = "not optc's: not checked"
+    oi.annotate(node, ann.QUANTIZATION, {"op": node.op_type, "weights": "int8", "activations": "float", "weight_axis": None})
+    oi.annotate(node, ann.PROVENANCE, "quantize")
+    oi.annotate(mlp.graph.initializers["W1"], ann.SPARSITY, {"pattern": "2:4", "axis": 0})
+    oi.set_model_metadata(mlp, ann.HF_CONFIG, {"model_type": "llama"})
+    assert oi.problems(mlp) == []
+
+
+def test_a_plugin_declares_its_own_key(mlp, monkeypatch):
+    ann = importlib.import_module("optc.ir.annotations")  # `optc.ir.annotations` the attribute is a function
+    monkeypatch.setitem(ann.SCHEMA, "example_note", ann.AnnotationSpec(str))
+    oi.annotate(next(iter(mlp.graph)), "example_note", "fine")
+    assert oi.problems(mlp) == []
+    with pytest.raises(ValueError, match="already declared"):
+        ann.register_annotation("example_note", ann.AnnotationSpec(int))

@@ -361,6 +361,8 @@ def test_unknown_analysis():
         ("t-leaf{bits=3}", "pass 't-leaf': option 'bits' expects one of 2, 4, 8, got '3'"),
         ("t-leaf{ids=1,x}", "pass 't-leaf': option 'ids' expects a comma-separated list of int, got '1,x'"),
         ("fixpoint{max-iterations=0}(dce)", "pass 'fixpoint': option 'max-iterations' must be at least 1"),
+        ("cse{constant-bytes=-1}", "pass 'cse': option 'constant-bytes' must be at least 0, got -1"),
+        ("fold-constants{size-limit=-5}", "pass 'fold-constants': option 'size-limit' must be at least 0, got -5"),
         ("t-leaf{count=1 count=2}", "pass 't-leaf': option 'count' is given twice"),
     ],
 )
