@@ -51,7 +51,7 @@ class Hold(Pass):
 
 
 if os.environ.get("OPTC_TEST_HOLD") == "lower":
-    import optc.backends.ort as _ort
+    import optc.runtime.ort as _ort
 
     _open_session = _ort.open_session
 
