@@ -310,3 +310,17 @@ def install_module_plugin(site: Path, entry: str, module: str, source: str) -> P
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.0.1\n")
     (info / "entry_points.txt").write_text(f"[optc.passes]\n{entry} = {module}\n")
     return site
+
+
+def assert_clean_failure(run: Run, folder: Path, files: dict[str, str], exit_code: int, mentions: Sequence[str]) -> None:
+    """A failed run: the exit code, one `optc: error:` line naming `mentions`, no traceback, no stdout, and the
+    folder exactly as `snapshot` saw it before (nothing written, nothing modified)."""
+    assert run.returncode == exit_code, run
+    assert "Traceback" not in run.stderr, run
+    assert len(run.stderr_lines) == 1, run
+    line = run.stderr_lines[0]
+    assert line.startswith("optc: error: "), run
+    for text in mentions:
+        assert text.lower() in line.lower(), f"{text!r} not in {line!r}"
+    assert run.stdout == "", run
+    assert snapshot(folder) == files

@@ -16,7 +16,14 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.cli.cli_support import Job, build_model, run_in_process, run_many, snapshot
+from tests.cli.cli_support import (
+    Job,
+    assert_clean_failure,
+    build_model,
+    run_in_process,
+    run_many,
+    snapshot,
+)
 
 
 @dataclasses.dataclass
@@ -172,16 +179,8 @@ def child_runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
 
 
 def _check(case: Case, run, folder: Path, files: dict[str, str]) -> None:
-    assert run.returncode == case.exit_code, run
-    assert "Traceback" not in run.stderr, run
-    assert len(run.stderr_lines) == 1, run
-    line = run.stderr_lines[0]
-    assert line.startswith("optc: error: "), run
-    for text in case.mentions:
-        assert text.lower() in line.lower(), f"{text!r} not in {line!r}"
-    assert run.stdout == "", run
-    # Nothing written (no output, no temporary file, no report) and nothing modified.
-    assert snapshot(folder) == files
+    """Nothing written (no output, no temporary file, no report) and nothing modified."""
+    assert_clean_failure(run, folder, files, case.exit_code, case.mentions)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -8,7 +8,6 @@ folder, no report, the input untouched).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -28,6 +27,7 @@ from tests.cli.cli_support import (
     Job,
     Run,
     _env,
+    assert_clean_failure,
     build_model,
     optc_command,
     run_in_process,
@@ -35,27 +35,12 @@ from tests.cli.cli_support import (
     run_optc,
     snapshot,
 )
-
-
-@dataclasses.dataclass
-class Case:
-    #: Creates what the case needs in an empty folder and returns optc's arguments.
-    setup: Callable[[Path], list[str]]
-    exit_code: int
-    #: Text the error line must contain (case-insensitive).
-    mentions: list[str]
+from tests.cli.test_cli_errors import Case
 
 
 def _check(case: Case, run: Run, folder: Path, files: dict[str, str]) -> None:
-    assert run.returncode == case.exit_code, run
-    assert "Traceback" not in run.stderr, run
-    assert len(run.stderr_lines) == 1, run
-    line = run.stderr_lines[0]
-    assert line.startswith("optc: error: "), run
-    for text in case.mentions:
-        assert text.lower() in line.lower(), f"{text!r} not in {line!r}"
-    assert run.stdout == "", run
-    assert snapshot(folder) == files
+    """Nothing written (no output, no temporary file, no report) and nothing modified."""
+    assert_clean_failure(run, folder, files, case.exit_code, case.mentions)
 
 
 def _with_data(location: str, *args: str) -> Callable[[Path], list[str]]:
