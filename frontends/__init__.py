@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optc.errors import ModelLoadError
-from optc.files import has_gguf_magic
+from optc.files import check_input_kind, has_gguf_magic
 from optc.frontends.onnx import load_onnx
 from optc.ir import Model
 
@@ -25,8 +25,7 @@ def load_input(path: str | Path, *, memory_budget: int | None = None) -> Model:
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
-    if not path.is_dir() and not path.is_file():
-        raise ModelLoadError(f"{path}: not a regular file or a directory (a pipe or a device cannot be read as a model)")
+    check_input_kind(path, error=ModelLoadError)
     if path.is_dir() or path.suffix.lower() == ".gguf" or (path.suffix.lower() != ".onnx" and has_gguf_magic(path)):
         from optc.frontends.transformers import load_transformers
 

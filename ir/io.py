@@ -26,6 +26,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from optc.errors import ModelLoadError, OptcError, WriteError
+from optc.files import check_input_kind
 from optc.ir.core import ExternalTensor, Model, initializer_bytes
 
 #: Above this many bytes of initializers a model is saved with external data.
@@ -47,8 +48,7 @@ def load_model(path: str | os.PathLike, *, memory_budget: int | None = None) -> 
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: not a regular file (a pipe or a device cannot be an ONNX model)")
+    check_input_kind(path, error=ModelLoadError)
     size = path.stat().st_size
     if size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")

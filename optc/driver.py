@@ -21,7 +21,6 @@ from optc.errors import (
     PassFailure,
     UsageError,
 )
-from optc.files import check_input_kind
 from optc.frontends import load_input
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
 from optc.memory import resolve_budget
@@ -188,7 +187,6 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     parse_pipeline(options.passes if options.passes is not None else DEFAULT_PIPELINE)
     _remark_filter(options.remarks)
     budget = _memory_budget(options)
-    check_input_kind(input_path)
     # Before anything is read: no write may touch the input file or anything in an input directory.
     check_writes(planned_writes(backend, output, options.report), run_inputs(input_path, options))
     model = load_input(input_path, memory_budget=budget)

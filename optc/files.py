@@ -9,8 +9,9 @@ from pathlib import Path
 from optc.errors import OptcError
 
 
-def check_input_kind(path: Path, label: str | None = None) -> None:
-    """Refuse, without opening it, an input that is neither a regular file nor a directory (a FIFO would block)."""
+def check_input_kind(path: Path, label: str | None = None, error: type[OptcError] = OptcError) -> None:
+    """Refuse (raising `error`), without opening it, an input that is neither a regular file nor a directory
+    (a FIFO would block)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -19,7 +20,7 @@ def check_input_kind(path: Path, label: str | None = None) -> None:
         return
     kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
             else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-    raise OptcError(f"{label or path}: is {kind}, not a regular file or a directory")
+    raise error(f"{label or path}: is {kind}, not a regular file or a directory")
 
 
 def has_gguf_magic(path: Path) -> bool:
