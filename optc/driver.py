@@ -229,7 +229,7 @@ def compile_model(
     backend = _backend(options, output)
     pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
     pipeline = parse_pipeline(pipeline_text)
-    _remark_filter(options.remarks)
+    remark_filter = _remark_filter(options.remarks)
     for message in pipeline_warnings(pipeline):
         print(f"optc: warning: {message}", file=sys.stderr)
     files = RunFiles(planned_writes(backend, output, options.report))
@@ -241,7 +241,8 @@ def compile_model(
         before_path = source_onnx(model, source)
         input_bytes = model_size_bytes(before_path) if before_path is not None else initializer_bytes(model.graph)
         quant_report = QuantReport.start(model, options.report, before_path, output, source)
-        return _run(model, output, options, backend, quant_report, source=source, before_path=before_path,
+        return _run(model, output, options, backend, quant_report, pipeline=pipeline, pipeline_text=pipeline_text,
+                    remark_filter=remark_filter, source=source, before_path=before_path,
                     nodes_before=nodes_before, input_bytes=input_bytes, start=start)
     except BaseException:
         files.discard(keep=[reproducer_path(output)])  # a failed run leaves no output (a reproducer stays)
@@ -258,6 +259,9 @@ def _run(
     backend: Backend,
     quant_report: QuantReport | None,
     *,
+    pipeline: PassManager,
+    pipeline_text: str,
+    remark_filter: re.Pattern[str] | None,
     source: Path | None,
     before_path: Path | None,
     nodes_before: int,
@@ -265,9 +269,7 @@ def _run(
     start: float,
 ) -> CompileResult:
     """The pipeline, the lowering, the report and the comparison (`compile_model` cleans up after a failure)."""
-    pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
-    pipeline = parse_pipeline(pipeline_text)
-    instruments: list[PassInstrument] = [RemarkPrinter(_remark_filter(options.remarks))]
+    instruments: list[PassInstrument] = [RemarkPrinter(remark_filter)]
     timing = TimingInstrument() if options.timing or options.report else None
     stats = StatisticsInstrument() if options.statistics or options.report else None
     if options.verify_each:
