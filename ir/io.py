@@ -11,7 +11,6 @@ always saved with external data.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import shutil
@@ -70,24 +69,11 @@ def load_model(path: str | os.PathLike, *, memory_budget: int | None = None) -> 
     _check_attributes(proto, path)
     _check_tensors(proto, path)
     try:
-        with _quiet_onnx_ir():
-            model = _oir.serde.deserialize_model(proto)
+        model = _oir.serde.deserialize_model(proto)
     except Exception as exc:  # noqa: BLE001 - onnx-ir raises many types on malformed protos
         raise ModelLoadError(f"{path}: malformed ONNX model ({_short(exc)})") from exc
     _oir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
-
-
-@contextlib.contextmanager
-def _quiet_onnx_ir() -> Iterator[None]:
-    """Keep onnx-ir's warnings about a malformed graph off stderr: the verifier reports them, in one line."""
-    logger = logging.getLogger("onnx_ir")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _check_text(proto: onnx.ModelProto, path: Path) -> None:
