@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from optc.ir.core import Node, Value
+from optc.ir.core import Node, Value, constant_array, is_constant
 
 #: The ONNX default domain, spelled both ways.
 ONNX_DOMAINS: tuple[str, ...] = ("", "ai.onnx")
@@ -21,28 +21,24 @@ def producer(value: Value | None, op_type: str | tuple[str, ...]) -> Node | None
     return node
 
 
+def _constant_node(value: Value) -> Node | None:
+    node = value.producer()
+    return node if node is not None and node.op_type == "Constant" and node.domain in ONNX_DOMAINS else None
+
+
 def const_value(value: Value | None) -> np.ndarray | None:
     """The array of an initializer (not a graph input) or a `Constant` node's output; None for anything computed."""
-    if value is None:
-        return None
-    if value.const_value is not None and not value.is_graph_input():
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
-        attr = node.attributes.get("value")
-        if attr is not None:
-            return attr.as_tensor().numpy()
-    return None
+    array = constant_array(value)
+    if array is not None or value is None:
+        return array
+    node = _constant_node(value)
+    attr = node.attributes.get("value") if node is not None else None
+    return attr.as_tensor().numpy() if attr is not None else None
 
 
 def is_const(value: Value | None) -> bool:
     """True for an initializer no graph input overrides, or a `Constant` node's output."""
-    if value is None:
-        return False
-    if value.const_value is not None and not value.is_graph_input():
-        return True
-    node = value.producer()
-    return node is not None and node.op_type == "Constant" and node.domain in ONNX_DOMAINS
+    return is_constant(value) or (value is not None and _constant_node(value) is not None)
 
 
 def int_attr(node: Node, name: str, default: int) -> int:

@@ -72,6 +72,7 @@ from optc.ir import (
 )
 from optc.ir.annotations import PROVENANCE, SMOOTHQUANT
 from optc.ir.patterns.builder import Builder
+from optc.ir.patterns.match import input_at
 from optc.ir.patterns.ops import GEMM_OPS, NORM_OPS, NORM_PATH_OPS, REDUCTION_OPS
 from optc.ir.patterns.weights import weight_view
 from optc.passes.analyses.activation_stats import ActivationStats
@@ -241,7 +242,7 @@ def find_groups(
             if misses is not None and _norm_output(x):
                 misses.append(_why_not(x, tied, insert_mul))
             continue
-        if exclude and not all(selector.selects(n, _weight_input(n)) for n in (*(c for c, _ in group.consumers),
+        if exclude and not all(selector.selects(n, input_at(n, 1)) for n in (*(c for c, _ in group.consumers),
                                                                                    *(c for c, _ in group.tied))):
             if excluded is not None:
                 excluded.append(group)
@@ -496,10 +497,6 @@ def _reaches_reduction(value: Value, depth: int) -> bool:
     if node.op_type not in NORM_PATH_OPS:
         return False
     return any(_reaches_reduction(v, depth - 1) for v in node.inputs if v is not None and not is_constant(v))
-
-
-def _weight_input(node: Node) -> Value | None:
-    return node.inputs[1] if len(node.inputs) > 1 else None
 
 
 # --------------------------------------------------------------------------- rewriting
