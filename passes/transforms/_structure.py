@@ -10,7 +10,7 @@ under that reader.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,9 +20,7 @@ from optc.ir.patterns.builder import drop_unused_initializers as sweep_initializ
 from optc.passes.layer_selector import LayerSelector
 from optc.passes.linear_layers import (
     Linear,
-    layer_names,
     linear,
-    matches_any,
     torch_threads,
 )
 
@@ -30,16 +28,6 @@ from optc.passes.linear_layers import (
 def linears(model: Model) -> list[Linear]:
     """Every linear layer of the main graph, in graph order."""
     return [site for site in (linear(n) for n in model.graph) if site is not None]
-
-
-def names_of(site: Linear) -> list[str]:
-    """The names a pattern may match: node, outputs, weight, original parameter name and its aliases."""
-    return layer_names(site.node, site.weight)
-
-
-def matches(site: Linear, patterns: Iterable[str]) -> bool:
-    """True when a pattern (substring, or glob with * ? [) matches one of the site's names."""
-    return matches_any(names_of(site), patterns)
 
 
 def reads_table(value: Value) -> bool:
@@ -101,7 +89,6 @@ __all__ = [
     "drop_unused_initializers",
     "linear",
     "linears",
-    "matches",
     "select",
     "set_constant",
     "store_nk",
