@@ -97,7 +97,19 @@ def _start(case: Path, args: list[str], hold: str, site: Path) -> subprocess.Pop
     env.update(TMPDIR=str(case / "tmp"), XDG_CACHE_HOME=str(case / "cache"), OPTC_TEST_HOLD=hold,
                OPTC_TEST_MARKER=str(case / "marker"))
     return subprocess.Popen([*optc_command(), *args], cwd=case / "work", env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signal_handling)
+
+
+def _default_signal_handling() -> None:
+    """Give the child the default handling of the signals under test.
+
+    A test run started with `nohup`, or in the background of a shell without job control, ignores
+    SIGHUP or SIGINT, and a child inherits that; optc rightly keeps an ignored signal ignored
+    (tested below), so the cases here start from the defaults a terminal gives.
+    """
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _case_folder(root: Path, hf: bool = False) -> Path:
