@@ -90,7 +90,7 @@ def onnx_seed(folder: Path) -> bytes:
 
 
 def gguf_seed(folder: Path) -> bytes:
-    from tests.frontends.test_transformers import write_tiny_gguf
+    from tests.fixtures.gguf_models import write_tiny_gguf
 
     return write_tiny_gguf(folder / "seed.gguf").read_bytes()
 

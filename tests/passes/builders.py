@@ -6,7 +6,7 @@
     result = b.run(model, "dce")                  # VerifyEach + verify + onnx.checker
     b.assert_same_outputs(before, result.model)   # onnxruntime on random inputs
 
-`tests/models.py` holds the shared model zoo; this file only what pass tests add.
+`tests/fixtures/models.py` holds the shared model zoo; this file only what pass tests add.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import onnx
 
 from optc.ir import Model, check_onnx, parse_text, to_proto, verify
 from optc.passes import AnalysisManager, PassContext, PassResult, VerifyEach, parse_pipeline
-from tests import models
+from tests.fixtures import models
 
 HEADER = '<ir_version: 10, opset_import: ["" : 21]>\n'
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from optc.ir import print_ir
-from tests import models
+from tests.fixtures import models
 from tests.passes import builders as b
 
 

@@ -7,7 +7,7 @@ import pytest
 from optc.errors import UsageError
 from optc.ir import annotate, print_ir, source_name
 from optc.passes import get_pass
-from tests import models
+from tests.fixtures import models
 from tests.passes import builders as b
 
 

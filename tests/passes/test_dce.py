@@ -6,7 +6,7 @@ import pytest
 
 from optc.ir import print_ir
 from optc.passes import ACTIVATIONS, STRUCTURE, WEIGHTS, Analysis, get_pass
-from tests import models
+from tests.fixtures import models
 from tests.passes import builders as b
 
 

@@ -13,7 +13,7 @@ import pytest
 from optc.errors import PassFailure, PreconditionError
 from optc.ir import check_onnx, verify
 from optc.passes import AnalysisManager, PassContext, PassManager, VerifyEach, all_passes
-from tests import models
+from tests.fixtures import models
 from tests.passes import builders as b
 
 _CONFIG = {"calibration.spec": "random", "calibration.samples": 2, "calibration.seqlen": 8}

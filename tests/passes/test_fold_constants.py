@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from optc.errors import UsageError
 from optc.ir import annotate, annotation, is_constant, print_ir
 from optc.passes import get_pass
-from tests import models
+from tests.fixtures import models
 from tests.passes import builders as b
 
 

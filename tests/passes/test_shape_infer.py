@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from optc.ir import DataType, print_ir
-from tests import models
+from tests.fixtures import models
 from tests.passes import builders as b
 
 

@@ -20,9 +20,9 @@ from optc.passes import (
 )
 from optc.passes.analyses.activation_stats import ActivationStats
 from optc.passes.transforms.smoothquant import find_groups, smoothing_scales
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 from tests.passes import builders as b
-from tests.passes import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 4, "calibration.seqlen": 16}
 #: fp32 exactness: smoothing only reassociates per-channel products (x/s)·(s·w).
@@ -287,7 +287,7 @@ def test_calibration_error_names_missing_data_only_when_needed():
 
 
 def test_no_norm_is_a_remark_and_a_shared_norm_without_insert_mul_says_why():
-    from tests.passes import prune_models as pm
+    from tests.fixtures import prune_models as pm
 
     result, _ = _run(models.to_ir(models.mlp()), "smoothquant")
     assert not result.modified

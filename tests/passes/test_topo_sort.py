@@ -8,7 +8,7 @@ import pytest
 
 from optc.errors import PassFailure
 from optc.ir import from_proto, print_ir, problems
-from tests import models
+from tests.fixtures import models
 from tests.passes import builders as b
 
 
