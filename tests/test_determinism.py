@@ -15,8 +15,8 @@ import onnx
 import pytest
 
 from optc.driver import CompileOptions, compile_file, compile_model
-from tests.cli.cli_support import build_model
 from tests.fixtures import quant_models as qm
+from tests.fixtures.mlp_file import build_model
 
 CALIB = {"calib": "random", "calib_samples": 2, "calib_seqlen": 8, "seed": 7, "skip_runtime_check": True}
 

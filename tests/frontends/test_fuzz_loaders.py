@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optc.entry import run_command
 from optc.errors import OptcError
-from tests.cli.cli_support import build_model
+from tests.fixtures.mlp_file import build_model
 from tests.frontends.hostile_support import PEAK_RSS_LIMIT_KIB, run_measured
 
 #: Seconds one example may take before it counts as a hang.

@@ -29,6 +29,7 @@ from optc.ir import DataType, annotation, check_onnx, constant_array, print_ir, 
 from optc.passes import AnalysisManager, PassContext, VerifyEach, get_pass, parse_pipeline
 from tests.fixtures import models
 from tests.fixtures import quant_models as qm
+from tests.fixtures import text_models as tm
 from tests.passes import builders as b
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 16, "calibration.seqlen": 32}
@@ -146,7 +147,7 @@ def test_gemm_and_conv_axes():
 
 
 def test_gemm_without_transpose_uses_axis_1():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2,3] x) => (float[2,2] y) <float[3,2] w = {1, -2, 0.5, 3, -1, 0.25}>
 {
@@ -444,7 +445,7 @@ def test_second_run_adds_nothing():
 
 
 def test_nothing_to_quantize():
-    model = b.random_dag(1)
+    model = tm.random_dag(1)
     result = get_pass("quantize")()(model, AnalysisManager())
     assert not result.modified
 
