@@ -49,9 +49,8 @@ from optc.ir.opset import default_opset, ensure_opset
 from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.qdq import dequantized
-from optc.passes.analyses.hessian import Hessian
+from optc.passes.analyses.hessian import calibration_hessians
 from optc.passes.infra.analysis import AnalysisManager
-from optc.passes.infra.calibration import calibration_spec
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.layer_selector import LayerSelector, default_exclude
@@ -370,8 +369,6 @@ class LowBitPass(Pass):
     selector, the opset raise, the remarks), calibration Hessians and emitting the quantized weights."""
 
     Options: ClassVar[type] = LowBitOptions
-    #: The annotation's `method`; also names the pass in its error lines.
-    method: ClassVar[str] = "lowbit"
     #: What the pass needs from calibration data, for the error line when there is none.
     calibration_need: ClassVar[str] = "calibration statistics"
 
@@ -390,16 +387,11 @@ class LowBitPass(Pass):
 
     def calibration_hessians(self, model: Model, am: AnalysisManager, names: list[str]) -> dict:
         """The `hessian` analysis of the activations `names`; one error line when there is no calibration data."""
-        try:
-            calibration_spec(model, am.context)
-        except OptcError as exc:
-            message = str(exc).split(": ", 1)[-1]
-            raise OptcError(f"{self.method} needs {self.calibration_need} from calibration data: {message}") from exc
-        return am.get(Hessian, model, values=tuple(dict.fromkeys(names)))
+        return calibration_hessians(model, am, self.name, names, f"{self.calibration_need} from calibration data")
 
     def emit(self, model: Model, site: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
              info: dict, build: Builder | None = None) -> dict:
-        """Store one layer's codes with the options' grid and group (`emit`), annotated with `method` and `info`;
-        `build` (one per run) owns the fresh names."""
+        """Store one layer's codes with the options' grid and group (`emit`), annotated with `info` and the
+        pass name as `method`; `build` (one per run) owns the fresh names."""
         opts = self.options
-        return emit(model, site, q, scale, zero, opts.grid, opts.group, {"method": self.method, **info}, build)
+        return emit(model, site, q, scale, zero, opts.grid, opts.group, {"method": self.name, **info}, build)

@@ -1,7 +1,7 @@
 """Shared fixtures for optc's tests.
 
 Models: `mlp_proto`/`mlp` and friends build tiny random models from
-`tests/models.py` (protos, or optc IR models with the `_ir` fixtures).
+`tests/fixtures/models.py` (protos, or optc IR models with the `_ir` fixtures).
 
 Registry isolation: the pass registry is a module-level dict, so a test that
 registers passes, analyses or pipelines must undo it, or `--list-passes`
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import pytest
 
 from optc.passes.infra import registry
-from tests import models
+from tests.fixtures import models
 
 _REGISTRY_TABLES = ("_passes", "_analyses", "_pipelines", "_plugin_origin")
 
@@ -93,5 +93,5 @@ def loop_ir():
 
 @pytest.fixture(params=models.BUILDERS)
 def any_model_proto(request):
-    """Each builder of tests/models.py in turn (as a proto)."""
+    """Each builder of tests/fixtures/models.py in turn (as a proto)."""
     return getattr(models, request.param)()

@@ -9,7 +9,7 @@ import torch
 
 import optc
 from optc.errors import OptcError
-from tests import models
+from tests.fixtures import models
 
 
 class SmallCNN(torch.nn.Module):

@@ -15,8 +15,8 @@ import onnx
 import pytest
 
 from optc.driver import CompileOptions, compile_file, compile_model
-from tests.cli.cli_support import build_model
-from tests.passes import quant_models as qm
+from tests.fixtures import quant_models as qm
+from tests.fixtures.mlp_file import build_model
 
 CALIB = {"calib": "random", "calib_samples": 2, "calib_seqlen": 8, "seed": 7, "skip_runtime_check": True}
 
@@ -74,7 +74,7 @@ def test_w4a16_fast_is_byte_for_byte_deterministic(tmp_path: Path) -> None:
 def test_kquant_with_an_imatrix_is_byte_for_byte_deterministic(tmp_path: Path) -> None:
     pytest.importorskip("gguf")
     pytest.importorskip("torch")
-    from tests.backends.gguf_models import ir_like_frontend, tiny_hf_llama
+    from tests.fixtures.gguf_models import ir_like_frontend, tiny_hf_llama
 
     written = []
     for run in ("first", "second"):

@@ -1,6 +1,6 @@
 """`optc-eval` and `optc.evaluate.evaluate`: perplexity, window arithmetic, errors, GGUF.
 
-The tiny causal LM built here is `logits = cumsum(E[input_ids], axis=seq) @ W`:
+The tiny causal LM (`tests/fixtures/cumsum_lm.py`) is `logits = cumsum(E[input_ids], axis=seq) @ W`:
 each position sees its whole prefix (through the cumulative sum) and nothing
 after it, so scoring a window independently is different from scoring a
 sliding stream, and the numpy reference below checks both the arithmetic and
@@ -22,56 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optc import evaluate as ev
 from optc.evaluate import EvalResult, evaluate, main, window_count, window_nll
-from optc.ir import DEFAULT_IR_VERSION, DEFAULT_OPSET, load_model, save_model
+from optc.ir import load_model, save_model
 from optc.runtime.text import SPLITS, builtin_text, split_topics
-
-WORDS = [f"w{i}" for i in range(20)]
-VOCAB = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-V, D = len(VOCAB), 8
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-
-
-def weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((V, D)) * 0.5).astype(np.float32), (rng.standard_normal((D, V)) * 0.5).astype(np.float32)
-
-
-def build_lm(path: Path, *, tokenizer=True, input_name="input_ids", output_name="logits", seed: int = 0) -> Path:
-    """The tiny cumsum LM as an ONNX file, with the tiny tokenizer in its metadata."""
-    emb, head = weights(seed)
-    nodes = [
-        helper.make_node("Gather", ["E", input_name], ["h"], axis=0),
-        helper.make_node("CumSum", ["h", "axis"], ["c"]),
-        helper.make_node("MatMul", ["c", "W"], [output_name]),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_lm",
-        [helper.make_tensor_value_info(input_name, TensorProto.INT64, [1, "seq"])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [1, "seq", V])],
-        [numpy_helper.from_array(emb, "E"), numpy_helper.from_array(head, "W"),
-         numpy_helper.from_array(np.array(1, dtype=np.int64), "axis")],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)], ir_version=DEFAULT_IR_VERSION)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, path)
-    if tokenizer:
-        from optc.runtime.tokenizer import store_tokenizer
-
-        model = load_model(path)
-        store_tokenizer(model, tiny_tokenizer())
-        save_model(model, path)
-    return path
+from tests.fixtures.cumsum_lm import VOCAB, WORDS, V, build_lm, tiny_tokenizer, weights
 
 
 def reference_ppl(ids: list[int], ctx: int, windows: int, seed: int = 0) -> float:

@@ -26,7 +26,7 @@ from optc.passes import Pass, PassResult, register_pass
 from optc.passes.analyses.quant_error import ErrorStats, measure_error, quantized_nodes
 from optc.report import render_html, report_paths, write_reports
 from tests.conftest import scratch_registry
-from tests.models import make_model
+from tests.fixtures.models import make_model
 
 FEATURES, HIDDEN, OUT, SEQ, SAMPLES = 8, 16, 4, 5, 3
 

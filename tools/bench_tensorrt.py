@@ -10,7 +10,7 @@ saved un-lowered, and each backend then lowers that same model
 * SmolLM2: perplexity of both outputs on onnxruntime (`optc.evaluate`, the
   held-out eval split, `--max-tokens` tokens in windows of `--ctx`), and the
   ratio tensorrt / ort (Done-when: within 1%);
-* CNN (tests/cnn_models.py: Conv, BatchNorm, Relu, residual Add, Concat,
+* CNN (tests/fixtures/cnn_models.py: Conv, BatchNorm, Relu, residual Add, Concat,
   pooling; `--cnn-size` pixels), over `--cnn-batch` random images: the
   relative L2 error of each target's logits against the float model (`err`),
   abs(err_trt - err_ort) (`Δerr`), and the relative L2 difference between the
@@ -202,8 +202,8 @@ def bench_cnn(args: argparse.Namespace, work: Path) -> list[Row]:
 
     from optc.frontends import load_input
     from optc.ir import save_model
-    from tests import models
-    from tests.cnn_models import cnn_feeds, small_cnn
+    from tests.fixtures import models
+    from tests.fixtures.cnn_models import cnn_feeds, small_cnn
 
     proto = small_cnn(size=args.cnn_size)
     fp32 = work / "cnn.fp32.onnx"
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown variant {name!r}; give name=pipeline or one of {', '.join(VARIANTS)}")
         variants[name] = pipeline or VARIANTS[name]
     args.variants = variants
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.cnn_models
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures.cnn_models
     fused_dq_accuracy(args.fused_dq_accuracy)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-trt-"))
     work.mkdir(parents=True, exist_ok=True)

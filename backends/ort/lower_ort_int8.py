@@ -51,6 +51,7 @@ from optc.ir.patterns.match import producer
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.qdq import QDQ
 from optc.ir.patterns.rewrite import Rule, apply_rules
+from optc.ir.patterns.weights import weight_axes
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -536,11 +537,7 @@ def _pair_safe(node: Node, weight: Value) -> bool:
     array = constant_array(weight)
     if array is None or array.ndim != 2:
         return False
-    k_axis = 0
-    if node.op_type == "Gemm":
-        trans = node.attributes.get("transB")
-        k_axis = 1 if trans is not None and trans.as_int() else 0
-    return pair_sums_within(array, k_axis)
+    return pair_sums_within(array, weight_axes(node, 2)[1])
 
 
 def _fused_integer(node: Node) -> bool:
@@ -569,11 +566,7 @@ def _per_output_channel(node: Node, w_dq: Node) -> bool:
         return False
     attr = w_dq.attributes.get("axis")
     axis = (attr.as_int() if attr is not None else 1) % 2
-    out_axis = 1
-    if node.op_type == "Gemm":
-        trans = node.attributes.get("transB")
-        out_axis = 0 if trans is not None and trans.as_int() else 1
-    return axis == out_axis
+    return axis == weight_axes(node, 2)[0]
 
 
 def _float_weight_reader(node: Node) -> bool:

@@ -75,6 +75,7 @@ from optc.ir.patterns.qdq import (
 )
 from optc.ir.patterns.residual import ResidualAdd, residual_add
 from optc.ir.patterns.rewrite import Rule, apply_rules
+from optc.ir.patterns.weights import weight_axes
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -796,14 +797,15 @@ def _transposed_weight_reader(use, rank: int) -> tuple[Node, int] | None:
 
 def _splittable(node: Node, axis: int) -> bool:
     """A MatMul reading B [K, N] blocked along K, or a plain Gemm (alpha 1, no transA) blocked along its K."""
-    if node.op_type == "MatMul":
-        return axis == 0
-    if node.op_type != "Gemm" or int_attr(node, "transA", 0):
+    if node.op_type == "Gemm":
+        if int_attr(node, "transA", 0):
+            return False
+    elif node.op_type != "MatMul":
         return False
     alpha = node.attributes.get("alpha")
     if alpha is not None and alpha.as_float() != 1.0:
         return False
-    return axis == (1 if int_attr(node, "transB", 0) else 0)
+    return axis == weight_axes(node, 2)[1]
 
 
 def _label(node: Node) -> str:

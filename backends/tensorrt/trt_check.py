@@ -57,6 +57,7 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
+from optc.passes.transforms.check_sparsity import nm_violations
 
 _IMPORT = "onnx-tensorrt QuantDequantLinearHelper, onnxOpImporters.cpp, docs/operators.md"
 _PLACEMENT = "TensorRT developer guide, explicit quantization: Q/DQ layer-placement recommendations"
@@ -484,11 +485,11 @@ class TrtChecker:
             if k != axis:
                 self.add("sparsity-axis", label, f"weight {value.name!r} is 2:4 along axis {axis}, but the K axis of "
                                                  f"{reader.op_type} {node_label(reader)!r} is {k}")
-        bad, groups = violations_2_4(array, axis)
-        if bad is None:
+        bad = nm_violations(array, axis, 2, 4)
+        if bad < 0:
             self.add("sparsity-2-4", label, f"weight {value.name!r}: K = {array.shape[axis]} is not divisible by 4")
         elif bad:
-            self.add("sparsity-2-4", label, f"weight {value.name!r}: {bad} of {groups} groups of 4 along axis {axis} "
+            self.add("sparsity-2-4", label, f"weight {value.name!r}: {bad} of {array.size // 4} groups of 4 along axis {axis} "
                                             f"have more than 2 non-zeros")
 
 
@@ -523,16 +524,6 @@ def fuses_quantized_input(node: Node, idx: int) -> bool:
     if node.op_type in WEIGHTED_OPS:
         return idx == 0 and weight_slot(node) is not None
     return node.op_type in _QDQ_FRIENDLY
-
-
-def violations_2_4(array: np.ndarray, axis: int) -> tuple[int | None, int]:
-    """How many groups of 4 consecutive elements along `axis` hold more than 2 non-zeros (None: not divisible by 4)."""
-    k = array.shape[axis]
-    if k % 4:
-        return None, 0
-    moved = np.moveaxis(array, axis, -1)
-    nonzero = (moved != 0).reshape(*moved.shape[:-1], k // 4, 4).sum(axis=-1)
-    return int(np.count_nonzero(nonzero > 2)), int(nonzero.size)
 
 
 def _describe(array: np.ndarray) -> str:
@@ -576,4 +567,4 @@ class TrtCheck(Pass):
         return PassResult(model, False, None, stats)
 
 
-__all__ = ["RULES", "Finding", "Rule", "TrtCheck", "check_tensorrt", "summarize", "violations_2_4"]
+__all__ = ["RULES", "Finding", "Rule", "TrtCheck", "check_tensorrt", "summarize"]

@@ -21,16 +21,18 @@ reused.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from optc.errors import OptcError
 from optc.ir import Model, Node
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.weights import weight_view
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
-from optc.passes.infra.calibration import calibration_samples
+from optc.passes.infra.calibration import calibration_samples, calibration_spec
 from optc.passes.infra.registry import register_analysis
 from optc.runtime.runner import ModelRunner
 
@@ -125,4 +127,19 @@ class Hessian(Analysis[dict[str, HessianStats]]):
         return stats
 
 
-__all__ = ["Hessian", "HessianStats", "default_values", "weighted_input"]
+def calibration_hessians(
+    model: Model, am: AnalysisManager, who: str, values: Sequence[str] | None = None, need: str = "calibration data"
+) -> dict[str, HessianStats]:
+    """The `hessian` analysis (of `values` when given, else of every weighted op's input) for the pass `who`;
+    without calibration data, one error line: "`who` needs `need`: why"."""
+    try:
+        calibration_spec(model, am.context)
+    except OptcError as exc:
+        message = str(exc).split(": ", 1)[-1]
+        raise OptcError(f"{who} needs {need}: {message}") from exc
+    if values is None:
+        return am.get(Hessian, model)
+    return am.get(Hessian, model, values=tuple(sorted(set(values))))
+
+
+__all__ = ["Hessian", "HessianStats", "calibration_hessians", "default_values", "weighted_input"]

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from optc.errors import OptcError
-from optc.ir import Model, Node, Shape, Value, add_initializer, constant_array, tensor, unique_name
+from optc.ir import Graph, Model, Node, Shape, Value, constant_array, tensor
+from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.builder import drop_unused_initializers as sweep_initializers
+from optc.passes.analyses.hessian import calibration_hessians
 from optc.passes.layer_selector import LayerSelector
 from optc.passes.linear_layers import (
     Linear,
@@ -41,41 +42,27 @@ def select(model: Model, include: Sequence[str], exclude: Sequence[str]) -> list
     return [site for site in linears(model) if selector.selects(site.node, site.weight) and not reads_table(site.weight)]
 
 
-def set_constant(graph, node: Node, index: int, array: np.ndarray, suffix: str) -> Value:
-    """Give `node.inputs[index]` the value `array`: in place when only this input reads it, else a copy."""
+def set_constant(target: Graph | Builder, node: Node, index: int, array: np.ndarray, suffix: str) -> Value:
+    """Give `node.inputs[index]` the value `array`: in place when only this input reads it, else a copy
+    named fresh by `target` (the pass run's builder, or a graph)."""
     value = node.inputs[index]
     uses = list(value.uses())
     if len(uses) == 1 and not value.is_graph_output():
         value.const_value = tensor(array, name=value.name)
         value.shape = Shape(list(array.shape))
         return value
-    new = add_initializer(graph, unique_name(graph, f"{value.name}_{suffix}"), array)
+    new = Builder.of(target).initializer(f"{value.name}_{suffix}", array)
     for k, v in value.metadata_props.items():
         new.metadata_props[k] = v
     node.replace_input_with(index, new)
     return new
 
 
-def store_nk(graph, site: Linear, w_nk: np.ndarray, suffix: str) -> Value:
+def store_nk(target: Graph | Builder, site: Linear, w_nk: np.ndarray, suffix: str) -> Value:
     """Write a `[N, K]` float array back as the site's weight, in its stored layout and dtype."""
     dtype = constant_array(site.weight).dtype
     stored = (w_nk.T if site.k_axis == 0 else w_nk).astype(dtype)
-    return set_constant(graph, site.node, 1, np.ascontiguousarray(stored), suffix)
-
-
-def calibration_hessians(model: Model, am, who: str, values: Sequence[str] | None = None) -> dict:
-    """The `hessian` analysis (XᵀX of each linear input; only `values` when given), one-line error without data."""
-    from optc.passes.analyses.hessian import Hessian
-    from optc.passes.infra.calibration import calibration_spec
-
-    try:
-        calibration_spec(model, am.context)
-    except OptcError as exc:
-        message = str(exc).split(": ", 1)[-1]
-        raise OptcError(f"{who} needs calibration data: {message}") from exc
-    if values is None:
-        return am.get(Hessian, model)
-    return am.get(Hessian, model, values=tuple(sorted(set(values))))
+    return set_constant(target, site.node, 1, np.ascontiguousarray(stored), suffix)
 
 
 def drop_unused_initializers(graph) -> int:

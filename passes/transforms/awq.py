@@ -110,7 +110,6 @@ def search_alpha(
 class Awq(LowBitPass):
     """Activation-aware scaling (s = mean|x|^alpha, alpha searched on the group output error), then RTN."""
 
-    method = "awq"
     calibration_need = "per-channel activation statistics"
 
     @dataclass

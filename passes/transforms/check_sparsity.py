@@ -14,8 +14,6 @@ first violating weight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from optc.errors import OptcError
@@ -37,18 +35,6 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.transforms.sparsify import parse_pattern
-
-
-@dataclass(frozen=True)
-class Violation:
-    """A weight that breaks its N:M pattern (or cannot be read back)."""
-
-    node: str
-    weight: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.node} ({self.weight}): {self.message}"
 
 
 def effective_weight(value: Value, depth: int = 8) -> np.ndarray | None:
@@ -119,10 +105,11 @@ def nm_violations(array: np.ndarray, axis: int, n: int, m: int) -> int:
     return int((groups > n).sum())
 
 
-def check_nm_sparsity(model: Model) -> tuple[int, list[Violation]]:
-    """Check every annotated weight: (weights checked, violations). Unstructured annotations are only counted."""
+def check_nm_sparsity(model: Model) -> tuple[int, list[str]]:
+    """Check every annotated weight: (weights checked, one line per violation: "node (weight): what is wrong").
+    Unstructured annotations are only counted."""
     checked = 0
-    problems: list[Violation] = []
+    problems: list[str] = []
     seen: set[int] = set()
 
     def check(array: np.ndarray | None, axis: int, pattern: str, node: str, weight: str) -> None:
@@ -131,14 +118,14 @@ def check_nm_sparsity(model: Model) -> tuple[int, list[Violation]]:
         if nm is None:
             return
         if array is None:
-            problems.append(Violation(node, weight, "the weight cannot be read back from constants"))
+            problems.append(f"{node} ({weight}): the weight cannot be read back from constants")
             return
         checked += 1
         bad = nm_violations(array, axis, *nm)
         if bad < 0:
-            problems.append(Violation(node, weight, f"K={array.shape[axis]} is not a multiple of {nm[1]}"))
+            problems.append(f"{node} ({weight}): K={array.shape[axis]} is not a multiple of {nm[1]}")
         elif bad:
-            problems.append(Violation(node, weight, f"{bad} group(s) of {nm[1]} along K hold more than {nm[0]} non-zeros"))
+            problems.append(f"{node} ({weight}): {bad} group(s) of {nm[1]} along K hold more than {nm[0]} non-zeros")
 
     for node in model.graph:
         info = annotation(node, SPARSITY)
@@ -146,7 +133,7 @@ def check_nm_sparsity(model: Model) -> tuple[int, list[Violation]]:
             continue
         weight = node.inputs[1]
         if node.op_type not in CHECKED_OPS:
-            problems.append(Violation(node_label(node), weight.name or "", f"{node.op_type} has no known K axis"))
+            problems.append(f"{node_label(node)} ({weight.name or ''}): {node.op_type} has no known K axis")
             continue
         seen.add(id(weight))
         array = effective_weight(weight)
@@ -174,4 +161,4 @@ class CheckSparsity(Pass):
         return PassResult(model, False, None, {"weights-checked": checked})
 
 
-__all__ = ["CheckSparsity", "Violation", "check_nm_sparsity", "effective_weight", "nm_violations"]
+__all__ = ["CheckSparsity", "check_nm_sparsity", "effective_weight", "nm_violations"]

@@ -176,7 +176,6 @@ def dequantized(result: GptqResult, group: int) -> torch.Tensor:
 class Gptq(LowBitPass):
     """Weight-only GPTQ: columns quantized in order with the Hessian-weighted error spread over the rest."""
 
-    method = "gptq"
     calibration_need = "the Hessian of each layer's input"
 
     @dataclass

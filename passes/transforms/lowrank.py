@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optc.ir import Model, Shape, add_initializer, annotate, constant_array, make_node, unique_name
+from optc.ir import Model, Shape, annotate, constant_array
 from optc.ir.annotations import LOWRANK, PROVENANCE
+from optc.ir.patterns.builder import Builder
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -69,7 +70,7 @@ class LowRank(Pass):
         hessians = calibration_hessians(model, am, "lowrank") if opts.whiten else {}
         from tqdm import tqdm
 
-        graph = model.graph
+        build = Builder(model.graph)  # owns the fresh names of everything this run adds
         factored = saved = 0
         for site in tqdm(sites, desc="lowrank", unit="layer", leave=False, disable=None):
             b = site.nk().T.astype(np.float64)  # [K, N]
@@ -80,7 +81,7 @@ class LowRank(Pass):
             r = a.shape[1]
             if r * (k + n) >= k * n:
                 continue
-            _rewrite(graph, site, a, c)
+            _rewrite(build, site, a, c)
             factored += 1
             saved += k * n - r * (k + n)
         if factored < len(sites):
@@ -89,7 +90,7 @@ class LowRank(Pass):
             am.context.remark("missed" if not factored else "analysis", message, matched_none=not factored)
         if not factored:
             return PassResult(model, False, None, {"layers-factored": 0})
-        drop_unused_initializers(graph)
+        drop_unused_initializers(model.graph)
         return PassResult(model, True, None, {"layers-factored": factored, "parameters-saved": saved})
 
 
@@ -119,23 +120,22 @@ def factorize(
     return a.numpy(), vh[:r].numpy()
 
 
-def _rewrite(graph, site: Linear, a: np.ndarray, c: np.ndarray) -> None:
+def _rewrite(build: Builder, site: Linear, a: np.ndarray, c: np.ndarray) -> None:
     node = site.node
     dtype = constant_array(site.weight).dtype
     base = site.weight.name or "weight"
-    a_value = add_initializer(graph, unique_name(graph, f"{base}_lowrank_a"), np.ascontiguousarray(a.astype(dtype)))
-    first = make_node("MatMul", [site.activation, a_value], name=unique_name(graph, f"{base}_lowrank"),
-                      output_names=[unique_name(graph, f"{base}_lowrank_h")])
+    a_value = build.initializer(f"{base}_lowrank_a", np.ascontiguousarray(a.astype(dtype)))
+    first = build.node("MatMul", [site.activation, a_value], name=f"{base}_lowrank", outputs=[f"{base}_lowrank_h"])
     h = first.outputs[0]
     if site.activation.dtype is not None:
         h.dtype = site.activation.dtype
     if site.activation.shape is not None:
         h.shape = Shape([*list(site.activation.shape)[:-1], a.shape[1]])
     annotate(first, PROVENANCE, "lowrank")
-    graph.insert_before(node, [first])
+    build.graph.insert_before(node, [first])
     node.replace_input_with(0, h)
     stored = c if site.k_axis == 0 else c.T  # MatMul/Gemm B [r, N]; Gemm transB [N, r]
-    set_constant(graph, node, 1, np.ascontiguousarray(stored.astype(dtype)), "lowrank_b")
+    set_constant(build, node, 1, np.ascontiguousarray(stored.astype(dtype)), "lowrank_b")
     annotate(node, LOWRANK, {"rank": int(a.shape[1]), "in": int(a.shape[0]), "out": int(c.shape[1])})
 
 

@@ -43,15 +43,14 @@ from optc.ir import (
     Model,
     Node,
     Shape,
-    add_initializer,
     annotate,
     constant_array,
     make_node,
     model_metadata,
     set_model_metadata,
-    unique_name,
 )
 from optc.ir.annotations import HF_CONFIG, LAYER_HEADS, PRUNED_HEADS
+from optc.ir.patterns.builder import Builder
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -97,7 +96,7 @@ class PruneHeads(Pass):
             return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
         plans = [(b, HeadAxes(b)) for b in blocks]  # fails early on a pattern it cannot rewrite
         hessians = calibration_hessians(model, am, "prune-heads", [b.o.activation.name for b in blocks])
-        graph = model.graph
+        build = Builder(model.graph)  # owns the fresh names of everything this run adds
         removed_heads = layers = 0
         layer_heads: list[list[int]] = []
         removed: list[list[int]] = []
@@ -112,14 +111,14 @@ class PruneHeads(Pass):
             if len(keep) == block.heads:
                 layer_heads.append([block.heads, block.kv_heads])
                 continue
-            _rewrite(graph, block, axes, keep, keep_kv)
+            _rewrite(build, block, axes, keep, keep_kv)
             removed_heads += block.heads - len(keep)
             layers += 1
             layer_heads.append([len(keep), len(keep_kv)])
         if not layers:
             context.remark("analysis", f"ratio={self.options.ratio:g} removes no head in any of {len(blocks)} attention blocks")
             return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
-        drop_unused_initializers(graph)
+        drop_unused_initializers(model.graph)
         _update_config(model, layer_heads, removed, blocks[0].head_dim)
         context.remark("passed", f"removed {removed_heads} heads in {layers} of {len(blocks)} attention blocks")
         return PassResult(model, True, None, {"layers-pruned": layers, "heads-removed": removed_heads})
@@ -162,14 +161,14 @@ def _channels(heads: list[int], d: int) -> np.ndarray:
     return np.concatenate([np.arange(h * d, (h + 1) * d) for h in heads])
 
 
-def _slice_outputs(graph, site: Linear, bias: Node | None, channels: np.ndarray) -> None:
+def _slice_outputs(build: Builder, site: Linear, bias: Node | None, channels: np.ndarray) -> None:
     w = site.nk()[channels]
     stored = w.T if site.k_axis == 0 else w
-    set_constant(graph, site.node, 1, np.ascontiguousarray(stored.astype(constant_array(site.weight).dtype)), "pruned")
+    set_constant(build, site.node, 1, np.ascontiguousarray(stored.astype(constant_array(site.weight).dtype)), "pruned")
     _fix_output_shape(site.node.outputs[0], len(channels))
     if bias is not None:
         index = 0 if constant_array(bias.inputs[0]) is not None else 1
-        set_constant(graph, bias, index, np.ascontiguousarray(constant_array(bias.inputs[index])[channels]), "pruned")
+        set_constant(build, bias, index, np.ascontiguousarray(constant_array(bias.inputs[index])[channels]), "pruned")
         _fix_output_shape(bias.outputs[0], len(channels))
 
 
@@ -180,21 +179,21 @@ def _fix_output_shape(value, channels: int) -> None:
         value.shape = Shape(dims)
 
 
-def _rewrite(graph, block: AttentionBlock, axes: HeadAxes, keep: list[int], keep_kv: list[int]) -> None:
+def _rewrite(build: Builder, block: AttentionBlock, axes: HeadAxes, keep: list[int], keep_kv: list[int]) -> None:
     d = block.head_dim
     q_channels = _channels(keep, d)
-    _slice_outputs(graph, block.q, block.biases.get("q"), q_channels)
+    _slice_outputs(build, block.q, block.biases.get("q"), q_channels)
     if len(keep_kv) != block.kv_heads:
         kv_channels = _channels(keep_kv, d)
-        _slice_outputs(graph, block.k, block.biases.get("k"), kv_channels)
-        _slice_outputs(graph, block.v, block.biases.get("v"), kv_channels)
+        _slice_outputs(build, block.k, block.biases.get("k"), kv_channels)
+        _slice_outputs(build, block.v, block.biases.get("v"), kv_channels)
     w_o = block.o.nk()[:, q_channels]
     stored = w_o.T if block.o.k_axis == 0 else w_o
-    set_constant(graph, block.o.node, 1, np.ascontiguousarray(stored.astype(constant_array(block.o.weight).dtype)), "pruned")
+    set_constant(build, block.o.node, 1, np.ascontiguousarray(stored.astype(constant_array(block.o.weight).dtype)), "pruned")
     counts = {"H": len(keep), "KV": len(keep_kv), "REP": len(keep) // len(keep_kv)}
     counts["HD"], counts["KVD"] = counts["H"] * d, counts["KV"] * d
     for patch in axes.patches:
-        _apply_patch(graph, patch, counts[patch.role])
+        _apply_patch(build, patch, counts[patch.role])
     for key, roles in axes.roles.items():
         value = axes.values[key]
         if value.shape is None or value.is_graph_output():
@@ -208,7 +207,7 @@ def _rewrite(graph, block: AttentionBlock, axes: HeadAxes, keep: list[int], keep
     annotate(block.o.node, PRUNED_HEADS, info)
 
 
-def _apply_patch(graph, patch: ShapePatch, count: int) -> None:
+def _apply_patch(build: Builder, patch: ShapePatch, count: int) -> None:
     """Set element `position` of the node's shape operand to `count` (copying shared constants and Concats)."""
     node = patch.node
     operand = node.inputs[1]
@@ -216,7 +215,7 @@ def _apply_patch(graph, patch: ShapePatch, count: int) -> None:
     if array is not None:
         new = array.copy()
         new.reshape(-1)[patch.position] = count
-        set_constant(graph, node, 1, new, "heads")
+        set_constant(build, node, 1, new, "heads")
         return
     concat = operand.producer()
     parts = list(concat.inputs)
@@ -229,17 +228,19 @@ def _apply_patch(graph, patch: ShapePatch, count: int) -> None:
                 raise OptcError(f"prune-heads: the head count in {node.name or node.op_type}'s shape is not a constant")
             new = data.copy().reshape(-1)
             new[patch.position - offset] = count
-            parts[i] = add_initializer(graph, unique_name(graph, f"{part.name}_heads"), new.reshape(data.shape))
+            parts[i] = build.initializer(f"{part.name}_heads", new.reshape(data.shape))
             break
         offset += size
+    graph = build.graph
     copy = make_node("Concat", parts, attributes={"axis": 0}, name=_node_name(graph, f"{concat.name or 'Concat'}_heads"),
-                     output_names=[unique_name(graph, f"{operand.name}_heads")])
+                     output_names=[build.fresh(f"{operand.name}_heads")])
     copy.outputs[0].dtype = operand.dtype
     copy.outputs[0].shape = operand.shape
     graph.insert_before(node, [copy])
     node.replace_input_with(1, copy.outputs[0])
     if not list(operand.uses()) and not operand.is_graph_output():
         graph.remove(concat, safe=True)
+        build.release(o.name for o in concat.outputs)
 
 
 def _node_name(graph, base: str) -> str:

@@ -32,8 +32,6 @@ from optc.passes.lowbit import (
 class Rtn(LowBitPass):
     """Weight-only round-to-nearest: int2-int8 weights, a scale per group of input channels, float activations."""
 
-    method = "rtn"
-
     @dataclass
     class Options(LowBitOptions):
         pass

@@ -2,7 +2,7 @@
 
 The fast tests build the IR the transformers frontend would record (source
 names, transposed Linear weights, HF config, tokenizer) straight from a tiny
-random HF model (`tests/backends/gguf_models.py`), so no ONNX export runs;
+random HF model (`tests/fixtures/gguf_models.py`), so no ONNX export runs;
 llama.cpp's logits on the written file are compared with PyTorch's on the HF
 model. The slow test runs the real default model end to end.
 """
@@ -29,7 +29,7 @@ from optc.ir import (
 )
 from optc.ir.annotations import GGUF_TYPE, HF_CONFIG, SOURCE_NAME
 from optc.passes.infra.context import PassContext
-from tests.backends.gguf_models import ir_like_frontend, tiny_hf_llama
+from tests.fixtures.gguf_models import ir_like_frontend, tiny_hf_llama
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")

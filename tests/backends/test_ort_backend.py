@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 import optc.runtime.ort as ort_backend
-from tests import models
+from tests.fixtures import models
 
 
 def test_open_session_adds_config_entries_and_disabled_optimizers(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """The tensorrt backend and `lower-tensorrt`: legal TensorRT ONNX that onnxruntime runs like the ort target's.
 
-Tiny random models only (the CNN of tests/cnn_models.py, the LLaMA block of
-tests/passes/quant_models.py); SmolLM2 is in tools/bench_tensorrt.py and the
+Tiny random models only (the CNN of tests/fixtures/cnn_models.py, the LLaMA block of
+tests/fixtures/quant_models.py); SmolLM2 is in tools/bench_tensorrt.py and the
 one slow test at the end. The engine build itself needs a GPU and the
 `tensorrt` package: here it is exercised against a fake `tensorrt` module that
 records what optc asks of it (flags, profile, the inspector's layer JSON),
@@ -35,9 +35,9 @@ from optc.ir import (
     model_metadata,
 )
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
-from tests import models
-from tests.cnn_models import cnn_feeds, small_cnn
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
+from tests.fixtures.cnn_models import cnn_feeds, small_cnn
 
 W8A8 = "smoothquant{alpha=0.8},quantize{calib=mse int16=down_proj embeddings=true}"
 

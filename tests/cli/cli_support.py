@@ -1,4 +1,4 @@
-"""Support for the command-line tests: run the real `optc` program, build tiny models, install plugins.
+"""Support for the command-line tests: run the real `optc` program, compare outputs, install plugins.
 
 The tests run `optc` in a child process, exactly as a user does, so exit
 codes, what reaches stderr and what is left on disk are the real ones. A child
@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+
+from tests.fixtures.mlp_file import INPUT_SHAPE
 
 EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "optc-example-plugin"
 RUN_TIMEOUT_S = 120
@@ -129,49 +129,7 @@ def list_passes_entries(text: str) -> dict[str, list[str]]:
     return entries
 
 
-# ---------------------------------------------------------------- models
-
-INPUT_SHAPE = (2, 16)
-OUTPUT_SHAPE = (2, 32)
-
-
-def build_model(path: Path, *, external_data: str | None = None) -> Path:
-    """A tiny MLP with work for the cleanup passes and for drop-identity.
-
-    y = Identity(Relu(Identity(Identity(x) @ w + Add(b1, b2)))), plus a dead Neg(x)
-    and a foldable Add of two constants. `external_data` names a file beside
-    `path` that receives every initializer.
-    """
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w"),
-        numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b1"),
-        numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b2"),
-    ]
-    nodes = [
-        helper.make_node("Identity", ["x"], ["x1"], name="in_identity"),
-        helper.make_node("MatMul", ["x1", "w"], ["mm"], name="matmul"),
-        helper.make_node("Add", ["b1", "b2"], ["bias"], name="fold_me"),
-        helper.make_node("Add", ["mm", "bias"], ["pre"], name="add_bias"),
-        helper.make_node("Identity", ["pre"], ["pre1"], name="mid_identity"),
-        helper.make_node("Relu", ["pre1"], ["act"], name="relu"),
-        helper.make_node("Neg", ["x"], ["unused"], name="dead_neg"),
-        helper.make_node("Identity", ["act"], ["y"], name="out_identity"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(INPUT_SHAPE))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(OUTPUT_SHAPE))],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    onnx.checker.check_model(model)
-    if external_data:
-        onnx.save(model, str(path), save_as_external_data=True, location=external_data, size_threshold=0)
-    else:
-        onnx.save(model, str(path))
-    return path
-
+# ---------------------------------------------------------------- outputs
 
 def sample_input() -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(1).standard_normal(INPUT_SHAPE).astype(np.float32)}

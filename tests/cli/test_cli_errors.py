@@ -19,11 +19,11 @@ import pytest
 from tests.cli.cli_support import (
     Job,
     assert_clean_failure,
-    build_model,
     run_in_process,
     run_many,
     snapshot,
 )
+from tests.fixtures.mlp_file import build_model
 
 
 @dataclasses.dataclass

@@ -17,13 +17,13 @@ from tests.cli.cli_support import (
     EXAMPLE_PLUGIN,
     Job,
     assert_same_outputs,
-    build_model,
     install_module_plugin,
     list_passes_entries,
     run_in_process,
     run_many,
     wheel_from_pyproject,
 )
+from tests.fixtures.mlp_file import build_model
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ CALIB = ["--calib", "random", "--calib-samples", "2", "--calib-seqlen", "8"]
 
 
 def _model(folder: Path, kind: str) -> Path:
-    from tests.passes import prune_models as pm
+    from tests.fixtures import prune_models as pm
 
     folder.mkdir()
     path = folder / f"{kind}.onnx"

@@ -17,13 +17,13 @@ import pytest
 from tests.cli.cli_support import (
     Job,
     assert_same_outputs,
-    build_model,
     list_passes_entries,
     listing,
     run_in_process,
     run_many,
     snapshot,
 )
+from tests.fixtures.mlp_file import build_model
 
 PRINT_PIPELINE_IN = " cse{constant-bytes=65536} , fixpoint{max-iterations=3}( dce, cse{ constant-bytes=8 } ),cleanup"
 PRINT_PIPELINE_OUT = "cse,fixpoint{max-iterations=3}(dce,cse{constant-bytes=8}),fixpoint(fold-constants,cse,dce),topo-sort"

@@ -28,7 +28,6 @@ from tests.cli.cli_support import (
     Run,
     _env,
     assert_clean_failure,
-    build_model,
     optc_command,
     run_in_process,
     run_many,
@@ -36,6 +35,7 @@ from tests.cli.cli_support import (
     snapshot,
 )
 from tests.cli.test_cli_errors import Case
+from tests.fixtures.mlp_file import build_model
 
 
 def _check(case: Case, run: Run, folder: Path, files: dict[str, str]) -> None:

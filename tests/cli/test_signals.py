@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.cli_support import _env, build_model, install_module_plugin, optc_command, snapshot
+from tests.cli.cli_support import _env, install_module_plugin, optc_command, snapshot
+from tests.fixtures.mlp_file import build_model
 
 #: A plugin that stops optc where a run has temporary data, and says so in $OPTC_TEST_MARKER.
 HOLD_PLUGIN = '''\

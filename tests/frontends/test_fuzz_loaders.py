@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optc.entry import run_command
 from optc.errors import OptcError
-from tests.cli.cli_support import build_model
+from tests.fixtures.mlp_file import build_model
 from tests.frontends.hostile_support import PEAK_RSS_LIMIT_KIB, run_measured
 
 #: Seconds one example may take before it counts as a hang.
@@ -90,7 +90,7 @@ def onnx_seed(folder: Path) -> bytes:
 
 
 def gguf_seed(folder: Path) -> bytes:
-    from tests.frontends.test_transformers import write_tiny_gguf
+    from tests.fixtures.gguf_models import write_tiny_gguf
 
     return write_tiny_gguf(folder / "seed.gguf").read_bytes()
 

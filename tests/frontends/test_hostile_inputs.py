@@ -23,7 +23,8 @@ from onnx import TensorProto, helper
 from optc.errors import ModelLoadError, UsageError
 from optc.frontends import load_input
 from optc.memory import MemoryBudgetExceeded
-from tests.cli.cli_support import Job, build_model, run_in_process, snapshot
+from tests.cli.cli_support import Job, run_in_process, snapshot
+from tests.fixtures.mlp_file import build_model
 from tests.frontends.hostile_support import (
     PEAK_RSS_LIMIT_KIB,
     gguf_bytes,

@@ -24,7 +24,8 @@ import pytest
 from optc.errors import ModelLoadError, OptcError
 from optc.ir import annotation, annotations, model_metadata, source_name, verify
 from optc.ir.annotations import ARCHITECTURE, HF_CONFIG, TOKENIZER
-from tests import models as onnx_models
+from tests.fixtures import models as onnx_models
+from tests.fixtures.gguf_models import write_tiny_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -330,58 +331,6 @@ def test_encoder_architectures(kind, tmp_path, isolated_cache):
 
 
 # --------------------------------------------------------------------------- GGUF
-
-
-def write_tiny_gguf(path: Path, architecture: str = "llama", tokenizer: bool = True) -> Path:
-    """A float32 llama-architecture GGUF file with a tiny byte-level BPE tokenizer."""
-    import gguf
-
-    rng = np.random.default_rng(0)
-    hidden, ffn, heads, kv_heads, layers = 32, 48, 4, 2, 1
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_name("tiny")
-    writer.add_block_count(layers)
-    writer.add_context_length(128)
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    if tokenizer:
-        tokens = ["<s>", "</s>", *[chr(ord("a") + i) for i in range(26)], "Ġ", "ab", "cd", "Ġa"]
-        tokens += [f"<x{i}>" for i in range(VOCAB - len(tokens))]
-        writer.add_tokenizer_model("gpt2")
-        writer.add_token_list(tokens)
-        writer.add_token_types([1] * VOCAB)
-        writer.add_token_merges(["a b", "c d", "Ġ a"])
-        writer.add_bos_token_id(0)
-        writer.add_eos_token_id(1)
-    else:
-        writer.add_vocab_size(VOCAB)
-
-    def tensor(name: str, *shape: int) -> None:
-        writer.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
-
-    kv = hidden // heads * kv_heads
-    tensor("token_embd.weight", VOCAB, hidden)
-    tensor("output_norm.weight", hidden)
-    tensor("output.weight", VOCAB, hidden)
-    for i in range(layers):
-        tensor(f"blk.{i}.attn_norm.weight", hidden)
-        tensor(f"blk.{i}.attn_q.weight", hidden, hidden)
-        tensor(f"blk.{i}.attn_k.weight", kv, hidden)
-        tensor(f"blk.{i}.attn_v.weight", kv, hidden)
-        tensor(f"blk.{i}.attn_output.weight", hidden, hidden)
-        tensor(f"blk.{i}.ffn_norm.weight", hidden)
-        tensor(f"blk.{i}.ffn_gate.weight", ffn, hidden)
-        tensor(f"blk.{i}.ffn_up.weight", ffn, hidden)
-        tensor(f"blk.{i}.ffn_down.weight", hidden, ffn)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def test_gguf_file(tmp_path, isolated_cache):

@@ -13,7 +13,7 @@ import pytest
 import optc.ir as oi
 from optc.errors import ModelLoadError, OptcError
 from optc.ir import io as ir_io
-from tests import models
+from tests.fixtures import models
 
 # Weights large enough to go to external data (> EXTERNAL_TENSOR_MIN_BYTES): W1 is 32x64 floats.
 BIG = {"features": 32, "hidden": 64, "outputs": 8}

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.weights import Trace, trace_back, weight_axes, weight_miss, weight_view
-from tests import models
+from tests.fixtures import models
 
 
 def _model(nodes, x_shape, weights, out_shape=None):

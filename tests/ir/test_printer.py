@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import optc.ir as oi
-from tests import models
+from tests.fixtures import models
 
 MLP_TEXT = """\
 <

@@ -10,7 +10,7 @@ from onnx import helper
 
 import optc.ir as oi
 from optc.errors import VerificationError
-from tests import models
+from tests.fixtures import models
 
 
 def _nodes(model) -> dict[str, oi.Node]:

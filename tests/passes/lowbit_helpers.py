@@ -6,8 +6,8 @@ import numpy as np
 
 from optc.ir import check_onnx, verify
 from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
-from tests import models
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 8, "calibration.seqlen": 32}
 SEEDS = (5, 6)

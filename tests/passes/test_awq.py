@@ -11,9 +11,9 @@ from optc.ir import annotation
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
 from optc.passes.lowbit import Grid
 from optc.passes.transforms.awq import awq_scales, group_error, search_alpha
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 from tests.passes import lowbit_helpers as h
-from tests.passes import quant_models as qm
 
 
 def test_scales_are_normalized_and_dead_channels_stay():

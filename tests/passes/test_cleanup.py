@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 
 from optc.ir import print_ir
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import text_models as tm
 from tests.passes import builders as b
 
 
 @pytest.mark.parametrize("pipeline", ["dce,cse,fold-constants", "cleanup"])
 def test_fewer_nodes_same_outputs(pipeline):
-    model = b.messy_model()
+    model = tm.messy_model()
     before = b.snapshot(model)
     result = b.run(model, pipeline)
     after = result.model
@@ -28,8 +29,8 @@ def test_fewer_nodes_same_outputs(pipeline):
 
 def test_cleanup_reaches_a_fixed_point():
     """dce,cse,fold-constants once leaves work that cleanup's fixpoint finishes."""
-    once = b.run(b.messy_model(), "dce,cse,fold-constants").model
-    full = b.run(b.messy_model(), "cleanup").model
+    once = b.run(tm.messy_model(), "dce,cse,fold-constants").model
+    full = b.run(tm.messy_model(), "cleanup").model
     assert full.graph.num_nodes() <= once.graph.num_nodes()
     assert sorted(full.graph.initializers) == ["b", "k", "scale", "shape", "w"]
     assert [n.op_type for n in full.graph] == ["MatMul", "Add", "Relu", "Mul", "Add", "Reshape", "Add", "Sub"]
@@ -48,7 +49,7 @@ def test_cleanup_keeps_zoo_outputs(builder):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_cleanup_on_random_graphs(seed):
-    model = b.random_dag(seed)
+    model = tm.random_dag(seed)
     before = b.snapshot(model)
     result = b.run(model, "cleanup")
     assert not b.run(result.model, "cleanup").modified
@@ -56,5 +57,5 @@ def test_cleanup_on_random_graphs(seed):
 
 
 def test_cleanup_is_deterministic():
-    texts = {print_ir(b.run(b.random_dag(5), "cleanup").model) for _ in range(3)}
+    texts = {print_ir(b.run(tm.random_dag(5), "cleanup").model) for _ in range(3)}
     assert len(texts) == 1

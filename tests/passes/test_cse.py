@@ -7,7 +7,8 @@ import pytest
 from optc.errors import UsageError
 from optc.ir import annotate, print_ir, source_name
 from optc.passes import get_pass
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import text_models as tm
 from tests.passes import builders as b
 
 
@@ -37,7 +38,7 @@ def test_no_duplicates_is_a_no_op():
 
 
 def test_nondeterministic_nodes_stay_apart():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x) => (float[2] y)
 {
@@ -55,7 +56,7 @@ g (float[2] x) => (float[2] y)
 
 
 def test_graph_outputs_keep_their_own_producers():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x) => (float[2] y1, float[2] y2)
 {
@@ -84,12 +85,12 @@ g (float[64] x) => (float[64] y)
   y = Add(b, d)
 }}
 """
-    result = b.run(b.text_model(text), "cse")
+    result = b.run(tm.text_model(text), "cse")
     assert sorted(result.model.graph.initializers) == ["l1", "s1"]
-    result = b.run(b.text_model(text), "cse{constant-bytes=16}")
+    result = b.run(tm.text_model(text), "cse{constant-bytes=16}")
     assert sorted(result.model.graph.initializers) == ["l1", "l2", "s1"]
     assert result.statistics["initializers-merged"] == 1
-    result = b.run(b.text_model(text), "cse{constant-bytes=0}")
+    result = b.run(tm.text_model(text), "cse{constant-bytes=0}")
     assert sorted(result.model.graph.initializers) == ["l1", "l2", "s1", "s2"]
 
 
@@ -100,7 +101,7 @@ def test_constant_bytes_must_not_be_negative():
 
 def test_initializers_with_other_source_names_stay_apart():
     """Tied-looking norm weights (all ones) of different layers keep their parameter names."""
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x) => (float[2] y) <float[2] n0 = {1.0, 1.0}, float[2] n1 = {1.0, 1.0}>
 {
@@ -119,7 +120,7 @@ g (float[2] x) => (float[2] y) <float[2] n0 = {1.0, 1.0}, float[2] n1 = {1.0, 1.
 
 
 def test_string_constants_merge():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (string[2] x) => (string[6] y) <string[2] s1 = {"a", "b"}, string[2] s2 = {"a", "b"}, string[2] s3 = {"a", "c"}>
 {
@@ -133,7 +134,7 @@ g (string[2] x) => (string[6] y) <string[2] s1 = {"a", "b"}, string[2] s2 = {"a"
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_graphs_same_outputs(seed):
-    model = b.random_dag(seed, duplicate_rate=0.5)
+    model = tm.random_dag(seed, duplicate_rate=0.5)
     before = b.snapshot(model)
     result = b.run(model, "cse")
     assert result.model.graph.num_nodes() <= len(before.graph.node)

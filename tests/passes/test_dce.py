@@ -6,7 +6,8 @@ import pytest
 
 from optc.ir import print_ir
 from optc.passes import ACTIVATIONS, STRUCTURE, WEIGHTS, Analysis, get_pass
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import text_models as tm
 from tests.passes import builders as b
 
 
@@ -65,7 +66,7 @@ def test_subgraph_captures_stay_alive(builder):
 
 
 def test_dead_if_goes_with_what_only_its_branches_read():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x, bool cond) => (float[2] y) <float[2] w = {1.0, 2.0}>
 {
@@ -91,7 +92,7 @@ g (float[2] x, bool cond) => (float[2] y) <float[2] w = {1.0, 2.0}>
 
 
 def test_graph_inputs_and_output_initializers_are_interface():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x, float[2] unused, float[2] w) => (float[2] y, float[2] c) <float[2] w = {1.0, 2.0}, float[2] c = {3.0, 4.0}>
 {
@@ -109,7 +110,7 @@ g (float[2] x, float[2] unused, float[2] w) => (float[2] y, float[2] c) <float[2
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_graphs_keep_their_outputs(seed):
-    model = b.random_dag(seed, dead_rate=0.5)
+    model = tm.random_dag(seed, dead_rate=0.5)
     before = b.snapshot(model)
     result = b.run(model, "dce")
     assert result.model.graph.num_nodes() <= len(before.graph.node)

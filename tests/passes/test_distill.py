@@ -13,8 +13,8 @@ from optc.passes import AnalysisManager, Pass, PassContext, PassManager, PassRes
 from optc.passes.infra.pipeline import pipeline_warnings
 from optc.passes.transforms.distill import Distill, is_quantizing
 from optc.runtime.torch_exec import TorchExecutor
-from tests import models
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 
 VOCAB = 64
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

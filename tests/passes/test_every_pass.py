@@ -13,8 +13,8 @@ import pytest
 from optc.errors import PassFailure, PreconditionError
 from optc.ir import check_onnx, verify
 from optc.passes import AnalysisManager, PassContext, PassManager, VerifyEach, all_passes
-from tests import models
-from tests.passes import builders as b
+from tests.fixtures import models
+from tests.fixtures import text_models as tm
 
 _CONFIG = {"calibration.spec": "random", "calibration.samples": 2, "calibration.seqlen": 8}
 
@@ -25,8 +25,8 @@ def _leaf_passes() -> list[str]:
 
 def _zoo():
     zoo = {name: (lambda name=name: models.to_ir(getattr(models, name)())) for name in models.BUILDERS}
-    zoo["messy"] = b.messy_model
-    zoo["random-dag"] = lambda: b.random_dag(3)
+    zoo["messy"] = tm.messy_model
+    zoo["random-dag"] = lambda: tm.random_dag(3)
     return zoo
 
 

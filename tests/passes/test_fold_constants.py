@@ -9,7 +9,8 @@ from onnx import numpy_helper
 from optc.errors import UsageError
 from optc.ir import annotate, annotation, is_constant, print_ir
 from optc.passes import get_pass
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import text_models as tm
 from tests.passes import builders as b
 
 
@@ -35,7 +36,7 @@ def test_nothing_constant_is_a_no_op():
 
 
 def test_shape_of_static_tensor_folds_and_reshape_keeps_working():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2,3,4] x) => (float[6,4] y)
 {
@@ -57,12 +58,12 @@ g (float[2,3,4] x) => (float[6,4] y)
 
 
 def test_symbolic_shape_does_not_fold():
-    model = b.text_model("g (float[N,3] x) => (int64[2] s) { s = Shape(x) }")
+    model = tm.text_model("g (float[N,3] x) => (int64[2] s) { s = Shape(x) }")
     assert not b.run(model, "fold-constants").modified
 
 
 def test_random_ops_do_not_fold():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x) => (float[2] y)
 {
@@ -82,9 +83,9 @@ g (float[256] x) => (float[256] y) <int64[1] n = {256}>
   y = Add(x, z)
 }
 """
-    assert b.run(b.text_model(text), "fold-constants").modified  # 1 KiB < 1 MiB default
-    assert not b.run(b.text_model(text), "fold-constants{size-limit=1000}").modified
-    model = b.text_model(text)
+    assert b.run(tm.text_model(text), "fold-constants").modified  # 1 KiB < 1 MiB default
+    assert not b.run(tm.text_model(text), "fold-constants{size-limit=1000}").modified
+    model = tm.text_model(text)
     before = b.snapshot(model)
     result = b.run(model, "fold-constants{size-limit=1024}")
     assert result.modified
@@ -98,7 +99,7 @@ def test_size_limit_must_not_be_negative():
 
 def test_dequantize_linear_of_constant_weight_stays():
     """QDQ weights must stay quantized: folding DequantizeLinear would store float weights."""
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2,4] x) => (float[2,3] y)
   <int8[4,3] wq = {1, -2, 3, 4, -5, 6, 7, 8, -9, 10, 11, -12}, float[3] s = {0.1, 0.2, 0.3}, int8[3] zp = {0, 0, 0}>
@@ -116,7 +117,7 @@ g (float[2,4] x) => (float[2,3] y)
 
 
 def test_constant_graph_output_runs_in_onnxruntime():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x) => (float[2] y, float[2] k) <float[2] w = {1.5, 2.5}>
 {
@@ -134,7 +135,7 @@ g (float[2] x) => (float[2] y, float[2] k) <float[2] w = {1.5, 2.5}>
 
 def test_overridable_initializer_is_not_folded():
     """An initializer that is also a graph input may be fed at run time."""
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x, float[2] w) => (float[2] y) <float[2] w = {1.0, 2.0}>
 {
@@ -151,7 +152,7 @@ g (float[2] x, float[2] w) => (float[2] y) <float[2] w = {1.0, 2.0}>
 
 
 def test_string_constants_are_left_alone():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (string[2] x) => (string[4] y) <string[2] s = {"a", "b"}>
 {
@@ -174,7 +175,7 @@ def test_folding_is_idempotent_and_keeps_annotations():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_graphs_same_outputs(seed):
-    model = b.random_dag(seed, constant_rate=0.6)
+    model = tm.random_dag(seed, constant_rate=0.6)
     before = b.snapshot(model)
     result = b.run(model, "fold-constants")
     for node in result.model.graph:
@@ -267,7 +268,7 @@ def test_size_limit_holds_before_evaluation(op, declared):
     import tracemalloc
 
     value_info = "<float[1] big>" if declared else ""
-    model = b.text_model(f"g (float[1] x) => (float y) {value_info}\n{{{_COMPUTED_SHAPES[op]}}}")
+    model = tm.text_model(f"g (float[1] x) => (float y) {value_info}\n{{{_COMPUTED_SHAPES[op]}}}")
     tracemalloc.start()
     try:
         result = b.run(model, "cleanup")
@@ -280,7 +281,7 @@ def test_size_limit_holds_before_evaluation(op, declared):
 
 
 def test_inferred_shape_still_folds_within_the_limit():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[4,8] x) => (float[4,8] y)
 {
@@ -299,7 +300,7 @@ g (float[4,8] x) => (float[4,8] y)
 
 def test_cast_to_string_is_left_alone():
     """(Found by the fuzzer) a result of type STRING has no bit width: not folded, no crash."""
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x) => (string[2] y) <float[2] c = {1.0, 2.0}>
 {
@@ -312,7 +313,7 @@ g (float[2] x) => (string[2] y) <float[2] c = {1.0, 2.0}>
 
 def test_numeric_warnings_stay_quiet():
     """Folding 0/0 gives NaN, as the model says, without numpy's RuntimeWarning on stderr."""
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[1] x) => (float[1] y) <float[1] z = {0.0}>
 {

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from optc.ir import annotate
 from optc.passes.infra.registry import get_pass
 from optc.passes.layer_selector import DEFAULT_EXCLUDES, LayerSelector, default_exclude
-from tests import models
+from tests.fixtures import models
 
 
 def _linear(name: str):

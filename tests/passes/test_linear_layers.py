@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optc.ir import annotate
 from optc.passes.linear_layers import layer_names, linear, matches_any, torch_threads
-from tests import models
+from tests.fixtures import models
 
 
 def _gemm_model(trans_a: int = 0, trans_b: int = 1):

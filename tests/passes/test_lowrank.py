@@ -12,8 +12,8 @@ import torch
 from optc.ir import annotation, constant_array, save_model
 from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
 from optc.passes.transforms.lowrank import factorize
-from tests import models
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 4, "calibration.seqlen": 12}
 

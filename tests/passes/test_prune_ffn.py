@@ -9,8 +9,8 @@ from optc.ir import annotation, constant_array, model_metadata
 from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
 from optc.passes.transforms._structure import set_constant
 from optc.passes.transforms.prune_ffn import find_ffn
-from tests.passes import prune_models as pm
-from tests.passes import quant_models as qm
+from tests.fixtures import prune_models as pm
+from tests.fixtures import quant_models as qm
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -92,7 +92,7 @@ def test_llama_gives_no_missed_remark_and_a_model_without_mlp_does():
 
     from onnx import TensorProto, helper
 
-    from tests import models
+    from tests.fixtures import models
 
     one_linear = models.make_model(
         [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],

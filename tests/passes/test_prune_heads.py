@@ -16,7 +16,7 @@ from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
 from optc.passes.transforms._attention import HeadAxes, find_attention
 from optc.passes.transforms._structure import set_constant
 from optc.passes.transforms.prune_heads import select_heads
-from tests.passes import prune_models as pm
+from tests.fixtures import prune_models as pm
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -99,7 +99,7 @@ def test_bert_pruning_is_exact():
 
 
 def test_ratio_zero_changes_nothing_and_no_attention_is_a_no_op():
-    from tests.passes import quant_models as qm
+    from tests.fixtures import quant_models as qm
 
     result = _run(pm.load("llama"), "prune-heads{ratio=0.1}")  # round(0.1 * 2) == 0 per group
     assert not result.modified
@@ -165,8 +165,8 @@ def test_llama_gives_no_missed_remark_and_says_what_it_did():
 
 
 def test_no_attention_and_unresolved_head_dim_are_remarks():
-    from tests import models
-    from tests.passes import quant_models as qm
+    from tests.fixtures import models
+    from tests.fixtures import quant_models as qm
 
     (remark,) = _run(models.to_ir(models.mlp()), "prune-heads").remarks
     assert (remark.kind, remark.message, remark.matched_none) == ("missed", "no attention blocks found", True)

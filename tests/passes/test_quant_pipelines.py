@@ -5,8 +5,8 @@ from __future__ import annotations
 from optc.ir import DataType, annotation
 from optc.passes import AnalysisManager, PassContext, VerifyEach, all_pipelines, parse_pipeline
 from optc.passes.pipelines import FP8, W8A8
-from tests import models
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 16, "calibration.seqlen": 32}
 

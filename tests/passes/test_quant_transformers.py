@@ -19,8 +19,8 @@ import pytest
 from optc.ir import annotation, save_model
 from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
 from optc.passes.transforms.smoothquant import find_groups
-from tests import models
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

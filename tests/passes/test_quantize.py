@@ -27,9 +27,10 @@ import pytest
 from optc.errors import OptcError, PassFailure, UsageError
 from optc.ir import DataType, annotation, check_onnx, constant_array, print_ir, verify
 from optc.passes import AnalysisManager, PassContext, VerifyEach, get_pass, parse_pipeline
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
+from tests.fixtures import text_models as tm
 from tests.passes import builders as b
-from tests.passes import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 16, "calibration.seqlen": 32}
 FEED_SEEDS = (5, 6, 7, 8)
@@ -146,7 +147,7 @@ def test_gemm_and_conv_axes():
 
 
 def test_gemm_without_transpose_uses_axis_1():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2,3] x) => (float[2,2] y) <float[3,2] w = {1, -2, 0.5, 3, -1, 0.25}>
 {
@@ -361,7 +362,7 @@ def test_fp8():
 
 def test_fp8_leaves_convs_without_a_tensorrt_fp8_kernel_float():
     """The CNN's RGB stem (3 input channels) stays float in FP8; the 16-channel Convs are quantized."""
-    from tests.cnn_models import small_cnn
+    from tests.fixtures.cnn_models import small_cnn
 
     result = _run(qm.to_ir(small_cnn()), "quantize{weights=fp8 activations=fp8}")
     stem = _node(result.model, "stem.conv")
@@ -444,7 +445,7 @@ def test_second_run_adds_nothing():
 
 
 def test_nothing_to_quantize():
-    model = b.random_dag(1)
+    model = tm.random_dag(1)
     result = get_pass("quantize")()(model, AnalysisManager())
     assert not result.modified
 

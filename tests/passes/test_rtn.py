@@ -16,9 +16,9 @@ from optc.errors import UsageError
 from optc.ir import DataType, annotation, constant_array, from_proto, to_proto
 from optc.passes import parse_pipeline
 from optc.passes.lowbit import Grid, dequantize, expand, find_params, group_size, rtn
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 from tests.passes import lowbit_helpers as h
-from tests.passes import quant_models as qm
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from optc.ir import DataType, print_ir
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import text_models as tm
 from tests.passes import builders as b
 
 
@@ -34,7 +35,7 @@ def test_second_run_changes_nothing():
 
 
 def test_reshape_with_constant_shape():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2,3,4] x) => (float[4,6] y) <int64[2] s = {-1, 6}, int64[3] s2 = {0, 0, -1}>
 {
@@ -56,7 +57,7 @@ g (float[2,3,4] x) => (float[4,6] y) <int64[2] s = {-1, 6}, int64[3] s2 = {0, 0,
 
 
 def test_symbolic_dimensions_flow_and_known_dimensions_are_not_overwritten():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[N,8] x) => (float[N,?] y) <float[8,4] w = {1,2,3,4,5,6,7,8,1,2,3,4,5,6,7,8,1,2,3,4,5,6,7,8,1,2,3,4,5,6,7,8}>
 {
@@ -76,7 +77,7 @@ g (float[N,8] x) => (float[N,?] y) <float[8,4] w = {1,2,3,4,5,6,7,8,1,2,3,4,5,6,
 def test_large_weights_are_declared_not_read():
     """Initializers over 4096 elements reach onnx shape inference as typed inputs, untouched."""
     ones = ", ".join(["1"] * (64 * 128))
-    model = b.text_model(f"g (float[2,64] x) => (float[2,128] y) <float[64,128] w = {{{ones}}}> {{ h = MatMul(x, w)  y = Relu(h) }}")
+    model = tm.text_model(f"g (float[2,64] x) => (float[2,128] y) <float[64,128] w = {{{ones}}}> {{ h = MatMul(x, w)  y = Relu(h) }}")
     data = model.graph.initializers["w"].const_value
     result = b.run(model, "shape-infer")
     assert _shapes(result.model)["h"] == [2, 128]
@@ -85,7 +86,7 @@ def test_large_weights_are_declared_not_read():
 
 
 def test_then_fold_constants_folds_shape_arithmetic():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2,3,4] x) => (float[?,?] y)
 {
@@ -109,7 +110,7 @@ g (float[2,3,4] x) => (float[?,?] y)
 
 def test_random_graphs_same_outputs():
     for seed in range(4):
-        model = b.random_dag(seed)
+        model = tm.random_dag(seed)
         before = b.snapshot(model)
         result = b.run(model, "shape-infer")
         values = [v for n in result.model.graph for v in n.outputs]

@@ -20,9 +20,10 @@ from optc.passes import (
 )
 from optc.passes.analyses.activation_stats import ActivationStats
 from optc.passes.transforms.smoothquant import find_groups, smoothing_scales
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
+from tests.fixtures import text_models as tm
 from tests.passes import builders as b
-from tests.passes import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 4, "calibration.seqlen": 16}
 #: fp32 exactness: smoothing only reassociates per-channel products (x/s)·(s·w).
@@ -114,7 +115,7 @@ def test_bert_block_layer_norms(decomposed):
 
 def test_linear_producer_with_bias_is_folded():
     """y = (x·W1 + b1)·W2: with targets=all, 1/s goes into W1's columns and b1."""
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2,4] x) => (float[2,3] y)
   <float[4,4] w1 = {1, 2, 0, 1, 0.5, -1, 2, 0, 3, 0.25, -2, 1, 0, 1, 1, -1},
@@ -163,7 +164,7 @@ def test_shared_constants_are_copied_not_changed():
 
 def test_producer_with_other_readers_is_left_alone():
     """The normalized tensor also feeds an Add: scaling it would change that Add."""
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2,4] x) => (float[2,3] y, float[2,4] z)
   <float[4] g1 = {1, 2, 3, 4}, float[4,3] w = {1, 0, 2, -1, 1, 0, 0.5, 0.5, 0.5, 2, -2, 1}, float[1] axes = {-1}>
@@ -287,7 +288,7 @@ def test_calibration_error_names_missing_data_only_when_needed():
 
 
 def test_no_norm_is_a_remark_and_a_shared_norm_without_insert_mul_says_why():
-    from tests.passes import prune_models as pm
+    from tests.fixtures import prune_models as pm
 
     result, _ = _run(models.to_ir(models.mlp()), "smoothquant")
     assert not result.modified

@@ -20,8 +20,8 @@ from optc.passes.transforms.sparsify import (
     sparsegpt_prune,
     wanda_prune,
 )
-from tests import models
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 4, "calibration.seqlen": 12}
 

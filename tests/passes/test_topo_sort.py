@@ -8,7 +8,8 @@ import pytest
 
 from optc.errors import PassFailure
 from optc.ir import from_proto, print_ir, problems
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import text_models as tm
 from tests.passes import builders as b
 
 
@@ -33,7 +34,7 @@ def test_sorts_a_shuffled_mlp(seed):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_sorts_shuffled_random_graphs(seed):
-    ordered = b.snapshot(b.random_dag(seed))
+    ordered = b.snapshot(tm.random_dag(seed))
     model = from_proto(_shuffled(ordered, seed + 100))
     result = b.run(model, "topo-sort")
     assert sorted(n.name or n.outputs[0].name for n in result.model.graph) == sorted(
@@ -52,7 +53,7 @@ def test_valid_order_is_kept():
 
 
 def test_subgraph_captures_order_their_producers_first():
-    model = b.text_model(
+    model = tm.text_model(
         """
 g (float[2] x, bool cond) => (float[2] y)
 {
@@ -72,6 +73,6 @@ g (float[2] x, bool cond) => (float[2] y)
 
 
 def test_cycle_is_an_error():
-    model = b.text_model("g (float[2] x) => (float[2] y) { a = Add(x, c)  c = Neg(a)  y = Relu(a) }")
+    model = tm.text_model("g (float[2] x) => (float[2] y) { a = Add(x, c)  c = Neg(a)  y = Relu(a) }")
     with pytest.raises(PassFailure, match="cycle"):
         b.run(model, "topo-sort")

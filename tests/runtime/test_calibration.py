@@ -16,8 +16,8 @@ from optc.passes.analyses.activation_stats import ActivationStats
 from optc.passes.infra.calibration import calibration_spec
 from optc.runtime.calibration import iter_samples
 from optc.runtime.calibration_spec import CalibrationSpec
-from tests import models
-from tests.test_evaluate import VOCAB, build_lm
+from tests.fixtures import models
+from tests.fixtures.cumsum_lm import VOCAB, build_lm
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_npz_token_ids_outside_the_vocabulary(tmp_path):
     """Token ids the embedding cannot gather (negative, or beyond the HF config's vocab_size) are named."""
     from optc.errors import BadCalibrationData
     from optc.runtime.calibration import check_calibration
-    from tests.passes import quant_models as qm
+    from tests.fixtures import quant_models as qm
 
     model = qm.to_ir(qm.llama_block(vocab=64), vocab=64)
     for ids, bad in (([[1, 2, 64]], "1..64, outside 0..63"), ([[-1, 2, 3]], "-1..3, outside 0..63")):

@@ -13,8 +13,8 @@ from optc.ir import constant_array
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
 from optc.runtime.runner import ModelRunner
 from optc.runtime.torch_exec import SUPPORTED_OPS, TorchExecutor, default_trainable
-from tests import models
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 
 TOL = 1e-4
 

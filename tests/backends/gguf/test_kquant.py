@@ -37,7 +37,7 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.context import PassContext
 from optc.passes.infra.pipeline import parse_pipeline
 from tests.backends.ggml_oracle import llama_quantize as oracle_quantize
-from tests.backends.gguf_models import ir_like_frontend, tiny_hf_llama
+from tests.fixtures.gguf_models import ir_like_frontend, tiny_hf_llama
 
 gguf = pytest.importorskip("gguf")
 

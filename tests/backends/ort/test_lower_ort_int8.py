@@ -19,7 +19,7 @@ from optc.backends.ort import lower_ort_int8 as lowering
 from optc.ir import DataType, annotation, model_metadata, print_ir, to_proto
 from optc.ir.patterns.qdq import quantized_type
 from optc.passes import get_pass, parse_pipeline
-from tests import models
+from tests.fixtures import models
 from tests.passes import builders as b
 
 FLOAT = TensorProto.FLOAT
@@ -390,7 +390,7 @@ def test_tied_integer_lm_head_transposes_the_shared_table_at_load(tmp_path, monk
     """smoothquant + quantize with an int8 lm_head tied to the int8 table: on AVX2 the head runs as u8s8 when
     the table's pairs are limited (one table in the file, transposed when the session loads), else stays float."""
     from optc.passes import AnalysisManager, PassContext, parse_pipeline
-    from tests.passes import quant_models as qm
+    from tests.fixtures import quant_models as qm
 
     monkeypatch.setattr(lowering.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset({"avx2"}))

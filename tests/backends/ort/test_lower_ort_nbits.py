@@ -8,9 +8,9 @@ import pytest
 from optc.backends.ort import OrtBackend
 from optc.backends.ort.lower_ort_nbits import METADATA
 from optc.ir import annotation, model_metadata, to_proto
-from tests import models
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 from tests.passes import lowbit_helpers as h
-from tests.passes import quant_models as qm
 
 FEEDS = qm.llama_feeds(5, batch=2, seq=10)
 

@@ -12,11 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optc.backends.tensorrt.trt_check import RULES, check_tensorrt, violations_2_4
+from optc.backends.tensorrt.trt_check import RULES, check_tensorrt
 from optc.errors import PassFailure
 from optc.ir import annotate, from_proto
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
-from tests import models
+from optc.passes.transforms.check_sparsity import nm_violations
+from tests.fixtures import models
 
 F = TensorProto.FLOAT
 K, N = 8, 4
@@ -338,12 +339,12 @@ def test_fp8_conv_shape_follows_tensorrts_fp8_kernels(cin, cout, k, fp8_weight, 
     assert ("fp8-conv-shape" in found) == flagged, found
 
 
-def test_violations_2_4_is_vectorized_and_exact():
+def test_2_4_violations_are_counted_exactly():
     w = np.zeros((8, 6), np.float32)
     w[0:4, 0] = [1, 1, 0, 0]
     w[4:8, 1] = [1, 1, 1, 0]
-    assert violations_2_4(w, 0) == (1, 12)
-    assert violations_2_4(w, 1)[0] is None  # 6 is not divisible by 4
+    assert nm_violations(w, 0, 2, 4) == 1  # of 12 groups
+    assert nm_violations(w, 1, 2, 4) == -1  # 6 is not divisible by 4
 
 
 def test_pass_prints_findings_and_strict_fails(capsys):

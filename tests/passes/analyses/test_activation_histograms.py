@@ -23,8 +23,8 @@ from optc.passes.analyses.activation_histograms import (
     quantize_grid,
 )
 from optc.passes.analyses.activation_stats import ActivationStats
-from tests import models
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 3, "calibration.seqlen": 8}
 

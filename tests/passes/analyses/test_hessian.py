@@ -9,7 +9,7 @@ from optc.passes import ACTIVATIONS, AnalysisManager, PassContext, PreservedAnal
 from optc.passes.analyses.hessian import Hessian, HessianStats, default_values
 from optc.passes.infra.calibration import calibration_samples
 from optc.runtime.runner import ModelRunner
-from tests.passes import quant_models as qm
+from tests.fixtures import quant_models as qm
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 3, "calibration.seqlen": 8}
 

@@ -24,7 +24,7 @@ from optc.passes import (
     register_pass,
 )
 from optc.passes.analyses.graph_stats import GraphStatsAnalysis
-from tests import models
+from tests.fixtures import models
 
 # --- analyses ------------------------------------------------------------------------------
 

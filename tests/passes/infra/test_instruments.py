@@ -25,7 +25,7 @@ from optc.passes import (
     VerifyEach,
 )
 from optc.passes.infra.instruments import fingerprint
-from tests import models
+from tests.fixtures import models
 
 # --- test passes ----------------------------------------------------------------------------
 

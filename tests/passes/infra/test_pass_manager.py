@@ -21,7 +21,7 @@ from optc.passes import (
     register_pass,
 )
 from optc.passes.infra.analysis import AnalysisManager
-from tests import models
+from tests.fixtures import models
 
 # --- test passes ----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from optc.passes import (
     RemarkPrinter,
 )
 from optc.passes.infra.remarks import compile_filter, match_summary, unique_remarks
-from tests import models
+from tests.fixtures import models
 
 
 class Misses(Pass):
