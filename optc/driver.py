@@ -23,6 +23,7 @@ from optc.errors import (
 )
 from optc.frontends import load_input
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
+from optc.ir.spill import SpillFile
 from optc.memory import resolve_budget
 from optc.outputs import Inputs, RunFiles, Written, check_writes
 from optc.passes import (
@@ -40,12 +41,15 @@ from optc.passes import (
 )
 from optc.passes.infra.pipeline import pipeline_warnings
 from optc.passes.infra.remarks import compile_filter, unique_remarks
+from optc.passes.infra.spill import SpillInstrument
 from optc.report import QuantReport, report_paths, write_reports
 from optc.runtime import distributed
 from optc.runtime.calibration import check_calibration
 
 #: The pipeline run when none is given.
 DEFAULT_PIPELINE = "cleanup"
+#: Rewritten weights go to a spill file when the model's weights exceed this share of the memory budget.
+SPILL_SHARE = 0.25
 
 
 @dataclasses.dataclass
@@ -245,6 +249,7 @@ def compile_model(
     files.check(model_inputs(model, source, options))
     check_calibration(model, options.calib)  # bad arrays: one line now, not a pass failure later
     quant_report = None
+    spill = _spill_file(model, output, options, primary)
     try:
         nodes_before = model.graph.num_nodes()
         before_path = source_onnx(model, source)
@@ -252,7 +257,7 @@ def compile_model(
         quant_report = QuantReport.start(model, options.report, before_path, output, source) if primary else None
         return _run(model, output, options, backend, quant_report, pipeline=pipeline, pipeline_text=pipeline_text,
                     remark_filter=remark_filter, source=source, before_path=before_path,
-                    nodes_before=nodes_before, input_bytes=input_bytes, start=start)
+                    nodes_before=nodes_before, input_bytes=input_bytes, start=start, spill=spill)
     except BaseException:
         if primary:  # the other ranks wrote nothing
             files.discard(keep=[reproducer_path(output)])  # a failed run leaves no output (a reproducer stays)
@@ -260,6 +265,20 @@ def compile_model(
     finally:
         if quant_report is not None:
             quant_report.close()
+        if spill is not None:
+            spill.close()
+
+
+def _spill_file(model: Model, output: Path, options: CompileOptions, primary: bool) -> SpillFile | None:
+    """A spill file beside the output (in $TMPDIR on ranks other than 0) when the model's weights exceed
+    `SPILL_SHARE` of the memory budget; None otherwise (rewritten weights then stay in memory)."""
+    budget = _memory_budget(options)
+    if budget is None or initializer_bytes(model.graph) <= SPILL_SHARE * budget:
+        return None
+    import tempfile
+
+    folder = (output.parent if str(output.parent) else Path(".")) if primary else Path(tempfile.gettempdir())
+    return SpillFile(folder, output.name)
 
 
 def _run(
@@ -277,6 +296,7 @@ def _run(
     nodes_before: int,
     input_bytes: int,
     start: float,
+    spill: SpillFile | None = None,
 ) -> CompileResult:
     """The pipeline, the lowering, the report and the comparison (`compile_model` cleans up after a failure).
 
@@ -292,6 +312,8 @@ def _run(
     if options.print_ir_after_change:
         instruments.append(PrintIRAfterChange())
     instruments += [i for i in (timing, stats) if i is not None]
+    if spill is not None:
+        instruments.append(SpillInstrument(spill))
     config = {
         "calibration.spec": options.calib,
         "calibration.samples": options.calib_samples,
