@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from optc.ir.core import DataType, ExternalTensor, Model
+from optc.ir.core import DataType, ExternalTensor, Graph, Model, Value
 
 #: Spilled tensors start at multiples of this many bytes.
 SPILL_ALIGNMENT = 1 << 16
@@ -25,6 +25,23 @@ SPILL_MIN_BYTES = 1 << 10
 
 #: Paths of the spill files open in this process.
 _OPEN: set[str] = set()
+#: The spill file attached to a graph (by id), which the IR builder writes new initializers to at once.
+_ATTACHED: dict[int, SpillFile] = {}
+
+
+def attach(model: Model, spill: SpillFile) -> None:
+    """From now on, initializers the IR builder (`optc.ir.patterns.builder`) creates in `model` go to `spill`
+    as they are made, so a pass that rewrites layer after layer holds one layer's new weights at a time."""
+    _ATTACHED[id(model.graph)] = spill
+
+
+def detach(model: Model) -> None:
+    _ATTACHED.pop(id(model.graph), None)
+
+
+def attached(graph: Graph) -> SpillFile | None:
+    """The spill file attached to `graph`, if any."""
+    return _ATTACHED.get(id(graph))
 
 
 def is_spilled(tensor: object) -> bool:
@@ -63,31 +80,31 @@ class SpillFile:
 
     def spill(self, model: Model) -> int:
         """Move every in-memory initializer of at least `min_bytes` to the file; returns the bytes moved."""
-        moved = 0
-        for value in model.graph.initializers.values():
-            tensor = value.const_value
-            if tensor is None or isinstance(tensor, ExternalTensor) or tensor.dtype == DataType.STRING:
-                continue
-            if tensor.nbytes < self.min_bytes:
-                continue
-            if self._file is None:
-                self._open()
-            offset = -(-self._end // SPILL_ALIGNMENT) * SPILL_ALIGNMENT
-            data = tensor.tobytes()
-            self._file.seek(offset)
-            self._file.write(data)
-            self._file.flush()
-            self._end = offset + len(data)
-            value.const_value = ExternalTensor(
-                os.fspath(self.path), offset, len(data), tensor.dtype, shape=tensor.shape,
-                name=tensor.name or value.name, doc_string=tensor.doc_string,
-                metadata_props=dict(tensor.metadata_props) or None,
-            )
-            moved += len(data)
-            self.tensors_spilled += 1
-            del data, tensor
-        self.bytes_spilled += moved
-        return moved
+        return sum(self.spill_value(value) for value in model.graph.initializers.values())
+
+    def spill_value(self, value: Value) -> int:
+        """Move one initializer's tensor to the file when it is in memory and at least `min_bytes`; the bytes moved."""
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ExternalTensor) or tensor.dtype == DataType.STRING:
+            return 0
+        if tensor.nbytes < self.min_bytes:
+            return 0
+        if self._file is None:
+            self._open()
+        offset = -(-self._end // SPILL_ALIGNMENT) * SPILL_ALIGNMENT
+        data = tensor.tobytes()
+        self._file.seek(offset)
+        self._file.write(data)
+        self._file.flush()
+        self._end = offset + len(data)
+        value.const_value = ExternalTensor(
+            os.fspath(self.path), offset, len(data), tensor.dtype, shape=tensor.shape,
+            name=tensor.name or value.name, doc_string=tensor.doc_string,
+            metadata_props=dict(tensor.metadata_props) or None,
+        )
+        self.tensors_spilled += 1
+        self.bytes_spilled += len(data)
+        return len(data)
 
     def close(self) -> None:
         """Delete the file (tensors still mapped from it stay readable until they are let go)."""
@@ -105,4 +122,4 @@ class SpillFile:
         self.close()
 
 
-__all__ = ["SPILL_ALIGNMENT", "SPILL_MIN_BYTES", "SpillFile", "in_memory_bytes", "is_spilled"]
+__all__ = ["SPILL_ALIGNMENT", "SPILL_MIN_BYTES", "SpillFile", "attach", "attached", "detach", "in_memory_bytes", "is_spilled"]

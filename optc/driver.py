@@ -23,7 +23,7 @@ from optc.errors import (
 )
 from optc.frontends import load_input
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
-from optc.ir.spill import SpillFile
+from optc.ir.spill import SpillFile, attach, detach
 from optc.memory import resolve_budget
 from optc.outputs import Inputs, RunFiles, Written, check_writes
 from optc.passes import (
@@ -250,6 +250,8 @@ def compile_model(
     check_calibration(model, options.calib)  # bad arrays: one line now, not a pass failure later
     quant_report = None
     spill = _spill_file(model, output, options, primary)
+    if spill is not None:
+        attach(model, spill)
     try:
         nodes_before = model.graph.num_nodes()
         before_path = source_onnx(model, source)
@@ -266,6 +268,7 @@ def compile_model(
         if quant_report is not None:
             quant_report.close()
         if spill is not None:
+            detach(model)
             spill.close()
 
 

@@ -63,3 +63,21 @@ def test_a_run_over_its_memory_budget_spills_and_writes_the_same_files(tmp_path:
         written[label] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
     assert sorted(written["tight"]) == ["out.onnx", "out.onnx.data"]  # the spill file is gone
     assert written["tight"] == written["roomy"]
+
+
+def test_the_builder_spills_new_initializers_at_once_when_a_file_is_attached(tmp_path: Path) -> None:
+    from optc.ir.patterns.builder import Builder
+    from optc.ir.spill import attach, detach
+
+    model = load_model(_block(tmp_path, external=False))
+    with SpillFile(tmp_path, "m.onnx") as spill:
+        attach(model, spill)
+        try:
+            big = Builder(model.graph).initializer("w_q", np.ones((64, 64), dtype=np.int8))
+            small = Builder(model.graph).initializer("s", np.ones(4, dtype=np.float32))
+        finally:
+            detach(model)
+        assert is_spilled(big.const_value) and not is_spilled(small.const_value)
+        np.testing.assert_array_equal(big.const_value.numpy(), np.ones((64, 64), dtype=np.int8))
+        after = Builder(model.graph).initializer("w2", np.ones((64, 64), dtype=np.int8))
+        assert not is_spilled(after.const_value)  # detached: new weights stay in memory
