@@ -22,7 +22,7 @@ import atexit
 import dataclasses
 import datetime
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -190,6 +190,58 @@ def sum_in_rank_order(tensor: torch.Tensor) -> torch.Tensor:
     return running.to(tensor.device)
 
 
+#: Tensor dtypes `share_out` carries, by code.
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
+           torch.int32, torch.int64, torch.bool)
+_MAX_RANK = 8
+
+
+def share_out(items: Sequence[T], compute: Callable[[T], tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """`compute(item)` for every item, in order, on every rank, each computed by one rank (item i on rank
+    i mod N) and broadcast to the others. `compute` returns the same number of tensors for every item.
+
+    The ranks work in rounds of N items (one each), so memory holds N results at a time. The tensors
+    arrive bit for bit as the rank that computed them made them.
+    """
+    world = current()
+    if not world.distributed:
+        for item in items:
+            yield compute(item)
+        return
+    for start in range(0, len(items), world.size):
+        mine = compute(items[start + world.rank]) if start + world.rank < len(items) else None
+        for owner in range(min(world.size, len(items) - start)):
+            yield _broadcast_tuple(mine if owner == world.rank else None, owner)
+
+
+def _broadcast_tuple(tensors: tuple[torch.Tensor, ...] | None, src: int) -> tuple[torch.Tensor, ...]:
+    import torch.distributed as dist
+
+    device = _device()
+    count = torch.tensor([len(tensors) if tensors is not None else 0], dtype=torch.int64, device=device)
+    dist.broadcast(count, src=src)
+    header = torch.zeros(int(count[0]), _MAX_RANK + 2, dtype=torch.int64, device=device)
+    if tensors is not None:
+        for i, t in enumerate(tensors):
+            if t.dim() > _MAX_RANK:
+                raise ValueError(f"share_out carries tensors of rank up to {_MAX_RANK}, got {t.dim()}")
+            header[i, 0] = _DTYPES.index(t.dtype)
+            header[i, 1] = t.dim()
+            header[i, 2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    dist.broadcast(header, src=src)
+    out = []
+    for i in range(int(count[0])):
+        dtype, rank = _DTYPES[int(header[i, 0])], int(header[i, 1])
+        shape = [int(d) for d in header[i, 2:2 + rank]]
+        if tensors is not None:
+            data = tensors[i].detach().to(device).contiguous()
+        else:
+            data = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(data, src=src)
+        out.append(data)
+    return tuple(out)
+
+
 __all__ = [
     "World",
     "barrier",
@@ -199,6 +251,7 @@ __all__ = [
     "minimum",
     "requested_world",
     "shard",
+    "share_out",
     "sum_in_rank_order",
     "sum_int",
 ]

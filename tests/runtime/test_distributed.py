@@ -31,6 +31,8 @@ def test_one_process_is_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.tensor([1.5, -2.0], dtype=torch.float32)
     assert distributed.sum_in_rank_order(x).dtype == torch.float64
     assert torch.equal(distributed.maximum(x), x) and torch.equal(distributed.sum_int(torch.tensor([3])), torch.tensor([3]))
+    shared = list(distributed.share_out([1, 2, 3], lambda i: (torch.full((i,), float(i)),)))
+    assert [t[0].tolist() for t in shared] == [[1.0], [2.0, 2.0], [3.0, 3.0, 3.0]]
 
 
 def test_a_world_the_environment_cannot_describe_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
