@@ -231,8 +231,11 @@ def _check_external(
 
 
 def has_external_data(model: Model) -> bool:
-    """True when any initializer is stored outside the protobuf."""
-    return any(isinstance(v.const_value, ExternalTensor) for v in model.graph.initializers.values())
+    """True when any initializer is stored outside the protobuf (weights in a spill file do not count)."""
+    from optc.ir.spill import is_spilled
+
+    return any(isinstance(v.const_value, ExternalTensor) and not is_spilled(v.const_value)
+               for v in model.graph.initializers.values())
 
 
 def save_model(
@@ -273,7 +276,8 @@ def save_model(
                     alignment=1 << 16,
                 )
             else:
-                _oir.save(model, staged_model)
+                with _spilled_inline(model):  # a protobuf without external data holds every weight itself
+                    _oir.save(model, staged_model)
         except OSError as exc:  # a full disk, a file-size limit, a folder that became read-only
             if exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(staging.absolute()):
                 raise OptcError(f"{path}: cannot read {exc.filename} while writing ({_reason(exc)})") from exc
@@ -290,6 +294,23 @@ def save_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _spilled_inline(model: Model) -> Iterator[None]:
+    """Within the block, weights in a spill file (`optc.ir.spill`) are in-memory tensors again."""
+    from optc.ir.spill import is_spilled
+
+    swapped = [(v, v.const_value) for v in model.graph.initializers.values() if is_spilled(v.const_value)]
+    try:
+        for value, spilled in swapped:
+            value.const_value = _oir.Tensor(spilled.numpy(), dtype=spilled.dtype, shape=spilled.shape,
+                                            name=spilled.name, doc_string=spilled.doc_string,
+                                            metadata_props=dict(spilled.metadata_props) or None)
+        yield
+    finally:
+        for value, spilled in swapped:
+            value.const_value = spilled
 
 
 def staged_to_output(text: str, staged: Path, output: Path) -> str:

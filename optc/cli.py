@@ -162,6 +162,8 @@ def run(argv: list[str]) -> int:
         memory_budget=args.memory_budget,
     )
     result = compile_file(args.input, args.output, options)
+    if not result.wrote:  # a rank other than 0 under torchrun: rank 0 writes and prints
+        return 0
     if result.timing and args.timing:
         print(result.timing.report(), file=sys.stderr)
     if result.statistics and args.statistics:

@@ -23,6 +23,7 @@ from optc.errors import (
 )
 from optc.frontends import load_input
 from optc.ir import ExternalTensor, Model, initializer_bytes, model_size_bytes
+from optc.ir.spill import SpillFile, attach, detach
 from optc.memory import resolve_budget
 from optc.outputs import Inputs, RunFiles, Written, check_writes
 from optc.passes import (
@@ -40,11 +41,15 @@ from optc.passes import (
 )
 from optc.passes.infra.pipeline import pipeline_warnings
 from optc.passes.infra.remarks import compile_filter, unique_remarks
+from optc.passes.infra.spill import SpillInstrument
 from optc.report import QuantReport, report_paths, write_reports
+from optc.runtime import distributed
 from optc.runtime.calibration import check_calibration
 
 #: The pipeline run when none is given.
 DEFAULT_PIPELINE = "cleanup"
+#: Rewritten weights go to a spill file when the model's weights exceed this share of the memory budget.
+SPILL_SHARE = 0.25
 
 
 @dataclasses.dataclass
@@ -88,6 +93,8 @@ class CompileResult:
     comparison: str | None = None
     #: What the passes remarked (`optc.passes.Remark`), without repeats.
     remarks: list[Remark] = dataclasses.field(default_factory=list)
+    #: False on the processes other than rank 0 under torchrun: they ran the pipeline, and wrote nothing.
+    wrote: bool = True
 
     def summary(self) -> str:
         return (
@@ -189,7 +196,12 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     budget = _memory_budget(options)
     # Before anything is read: no write may touch the input file or anything in an input directory.
     check_writes(planned_writes(backend, output, options.report), run_inputs(input_path, options))
+    world = distributed.init_from_env()
+    if world.distributed and not world.primary:
+        distributed.barrier()  # rank 0 loads first: one export fills the cache the others then read
     model = load_input(input_path, memory_budget=budget)
+    if world.distributed and world.primary:
+        distributed.barrier()
     return compile_model(model, output, options, source=input_path, start=start)
 
 
@@ -230,26 +242,46 @@ def compile_model(
     pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
     pipeline = parse_pipeline(pipeline_text)
     remark_filter = _remark_filter(options.remarks)
-    for message in pipeline_warnings(pipeline):
+    primary = distributed.init_from_env().primary
+    for message in pipeline_warnings(pipeline) if primary else []:
         print(f"optc: warning: {message}", file=sys.stderr)
     files = RunFiles(planned_writes(backend, output, options.report))
     files.check(model_inputs(model, source, options))
     check_calibration(model, options.calib)  # bad arrays: one line now, not a pass failure later
     quant_report = None
+    spill = _spill_file(model, output, options, primary)
+    if spill is not None:
+        attach(model, spill)
     try:
         nodes_before = model.graph.num_nodes()
         before_path = source_onnx(model, source)
         input_bytes = model_size_bytes(before_path) if before_path is not None else initializer_bytes(model.graph)
-        quant_report = QuantReport.start(model, options.report, before_path, output, source)
+        quant_report = QuantReport.start(model, options.report, before_path, output, source) if primary else None
         return _run(model, output, options, backend, quant_report, pipeline=pipeline, pipeline_text=pipeline_text,
                     remark_filter=remark_filter, source=source, before_path=before_path,
-                    nodes_before=nodes_before, input_bytes=input_bytes, start=start)
+                    nodes_before=nodes_before, input_bytes=input_bytes, start=start, spill=spill)
     except BaseException:
-        files.discard(keep=[reproducer_path(output)])  # a failed run leaves no output (a reproducer stays)
+        if primary:  # the other ranks wrote nothing
+            files.discard(keep=[reproducer_path(output)])  # a failed run leaves no output (a reproducer stays)
         raise
     finally:
         if quant_report is not None:
             quant_report.close()
+        if spill is not None:
+            detach(model)
+            spill.close()
+
+
+def _spill_file(model: Model, output: Path, options: CompileOptions, primary: bool) -> SpillFile | None:
+    """A spill file beside the output (in $TMPDIR on ranks other than 0) when the model's weights exceed
+    `SPILL_SHARE` of the memory budget; None otherwise (rewritten weights then stay in memory)."""
+    budget = _memory_budget(options)
+    if budget is None or initializer_bytes(model.graph) <= SPILL_SHARE * budget:
+        return None
+    import tempfile
+
+    folder = (output.parent if str(output.parent) else Path(".")) if primary else Path(tempfile.gettempdir())
+    return SpillFile(folder, output.name)
 
 
 def _run(
@@ -267,9 +299,15 @@ def _run(
     nodes_before: int,
     input_bytes: int,
     start: float,
+    spill: SpillFile | None = None,
 ) -> CompileResult:
-    """The pipeline, the lowering, the report and the comparison (`compile_model` cleans up after a failure)."""
-    instruments: list[PassInstrument] = [RemarkPrinter(remark_filter)]
+    """The pipeline, the lowering, the report and the comparison (`compile_model` cleans up after a failure).
+
+    Under torchrun every rank runs the pipeline (the calibration analyses share the samples out
+    and combine their statistics); only rank 0 prints remarks, lowers, writes and reports.
+    """
+    primary = distributed.current().primary
+    instruments: list[PassInstrument] = [RemarkPrinter(remark_filter)] if primary else []
     timing = TimingInstrument() if options.timing or options.report else None
     stats = StatisticsInstrument() if options.statistics or options.report else None
     if options.verify_each:
@@ -277,6 +315,8 @@ def _run(
     if options.print_ir_after_change:
         instruments.append(PrintIRAfterChange())
     instruments += [i for i in (timing, stats) if i is not None]
+    if spill is not None:
+        instruments.append(SpillInstrument(spill))
     config = {
         "calibration.spec": options.calib,
         "calibration.samples": options.calib_samples,
@@ -293,11 +333,17 @@ def _run(
     except PassFailure as failure:
         if isinstance(failure.cause, BadCalibrationData):
             raise failure.cause from failure  # the data, not a pass, is at fault; nothing to reproduce
-        if isinstance(failure.cause, MissingCalibrationData):
-            raise  # the input lacks data; nothing to reproduce
+        if isinstance(failure.cause, MissingCalibrationData) or not primary:
+            raise  # the input lacks data, or rank 0 writes the reproducer; nothing to reproduce here
         reproduce_from = source or persistent_source(model, before_path)
         failure.reproducer = write_reproducer(reproduce_from, output, pipeline_text, failure)  # type: ignore[attr-defined]
         raise
+    if not primary:
+        return CompileResult(
+            Artifact(output, backend.name, 0), pipeline.pipeline_text(), nodes_before, result.model.graph.num_nodes(),
+            input_bytes, time.perf_counter() - start, timing, stats, before_path,
+            remarks=unique_remarks(context.remarks), wrote=False,
+        )
     if quant_report is not None:
         quant_report.after_pipeline(result.model, output)
     try:

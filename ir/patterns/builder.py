@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from optc.ir.core import Graph, Node, Tensor, Value, add_initializer, make_node
+from optc.ir.spill import attached
 
 
 class Builder:
@@ -77,8 +78,12 @@ class Builder:
         return value.name
 
     def initializer(self, base: str, array: np.ndarray | Tensor) -> Value:
-        """A new initializer named fresh from `base`."""
-        return add_initializer(self.graph, self.fresh(base), array)
+        """A new initializer named fresh from `base` (moved to the graph's spill file at once when one is attached)."""
+        value = add_initializer(self.graph, self.fresh(base), array)
+        spill = attached(self.graph)
+        if spill is not None:
+            spill.spill_value(value)
+        return value
 
     def node(
         self,

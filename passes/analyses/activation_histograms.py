@@ -48,8 +48,9 @@ from optc.errors import OptcError
 from optc.ir import Model
 from optc.passes.analyses.activation_stats import default_values
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
-from optc.passes.infra.calibration import calibration_samples
+from optc.passes.infra.calibration import calibration_shard
 from optc.passes.infra.registry import register_analysis
+from optc.runtime import distributed
 from optc.runtime.runner import ModelRunner
 
 #: Range-selection methods, for options and messages.
@@ -301,10 +302,40 @@ class ActivationHistograms(Analysis[dict[str, TensorHistogram]]):
         if not values:
             return histograms
         with ModelRunner(model, values) as runner:
-            for feed in calibration_samples(model, am.context):
+            for feed in calibration_shard(model, am.context):
                 for name, array in runner.run(feed, values).items():
                     histograms[name].update(array)
+        if distributed.current().distributed:
+            combine_over_ranks(histograms)
         return histograms
+
+
+def combine_over_ranks(histograms: dict[str, TensorHistogram]) -> None:
+    """Replace each rank's histograms of its samples with those of every rank's, exactly (all integer counts).
+
+    Each rank first re-bins its histogram to the largest edge of any rank (doubling, exact as in
+    `_grow`); then the counts add up. Every rank calls this with the same names in the same order.
+    """
+    import torch
+
+    if not histograms:
+        return
+    items = list(histograms.values())
+    extremes = torch.tensor([[-h.min, h.max, h.absmax, h.edge] for h in items], dtype=torch.float64)
+    extremes = distributed.maximum(extremes)
+    for h, edge in zip(items, extremes[:, 3].tolist(), strict=True):
+        if edge > h.edge:
+            if h.edge == 0.0:  # only zeros (or nothing) here: they stay in bin 0 at any width
+                h.edge = edge
+            else:
+                h._grow(edge)
+    counts = torch.from_numpy(np.stack([np.concatenate([h.pos, h.neg, [h.count, h.nonfinite, h.samples]])
+                                        for h in items]).astype(np.int64))
+    counts = distributed.sum_int(counts).numpy()
+    for i, h in enumerate(items):
+        h.min, h.max, h.absmax = -float(extremes[i, 0]), float(extremes[i, 1]), float(extremes[i, 2])
+        h.pos, h.neg = counts[i, :h.bins].copy(), counts[i, h.bins:2 * h.bins].copy()
+        h.count, h.nonfinite, h.samples = (int(c) for c in counts[i, 2 * h.bins:])
 
 
 __all__ = [

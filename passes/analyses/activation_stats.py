@@ -16,8 +16,9 @@ import numpy as np
 from optc.ir import Model, is_constant
 from optc.ir.patterns.ops import QUANTIZED_OPS
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
-from optc.passes.infra.calibration import calibration_samples
+from optc.passes.infra.calibration import calibration_shard
 from optc.passes.infra.registry import register_analysis
+from optc.runtime import distributed
 from optc.runtime.runner import ModelRunner
 
 
@@ -79,7 +80,58 @@ class ActivationStats(Analysis[dict[str, TensorStats]]):
         values = list(self.params.get("values") or default_values(model))
         stats = {name: TensorStats() for name in values}
         with ModelRunner(model, values) as runner:
-            for feed in calibration_samples(model, am.context):
+            for feed in calibration_shard(model, am.context):
                 for name, array in runner.run(feed, values).items():
                     stats[name].update(array)
+        if distributed.current().distributed:
+            combine_over_ranks(stats)
         return stats
+
+
+def combine_over_ranks(stats: dict[str, TensorStats]) -> None:
+    """Replace each rank's statistics of its samples with those of every rank's (the same on all ranks).
+
+    Extremes and counts are exact; the per-channel sums of squares are float64 partial sums added in
+    rank order. Every rank calls this with the same names in the same order.
+    """
+    import torch
+
+    names = list(stats)
+    if not names:
+        return
+    extremes = torch.tensor([[-s.min, s.max, s.absmax] for s in stats.values()], dtype=torch.float64)
+    extremes = distributed.maximum(extremes)
+    counts = torch.tensor([[s.rows, s.count, s.samples, s.channel_absmax.size if s.channel_absmax is not None else 0]
+                           for s in stats.values()], dtype=torch.int64)
+    channels = distributed.maximum(counts[:, 3].clone())
+    counts = distributed.sum_int(counts[:, :3].clone())
+    shape = _last_shape(stats)
+    for i, (name, s) in enumerate(stats.items()):
+        s.min, s.max, s.absmax = -float(extremes[i, 0]), float(extremes[i, 1]), float(extremes[i, 2])
+        s.rows, s.count, s.samples = (int(c) for c in counts[i])
+        k = int(channels[i])
+        if k:
+            absmax = torch.from_numpy(s.channel_absmax) if s.channel_absmax is not None else torch.zeros(k, dtype=torch.float32)
+            sqsum = torch.from_numpy(s.channel_sqsum) if s.channel_sqsum is not None else torch.zeros(k, dtype=torch.float64)
+            s.channel_absmax = distributed.maximum(absmax).numpy()
+            s.channel_sqsum = distributed.sum_in_rank_order(sqsum).numpy()
+        s.shape = shape[name]
+
+
+def _last_shape(stats: dict[str, TensorStats]) -> dict[str, tuple[int, ...]]:
+    """The shape each tensor had in the last calibration sample (sample n-1 lives on rank (n-1) mod N)."""
+    import torch
+
+    world = distributed.current()
+    totals = distributed.sum_int(torch.tensor([s.samples for s in stats.values()], dtype=torch.int64))
+    rank_of_last = {name: (int(total) - 1) % world.size for name, total in zip(stats, totals, strict=True)}
+    rank = max(8, max(len(s.shape) for s in stats.values()))
+    rank = int(distributed.maximum(torch.tensor([rank], dtype=torch.int64))[0])
+    table = torch.full((len(stats), rank + 1), -1, dtype=torch.int64)
+    for i, (name, s) in enumerate(stats.items()):
+        if rank_of_last[name] == world.rank:
+            table[i, 0] = len(s.shape)
+            table[i, 1:len(s.shape) + 1] = torch.tensor(s.shape, dtype=torch.int64)
+    table = distributed.maximum(table)
+    return {name: tuple(int(d) for d in table[i, 1:int(table[i, 0]) + 1]) if table[i, 0] >= 0 else ()
+            for i, name in enumerate(stats)}

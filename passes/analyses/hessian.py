@@ -3,10 +3,13 @@
 For each linear layer `Y = X·W` with a constant weight (MatMul, Gemm) the
 layer-wise reconstruction objective ‖XW − XŴ‖² that GPTQ minimizes has the
 Hessian H = 2·XᵀX / n over the n calibration tokens (rows of X flattened over
-batch and sequence). This analysis accumulates `xtx = Σ xᵀx` in fp32 with one
+batch and sequence). This analysis accumulates `xtx = Σ xᵀx` with one
 calibration sample's activations in memory at a time, keyed by the name of the
 activation value (q/k/v share one entry), the token count and Σ|x| per
-channel (AWQ's mean |x|); `hessian()` gives GPTQ's H.
+channel (AWQ's mean |x|); `hessian()` gives GPTQ's H. Each sample's xᵀx is
+computed in fp32 and added to a float64 sum, which becomes fp32 once every
+sample (of every rank, under torchrun) is in: the order samples are added in
+then no longer shows in the fp32 result.
 
 Params (part of the cache key):
 
@@ -32,27 +35,34 @@ from optc.ir import Model, Node
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.weights import weight_view
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
-from optc.passes.infra.calibration import calibration_samples, calibration_spec
+from optc.passes.infra.calibration import calibration_shard, calibration_spec
 from optc.passes.infra.registry import register_analysis
+from optc.runtime import distributed
 from optc.runtime.runner import ModelRunner
 
 
 @dataclass
 class HessianStats:
-    """Σ xᵀx over the calibration tokens of one activation tensor (fp32 [K, K])."""
+    """Σ xᵀx over the calibration tokens of one activation tensor ([K, K]; fp32 once the analysis is done)."""
 
     xtx: torch.Tensor
     tokens: int = 0
-    #: Σ |x| per input channel (fp32 [K]), for AWQ's activation scales.
+    #: Σ |x| per input channel ([K]; fp32 once the analysis is done), for AWQ's activation scales.
     abs_sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        """Add the rows of `x` ([..., K]) to the sums."""
+        """Add the rows of `x` ([..., K]) to the sums (each sample's xᵀx in fp32, added in `xtx`'s dtype)."""
         rows = x.reshape(-1, x.shape[-1]).to(device=self.xtx.device, dtype=torch.float32)
-        self.xtx.addmm_(rows.T, rows)
-        absolute = rows.abs().sum(dim=0)
+        self.xtx.add_(rows.T @ rows)
+        absolute = rows.abs().sum(dim=0).to(self.xtx.dtype)
         self.abs_sum = absolute if self.abs_sum is None else self.abs_sum + absolute
         self.tokens += int(rows.shape[0])
+
+    def finish(self) -> None:
+        """Keep the sums in fp32 (what the passes use) once every sample is in."""
+        self.xtx = self.xtx.to(torch.float32)
+        if self.abs_sum is not None:
+            self.abs_sum = self.abs_sum.to(torch.float32)
 
     def mean_abs(self) -> torch.Tensor:
         """mean |x| per input channel over the calibration tokens."""
@@ -113,7 +123,7 @@ class Hessian(Analysis[dict[str, HessianStats]]):
         from optc.passes.linear_layers import torch_threads
 
         with ModelRunner(model, values) as runner, torch_threads(device):
-            samples = calibration_samples(model, am.context)
+            samples = calibration_shard(model, am.context)
             for feed in tqdm(samples, desc="hessian", unit="sample", leave=False, disable=None):
                 for name, array in runner.run(feed, values).items():
                     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
@@ -122,8 +132,12 @@ class Hessian(Analysis[dict[str, HessianStats]]):
                     entry = stats.get(name)
                     if entry is None:
                         k = int(x.shape[-1])
-                        entry = stats[name] = HessianStats(torch.zeros(k, k, dtype=torch.float32, device=device))
+                        entry = stats[name] = HessianStats(torch.zeros(k, k, dtype=torch.float64, device=device))
                     entry.update(x)
+            if distributed.current().distributed:
+                stats = combine_over_ranks(stats, values, device)
+        for entry in stats.values():
+            entry.finish()
         return stats
 
 
@@ -142,4 +156,25 @@ def calibration_hessians(
     return am.get(Hessian, model, values=tuple(sorted(set(values))))
 
 
-__all__ = ["Hessian", "HessianStats", "calibration_hessians", "default_values", "weighted_input"]
+def combine_over_ranks(stats: dict[str, HessianStats], values: list[str], device: torch.device) -> dict[str, HessianStats]:
+    """Every rank's sums over its samples added up (float64, in rank order), the same on every rank.
+
+    Every rank calls this with the same `values`; a rank that saw no sample of a tensor adds zeros.
+    """
+    shape = torch.tensor([stats[name].channels if name in stats else 0 for name in values], dtype=torch.int64)
+    channels = distributed.maximum(shape)
+    tokens = distributed.sum_int(torch.tensor([stats[name].tokens if name in stats else 0 for name in values],
+                                              dtype=torch.int64))
+    combined: dict[str, HessianStats] = {}
+    for name, k, n in zip(values, channels.tolist(), tokens.tolist(), strict=True):
+        if not k:
+            continue  # no rank saw a tensor with channels here
+        entry = stats.pop(name, None)  # let each rank's own sums go as the combined ones arrive
+        xtx = entry.xtx if entry is not None else torch.zeros(k, k, dtype=torch.float64, device=device)
+        abs_sum = entry.abs_sum if entry is not None and entry.abs_sum is not None else \
+            torch.zeros(k, dtype=torch.float64, device=device)
+        combined[name] = HessianStats(distributed.sum_in_rank_order(xtx), int(n), distributed.sum_in_rank_order(abs_sum))
+    return combined
+
+
+__all__ = ["Hessian", "HessianStats", "calibration_hessians", "combine_over_ranks", "default_values", "weighted_input"]

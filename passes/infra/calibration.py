@@ -11,6 +11,7 @@ from optc.ir import Model
 from optc.ir.annotations import TOKENIZER
 from optc.passes.infra.context import PassContext
 from optc.runtime.calibration import iter_samples
+from optc.runtime.distributed import shard
 
 
 def calibration_spec(model: Model, context: PassContext) -> str:
@@ -37,3 +38,9 @@ def calibration_samples(model: Model, context: PassContext) -> Iterator[dict[str
         int(context.get("calibration.seqlen", 256)),
         seed=context.seed,
     )
+
+
+def calibration_shard(model: Model, context: PassContext) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of the calibration feeds (all of them in one process; sample i on rank i mod N
+    under torchrun). An analysis that reads these combines its statistics over the ranks afterwards."""
+    yield from shard(calibration_samples(model, context))

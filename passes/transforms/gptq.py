@@ -56,6 +56,7 @@ from optc.passes.lowbit import (
     rtn,
     torch_threads,
 )
+from optc.runtime.distributed import share_out
 
 log = logging.getLogger(__name__)
 
@@ -211,30 +212,38 @@ class Gptq(LowBitPass):
         total, fallbacks = 0.0, 0
         progress = tqdm(total=len(sites), desc="gptq", unit="layer", leave=False, disable=None)
         build = Builder(model.graph)  # owns the fresh names of everything this run adds
-        for name, members in by_input.items():
+        groups = list(by_input.items())
+        for name, members in groups:
             stats = hessians.get(name)
             if stats is None or stats.tokens == 0:
                 raise OptcError(f"gptq: no calibration data reached {name!r}, the input of {members[0].label}")
-            fac = factor(stats.hessian().to(device), damp=opts.damp, act_order=opts.act_order)
-            weights = [site.matrix(device) for site in members]
-            stacked = torch.cat(weights)
+
+        def solve(group: tuple[str, list]) -> tuple[torch.Tensor, ...]:
+            name, members = group
+            fac = factor(hessians[name].hessian().to(device), damp=opts.damp, act_order=opts.act_order)
+            stacked = torch.cat([site.matrix(device) for site in members])
             sparse = any(annotation(site.node, SPARSITY) for site in members)
             result = gptq_quantize(stacked, fac, opts.group, grid, block=opts.block, clip=opts.clip,
                                    keep_zero=(stacked == 0) if sparse else None)
+            row_loss = result.row_loss if result.row_loss is not None else torch.zeros(stacked.shape[0])
+            return result.q, result.scale, result.zero, row_loss, torch.tensor([float(result.fallback)])
+
+        # Under torchrun each rank solves every N-th group and the results are broadcast (share_out).
+        for (_, members), (q, scale, zero, row_loss, fallback) in zip(groups, share_out(groups, solve), strict=True):
             row = 0
-            for site, w in zip(members, weights, strict=True):
-                rows = slice(row, row + w.shape[0])
-                row += w.shape[0]
+            for site in members:
+                rows = slice(row, row + site.out_features)
+                row += site.out_features
                 info: dict = {"act_order": opts.act_order, "damp": opts.damp, "clip": opts.clip}
-                if result.fallback:
+                if bool(fallback[0]):
                     log.warning("gptq: Cholesky factorization failed for %s; quantized with RTN", site.label)
                     info["fallback"] = "rtn"
                     fallbacks += 1
                 else:
-                    loss = float(result.row_loss[rows].sum())
+                    loss = float(row_loss[rows].sum())
                     info["gptq_loss"] = loss
                     total += loss
-                self.emit(model, site, result.q[rows], result.scale[rows], result.zero[rows], info, build)
+                self.emit(model, site, q[rows], scale[rows], zero[rows], info, build)
                 progress.update()
         progress.close()
         stats = {"quantized-ops": len(sites), "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Peak memory of a command, measured in a cgroup v1 memory group of its own (optionally capped).
+
+Peak RSS counts memory-mapped pages of files (weights read through mmap), which the kernel can drop
+again; this tool measures in a memory cgroup instead: it creates `/sys/fs/cgroup/memory/optc-peak-PID`,
+writes the cap (if any) to `memory.limit_in_bytes`, starts the command inside it, samples the group's
+anonymous memory (`total_rss` of `memory.stat`) every `--interval` seconds, and reports
+
+* `peak_anon`: the largest anonymous memory seen (heap, numpy and torch buffers: what cannot be dropped);
+* `max_usage`: `memory.max_usage_in_bytes` (anonymous memory plus the page cache the group touched);
+* the exit code (137 when the cap killed it) and the wall time.
+
+The group is removed afterwards. Needs a writable cgroup v1 memory controller.
+
+    python tools/peak_memory.py -- optc --passes='rtn{bits=8 group=128}' -o /tmp/w8.onnx
+    python tools/peak_memory.py --cap 1.5G -- optc --passes='rtn{bits=8 group=128}' --memory-budget 2G -o /tmp/w8.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+
+
+def _anon(group: Path) -> int:
+    for line in (group / "memory.stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "total_rss":
+            return int(value)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cap", type=_size, default=None, help="memory.limit_in_bytes, e.g. 1.5G (default: none)")
+    parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given")
+    group = ROOT / f"optc-peak-{os.getpid()}"
+    group.mkdir()
+    try:
+        if args.cap is not None:
+            (group / "memory.limit_in_bytes").write_text(str(args.cap))
+        start = time.perf_counter()
+
+        def enter() -> None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        child = subprocess.Popen(command, preexec_fn=enter)
+        peak = 0
+        while child.poll() is None:
+            peak = max(peak, _anon(group))
+            time.sleep(args.interval)
+        seconds = time.perf_counter() - start
+        max_usage = int((group / "memory.max_usage_in_bytes").read_text())
+    finally:
+        for _ in range(50):  # the group empties once the child is reaped
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    cap = f"{args.cap / 2**30:.2f} GiB" if args.cap is not None else "none"
+    print(f"peak_memory: exit {child.returncode}, {seconds:.1f} s, cap {cap}, peak_anon {peak / 2**20:.0f} MiB, "
+          f"max_usage {max_usage / 2**20:.0f} MiB", flush=True)
+    return child.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
