@@ -10,7 +10,7 @@ import onnx
 from optc.driver import CompileOptions, compile_file
 from optc.ir import ExternalTensor, add_initializer, has_external_data, load_model, save_model
 from optc.ir.spill import SpillFile, in_memory_bytes, is_spilled
-from tests.passes import quant_models as qm
+from tests.fixtures import quant_models as qm
 
 
 def _block(tmp_path: Path, *, external: bool) -> Path:

@@ -18,7 +18,7 @@ import torch
 from optc.driver import CompileOptions, compile_file
 from optc.runtime import distributed
 from tests.cli.cli_support import optc_command
-from tests.passes import quant_models as qm
+from tests.fixtures import quant_models as qm
 
 TIMEOUT_S = 240
 
