@@ -15,7 +15,8 @@ What comes out (`load_transformers`):
   `token_type_ids` where the model uses token types), output
   `last_hidden_state` (`[batch, seq, hidden]`);
 * vision models (image classification): input `pixel_values` (float32
-  `[batch, channels, height, width]`, the config's image size), output
+  `[batch, channels, height, width]`, the config's image size, or any size
+  when the config names none), output
   `logits` (`[batch, labels]`).
 
 Which `model_type`s are accepted, and as which task, is the architecture
@@ -588,7 +589,9 @@ def _wrap(hf_model: Any, task: _Task) -> tuple[Any, tuple[Any, ...], list[str], 
     ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_SEQ), dtype=torch.int64, generator=generator)
     if task.kind == "vision":
         pixels = _example_pixels(hf_model.config, generator)
-        dynamic = {"pixel_values": {0: "batch"}}
+        # A model whose config fixes no image size (convolutional, pooled) takes any height and width.
+        sized = getattr(hf_model.config, "image_size", None) is not None
+        dynamic = {"pixel_values": {0: "batch"} if sized else {0: "batch", 2: "height", 3: "width"}}
         return _ImageLogits(hf_model), (pixels,), ["pixel_values"], ["logits"], dynamic
     if task.kind == "causal-lm":
         names, outputs = ["input_ids"], ["logits"]
@@ -610,8 +613,8 @@ def _wrap(hf_model: Any, task: _Task) -> tuple[Any, tuple[Any, ...], list[str], 
 
 
 def _example_pixels(config: Any, generator: torch.Generator) -> torch.Tensor:
-    """Example `pixel_values`: the config's channels and image size (224 when it names none)."""
-    size = getattr(config, "image_size", None) or 224
+    """Example `pixel_values`: the config's channels and image size (64 when it names none)."""
+    size = getattr(config, "image_size", None) or 64
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     channels = int(getattr(config, "num_channels", 3) or 3)
     return torch.randn((_EXAMPLE_BATCH, channels, height, width), generator=generator)

@@ -64,6 +64,7 @@ from optc.passes.transforms._structure import (
     drop_unused_initializers,
     set_constant,
 )
+from optc.passes.transforms.split_fused_projections import split_fused_projections
 
 
 @register_pass("prune-heads")
@@ -85,6 +86,8 @@ class PruneHeads(Pass):
                 raise ValueError(f"option 'ratio' must be in [0, 1), got {self.ratio}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        # The canonical form first: fused qkv / gate_up projections become one linear layer per piece.
+        split, _ = split_fused_projections(model, am.context)
         scan = scan_attention(model)
         blocks = scan.blocks
         context = am.context
@@ -94,7 +97,7 @@ class PruneHeads(Pass):
             message = match_summary(len(blocks), (why for _, why in scan.misses), "attention blocks")
             context.remark("missed", message, matched_none=not blocks)
         if not blocks:
-            return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
+            return PassResult(model, bool(split), None, {"layers-pruned": 0, "heads-removed": 0})
         plans = [(b, HeadAxes(b)) for b in blocks]  # fails early on a pattern it cannot rewrite
         hessians = calibration_hessians(model, am, "prune-heads", [b.o.activation.name for b in blocks])
         graph = model.graph
@@ -118,7 +121,7 @@ class PruneHeads(Pass):
             layer_heads.append([len(keep), len(keep_kv)])
         if not layers:
             context.remark("analysis", f"ratio={self.options.ratio:g} removes no head in any of {len(blocks)} attention blocks")
-            return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
+            return PassResult(model, bool(split), None, {"layers-pruned": 0, "heads-removed": 0})
         drop_unused_initializers(graph)
         _update_config(model, layer_heads, removed, blocks[0].head_dim)
         context.remark("passed", f"removed {removed_heads} heads in {layers} of {len(blocks)} attention blocks")
