@@ -404,6 +404,14 @@ class HeadAxes:
             if target[merged] is not None and target[merged] > 0:
                 self.patches.append(ShapePatch(node, out_rank + merged, "H"))
             return {merged: "H"}
+        before, after = node.inputs[0].shape, node.outputs[0].shape
+        if target is not None and out_rank == in_rank and before is not None and after is not None \
+                and list(before) == list(after) and all(r in ("H", "KV") for r in roles):
+            # A reshape to the shape it already has (Phi-3's view of the attention output): the heads stay put.
+            for axis, role in x.items():
+                if target[axis] is not None and target[axis] > 0:
+                    self.patches.append(ShapePatch(node, out_rank + axis, role))
+            return dict(x)
         if len(x) == 1 and target is not None:
             # A reshape that merges the head axis into another axis (the [b*h, s, d] view of K) or back: the
             # target must not spell a head count, and the heads are followed again where the data meets Q.
