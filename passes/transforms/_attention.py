@@ -311,6 +311,16 @@ class HeadAxes:
             if any((int(a) - rank if a >= 0 else int(a)) in x for a in axes.reshape(-1)):
                 self._fail(node, "slice along a head axis")
             return dict(x)
+        if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"):
+            # A per-head reduction (QK-norm's mean of squares over head_dim) keeps the head axes.
+            axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            rank = self._rank(node.inputs[0])
+            keepdims = node.attributes.get("keepdims")
+            if axes is None or rank is None or (keepdims is not None and not keepdims.as_int()):
+                self._fail(node, f"{op} on a head-carrying value")
+            if any((int(a) - rank if a >= 0 else int(a)) in x for a in axes.reshape(-1)):
+                self._fail(node, f"{op} over a head axis")
+            return dict(x)
         if op == "Transpose":
             rank = self._rank(node.inputs[0])
             if rank is None:

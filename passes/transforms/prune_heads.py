@@ -91,14 +91,24 @@ class PruneHeads(Pass):
         scan = scan_attention(model)
         blocks = scan.blocks
         context = am.context
+        misses = [why for _, why in scan.misses]
+        plans = []
+        for block in blocks:  # the head-axis analysis fails early on a pattern the rewrite cannot follow
+            try:
+                plans.append((block, HeadAxes(block)))
+            except OptcError as exc:
+                misses.append("unsupported attention pattern (" + str(exc).split(" (", 1)[-1])
+        if len(plans) < len(blocks):  # layers keep equal head counts: one block it cannot rewrite stops them all
+            misses += ["left with the blocks it cannot rewrite"] * len(plans)
+            plans = []
+        blocks = [b for b, _ in plans]
         if not scan.candidates:
             context.remark("missed", "no attention blocks found", matched_none=True)
-        elif scan.misses:
-            message = match_summary(len(blocks), (why for _, why in scan.misses), "attention blocks")
+        elif misses:
+            message = match_summary(len(blocks), misses, "attention blocks")
             context.remark("missed", message, matched_none=not blocks)
         if not blocks:
             return PassResult(model, bool(split), None, {"layers-pruned": 0, "heads-removed": 0})
-        plans = [(b, HeadAxes(b)) for b in blocks]  # fails early on a pattern it cannot rewrite
         hessians = calibration_hessians(model, am, "prune-heads", [b.o.activation.name for b in blocks])
         graph = model.graph
         removed_heads = layers = 0
