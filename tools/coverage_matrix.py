@@ -12,14 +12,16 @@ Cells (each a separate `optc.compile` of the family's directory, `--calib random
 tokens, seed 0; outputs compared in onnxruntime on a fixed batch of 2 x 9 tokens or 2 images):
 
 * export: max |onnxruntime - transformers| over the logits (encoders: the last hidden state); ✓ at ≤ 1e-4;
-* w8a8, fp8, w4a16, awq (`awq` alone: 4-bit weights): cosine of the output to the fp32 export; ✓ at ≥ 0.99;
+* w8a8, fp8, w4a16, awq (`awq{symmetric=false}`: 4-bit weights with a zero point, as AutoAWQ): cosine of the output to the fp32 export; ✓ at ≥ 0.99;
 * prune-heads{ratio=0.5}, prune-ffn{ratio=0.5}: the parameter count after / before (✓ when the pass
   removed something and the model runs in onnxruntime), or the remark that says why not;
 * 2:4: `sparsify{pattern=2:4},check-sparsity` (✓ when check-sparsity passes and the model runs), with the
   output cosine;
 * tensorrt: `--target tensorrt` (default pipeline), ✓ with 0 trt-check findings.
 
-A cell that stops shows ✗ and the first line of optc's error (or of the remark), shortened.
+A cell that stops shows ✗ and the first line of optc's error (or of the remark), shortened. On
+mixture-of-experts families the experts are stacked 3-D weights that the weight passes leave in
+float; their quantization cells say so.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 CELLS = ("export", "w8a8", "fp8", "w4a16", "awq", "prune-heads", "prune-ffn", "2:4", "tensorrt")
 PIPELINES = {
-    "w8a8": "w8a8", "fp8": "fp8", "w4a16": "w4a16", "awq": "awq",
+    "w8a8": "w8a8", "fp8": "fp8", "w4a16": "w4a16", "awq": "awq{symmetric=false}",
     "prune-heads": "prune-heads{ratio=0.5}", "prune-ffn": "prune-ffn{ratio=0.5}",
     "2:4": "sparsify{pattern=2:4},check-sparsity",
 }
@@ -126,7 +128,7 @@ def measure(family: str, cells: list[str], work: Path) -> dict[str, dict]:
             result = optc.compile(str(folder), output=path, passes=PIPELINES[cell], calib="random",
                                   calib_samples=8, calib_seqlen=16)
         except OptcError as exc:
-            out[cell] = {"ok": False, "text": "✗ " + _short(str(exc))}
+            out[cell] = {"ok": False, "text": "✗ " + _short(str(exc), 90)}
             continue
         except Exception as exc:  # noqa: BLE001 - a crash is a finding of the matrix, shown in its cell
             out[cell] = {"ok": False, "text": "✗ crash: " + _short(f"{type(exc).__name__}: {exc}")}
@@ -138,7 +140,7 @@ def measure(family: str, cells: list[str], work: Path) -> dict[str, dict]:
             after = _parameters(path)
             missed = _missed(result)
             ok = after < before and got.shape == fp32.shape
-            text = f"✓ {after / before:.2f}x params" if ok else "✗ " + _short(missed or "removed nothing")
+            text = f"✓ {after / before:.2f}x params" if ok else "✗ " + _short(missed or "removed nothing", 90)
             out[cell] = {"ok": ok, "params_ratio": after / before, "cosine": cos, "text": text, "seconds": seconds}
         elif cell == "2:4":
             ok = got.shape == fp32.shape
@@ -146,6 +148,10 @@ def measure(family: str, cells: list[str], work: Path) -> dict[str, dict]:
         else:
             ok = cos >= COSINE_MIN
             out[cell] = {"ok": ok, "cosine": cos, "text": f"{'✓' if ok else '✗'} {cos:.4f}", "seconds": seconds}
+    if lookup(hf_model.config.model_type).moe:  # the experts are stacked 3-D weights the weight passes skip
+        for cell in ("w8a8", "fp8", "w4a16", "awq", "2:4"):
+            if cell in out and out[cell]["ok"]:
+                out[cell]["text"] += " (experts float)"
     return out
 
 
