@@ -426,11 +426,11 @@ def test_directory_without_config(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
     with pytest.raises(OptcError) as info:
         load_input(tmp_path)
     message = _one_line(info)
-    assert "unsupported architecture 'GPT2LMHeadModel'" in message
+    assert "unsupported architecture 'MambaForCausalLM'" in message
     for supported in [*hf_frontend.CAUSAL_LM_TYPES, *hf_frontend.ENCODER_TYPES]:
         assert supported in message
 
