@@ -22,8 +22,10 @@ output element sums the same products in the same order). The new weights
 carry the source parameter name with `[part i/n]` appended, so the GGUF writer
 cannot mistake a piece for the whole parameter.
 
-A projection whose output is also read whole, or cut in a way this pass does
-not follow, is left fused and counted in a `missed` remark with the reason.
+A projection whose output is cut along a feature axis in a way this pass does
+not follow is left fused and counted in a `missed` remark with the reason. An
+output that is also read whole (a rotary embedding's rotate-half slices its
+input and reads it whole) is not a fused projection.
 """
 
 from __future__ import annotations
@@ -110,9 +112,9 @@ def match_fused(node: Node) -> FusedProjection | str | None:
             fused.bias = np.asarray(c).reshape(-1)
     value = node.outputs[0]
     users = [u.node for u in value.uses()]
-    if not users or value.is_graph_output():
+    if not users:
         return None
-    nxt = users[0] if len(users) == 1 else None
+    nxt = _sole_use(value)
     if nxt is not None and nxt.op_type == "Add" and fused.bias is None:
         other_index = 1 if nxt.inputs[0] is value else 0
         b = constant_array(nxt.inputs[other_index])
@@ -177,8 +179,7 @@ def _cuts(fused: FusedProjection, value: Value, rank: int) -> FusedProjection | 
     if not any(u.op_type in ("Split", "Slice") for u in users):
         return None
     if value.is_graph_output() or any(u.op_type not in ("Split", "Slice") for u in users):
-        other = next((u.op_type for u in users if u.op_type not in ("Split", "Slice")), "a graph output")
-        return f"its output is also read whole ({other})"
+        return None  # also read whole (a rotary embedding's rotate-half reads its input both ways): not fused
     axis_after: int | None = None
     for cut in users:
         found = _pieces_of(cut, rank)
@@ -194,7 +195,7 @@ def _cuts(fused: FusedProjection, value: Value, rank: int) -> FusedProjection | 
     axis_before = fused.perm[axis_after] if fused.transpose is not None else axis_after
     first_feature_axis = rank - len(fused.trailing)
     if axis_before < first_feature_axis:
-        return "cut along an axis that is not a feature axis"
+        return None  # cut along a token or batch axis: not a fused projection
     fused.axis = axis_before - first_feature_axis
     size = fused.trailing[fused.axis]
     fused.pieces = [(v, max(0, min(a, size)), max(0, min(b, size))) for v, a, b in fused.pieces]
@@ -246,7 +247,11 @@ def split(graph, fused: FusedProjection, builder: Builder) -> int:
     columns = np.arange(site.out_features).reshape(fused.trailing)
     source = source_name(site.weight) or site.weight.name or "weight"
     base = site.weight.name or "weight"
+    out = site.node.outputs[0].name or base
+    label = site.node.name or out
+    shared: dict[str, Value] = {}  # the Slice bounds of computed shapes, made once
     total = len(fused.pieces)
+    outputs: list[tuple[Value, str]] = []  # graph outputs a piece now computes, and the name they keep
     for index, (old, start, stop) in enumerate(fused.pieces):
         picked = np.take(columns, np.arange(start, stop), axis=fused.axis)
         cols = picked.reshape(-1)
@@ -265,24 +270,24 @@ def split(graph, fused: FusedProjection, builder: Builder) -> int:
             if bias_value is not None:
                 inputs.append(bias_value)
             attributes = {k: a.value for k, a in site.node.attributes.items()}
-            proj = builder.node("Gemm", inputs, name=f"{site.label}_part{index}", outputs=[f"{base}_out{index}"],
+            proj = builder.node("Gemm", inputs, name=f"{label}_part{index}", outputs=[f"{out}_part{index}"],
                                 attributes=attributes)
         else:
-            proj = builder.node("MatMul", inputs, name=f"{site.label}_part{index}", outputs=[f"{base}_out{index}"])
+            proj = builder.node("MatMul", inputs, name=f"{label}_part{index}", outputs=[f"{out}_part{index}"])
         nodes.append(proj)
         current = proj.outputs[0]
         _like(current, site.node.outputs[0], -1, int(cols.size))
         if fused.bias_node is not None and bias_value is not None:
             pair = [bias_value, current] if fused.bias_first else [current, bias_value]
-            add = builder.node("Add", pair, name=f"{site.label}_bias_part{index}", outputs=[f"{base}_biased{index}"])
+            add = builder.node("Add", pair, name=f"{label}_bias_part{index}", outputs=[f"{out}_biased{index}"])
             _like(add.outputs[0], current, -1, int(cols.size))
             nodes.append(add)
             current = add.outputs[0]
         if fused.reshape is not None:
-            shape_value, extra = _piece_shape(fused.reshape, piece_trailing, builder, index)
+            shape_value, extra = _piece_shape(fused.reshape, piece_trailing, builder, index, shared)
             nodes += extra
             reshape = builder.node("Reshape", [current, shape_value], name=f"{fused.reshape.name or 'reshape'}_part{index}",
-                                   outputs=[f"{base}_view{index}"],
+                                   outputs=[f"{out}_view{index}"],
                                    attributes={k: a.value for k, a in fused.reshape.attributes.items()})
             out_dims = list(fused.reshape.outputs[0].shape or [])
             out_dims[len(out_dims) - len(piece_trailing):] = piece_trailing
@@ -292,16 +297,21 @@ def split(graph, fused: FusedProjection, builder: Builder) -> int:
             current = reshape.outputs[0]
         if fused.transpose is not None:
             transpose = builder.node("Transpose", [current], name=f"{fused.transpose.name or 'transpose'}_part{index}",
-                                     outputs=[f"{base}_t{index}"], attributes={"perm": list(fused.perm)})
+                                     outputs=[f"{out}_t{index}"], attributes={"perm": list(fused.perm)})
             nodes.append(transpose)
             current = transpose.outputs[0]
         current.shape, current.dtype = old.shape, old.dtype
         for node in nodes:
             annotate(node, PROVENANCE, _NAME)
         graph.insert_before(old.producer(), nodes)
-        old.replace_all_uses_with(current)
+        if old.is_graph_output() and old.name:
+            outputs.append((current, old.name))
+        old.replace_all_uses_with(current, replace_graph_outputs=True)
     dead = [*fused.cuts, *(n for n in (fused.transpose, fused.reshape, fused.bias_node) if n is not None), site.node]
     graph.remove(dead, safe=True)
+    for value, name in outputs:  # the model's interface keeps its names
+        builder.release(value.name)
+        value.name = name
     return total
 
 
@@ -313,15 +323,19 @@ def _like(value: Value, model_value: Value, axis: int, size: int) -> None:
         value.shape = Shape(dims)
 
 
-def _piece_shape(reshape: Node, trailing: list[int], builder: Builder, index: int) -> tuple[Value, list[Node]]:
+def _piece_shape(
+    reshape: Node, trailing: list[int], builder: Builder, index: int, shared: dict[str, Value]
+) -> tuple[Value, list[Node]]:
     """The shape operand of a piece's Reshape: the original with its feature dims replaced."""
     original = reshape.inputs[1]
     keep = len(reshape.outputs[0].shape or []) - len(trailing)
     known = _int_list(original)
     if known is not None:
         return builder.initializer(f"{original.name or 'shape'}_part{index}", np.asarray([*known[:keep], *trailing], np.int64)), []
-    starts = builder.initializer("split_zero", np.asarray([0], np.int64))
-    ends = builder.initializer("split_keep", np.asarray([keep], np.int64))
+    if "starts" not in shared:
+        shared["starts"] = builder.initializer("shape_start", np.asarray([0], np.int64))
+        shared["ends"] = builder.initializer("shape_lead", np.asarray([keep], np.int64))
+    starts, ends = shared["starts"], shared["ends"]
     tail = builder.initializer(f"{original.name or 'shape'}_tail{index}", np.asarray(trailing, np.int64))
     head = builder.node("Slice", [original, starts, ends], name=f"shape_head{index}", outputs=[f"shape_head{index}"])
     head.outputs[0].dtype, head.outputs[0].shape = original.dtype, Shape([keep])
