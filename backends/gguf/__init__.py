@@ -3,9 +3,11 @@
 What it writes (GGUF v3, through the `gguf` package's writer, streamed tensor
 by tensor so memory stays at one tensor):
 
-* **Architecture.** Hugging Face `llama` and `mistral` models become GGUF
-  architecture `llama`, `qwen2` models `qwen2` (the same tensors plus Q/K/V
-  biases, no Q/K permutation: its rope is NeoX-style in both); anything else
+* **Architecture.** The families of the architecture registry
+  (`optc.architectures`) that carry a `GGUFLayout`: Hugging Face `llama` and
+  `mistral` models become GGUF architecture `llama`, `qwen2` models `qwen2` (the
+  same tensors plus Q/K/V biases, no Q/K permutation: its rope is NeoX-style in
+  both), `qwen3` models `qwen3` (plus the per-head Q/K norms); anything else
   stops with one line naming the architecture. Metadata keys carry the exact types llama.cpp checks
   (counts UINT32, epsilon and `rope.freq_base` FLOAT32); `llama3` rope scaling
   adds the `rope_freqs.weight` tensor, `linear` rope scaling its two keys.

@@ -56,7 +56,7 @@ def test_the_frontend_and_the_gguf_backend_read_the_registry():
 
     assert set(hf.CAUSAL_LM_TYPES) | set(hf.ENCODER_TYPES) | set(hf.VISION_TYPES) == set(registry.model_types())
     written = {t: f.gguf.arch for f in registry.families() if f.gguf for t in f.model_types}
-    assert ARCHITECTURES == written == {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+    assert ARCHITECTURES == written == {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
     layout = registry.lookup("qwen2").gguf
     assert gguf_tensor_name("model.layers.3.self_attn.q_proj.bias", layout) == "blk.3.attn_q.bias"
     assert not layout.permute_qk and registry.lookup("llama").gguf.permute_qk
@@ -188,3 +188,31 @@ def test_split_fused_projections_is_exact(family, exported):
     assert result.statistics["projections-split"] >= 2, result.remarks  # one per layer at least
     assert not [r for r in result.remarks if r.kind == "missed"], result.remarks
     np.testing.assert_array_equal(_outputs(result.model, feeds), _run(path, feeds))
+
+
+def test_qwen3_gguf_loads_in_llama_cpp_with_the_onnx_logits(tmp_path, monkeypatch):
+    """The registry's qwen3 layout (LLaMA's names plus per-head Q/K norms): llama.cpp within 1e-3 of onnxruntime."""
+    pytest.importorskip("llama_cpp")
+    import transformers
+
+    import optc
+    from optc.backends.gguf import import_llama_cpp
+    from tests.backends.gguf_models import tiny_tokenizer
+
+    monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path / "cache"))
+    tokenizer = tiny_tokenizer()
+    config = transformers.Qwen3Config(**{**configs._DECODER, "vocab_size": len(tokenizer)}, hidden_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      intermediate_size=64, tie_word_embeddings=False)
+    monkeypatch.setitem(configs.CONFIGS, "qwen3", config)
+    _, folder = configs.save("qwen3", tmp_path / "qwen3")
+    tokenizer.save_pretrained(folder)
+    optc.compile(str(folder), output=tmp_path / "q.onnx", passes="cleanup")
+    result = optc.compile(str(folder), output=tmp_path / "q.gguf")
+    assert any("llama.cpp" in check and "loaded it" in check for check in result.artifact.checks)
+    ids = [5, 17, 33, 8, 90, 41]
+    llm = import_llama_cpp().Llama(str(tmp_path / "q.gguf"), logits_all=True, verbose=False, n_ctx=64)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    expected = _run(tmp_path / "q.onnx", {"input_ids": np.array([ids], np.int64)})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
