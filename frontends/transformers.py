@@ -13,7 +13,16 @@ What comes out (`load_transformers`):
   `logits` (`[batch, seq, vocab]`), no KV cache;
 * encoders (BERT-like): inputs `input_ids`, `attention_mask` (and
   `token_type_ids` where the model uses token types), output
-  `last_hidden_state` (`[batch, seq, hidden]`).
+  `last_hidden_state` (`[batch, seq, hidden]`);
+* vision models (image classification): input `pixel_values` (float32
+  `[batch, channels, height, width]`, the config's image size, or any size
+  when the config names none), output
+  `logits` (`[batch, labels]`).
+
+Which `model_type`s are accepted, and as which task, is the architecture
+registry's (`optc.architectures`). Mixture-of-experts models are exported with
+transformers' `batched_mm` experts (per-token gathered expert weights), which the
+ONNX exporter can trace.
 
 Batch and sequence axes are dynamic. The IR carries, as model metadata, the HF
 config (`HF_CONFIG`), the exported class (`ARCHITECTURE`), the tokenizer
@@ -64,6 +73,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from optc.architectures import lookup, model_types  # noqa: E402
 from optc.errors import ModelLoadError, OptcError  # noqa: E402
 from optc.files import has_gguf_magic  # noqa: E402
 from optc.frontends.headers import WeightsHeld, read_gguf_header, weights_held  # noqa: E402
@@ -93,10 +103,14 @@ _log = logging.getLogger("optc.frontends.transformers")
 #: Bump when the exported graph or its annotations change, to invalidate cached exports.
 EXPORT_FORMAT_VERSION = 2
 
-#: Causal LMs verified end to end (tiny random configs in tests/frontends/test_transformers.py).
-CAUSAL_LM_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-#: Encoders verified end to end.
-ENCODER_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
+#: Causal LMs the registry covers (each verified on tiny random configs in tests/architectures/).
+CAUSAL_LM_TYPES: tuple[str, ...] = model_types("causal-lm")
+#: Encoders the registry covers.
+ENCODER_TYPES: tuple[str, ...] = model_types("encoder")
+#: Image classifiers the registry covers.
+VISION_TYPES: tuple[str, ...] = model_types("vision")
+#: How mixture-of-experts layers run in the export (a gather and a batched MatMul the exporter can trace).
+_MOE_EXPERTS = "batched_mm"
 
 #: Example input shape used for tracing (both axes are exported as dynamic).
 _EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 16
@@ -139,13 +153,21 @@ class _Source:
 
 @dataclasses.dataclass(frozen=True)
 class _Task:
-    kind: str  # "causal-lm" | "encoder"
+    kind: str  # "causal-lm" | "encoder" | "vision"
     model_type: str
+
+    def auto_class(self) -> Any:
+        """The transformers Auto class that builds this task's model."""
+        import transformers
+
+        return {"causal-lm": transformers.AutoModelForCausalLM, "encoder": transformers.AutoModel,
+                "vision": transformers.AutoModelForImageClassification}[self.kind]
 
 
 def supported_architectures() -> str:
     """One line listing what this frontend exports."""
-    return f"causal LMs: {', '.join(CAUSAL_LM_TYPES)}; encoders: {', '.join(ENCODER_TYPES)}"
+    return (f"causal LMs: {', '.join(CAUSAL_LM_TYPES)}; encoders: {', '.join(ENCODER_TYPES)}; "
+            f"vision: {', '.join(VISION_TYPES)}")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -448,9 +470,7 @@ def _implied_parameters(source: _Source, config: Any, task: _Task) -> int:
     Deep models are counted from one- and two-layer builds (every layer has the same
     parameters), so even a config of absurd depth costs two small builds.
     """
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    cls = AutoModelForCausalLM if task.kind == "causal-lm" else AutoModel
+    cls = task.auto_class()
     layers = getattr(config, "num_hidden_layers", None)
 
     def count(num_layers: int | None) -> int:
@@ -472,7 +492,7 @@ def _implied_parameters(source: _Source, config: Any, task: _Task) -> int:
 
 
 def _check_supported(source: _Source, model_type: str, architectures: Any) -> None:
-    if model_type in CAUSAL_LM_TYPES or model_type in ENCODER_TYPES:
+    if lookup(model_type) is not None:
         return
     names = ", ".join(architectures) if isinstance(architectures, list) and architectures else model_type
     raise OptcError(
@@ -484,7 +504,9 @@ def _check_supported(source: _Source, model_type: str, architectures: Any) -> No
 def _task(source: _Source, config: Any) -> _Task:
     model_type = str(getattr(config, "model_type", ""))
     _check_supported(source, model_type, getattr(config, "architectures", None))
-    return _Task("causal-lm" if model_type in CAUSAL_LM_TYPES else "encoder", model_type)
+    family = lookup(model_type)
+    assert family is not None  # checked above
+    return _Task(family.task, model_type)
 
 
 def _gguf_architecture(path: Path) -> str | None:
@@ -507,13 +529,13 @@ def _gguf_readable() -> list[str]:
 
 
 def _load_weights(source: _Source, task: _Task) -> Any:
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    cls = AutoModelForCausalLM if task.kind == "causal-lm" else AutoModel
+    cls = task.auto_class()
+    family = lookup(task.model_type)
+    extra: dict[str, Any] = {"experts_implementation": _MOE_EXPERTS} if family is not None and family.moe else {}
     try:
         with _quiet():
             model, info = cls.from_pretrained(
-                str(source.folder), dtype=torch.float32, output_loading_info=True,
+                str(source.folder), dtype=torch.float32, output_loading_info=True, **extra,
                 ignore_mismatched_sizes=True,  # reported below, by name, rather than as a bare error
                 **source.load_kwargs(),
             )
@@ -565,6 +587,12 @@ def _wrap(hf_model: Any, task: _Task) -> tuple[Any, tuple[Any, ...], list[str], 
     vocab = int(getattr(hf_model.config, "vocab_size", 0) or 100)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_SEQ), dtype=torch.int64, generator=generator)
+    if task.kind == "vision":
+        pixels = _example_pixels(hf_model.config, generator)
+        # A model whose config fixes no image size (convolutional, pooled) takes any height and width.
+        sized = getattr(hf_model.config, "image_size", None) is not None
+        dynamic = {"pixel_values": {0: "batch"} if sized else {0: "batch", 2: "height", 3: "width"}}
+        return _ImageLogits(hf_model), (pixels,), ["pixel_values"], ["logits"], dynamic
     if task.kind == "causal-lm":
         names, outputs = ["input_ids"], ["logits"]
         wrapper: torch.nn.Module = _CausalLMLogits(hf_model)
@@ -582,6 +610,14 @@ def _wrap(hf_model: Any, task: _Task) -> tuple[Any, tuple[Any, ...], list[str], 
             wrapper = _Encoder(hf_model)
     dynamic = {name: {0: "batch", 1: "seq"} for name in names}
     return wrapper, example, names, outputs, dynamic
+
+
+def _example_pixels(config: Any, generator: torch.Generator) -> torch.Tensor:
+    """Example `pixel_values`: the config's channels and image size (64 when it names none)."""
+    size = getattr(config, "image_size", None) or 64
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    return torch.randn((_EXAMPLE_BATCH, channels, height, width), generator=generator)
 
 
 def _uses_token_types(hf_model: Any) -> bool:
@@ -604,6 +640,17 @@ class _CausalLMLogits(torch.nn.Module):
         batch, seq = input_ids.shape
         positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
         return self.hf(input_ids=input_ids, position_ids=positions, use_cache=False, return_dict=True).logits
+
+
+class _ImageLogits(torch.nn.Module):
+    """`pixel_values → logits` (image classification)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.hf = model
+
+    def forward(self, pixel_values):
+        return self.hf(pixel_values=pixel_values, return_dict=True).logits
 
 
 class _Encoder(torch.nn.Module):
@@ -767,6 +814,7 @@ __all__ = [
     "SOURCE_ALIASES",
     "SOURCE_TRANSPOSED",
     "TIED_PARAMETERS",
+    "VISION_TYPES",
     "cached_export_path",
     "load_transformers",
     "supported_architectures",

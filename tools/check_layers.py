@@ -7,6 +7,7 @@ The layers, lowest first (a layer may import itself and any layer below it):
     base               leaf modules of the stdlib only: optc.errors (exception types), optc.memory
                        (sizes, the machine's memory), optc.files (what kind of file a path is)
     optc.ir            the graph IR, verifier, printer, ONNX I/O
+    optc.architectures the architecture registry: one module per model family (data; imports base and ir)
     optc.runtime       running the IR (onnxruntime, torch) and feeding it data (calibration, text, tokenizers)
     optc.frontends     model files into the IR            (never passes or backends)
     optc.passes.infra  Pass, PassManager, analyses, registry, pipeline text (no concrete pass)
@@ -34,12 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOWED: dict[str, set[str]] = {
     "base": {"base"},
     "ir": {"base", "ir"},
-    "runtime": {"base", "ir", "runtime"},
-    "frontends": {"base", "ir", "runtime", "frontends"},
-    "passes.infra": {"base", "ir", "runtime", "passes.infra"},
-    "passes": {"base", "ir", "runtime", "passes.infra", "passes"},
-    "backends": {"base", "ir", "runtime", "passes.infra", "passes", "backends"},
-    "driver": {"base", "ir", "runtime", "frontends", "passes.infra", "passes", "backends", "driver"},
+    "architectures": {"base", "ir", "architectures"},
+    "runtime": {"base", "ir", "architectures", "runtime"},
+    "frontends": {"base", "ir", "architectures", "runtime", "frontends"},
+    "passes.infra": {"base", "ir", "architectures", "runtime", "passes.infra"},
+    "passes": {"base", "ir", "architectures", "runtime", "passes.infra", "passes"},
+    "backends": {"base", "ir", "architectures", "runtime", "passes.infra", "passes", "backends"},
+    "driver": {"base", "ir", "architectures", "runtime", "frontends", "passes.infra", "passes", "backends", "driver"},
 }
 #: The base layer: modules that import nothing but the standard library (and each other).
 BASE = {"optc.errors", "optc.memory", "optc.files"}
@@ -72,7 +74,7 @@ def modules() -> dict[str, Path]:
 def layer(module: str) -> str:
     if module in BASE:
         return "base"
-    for prefix in ("ir", "runtime", "frontends", "passes.infra", "backends"):
+    for prefix in ("ir", "architectures", "runtime", "frontends", "passes.infra", "backends"):
         if module == f"optc.{prefix}" or module.startswith(f"optc.{prefix}."):
             return prefix
     if module == "optc.passes":

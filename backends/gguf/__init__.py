@@ -3,9 +3,11 @@
 What it writes (GGUF v3, through the `gguf` package's writer, streamed tensor
 by tensor so memory stays at one tensor):
 
-* **Architecture.** Hugging Face `llama` and `mistral` models become GGUF
-  architecture `llama`, `qwen2` models `qwen2` (the same tensors plus Q/K/V
-  biases, no Q/K permutation: its rope is NeoX-style in both); anything else
+* **Architecture.** The families of the architecture registry
+  (`optc.architectures`) that carry a `GGUFLayout`: Hugging Face `llama` and
+  `mistral` models become GGUF architecture `llama`, `qwen2` models `qwen2` (the
+  same tensors plus Q/K/V biases, no Q/K permutation: its rope is NeoX-style in
+  both), `qwen3` models `qwen3` (plus the per-head Q/K norms); anything else
   stops with one line naming the architecture. Metadata keys carry the exact types llama.cpp checks
   (counts UINT32, epsilon and `rope.freq_base` FLOAT32); `llama3` rope scaling
   adds the `rope_freqs.weight` tensor, `linear` rope scaling its two keys.
@@ -49,7 +51,6 @@ import ctypes
 import json
 import math
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -59,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from optc.architectures import GGUFLayout, families, lookup
+from optc.architectures.llama import GGUF as LLAMA_LAYOUT
 from optc.backends.base import Artifact, Backend, register_backend
 from optc.errors import OptcError, WriteError
 from optc.ir import Model, annotation, constant_array, model_metadata
@@ -76,39 +79,11 @@ from optc.ir.annotations import (
 from optc.ir.patterns.qdq import QDQ
 from optc.passes.infra.context import PassContext
 
+#: Hugging Face model types this backend writes (the registry's families with a GGUF layout), and their layouts.
+LAYOUTS: dict[str, GGUFLayout] = {t: f.gguf for f in families("causal-lm") if f.gguf for t in f.model_types}
 #: Hugging Face model types this backend writes, and the GGUF architecture they become.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-#: GGUF architectures whose rope pairs consecutive values (llama.cpp's "normal" rope): Q/K rows are permuted.
-_PERMUTED = {"llama"}
-#: Tensors a layer must have beyond the llama set, per GGUF architecture.
-_REQUIRED_BIASES = {"qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias")}
+ARCHITECTURES = {model_type: layout.arch for model_type, layout in LAYOUTS.items()}
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.bias": "attn_output.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-#: Order of a layer's tensors in the file (as convert_hf_to_gguf writes them).
-_LAYER_ORDER = [
-    "attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias", "attn_v.weight", "attn_v.bias",
-    "attn_output.weight", "attn_output.bias", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
-]
 #: LlamaFileType of a mix name (`general.file_type`).
 FILE_TYPES = {
     "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
@@ -257,13 +232,14 @@ def collect_parameters(model: Model) -> dict[str, Parameter]:
     return params
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """The llama-architecture GGUF name of a Hugging Face parameter, or None if it has none."""
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    match = _LAYER.match(hf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"blk.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+def gguf_tensor_name(hf_name: str, layout: GGUFLayout = LLAMA_LAYOUT) -> str | None:
+    """The GGUF name of a Hugging Face parameter in `layout` (default: llama's), or None if it has none."""
+    if hf_name in layout.global_names:
+        return layout.global_names[hf_name]
+    if hf_name.startswith(layout.layer_prefix):
+        index, _, rest = hf_name[len(layout.layer_prefix):].partition(".")
+        if index.isdigit() and rest in layout.layer_names:
+            return f"blk.{int(index)}.{layout.layer_names[rest]}"
     return None
 
 
@@ -275,6 +251,7 @@ class LlamaConfig:
     """The hyper-parameters llama.cpp needs, from the stored Hugging Face config."""
 
     arch: str
+    layout: GGUFLayout
     n_layer: int
     n_embd: int
     n_ff: int
@@ -299,8 +276,11 @@ def llama_config(model: Model) -> LlamaConfig:
     archs = config.get("architectures") or [model_metadata(model, ARCHITECTURE) or model_type]
     arch_label = ", ".join(str(a) for a in archs)
     if model_type not in ARCHITECTURES:
+        family = lookup(model_type)
+        runs = (f"; llama.cpp runs it as '{family.gguf_arch}' but optc does not write that layout yet"
+                if family is not None and family.gguf_arch else "")
         raise OptcError(
-            f"the GGUF backend does not support architecture '{arch_label}' (model_type '{model_type or 'unknown'}'); "
+            f"the GGUF backend does not support architecture '{arch_label}' (model_type '{model_type or 'unknown'}'){runs}; "
             f"supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     if any(not str(a).endswith("ForCausalLM") for a in archs):
@@ -318,7 +298,7 @@ def llama_config(model: Model) -> LlamaConfig:
         raise OptcError(f"the GGUF backend does not support rope scaling '{rope_type}' of architecture '{arch_label}'")
     name = str(config.get("_model_name_or_path") or Path(str(config.get("_name_or_path") or "model")).name or "model")
     return LlamaConfig(
-        arch=ARCHITECTURES[model_type], n_layer=int(config["num_hidden_layers"]), n_embd=n_embd,
+        arch=ARCHITECTURES[model_type], layout=LAYOUTS[model_type], n_layer=int(config["num_hidden_layers"]), n_embd=n_embd,
         n_ff=int(config["intermediate_size"]), n_head=n_head,
         n_head_kv=int(config.get("num_key_value_heads") or n_head), head_dim=head_dim,
         n_ctx=int(config.get("max_position_embeddings") or 2048), n_vocab=int(config["vocab_size"]),
@@ -391,7 +371,7 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
     for hf_name, param in params.items():
         if hf_name == "lm_head.weight" and param.name != hf_name:
             continue  # a tied alias of the embeddings: llama.cpp reuses token_embd
-        gname = gguf_tensor_name(hf_name)
+        gname = gguf_tensor_name(hf_name, cfg.layout)
         if gname is None:
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue
@@ -399,11 +379,11 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
         by_gguf[gname] = param
     order = ["token_embd.weight"]
     for layer in range(cfg.n_layer):
-        order += [f"blk.{layer}.{n}" for n in _LAYER_ORDER]
+        order += [f"blk.{layer}.{n}" for n in cfg.layout.layer_order]
     order += ["output_norm.weight", "output.weight"]
     required = {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{n}" for i in range(cfg.n_layer) for n in _LAYER_ORDER
-        if not n.endswith(".bias") or n in _REQUIRED_BIASES.get(cfg.arch, ())
+        f"blk.{i}.{n}" for i in range(cfg.n_layer) for n in cfg.layout.layer_order
+        if not n.endswith(".bias") or n in cfg.layout.required
     }
     missing = sorted(required - set(by_gguf))
     if missing:
@@ -422,7 +402,7 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
             continue
         shape = param.shape
         permute_heads = 0
-        if cfg.arch in _PERMUTED:
+        if cfg.layout.permute_qk:
             permute_heads = cfg.n_head if ".attn_q." in gname else cfg.n_head_kv if ".attn_k." in gname else 0
         read = param.read
         if permute_heads:

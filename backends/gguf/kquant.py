@@ -206,7 +206,7 @@ class KQuant(Pass):
             if id(param.value) in seen:
                 continue  # a tied alias: the embeddings' one tensor
             seen.add(id(param.value))
-            gname = gguf_tensor_name(param.name)
+            gname = gguf_tensor_name(param.name, cfg.layout)
             if gname is None:
                 continue
             layer = int(gname.split(".")[1]) if gname.startswith("blk.") else -1

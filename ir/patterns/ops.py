@@ -31,7 +31,7 @@ NORM_OPS: tuple[str, ...] = ("LayerNormalization", "RMSNormalization", "Simplifi
 #: Elementwise ops a matcher may walk through between two layers (attention's mask and score math, gates).
 ELEMENTWISE_OPS: frozenset[str] = frozenset({
     "Add", "Sub", "Mul", "Div", "Neg", "Where", "IsNaN", "Softmax", "Cast", "Sigmoid", "Tanh", "Relu",
-    "Identity", "Erf", "Sqrt", "Pow", "Exp", "Max", "Min", "Clip", "Dropout",
+    "Identity", "Erf", "Sqrt", "Reciprocal", "Pow", "Exp", "Max", "Min", "Clip", "Dropout",
 })
 #: Ops that only move data (reshape, broadcast, slice, join): the values they read pass through unchanged.
 DATA_MOVEMENT_OPS: frozenset[str] = frozenset(

@@ -311,6 +311,16 @@ class HeadAxes:
             if any((int(a) - rank if a >= 0 else int(a)) in x for a in axes.reshape(-1)):
                 self._fail(node, "slice along a head axis")
             return dict(x)
+        if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"):
+            # A per-head reduction (QK-norm's mean of squares over head_dim) keeps the head axes.
+            axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            rank = self._rank(node.inputs[0])
+            keepdims = node.attributes.get("keepdims")
+            if axes is None or rank is None or (keepdims is not None and not keepdims.as_int()):
+                self._fail(node, f"{op} on a head-carrying value")
+            if any((int(a) - rank if a >= 0 else int(a)) in x for a in axes.reshape(-1)):
+                self._fail(node, f"{op} over a head axis")
+            return dict(x)
         if op == "Transpose":
             rank = self._rank(node.inputs[0])
             if rank is None:
@@ -404,6 +414,14 @@ class HeadAxes:
             if target[merged] is not None and target[merged] > 0:
                 self.patches.append(ShapePatch(node, out_rank + merged, "H"))
             return {merged: "H"}
+        before, after = node.inputs[0].shape, node.outputs[0].shape
+        if target is not None and out_rank == in_rank and before is not None and after is not None \
+                and list(before) == list(after) and all(r in ("H", "KV") for r in roles):
+            # A reshape to the shape it already has (Phi-3's view of the attention output): the heads stay put.
+            for axis, role in x.items():
+                if target[axis] is not None and target[axis] > 0:
+                    self.patches.append(ShapePatch(node, out_rank + axis, role))
+            return dict(x)
         if len(x) == 1 and target is not None:
             # A reshape that merges the head axis into another axis (the [b*h, s, d] view of K) or back: the
             # target must not spell a head count, and the heads are followed again where the data meets Q.

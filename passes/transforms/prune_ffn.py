@@ -51,6 +51,7 @@ from optc.passes.transforms._structure import (
     linear,
     set_constant,
 )
+from optc.passes.transforms.split_fused_projections import split_fused_projections
 
 _CHANNELWISE = frozenset({
     "Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Relu", "Gelu", "Erf", "Pow", "Sqrt", "Exp", "Neg", "Cast",
@@ -182,6 +183,8 @@ class PruneFFN(Pass):
                 raise ValueError(f"option 'multiple' must be at least 1, got {self.multiple}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        # The canonical form first: fused qkv / gate_up projections become one linear layer per piece.
+        split, _ = split_fused_projections(model, am.context)
         blocks, misses = scan_ffn(model)
         context = am.context
         if not blocks and not misses:
@@ -190,7 +193,7 @@ class PruneFFN(Pass):
             context.remark("missed", match_summary(len(blocks), (why for _, why in misses), "MLP blocks"),
                            matched_none=not blocks)
         if not blocks:
-            return PassResult(model, False, None, {"ffn-pruned": 0, "channels-removed": 0})
+            return PassResult(model, bool(split), None, {"ffn-pruned": 0, "channels-removed": 0})
         hessians = calibration_hessians(model, am, "prune-ffn", [b.down.activation.name for b in blocks])
         graph = model.graph
         removed = pruned = 0
@@ -215,7 +218,7 @@ class PruneFFN(Pass):
             widths.append(int(keep_count))
         if not pruned:
             context.remark("analysis", f"ratio={self.options.ratio:g} removes no channel in any of {len(blocks)} MLP blocks")
-            return PassResult(model, False, None, {"ffn-pruned": 0, "channels-removed": 0})
+            return PassResult(model, bool(split), None, {"ffn-pruned": 0, "channels-removed": 0})
         drop_unused_initializers(graph)
         context.remark("passed", f"removed {removed} channels in {pruned} of {len(blocks)} MLP blocks")
         set_model_metadata(model, LAYER_FFN, widths)

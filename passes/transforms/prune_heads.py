@@ -63,6 +63,7 @@ from optc.passes.transforms._structure import (
     drop_unused_initializers,
     set_constant,
 )
+from optc.passes.transforms.split_fused_projections import split_fused_projections
 
 
 @register_pass("prune-heads")
@@ -84,17 +85,29 @@ class PruneHeads(Pass):
                 raise ValueError(f"option 'ratio' must be in [0, 1), got {self.ratio}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        # The canonical form first: fused qkv / gate_up projections become one linear layer per piece.
+        split, _ = split_fused_projections(model, am.context)
         scan = scan_attention(model)
         blocks = scan.blocks
         context = am.context
+        misses = [why for _, why in scan.misses]
+        plans = []
+        for block in blocks:  # the head-axis analysis fails early on a pattern the rewrite cannot follow
+            try:
+                plans.append((block, HeadAxes(block)))
+            except OptcError as exc:
+                misses.append("unsupported attention pattern (" + str(exc).split(" (", 1)[-1])
+        if len(plans) < len(blocks):  # layers keep equal head counts: one block it cannot rewrite stops them all
+            misses += ["left with the blocks it cannot rewrite"] * len(plans)
+            plans = []
+        blocks = [b for b, _ in plans]
         if not scan.candidates:
             context.remark("missed", "no attention blocks found", matched_none=True)
-        elif scan.misses:
-            message = match_summary(len(blocks), (why for _, why in scan.misses), "attention blocks")
+        elif misses:
+            message = match_summary(len(blocks), misses, "attention blocks")
             context.remark("missed", message, matched_none=not blocks)
         if not blocks:
-            return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
-        plans = [(b, HeadAxes(b)) for b in blocks]  # fails early on a pattern it cannot rewrite
+            return PassResult(model, bool(split), None, {"layers-pruned": 0, "heads-removed": 0})
         hessians = calibration_hessians(model, am, "prune-heads", [b.o.activation.name for b in blocks])
         build = Builder(model.graph)  # owns the fresh names of everything this run adds
         removed_heads = layers = 0
@@ -117,7 +130,7 @@ class PruneHeads(Pass):
             layer_heads.append([len(keep), len(keep_kv)])
         if not layers:
             context.remark("analysis", f"ratio={self.options.ratio:g} removes no head in any of {len(blocks)} attention blocks")
-            return PassResult(model, False, None, {"layers-pruned": 0, "heads-removed": 0})
+            return PassResult(model, bool(split), None, {"layers-pruned": 0, "heads-removed": 0})
         drop_unused_initializers(model.graph)
         _update_config(model, layer_heads, removed, blocks[0].head_dim)
         context.remark("passed", f"removed {removed_heads} heads in {layers} of {len(blocks)} attention blocks")

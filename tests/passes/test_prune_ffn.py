@@ -66,23 +66,27 @@ def test_multiple_and_contribution_on_llama_block():
 # --------------------------------------------------------------------------- remarks
 
 
-def test_fused_gate_up_is_a_remark_not_silence():
-    """Phi-3's fused gate_up_proj: prune-ffn changes nothing and says why."""
-    from optc.passes import Remark
-
-    result = _run(pm.load("phi3"), "prune-ffn")
-    assert not result.modified and result.statistics == {"ffn-pruned": 0, "channels-removed": 0}
-    assert result.remarks == [
-        Remark("prune-ffn", "missed", "0 of 2 MLP blocks matched: fused gate_up_proj", matched_none=True),
+def test_fused_gate_up_is_split_then_pruned():
+    """Phi-3's fused gate_up_proj: brought to separate gate and up MatMuls first, then pruned, and said so."""
+    model = pm.load("phi3")
+    before = pm.param_count(model)
+    feeds = pm.feeds(model, 5)
+    reference = pm.outputs(model, feeds)
+    result = _run(model, "prune-ffn{ratio=0.25}")
+    assert result.statistics == {"ffn-pruned": 2, "channels-removed": 24}
+    assert [(r.kind, r.message) for r in result.remarks] == [
+        ("passed", "split 4 fused projections into 10 linear layers"),
+        ("passed", "removed 24 channels in 2 of 2 MLP blocks"),
     ]
+    assert before - pm.param_count(result.model) == 12 * 32 * 3 * 2  # gate and up rows, down columns
+    out = pm.outputs(result.model, feeds)
+    assert out.shape == reference.shape and np.isfinite(out).all()
 
 
-def test_fused_gate_up_fails_under_strict():
-    from optc.passes import RemarkError
-
+def test_phi3_passes_strict():
     am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
-    with pytest.raises(RemarkError, match=r"^--strict: prune-ffn: 0 of 2 MLP blocks matched: fused gate_up_proj$"):
-        parse_pipeline("prune-ffn")(pm.load("phi3"), am)
+    result = parse_pipeline("prune-ffn")(pm.load("phi3"), am)
+    assert result.statistics["ffn-pruned"] == 2
 
 
 def test_llama_gives_no_missed_remark_and_a_model_without_mlp_does():

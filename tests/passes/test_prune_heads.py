@@ -139,23 +139,27 @@ def test_smollm2_prune_heads():
 # --------------------------------------------------------------------------- remarks
 
 
-def test_fused_qkv_is_a_remark_not_silence():
-    """Phi-3's fused qkv_proj: prune-heads changes nothing and says why, once for the run."""
-    from optc.passes import Remark
-
-    result = _run(pm.load("phi3"), "prune-heads")
-    assert not result.modified and result.statistics == {"layers-pruned": 0, "heads-removed": 0}
-    assert result.remarks == [
-        Remark("prune-heads", "missed", "0 of 2 attention blocks matched: fused qkv_proj", matched_none=True),
+def test_fused_qkv_is_split_then_pruned_exactly():
+    """Phi-3's fused qkv_proj: brought to one MatMul per piece first, then pruned like any block, and said so."""
+    model = pm.load("phi3")
+    before = pm.param_count(model)
+    feeds = pm.feeds(model, 3)
+    result = _run(model, "prune-heads{ratio=0.5}")
+    assert result.statistics == {"layers-pruned": 2, "heads-removed": 4}
+    assert [(r.kind, r.message) for r in result.remarks] == [
+        ("passed", "split 4 fused projections into 10 linear layers"),  # qkv_proj and gate_up_proj of 2 layers
+        ("passed", "removed 4 heads in 2 of 2 attention blocks"),
     ]
+    # q, k, v rows and o columns of 2 heads per layer (8 x 32 each); splitting itself adds no parameter.
+    assert before - pm.param_count(result.model) == 2 * (4 * 8 * 32 * 2)
+    out = pm.outputs(result.model, feeds)
+    np.testing.assert_allclose(out, _zeroed_reference("phi3", result.model, feeds), rtol=1e-4, atol=1e-4)
 
 
-def test_fused_qkv_fails_under_strict():
-    from optc.passes import RemarkError
-
+def test_phi3_passes_strict():
     am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
-    with pytest.raises(RemarkError, match=r"^--strict: prune-heads: 0 of 2 attention blocks matched: fused qkv_proj$"):
-        parse_pipeline("prune-heads")(pm.load("phi3"), am)
+    result = parse_pipeline("prune-heads{ratio=0.5}")(pm.load("phi3"), am)
+    assert result.statistics["heads-removed"] == 4
 
 
 def test_llama_gives_no_missed_remark_and_says_what_it_did():

@@ -27,6 +27,7 @@ import pytest
 from optc.errors import OptcError, PassFailure, UsageError
 from optc.ir import DataType, annotation, check_onnx, constant_array, print_ir, verify
 from optc.passes import AnalysisManager, PassContext, VerifyEach, get_pass, parse_pipeline
+from optc.passes.layer_selector import OUTPUT_HEAD
 from tests.fixtures import models
 from tests.fixtures import quant_models as qm
 from tests.fixtures import text_models as tm
@@ -403,7 +404,8 @@ def test_option_validation():
             parse_pipeline(text)
     text = "quantize{weights=fp8 activations=fp8 calib=mse int16=down_proj}"
     assert parse_pipeline(text).pipeline_text() == text
-    assert parse_pipeline("quantize{exclude=lm_head}").pipeline_text() == "quantize"
+    default = ",".join(OUTPUT_HEAD)  # the registry's keep_float patterns
+    assert parse_pipeline(f"quantize{{exclude={default}}}").pipeline_text() == "quantize"
 
 
 # --------------------------------------------------------------------------- behaviour

@@ -1,0 +1,94 @@
+"""What optc knows about one model family: `Family` (and `GGUFLayout`, the tensor names llama.cpp uses)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+Task = Literal["causal-lm", "encoder", "vision"]
+Norm = Literal["rmsnorm", "layernorm", "batchnorm"]
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How optc's GGUF writer names and lays out a family's tensors (llama.cpp's names).
+
+    `layer_names` maps a parameter's name inside one decoder layer
+    (`self_attn.q_proj.weight`) to its GGUF name inside the block (`attn_q.weight`),
+    `global_names` whole parameter names to GGUF names; `layer_order` is the
+    order convert_hf_to_gguf.py writes a block's tensors in; `required` the
+    optional tensors (biases) llama.cpp's loader insists on for this architecture.
+    """
+
+    arch: str
+    layer_names: Mapping[str, str]
+    global_names: Mapping[str, str]
+    layer_order: tuple[str, ...]
+    #: llama.cpp's "normal" rope pairs consecutive values: Q/K rows are permuted from HF's rotate-half.
+    permute_qk: bool = False
+    required: tuple[str, ...] = ()
+    layer_prefix: str = "model.layers."
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_names", MappingProxyType(dict(self.layer_names)))
+        object.__setattr__(self, "global_names", MappingProxyType(dict(self.global_names)))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: what the frontend accepts, its structural variants, GGUF layout, default float layers.
+
+    The structural fields describe the family's usual checkpoints (a config can
+    still switch biases or tying); passes match structure in the graph, and read
+    these only to say what they met and to choose defaults.
+    """
+
+    name: str
+    #: Hugging Face `model_type`s this family accepts.
+    model_types: tuple[str, ...]
+    task: Task
+    #: One projection computes Q, K and V (phi3 `qkv_proj`, gpt2 `c_attn`, gpt_neox `query_key_value`).
+    fused_qkv: bool = False
+    #: One projection computes the gate and up halves of a gated MLP (phi3 `gate_up_proj`).
+    fused_gate_up: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    #: Attention and MLP read the same normalized input and add into the residual together (gpt_neox, gpt-j).
+    parallel_blocks: bool = False
+    #: SwiGLU/GeGLU (act(gate) * up) rather than a plain up → act → down MLP.
+    gated_mlp: bool = True
+    norm: Norm = "rmsnorm"
+    #: The norm multiplies by (1 + weight) (gemma).
+    norm_offset: bool = False
+    #: Token embeddings are multiplied by sqrt(hidden) (gemma).
+    embedding_scale: bool = False
+    #: The output head shares the token embedding by default.
+    tied_head: bool = False
+    sliding_window: bool = False
+    #: RMSNorm on each head's queries and keys (qwen3, olmo2 over the whole projection, gemma3).
+    qk_norm: bool = False
+    #: Mixture of experts MLPs (a router and per-expert projections).
+    moe: bool = False
+    #: llama.cpp's name for the family (`general.architecture`), when llama.cpp runs it.
+    gguf_arch: str | None = None
+    #: What optc's GGUF writer needs to write it; None when optc does not write this family yet.
+    gguf: GGUFLayout | None = None
+    #: Layer name patterns the quantizers leave in float by default (the output head, routers).
+    keep_float: tuple[str, ...] = ("lm_head",)
+    #: Name patterns of the embedding tables (structural passes leave them alone by default).
+    embeddings: tuple[str, ...] = ("embed",)
+    #: Free-form notes on what optc does not handle in this family yet.
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The structural variants this family has, as short words (for tables and remarks)."""
+        flags = {
+            "fused-qkv": self.fused_qkv, "fused-gate-up": self.fused_gate_up, "attn-bias": self.attention_bias,
+            "mlp-bias": self.mlp_bias, "parallel": self.parallel_blocks, "plain-mlp": not self.gated_mlp,
+            "norm+1": self.norm_offset, "emb-scale": self.embedding_scale, "tied": self.tied_head,
+            "sliding-window": self.sliding_window, "qk-norm": self.qk_norm, "moe": self.moe,
+        }
+        return (self.norm, *(name for name, on in flags.items() if on))
