@@ -70,6 +70,9 @@ class CompileOptions:
     strict: bool = False
     #: Memory a load may use, in bytes or as text (`8G`); None: what the machine has available.
     memory_budget: int | str | None = None
+    #: Export a Hugging Face or GGUF causal LM with its KV cache (`--kv-cache`); an ort output becomes a
+    #: generation-ready folder (genai_config.json and the tokenizer beside the model).
+    kv_cache: bool = False
 
 
 @dataclasses.dataclass
@@ -116,10 +119,13 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def planned_writes(backend: Backend, output: Path, report: Path | None) -> list[Written]:
-    """Every file a run may write: what the backend declares, the report files and the reproducer."""
+def planned_writes(backend: Backend, output: Path, report: Path | None, *, generation: bool = False) -> list[Written]:
+    """Every file a run may write: what the backend declares, the report files and the reproducer.
+
+    `generation`: the model is a KV-cache decoder, for which a backend may write a generation-ready folder.
+    """
     flag = str(output)
-    writes = [Written(path, flag, what) for path, what in backend.written_files(output)]
+    writes = [Written(path, flag, what) for path, what in backend.written_files(output, generation=generation)]
     if report is not None:
         for path in report_paths(report):
             what = "the report" if path == report else f"its companion {path}"
@@ -188,8 +194,9 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     _remark_filter(options.remarks)
     budget = _memory_budget(options)
     # Before anything is read: no write may touch the input file or anything in an input directory.
-    check_writes(planned_writes(backend, output, options.report), run_inputs(input_path, options))
-    model = load_input(input_path, memory_budget=budget)
+    check_writes(planned_writes(backend, output, options.report, generation=options.kv_cache),
+                 run_inputs(input_path, options))
+    model = load_input(input_path, memory_budget=budget, kv_cache=options.kv_cache)
     return compile_model(model, output, options, source=input_path, start=start)
 
 
@@ -232,7 +239,7 @@ def compile_model(
     remark_filter = _remark_filter(options.remarks)
     for message in pipeline_warnings(pipeline):
         print(f"optc: warning: {message}", file=sys.stderr)
-    files = RunFiles(planned_writes(backend, output, options.report))
+    files = RunFiles(planned_writes(backend, output, options.report, generation=is_cache_decoder(model)))
     files.check(model_inputs(model, source, options))
     check_calibration(model, options.calib)  # bad arrays: one line now, not a pass failure later
     quant_report = None
@@ -328,6 +335,13 @@ def _run(
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
+
+
+def is_cache_decoder(model: Model) -> bool:
+    """True for a decoder with KV-cache inputs (`optc.runtime.decoder`)."""
+    from optc.runtime.decoder import has_cache
+
+    return has_cache(v.name for v in model.graph.inputs)
 
 
 def persistent_source(model: Model, before_path: Path | None) -> Path | None:

@@ -56,6 +56,7 @@ import numpy as np
 
 from optc import __version__
 from optc.errors import ModelLoadError, OptcError, UsageError
+from optc.runtime.decoder import fill_decoder_inputs, is_past, session_inputs
 
 PROG = "optc-eval"
 SUFFIXES = (".onnx", ".gguf")
@@ -255,7 +256,10 @@ def _onnx_backend(path: Path, model: Any, threads: int) -> _Backend:
         return int_type[types[name]]
 
     for name in inputs:
-        dtype(name)
+        if not is_past(name):
+            dtype(name)
+    # A KV-cache decoder is scored as a prefill with an empty cache.
+    specs = session_inputs(session)
 
     def run(ids: np.ndarray) -> np.ndarray:
         seq = len(ids)
@@ -266,6 +270,7 @@ def _onnx_backend(path: Path, model: Any, threads: int) -> _Backend:
             feed["position_ids"] = np.arange(seq, dtype=dtype("position_ids"))[None, :]
         if "token_type_ids" in inputs:
             feed["token_type_ids"] = np.zeros((1, seq), dtype=dtype("token_type_ids"))
+        feed = fill_decoder_inputs(specs, feed)
         try:
             (logits,) = session.run(["logits"], feed)
         except Exception as exc:  # noqa: BLE001
@@ -286,11 +291,11 @@ def _check_onnx_interface(path: Path, model: Any) -> None:
             f"{path}: not a causal LM {PROG} can score: it needs an 'input_ids' input and a 'logits' output "
             f"(inputs: {', '.join(inputs) or 'none'}; outputs: {', '.join(outputs) or 'none'})"
         )
-    extra = [name for name in inputs if name != "input_ids" and name not in _AUX_INPUTS]
+    extra = [name for name in inputs if name != "input_ids" and name not in _AUX_INPUTS and not is_past(name)]
     if extra:
         raise OptcError(
             f"{path}: {PROG} cannot feed the input(s) {', '.join(extra)} "
-            f"(it feeds input_ids, {', '.join(_AUX_INPUTS)}); export the model without a KV cache"
+            f"(it feeds input_ids, {', '.join(_AUX_INPUTS)} and an empty KV cache)"
         )
 
 

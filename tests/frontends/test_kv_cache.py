@@ -1,0 +1,163 @@
+"""The KV-cache decoder export and the generation-ready folder, on a tiny random LLaMA.
+
+One export (module fixture) serves every test: logits with the cache (prefill, then
+one-token decode steps) against transformers, the quantizing passes on it, and the
+folder onnxruntime-genai loads and generates from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import optc  # noqa: E402
+from optc.runtime.decoder import cache_names, fill_decoder_inputs, is_cache_tensor, session_inputs  # noqa: E402
+from tests.frontends.test_transformers import VOCAB, perturbed, save_dir, tiny_causal  # noqa: E402
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    return perturbed(tiny_causal("llama", layers=LAYERS))
+
+
+@pytest.fixture(scope="module")
+def source(hf_llama, tmp_path_factory):
+    return save_dir(hf_llama, tmp_path_factory.mktemp("llama-src"))
+
+
+@pytest.fixture(scope="module")
+def compiled(source, tmp_path_factory, monkeypatch_module):
+    """`--kv-cache` outputs of the tiny model: fp32 (cleanup), w8a8 and w4a16-fast, each in its own folder."""
+    monkeypatch_module.setenv("OPTC_CACHE_DIR", str(tmp_path_factory.mktemp("optc-cache")))
+    results = {}
+    for passes in ("cleanup", "w8a8", "w4a16-fast"):
+        folder = tmp_path_factory.mktemp(passes)
+        results[passes] = optc.compile(
+            str(source), output=str(folder / "model.onnx"), passes=passes,
+            calib="random", calib_samples=2, calib_seqlen=8, kv_cache=True,
+        )
+    return results
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _greedy_with_cache(session: ort.InferenceSession, prompt: np.ndarray, steps: int):
+    """Prefill with an empty cache, then `steps` one-token decodes; yields (ids so far, logits of the step)."""
+    names = [o.name for o in session.get_outputs()]
+    feed = fill_decoder_inputs(session_inputs(session), {"input_ids": prompt})
+    ids = prompt
+    for step in range(steps + 1):
+        out = dict(zip(names, session.run(names, feed), strict=True))
+        yield ids, out["logits"]
+        if step == steps:
+            return
+        nxt = out["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        ids = np.concatenate([ids, nxt], axis=1)
+        total = ids.shape[1]
+        feed = {
+            "input_ids": nxt,
+            "attention_mask": np.ones((ids.shape[0], total), np.int64),
+            "position_ids": np.full((ids.shape[0], 1), total - 1, np.int64),
+        }
+        for i in range(LAYERS):
+            feed[f"past_key_values.{i}.key"] = out[f"present.{i}.key"]
+            feed[f"past_key_values.{i}.value"] = out[f"present.{i}.value"]
+
+
+def test_signature_follows_genai(compiled):
+    proto = onnx.load(str(compiled["cleanup"].artifact.path), load_external_data=False)
+    past, present = cache_names(LAYERS)
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask", "position_ids", *past]
+    assert [o.name for o in proto.graph.output] == ["logits", *present]
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[3].type.tensor_type.shape.dim]
+    assert dims[0] == "batch" and dims[1] == 2 and dims[3] == 8 and isinstance(dims[2], str)
+
+
+def test_prefill_and_decode_match_transformers(compiled, hf_llama):
+    session = _session(compiled["cleanup"].artifact.path)
+    prompt = np.random.default_rng(0).integers(0, VOCAB, size=(2, 7), dtype=np.int64)
+    steps = 0
+    for ids, logits in _greedy_with_cache(session, prompt, steps=4):
+        with torch.no_grad():
+            reference = hf_llama(torch.from_numpy(ids)).logits.numpy()
+        expected = reference if ids.shape[1] == prompt.shape[1] else reference[:, -1:]
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+        steps += 1
+    assert steps == 5
+
+
+@pytest.mark.parametrize("passes", ["w8a8", "w4a16-fast"])
+def test_quantizing_passes_keep_the_cache_float(compiled, passes):
+    path = compiled[passes].artifact.path
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert ("QuantizeLinear" in ops or "DynamicQuantizeLinear" in ops) if passes == "w8a8" else "MatMulNBits" in ops
+    quantizers = {"QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear"}
+    for node in proto.graph.node:
+        if node.op_type in quantizers:
+            assert not any(is_cache_tensor(name) for name in [*node.input, *node.output]), node.name
+    # The cache is float32 on both sides.
+    for value in [*proto.graph.input[3:], *proto.graph.output[1:]]:
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    session = _session(path)
+    prompt = np.random.default_rng(1).integers(0, VOCAB, size=(1, 6), dtype=np.int64)
+    for _, logits in _greedy_with_cache(session, prompt, steps=2):
+        assert np.isfinite(logits).all()
+
+
+def test_generation_folder(compiled):
+    result = compiled["w4a16-fast"]
+    folder = result.artifact.path.parent
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((folder / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    assert decoder["filename"] == "model.onnx"
+    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (LAYERS, 2, 8)
+    assert config["model"]["type"] == "llama"
+
+
+def test_genai_greedy_matches_transformers(compiled, hf_llama):
+    og = pytest.importorskip("onnxruntime_genai")
+    folder = compiled["cleanup"].artifact.path.parent
+    assert any("onnxruntime-genai" in check for check in compiled["cleanup"].artifact.checks)
+    model = og.Model(str(folder))
+    prompt = [5, 17, 33, 9, 60, 41]
+    new_tokens = 20
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    with torch.no_grad():
+        reference = hf_llama.generate(
+            torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )[0, len(prompt):].tolist()
+    eos = hf_llama.config.eos_token_id
+    if eos in reference:  # genai stops at the end-of-sequence token; transformers was told not to
+        reference = reference[:reference.index(eos) + 1]
+    assert tokens == reference
+    assert len(set(tokens)) > 1  # a perturbed model, not one that repeats a token
+
