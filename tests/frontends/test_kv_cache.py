@@ -135,29 +135,48 @@ def test_generation_folder(compiled):
     assert config["model"]["type"] == "llama"
 
 
-def test_genai_greedy_matches_transformers(compiled, hf_llama):
-    og = pytest.importorskip("onnxruntime_genai")
-    folder = compiled["cleanup"].artifact.path.parent
-    assert any("onnxruntime-genai" in check for check in compiled["cleanup"].artifact.checks)
-    model = og.Model(str(folder))
-    prompt = [5, 17, 33, 9, 60, 41]
-    new_tokens = 20
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+def _reference_greedy(hf_llama, prompt: list[int], new_tokens: int) -> list[int]:
     with torch.no_grad():
-        reference = hf_llama.generate(
-            torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+        return hf_llama.generate(
+            torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             pad_token_id=0,
         )[0, len(prompt):].tolist()
-    eos = hf_llama.config.eos_token_id
-    if eos in reference:  # genai stops at the end-of-sequence token; transformers was told not to
-        reference = reference[:reference.index(eos) + 1]
-    assert tokens == reference
-    assert len(set(tokens)) > 1  # a perturbed model, not one that repeats a token
 
+
+def test_genai_greedy_matches_transformers(compiled, hf_llama):
+    """optc.generate through onnxruntime-genai on the folder: transformers' greedy tokens, and both speeds."""
+    pytest.importorskip("onnxruntime_genai")
+    from optc.generate import generate
+
+    folder = compiled["cleanup"].artifact.path.parent
+    assert any("onnxruntime-genai" in check for check in compiled["cleanup"].artifact.checks)
+    prompt = [5, 17, 33, 9, 60, 41]
+    result = generate(folder, prompt, 20)
+    assert result.tokens == _reference_greedy(hf_llama, prompt, 20)
+    assert len(set(result.tokens)) > 1  # a perturbed model, not one that repeats a token
+    assert result.runtime.startswith("onnxruntime-genai") and result.prompt_tokens == len(prompt)
+    assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+
+
+def test_generate_command_line(compiled, hf_llama, capsys):
+    pytest.importorskip("onnxruntime_genai")
+    from optc.evaluate import main
+
+    model = compiled["cleanup"].artifact.path
+    code = main([str(model), "--generate", "--prompt", "w1 w2 w3", "--max-new-tokens", "5", "--threads", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    assert out[0].endswith("onnxruntime-genai 0.18.0, 1 thread(s)")
+    assert out[1].startswith("w1 w2 w3")
+    assert out[2].startswith("optc-eval: prefill 3 tokens: ") and out[2].endswith(" tokens/s")
+    assert out[3].startswith("optc-eval: decode 4 tokens: ") and out[3].endswith(" tokens/s")
+
+
+def test_generate_usage_errors(compiled, capsys):
+    from optc.evaluate import main
+
+    model = str(compiled["cleanup"].artifact.path)
+    assert main([model, "--generate"]) == 2
+    assert "--generate needs --prompt" in capsys.readouterr().err
+    assert main([model, "--prompt", "w1"]) == 2
+    assert "--prompt needs --generate" in capsys.readouterr().err
