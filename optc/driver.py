@@ -436,11 +436,44 @@ def compare_table(result: CompileResult, *, max_tokens: int = 4096, ctx: int = 2
         (f"latency / {ctx} tokens", f"{before.median_latency_s * 1e3:.0f} ms", f"{after.median_latency_s * 1e3:.0f} ms",
          after.median_latency_s / before.median_latency_s),
     ]
+    if is_generation_output(result.artifact.path):
+        from optc.runtime.text import builtin_text
+
+        prompt = [int(t) for t in tokenizer(builtin_text("eval"), add_special_tokens=False)["input_ids"][:DECODE_PROMPT]]
+        speeds = [decode_speed(path, prompt, DECODE_TOKENS) for path in (result.before_path, result.artifact.path)]
+        rows.append((f"decode tokens/s ({DECODE_TOKENS} new)", f"{speeds[0]:.1f}", f"{speeds[1]:.1f}", speeds[1] / speeds[0]))
+    width = max(22, *(len(row[0]) for row in rows))
     lines = [
         f"held-out text: {after.tokens} predicted tokens in {after.windows} windows of {ctx} (pydoc_data.topics eval split)",
-        f"| {'':<22} | {'before':>12} | {'after':>12} | {'after/before':>12} |",
-        f"|{'-' * 24}|{'-' * 14}|{'-' * 14}|{'-' * 14}|",
+        f"| {'':<{width}} | {'before':>12} | {'after':>12} | {'after/before':>12} |",
+        f"|{'-' * (width + 2)}|{'-' * 14}|{'-' * 14}|{'-' * 14}|",
     ]
-    lines += [f"| {name:<22} | {b:>12} | {a:>12} | {ratio:>11.2f}x |" for name, b, a, ratio in rows]
+    lines += [f"| {name:<{width}} | {b:>12} | {a:>12} | {ratio:>11.2f}x |" for name, b, a, ratio in rows]
     return "\n".join(lines)
 
+
+
+#: The default job's decode row: new tokens after a prompt of this many tokens of the eval text.
+DECODE_PROMPT, DECODE_TOKENS = 64, 32
+
+
+def is_generation_output(path: Path) -> bool:
+    """An ONNX output with the generation-ready folder beside it (`--kv-cache`)."""
+    return path.suffix == ".onnx" and path.with_name("genai_config.json").is_file()
+
+
+def decode_speed(onnx_file: Path, prompt: list[int], new_tokens: int) -> float:
+    """Greedy decode tokens/s of a KV-cache ONNX file through onnxruntime-genai (a generation folder viewed
+    around it when it has none, e.g. the cached export before the pipeline)."""
+    import tempfile
+
+    from optc.backends.ort.genai import generation_folder
+    from optc.evaluate import default_threads
+    from optc.generate import generate
+    from optc.ir import load_model
+
+    with tempfile.TemporaryDirectory(prefix="optc-decode-") as folder:
+        target = onnx_file
+        if not is_generation_output(onnx_file):
+            target = generation_folder(onnx_file, load_model(onnx_file), Path(folder))
+        return generate(target, prompt, new_tokens, threads=default_threads()).decode_tokens_per_s

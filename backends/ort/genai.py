@@ -135,6 +135,16 @@ def write_generation_files(model: Model, output: Path) -> list[Path]:
     return written
 
 
+def generation_folder(onnx_file: Path, model: Model, folder: Path) -> Path:
+    """Make `folder` a generation-ready view of an existing KV-cache ONNX file (links to it and its data)."""
+    onnx_file = Path(onnx_file).resolve()
+    for source in (onnx_file, onnx_file.with_name(onnx_file.name + ".data")):
+        if source.exists():
+            (folder / source.name).symlink_to(source)
+    write_generation_files(model, folder / onnx_file.name)
+    return folder / onnx_file.name
+
+
 def genai_check(folder: Path) -> str | None:
     """Load the folder with onnxruntime-genai when it is installed: the report's check line (None without it)."""
     try:
@@ -156,6 +166,7 @@ __all__ = [
     "genai_check",
     "genai_config",
     "generation_files",
+    "generation_folder",
     "is_generation_model",
     "write_generation_files",
 ]
