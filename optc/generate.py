@@ -18,9 +18,10 @@ Runtimes:
   forces; kept for comparison);
 * a `.gguf` file through llama.cpp (llama-cpp-python).
 
-Every runtime picks the token of highest logit and does not stop at the
-end-of-sequence token, so runs generate the same number of tokens and their
-tokens can be compared one by one.
+Every runtime picks the token of highest logit among all but the
+end-of-sequence token(s) (as transformers' `min_new_tokens` and
+onnxruntime-genai's `min_length` do), so runs generate the same number of
+tokens and their tokens can be compared one by one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from optc.errors import ModelLoadError, OptcError, UsageError
+from optc.runtime.decoder import fill_decoder_inputs, has_cache, session_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,11 @@ def generation_kind(path: str | Path) -> str:
     raise UsageError(f"{path}: unknown model suffix '{suffix or path.name}'; give an .onnx or .gguf file")
 
 
+def _decoder_path(path: Path) -> Path:
+    folder = path if path.is_dir() else path.parent
+    return folder / (_decoder_file(folder) or "model.onnx")
+
+
 def _decoder_file(folder: Path) -> str | None:
     try:
         return json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]["filename"]
@@ -83,8 +90,14 @@ def _decoder_file(folder: Path) -> str | None:
         return None
 
 
-def generate(path: str | Path, prompt: Sequence[int], max_new_tokens: int, *, threads: int = 1) -> Generation:
-    """Greedy generation of `max_new_tokens` after `prompt` (token ids); see the module docstring."""
+def generate(
+    path: str | Path, prompt: Sequence[int], max_new_tokens: int, *, threads: int = 1, use_cache: bool = True,
+) -> Generation:
+    """Greedy generation of `max_new_tokens` after `prompt` (token ids); see the module docstring.
+
+    `use_cache=False` runs an ONNX decoder's whole sequence at every step with an empty cache, which
+    computes what the no-cache export computes (the loop generation without a cache costs).
+    """
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if not prompt:
@@ -92,6 +105,8 @@ def generate(path: str | Path, prompt: Sequence[int], max_new_tokens: int, *, th
     if threads < 1:
         raise UsageError(f"--threads {threads}: must be at least 1")
     kind = generation_kind(path)
+    if kind == "genai" and not use_cache:
+        kind, path = "onnx", _decoder_path(Path(path))
     steps = {"genai": _genai_steps, "onnx": _onnx_loop_steps, "gguf": _llama_steps}[kind]
     runtime, stepper = steps(Path(path), list(prompt), max_new_tokens, threads)
     tokens: list[int] = []
@@ -147,15 +162,19 @@ def _onnx_loop_steps(path: Path, prompt: list[int], new: int, threads: int) -> t
         session = open_session(path, threads=threads)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{path}: onnxruntime cannot load it ({_first_line(exc)})") from exc
-    names = [i.name for i in session.get_inputs()]
-    if names != ["input_ids"]:
+    inputs = session_inputs(session)
+    names = [name for name, _, _ in inputs]
+    if names != ["input_ids"] and not has_cache(names):
         raise OptcError(f"{path}: a model without genai_config.json must take input_ids alone (inputs: {', '.join(names)})")
+
+    eos = _eos_tokens(path)
 
     def steps() -> Iterator[int]:
         ids = list(prompt)
-        while True:  # the whole sequence again at every step: no cache
-            (logits,) = session.run(["logits"], {"input_ids": np.asarray([ids], dtype=np.int64)})
-            token = int(logits[0, -1].argmax())
+        while True:  # the whole sequence again at every step, from an empty cache
+            feed = fill_decoder_inputs(inputs, {"input_ids": np.asarray([ids], dtype=np.int64)})
+            (logits,) = session.run(["logits"], feed)
+            token = _greedy(logits[0, -1], eos)
             ids.append(token)
             yield token
 
@@ -187,14 +206,38 @@ def _llama_steps(path: Path, prompt: list[int], new: int, threads: int) -> tuple
         try:
             llm.reset()
             llm.eval(prompt)
+            eos = [int(llm.token_eos())]
             while True:
-                token = int(np.argmax(last_logits()))
+                token = _greedy(last_logits(), eos)
                 yield token
                 llm.eval([token])
         finally:
             llm.close()
 
     return f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", steps()
+
+
+def _greedy(logits: np.ndarray, eos: list[int]) -> int:
+    """The token of highest logit, the end-of-sequence tokens left out."""
+    logits = np.array(logits, dtype=np.float32)
+    logits[[t for t in eos if 0 <= t < len(logits)]] = -np.inf
+    return int(logits.argmax())
+
+
+def _eos_tokens(path: Path) -> list[int]:
+    """End-of-sequence ids of an ONNX decoder: its genai_config.json, else the Hugging Face config it carries."""
+    from optc.ir import load_model, model_metadata
+    from optc.ir.annotations import HF_CONFIG
+
+    eos = None
+    if (path.parent / "genai_config.json").is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            eos = json.loads((path.parent / "genai_config.json").read_text(encoding="utf-8"))["model"]["eos_token_id"]
+    if eos is None:
+        eos = (model_metadata(load_model(path), HF_CONFIG) or {}).get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(t) for t in eos] if isinstance(eos, list) else [int(eos)]
 
 
 def _first_line(exc: BaseException) -> str:

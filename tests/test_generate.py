@@ -26,7 +26,7 @@ def test_no_cache_loop_is_greedy(lm):
     ids = list(prompt)
     for _ in range(6):
         (logits,) = session.run(["logits"], {"input_ids": np.asarray([ids], dtype=np.int64)})
-        ids.append(int(logits[0, -1].argmax()))
+        ids.append(int(logits[0, -1].argmax()))  # the test LM carries no end-of-sequence token
     assert result.tokens == ids[len(prompt):]
     assert generation_kind(lm) == "onnx" and "no cache" in result.runtime
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0

@@ -21,7 +21,9 @@ class OrtBackend(Backend):
     #: (backends/ort/lower_ort_int8.py; measured by tools/bench_ort_int8_forms.py).
     #: Weight-only 2-4-bit MatMuls run as MatMulNBits (backends/ort/lower_ort_nbits.py; tools/bench_w4.py);
     #: 5-8-bit weight-only weights are folded to float at load by lower-ort-int8 (faster than MatMulNBits bits=8).
-    legalize = "lower-ort-nbits,lower-ort-int8"
+    #: A KV-cache decoder's rotary attention runs as GroupQueryAttention (backends/ort/fuse_ort.py;
+    #: tools/bench_decode.py).
+    legalize = "fuse-ort,lower-ort-nbits,lower-ort-int8"
 
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
         verify(model, where="before lowering to ort")
@@ -48,4 +50,4 @@ class OrtBackend(Backend):
         return files
 
 # The target's passes register on import (after the backend, which they may use).
-from optc.backends.ort import lower_ort_int8, lower_ort_nbits  # noqa: E402, F401
+from optc.backends.ort import fuse_ort, lower_ort_int8, lower_ort_nbits  # noqa: E402, F401

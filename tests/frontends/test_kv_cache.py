@@ -18,41 +18,20 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import optc  # noqa: E402
 from optc.runtime.decoder import cache_names, fill_decoder_inputs, is_cache_tensor, session_inputs  # noqa: E402
-from tests.frontends.test_transformers import VOCAB, perturbed, save_dir, tiny_causal  # noqa: E402
-
-LAYERS = 2
+from tests.frontends.test_transformers import VOCAB  # noqa: E402
+from tests.kv_models import HEAD_DIM, KV_HEADS, LAYERS, kv_compiled, kv_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def hf_llama():
-    return perturbed(tiny_causal("llama", layers=LAYERS))
+    return kv_llama()[0]
 
 
 @pytest.fixture(scope="module")
-def source(hf_llama, tmp_path_factory):
-    return save_dir(hf_llama, tmp_path_factory.mktemp("llama-src"))
-
-
-@pytest.fixture(scope="module")
-def compiled(source, tmp_path_factory, monkeypatch_module):
-    """`--kv-cache` outputs of the tiny model: fp32 (cleanup), w8a8 and w4a16-fast, each in its own folder."""
-    monkeypatch_module.setenv("OPTC_CACHE_DIR", str(tmp_path_factory.mktemp("optc-cache")))
-    results = {}
-    for passes in ("cleanup", "w8a8", "w4a16-fast"):
-        folder = tmp_path_factory.mktemp(passes)
-        results[passes] = optc.compile(
-            str(source), output=str(folder / "model.onnx"), passes=passes,
-            calib="random", calib_samples=2, calib_seqlen=8, kv_cache=True,
-        )
-    return results
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
+def compiled():
+    """`--kv-cache` outputs of the tiny model: fp32 (cleanup), w8a8 and w4a16-fast (tests/kv_models.py)."""
+    return {passes: kv_compiled(passes) for passes in ("cleanup", "w8a8", "w4a16-fast")}
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -83,16 +62,19 @@ def _greedy_with_cache(session: ort.InferenceSession, prompt: np.ndarray, steps:
 
 
 def test_signature_follows_genai(compiled):
-    proto = onnx.load(str(compiled["cleanup"].artifact.path), load_external_data=False)
+    proto = onnx.load(str(compiled["cleanup"].before_path), load_external_data=False)
     past, present = cache_names(LAYERS)
     assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask", "position_ids", *past]
     assert [o.name for o in proto.graph.output] == ["logits", *present]
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[3].type.tensor_type.shape.dim]
-    assert dims[0] == "batch" and dims[1] == 2 and dims[3] == 8 and isinstance(dims[2], str)
+    assert dims[0] == "batch" and dims[1] == KV_HEADS and dims[3] == HEAD_DIM and isinstance(dims[2], str)
 
 
-def test_prefill_and_decode_match_transformers(compiled, hf_llama):
-    session = _session(compiled["cleanup"].artifact.path)
+@pytest.mark.parametrize("form", ["export", "fused"])
+def test_prefill_and_decode_match_transformers(compiled, hf_llama, form):
+    """The export as traced, and the written model (its attention fused by the ort backend's fuse-ort)."""
+    result = compiled["cleanup"]
+    session = _session(result.before_path if form == "export" else result.artifact.path)
     prompt = np.random.default_rng(0).integers(0, VOCAB, size=(2, 7), dtype=np.int64)
     steps = 0
     for ids, logits in _greedy_with_cache(session, prompt, steps=4):
@@ -131,7 +113,7 @@ def test_generation_folder(compiled):
     config = json.loads((folder / "genai_config.json").read_text())
     decoder = config["model"]["decoder"]
     assert decoder["filename"] == "model.onnx"
-    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (LAYERS, 2, 8)
+    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (LAYERS, KV_HEADS, HEAD_DIM)
     assert config["model"]["type"] == "llama"
 
 
@@ -153,9 +135,11 @@ def test_genai_greedy_matches_transformers(compiled, hf_llama):
     prompt = [5, 17, 33, 9, 60, 41]
     result = generate(folder, prompt, 20)
     assert result.tokens == _reference_greedy(hf_llama, prompt, 20)
-    assert len(set(result.tokens)) > 1  # a perturbed model, not one that repeats a token
     assert result.runtime.startswith("onnxruntime-genai") and result.prompt_tokens == len(prompt)
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+    # The same tokens without the cache: the whole sequence each step.
+    loop = generate(folder, prompt, 20, use_cache=False)
+    assert loop.tokens == result.tokens and "no cache" in loop.runtime
 
 
 def test_generate_command_line(compiled, hf_llama, capsys):
