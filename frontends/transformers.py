@@ -668,9 +668,11 @@ class _CausalLMWithCache(torch.nn.Module):
         cache = DynamicCache(config=self.hf.config)
         for layer in range(self.layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        # transformers 5 names the argument `cache`; earlier versions `past_key_values`.
+        keyword = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
         out = self.hf(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=True, return_dict=True,
+            use_cache=True, return_dict=True, **{keyword: cache},
         )
         present = getattr(out, "cache", None) or out.past_key_values
         flat = []
