@@ -122,6 +122,21 @@ def speed(work: Path, threads: list[int], prompt_tokens: int, new_tokens: int, l
     print("\nfp32 with the cache / no-cache loop: " + ", ".join(f"{v:.1f}× @{t}" for t, v in fp32.items()))
 
 
+def speed_of(paths: list[str], threads: int, prompt_tokens: int, new_tokens: int, rounds: int = 2) -> None:
+    """Decode tokens/s of the given folders or files, interleaved over `rounds` rounds (the `--models` part)."""
+    from optc.generate import generate
+
+    prompt = eval_prompt(default_tokenizer(), prompt_tokens)
+    print(f"\n{new_tokens} new tokens after {prompt_tokens}, {threads} thread(s), {rounds} interleaved rounds\n")
+    print("| model | decode tok/s per round | load average |\n|---|---|---:|")
+    results: dict[str, list[float]] = {path: [] for path in paths}
+    for _ in range(rounds):
+        for path in paths:
+            results[path].append(generate(path, prompt, new_tokens, threads=threads).decode_tokens_per_s)
+    for path, speeds in results.items():
+        print(f"| {path} | {' / '.join(f'{v:.1f}' for v in speeds)} | {os.getloadavg()[0]:.1f} |", flush=True)
+
+
 def agreement(work: Path, new_tokens: int = 64) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -174,9 +189,14 @@ def main() -> None:
     parser.add_argument("--loop-tokens", type=int, help="new tokens of the no-cache loop (default: --new-tokens); "
                         "fewer flatter it, since its steps grow with the sequence")
     parser.add_argument("--parts", default="build,speed,agreement,ppl")
+    parser.add_argument("--models", help="comma-separated folders or .gguf files: only their decode speed "
+                        "(interleaved rounds at the first --threads count), nothing built")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     work = args.work.resolve()
+    if args.models:
+        speed_of(args.models.split(","), int(args.threads.split(",")[0]), args.prompt_tokens, args.new_tokens)
+        return
     if "build" in parts:
         names = [n for n in BUILDS if n != "nocache" or "ppl" in parts]
         build(work, names)
