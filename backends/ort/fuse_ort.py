@@ -26,9 +26,11 @@ It leaves attention as written, with a remark, where the structure differs (no
 rotary, a fused QKV projection, interleaved rotary, a scaling on cos/sin) and
 where the attention's own matrix products are quantized (static INT8
 activations: GroupQueryAttention has no INT8 form). RMSNorm and the residual
-Add are left to onnxruntime's own graph optimizer, which rewrites them into
-`SimplifiedLayerNormalization` and `SkipSimplifiedLayerNormalization` when a
-session loads the model; weight-only MatMuls are `lower-ort-nbits`' job.
+Add are not rewritten yet: the exporter writes RMSNorm as
+Pow → ReduceMean → Add → Sqrt → Reciprocal → Mul, a form onnxruntime's own
+optimizer does not fuse into `SimplifiedLayerNormalization` /
+`SkipSimplifiedLayerNormalization` either (checked on the optimized model a
+session writes). Weight-only MatMuls are `lower-ort-nbits`' job.
 """
 
 from __future__ import annotations
