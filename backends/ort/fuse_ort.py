@@ -25,12 +25,14 @@ tests/passes/test_fuse_ort.py).
 It leaves attention as written, with a remark, where the structure differs (no
 rotary, a fused QKV projection, interleaved rotary, a scaling on cos/sin) and
 where the attention's own matrix products are quantized (static INT8
-activations: GroupQueryAttention has no INT8 form). RMSNorm and the residual
-Add are not rewritten yet: the exporter writes RMSNorm as
-Pow → ReduceMean → Add → Sqrt → Reciprocal → Mul, a form onnxruntime's own
-optimizer does not fuse into `SimplifiedLayerNormalization` /
-`SkipSimplifiedLayerNormalization` either (checked on the optimized model a
-session writes). Weight-only MatMuls are `lower-ort-nbits`' job.
+activations: GroupQueryAttention has no INT8 form).
+
+`norms=true` also rewrites RMSNorm (the exporter's Pow → ReduceMean → Add →
+Sqrt → Reciprocal → Mul → Mul(γ), which onnxruntime's own optimizer does not
+fuse) after a residual Add into `com.microsoft::SkipSimplifiedLayerNormalization`,
+its fourth output standing for the sum; exact within float tolerance, but off by
+default: SmolLM2's decode was not measurably faster with it (README, Results).
+Weight-only MatMuls are `lower-ort-nbits`' job.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class FuseOrt(Pass):
     @dataclass
     class Options:
         attention: bool = option(True, help="rewrite rotary attention with a KV cache into GroupQueryAttention")
+        norms: bool = option(False, help="rewrite RMSNorm after a residual Add into SkipSimplifiedLayerNormalization "
+                             "in a KV-cache decoder (off: not measured faster on SmolLM2 decode)")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         graph = model.graph
@@ -90,14 +94,20 @@ class FuseOrt(Pass):
         layers = 0
         while PAST_KEY % layers in inputs:
             layers += 1
-        if not self.options.attention or layers == 0:
+        if layers == 0:
             return PassResult(model, False, None, {"fused": 0})
+        norms = _fuse_norms(model) if self.options.norms else 0
+        if not self.options.attention:
+            return PassResult(model, bool(norms), None, {"fused": 0, "norms": norms})
         mask = inputs.get("attention_mask")
         config = model_metadata(model, HF_CONFIG) or {}
         max_positions = int(config.get("max_position_embeddings") or 0)
         found: list[_Attention] = []
         reasons: list[str] = []
         for layer in range(layers):
+            fused = outputs.get(PRESENT_KEY % layer)
+            if fused is not None and fused.producer() is not None and fused.producer().op_type == "GroupQueryAttention":
+                continue  # fused by an earlier run
             try:
                 attention = _match(layer, inputs, outputs)
                 if mask is None:
@@ -113,7 +123,7 @@ class FuseOrt(Pass):
                 matched_none=not found,
             )
         if not found:
-            return PassResult(model, False, None, {"fused": 0})
+            return PassResult(model, bool(norms), None, {"fused": 0, "norms": norms})
         build = Builder(graph)
         shared = _shared_inputs(build, mask, found[0], max_positions)
         for attention in found:
@@ -123,7 +133,7 @@ class FuseOrt(Pass):
         if model.opset_imports.get("com.microsoft") is None:
             model.opset_imports["com.microsoft"] = 1
         am.context.remark("passed", f"{len(found)} of {layers} attention blocks fused into GroupQueryAttention")
-        return PassResult(model, True, None, {"fused": len(found)})
+        return PassResult(model, True, None, {"fused": len(found), "norms": norms})
 
 
 # --------------------------------------------------------------------------- matching
@@ -388,6 +398,72 @@ def _rewrite(build: Builder, attention: _Attention, shared: _Shared) -> None:
         old.name = build.fresh(f"{name}_unfused")
         fresh.name, fresh.shape, fresh.type = name, shape, value_type
         graph.outputs[index] = fresh
+
+
+def _fuse_norms(model: Model) -> int:
+    """RMSNorm x·rsqrt(mean(x²) + eps)·γ as SimplifiedLayerNormalization, with a residual Add before it as
+    com.microsoft SkipSimplifiedLayerNormalization (whose fourth output is the sum); returns how many."""
+    graph = model.graph
+    build = Builder(graph)
+    done = 0
+    for reciprocal in [n for n in graph if n.op_type == "Reciprocal"]:
+        try:
+            sqrt = _producer(reciprocal.inputs[0], "Sqrt")
+            add = _producer(sqrt.inputs[0], "Add")
+            eps = next((constant_array(v) for v in add.inputs if constant_array(v) is not None), None)
+            mean = next((v.producer() for v in add.inputs if constant_array(v) is None), None)
+            if eps is None or eps.size != 1 or mean is None or mean.op_type != "ReduceMean":
+                continue
+            axes = constant_array(mean.inputs[1]) if len(mean.inputs) > 1 else None
+            keep = mean.attributes.get("keepdims")
+            if axes is None or axes.reshape(-1).tolist() != [-1] or (keep is not None and keep.as_int() != 1):
+                continue
+            power = _producer(mean.inputs[0], "Pow")
+            two = constant_array(power.inputs[1])
+            x = power.inputs[0]
+            if two is None or two.size != 1 or float(two.reshape(-1)[0]) != 2.0:
+                continue
+            scale = _only_use(reciprocal.outputs[0])
+            if scale.op_type != "Mul" or x not in scale.inputs:
+                continue
+            weight_mul = _only_use(scale.outputs[0])
+            gamma = next((v for v in weight_mul.inputs if constant_array(v) is not None), None)
+            if weight_mul.op_type != "Mul" or gamma is None or constant_array(gamma).ndim != 1:
+                continue
+        except _Miss:
+            continue
+        out = weight_mul.outputs[0]
+        epsilon = float(eps.reshape(-1)[0])
+        residual = x.producer()
+        skip = residual is not None and residual.op_type == "Add" and all(
+            v is not None and constant_array(v) is None for v in residual.inputs) and x.shape == residual.inputs[0].shape \
+            and x.shape == residual.inputs[1].shape and not x.is_graph_output()
+        if not skip:  # onnxruntime's SimplifiedLayerNormalization lives in the ONNX domain, which optc verifies
+            continue
+        new = make_node("SkipSimplifiedLayerNormalization", [residual.inputs[0], residual.inputs[1], gamma],
+                        attributes={"epsilon": epsilon}, num_outputs=4, domain="com.microsoft",
+                        name=build.node_name(f"{weight_mul.name or 'rmsnorm'}_skip"))
+        graph.insert_after(weight_mul, new)
+        new.outputs[0].name = build.fresh(f"{out.name}_fused")
+        new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
+        out.replace_all_uses_with(new.outputs[0])
+        if out.is_graph_output():  # pragma: no cover - a norm's output is not a graph output in a decoder
+            continue
+        if skip:  # noqa: SIM102 - the residual sum replaces the Add's output for its other readers
+            total = new.outputs[3]
+            total.name = build.fresh(f"{x.name}_sum")
+            total.shape, total.type = x.shape, x.type
+            for user, index in list(x.uses()):
+                if user is not power and user is not scale:
+                    user.replace_input_with(index, total)
+            for unused in new.outputs[1:3]:
+                unused.name = ""
+        done += 1
+    if done:
+        _remove_dead(graph)
+        if model.opset_imports.get("com.microsoft") is None:
+            model.opset_imports["com.microsoft"] = 1
+    return done
 
 
 def _remove_dead(graph) -> None:

@@ -83,3 +83,19 @@ def test_fuse_ort_alone_is_exact(tmp_path):
         for a, b in zip(a_step, b_step, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     assert (tmp_path / "genai_config.json").is_file()  # an ONNX decoder input keeps its generation folder
+
+
+def test_skip_norms_are_exact(tmp_path):
+    """norms=true: RMSNorm after a residual Add as SkipSimplifiedLayerNormalization, equal to the export."""
+    result = kv_compiled("cleanup")
+    fused = optc.compile(str(result.before_path), output=str(tmp_path / "model.onnx"),
+                         passes="fuse-ort{norms=true}")
+    proto = onnx.load(str(fused.artifact.path), load_external_data=False)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * LAYERS and "Reciprocal" in ops  # the first norm stays
+    ids = np.random.default_rng(4).integers(0, 96, size=(1, 7), dtype=np.int64)
+    got = _prefill_then_decode(_session(fused.artifact.path), ids, steps=2)
+    want = _prefill_then_decode(_session(result.before_path), ids, steps=2)
+    for a_step, b_step in zip(got, want, strict=True):
+        for a, b in zip(a_step, b_step, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
