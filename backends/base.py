@@ -35,8 +35,11 @@ class Backend(ABC):
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
         """Write `output` atomically (checked before it is moved into place)."""
 
-    def written_files(self, output: Path) -> list[tuple[Path, str]]:
-        """Every file `lower` may write for `output`, with what it is; the driver checks them all before any work."""
+    def written_files(self, output: Path, *, generation: bool = False) -> list[tuple[Path, str]]:
+        """Every file `lower` may write for `output`, with what it is; the driver checks them all before any work.
+
+        `generation`: the model is a KV-cache decoder (a backend may write what its generator needs beside it).
+        """
         data = output.with_name(output.name + ".data")
         return [(output, "the output"), (data, f"its external data file {data}")]
 

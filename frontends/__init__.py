@@ -16,11 +16,12 @@ from optc.frontends.onnx import load_onnx
 from optc.ir import Model
 
 
-def load_input(path: str | Path, *, memory_budget: int | None = None) -> Model:
+def load_input(path: str | Path, *, memory_budget: int | None = None, kv_cache: bool = False) -> Model:
     """Load any supported input; the format follows the path.
 
     `memory_budget` (bytes; None: unchecked) refuses, before anything large is allocated,
-    an input whose load is estimated to need more memory.
+    an input whose load is estimated to need more memory. `kv_cache` exports a Hugging Face or
+    GGUF causal LM with its KV cache (`optc.runtime.decoder`); an ONNX file is loaded as it is.
     """
     path = Path(path)
     if not path.exists():
@@ -29,7 +30,7 @@ def load_input(path: str | Path, *, memory_budget: int | None = None) -> Model:
     if path.is_dir() or path.suffix.lower() == ".gguf" or (path.suffix.lower() != ".onnx" and has_gguf_magic(path)):
         from optc.frontends.transformers import load_transformers
 
-        return load_transformers(path, memory_budget=memory_budget)
+        return load_transformers(path, memory_budget=memory_budget, kv_cache=kv_cache)
     if path.suffix.lower() == ".onnx":
         return load_onnx(path, memory_budget=memory_budget)
     raise ModelLoadError(

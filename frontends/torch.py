@@ -89,7 +89,7 @@ def export_module(
                 input_names=names,
                 output_names=list(output_names) if output_names else None,
                 # Positional: a dict must be keyed by forward's own argument names, not input_names.
-                dynamic_shapes=tuple(shapes.get(n, {}) for n in names),
+                dynamic_shapes=_positional_shapes(module, [shapes.get(n, {}) for n in names]),
                 external_data=True,
                 optimize=True,
                 verify=False,
@@ -104,6 +104,19 @@ def export_module(
     model.meta["optc.source_onnx"] = str(path)
     verify(model, where=f"after exporting {type(module).__name__}")
     return model
+
+
+def _positional_shapes(module: Any, shapes: list[dict[int, Any]]) -> tuple[Any, ...]:
+    """Dynamic shapes shaped like `forward`'s signature: the inputs a `*args` parameter takes form one tuple."""
+    import inspect
+
+    fixed = 0
+    for parameter in inspect.signature(module.forward).parameters.values():
+        if parameter.kind == parameter.VAR_POSITIONAL:
+            return (*shapes[:fixed], tuple(shapes[fixed:]))
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            fixed += 1
+    return tuple(shapes)
 
 
 def _export_error(exc: BaseException) -> str:

@@ -10,7 +10,11 @@ Inputs:
 What comes out (`load_transformers`):
 
 * causal LMs: input `input_ids` (int64 `[batch, seq]`), first output
-  `logits` (`[batch, seq, vocab]`), no KV cache;
+  `logits` (`[batch, seq, vocab]`), no KV cache; with `kv_cache=True`, the
+  decoder form onnxruntime-genai runs (`optc.runtime.decoder`): inputs
+  `input_ids`, `attention_mask` (`[batch, past + seq]`), `position_ids`,
+  `past_key_values.{i}.key/value` (`[batch, kv_heads, past_seq, head_dim]`,
+  `past_seq` may be 0), outputs `logits` and `present.{i}.key/value`;
 * encoders (BERT-like): inputs `input_ids`, `attention_mask` (and
   `token_type_ids` where the model uses token types), output
   `last_hidden_state` (`[batch, seq, hidden]`);
@@ -103,6 +107,9 @@ _log = logging.getLogger("optc.frontends.transformers")
 #: Bump when the exported graph or its annotations change, to invalidate cached exports.
 EXPORT_FORMAT_VERSION = 2
 
+#: Bump when the KV-cache form of the export changes (a key of its own beside EXPORT_FORMAT_VERSION).
+_KV_CACHE_FORMAT_VERSION = 1
+
 #: Causal LMs the registry covers (each verified on tiny random configs in tests/architectures/).
 CAUSAL_LM_TYPES: tuple[str, ...] = model_types("causal-lm")
 #: Encoders the registry covers.
@@ -133,6 +140,8 @@ class _Source:
     gguf_file: str | None = None
     #: Bytes the export may use (None: unchecked); see `_check_what_the_files_hold`.
     memory_budget: int | None = None
+    #: Export a causal LM with a KV cache (past inputs, present outputs).
+    kv_cache: bool = False
 
     @property
     def label(self) -> str:
@@ -175,14 +184,18 @@ def supported_architectures() -> str:
 
 def load_transformers(
     path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, memory_budget: int | None = None,
+    kv_cache: bool = False,
 ) -> Model:
     """Load a Hugging Face model directory or `.gguf` file into optc's IR (export cached).
 
     Before the weights are read, the parameter count the config implies is checked against
     what the files hold, and the export's estimated memory against `memory_budget` (bytes).
+    `kv_cache=True` exports a causal LM with its KV cache (encoders ignore it).
     """
-    source = dataclasses.replace(_source(Path(path)), memory_budget=memory_budget)
-    settings = {"opset": opset, "example": [_EXAMPLE_BATCH, _EXAMPLE_SEQ], "format": EXPORT_FORMAT_VERSION}
+    source = dataclasses.replace(_source(Path(path)), memory_budget=memory_budget, kv_cache=kv_cache)
+    settings: dict[str, Any] = {"opset": opset, "example": [_EXAMPLE_BATCH, _EXAMPLE_SEQ], "format": EXPORT_FORMAT_VERSION}
+    if kv_cache:  # its own cache entry; the no-cache key stays as it was
+        settings["kv_cache"] = _KV_CACHE_FORMAT_VERSION
     use_cache = os.environ.get("OPTC_NO_CACHE", "") in ("", "0")
     if use_cache:
         entry = _cache_root() / "exports" / _cache_key(source, settings)
@@ -328,7 +341,7 @@ def _export(source: _Source, opset: int) -> Model:
     hf_model = _load_weights(source, task)
     tokenizer = _load_tokenizer(source)
     _log.info("loaded %s (%s) in %.1fs", source.label, type(hf_model).__name__, time.perf_counter() - start)
-    wrapper, example, names, outputs, dynamic = _wrap(hf_model, task)
+    wrapper, example, names, outputs, dynamic = _wrap(hf_model, task, kv_cache=source.kv_cache)
 
     from optc.frontends.torch import export_module
 
@@ -338,7 +351,7 @@ def _export(source: _Source, opset: int) -> Model:
             wrapper, example, input_names=names, output_names=outputs, dynamic_axes=dynamic, opset=opset,
         )
     _log.info("exported %s in %.1fs", source.label, time.perf_counter() - start)
-    if [v.name for v in model.graph.inputs] != names or model.graph.outputs[0].name != outputs[0]:
+    if [v.name for v in model.graph.inputs] != names or [v.name for v in model.graph.outputs][:len(outputs)] != outputs:
         raise OptcError(
             f"{source.label}: the exported graph has inputs {[v.name for v in model.graph.inputs]} "
             f"and outputs {[v.name for v in model.graph.outputs]}, expected {names} and {outputs}"
@@ -354,6 +367,7 @@ def _export(source: _Source, opset: int) -> Model:
         "outputs": outputs,
         "format": "gguf" if source.gguf_file else "hf",
         "source": source.path.name,
+        "kv_cache": isinstance(wrapper, _CausalLMWithCache),
     })
     if tokenizer is not None:
         from optc.runtime.tokenizer import store_tokenizer
@@ -582,11 +596,15 @@ def _gguf_has_tokenizer(path: Path) -> bool:
         return True
 
 
-def _wrap(hf_model: Any, task: _Task) -> tuple[Any, tuple[Any, ...], list[str], list[str], dict[str, dict[int, str]]]:
+def _wrap(
+    hf_model: Any, task: _Task, *, kv_cache: bool = False,
+) -> tuple[Any, tuple[Any, ...], list[str], list[str], dict[str, dict[int, str]]]:
     """The module to export, its example inputs, input and output names and dynamic axes."""
     vocab = int(getattr(hf_model.config, "vocab_size", 0) or 100)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_SEQ), dtype=torch.int64, generator=generator)
+    if task.kind == "causal-lm" and kv_cache:
+        return _wrap_with_cache(hf_model, ids, generator)
     if task.kind == "vision":
         pixels = _example_pixels(hf_model.config, generator)
         # A model whose config fixes no image size (convolutional, pooled) takes any height and width.
@@ -651,6 +669,63 @@ class _ImageLogits(torch.nn.Module):
 
     def forward(self, pixel_values):
         return self.hf(pixel_values=pixel_values, return_dict=True).logits
+
+
+#: Past length of the traced example (the axis is exported as dynamic; 0 works at run time).
+_EXAMPLE_PAST = 3
+
+
+def _wrap_with_cache(hf_model: Any, ids: Any, generator: Any) -> tuple[Any, tuple[Any, ...], list[str], list[str], dict[str, dict[int, str]]]:
+    """The KV-cache decoder (onnxruntime-genai's names, `optc.runtime.decoder`) and its example inputs."""
+    from optc.runtime.decoder import cache_names, cache_shape
+
+    layout = cache_shape(_config_dict(hf_model))
+    layers = layout.layers
+    batch, seq = ids.shape
+    mask = torch.ones(batch, _EXAMPLE_PAST + seq, dtype=torch.int64)
+    mask[1, :2] = 0  # a left-padded row, so the mask path is traced
+    positions = torch.arange(_EXAMPLE_PAST, _EXAMPLE_PAST + seq).unsqueeze(0).expand(batch, seq).contiguous()
+    past = tuple(
+        torch.randn(batch, layout.kv_heads, _EXAMPLE_PAST, layout.head_dim, generator=generator)
+        for _ in range(2 * layers)
+    )
+    past_names, present_names = cache_names(layers)
+    names = ["input_ids", "attention_mask", "position_ids", *past_names]
+    outputs = ["logits", *present_names]
+    dynamic = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "total_seq"},
+        "position_ids": {0: "batch", 1: "seq"},
+        **{name: {0: "batch", 2: "past_seq"} for name in past_names},
+    }
+    return _CausalLMWithCache(hf_model, layers), (ids, mask, positions, *past), names, outputs, dynamic
+
+
+class _CausalLMWithCache(torch.nn.Module):
+    """`input_ids, attention_mask, position_ids, past key/value per layer → logits, present key/value per layer`."""
+
+    def __init__(self, model: Any, layers: int) -> None:
+        super().__init__()
+        self.hf = model
+        self.layers = layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.hf.config)
+        for layer in range(self.layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        # transformers 5 names the argument `cache`; earlier versions `past_key_values`.
+        keyword = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+        out = self.hf(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=True, return_dict=True, **{keyword: cache},
+        )
+        present = getattr(out, "cache", None) or out.past_key_values
+        flat = []
+        for layer in present.layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
 
 
 class _Encoder(torch.nn.Module):

@@ -29,6 +29,7 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
     remarks: str | None = None,
     strict: bool = False,
     memory_budget: int | str | None = None,
+    kv_cache: bool = False,
 ) -> CompileResult:
     """Compile a model and write the artifact; returns its path (`.artifact.path`) and a summary.
 
@@ -41,6 +42,8 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
     of the passes it names, and `strict=True` fails on a `missed` remark (`optc.passes.RemarkError`).
     `dynamic_axes` says otherwise). `memory_budget` (bytes, or text such as `"8G"`;
     default: the memory available) refuses a path input whose load would need more.
+    `kv_cache=True` exports a Hugging Face or GGUF causal LM with its KV cache, and an `.onnx`
+    output becomes a folder onnxruntime-genai loads (`genai_config.json` and the tokenizer beside it).
     Raises `optc.errors.OptcError` on failure.
     """
     options = CompileOptions(
@@ -55,6 +58,7 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
         remarks=remarks,
         strict=strict,
         memory_budget=memory_budget,
+        kv_cache=kv_cache,
     )
     if isinstance(model, (str, Path)):
         return compile_file(model, output, options)

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory a load may use, e.g. 8G or 512M; refused before loading when the estimate exceeds it "
         "(default: the memory available to this process, cgroup limits included)",
     )
+    parser.add_argument(
+        "--kv-cache", action="store_true",
+        help="export a Hugging Face or GGUF causal LM with its KV cache (onnxruntime-genai's inputs and outputs); "
+             "an .onnx output then gets genai_config.json and the tokenizer beside it, ready for onnxruntime-genai",
+    )
     parser.add_argument("--no-runtime-check", action="store_true", help="do not load the result in its runtime")
     parser.add_argument("--list-passes", action="store_true", help="list every registered pass and exit")
     parser.add_argument("--print-pipeline", action="store_true", help="print the canonical pipeline and exit")
@@ -160,6 +165,7 @@ def run(argv: list[str]) -> int:
         strict=args.strict,
         compare=compare,
         memory_budget=args.memory_budget,
+        kv_cache=args.kv_cache,
     )
     result = compile_file(args.input, args.output, options)
     if not result.wrote:  # a rank other than 0 under torchrun: rank 0 writes and prints

@@ -75,6 +75,9 @@ class CompileOptions:
     strict: bool = False
     #: Memory a load may use, in bytes or as text (`8G`); None: what the machine has available.
     memory_budget: int | str | None = None
+    #: Export a Hugging Face or GGUF causal LM with its KV cache (`--kv-cache`); an ort output becomes a
+    #: generation-ready folder (genai_config.json and the tokenizer beside the model).
+    kv_cache: bool = False
 
 
 @dataclasses.dataclass
@@ -123,10 +126,13 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def planned_writes(backend: Backend, output: Path, report: Path | None) -> list[Written]:
-    """Every file a run may write: what the backend declares, the report files and the reproducer."""
+def planned_writes(backend: Backend, output: Path, report: Path | None, *, generation: bool = False) -> list[Written]:
+    """Every file a run may write: what the backend declares, the report files and the reproducer.
+
+    `generation`: the model is a KV-cache decoder, for which a backend may write a generation-ready folder.
+    """
     flag = str(output)
-    writes = [Written(path, flag, what) for path, what in backend.written_files(output)]
+    writes = [Written(path, flag, what) for path, what in backend.written_files(output, generation=generation)]
     if report is not None:
         for path in report_paths(report):
             what = "the report" if path == report else f"its companion {path}"
@@ -195,11 +201,12 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     _remark_filter(options.remarks)
     budget = _memory_budget(options)
     # Before anything is read: no write may touch the input file or anything in an input directory.
-    check_writes(planned_writes(backend, output, options.report), run_inputs(input_path, options))
+    check_writes(planned_writes(backend, output, options.report, generation=options.kv_cache),
+                 run_inputs(input_path, options))
     world = distributed.init_from_env()
     if world.distributed and not world.primary:
         distributed.barrier()  # rank 0 loads first: one export fills the cache the others then read
-    model = load_input(input_path, memory_budget=budget)
+    model = load_input(input_path, memory_budget=budget, kv_cache=options.kv_cache)
     if world.distributed and world.primary:
         distributed.barrier()
     return compile_model(model, output, options, source=input_path, start=start)
@@ -245,7 +252,7 @@ def compile_model(
     primary = distributed.init_from_env().primary
     for message in pipeline_warnings(pipeline) if primary else []:
         print(f"optc: warning: {message}", file=sys.stderr)
-    files = RunFiles(planned_writes(backend, output, options.report))
+    files = RunFiles(planned_writes(backend, output, options.report, generation=is_cache_decoder(model)))
     files.check(model_inputs(model, source, options))
     check_calibration(model, options.calib)  # bad arrays: one line now, not a pass failure later
     quant_report = None
@@ -376,6 +383,13 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+def is_cache_decoder(model: Model) -> bool:
+    """True for a decoder with KV-cache inputs (`optc.runtime.decoder`)."""
+    from optc.runtime.decoder import has_cache
+
+    return has_cache(v.name for v in model.graph.inputs)
+
+
 def persistent_source(model: Model, before_path: Path | None) -> Path | None:
     """`before_path` when it outlives the run (not an export in a temporary folder), for reproducers."""
     return None if model.meta.get("optc.export_dir") is not None else before_path
@@ -468,11 +482,44 @@ def compare_table(result: CompileResult, *, max_tokens: int = 4096, ctx: int = 2
         (f"latency / {ctx} tokens", f"{before.median_latency_s * 1e3:.0f} ms", f"{after.median_latency_s * 1e3:.0f} ms",
          after.median_latency_s / before.median_latency_s),
     ]
+    if is_generation_output(result.artifact.path):
+        from optc.runtime.text import builtin_text
+
+        prompt = [int(t) for t in tokenizer(builtin_text("eval"), add_special_tokens=False)["input_ids"][:DECODE_PROMPT]]
+        speeds = [decode_speed(path, prompt, DECODE_TOKENS) for path in (result.before_path, result.artifact.path)]
+        rows.append((f"decode tokens/s ({DECODE_TOKENS} new)", f"{speeds[0]:.1f}", f"{speeds[1]:.1f}", speeds[1] / speeds[0]))
+    width = max(22, *(len(row[0]) for row in rows))
     lines = [
         f"held-out text: {after.tokens} predicted tokens in {after.windows} windows of {ctx} (pydoc_data.topics eval split)",
-        f"| {'':<22} | {'before':>12} | {'after':>12} | {'after/before':>12} |",
-        f"|{'-' * 24}|{'-' * 14}|{'-' * 14}|{'-' * 14}|",
+        f"| {'':<{width}} | {'before':>12} | {'after':>12} | {'after/before':>12} |",
+        f"|{'-' * (width + 2)}|{'-' * 14}|{'-' * 14}|{'-' * 14}|",
     ]
-    lines += [f"| {name:<22} | {b:>12} | {a:>12} | {ratio:>11.2f}x |" for name, b, a, ratio in rows]
+    lines += [f"| {name:<{width}} | {b:>12} | {a:>12} | {ratio:>11.2f}x |" for name, b, a, ratio in rows]
     return "\n".join(lines)
 
+
+
+#: The default job's decode row: new tokens after a prompt of this many tokens of the eval text.
+DECODE_PROMPT, DECODE_TOKENS = 64, 32
+
+
+def is_generation_output(path: Path) -> bool:
+    """An ONNX output with the generation-ready folder beside it (`--kv-cache`)."""
+    return path.suffix == ".onnx" and path.with_name("genai_config.json").is_file()
+
+
+def decode_speed(onnx_file: Path, prompt: list[int], new_tokens: int) -> float:
+    """Greedy decode tokens/s of a KV-cache ONNX file through onnxruntime-genai (a generation folder viewed
+    around it when it has none, e.g. the cached export before the pipeline)."""
+    import tempfile
+
+    from optc.backends.ort.genai import generation_folder
+    from optc.evaluate import default_threads
+    from optc.generate import generate
+    from optc.ir import load_model
+
+    with tempfile.TemporaryDirectory(prefix="optc-decode-") as folder:
+        target = onnx_file
+        if not is_generation_output(onnx_file):
+            target = generation_folder(onnx_file, load_model(onnx_file), Path(folder))
+        return generate(target, prompt, new_tokens, threads=default_threads()).decode_tokens_per_s

@@ -1,6 +1,12 @@
 """`optc-eval`: perplexity, size on disk and latency of an ONNX or GGUF causal LM.
 
     optc-eval MODEL [--text FILE] [--ctx 256] [--max-tokens N] [--tokenizer SRC] [--threads N]
+    optc-eval MODEL --generate --prompt TEXT [--max-new-tokens 64] [--threads N]
+
+`--generate` runs greedy generation instead (`optc.generate`): a folder written
+with `optc --kv-cache` (or the .onnx inside it) through onnxruntime-genai, an
+.onnx without a cache by rerunning the sequence, a .gguf through llama.cpp; it
+prints the generated text and the prefill and decode tokens per second.
 
 The text is tokenized once, with one Hugging Face tokenizer, and the same
 token ids go to every backend (llama.cpp's own tokenizer differs from the HF
@@ -56,6 +62,7 @@ import numpy as np
 
 from optc import __version__
 from optc.errors import ModelLoadError, OptcError, UsageError
+from optc.runtime.decoder import fill_decoder_inputs, is_past, session_inputs
 
 PROG = "optc-eval"
 SUFFIXES = (".onnx", ".gguf")
@@ -255,7 +262,10 @@ def _onnx_backend(path: Path, model: Any, threads: int) -> _Backend:
         return int_type[types[name]]
 
     for name in inputs:
-        dtype(name)
+        if not is_past(name):
+            dtype(name)
+    # A KV-cache decoder is scored as a prefill with an empty cache.
+    specs = session_inputs(session)
 
     def run(ids: np.ndarray) -> np.ndarray:
         seq = len(ids)
@@ -266,6 +276,7 @@ def _onnx_backend(path: Path, model: Any, threads: int) -> _Backend:
             feed["position_ids"] = np.arange(seq, dtype=dtype("position_ids"))[None, :]
         if "token_type_ids" in inputs:
             feed["token_type_ids"] = np.zeros((1, seq), dtype=dtype("token_type_ids"))
+        feed = fill_decoder_inputs(specs, feed)
         try:
             (logits,) = session.run(["logits"], feed)
         except Exception as exc:  # noqa: BLE001
@@ -286,11 +297,11 @@ def _check_onnx_interface(path: Path, model: Any) -> None:
             f"{path}: not a causal LM {PROG} can score: it needs an 'input_ids' input and a 'logits' output "
             f"(inputs: {', '.join(inputs) or 'none'}; outputs: {', '.join(outputs) or 'none'})"
         )
-    extra = [name for name in inputs if name != "input_ids" and name not in _AUX_INPUTS]
+    extra = [name for name in inputs if name != "input_ids" and name not in _AUX_INPUTS and not is_past(name)]
     if extra:
         raise OptcError(
             f"{path}: {PROG} cannot feed the input(s) {', '.join(extra)} "
-            f"(it feeds input_ids, {', '.join(_AUX_INPUTS)}); export the model without a KV cache"
+            f"(it feeds input_ids, {', '.join(_AUX_INPUTS)} and an empty KV cache)"
         )
 
 
@@ -433,12 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity, size on disk and latency of an .onnx (onnxruntime) or .gguf (llama.cpp) causal LM.",
         epilog="Example: optc-eval smollm2.onnx --ctx 256 --max-tokens 4096   (last line: ppl=<value>)",
     )
-    parser.add_argument("model", help="the model: .onnx or .gguf")
+    parser.add_argument("model", help="the model: .onnx or .gguf (with --generate also a folder optc --kv-cache wrote)")
     parser.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text to score (default: the eval split of Python's pydoc_data.topics)")
     parser.add_argument("--ctx", type=int, default=256, metavar="N", help="tokens per window (default 256)")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="use only the first N tokens of the text (default: all)")
     parser.add_argument("--tokenizer", metavar="SRC", help="Hugging Face directory, .gguf file or optc .onnx file (default: the model's own)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the runtime (default: every available CPU)")
+    parser.add_argument("--generate", action="store_true", help="generate greedily from --prompt and report tokens per second")
+    parser.add_argument("--prompt", metavar="TEXT", help="the prompt for --generate")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens --generate adds (default 64)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     parser.add_argument("--version", action="version", version=f"{PROG} (optc {__version__})")
     return parser
@@ -454,6 +468,10 @@ def run(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
+    if args.generate:
+        return _run_generation(args)
+    if args.prompt is not None:
+        raise UsageError("--prompt needs --generate")
     if args.text is None:
         from optc.runtime.text import describe
 
@@ -469,6 +487,22 @@ def run(argv: list[str]) -> int:
     print(f"{PROG}: size on disk {_mib(result.size_bytes)}")
     print(f"{PROG}: median latency {result.median_latency_s * 1e3:.1f} ms per window of {result.ctx} tokens")
     print(f"ppl={result.ppl:.4f}")
+    return 0
+
+
+def _run_generation(args: argparse.Namespace) -> int:
+    from optc.generate import generate, load_generation_tokenizer
+
+    if args.prompt is None:
+        raise UsageError("--generate needs --prompt TEXT")
+    threads = default_threads() if args.threads is None else args.threads
+    tokenizer = load_generation_tokenizer(args.model, args.tokenizer)
+    prompt = [int(t) for t in tokenizer(args.prompt)["input_ids"]]
+    result = generate(args.model, prompt, args.max_new_tokens, threads=threads)
+    print(f"{PROG}: {args.model}: {result.runtime}, {result.threads} thread(s)")
+    print(f"{args.prompt}{tokenizer.decode(result.tokens, skip_special_tokens=True)}")
+    print(f"{PROG}: prefill {result.prompt_tokens} tokens: {result.prefill_tokens_per_s:.1f} tokens/s")
+    print(f"{PROG}: decode {len(result.tokens) - 1} tokens: {result.decode_tokens_per_s:.1f} tokens/s")
     return 0
 
 

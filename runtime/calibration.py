@@ -25,6 +25,7 @@ from optc.errors import BadCalibrationData
 from optc.ir import DataType, Model, model_metadata
 from optc.ir.annotations import HF_CONFIG
 from optc.runtime.calibration_spec import CalibrationSpec
+from optc.runtime.decoder import STATE_INPUTS, fill_decoder_inputs, has_cache, is_past
 
 _NUMPY_DTYPES = {
     DataType.FLOAT: np.float32,
@@ -40,16 +41,21 @@ def iter_samples(model: Model, spec: str | CalibrationSpec, samples: int, seqlen
     """Feed dicts for `model`, one calibration sample (batch of 1) at a time."""
     spec = spec if isinstance(spec, CalibrationSpec) else CalibrationSpec.parse(spec)
     if spec.kind == "random":
-        yield from _random_samples(model, samples, seqlen, seed)
+        feeds = _random_samples(model, samples, seqlen, seed)
     elif spec.kind == "builtin":
         from optc.runtime.text import builtin_text
 
-        yield from _text_samples(model, builtin_text("calib"), samples, seqlen, "builtin")
+        feeds = _text_samples(model, builtin_text("calib"), samples, seqlen, "builtin")
     elif spec.kind == "text":
         text = spec.path.read_text(encoding="utf-8", errors="replace")
-        yield from _text_samples(model, text, samples, seqlen, f"text:{spec.path}")
+        feeds = _text_samples(model, text, samples, seqlen, f"text:{spec.path}")
     else:
-        yield from _npz_samples(model, spec.path, samples)
+        feeds = _npz_samples(model, spec.path, samples)
+    # A KV-cache decoder calibrates on prefills with an empty cache (`optc.runtime.decoder`).
+    inputs = [(v.name, list(v.shape or []), _NUMPY_DTYPES.get(v.dtype, np.float32)) for v in model.graph.inputs
+              if v.name not in model.graph.initializers]
+    for feed in feeds:
+        yield fill_decoder_inputs(inputs, feed)
 
 
 def _input_shape(value, seqlen: int) -> list[int]:
@@ -70,11 +76,14 @@ def _vocab_size(model: Model) -> int:
 def _random_samples(model: Model, samples: int, seqlen: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     vocab = _vocab_size(model)
+    decoder = has_cache(v.name for v in model.graph.inputs)
     for _ in range(samples):
         feed = {}
         for value in model.graph.inputs:
             if value.name in model.graph.initializers:
                 continue
+            if decoder and (value.name in STATE_INPUTS or is_past(value.name)):
+                continue  # filled as a prefill with an empty cache
             shape = _input_shape(value, seqlen)
             dtype = _NUMPY_DTYPES.get(value.dtype)
             if dtype is None:

@@ -8,6 +8,7 @@ import onnxruntime as ort
 
 from optc.errors import OptcError
 from optc.ir.io import staged_to_output
+from optc.runtime.decoder import is_past
 
 #: Session config entries added to every session `open_session` makes (after its own), e.g.
 #: {"session.qdq_matmulnbits_accuracy_level": "0"} from a benchmark that scores files as written.
@@ -53,5 +54,8 @@ def runtime_check(staged: Path, output: Path, model_kind: str) -> str:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         detail = staged_to_output(detail, staged, output)
         raise OptcError(f"onnxruntime rejected the {model_kind} model: {detail}") from exc
-    names = ", ".join(i.name for i in session.get_inputs())
-    return f"onnxruntime {ort.__version__} loaded it (inputs: {names})"
+    names = [i.name for i in session.get_inputs()]
+    past = [name for name in names if is_past(name)]
+    if past:  # a KV-cache decoder: its past inputs as one range, not one name per layer and tensor
+        names = [name for name in names if not is_past(name)] + [f"past_key_values.0-{len(past) // 2 - 1}.key/value"]
+    return f"onnxruntime {ort.__version__} loaded it (inputs: {', '.join(names)})"

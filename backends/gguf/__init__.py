@@ -706,7 +706,7 @@ class GgufBackend(Backend):
     name = "gguf"
     suffixes = (".gguf",)
 
-    def written_files(self, output: Path) -> list[tuple[Path, str]]:
+    def written_files(self, output: Path, *, generation: bool = False) -> list[tuple[Path, str]]:
         return [(output, "the output")]
 
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:

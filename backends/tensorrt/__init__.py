@@ -235,7 +235,7 @@ class TensorRTBackend(Backend):
     suffixes = (".onnx", *ENGINE_SUFFIXES)
     legalize = "lower-tensorrt"
 
-    def written_files(self, output: Path) -> list[tuple[Path, str]]:
+    def written_files(self, output: Path, *, generation: bool = False) -> list[tuple[Path, str]]:
         """The ONNX and its data, the engine, and the trtexec command file (see the module docstring)."""
         onnx_path, engine_path = _onnx_and_engine(output)
         data = onnx_path.with_name(onnx_path.name + ".data")
