@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from optc.runtime.decoder import cache_names, fill_decoder_inputs, is_cache_tensor, session_inputs  # noqa: E402
+from tests.fixtures.kv_models import HEAD_DIM, KV_HEADS, LAYERS, kv_compiled, kv_llama  # noqa: E402
 from tests.frontends.test_transformers import VOCAB  # noqa: E402
-from tests.kv_models import HEAD_DIM, KV_HEADS, LAYERS, kv_compiled, kv_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def hf_llama():
 
 @pytest.fixture(scope="module")
 def compiled():
-    """`--kv-cache` outputs of the tiny model: fp32 (cleanup), w8a8 and w4a16-fast (tests/kv_models.py)."""
+    """`--kv-cache` outputs of the tiny model: fp32 (cleanup), w8a8 and w4a16-fast (tests/fixtures/kv_models.py)."""
     return {passes: kv_compiled(passes) for passes in ("cleanup", "w8a8", "w4a16-fast")}
 
 

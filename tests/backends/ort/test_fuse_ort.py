@@ -1,6 +1,6 @@
 """fuse-ort: a KV-cache decoder's rotary attention as GroupQueryAttention, equal to the unfused graph.
 
-The tiny LLaMA of tests/kv_models.py (head size 16, two KV heads for four query heads).
+The tiny LLaMA of tests/fixtures/kv_models.py (head size 16, two KV heads for four query heads).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 import optc  # noqa: E402
 from optc.runtime.decoder import fill_decoder_inputs, session_inputs  # noqa: E402
-from tests.kv_models import LAYERS, kv_compiled  # noqa: E402
+from tests.fixtures.kv_models import LAYERS, kv_compiled  # noqa: E402
 
 
 def _session(path) -> ort.InferenceSession:
