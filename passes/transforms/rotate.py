@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -50,7 +50,13 @@ from optc.ir import Model, Node, Value, annotate, annotation, constant_array, te
 from optc.ir.annotations import PROVENANCE, SOURCE_ALIASES, SOURCE_NAME, SOURCE_TRANSPOSED
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.match import ONNX_DOMAINS, const_value, int_attr, producer
-from optc.ir.patterns.ops import DATA_MOVEMENT_OPS, LAYOUT_OPS, NORM_OPS, NORM_PATH_OPS, REDUCTION_OPS
+from optc.ir.patterns.ops import (
+    DATA_MOVEMENT_OPS,
+    LAYOUT_OPS,
+    NORM_OPS,
+    NORM_PATH_OPS,
+    REDUCTION_OPS,
+)
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -73,7 +79,7 @@ def _paley(q: int) -> np.ndarray:
     return s + np.eye(q + 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _factors(n: int) -> tuple[int, ...] | None:
     """Orders whose Kronecker product is n, each a power of two or a Paley order; None if there is none."""
     if n == 1:
