@@ -69,6 +69,17 @@ register_pipeline(
     "w4a16 with the lm_head in W8A8 (smoothed, int8 kernel): the fastest 4-bit model on CPU",
 )
 
+# 3-bit weight-only (issue 19): the residual stream rotated by a randomized Hadamard (QuaRot), then
+# GPTQ at 3 bits, group 128, asymmetric; the embedding table and the (untied, rotated) lm_head int8.
+W3A16 = 'rotate,gptq{bits=3 symmetric=false},quantize{activations=none embeddings=true exclude=""}'
+
+register_pipeline(
+    "w3a16",
+    W3A16,
+    "3-bit weights (Hadamard-rotated residual stream, GPTQ group 128 asymmetric), float activations; "
+    "embeddings and lm_head int8",
+)
+
 # Prune -> distill -> quantize (issue 9): the order a 2025 compression-ordering study found best.
 # A quarter of the attention heads go, distillation from the unpruned model recovers what they
 # carried (SmolLM2-135M: held-out ppl 19.6 -> 449.6 pruned -> 23.1 after 100 steps on 64x128-token
