@@ -131,6 +131,7 @@ def test_rotation_spreads_the_outlier_channels(load):
     "rotate,awq{bits=4 group=16}",
     "rotate,smoothquant{alpha=0.5},quantize",
     "rotate{untie=false},w8a8",
+    "w3a16",
 ])
 def test_rotate_composes_with_the_quantizers(load, pipeline):
     reference = _logits(load())
