@@ -33,6 +33,10 @@ tokenizer, or for a `.gguf` model the tokenizer of that same file.
 
 Text: `--text FILE`, or by default the `eval` split of Python's own
 `pydoc_data.topics` (see `optc.runtime.text`), which calibration never sees.
+`--text builtin:NAME` names a built-in text instead: `builtin:topics` (that
+eval split), `builtin:code` (standard-library Python source, a different
+source and kind than the calibration text) or `builtin:docstrings` (the
+development text for choosing defaults).
 
 It prints the size on disk (model plus external data), the median wall time
 of one window's forward pass (after one untimed warm-up run), and ends with
@@ -445,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: optc-eval smollm2.onnx --ctx 256 --max-tokens 4096   (last line: ppl=<value>)",
     )
     parser.add_argument("model", help="the model: .onnx or .gguf (with --generate also a folder optc --kv-cache wrote)")
-    parser.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text to score (default: the eval split of Python's pydoc_data.topics)")
+    parser.add_argument("--text", metavar="FILE", help="UTF-8 text to score, or builtin:topics|code|docstrings "
+                        "(default: the eval split of Python's pydoc_data.topics)")
     parser.add_argument("--ctx", type=int, default=256, metavar="N", help="tokens per window (default 256)")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="use only the first N tokens of the text (default: all)")
     parser.add_argument("--tokenizer", metavar="SRC", help="Hugging Face directory, .gguf file or optc .onnx file (default: the model's own)")
@@ -476,10 +481,18 @@ def run(argv: list[str]) -> int:
         from optc.runtime.text import describe
 
         text, source = None, describe("eval")
+    elif args.text.startswith("builtin:"):
+        from optc.runtime.text import NAMED_TEXTS, named_text
+
+        name = args.text.partition(":")[2]
+        if name not in NAMED_TEXTS:
+            raise UsageError(f"--text {args.text}: unknown built-in text; expected builtin:{'|'.join(NAMED_TEXTS)}")
+        text, source = named_text(name), f"{args.text} ({NAMED_TEXTS[name]})"
     else:
-        if not args.text.is_file():
+        path = Path(args.text)
+        if not path.is_file():
             raise OptcError(f"--text {args.text}: no such file")
-        text, source = args.text.read_text(encoding="utf-8", errors="replace"), str(args.text)
+        text, source = path.read_text(encoding="utf-8", errors="replace"), str(path)
     result = evaluate(args.model, text, args.ctx, args.max_tokens, args.tokenizer, threads=args.threads)
     print(f"{PROG}: {args.model}: {result.runtime}, {result.threads} thread(s)")
     print(f"{PROG}: text {source}: {result.text_tokens:,} tokens; {result.windows} window(s) of {result.ctx}, "

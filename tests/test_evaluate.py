@@ -21,6 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optc import evaluate as ev
+from optc.errors import OptcError
 from optc.evaluate import EvalResult, evaluate, main, window_count, window_nll
 from optc.ir import load_model, save_model
 from optc.runtime.text import SPLITS, builtin_text, split_topics
@@ -138,6 +139,14 @@ def test_cli_builtin_text(lm, capsys):
     assert "pydoc_data.topics (eval split)" in out
     assert "4 window(s) of 64, 252 predicted tokens" in out
     assert out.strip().splitlines()[-1].startswith("ppl=")
+
+
+def test_cli_named_builtin_text(lm, capsys):
+    code, out, err = run_cli(capsys, lm, "--text", "builtin:code", "--ctx", "64", "--max-tokens", "128", "--threads", "1")
+    assert code == 0, err
+    assert "builtin:code (Python source with comments" in out
+    code, out, err = run_cli(capsys, lm, "--text", "builtin:nothing", "--ctx", "64")
+    assert code == 2 and "unknown built-in text" in err and len(err.strip().splitlines()) == 1
 
 
 def test_tokenizer_sources(lm, tmp_path):
@@ -291,6 +300,23 @@ def test_builtin_text_splits_are_disjoint_and_deterministic():
     assert not any(topics[k].strip() in eval_text for k in calib if len(topics[k].strip()) > 200)
     with pytest.raises(ValueError):
         split_topics("test")  # type: ignore[arg-type]
+
+
+def test_named_texts_are_disjoint_deterministic_and_of_other_kinds():
+    from optc.runtime.text import CODE_MODULES, DOCSTRING_MODULES, NAMED_TEXTS, named_text
+
+    assert set(CODE_MODULES).isdisjoint(DOCSTRING_MODULES)
+    assert named_text("topics") == builtin_text("eval")
+    code, docs = named_text("code"), named_text("docstrings")
+    assert code == named_text("code") and docs == named_text("docstrings")
+    assert len(code) > 50_000 and len(docs) > 50_000
+    assert "def " in code and "# " in code  # source with its comments
+    assert "def " not in docs[:2000]
+    calib = builtin_text("calib")
+    assert code[:2000] not in calib and docs[:2000] not in calib and docs[:2000] not in code
+    assert set(NAMED_TEXTS) == {"topics", "code", "docstrings"}
+    with pytest.raises(OptcError, match="unknown built-in text"):
+        named_text("nothing")
 
 
 # --------------------------------------------------------------------------- GGUF (llama.cpp)
