@@ -197,7 +197,7 @@ def test_qwen3_gguf_loads_in_llama_cpp_with_the_onnx_logits(tmp_path, monkeypatc
 
     import optc
     from optc.backends.gguf import import_llama_cpp
-    from tests.backends.gguf_models import tiny_tokenizer
+    from tests.fixtures.gguf_models import tiny_tokenizer
 
     monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path / "cache"))
     tokenizer = tiny_tokenizer()

@@ -18,7 +18,7 @@ import pytest
 
 from optc.ir import save_model
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
-from tests import models
+from tests.fixtures import models
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

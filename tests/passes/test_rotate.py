@@ -17,8 +17,8 @@ import pytest
 from optc.ir import annotation, save_model
 from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
 from optc.passes.transforms.rotate import find_stream, hadamard, rotation
-from tests import models
-from tests.passes import quant_models as qm
+from tests.fixtures import models
+from tests.fixtures import quant_models as qm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -143,7 +143,7 @@ def test_rotate_composes_with_the_quantizers(load, pipeline):
 def test_rotate_composes_with_kquant(tmp_path, monkeypatch):
     """rotate then kquant: a GGUF that llama.cpp scores like the unrotated one (the tied head untied)."""
     from optc.api import compile as optc_compile
-    from tests.backends.gguf_models import tiny_hf_llama
+    from tests.fixtures.gguf_models import tiny_hf_llama
 
     monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path / "cache"))
     hf_model, tokenizer = tiny_hf_llama(layers=1)
