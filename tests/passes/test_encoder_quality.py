@@ -19,6 +19,7 @@ import pytest
 from optc.ir import save_model
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
 from tests.fixtures import models
+from tests.fixtures.hf_folders import exported_hf_folder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,18 +30,12 @@ CALIB = {"calibration.spec": "random", "calibration.samples": 8, "calibration.se
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
-    from optc.frontends.transformers import load_transformers
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPTC_CACHE_DIR", str(tmp_path_factory.mktemp("optc-cache")))
-        torch.manual_seed(0)
-        config = transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            max_position_embeddings=64, type_vocab_size=2, initializer_range=0.15,
-        )
-        folder = tmp_path_factory.mktemp("encoder")
-        transformers.BertModel(config, add_pooling_layer=False).eval().save_pretrained(folder)
-        load_transformers(folder)  # fills the cache
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, type_vocab_size=2, initializer_range=0.15,
+    )
+    with exported_hf_folder(tmp_path_factory, "encoder",
+                            lambda: transformers.BertModel(config, add_pooling_layer=False)) as folder:
         yield folder
 
 

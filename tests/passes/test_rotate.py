@@ -19,6 +19,7 @@ from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
 from optc.passes.transforms.rotate import find_stream, hadamard, rotation
 from tests.fixtures import models
 from tests.fixtures import quant_models as qm
+from tests.fixtures.hf_folders import exported_hf_folder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,15 +30,12 @@ CALIB = {"calibration.spec": "random", "calibration.samples": 8, "calibration.se
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from optc.frontends.transformers import load_transformers
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=128, tie_word_embeddings=True,
+    )
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPTC_CACHE_DIR", str(tmp_path_factory.mktemp("optc-cache")))
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=48, max_position_embeddings=128, tie_word_embeddings=True,
-        )
+    def build():
         hf = transformers.LlamaForCausalLM(config)
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -45,9 +43,9 @@ def llama_dir(tmp_path_factory):
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
                 if name.endswith("input_layernorm.weight"):
                     parameter[[3, 17]] *= 8.0
-        folder = tmp_path_factory.mktemp("llama")
-        hf.eval().save_pretrained(folder)
-        load_transformers(folder)  # fills the cache
+        return hf
+
+    with exported_hf_folder(tmp_path_factory, "llama", build) as folder:
         yield folder
 
 
