@@ -46,12 +46,10 @@ import numpy as np
 
 from optc.errors import OptcError
 from optc.ir import Model
-from optc.passes.analyses.activation_stats import default_values
+from optc.passes.analyses.activation_stats import accumulate_calibration, default_values
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
-from optc.passes.infra.calibration import calibration_shard
 from optc.passes.infra.registry import register_analysis
 from optc.runtime import distributed
-from optc.runtime.runner import ModelRunner
 
 #: Range-selection methods, for options and messages.
 METHODS = ("minmax", "percentile", "mse", "entropy")
@@ -301,10 +299,7 @@ class ActivationHistograms(Analysis[dict[str, TensorHistogram]]):
         histograms = {name: TensorHistogram(bins=bins) for name in values}
         if not values:
             return histograms
-        with ModelRunner(model, values) as runner:
-            for feed in calibration_shard(model, am.context):
-                for name, array in runner.run(feed, values).items():
-                    histograms[name].update(array)
+        accumulate_calibration(model, am, histograms)
         if distributed.current().distributed:
             combine_over_ranks(histograms)
         return histograms

@@ -10,6 +10,7 @@ activations are in memory at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,15 @@ class TensorStats:
         return None if self.channel_sqsum is None or not self.rows else self.channel_sqsum / self.rows
 
 
+def accumulate_calibration(model: Model, am: AnalysisManager, accumulators: dict[str, Any]) -> None:
+    """Run this process's share of the calibration samples, calling `update(array)` on each value's accumulator."""
+    values = list(accumulators)
+    with ModelRunner(model, values) as runner:
+        for feed in calibration_shard(model, am.context):
+            for name, array in runner.run(feed, values).items():
+                accumulators[name].update(array)
+
+
 def default_values(model: Model) -> list[str]:
     """The activation inputs of weighted ops, in graph order."""
     names: list[str] = []
@@ -79,10 +89,7 @@ class ActivationStats(Analysis[dict[str, TensorStats]]):
     def run(self, model: Model, am: AnalysisManager) -> dict[str, TensorStats]:
         values = list(self.params.get("values") or default_values(model))
         stats = {name: TensorStats() for name in values}
-        with ModelRunner(model, values) as runner:
-            for feed in calibration_shard(model, am.context):
-                for name, array in runner.run(feed, values).items():
-                    stats[name].update(array)
+        accumulate_calibration(model, am, stats)
         if distributed.current().distributed:
             combine_over_ranks(stats)
         return stats
