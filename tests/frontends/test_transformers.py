@@ -246,7 +246,7 @@ def test_llama_metadata(llama):
     assert config["model_type"] == "llama" and config["vocab_size"] == VOCAB
     assert model_metadata(model, HF_EXPORT) == {
         "task": "causal-lm", "model_type": "llama", "inputs": ["input_ids"], "outputs": ["logits"],
-        "format": "hf", "source": folder.name,
+        "format": "hf", "source": folder.name, "kv_cache": False,
     }
     assert model_metadata(model, TIED_PARAMETERS) == {"lm_head.weight": "model.embed_tokens.weight"}
     assert "tokenizer.json" in model_metadata(model, TOKENIZER)["files"]
