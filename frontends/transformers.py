@@ -78,7 +78,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from optc.architectures import lookup, model_types  # noqa: E402
-from optc.errors import ModelLoadError, OptcError  # noqa: E402
+from optc.errors import ModelLoadError, OptcError, first_line  # noqa: E402
 from optc.files import has_gguf_magic  # noqa: E402
 from optc.frontends.headers import WeightsHeld, read_gguf_header, weights_held  # noqa: E402
 from optc.ir import (  # noqa: E402 - the offline switches must be set before transformers is imported
@@ -383,7 +383,7 @@ def _load_config(source: _Source) -> Any:
         with _quiet():
             return AutoConfig.from_pretrained(str(source.folder), **source.load_kwargs())
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad configs
-        message = _first_line(exc)
+        message = first_line(exc, limit=None)
         if source.gguf_file and "is not supported" in message:
             arch = _gguf_architecture(source.path) or "unknown"
             raise ModelLoadError(
@@ -402,7 +402,7 @@ def _check_config_json(source: _Source) -> dict[str, Any]:
             raise ModelLoadError(f"{path}: not a readable config.json (over {_MAX_CONFIG_BYTES >> 20} MiB)")
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ModelLoadError(f"{path}: not a readable config.json ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: not a readable config.json ({first_line(exc, limit=None)})") from exc
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path}: not a readable config.json (not a JSON object)")
     model_type = config.get("model_type")
@@ -501,7 +501,7 @@ def _implied_parameters(source: _Source, config: Any, task: _Task) -> int:
         one, two = count(1), count(2)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for inconsistent configs
         what = "GGUF file" if source.gguf_file else "config.json"
-        raise ModelLoadError(f"{source.label}: cannot read the {what}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{source.label}: cannot read the {what}: {first_line(exc, limit=None)}") from exc
     return one + (layers - 1) * (two - one)
 
 
@@ -554,7 +554,7 @@ def _load_weights(source: _Source, task: _Task) -> Any:
                 **source.load_kwargs(),
             )
     except Exception as exc:  # noqa: BLE001 - safetensors, torch.load and transformers raise many types
-        raise ModelLoadError(f"{source.label}: cannot read the weights: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{source.label}: cannot read the weights: {first_line(exc, limit=None)}") from exc
     problems = {
         "missing": [k for k in info.get("missing_keys", ()) if not _optional_parameter(k)],
         "mismatched": [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())],
@@ -584,7 +584,7 @@ def _load_tokenizer(source: _Source) -> Any | None:
         with _quiet():
             return AutoTokenizer.from_pretrained(str(source.folder), **source.load_kwargs())
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{source.label}: cannot read the tokenizer: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{source.label}: cannot read the tokenizer: {first_line(exc, limit=None)}") from exc
 
 
 def _gguf_has_tokenizer(path: Path) -> bool:
@@ -850,10 +850,6 @@ def _config_dict(hf_model: Any) -> dict[str, Any]:
         config["architectures"] = [type(hf_model).__name__]
     return config
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import onnx
 import onnx.helper
 
-from optc.errors import OptcError
+from optc.errors import OptcError, first_line
 from optc.ir.core import Graph, Model
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -71,7 +71,7 @@ def _convert(model: Model, current: int, target: int) -> None:
         with _quiet_converter() as skipped:
             version_converter.convert_version(model, target, fallback=True)
     except Exception as exc:  # noqa: BLE001 - the converter raises several types
-        raise OptcError(f"{failed}: {_first_line(exc)}") from exc
+        raise OptcError(f"{failed}: {first_line(exc)}") from exc
     if skipped:  # the converter skips a node it cannot convert and carries on: refuse the result
         raise OptcError(f"{failed}: {skipped[0]}")
     if default_opset(model) != target:  # the onnx C API fallback failed and left the model as it was
@@ -159,10 +159,6 @@ def _quiet_converter() -> Iterator[list[str]]:
             logger.setLevel(level)
             logger.propagate = propagate
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 __all__ = ["default_opset", "ensure_opset"]

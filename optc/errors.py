@@ -78,3 +78,9 @@ class PreconditionError(OptcError):
 
 class PostconditionError(OptcError):
     """A pass's `ensures` check did not hold on its output."""
+
+
+def first_line(exc: BaseException, limit: int | None = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 
 from optc import __version__
-from optc.errors import ModelLoadError, OptcError, UsageError
+from optc.errors import ModelLoadError, OptcError, UsageError, first_line
 from optc.runtime.decoder import fill_decoder_inputs, is_past, session_inputs
 
 PROG = "optc-eval"
@@ -159,7 +159,7 @@ def _gguf_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers and gguf raise many types
-        raise OptcError(f"{path}: transformers cannot read a tokenizer from this GGUF file ({_first_line(exc)}); {TOKENIZER_HINT}") from exc
+        raise OptcError(f"{path}: transformers cannot read a tokenizer from this GGUF file ({first_line(exc)}); {TOKENIZER_HINT}") from exc
 
 
 def _directory_tokenizer(path: Path) -> Any:
@@ -168,7 +168,7 @@ def _directory_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise OptcError(f"--tokenizer {path}: no Hugging Face tokenizer in this directory ({_first_line(exc)})") from exc
+        raise OptcError(f"--tokenizer {path}: no Hugging Face tokenizer in this directory ({first_line(exc)})") from exc
 
 
 def _onnx_tokenizer(path: Path, *, model: Any = None, role: str) -> Any:
@@ -183,7 +183,7 @@ def _onnx_tokenizer(path: Path, *, model: Any = None, role: str) -> Any:
     try:
         return tokenizer_from_files(entry["files"])
     except Exception as exc:  # noqa: BLE001
-        raise OptcError(f"{role}{path}: the stored tokenizer cannot be rebuilt ({_first_line(exc)}); {TOKENIZER_HINT}") from exc
+        raise OptcError(f"{role}{path}: the stored tokenizer cannot be rebuilt ({first_line(exc)}); {TOKENIZER_HINT}") from exc
 
 
 def load_tokenizer(src: str | Path) -> Any:
@@ -256,7 +256,7 @@ def _onnx_backend(path: Path, model: Any, threads: int) -> _Backend:
     try:
         session = open_session(path, threads=threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        raise OptcError(f"{path}: onnxruntime cannot load it ({_first_line(exc)})") from exc
+        raise OptcError(f"{path}: onnxruntime cannot load it ({first_line(exc)})") from exc
     types = {i.name: i.type for i in session.get_inputs()}
     int_type = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -284,7 +284,7 @@ def _onnx_backend(path: Path, model: Any, threads: int) -> _Backend:
         try:
             (logits,) = session.run(["logits"], feed)
         except Exception as exc:  # noqa: BLE001
-            raise OptcError(f"{path}: onnxruntime failed on a window of {seq} tokens ({_first_line(exc)})") from exc
+            raise OptcError(f"{path}: onnxruntime failed on a window of {seq} tokens ({first_line(exc)})") from exc
         if logits.ndim != 3 or logits.shape[:2] != (1, seq):
             raise OptcError(f"{path}: 'logits' has shape {list(logits.shape)}, expected [1, {seq}, vocab]")
         return logits[0]
@@ -309,31 +309,32 @@ def _check_onnx_interface(path: Path, model: Any) -> None:
         )
 
 
-def _import_llama() -> Any:
+def import_llama(doing: str = "evaluating") -> Any:
+    """llama-cpp-python, its log lines silenced; without it, one line saying what `doing` a .gguf model needs."""
     from optc.backends.gguf import import_llama_cpp
 
     try:
-        return import_llama_cpp()  # its own log lines silenced: a failure is one line
+        return import_llama_cpp()
     except ImportError as exc:
-        raise OptcError(f"evaluating a .gguf model needs llama-cpp-python, which is not installed: {LLAMA_HINT}") from exc
+        raise OptcError(f"{doing} a .gguf model needs llama-cpp-python, which is not installed: {LLAMA_HINT}") from exc
 
 
 def _gguf_backend(path: Path, ctx: int, threads: int) -> _Backend:
-    llama_cpp = _import_llama()
+    llama_cpp = import_llama()
     try:
         llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
             n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False,
         )
     except Exception as exc:  # noqa: BLE001 - llama-cpp-python raises ValueError/RuntimeError
-        raise ModelLoadError(f"{path}: llama.cpp cannot load it ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: llama.cpp cannot load it ({first_line(exc)})") from exc
 
     def run(ids: np.ndarray) -> np.ndarray:
         llm.reset()
         try:
             llm.eval(ids.tolist())
         except Exception as exc:  # noqa: BLE001
-            raise OptcError(f"{path}: llama.cpp failed on a window of {len(ids)} tokens ({_first_line(exc)})") from exc
+            raise OptcError(f"{path}: llama.cpp failed on a window of {len(ids)} tokens ({first_line(exc)})") from exc
         return llm.scores[: len(ids)]
 
     return _Backend(run, int(llm.n_vocab()), f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", llm.close)
@@ -375,7 +376,7 @@ def evaluate(
 
     onnx_model = None
     if kind == "gguf":
-        _import_llama()  # fail before the (slow) tokenizer load
+        import_llama()  # fail before the (slow) tokenizer load
     else:
         from optc.ir import load_model
 
@@ -518,10 +519,6 @@ def _run_generation(args: argparse.Namespace) -> int:
     print(f"{PROG}: decode {len(result.tokens) - 1} tokens: {result.decode_tokens_per_s:.1f} tokens/s")
     return 0
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from optc.errors import ModelLoadError, OptcError, UsageError
+from optc.errors import ModelLoadError, OptcError, UsageError, first_line
 from optc.runtime.decoder import fill_decoder_inputs, has_cache, session_inputs
 
 
@@ -138,7 +138,7 @@ def _genai_steps(path: Path, prompt: list[int], new: int, threads: int) -> tuple
             "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
         model = og.Model(config)
     except Exception as exc:  # noqa: BLE001 - onnxruntime-genai raises its own types
-        raise ModelLoadError(f"{folder}: onnxruntime-genai cannot load it ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{folder}: onnxruntime-genai cannot load it ({first_line(exc)})") from exc
     params = og.GeneratorParams(model)
     total = len(prompt) + new
     params.set_search_options(max_length=total, min_length=total, do_sample=False, top_k=1)
@@ -161,7 +161,7 @@ def _onnx_loop_steps(path: Path, prompt: list[int], new: int, threads: int) -> t
     try:
         session = open_session(path, threads=threads)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{path}: onnxruntime cannot load it ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: onnxruntime cannot load it ({first_line(exc)})") from exc
     inputs = session_inputs(session)
     names = [name for name, _, _ in inputs]
     if names != ["input_ids"] and not has_cache(names):
@@ -182,12 +182,9 @@ def _onnx_loop_steps(path: Path, prompt: list[int], new: int, threads: int) -> t
 
 
 def _llama_steps(path: Path, prompt: list[int], new: int, threads: int) -> tuple[str, Iterator[int]]:
-    from optc.backends.gguf import import_llama_cpp
+    from optc.evaluate import import_llama
 
-    try:
-        llama_cpp = import_llama_cpp()
-    except ImportError as exc:
-        raise OptcError("generating from a .gguf model needs llama-cpp-python: pip install 'optc[llama]'") from exc
+    llama_cpp = import_llama("generating from")
     context = len(prompt) + new
     try:
         llm = llama_cpp.Llama(
@@ -195,7 +192,7 @@ def _llama_steps(path: Path, prompt: list[int], new: int, threads: int) -> tuple
             n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False,
         )
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{path}: llama.cpp cannot load it ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: llama.cpp cannot load it ({first_line(exc)})") from exc
 
     vocab = int(llm.n_vocab())
 
@@ -239,10 +236,6 @@ def _eos_tokens(path: Path) -> list[int]:
         return []
     return [int(t) for t in eos] if isinstance(eos, list) else [int(eos)]
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def load_generation_tokenizer(path: str | Path, tokenizer: str | None = None) -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optc.errors import BadCalibrationData
+from optc.errors import BadCalibrationData, first_line
 from optc.ir import DataType, Model, model_metadata
 from optc.ir.annotations import HF_CONFIG
 from optc.runtime.calibration_spec import CalibrationSpec
@@ -164,7 +164,7 @@ def _checked_npz_arrays(model: Model, path: Path, *, load: bool) -> Iterator[tup
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - numpy raises several types for bad files
-        raise BadCalibrationData(f"{label}: not a readable .npz file ({_first_line(exc)})") from exc
+        raise BadCalibrationData(f"{label}: not a readable .npz file ({first_line(exc)})") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise BadCalibrationData(f"{label}: not a .npz archive (a single .npy array?); save it with numpy.savez")
     with archive:
@@ -188,7 +188,7 @@ def _checked_npz_arrays(model: Model, path: Path, *, load: bool) -> Iterator[tup
             try:
                 array = archive[name]
             except Exception as exc:  # noqa: BLE001 - a damaged member: zlib, EOF or format errors
-                raise BadCalibrationData(f"{label}: array {name!r} cannot be read ({_first_line(exc)})") from exc
+                raise BadCalibrationData(f"{label}: array {name!r} cannot be read ({first_line(exc)})") from exc
             if load:
                 _check_values(label, name, array, vocab)
                 del array
@@ -212,7 +212,7 @@ def _npy_header(archive, name: str, label: str) -> tuple[tuple[int, ...], np.dty
             info = archive.zip.getinfo(member)
             size = info.file_size - stream.tell()
     except Exception as exc:  # noqa: BLE001 - zipfile, numpy's header parser
-        raise BadCalibrationData(f"{label}: array {name!r} is not a readable .npy member ({_first_line(exc)})") from exc
+        raise BadCalibrationData(f"{label}: array {name!r} is not a readable .npy member ({first_line(exc)})") from exc
     if dtype.hasobject:
         raise BadCalibrationData(
             f"{label}: array {name!r} holds Python objects (dtype {dtype}); optc never unpickles data: "
@@ -295,10 +295,6 @@ def _known_vocab_size(model: Model) -> int | None:
     vocab = config.get("vocab_size")
     return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 __all__ = ["CalibrationSpec", "check_calibration", "iter_samples", "load_tokenizer"]

@@ -40,7 +40,7 @@ from typing import Any
 
 from optc.backends.base import Artifact, Backend, register_backend
 from optc.backends.tensorrt.trt_check import check_tensorrt, summarize
-from optc.errors import OptcError, WriteError
+from optc.errors import OptcError, WriteError, first_line
 from optc.ir import Model, annotation, model_metadata, model_size_bytes, save_model, verify
 from optc.ir.annotations import SPARSITY, TENSORRT_LOWERING
 from optc.ir.io import remove_model
@@ -157,12 +157,12 @@ def build_engine(onnx_path: Path, engine_path: Path, *, sparse: bool,
     try:
         import tensorrt as trt
     except Exception as exc:  # noqa: BLE001 - a broken CUDA install raises anything
-        raise _Unavailable(f"tensorrt cannot be imported ({_first_line(exc)})") from exc
+        raise _Unavailable(f"tensorrt cannot be imported ({first_line(exc)})") from exc
     logger = trt.Logger(trt.Logger.WARNING)
     try:
         builder = trt.Builder(logger)
     except Exception as exc:  # noqa: BLE001
-        raise _Unavailable(f"no TensorRT builder on this machine ({_first_line(exc)})") from exc
+        raise _Unavailable(f"no TensorRT builder on this machine ({first_line(exc)})") from exc
     if builder is None:
         raise _Unavailable("no TensorRT builder on this machine (no CUDA device?)")
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -192,7 +192,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, sparse: bool,
         inspector = engine.create_engine_inspector()
         layers = layer_precisions(json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON)))
     except Exception as exc:  # noqa: BLE001 - the engine is built; only the layer listing failed
-        raise OptcError(f"TensorRT built {engine_path} but its layers could not be listed: {_first_line(exc)}") from exc
+        raise OptcError(f"TensorRT built {engine_path} but its layers could not be listed: {first_line(exc)}") from exc
     return EngineReport(engine_path, len(data), *layers, tensorrt_version=str(getattr(trt, "__version__", "?")))
 
 
@@ -222,9 +222,6 @@ def _onnx_and_engine(output: Path) -> tuple[Path, Path]:
 def _command_path(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.stem + ".trtexec.txt")
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 @register_backend
