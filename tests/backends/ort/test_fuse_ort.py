@@ -48,16 +48,21 @@ def _gqa_count(path) -> int:
     return ops.count("GroupQueryAttention")
 
 
+def _assert_same_steps(got_path, want_path, ids: np.ndarray, steps: int, atol: float) -> None:
+    """Prefill then `steps` decode steps through both models: every output of every step equal within `atol`."""
+    got = _prefill_then_decode(_session(got_path), ids, steps=steps)
+    want = _prefill_then_decode(_session(want_path), ids, steps=steps)
+    for got_step, want_step in zip(got, want, strict=True):
+        for a, b in zip(got_step, want_step, strict=True):
+            np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+
+
 def test_backend_fuses_and_matches_the_export():
     """The ort backend runs fuse-ort: the written fp32 decoder equals the export as traced."""
     result = kv_compiled("cleanup")
     assert _gqa_count(result.artifact.path) == LAYERS
     ids = np.random.default_rng(0).integers(0, 96, size=(2, 9), dtype=np.int64)
-    fused = _prefill_then_decode(_session(result.artifact.path), ids, steps=3)
-    unfused = _prefill_then_decode(_session(result.before_path), ids, steps=3)
-    for got, want in zip(fused, unfused, strict=True):
-        for a, b in zip(got, want, strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    _assert_same_steps(result.artifact.path, result.before_path, ids, steps=3, atol=1e-4)
 
 
 def test_w8a8_attention_is_fused():
@@ -77,11 +82,7 @@ def test_fuse_ort_alone_is_exact(tmp_path):
     fused = optc.compile(str(result.before_path), output=str(tmp_path / "model.onnx"), passes="fuse-ort")
     assert any(r.pass_name == "fuse-ort" and r.kind == "passed" for r in fused.remarks)
     ids = np.random.default_rng(1).integers(0, 96, size=(1, 5), dtype=np.int64)
-    got = _prefill_then_decode(_session(fused.artifact.path), ids, steps=4)
-    want = _prefill_then_decode(_session(result.before_path), ids, steps=4)
-    for a_step, b_step in zip(got, want, strict=True):
-        for a, b in zip(a_step, b_step, strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    _assert_same_steps(fused.artifact.path, result.before_path, ids, steps=4, atol=1e-5)
     assert (tmp_path / "genai_config.json").is_file()  # an ONNX decoder input keeps its generation folder
 
 
@@ -94,8 +95,4 @@ def test_skip_norms_are_exact(tmp_path):
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * LAYERS and "Reciprocal" in ops  # the first norm stays
     ids = np.random.default_rng(4).integers(0, 96, size=(1, 7), dtype=np.int64)
-    got = _prefill_then_decode(_session(fused.artifact.path), ids, steps=2)
-    want = _prefill_then_decode(_session(result.before_path), ids, steps=2)
-    for a_step, b_step in zip(got, want, strict=True):
-        for a, b in zip(a_step, b_step, strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    _assert_same_steps(fused.artifact.path, result.before_path, ids, steps=2, atol=1e-5)
