@@ -498,7 +498,6 @@ def compare_table(result: CompileResult, *, max_tokens: int = 4096, ctx: int = 2
     return "\n".join(lines)
 
 
-
 #: The default job's decode row: new tokens after a prompt of this many tokens of the eval text.
 DECODE_PROMPT, DECODE_TOKENS = 64, 32
 

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-from optc.errors import OptcError
+from optc.errors import OptcError, first_line
 
 T = TypeVar("T")
 
@@ -92,7 +92,7 @@ def init_from_env() -> World:
             dist.init_process_group(backend=backend, init_method="env://", rank=world.rank, world_size=world.size,
                                     timeout=COLLECTIVE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - rendezvous failures come in several types
-            detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+            detail = first_line(exc, limit=None)
             raise OptcError(f"cannot join the torch.distributed process group ({backend}, env://): {detail}") from exc
         atexit.register(_leave)
     return World(dist.get_rank(), dist.get_world_size(), world.local_rank)

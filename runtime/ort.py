@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from optc.errors import OptcError
+from optc.errors import OptcError, first_line
 from optc.ir.io import staged_to_output
 from optc.runtime.decoder import is_past
 
@@ -51,7 +51,7 @@ def runtime_check(staged: Path, output: Path, model_kind: str) -> str:
     try:
         session = open_session(staged, optimize=False, threads=1)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc, limit=None)
         detail = staged_to_output(detail, staged, output)
         raise OptcError(f"onnxruntime rejected the {model_kind} model: {detail}") from exc
     names = [i.name for i in session.get_inputs()]

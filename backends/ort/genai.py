@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from optc.errors import OptcError
+from optc.errors import OptcError, first_line
 from optc.ir import Model, model_metadata
 from optc.ir.annotations import HF_CONFIG, TOKENIZER
 from optc.runtime.decoder import (
@@ -154,7 +154,7 @@ def genai_check(folder: Path) -> str | None:
     try:
         og.Model(str(folder))
     except Exception as exc:  # noqa: BLE001 - onnxruntime-genai raises its own types
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc, limit=None)
         raise OptcError(f"onnxruntime-genai rejected the folder {folder}: {detail}") from exc
     return f"onnxruntime-genai {og.__version__} loaded the folder {folder}"
 
