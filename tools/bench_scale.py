@@ -10,7 +10,8 @@ a memory cgroup of its own capped at `--cap` (`tools/peak_memory.py`):
 * `optc DIR --passes='kquant{mix=Q4_K_M}' -o q4km.gguf`
 * `optc DIR --passes='rtn{bits=8 group=128}' -o w8.onnx`
 
-(`--no-runtime-check`: the final onnxruntime / llama.cpp load check is optional on a model bigger than
+(`OPTC_LAZY_WEIGHTS=1`, `--lazy`: weights read lazily from the checkpoint at every size;
+`--no-runtime-check`: the final onnxruntime / llama.cpp load check is optional on a model bigger than
 memory) and prints one table: parameters, checkpoint size, and per command the wall time, the peak
 anonymous memory (sampled `total_rss`) and `memory.max_usage_in_bytes` (which also counts the page
 cache the group touched; the kernel reclaims it under the cap). With `--check`, after the runs:
@@ -142,9 +143,9 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def run_commands(folder: Path, work: Path, cap: int, optc: str, only: list[str]) -> dict[str, dict]:
+def run_commands(folder: Path, work: Path, cap: int, optc: str, only: list[str], lazy: str) -> dict[str, dict]:
     results = {}
-    env = dict(os.environ, OPTC_NO_CACHE="1")
+    env = dict(os.environ, OPTC_NO_CACHE="1", OPTC_LAZY_WEIGHTS=lazy)
     for label, (passes, name) in COMMANDS.items():
         if only and not any(o in label for o in only):
             continue
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/optc-scale"))
     parser.add_argument("--optc", default=str(Path(sys.executable).with_name("optc")))
     parser.add_argument("--only", default="", help="run only the commands whose label contains one of these (comma-separated)")
+    parser.add_argument("--lazy", choices=("1", "0", ""), default="1",
+                        help="OPTC_LAZY_WEIGHTS for the commands: 1 lazy weights (default), 0 eager, '' by the budget")
     parser.add_argument("--check", action="store_true", help="check the w8 logits and the GGUF bytes afterwards")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     args = parser.parse_args(argv)
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         make_checkpoint(folder, shape)
         print(f"{key}: {shape.parameters / 1e9:.2f}B parameters, {_gib((folder / 'model.safetensors').stat().st_size)} "
               f"bf16, written in {time.perf_counter() - start:.0f} s", flush=True)
-        results = run_commands(folder, work, cap, args.optc, only)
+        results = run_commands(folder, work, cap, args.optc, only, args.lazy)
         checks = {}
         if args.check:
             w8 = results.get("rtn 8-bit g128 → .onnx")
@@ -230,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()[0]
-    print(f"\ncap {args.cap} per command; {os.cpu_count()} cores, load average {load:.1f}; OPTC_NO_CACHE=1")
+    print(f"\ncap {args.cap} per command; {os.cpu_count()} cores, load average {load:.1f}; OPTC_NO_CACHE=1 "
+          f"OPTC_LAZY_WEIGHTS={args.lazy}")
     print("| shape | parameters | bf16 checkpoint | command | time | peak anon | max_usage (incl. page cache) | exit |")
     print("|---|---|---|---|---|---|---|---|")
     for key, shape, size, results, checks in rows:

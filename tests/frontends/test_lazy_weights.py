@@ -108,3 +108,17 @@ def test_each_read_is_fresh_and_counted(pair):
     assert dict(READS) == {"model.layers.1.mlp.up_proj.weight": 2}
     assert first is not second
     np.testing.assert_array_equal(first, hf_model.model.layers[1].mlp.up_proj.weight.detach().numpy().T)
+
+
+def test_rtn_reads_each_weight_once_per_use(pair, tmp_path):
+    """A weight pass and the writer stream: rtn reads each large weight once and the ONNX writer once
+    more (the rewritten weights it writes come from the spill or the pass, not from a second read).
+    Last in this file: it rewrites the module's lazy model."""
+    import optc
+
+    _, hf_model, _, lazy, _ = pair
+    READS.clear()
+    optc.compile(lazy, output=tmp_path / "w8.onnx", passes="rtn{bits=8 group=16}")
+    sizes = {name: p.numel() for name, p in hf_model.named_parameters()}
+    large = {key: n for key, n in READS.items() if sizes[key] > 1024}
+    assert large and max(large.values()) <= 2, large
