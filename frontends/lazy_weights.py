@@ -115,6 +115,12 @@ def _read_of(value: Value) -> _Read | None:
     return None
 
 
+def checkpoint_files(model: Model) -> list[Path]:
+    """The files the model's lazy weights are read from (inputs, never to be overwritten)."""
+    files = {read.tensor.file for value in model.graph.initializers.values() if (read := _read_of(value))}
+    return sorted(files)
+
+
 def empty_model(build: Callable[[], Any]) -> Any:
     """`build()` (a transformers model) with its parameters on the meta device, tied as configured, and
     its buffers real."""
@@ -273,4 +279,4 @@ def _annotate(model: Model, bound: dict[str, tuple[CheckpointTensor, list[str]]]
                 annotate(value, SOURCE_ALIASES, aliases)
 
 
-__all__ = ["READS", "SUPPORTED_DTYPES", "CheckpointTensor", "empty_model", "export_lazily", "index_checkpoint"]
+__all__ = ["READS", "SUPPORTED_DTYPES", "CheckpointTensor", "checkpoint_files", "empty_model", "export_lazily", "index_checkpoint"]

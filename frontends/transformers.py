@@ -48,6 +48,12 @@ versions and the export settings. Entries are written atomically and never
 modified; `cached_export_path(model)` (also `model.meta["optc.source_onnx"]`)
 names the file the model was loaded from.
 
+Lazy weights (`optc.frontends.lazy_weights`): a causal LM whose weights are all F32/F16/BF16
+safetensors is exported without reading them when the eager export (8 bytes per parameter) would
+exceed the memory budget, or always with `OPTC_LAZY_WEIGHTS=1` (`0`: never). Its initializers read
+their checkpoint tensor when asked; such an export is not cached (`model.meta[LAZY_WEIGHTS]`), but an
+existing cache entry of the same input still answers first.
+
 No hub is ever contacted: `HF_HUB_OFFLINE=1` and `local_files_only=True`.
 """
 

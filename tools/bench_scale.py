@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: optc on Llama-shaped checkpoints larger than memory, time and peak memory under a cgroup cap.
 
-For each shape (`--shapes`, from `SHAPES`: 135m, 0.4b, 1.1b, 3b, 7b), the tool writes a synthetic Llama
+For each shape (`--shapes`, from `SHAPES`: smoke, 135m, 0.4b, 1.1b, 3b, 7b), the tool writes a synthetic Llama
 checkpoint with random bfloat16 weights (`make_checkpoint`: one tensor at a time, straight to one
 safetensors file, so the model is never held; normal(0, 0.02) weights, norms of ones), then runs, each in
 a memory cgroup of its own capped at `--cap` (`tools/peak_memory.py`):
@@ -93,8 +93,10 @@ class Shape:
         }
 
 
-#: Llama-family shapes: SmolLM2-135M's, a 0.4B one, TinyLlama-1.1B's, OpenLLaMA-3B's and Llama-2-7B's.
+#: Llama-family shapes: a smoke test of the tool, SmolLM2-135M's, a 0.4B one, TinyLlama-1.1B's,
+#: OpenLLaMA-3B's and Llama-2-7B's.
 SHAPES = {
+    "smoke": Shape(256, 2, 512, 1024, 4, 4),
     "135m": Shape(576, 30, 1536, 49152, 9, 3),
     "0.4b": Shape(1024, 24, 2816, 32000, 16, 16),
     "1.1b": Shape(2048, 22, 5632, 32000, 32, 4),
