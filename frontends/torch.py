@@ -57,6 +57,76 @@ def export_module(
     """Export a module to optc's IR; `dynamic_axes` maps input name → {axis: symbolic name}."""
     import torch
 
+    args, names, shapes = _export_arguments(module, example_inputs, input_names, dynamic_axes)
+    folder = tempfile.TemporaryDirectory(prefix="optc-export-")
+    path = Path(folder.name) / "model.onnx"
+    module.eval()
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                output_names=list(output_names) if output_names else None,
+                dynamic_shapes=shapes,
+                external_data=True,
+                optimize=True,
+                verify=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+        folder.cleanup()
+        raise OptcError(f"torch.export of {type(module).__name__} failed: {_export_error(exc)}") from exc
+    model = load_model(path)
+    # The external-data file must outlive the model that memory-maps it.
+    weakref.finalize(model, folder.cleanup)
+    model.meta["optc.export_dir"] = folder
+    model.meta["optc.source_onnx"] = str(path)
+    verify(model, where=f"after exporting {type(module).__name__}")
+    return model
+
+
+def export_graph(
+    module: Any,
+    example_inputs: Any,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> Model:
+    """The exporter's graph, unoptimized and unsaved: its initializers still wrap the module's own tensors.
+
+    Nothing reads the parameters' values (torch.export traces with fake tensors), so a module whose
+    parameters were never filled exports at the cost of its graph; the caller binds the weights.
+    """
+    import torch
+
+    args, names, shapes = _export_arguments(module, example_inputs, input_names, dynamic_axes)
+    module.eval()
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=opset, input_names=names,
+                output_names=list(output_names) if output_names else None,
+                dynamic_shapes=shapes, optimize=False, verify=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+        raise OptcError(f"torch.export of {type(module).__name__} failed: {_export_error(exc)}") from exc
+    return program.model
+
+
+def _export_arguments(
+    module: Any,
+    example_inputs: Any,
+    input_names: Sequence[str] | None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None,
+) -> tuple[tuple[Any, ...], list[str], tuple[Any, ...]]:
+    """The example arguments, input names and dynamic shapes (positional) torch.onnx.export takes."""
+    import torch
+
     if not isinstance(module, torch.nn.Module):
         raise OptcError(f"expected a torch.nn.Module, got {type(module).__name__}")
     args = _example_tuple(example_inputs)
@@ -75,35 +145,8 @@ def export_module(
         for axis, dim_name in axes.items():
             dims.setdefault(dim_name, torch.export.Dim(dim_name))
             shapes[name][int(axis)] = dims[dim_name]
-    folder = tempfile.TemporaryDirectory(prefix="optc-export-")
-    path = Path(folder.name) / "model.onnx"
-    module.eval()
-    try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                dynamo=True,
-                opset_version=opset,
-                input_names=names,
-                output_names=list(output_names) if output_names else None,
-                # Positional: a dict must be keyed by forward's own argument names, not input_names.
-                dynamic_shapes=_positional_shapes(module, [shapes.get(n, {}) for n in names]),
-                external_data=True,
-                optimize=True,
-                verify=False,
-            )
-    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
-        folder.cleanup()
-        raise OptcError(f"torch.export of {type(module).__name__} failed: {_export_error(exc)}") from exc
-    model = load_model(path)
-    # The external-data file must outlive the model that memory-maps it.
-    weakref.finalize(model, folder.cleanup)
-    model.meta["optc.export_dir"] = folder
-    model.meta["optc.source_onnx"] = str(path)
-    verify(model, where=f"after exporting {type(module).__name__}")
-    return model
+    # Positional: a dict must be keyed by forward's own argument names, not input_names.
+    return args, names, _positional_shapes(module, [shapes.get(n, {}) for n in names])
 
 
 def _positional_shapes(module: Any, shapes: list[dict[int, Any]]) -> tuple[Any, ...]:

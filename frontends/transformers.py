@@ -48,6 +48,12 @@ versions and the export settings. Entries are written atomically and never
 modified; `cached_export_path(model)` (also `model.meta["optc.source_onnx"]`)
 names the file the model was loaded from.
 
+Lazy weights (`optc.frontends.lazy_weights`): a causal LM whose weights are all F32/F16/BF16
+safetensors is exported without reading them when the eager export (8 bytes per parameter) would
+exceed the memory budget, or always with `OPTC_LAZY_WEIGHTS=1` (`0`: never). Its initializers read
+their checkpoint tensor when asked; such an export is not cached (`model.meta[LAZY_WEIGHTS]`), but an
+existing cache entry of the same input still answers first.
+
 No hub is ever contacted: `HF_HUB_OFFLINE=1` and `local_files_only=True`.
 """
 
@@ -62,6 +68,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -81,6 +88,12 @@ from optc.architectures import lookup, model_types  # noqa: E402
 from optc.errors import ModelLoadError, OptcError, first_line  # noqa: E402
 from optc.files import has_gguf_magic  # noqa: E402
 from optc.frontends.headers import WeightsHeld, read_gguf_header, weights_held  # noqa: E402
+from optc.frontends.lazy_weights import (  # noqa: E402
+    CheckpointTensor,
+    empty_model,
+    export_lazily,
+    index_checkpoint,
+)
 from optc.ir import (  # noqa: E402 - the offline switches must be set before transformers is imported
     DEFAULT_OPSET,
     Model,
@@ -99,10 +112,14 @@ from optc.ir.annotations import (  # noqa: E402
     SOURCE_TRANSPOSED,
     TIED_PARAMETERS,
 )
-from optc.memory import check_budget, format_size  # noqa: E402
+from optc.memory import available_memory, check_budget, format_size  # noqa: E402
 
 _log = logging.getLogger("optc.frontends.transformers")
 
+
+#: Model metadata (in memory only) of an export whose weights are read lazily from the input's
+#: safetensors files; such an export is not cached (the cache would hold a float32 copy of every weight).
+LAZY_WEIGHTS = "optc.lazy_weights"
 
 #: Bump when the exported graph or its annotations change, to invalidate cached exports.
 EXPORT_FORMAT_VERSION = 2
@@ -203,7 +220,9 @@ def load_transformers(
         if model is not None:
             return model
         if _writable_cache(entry.parent):
-            _export_entry(source, opset, entry)
+            lazy = _export_entry(source, opset, entry)
+            if lazy is not None:
+                return lazy
             model = _load_entry(entry)
             if model is not None:
                 return model
@@ -211,7 +230,10 @@ def load_transformers(
     folder = tempfile.TemporaryDirectory(prefix="optc-hf-export-")
     entry = Path(folder.name) / "entry"
     try:
-        _export_entry(source, opset, entry)
+        lazy = _export_entry(source, opset, entry)
+        if lazy is not None:
+            folder.cleanup()
+            return lazy
         model = _load_entry(entry)
     except BaseException:
         folder.cleanup()
@@ -298,12 +320,15 @@ def _load_entry(entry: Path) -> Model | None:
     return model
 
 
-def _export_entry(source: _Source, opset: int, entry: Path) -> None:
-    """Export into a temporary folder beside `entry`, then rename it into place."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+def _export_entry(source: _Source, opset: int, entry: Path) -> Model | None:
+    """Export into a temporary folder beside `entry`, then rename it into place; an export whose weights
+    are read lazily is returned instead (nothing is written)."""
     _log.info("exporting %s to ONNX (once; kept in %s)", source.label, entry)
+    model = _export(source, opset)
+    if model.meta.get(LAZY_WEIGHTS):
+        return model
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     try:
-        model = _export(source, opset)
         try:
             save_model(model, staging / "model.onnx", external_data=True)
             del model
@@ -322,6 +347,7 @@ def _export_entry(source: _Source, opset: int, entry: Path) -> None:
             ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return None
 
 
 # --------------------------------------------------------------------------- loading and export
@@ -337,26 +363,38 @@ def _export(source: _Source, opset: int) -> Model:
             _check_layer_count(source, key, config_json.get(key), held)
     config = _load_config(source)
     task = _task(source, config)
-    _check_what_the_files_hold(source, config, task, held)
-    hf_model = _load_weights(source, task)
+    parameters = _check_what_the_files_hold(source, config, task, held)
+    checkpoint = _lazy_checkpoint(source, task, parameters)
+    if checkpoint is None:
+        _check_export_budget(source, parameters)
+        hf_model = _load_weights(source, task)
+    else:
+        hf_model = _empty_model(source, task, config)
     tokenizer = _load_tokenizer(source)
     _log.info("loaded %s (%s) in %.1fs", source.label, type(hf_model).__name__, time.perf_counter() - start)
     wrapper, example, names, outputs, dynamic = _wrap(hf_model, task, kv_cache=source.kv_cache)
 
-    from optc.frontends.torch import export_module
+    from optc.frontends.torch import export_graph, export_module
 
     start = time.perf_counter()
+    settings = {"input_names": names, "output_names": outputs, "dynamic_axes": dynamic, "opset": opset}
     with _quiet():
-        model = export_module(
-            wrapper, example, input_names=names, output_names=outputs, dynamic_axes=dynamic, opset=opset,
-        )
-    _log.info("exported %s in %.1fs", source.label, time.perf_counter() - start)
+        if checkpoint is None:
+            model = export_module(wrapper, example, **settings)
+        else:
+            model, tied = export_lazily(
+                hf_model, checkpoint, source.label, lambda _: export_graph(wrapper, example, **settings))
+            model.meta[LAZY_WEIGHTS] = True
+            verify(model, where=f"after exporting {source.label} with lazy weights")
+    _log.info("exported %s in %.1fs%s", source.label, time.perf_counter() - start,
+              " (weights read lazily from the safetensors files)" if checkpoint is not None else "")
     if [v.name for v in model.graph.inputs] != names or [v.name for v in model.graph.outputs][:len(outputs)] != outputs:
         raise OptcError(
             f"{source.label}: the exported graph has inputs {[v.name for v in model.graph.inputs]} "
             f"and outputs {[v.name for v in model.graph.outputs]}, expected {names} and {outputs}"
         )
-    tied = _annotate_sources(model, hf_model)
+    if checkpoint is None:
+        tied = _annotate_sources(model, hf_model)
     set_model_metadata(model, HF_CONFIG, _config_dict(hf_model))
     set_model_metadata(model, ARCHITECTURE, type(hf_model).__name__)
     set_model_metadata(model, TIED_PARAMETERS, tied)
@@ -454,8 +492,8 @@ _EXPORT_BYTES_PER_PARAMETER = 8
 _GGUF_EXTRA_BYTES_PER_PARAMETER = 4
 
 
-def _check_what_the_files_hold(source: _Source, config: Any, task: _Task, held: WeightsHeld) -> None:
-    """Refuse, before allocating, a config the files cannot fill, or an export over the memory budget."""
+def _check_what_the_files_hold(source: _Source, config: Any, task: _Task, held: WeightsHeld) -> int:
+    """Refuse, before allocating, a config the files cannot fill; returns the parameters it implies."""
     parameters = _implied_parameters(source, config, task)
     where = "the file holds" if source.gguf_file else "the files hold"
     if held.elements < parameters * _MIN_SHARE_HELD:
@@ -463,11 +501,60 @@ def _check_what_the_files_hold(source: _Source, config: Any, task: _Task, held: 
             f"{source.label}: config describes {_count(parameters)} parameters but {where} "
             f"{format_size(held.tensor_bytes)} of tensor data ({_count(held.elements)} parameters); refusing to allocate"
         )
+    return parameters
+
+
+def _check_export_budget(source: _Source, parameters: int) -> None:
+    """Refuse an eager export whose estimated memory exceeds the budget."""
     per_parameter = _EXPORT_BYTES_PER_PARAMETER + (_GGUF_EXTRA_BYTES_PER_PARAMETER if source.gguf_file else 0)
     check_budget(
         source.label, parameters * per_parameter, source.memory_budget,
         f"exporting it ({_count(parameters)} parameters in float32)",
     )
+
+
+#: `OPTC_LAZY_WEIGHTS=1` reads the weights lazily whenever the input allows it, `0` never; unset: when
+#: the eager export would exceed the memory budget.
+_LAZY_ENV = "OPTC_LAZY_WEIGHTS"
+#: Bytes per element of the largest tensor a lazy read holds at its peak (the file's tensor, its
+#: float32 copy, a transposed copy), and a margin for the graph and the exporter.
+_LAZY_BYTES_PER_ELEMENT = 12
+_LAZY_MARGIN = 64 << 20
+
+
+def _lazy_checkpoint(source: _Source, task: _Task, parameters: int) -> dict[str, CheckpointTensor] | None:
+    """The checkpoint's tensors when this export reads its weights lazily, else None (read eagerly).
+
+    Lazily: a causal LM (not mixture-of-experts) whose weights are all safetensors in float32, float16
+    or bfloat16, when `OPTC_LAZY_WEIGHTS=1`, or unset and the eager export (8 bytes per parameter)
+    would exceed the memory budget (`--memory-budget`, by default what the machine has).
+    """
+    choice = os.environ.get(_LAZY_ENV, "")
+    family = lookup(task.model_type)
+    if choice == "0" or source.gguf_file or task.kind != "causal-lm" or family is None or family.moe:
+        return None
+    budget = source.memory_budget if source.memory_budget is not None else available_memory()
+    if choice != "1" and (budget is None or parameters * _EXPORT_BYTES_PER_PARAMETER <= budget):
+        return None
+    if any(p.suffix in (".bin", ".pt", ".pth") for p in source.folder.iterdir()):
+        return None
+    checkpoint = index_checkpoint(source.folder, source.label)
+    if checkpoint is None:
+        return None
+    largest = max((math.prod(t.shape) for t in checkpoint.values()), default=0)
+    if budget is not None and largest * _LAZY_BYTES_PER_ELEMENT + _LAZY_MARGIN > budget:
+        _check_export_budget(source, parameters)  # refused as the eager export would be
+    return checkpoint
+
+
+def _empty_model(source: _Source, task: _Task, config: Any) -> Any:
+    """The model the config describes, its parameters not allocated (`lazy_weights.empty_model`)."""
+    cls = task.auto_class()
+    try:
+        with _quiet():
+            return empty_model(lambda: cls.from_config(config, dtype=torch.float32)).eval()
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for inconsistent configs
+        raise ModelLoadError(f"{source.label}: cannot build the model: {first_line(exc, limit=None)}") from exc
 
 
 def _count(n: int) -> str:
@@ -882,6 +969,7 @@ __all__ = [
     "CAUSAL_LM_TYPES",
     "ENCODER_TYPES",
     "HF_EXPORT",
+    "LAZY_WEIGHTS",
     "SOURCE_ALIASES",
     "SOURCE_TRANSPOSED",
     "TIED_PARAMETERS",

@@ -19,6 +19,7 @@ from onnx_ir import (  # noqa: F401 - re-exported: the rest of optc takes these 
     DataType,
     ExternalTensor,
     Graph,
+    LazyTensor,
     Model,
     Node,
     Shape,

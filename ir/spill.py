@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from optc.ir.core import DataType, ExternalTensor, Graph, Model, Value
+from optc.ir.core import DataType, ExternalTensor, Graph, LazyTensor, Model, Value
 
 #: Spilled tensors start at multiples of this many bytes.
 SPILL_ALIGNMENT = 1 << 16
@@ -50,11 +50,12 @@ def is_spilled(tensor: object) -> bool:
 
 
 def in_memory_bytes(model: Model) -> int:
-    """Bytes of the initializers held in memory (neither memory-mapped external data nor spilled)."""
+    """Bytes of the initializers held in memory (neither memory-mapped external data, spilled, nor read
+    lazily from the input's files)."""
     return sum(
         value.const_value.nbytes
         for value in model.graph.initializers.values()
-        if value.const_value is not None and not isinstance(value.const_value, ExternalTensor)
+        if value.const_value is not None and not isinstance(value.const_value, ExternalTensor | LazyTensor)
         and value.const_value.dtype != DataType.STRING
     )
 
@@ -85,8 +86,8 @@ class SpillFile:
     def spill_value(self, value: Value) -> int:
         """Move one initializer's tensor to the file when it is in memory and at least `min_bytes`; the bytes moved."""
         tensor = value.const_value
-        if tensor is None or isinstance(tensor, ExternalTensor) or tensor.dtype == DataType.STRING:
-            return 0
+        if tensor is None or isinstance(tensor, ExternalTensor | LazyTensor) or tensor.dtype == DataType.STRING:
+            return 0  # mapped, spilled, or read from the input's files when needed: not in memory
         if tensor.nbytes < self.min_bytes:
             return 0
         if self._file is None:

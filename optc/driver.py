@@ -189,6 +189,10 @@ def model_inputs(model: Model, source: Path | None, options: CompileOptions) -> 
                   if isinstance(v.const_value, ExternalTensor)}
     for data_file in sorted(data_files):
         inputs.add_file(Path(data_file), f"the input's data {data_file}")
+    from optc.frontends.lazy_weights import checkpoint_files
+
+    for weights in checkpoint_files(model):  # weights read lazily from the input's safetensors files
+        inputs.add_file(weights, f"the input's weights {weights}")
     return inputs
 
 

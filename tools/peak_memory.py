@@ -42,30 +42,25 @@ def _anon(group: Path) -> int:
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cap", type=_size, default=None, help="memory.limit_in_bytes, e.g. 1.5G (default: none)")
-    parser.add_argument("--interval", type=float, default=0.05)
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        parser.error("no command given")
+def measure(command: list[str], cap: int | None = None, interval: float = 0.05,
+            env: dict[str, str] | None = None) -> tuple[int, float, int, int]:
+    """Run `command` in a memory cgroup of its own (capped at `cap` bytes when given); returns
+    (exit code, wall seconds, peak anonymous bytes, `memory.max_usage_in_bytes`)."""
     group = ROOT / f"optc-peak-{os.getpid()}"
     group.mkdir()
     try:
-        if args.cap is not None:
-            (group / "memory.limit_in_bytes").write_text(str(args.cap))
+        if cap is not None:
+            (group / "memory.limit_in_bytes").write_text(str(cap))
         start = time.perf_counter()
 
         def enter() -> None:
             (group / "cgroup.procs").write_text(str(os.getpid()))
 
-        child = subprocess.Popen(command, preexec_fn=enter)
+        child = subprocess.Popen(command, preexec_fn=enter, env=env)
         peak = 0
         while child.poll() is None:
             peak = max(peak, _anon(group))
-            time.sleep(args.interval)
+            time.sleep(interval)
         seconds = time.perf_counter() - start
         max_usage = int((group / "memory.max_usage_in_bytes").read_text())
     finally:
@@ -75,10 +70,23 @@ def main() -> int:
                 break
             except OSError:
                 time.sleep(0.1)
+    return child.returncode, seconds, peak, max_usage
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cap", type=_size, default=None, help="memory.limit_in_bytes, e.g. 1.5G (default: none)")
+    parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given")
+    returncode, seconds, peak, max_usage = measure(command, args.cap, args.interval)
     cap = f"{args.cap / 2**30:.2f} GiB" if args.cap is not None else "none"
-    print(f"peak_memory: exit {child.returncode}, {seconds:.1f} s, cap {cap}, peak_anon {peak / 2**20:.0f} MiB, "
+    print(f"peak_memory: exit {returncode}, {seconds:.1f} s, cap {cap}, peak_anon {peak / 2**20:.0f} MiB, "
           f"max_usage {max_usage / 2**20:.0f} MiB", flush=True)
-    return child.returncode
+    return returncode
 
 
 if __name__ == "__main__":

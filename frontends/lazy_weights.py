@@ -1,0 +1,282 @@
+"""Lazy Hugging Face weights: the graph of a model whose parameters are never filled, each initializer
+bound to its tensor in the checkpoint's safetensors files and read only when something needs it.
+
+`export_lazily(hf_model, checkpoint, export)` takes a model built with `accelerate.init_empty_weights`
+(`empty_model`), gives every parameter uninitialized storage (untouched pages cost no memory; the
+exporter traces with fake tensors and never reads them), exports the graph unoptimized, and replaces
+each parameter's initializer by an `optc.ir.LazyTensor` whose function reads the tensor from its
+safetensors file (memory-mapped by `safetensors.safe_open`), converts it to float32 and, where the
+exporter had a `Transpose` of the weight, transposes it. The onnxscript optimizer then runs as the
+eager export runs it, except that the transposes of bound weights were already folded into their
+readers, so no large weight is read to export the model. Nothing caches the tensors read: each read
+is a fresh array that is let go when its reader is done (`READS` counts them, per checkpoint key).
+
+Llama's graph, logits and annotations are the eager export's (tests/frontends/test_lazy_weights.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optc.errors import ModelLoadError
+from optc.frontends.headers import read_safetensors_header
+from optc.ir import (
+    DataType,
+    LazyTensor,
+    Model,
+    Shape,
+    Tensor,
+    TensorType,
+    Value,
+    annotate,
+    set_source_name,
+)
+from optc.ir.annotations import SOURCE_ALIASES, SOURCE_TRANSPOSED
+
+#: Reads of each checkpoint tensor in this process (key → count), for tests and diagnostics.
+READS: collections.Counter[str] = collections.Counter()
+
+#: The checkpoint dtypes read lazily (converted to float32 per tensor).
+SUPPORTED_DTYPES = ("F32", "F16", "BF16")
+#: The exporter's prefix of the wrapped model's parameter names.
+_PREFIX = "hf."
+#: The onnxscript constant folder's default input size limit (DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT in
+#: onnxscript/optimizer/_constant_folding.py): larger inputs are folded only into their single consumer.
+_FOLD_INPUT_LIMIT = 8192
+#: Tensors at most this large are compared by content to find the ones the optimizer merged.
+_SMALL = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointTensor:
+    """One tensor of a safetensors file."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def index_checkpoint(folder: Path, label: str) -> dict[str, CheckpointTensor] | None:
+    """Every tensor of the folder's safetensors files by name; None when the weights are not all
+    safetensors in a dtype read lazily (the caller then loads them eagerly)."""
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if not files:
+        return None
+    index: dict[str, CheckpointTensor] = {}
+    for file in files:
+        header = read_safetensors_header(file, label)
+        for key, (dtype, shape) in header.tensors.items():
+            if dtype not in SUPPORTED_DTYPES:
+                return None
+            index[key] = CheckpointTensor(file, key, dtype, tuple(shape))
+    return index
+
+
+class _Read:
+    """The function of a lazy initializer: the checkpoint tensor as float32, transposed when asked."""
+
+    def __init__(self, tensor: CheckpointTensor, transposed: bool = False) -> None:
+        self.tensor = tensor
+        self.transposed = transposed
+
+    def __call__(self) -> Tensor:
+        import torch
+        from safetensors import safe_open
+
+        READS[self.tensor.key] += 1
+        with safe_open(str(self.tensor.file), framework="pt") as handle:
+            array = handle.get_tensor(self.tensor.key).to(torch.float32).numpy()
+        if self.transposed:
+            array = np.ascontiguousarray(array.T)
+        return Tensor(array)
+
+    def __repr__(self) -> str:
+        return f"_Read({self.tensor.key!r}{', transposed' if self.transposed else ''})"
+
+
+def _lazy(tensor: CheckpointTensor, transposed: bool = False) -> LazyTensor:
+    shape = tensor.shape[::-1] if transposed else tensor.shape
+    return LazyTensor(_Read(tensor, transposed), dtype=DataType.FLOAT, shape=Shape(list(shape)))
+
+
+def _read_of(value: Value) -> _Read | None:
+    data = value.const_value
+    if isinstance(data, LazyTensor) and isinstance(data.raw, _Read):
+        return data.raw
+    return None
+
+
+def checkpoint_files(model: Model) -> list[Path]:
+    """The files the model's lazy weights are read from (inputs, never to be overwritten)."""
+    files = {read.tensor.file for value in model.graph.initializers.values() if (read := _read_of(value))}
+    return sorted(files)
+
+
+def empty_model(build: Callable[[], Any]) -> Any:
+    """`build()` (a transformers model) with its parameters on the meta device, tied as configured, and
+    its buffers real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    model.tie_weights()  # skipped on the meta device
+    return model
+
+
+def _parameter_groups(hf_model: Any) -> list[list[str]]:
+    """The model's parameters as groups of names sharing one tensor (tied weights), in state-dict order."""
+    groups: dict[int, list[str]] = {}
+    for name, parameter in hf_model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    order = {name: i for i, name in enumerate(hf_model.state_dict(keep_vars=True))}
+    for names in groups.values():
+        names.sort(key=lambda n: order.get(n, len(order)))
+    return list(groups.values())
+
+
+def _fill_empty(hf_model: Any) -> None:
+    """Give every (meta) parameter float32 storage that is allocated but never written, keeping ties."""
+    import torch
+
+    filled: dict[int, torch.nn.Parameter] = {}
+    for module in hf_model.modules():
+        for name, parameter in list(module._parameters.items()):  # noqa: SLF001 - torch's own table
+            if parameter is None:
+                continue
+            if id(parameter) not in filled:
+                filled[id(parameter)] = torch.nn.Parameter(
+                    torch.empty(parameter.shape, dtype=torch.float32), requires_grad=False)
+            module._parameters[name] = filled[id(parameter)]  # noqa: SLF001
+
+
+def export_lazily(
+    hf_model: Any, checkpoint: dict[str, CheckpointTensor], label: str, export: Callable[[Any], Model],
+) -> tuple[Model, dict[str, str]]:
+    """Export `hf_model` (built by `empty_model`) through `export(hf_model)` and bind its weights to
+    `checkpoint` lazily; returns the model and the tied aliases `{alias: stored name}`."""
+    groups = _parameter_groups(hf_model)
+    bound: dict[str, tuple[CheckpointTensor, list[str]]] = {}  # every name of a group → (its tensor, the group)
+    missing, mismatched = [], []
+    shapes = {name: tuple(p.shape) for name, p in hf_model.named_parameters(remove_duplicate=False)}
+    for names in groups:
+        stored = next((n for n in names if n in checkpoint), None)
+        if stored is None:
+            missing.append(names[0])
+            continue
+        if checkpoint[stored].shape != shapes[names[0]]:
+            mismatched.append(stored)
+            continue
+        for name in names:
+            bound[name] = (checkpoint[stored], names)
+    for kind, keys in (("missing", missing), ("mismatched", mismatched)):
+        if keys:
+            shown = ", ".join(sorted(keys)[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+            raise ModelLoadError(f"{label}: the weights do not match config.json: {kind} {shown}")
+    _fill_empty(hf_model)
+    storage = {p.data_ptr(): name for name, p in hf_model.named_parameters()}
+    model = export(hf_model)
+    graph = model.graph
+    for value in graph.initializers.values():
+        name = (value.name or "")[len(_PREFIX):] if (value.name or "").startswith(_PREFIX) else value.name or ""
+        raw = getattr(value.const_value, "raw", None)
+        pointer = raw.data_ptr() if hasattr(raw, "data_ptr") else None
+        if name not in bound and pointer in storage:
+            name = storage[pointer]  # an initializer the exporter renamed
+        if name in bound:
+            value.const_value = _lazy(bound[name][0])
+        elif pointer in storage:  # pragma: no cover - every parameter is bound above
+            raise ModelLoadError(f"{label}: the export holds parameter {storage[pointer]} unbound")
+        elif raw is not None and hasattr(raw, "numpy"):  # buffers and constants: small, real, copied
+            value.const_value = Tensor(raw.detach().cpu().numpy(), name=value.const_value.name)
+    _fold_lazy_transposes(model)
+    _optimize(model)
+    tied = {alias: names[0] for names in groups for alias in names[1:]}
+    _annotate(model, bound)
+    return model, tied
+
+
+def _fold_lazy_transposes(model: Model) -> None:
+    """Replace `Transpose(W)` of a bound 2-D weight by W read transposed, where the optimizer folds it in
+    the eager export (W used only there, or small enough for its size limit), without reading W now."""
+    limit = _FOLD_INPUT_LIMIT
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        source = node.inputs[0]
+        read = _read_of(source) if source is not None else None
+        perm = node.attributes.get("perm")
+        if read is None or read.transposed or len(read.tensor.shape) != 2:
+            continue
+        shared = len(source.uses()) != 1
+        if shared and math.prod(read.tensor.shape) > limit:
+            continue
+        if perm is not None and list(perm.as_ints()) != [1, 0]:
+            continue
+        output = node.outputs[0]
+        name = output.name
+        folded = Value(name=None, shape=Shape(list(read.tensor.shape[::-1])), type=TensorType(DataType.FLOAT),
+                       const_value=_lazy(read.tensor, transposed=True))
+        output.replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        if not shared:
+            graph.initializers.pop(source.name)
+        output.name = None
+        folded.name = name
+        graph.register_initializer(folded)
+
+
+def _optimize(model: Model) -> None:
+    """The optimizer the dynamo exporter runs (`optimize=True`), on the graph with lazy weights."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    onnxscript.optimizer.optimize_ir(model)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
+def _digest(tensor: Any) -> tuple[str, tuple[int, ...], str]:
+    array = np.ascontiguousarray(tensor.numpy())
+    return array.dtype.str, array.shape, hashlib.blake2b(array.view(np.uint8).reshape(-1), digest_size=16).hexdigest()
+
+
+def _annotate(model: Model, bound: dict[str, tuple[CheckpointTensor, list[str]]]) -> None:
+    """Each lazy initializer's state-dict name, transposition and aliases (tied or merged parameters)."""
+    survivors: dict[str, list[Value]] = {}  # checkpoint key → its initializers (as is, transposed)
+    for value in model.graph.initializers.values():
+        read = _read_of(value)
+        if read is not None:
+            survivors.setdefault(read.tensor.key, []).append(value)
+    merged: dict[str, list[str]] = {}
+    stored_groups = {tensor.key: names for tensor, names in bound.values()}
+    gone = [key for key in stored_groups if key not in survivors]
+    if gone:  # small tensors the optimizer's deduplication merged: find each one's survivor by content
+        small = {_digest(v.const_value): key for key, values in survivors.items() for v in values
+                 if v.const_value.size <= _SMALL and not _read_of(v).transposed}
+        for key in gone:
+            keeper = small.get(_digest(_lazy(bound[stored_groups[key][0]][0])))
+            if keeper is not None:
+                merged.setdefault(keeper, []).append(key)
+    for key, values in survivors.items():
+        names = stored_groups[key]
+        aliases = list(names[1:])
+        for other in merged.get(key, []):
+            aliases += stored_groups[other]
+        for value in values:
+            set_source_name(value, names[0])
+            if _read_of(value).transposed:
+                annotate(value, SOURCE_TRANSPOSED, True)
+            if aliases:
+                annotate(value, SOURCE_ALIASES, aliases)
+
+
+__all__ = ["READS", "SUPPORTED_DTYPES", "CheckpointTensor", "checkpoint_files", "empty_model", "export_lazily", "index_checkpoint"]

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Benchmark: optc on Llama-shaped checkpoints larger than memory, time and peak memory under a cgroup cap.
+
+For each shape (`--shapes`, from `SHAPES`: smoke, 135m, 0.4b, 1.1b, 3b, 7b), the tool writes a synthetic Llama
+checkpoint with random bfloat16 weights (`make_checkpoint`: one tensor at a time, straight to one
+safetensors file, so the model is never held; normal(0, 0.02) weights, norms of ones), then runs, each in
+a memory cgroup of its own capped at `--cap` (`tools/peak_memory.py`):
+
+* `optc DIR --passes=w4a16-fast -o w4.onnx`
+* `optc DIR --passes='kquant{mix=Q4_K_M}' -o q4km.gguf`
+* `optc DIR --passes='rtn{bits=8 group=128}' -o w8.onnx`
+
+(`OPTC_LAZY_WEIGHTS=1`, `--lazy`: weights read lazily from the checkpoint at every size;
+`--no-runtime-check`: the final onnxruntime / llama.cpp load check is optional on a model bigger than
+memory) and prints one table: parameters, checkpoint size, and per command the wall time, the peak
+anonymous memory (sampled `total_rss`) and `memory.max_usage_in_bytes` (which also counts the page
+cache the group touched; the kernel reclaims it under the cap). With `--check`, after the runs:
+
+* the w8 ONNX file's logits on a 16-token prompt against transformers' bfloat16 logits (cosine, in
+  this process and not under the cap);
+* the q4km GGUF against llama-quantize's Q4_K_M of optc's own F32 GGUF of the checkpoint
+  (`tests.backends.ggml_oracle.llama_quantize`), tensor by tensor.
+
+    python tools/bench_scale.py --shapes 135m,1.1b --cap 8G --work /tmp/scale
+    python tools/bench_scale.py --shapes 7b --cap 8G --work /tmp/scale --keep
+
+The checkpoints are removed afterwards unless `--keep`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "tools"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from peak_memory import measure  # noqa: E402 - the cgroup measurement, shared with tools/peak_memory.py
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The checkpoint's tensors in the order transformers writes them."""
+        head_dim = self.hidden // self.heads
+        out = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            out += [
+                (p + "input_layernorm.weight", (self.hidden,)),
+                (p + "self_attn.q_proj.weight", (self.heads * head_dim, self.hidden)),
+                (p + "self_attn.k_proj.weight", (self.kv_heads * head_dim, self.hidden)),
+                (p + "self_attn.v_proj.weight", (self.kv_heads * head_dim, self.hidden)),
+                (p + "self_attn.o_proj.weight", (self.hidden, self.heads * head_dim)),
+                (p + "post_attention_layernorm.weight", (self.hidden,)),
+                (p + "mlp.gate_proj.weight", (self.intermediate, self.hidden)),
+                (p + "mlp.up_proj.weight", (self.intermediate, self.hidden)),
+                (p + "mlp.down_proj.weight", (self.hidden, self.intermediate)),
+            ]
+        out += [("model.norm.weight", (self.hidden,)), ("lm_head.weight", (self.vocab, self.hidden))]
+        return out
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.tensors())
+
+    def config(self) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers, "intermediate_size": self.intermediate, "vocab_size": self.vocab,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "hidden_act": "silu",
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+        }
+
+
+#: Llama-family shapes: a smoke test of the tool, SmolLM2-135M's, a 0.4B one, TinyLlama-1.1B's,
+#: OpenLLaMA-3B's and Llama-2-7B's.
+SHAPES = {
+    "smoke": Shape(256, 2, 512, 1024, 4, 4),
+    "135m": Shape(576, 30, 1536, 49152, 9, 3),
+    "0.4b": Shape(1024, 24, 2816, 32000, 16, 16),
+    "1.1b": Shape(2048, 22, 5632, 32000, 32, 4),
+    "3b": Shape(3200, 26, 8640, 32000, 32, 32),
+    "7b": Shape(4096, 32, 11008, 32000, 32, 32),
+}
+
+COMMANDS = {
+    "w4a16-fast → .onnx": ("w4a16-fast", "w4.onnx"),
+    "kquant Q4_K_M → .gguf": ("kquant{mix=Q4_K_M}", "q4km.gguf"),
+    "rtn 8-bit g128 → .onnx": ("rtn{bits=8 group=128}", "w8.onnx"),
+}
+
+
+def make_checkpoint(folder: Path, shape: Shape, seed: int = 0) -> None:
+    """A Llama checkpoint of `shape` with random bfloat16 weights, written tensor by tensor (the
+    safetensors layout: an 8-byte header length, the JSON header, then each tensor's bytes)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
+    header, offset = {}, 0
+    for name, dims in shape.tensors():
+        size = math.prod(dims) * 2
+        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    generator = torch.Generator().manual_seed(seed)
+    tmp = folder / ".model.safetensors.tmp"
+    with tmp.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dims in shape.tensors():
+            if name.endswith("norm.weight"):
+                tensor = torch.ones(dims, dtype=torch.bfloat16)
+            else:
+                tensor = (torch.randn(dims, generator=generator) * 0.02).to(torch.bfloat16)
+            f.write(tensor.view(torch.int16).numpy().tobytes())
+            del tensor
+    os.replace(tmp, folder / "model.safetensors")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def run_commands(folder: Path, work: Path, cap: int, optc: str, only: list[str], lazy: str) -> dict[str, dict]:
+    results = {}
+    env = dict(os.environ, OPTC_NO_CACHE="1", OPTC_LAZY_WEIGHTS=lazy)
+    for label, (passes, name) in COMMANDS.items():
+        if only and not any(o in label for o in only):
+            continue
+        out = work / name
+        command = [optc, str(folder), f"--passes={passes}", "-o", str(out), "--no-runtime-check"]
+        print(f"$ {' '.join(command)}  (cap {_gib(cap)})", flush=True)
+        code, seconds, peak, max_usage = measure(command, cap, 0.1, env)
+        results[label] = {"exit": code, "seconds": seconds, "peak_anon": peak, "max_usage": max_usage,
+                          "output": str(out)}
+        print(f"  exit {code}, {seconds:.0f} s, peak anon {_gib(peak)}, max_usage {_gib(max_usage)}", flush=True)
+    return results
+
+
+def check_w8(folder: Path, onnx_file: Path, tokens: int = 16) -> float:
+    """Cosine of the w8 ONNX file's logits to transformers' bfloat16 logits on one prompt of `tokens` ids."""
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    ids = np.random.default_rng(0).integers(3, 1000, size=(1, tokens), dtype=np.int64)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"input_ids": ids})[0].reshape(-1).astype(np.float64)
+    del session
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, local_files_only=True)
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids)).logits.float().numpy().reshape(-1).astype(np.float64)
+    return float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+
+
+def check_gguf(folder: Path, work: Path, gguf_file: Path, optc: str) -> str:
+    """optc's Q4_K_M against llama-quantize's Q4_K_M of optc's F32 GGUF: tensors byte-identical?"""
+    import subprocess
+
+    from tests.backends.ggml_oracle import llama_quantize
+
+    source = work / "source-f32.gguf"
+    subprocess.run([optc, str(folder), "--passes=", "-o", str(source), "--no-runtime-check"], check=True,
+                   env=dict(os.environ, OPTC_NO_CACHE="1"))
+    reference = work / "llama-quantize-q4km.gguf"
+    llama_quantize(source, reference, "Q4_K_M", threads=2)
+    from gguf import GGUFReader
+
+    ours, theirs = GGUFReader(str(gguf_file)), GGUFReader(str(reference))
+    mine = {t.name: t for t in ours.tensors}
+    same = sum(1 for t in theirs.tensors if t.name in mine and mine[t.name].tensor_type == t.tensor_type
+               and np.array_equal(np.asarray(mine[t.name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)))
+    source.unlink(missing_ok=True)
+    return f"{same}/{len(theirs.tensors)} tensors byte-identical"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="135m,1.1b", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--cap", default="8G", help="the cgroup memory cap of each command (default 8G)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/optc-scale"))
+    parser.add_argument("--optc", default=str(Path(sys.executable).with_name("optc")))
+    parser.add_argument("--only", default="", help="run only the commands whose label contains one of these (comma-separated)")
+    parser.add_argument("--lazy", choices=("1", "0", ""), default="1",
+                        help="OPTC_LAZY_WEIGHTS for the commands: 1 lazy weights (default), 0 eager, '' by the budget")
+    parser.add_argument("--check", action="store_true", help="check the w8 logits and the GGUF bytes afterwards")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    args = parser.parse_args(argv)
+    cap = int(float(args.cap[:-1]) * 2**30) if args.cap.upper().endswith("G") else int(args.cap)
+    only = [o for o in args.only.split(",") if o]
+    rows = []
+    for key in args.shapes.split(","):
+        shape = SHAPES[key]
+        work = args.work / key
+        folder = work / "checkpoint"
+        start = time.perf_counter()
+        make_checkpoint(folder, shape)
+        print(f"{key}: {shape.parameters / 1e9:.2f}B parameters, {_gib((folder / 'model.safetensors').stat().st_size)} "
+              f"bf16, written in {time.perf_counter() - start:.0f} s", flush=True)
+        results = run_commands(folder, work, cap, args.optc, only, args.lazy)
+        checks = {}
+        if args.check:
+            w8 = results.get("rtn 8-bit g128 → .onnx")
+            if w8 and w8["exit"] == 0:
+                checks["w8 cosine"] = f"{check_w8(folder, Path(w8['output'])):.4f}"
+            q4 = results.get("kquant Q4_K_M → .gguf")
+            if q4 and q4["exit"] == 0:
+                checks["gguf vs llama-quantize"] = check_gguf(folder, work, Path(q4["output"]), args.optc)
+            print(f"  checks: {checks}", flush=True)
+        rows.append((key, shape, (folder / "model.safetensors").stat().st_size, results, checks))
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()[0]
+    print(f"\ncap {args.cap} per command; {os.cpu_count()} cores, load average {load:.1f}; OPTC_NO_CACHE=1 "
+          f"OPTC_LAZY_WEIGHTS={args.lazy}")
+    print("| shape | parameters | bf16 checkpoint | command | time | peak anon | max_usage (incl. page cache) | exit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, shape, size, results, checks in rows:
+        for label, r in results.items():
+            print(f"| {key} | {shape.parameters / 1e9:.2f}B | {_gib(size)} | {label} | {r['seconds']:.0f} s | "
+                  f"{_gib(r['peak_anon'])} | {_gib(r['max_usage'])} | {r['exit']} |")
+        for name, value in checks.items():
+            print(f"| {key} | | | check: {name} | {value} | | | |")
+    return 0 if all(r["exit"] == 0 for *_, results, _ in rows for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
