@@ -76,7 +76,7 @@ class ActivationStore:
         self.limit = limit
         self.held = 0
         self._items: list[dict[str, np.ndarray] | dict[str, Path]] = []
-        self._folder: Path | None = None
+        self.folder: Path | None = None
 
     def put(self, arrays: dict[str, np.ndarray]) -> None:
         size = sum(int(a.nbytes) for a in arrays.values())
@@ -84,12 +84,12 @@ class ActivationStore:
             self.held += size
             self._items.append({k: np.asarray(a) for k, a in arrays.items()})
             return
-        if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="optc-activations-"))
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="optc-activations-"))
         index = len(self._items)
         paths = {}
         for j, (name, array) in enumerate(arrays.items()):
-            paths[name] = path = self._folder / f"{index}-{j}.npy"
+            paths[name] = path = self.folder / f"{index}-{j}.npy"
             np.save(path, np.ascontiguousarray(array))
         self._items.append(paths)
 
@@ -99,7 +99,7 @@ class ActivationStore:
 
     @property
     def spilled(self) -> bool:
-        return self._folder is not None
+        return self.folder is not None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -107,9 +107,9 @@ class ActivationStore:
     def close(self) -> None:
         self._items.clear()
         self.held = 0
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 def _store_limit(context: PassContext) -> int | None:
