@@ -23,11 +23,11 @@ llm-compressor's sequential pipeline do (Frantar et al., 2022, `llama_sequential
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from optc.ir.annotations import HF_CONFIG, model_metadata
-from optc.ir.core import AttributeType, Graph, Model, Node, Value
+from optc.ir.core import AttributeType, DataType, Graph, Model, Node, TensorType, Value
 from optc.ir.patterns.match import ONNX_DOMAINS, is_const
 
 
@@ -224,10 +224,12 @@ def _constant_closure(nodes: Sequence[Node], const_nodes: set[int]) -> list[Node
     return list(found.values())
 
 
-def stage_model(model: Model, stage: Stage, extra_outputs: Iterable[str] = ()) -> Model:
+def stage_model(model: Model, stage: Stage, extra_outputs: Iterable[str] = (),
+                input_types: Mapping[str, DataType] | None = None) -> Model:
     """A standalone model of one stage: inputs `stage.inputs`, outputs `stage.outputs` then `extra_outputs`
     (names of values the stage computes), holding only the weights its nodes (and their constant-only
-    producers) read. Tensors are shared with `model`; `model` is not changed."""
+    producers) read. Tensors are shared with `model`; `model` is not changed. `input_types` gives the
+    element type of inputs the graph leaves untyped (intermediate values shape inference did not reach)."""
     graph = model.graph
     const_nodes = constant_nodes(graph)
     wanted = set(map(id, stage.nodes)) | set(map(id, _constant_closure(stage.nodes, const_nodes)))
@@ -242,6 +244,8 @@ def stage_model(model: Model, stage: Stage, extra_outputs: Iterable[str] = ()) -
     inputs = []
     for value in stage.inputs:
         mapping[id(value)] = new = fresh(value)
+        if new.type is None and input_types and value.name in input_types:
+            new.type = TensorType(input_types[value.name])
         inputs.append(new)
 
     def get(value: Value | None) -> Value | None:

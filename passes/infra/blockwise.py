@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from optc.errors import UsageError
-from optc.ir import Model, initializer_bytes
+from optc.ir import DataType, Model, initializer_bytes
 from optc.ir.patterns.blocks import BlockPartition, Stage, find_blocks, stage_model
 from optc.passes.infra.calibration import calibration_shard
 from optc.passes.infra.context import PassContext
@@ -200,7 +200,9 @@ def _run_stage(model: Model, stage: Stage, extras: list[str], update: Update, st
                side: ActivationStore, following: ActivationStore | None) -> None:
     """One session over `stage` (as `model` has it now) for every stored sample."""
     own = {v.name for v in stage.inputs}
-    sub = stage_model(model, stage, extras)
+    first = {**stream.get(0), **side.get(0)} if len(stream) else {}
+    types = {k: DataType.from_numpy(np.asarray(v).dtype) for k, v in first.items() if k in own}
+    sub = stage_model(model, stage, extras, types)
     wanted = ([stage.outputs[0].name] if following is not None else []) + list(extras)
     with ModelRunner(sub) as runner:
         for i in range(len(stream)):
