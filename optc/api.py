@@ -19,6 +19,7 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
     calib: str | None = None,
     calib_samples: int = 16,
     calib_seqlen: int = 256,
+    calib_blocks: str = "auto",
     example_inputs: Any = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -41,7 +42,8 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
     The passes' remarks are on `.remarks` (`optc.passes.Remark`); `remarks=REGEX` also prints those
     of the passes it names, and `strict=True` fails on a `missed` remark (`optc.passes.RemarkError`).
     `dynamic_axes` says otherwise). `memory_budget` (bytes, or text such as `"8G"`;
-    default: the memory available) refuses a path input whose load would need more.
+    default: the memory available) refuses a path input whose load would need more, and decides whether
+    calibration runs a decoder block by block (`calib_blocks="auto"`; `"on"`, `"off"` force it).
     `kv_cache=True` exports a Hugging Face or GGUF causal LM with its KV cache, and an `.onnx`
     output becomes a folder onnxruntime-genai loads (`genai_config.json` and the tokenizer beside it).
     Raises `optc.errors.OptcError` on failure.
@@ -52,6 +54,7 @@ def compile(  # noqa: A001 - the API's name, like torch.compile
         calib=calib,
         calib_samples=calib_samples,
         calib_seqlen=calib_seqlen,
+        calib_blocks=calib_blocks,
         seed=seed,
         verify_each=verify_each,
         report=Path(report) if report is not None else None,

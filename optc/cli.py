@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calib", help="calibration data: builtin, random, text:FILE or npz:FILE (required by passes that calibrate; builtin is the default for the default model)")
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
     parser.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
+    parser.add_argument(
+        "--calib-blocks", choices=("auto", "on", "off"), default="auto",
+        help="calibrate a decoder block by block (one block's weights and statistics in memory; gptq then runs "
+             "true-sequential): on, off, or auto (default: when the whole model would not fit the memory budget)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
     parser.add_argument("--timing", action="store_true", help="print the time of every pass and analysis")
     parser.add_argument("--print-ir-after-change", action="store_true", help="print the IR after each pass that changed it")
@@ -154,6 +159,7 @@ def run(argv: list[str]) -> int:
         calib=args.calib,
         calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen,
+        calib_blocks=args.calib_blocks,
         seed=args.seed,
         timing=args.timing,
         print_ir_after_change=args.print_ir_after_change,

@@ -59,6 +59,8 @@ class CompileOptions:
     calib: str | None = None
     calib_samples: int = 16
     calib_seqlen: int = 256
+    #: Calibrate a decoder block by block: "on", "off" or "auto" (when the whole model exceeds the memory budget).
+    calib_blocks: str = "auto"
     seed: int = 0
     timing: bool = False
     print_ir_after_change: bool = False
@@ -332,6 +334,8 @@ def _run(
         "calibration.spec": options.calib,
         "calibration.samples": options.calib_samples,
         "calibration.seqlen": options.calib_seqlen,
+        "calibration.blocks": options.calib_blocks,
+        "calibration.memory_budget": _memory_budget(options),
         "backend.skip_runtime_check": options.skip_runtime_check,
         "frontend.load_model": load_input,  # for passes that read a second model (distill teacher=PATH)
     }

@@ -17,10 +17,9 @@ import numpy as np
 from optc.ir import Model, is_constant
 from optc.ir.patterns.ops import QUANTIZED_OPS
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
-from optc.passes.infra.calibration import calibration_shard
+from optc.passes.infra.blockwise import calibrate
 from optc.passes.infra.registry import register_analysis
 from optc.runtime import distributed
-from optc.runtime.runner import ModelRunner
 
 
 @dataclass
@@ -62,11 +61,7 @@ class TensorStats:
 
 def accumulate_calibration(model: Model, am: AnalysisManager, accumulators: dict[str, Any]) -> None:
     """Run this process's share of the calibration samples, calling `update(array)` on each value's accumulator."""
-    values = list(accumulators)
-    with ModelRunner(model, values) as runner:
-        for feed in calibration_shard(model, am.context):
-            for name, array in runner.run(feed, values).items():
-                accumulators[name].update(array)
+    calibrate(model, am.context, list(accumulators), lambda name, array: accumulators[name].update(array))
 
 
 def default_values(model: Model) -> list[str]:

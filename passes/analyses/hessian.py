@@ -35,10 +35,10 @@ from optc.ir import Model, Node
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.weights import weight_view
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
-from optc.passes.infra.calibration import calibration_shard, calibration_spec
+from optc.passes.infra.blockwise import calibrate
+from optc.passes.infra.calibration import calibration_spec
 from optc.passes.infra.registry import register_analysis
 from optc.runtime import distributed
-from optc.runtime.runner import ModelRunner
 
 
 @dataclass
@@ -113,8 +113,6 @@ class Hessian(Analysis[dict[str, HessianStats]]):
     depends_on = frozenset({ACTIVATIONS})
 
     def run(self, model: Model, am: AnalysisManager) -> dict[str, HessianStats]:
-        from tqdm import tqdm
-
         values = list(self.params.get("values") or default_values(model))
         device = torch.device(self.params.get("device") or default_device())
         stats: dict[str, HessianStats] = {}
@@ -122,18 +120,18 @@ class Hessian(Analysis[dict[str, HessianStats]]):
             return stats
         from optc.passes.linear_layers import torch_threads
 
-        with ModelRunner(model, values) as runner, torch_threads(device):
-            samples = calibration_shard(model, am.context)
-            for feed in tqdm(samples, desc="hessian", unit="sample", leave=False, disable=None):
-                for name, array in runner.run(feed, values).items():
-                    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-                    if x.ndim == 0:
-                        continue
-                    entry = stats.get(name)
-                    if entry is None:
-                        k = int(x.shape[-1])
-                        entry = stats[name] = HessianStats(torch.zeros(k, k, dtype=torch.float64, device=device))
-                    entry.update(x)
+        def update(name: str, array: np.ndarray) -> None:
+            x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            if x.ndim == 0:
+                return
+            entry = stats.get(name)
+            if entry is None:
+                k = int(x.shape[-1])
+                entry = stats[name] = HessianStats(torch.zeros(k, k, dtype=torch.float64, device=device))
+            entry.update(x)
+
+        with torch_threads(device):
+            calibrate(model, am.context, values, update)
             if distributed.current().distributed:
                 stats = combine_over_ranks(stats, values, device)
         for entry in stats.values():
@@ -141,16 +139,21 @@ class Hessian(Analysis[dict[str, HessianStats]]):
         return stats
 
 
-def calibration_hessians(
-    model: Model, am: AnalysisManager, who: str, values: Sequence[str] | None = None, need: str = "calibration data"
-) -> dict[str, HessianStats]:
-    """The `hessian` analysis (of `values` when given, else of every weighted op's input) for the pass `who`;
-    without calibration data, one error line: "`who` needs `need`: why"."""
+def require_calibration(model: Model, am: AnalysisManager, who: str, need: str = "calibration data") -> None:
+    """One error line, "`who` needs `need`: why", when the pipeline has no calibration data."""
     try:
         calibration_spec(model, am.context)
     except OptcError as exc:
         message = str(exc).split(": ", 1)[-1]
         raise OptcError(f"{who} needs {need}: {message}") from exc
+
+
+def calibration_hessians(
+    model: Model, am: AnalysisManager, who: str, values: Sequence[str] | None = None, need: str = "calibration data"
+) -> dict[str, HessianStats]:
+    """The `hessian` analysis (of `values` when given, else of every weighted op's input) for the pass `who`;
+    without calibration data, one error line: "`who` needs `need`: why"."""
+    require_calibration(model, am, who, need)
     if values is None:
         return am.get(Hessian, model)
     return am.get(Hessian, model, values=tuple(sorted(set(values))))
@@ -177,4 +180,5 @@ def combine_over_ranks(stats: dict[str, HessianStats], values: list[str], device
     return combined
 
 
-__all__ = ["Hessian", "HessianStats", "calibration_hessians", "combine_over_ranks", "default_values", "weighted_input"]
+__all__ = ["Hessian", "HessianStats", "calibration_hessians", "combine_over_ranks", "default_values", "require_calibration",
+           "weighted_input"]

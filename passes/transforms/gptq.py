@@ -32,14 +32,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from optc.errors import OptcError
 from optc.ir import Model, annotation
 from optc.ir.annotations import SPARSITY
+from optc.ir.patterns.blocks import BlockPartition, Stage
 from optc.ir.patterns.builder import Builder
+from optc.passes.analyses.hessian import HessianStats, combine_over_ranks, require_calibration
 from optc.passes.infra.analysis import AnalysisManager
+from optc.passes.infra.blockwise import block_partition, run_blocks
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
@@ -56,6 +60,7 @@ from optc.passes.lowbit import (
     rtn,
     torch_threads,
 )
+from optc.runtime import distributed
 from optc.runtime.distributed import share_out
 
 log = logging.getLogger(__name__)
@@ -196,14 +201,66 @@ class Gptq(LowBitPass):
         sites, excluded, skipped = self.layers(model, am)
         if not sites:
             return self.nothing_quantized(model, excluded, skipped)
-        hessians = self.calibration_hessians(model, am, [s.activation.name for s in sites])
         device = default_device()
+        partition = block_partition(model, am.context)
+        if partition is not None:
+            with torch_threads(device):
+                return self._sequential(model, am, partition, sites, excluded, device)
+        hessians = self.calibration_hessians(model, am, [s.activation.name for s in sites])
         with torch_threads(device):
-            return self._quantize(model, sites, excluded, hessians, device)
+            total, fallbacks = self._quantize(model, sites, hessians, device, Builder(model.graph))
+        return self._result(model, sites, excluded, total, fallbacks)
 
-    def _quantize(self, model: Model, sites, excluded, hessians, device) -> PassResult:
+    def _result(self, model: Model, sites, excluded, total: float, fallbacks: int) -> PassResult:
+        stats = {"quantized-ops": len(sites), "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}
+        return PassResult(model, True, None, stats)
+
+    def _sequential(self, model: Model, am: AnalysisManager, partition: BlockPartition, sites, excluded,
+                    device) -> PassResult:
+        """True-sequential GPTQ (the reference code's `llama_sequential`): block by block, each block's
+        Hessians come from the calibration inputs that the blocks before it, already quantized, computed;
+        only one block's Hessians are held at a time."""
+        require_calibration(model, am, self.name, f"{self.calibration_need} from calibration data")
+        by_stage: dict[str, list] = {}
+        for site in sites:
+            stage = partition.stage_of(site.activation.name)
+            if stage is None:
+                raise OptcError(f"gptq: no calibration data reaches {site.activation.name!r}, the input of {site.label}")
+            by_stage.setdefault(stage.name, []).append(site)
+        stats: dict[str, HessianStats] = {}
+        build = Builder(model.graph)
+        totals = [0.0, 0]
+
+        def update(name: str, array: np.ndarray) -> None:
+            x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            entry = stats.get(name)
+            if entry is None:
+                k = int(x.shape[-1])
+                entry = stats[name] = HessianStats(torch.zeros(k, k, dtype=torch.float64, device=device))
+            entry.update(x)
+
+        def after_stage(stage: Stage) -> bool:
+            members = by_stage.get(stage.name)
+            if not members:
+                return False
+            names = list(dict.fromkeys(site.activation.name for site in members))
+            mine = {name: stats.pop(name) for name in names if name in stats}
+            if distributed.current().distributed:
+                mine = combine_over_ranks(mine, names, device)
+            for entry in mine.values():
+                entry.finish()
+            total, fallbacks = self._quantize(model, members, mine, device, build)
+            totals[0] += total
+            totals[1] += fallbacks
+            return True
+
+        run_blocks(model, am.context, partition, [s.activation.name for s in sites], update, after_stage)
+        return self._result(model, sites, excluded, totals[0], int(totals[1]))
+
+    def _quantize(self, model: Model, sites, hessians, device, build: Builder) -> tuple[float, int]:
         """Layers sharing an input share H, so their rows are quantized together as one matrix (the same
-        math: GPTQ treats rows independently given H), which halves the column loop on q/k/v and gate/up."""
+        math: GPTQ treats rows independently given H), which halves the column loop on q/k/v and gate/up.
+        Returns the total loss and the number of RTN fallbacks."""
         opts = self.options
         grid = opts.grid
         by_input: dict[str, list] = {}
@@ -211,7 +268,6 @@ class Gptq(LowBitPass):
             by_input.setdefault(site.activation.name, []).append(site)
         total, fallbacks = 0.0, 0
         progress = tqdm(total=len(sites), desc="gptq", unit="layer", leave=False, disable=None)
-        build = Builder(model.graph)  # owns the fresh names of everything this run adds
         groups = list(by_input.items())
         for name, members in groups:
             stats = hessians.get(name)
@@ -246,7 +302,6 @@ class Gptq(LowBitPass):
                 self.emit(model, site, q[rows], scale[rows], zero[rows], info, build)
                 progress.update()
         progress.close()
-        stats = {"quantized-ops": len(sites), "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}
-        return PassResult(model, True, None, stats)
+        return total, fallbacks
 
 __all__ = ["Factor", "Gptq", "GptqResult", "dequantized", "factor", "gptq_quantize"]

@@ -55,18 +55,20 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("passes", ["gptq", "w8a8"])
-def test_two_processes_write_the_bytes_one_process_writes(tmp_path: Path, passes: str) -> None:
+@pytest.mark.parametrize(("passes", "blocks"), [("gptq", "off"), ("w8a8", "off"), ("gptq", "on")])
+def test_two_processes_write_the_bytes_one_process_writes(tmp_path: Path, passes: str, blocks: str) -> None:
+    """`blocks=on`: true-sequential GPTQ block by block, each rank running its samples through every block."""
     source = tmp_path / "block.onnx"
     onnx.save(qm.llama_block(hidden=128, ffn=256), str(source), save_as_external_data=True,
               location="block.onnx.data", size_threshold=0)
     calib = tmp_path / "calib.npz"  # 5 samples: rank 0 gets 3, rank 1 gets 2
     np.savez(calib, input_ids=np.random.default_rng(3).integers(0, 64, size=(5, 16), dtype=np.int64))
-    args = [str(source), "--passes", passes, "--calib", f"npz:{calib}", "--no-runtime-check"]
+    args = [str(source), "--passes", passes, "--calib", f"npz:{calib}", "--no-runtime-check", "--calib-blocks", blocks]
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    compile_file(source, one / "out.onnx", CompileOptions(passes=passes, calib=f"npz:{calib}", skip_runtime_check=True))
+    compile_file(source, one / "out.onnx", CompileOptions(passes=passes, calib=f"npz:{calib}", skip_runtime_check=True,
+                                                          calib_blocks=blocks))
     launcher = [*_torchrun(), "--standalone", "--nproc-per-node", "2", "--no-python"]
     run = subprocess.run([*launcher, *optc_command(), *args, "-o", str(two / "out.onnx")], env=_env(),
                          capture_output=True, text=True, timeout=TIMEOUT_S)
