@@ -16,12 +16,17 @@ values (u − 2^(bits−1))·s = q·s), unsigned codes keep their own zero point
 else (and Gemm) is left as written.
 
 5-8-bit weights are left to `lower-ort-int8` unless `bits8=true` (folding them to
-float at load is faster: README, Results).
+float at load is faster for a window of tokens: README, Results).
 
-`accuracy-level` is MatMulNBits' compute type: 0 (default, =fp32) computes
-with float activations, the numerics of the IR; 4 quantizes activations to
-int8 per block on the fly (other numerics). Which is faster on this CPU is
-measured by tools/bench_w4.py. `form=dequantize-at-load` instead turns the
+`accuracy-level` is MatMulNBits' compute type: 0 (=fp32) computes with float
+activations, the numerics of the IR; 4 quantizes activations to int8 per block
+on the fly (other numerics). The default (`none`) follows what the model is run
+for: a KV-cache decoder (`optc.runtime.decoder`) spends its time decoding one
+token at a time, where level 4 is faster (tools/bench_decode.py), and its 8-bit
+weight-only MatMuls (w4a16's int8 lm_head) then become MatMulNBits(bits=8) at
+level 4 too, a quarter of the float weight read per token; any other model keeps
+level 0 (exact; level 4 was slower for a 256-token window, tools/bench_w4.py)
+and folds 8-bit weights to float. `form=dequantize-at-load` instead turns the
 DequantizeLinear into Cast → (Sub) → Mul on the block-shaped weight, which
 onnxruntime constant-folds into a float weight when the session loads (fp32
 speed, small file), `form=keep` leaves the model as is. What was done is
@@ -61,6 +66,7 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.infra.remarks import match_summary
+from optc.runtime.decoder import has_cache
 
 _LOWBIT = (DataType.INT4, DataType.UINT4, DataType.INT8, DataType.UINT8)
 _SIGNED = (DataType.INT4, DataType.INT8)
@@ -79,16 +85,21 @@ class LowerOrtNbits(Pass):
             help="nbits: MatMulNBits; dequantize-at-load: Cast->Mul folded at session load; keep: as written; "
             "auto: nbits unless the model was lowered (or kept) by an earlier run",
         )
-        accuracy_level: int = option(0, help="MatMulNBits compute type: 0 float activations (exact), 4 int8 activations")
+        accuracy_level: int | None = option(
+            None,
+            help="MatMulNBits compute type: 0 float activations (exact), 4 int8 activations per block; "
+            "none: 4 for a KV-cache decoder (decode speed), 0 otherwise",
+        )
         per_channel_block: int = option(128, help="block size that repeats a per-channel scale (MatMulNBits has blocks only)")
-        bits8: bool = option(
-            False,
-            help="also lower 5-8-bit (int8/uint8) weights to MatMulNBits(bits=8); off by default: on SmolLM2 it ran "
-            "1.35x fp32, while lower-ort-int8 folds such weights to float at load (fp32 speed)",
+        bits8: bool | None = option(
+            None,
+            help="also lower 5-8-bit (int8/uint8) weights to MatMulNBits(bits=8); none: for a KV-cache decoder at "
+            "accuracy level 4 only (on SmolLM2 a 256-token window ran 1.35x fp32 with them, while lower-ort-int8 "
+            "folds such weights to float at load: fp32 speed)",
         )
 
         def validate(self) -> None:
-            if self.accuracy_level not in (0, 1, 2, 3, 4):
+            if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
                 raise ValueError(f"option 'accuracy-level' must be 0-4, got {self.accuracy_level}")
             b = self.per_channel_block
             if b < 16 or b & (b - 1):
@@ -107,12 +118,13 @@ class LowerOrtNbits(Pass):
         graph = model.graph
         dead: list[Node] = []
         build = Builder(graph)  # owns the fresh names of everything this run adds
+        level, bits8 = self._choices(model)
 
         def rewrite(site: _Site) -> bool:
             if form == "nbits":
-                if site.bits == 8 and not self.options.bits8:
+                if site.bits == 8 and not bits8:
                     return False
-                done = self._nbits(build, site.node, site.dq, site.weight, site.bits)
+                done = self._nbits(build, site.node, site.dq, site.weight, site.bits, level)
             else:
                 done = _dequantize_at_load(build, site.node, site.dq)
             if done:
@@ -133,10 +145,21 @@ class LowerOrtNbits(Pass):
         drop_unused_initializers(graph)
         if form == "nbits" and model.opset_imports.get("com.microsoft") is None:
             model.opset_imports["com.microsoft"] = 1
-        set_model_metadata(model, METADATA, {"form": form, "accuracy_level": self.options.accuracy_level, "lowered": lowered})
+        set_model_metadata(model, METADATA, {"form": form, "accuracy_level": level, "lowered": lowered})
         return PassResult(model, True, None, {"lowered": lowered})
 
-    def _nbits(self, build: Builder, node: Node, dq: Node, weight: Value, bits: int) -> bool:
+    def _choices(self, model: Model) -> tuple[int, bool]:
+        """The accuracy level and whether 8-bit weights are lowered: the options, or what the model is run for."""
+        decoder = has_cache(v.name for v in model.graph.inputs)
+        level = self.options.accuracy_level
+        if level is None:
+            level = 4 if decoder else 0
+        bits8 = self.options.bits8
+        if bits8 is None:
+            bits8 = decoder and level == 4  # bits=8 at level 0 is slower than folding to float
+        return level, bits8
+
+    def _nbits(self, build: Builder, node: Node, dq: Node, weight: Value, bits: int, level: int) -> bool:
         graph = build.graph
         codes = constant_array(weight).astype(np.int32)  # [K, N]
         k, n = codes.shape
@@ -178,12 +201,12 @@ class LowerOrtNbits(Pass):
                     zp_cols = np.concatenate([zp_cols, np.zeros((n, 1), np.uint8)], axis=1)
                 zp_cols = (zp_cols[:, 0::2] | (zp_cols[:, 1::2] << 4)).astype(np.uint8)
             inputs.append(build.initializer(f"{weight.name}_nbits_zero_point", zp_cols.reshape(-1)))
-        attrs = {"K": k, "N": n, "bits": nbits, "block_size": block, "accuracy_level": self.options.accuracy_level}
+        attrs = {"K": k, "N": n, "bits": nbits, "block_size": block, "accuracy_level": level}
         new = make_node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft",
                         name=build.node_name(f"{node.name or 'MatMul'}_nbits"))
         _swap(build, node, new)
         annotate(new, ORT_LOWERING, {"runs_as": "com.microsoft.MatMulNBits", "bits": nbits, "block_size": block,
-                                       "accuracy_level": self.options.accuracy_level})
+                                       "accuracy_level": level})
         return True
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 
@@ -19,7 +20,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from optc.runtime.decoder import cache_names, fill_decoder_inputs, is_cache_tensor, session_inputs  # noqa: E402
-from tests.fixtures.kv_models import HEAD_DIM, KV_HEADS, LAYERS, kv_compiled, kv_llama  # noqa: E402
+from tests.fixtures.kv_models import (  # noqa: E402
+    HEAD_DIM,
+    KV_HEADS,
+    LAYERS,
+    kv_compiled,
+    kv_llama,
+    nocache_compiled,
+)
 from tests.frontends.test_transformers import VOCAB  # noqa: E402
 
 
@@ -103,6 +111,26 @@ def test_quantizing_passes_keep_the_cache_float(compiled, passes):
     prompt = np.random.default_rng(1).integers(0, VOCAB, size=(1, 6), dtype=np.int64)
     for _, logits in _greedy_with_cache(session, prompt, steps=2):
         assert np.isfinite(logits).all()
+
+
+def test_w8a8_prefill_equals_the_no_cache_export(compiled):
+    """Calibration and Q/DQ placement are the same on both forms (every scale equal), and a prefill from an
+    empty cache gives the no-cache logits."""
+    prompt = np.random.default_rng(2).integers(0, VOCAB, size=(2, 9), dtype=np.int64)
+    cached_path, plain_path = compiled["w8a8"].artifact.path, nocache_compiled("w8a8").artifact.path
+    assert _quantizer_scales(cached_path) == _quantizer_scales(plain_path)
+    cached = _session(cached_path)
+    with_cache = cached.run(["logits"], fill_decoder_inputs(session_inputs(cached), {"input_ids": prompt}))[0]
+    without = _session(plain_path).run(["logits"], {"input_ids": prompt})[0]
+    np.testing.assert_allclose(with_cache, without, atol=1e-4, rtol=0)
+
+
+def _quantizer_scales(path: Path) -> list[list[float]]:
+    """The scale of every QuantizeLinear and DequantizeLinear with a constant scale, in graph order."""
+    proto = onnx.load(str(path))
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return [constants[n.input[1]].ravel().tolist() for n in proto.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[1] in constants]
 
 
 def test_generation_folder(compiled):

@@ -71,6 +71,25 @@ def test_accuracy_level_4_is_close():
     assert qm.sqnr_db(ref, out) > 25
 
 
+def test_a_kv_cache_decoder_gets_int8_compute_and_its_8_bit_weights_too():
+    """The default follows what the model runs for: a decoder with a cache decodes, where level 4 is faster."""
+    from optc.ir import DataType, make_value
+
+    quantized = _quantized("rtn{bits=8 group=-1}")
+    plain = h.run(_copy(quantized), "lower-ort-nbits").model
+    assert not h.ops(plain, "MatMulNBits")  # 8-bit weights stay for lower-ort-int8 (folded to float at load)
+    decoder = _copy(quantized)
+    decoder.graph.inputs.append(make_value("past_key_values.0.key", DataType.FLOAT, [1, 2, "past", 16]))
+    lowered = h.run(decoder, "lower-ort-nbits").model
+    nbits = h.ops(lowered, "MatMulNBits")
+    assert len(nbits) == 7 and {n.attributes["accuracy_level"].as_int() for n in nbits} == {4}
+    assert model_metadata(lowered, METADATA)["accuracy_level"] == 4
+    exact = _copy(quantized)
+    exact.graph.inputs.append(make_value("past_key_values.0.key", DataType.FLOAT, [1, 2, "past", 16]))
+    kept = h.run(exact, "lower-ort-nbits{accuracy-level=0}").model  # bits=8 at level 0: slower than float
+    assert not h.ops(kept, "MatMulNBits")
+
+
 def test_small_blocks_stay_as_written():
     quantized = _quantized("rtn{group=8}")
     result = h.run(_copy(quantized), "lower-ort-nbits")
