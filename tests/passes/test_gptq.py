@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optc.errors import PassFailure
+from optc.errors import PassFailure, UsageError
 from optc.ir import DataType, annotation
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
 from optc.passes.lowbit import Grid, dequantize, expand, find_params, rtn
@@ -116,6 +116,20 @@ def test_pass_on_a_llama_block_beats_rtn():
     ours = h.sqnr_llama(proto, m)
     base = h.sqnr_llama(proto, h.run(h.llama()[1], "rtn{group=32}").model)
     assert ours >= 19 and ours > base + 1  # measured 21.8 vs 17.8
+
+
+def test_hessian_weighted_clip_option():
+    proto, model = h.llama()
+    m = h.run(model, "gptq{group=32 clip-hessian=true clip-norm=2.4}").model
+    info = annotation(h.node(m, "down_proj"), "quant")
+    assert info["clip_hessian"] is True and info["clip_norm"] == 2.4
+    base = h.sqnr_llama(proto, h.run(h.llama()[1], "rtn{group=32}").model)
+    assert h.sqnr_llama(proto, m) > base + 1
+
+
+def test_clip_norm_is_checked():
+    with pytest.raises(UsageError, match="clip-norm"):
+        parse_pipeline("gptq{clip-norm=0.5}")
 
 
 def test_pass_on_a_bert_block():
