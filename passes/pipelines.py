@@ -45,7 +45,8 @@ register_pipeline(
 # asymmetric 1.11x. The tied embedding table (= the lm_head) is stored int8 per row: 1.107x either
 # way, and the file shrinks from 0.335x to 0.182x fp32 (the float table was 113 MB of 184). A 4-bit
 # table would cost quality on the head. Asymmetric grids carry a zero point, which onnxruntime's
-# MatMulNBits takes and TensorRT does not: for TensorRT use `gptq` (symmetric).
+# MatMulNBits takes; TensorRT gets them through lower-tensorrt's exact split (or use gptq{symmetric=true}).
+# (Issue 19: gptq's own default is now asymmetric too; symmetric=false stays spelled out here.)
 # `w4a16-h8` also runs the lm_head (the largest matmul) in W8A8 on the integer kernel, its input
 # smoothed into the table (smoothquant after gptq finds only that group: the other layers no longer
 # have float weights): 1.111x, 0.181x, and the only 4-bit form measured faster than fp32 on an AVX2

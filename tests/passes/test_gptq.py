@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optc.errors import PassFailure
+from optc.errors import PassFailure, UsageError
 from optc.ir import DataType, annotation
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
 from optc.passes.lowbit import Grid, dequantize, expand, find_params, rtn
@@ -112,17 +112,32 @@ def test_pass_on_a_llama_block_beats_rtn():
     info = annotation(h.node(m, "down_proj"), "quant")
     assert info["method"] == "gptq" and info["bits"] == 4 and info["group"] == 32 and info["act_order"] is True
     assert info["gptq_loss"] >= 0
-    assert h.node(m, "down_proj").inputs[1].producer().inputs[0].dtype == DataType.INT4
+    assert info["symmetric"] is False  # the default: a zero point per group
+    assert h.node(m, "down_proj").inputs[1].producer().inputs[0].dtype == DataType.UINT4
     ours = h.sqnr_llama(proto, m)
     base = h.sqnr_llama(proto, h.run(h.llama()[1], "rtn{group=32}").model)
     assert ours >= 19 and ours > base + 1  # measured 21.8 vs 17.8
+
+
+def test_hessian_weighted_clip_option():
+    proto, model = h.llama()
+    m = h.run(model, "gptq{group=32 clip-norm=2.4}").model  # clip-hessian is the default
+    info = annotation(h.node(m, "down_proj"), "quant")
+    assert info["clip_hessian"] is True and info["clip_norm"] == 2.4
+    base = h.sqnr_llama(proto, h.run(h.llama()[1], "rtn{group=32}").model)
+    assert h.sqnr_llama(proto, m) > base + 1
+
+
+def test_clip_norm_is_checked():
+    with pytest.raises(UsageError, match="clip-norm"):
+        parse_pipeline("gptq{clip-norm=0.5}")
 
 
 def test_pass_on_a_bert_block():
     proto, model = h.bert(post_ln=True)
     m = h.run(model, "gptq{bits=3 group=32}").model
     assert len([n for n in m.graph if annotation(n, "quant")]) == 6
-    base = h.sqnr_float(proto, h.run(h.bert(post_ln=True)[1], "rtn{bits=3 group=32}").model)
+    base = h.sqnr_float(proto, h.run(h.bert(post_ln=True)[1], "rtn{bits=3 group=32 symmetric=false}").model)  # the same grid
     assert h.sqnr_float(proto, m) > base
 
 

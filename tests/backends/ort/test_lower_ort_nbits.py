@@ -125,7 +125,7 @@ def test_report_lists_weight_only_layers(tmp_path):
 
     source = tmp_path / "tiny.onnx"
     save_model(qm.to_ir(qm.llama_block(hidden=64, ffn=128), vocab=64), source)
-    optc_compile(source, output=tmp_path / "q.onnx", passes="gptq{group=32}", calib="random", calib_samples=4,
+    optc_compile(source, output=tmp_path / "q.onnx", passes="gptq{group=32 symmetric=true}", calib="random", calib_samples=4,
                  calib_seqlen=16, report=tmp_path / "run.json")
     layers = json.loads((tmp_path / "run.json").read_text())["quantization"]["layers"]
     assert len(layers) == 7 and {entry["weights"] for entry in layers} == {"int4"}
