@@ -196,6 +196,19 @@ def test_split_fused_projections_is_exact(family, exported):
     np.testing.assert_array_equal(_outputs(result.model, feeds), _run(path, feeds))
 
 
+def test_gemma_norms_carry_their_source_name_and_offset(exported):
+    """The exporter folds gemma's 1 + w into one constant; the frontend still names it, with SOURCE_OFFSET 1."""
+    from optc.ir import annotation
+    from optc.ir.annotations import SOURCE_NAME, SOURCE_OFFSET
+
+    _, _, path = exported("gemma2")
+    offsets = {annotation(v, SOURCE_NAME): annotation(v, SOURCE_OFFSET)
+               for v in load_model(path).graph.initializers.values() if annotation(v, SOURCE_OFFSET) is not None}
+    norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    assert set(offsets) == {f"model.layers.{i}.{n}.weight" for i in range(2) for n in norms} | {"model.norm.weight"}
+    assert set(offsets.values()) == {1.0}
+
+
 #: The families the GGUF backend writes; each test model gets the tiny tokenizer, rows of 64 (so every mix's
 #: 32-element fallback types apply) and what llama.cpp assumes of the architecture (it reads no key for it).
 #: One mixture of experts runs by default; the others (about 20 s each on 2 cores) are marked `slow`.
