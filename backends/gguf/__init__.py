@@ -4,11 +4,14 @@ What it writes (GGUF v3, through the `gguf` package's writer, streamed tensor
 by tensor so memory stays at one tensor):
 
 * **Architecture.** The families of the architecture registry
-  (`optc.architectures`) that carry a `GGUFLayout`: Hugging Face `llama` and
-  `mistral` models become GGUF architecture `llama`, `qwen2` models `qwen2` (the
-  same tensors plus Q/K/V biases, no Q/K permutation: its rope is NeoX-style in
-  both), `qwen3` models `qwen3` (plus the per-head Q/K norms); anything else
-  stops with one line naming the architecture. Metadata keys carry the exact types llama.cpp checks
+  (`optc.architectures`) that carry a `GGUFLayout`: llama, mistral and mixtral
+  as `llama`, qwen2, qwen3, qwen3_moe (`qwen3moe`), gemma2, gemma3_text
+  (`gemma3`), olmo2 and granite. The layout gives the tensor names, the Q/K
+  permutation, fused parameters written as two tensors (a mixture of experts'
+  `gate_up_proj` as `ffn_gate_exps` and `ffn_up_exps`), the architecture's own
+  keys (experts, soft-capping, granite's multipliers), the norm offset (gemma
+  stores 1 + w) and the config values llama.cpp assumes, which are checked;
+  anything else stops with one line naming the architecture. Metadata keys carry the exact types llama.cpp checks
   (counts UINT32, epsilon and `rope.freq_base` FLOAT32); `llama3` rope scaling
   adds the `rope_freqs.weight` tensor, `linear` rope scaling its two keys.
 * **Tensors.** Each weight is found by its original parameter name
