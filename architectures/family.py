@@ -20,6 +20,16 @@ class GGUFLayout:
     `global_names` whole parameter names to GGUF names; `layer_order` is the
     order convert_hf_to_gguf.py writes a block's tensors in; `required` the
     optional tensors (biases) llama.cpp's loader insists on for this architecture.
+    `split` names the fused parameters written as two tensors (the first and
+    second half of the rows: a fused expert `gate_up_proj` becomes
+    `ffn_gate_exps` and `ffn_up_exps`); `hparams` the architecture's own
+    metadata keys (after `<arch>.`) and the Hugging Face config key each comes
+    from (a float is written FLOAT32, an int UINT32; a key the config lacks or
+    holds as null is left out); `norm_offset` what convert_hf_to_gguf.py adds to
+    every norm weight (gemma's `1 + w` RMSNorm: 1). `fixed` holds the config
+    values llama.cpp assumes for the architecture (it reads no key for them),
+    `head_dim_keys` the config keys llama.cpp takes to equal the head size
+    (gemma's `query_pre_attn_scalar`): a config that differs is refused.
     """
 
     arch: str
@@ -30,10 +40,15 @@ class GGUFLayout:
     permute_qk: bool = False
     required: tuple[str, ...] = ()
     layer_prefix: str = "model.layers."
+    split: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    hparams: Mapping[str, str] = field(default_factory=dict)
+    norm_offset: float = 0.0
+    fixed: Mapping[str, object] = field(default_factory=dict)
+    head_dim_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layer_names", MappingProxyType(dict(self.layer_names)))
-        object.__setattr__(self, "global_names", MappingProxyType(dict(self.global_names)))
+        for name in ("layer_names", "global_names", "split", "hparams", "fixed"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,7 @@ from optc.ir.annotations import (  # noqa: E402
     HF_CONFIG,
     HF_EXPORT,
     SOURCE_ALIASES,
+    SOURCE_OFFSET,
     SOURCE_TRANSPOSED,
     TIED_PARAMETERS,
 )
@@ -123,6 +124,8 @@ LAZY_WEIGHTS = "optc.lazy_weights"
 
 #: Bump when the exported graph or its annotations change, to invalidate cached exports.
 EXPORT_FORMAT_VERSION = 2
+#: The cache key of the families whose norms hold 1 + w (gemma), since their exports record `SOURCE_OFFSET`.
+_SOURCE_OFFSET_VERSION = 1
 
 #: Bump when the KV-cache form of the export changes (a key of its own beside EXPORT_FORMAT_VERSION).
 _KV_CACHE_FORMAT_VERSION = 1
@@ -213,6 +216,8 @@ def load_transformers(
     settings: dict[str, Any] = {"opset": opset, "example": [_EXAMPLE_BATCH, _EXAMPLE_SEQ], "format": EXPORT_FORMAT_VERSION}
     if kv_cache:  # its own cache entry; the no-cache key stays as it was
         settings["kv_cache"] = _KV_CACHE_FORMAT_VERSION
+    if _has_norm_offset(source):  # exports of these families record SOURCE_OFFSET (other keys stay as they were)
+        settings["source_offsets"] = _SOURCE_OFFSET_VERSION
     use_cache = os.environ.get("OPTC_NO_CACHE", "") in ("", "0")
     if use_cache:
         entry = _cache_root() / "exports" / _cache_key(source, settings)
@@ -394,7 +399,7 @@ def _export(source: _Source, opset: int) -> Model:
             f"and outputs {[v.name for v in model.graph.outputs]}, expected {names} and {outputs}"
         )
     if checkpoint is None:
-        tied = _annotate_sources(model, hf_model)
+        tied = _annotate_sources(model, hf_model, norm_offset=_norm_offset(task.model_type))
     set_model_metadata(model, HF_CONFIG, _config_dict(hf_model))
     set_model_metadata(model, ARCHITECTURE, type(hf_model).__name__)
     set_model_metadata(model, TIED_PARAMETERS, tied)
@@ -412,6 +417,22 @@ def _export(source: _Source, opset: int) -> Model:
 
         store_tokenizer(model, tokenizer)
     return model
+
+
+def _norm_offset(model_type: str) -> bool:
+    family = lookup(model_type)
+    return family is not None and family.norm_offset
+
+
+def _has_norm_offset(source: _Source) -> bool:
+    """Whether the directory's `config.json` names a family whose norms multiply by 1 + w (gemma)."""
+    if source.gguf_file:
+        return False
+    try:
+        model_type = json.loads((source.path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return _norm_offset(str(model_type))
 
 
 def _load_config(source: _Source) -> Any:
@@ -525,13 +546,14 @@ _LAZY_MARGIN = 64 << 20
 def _lazy_checkpoint(source: _Source, task: _Task, parameters: int) -> dict[str, CheckpointTensor] | None:
     """The checkpoint's tensors when this export reads its weights lazily, else None (read eagerly).
 
-    Lazily: a causal LM (not mixture-of-experts) whose weights are all safetensors in float32, float16
+    Lazily: a causal LM (not mixture-of-experts, no norm offset) whose weights are all safetensors in float32, float16
     or bfloat16, when `OPTC_LAZY_WEIGHTS=1`, or unset and the eager export (8 bytes per parameter)
     would exceed the memory budget (`--memory-budget`, by default what the machine has).
     """
     choice = os.environ.get(_LAZY_ENV, "")
     family = lookup(task.model_type)
-    if choice == "0" or source.gguf_file or task.kind != "causal-lm" or family is None or family.moe:
+    # gemma's (1 + w) norm offset is found from the eager export's constants, which the lazy one leaves unfilled
+    if choice == "0" or source.gguf_file or task.kind != "causal-lm" or family is None or family.moe or family.norm_offset:
         return None
     budget = source.memory_budget if source.memory_budget is not None else available_memory()
     if choice != "1" and (budget is None or parameters * _EXPORT_BYTES_PER_PARAMETER <= budget):
@@ -837,14 +859,17 @@ class _EncoderWithTokenTypes(_Encoder):
 # --------------------------------------------------------------------------- parameter names
 
 
-def _annotate_sources(model: Model, hf_model: Any) -> dict[str, str]:
+def _annotate_sources(model: Model, hf_model: Any, *, norm_offset: bool = False) -> dict[str, str]:
     """Record each initializer's state-dict name; returns the tied aliases `{alias: stored name}`.
 
     The exporter names an initializer after the parameter it holds (with the
     wrapper's prefix) unless its optimizer replaced it: a folded transpose
     (`nn.Linear` weights as `[in, out]`) or one tensor for several identical
     ones gets a fresh name. Those are matched by content against the state
-    dict (and its 2-D transposes).
+    dict (and its 2-D transposes). With `norm_offset` (gemma's `x·(1 + w)`
+    norms, which the exporter folds into one constant) a 1-D `*norm.weight`
+    is also matched as 1 + w (float32, as the model computes it) and marked
+    `SOURCE_OFFSET` 1.
     """
     import numpy as np
 
@@ -874,6 +899,13 @@ def _annotate_sources(model: Model, hf_model: Any) -> dict[str, str]:
     def digest(array: Any) -> str:
         return hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).reshape(-1), digest_size=16).hexdigest()
 
+    offset_index: dict[tuple[str, tuple[int, ...], str], str] = {}
+    if norm_offset:
+        for key, array in arrays.items():
+            if array.ndim == 1 and key.endswith("norm.weight"):
+                plus = (array + array.dtype.type(1)).astype(array.dtype)
+                offset_index.setdefault((plus.dtype.str, plus.shape, digest(plus)), key)
+
     def build_index() -> None:
         for key, array in arrays.items():
             index.setdefault((array.dtype.str, array.shape, digest(array)), []).append((key, False))
@@ -900,6 +932,13 @@ def _annotate_sources(model: Model, hf_model: Any) -> dict[str, str]:
             for match in index.get((array.dtype.str, array.shape, digest(array)), []):
                 if match[0] not in {m[0] for m in matches}:
                     matches.append(match)
+        if not matches and offset_index and len(shape) == 1:
+            array = data.numpy() if array is None else array
+            key = offset_index.get((array.dtype.str, array.shape, digest(array)))
+            if key is not None:
+                set_source_name(value, key)
+                annotate(value, SOURCE_OFFSET, 1.0)
+            continue
         if not matches:
             continue
         source, transposed = matches[0]

@@ -28,6 +28,8 @@ SOURCE_NAME = "source_name"
 SOURCE_TRANSPOSED = "source_transposed"
 #: Value annotation: other state-dict names the same tensor stands for.
 SOURCE_ALIASES = "source_aliases"
+#: Value annotation: the initializer holds its source parameter plus this constant (gemma's folded 1 + w norms).
+SOURCE_OFFSET = "source_offset"
 #: Node annotation: how the node was quantized (`op`, `weights`, `activations` and their schemes).
 QUANTIZATION = "quant"
 #: Node annotation: why a node the quantizer could take was left in float.
@@ -151,6 +153,7 @@ SCHEMA: dict[str, AnnotationSpec] = {
     SOURCE_NAME: AnnotationSpec(str),
     SOURCE_TRANSPOSED: AnnotationSpec(bool),
     SOURCE_ALIASES: AnnotationSpec(list, items=str),
+    SOURCE_OFFSET: AnnotationSpec(NUMBER),
     QUANTIZATION: AnnotationSpec(dict, fields={
         "op": Field(str, required=True),
         "weights": Field(str),

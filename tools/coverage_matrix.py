@@ -3,6 +3,7 @@
     .venv/bin/python tools/coverage_matrix.py                      # every family, every cell
     .venv/bin/python tools/coverage_matrix.py --families phi3,gpt2 --cells export,prune-heads
     .venv/bin/python tools/coverage_matrix.py --json matrix.json   # also the raw figures
+    .venv/bin/python tools/coverage_matrix.py --families olmo2 --cells export --pipeline 'gptq{group=16}'
 
 Models: `tests/architectures/configs.py` (one transformers config per family, two layers, hidden
 40-56, vocabulary 96; BatchNorm statistics and every weight perturbed), saved as Hugging Face
@@ -17,7 +18,8 @@ tokens, seed 0; outputs compared in onnxruntime on a fixed batch of 2 x 9 tokens
   removed something and the model runs in onnxruntime), or the remark that says why not;
 * 2:4: `sparsify{pattern=2:4},check-sparsity` (✓ when check-sparsity passes and the model runs), with the
   output cosine;
-* tensorrt: `--target tensorrt` (default pipeline), ✓ with 0 trt-check findings.
+* tensorrt: `--target tensorrt` (default pipeline), ✓ with 0 trt-check findings;
+* `--pipeline TEXT` (repeatable): one more cell per pipeline, its output cosine to the fp32 export.
 
 A cell that stops shows ✗ and the first line of optc's error (or of the remark), shortened. On
 mixture-of-experts families the experts are stacked 3-D weights that the weight passes leave in
@@ -112,7 +114,7 @@ def measure(family: str, cells: list[str], work: Path) -> dict[str, dict]:
     for cell in cells:
         if cell == "export":
             continue
-        path = work / f"{family}-{cell.replace(':', '_')}.onnx"
+        path = work / f"{family}-{len(out)}.onnx"
         start = time.perf_counter()
         try:
             if cell == "tensorrt":
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default="", help="comma-separated families (default: every registered one)")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated cells of {', '.join(CELLS)}")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    parser.add_argument("--pipeline", action="append", default=[], metavar="TEXT",
+                        help="one more cell: this pipeline's output cosine to the fp32 export (repeatable)")
     args = parser.parse_args(argv)
 
     from tests.architectures.configs import FAMILIES
@@ -176,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in cells if c not in CELLS] + [f for f in families if f not in FAMILIES]
     if unknown:
         parser.error(f"unknown family or cell: {', '.join(unknown)}")
+    for text in args.pipeline:
+        PIPELINES[text] = text
+        cells.append(text)
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="optc-matrix-") as tmp:
         work = Path(tmp)

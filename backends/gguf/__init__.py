@@ -4,11 +4,14 @@ What it writes (GGUF v3, through the `gguf` package's writer, streamed tensor
 by tensor so memory stays at one tensor):
 
 * **Architecture.** The families of the architecture registry
-  (`optc.architectures`) that carry a `GGUFLayout`: Hugging Face `llama` and
-  `mistral` models become GGUF architecture `llama`, `qwen2` models `qwen2` (the
-  same tensors plus Q/K/V biases, no Q/K permutation: its rope is NeoX-style in
-  both), `qwen3` models `qwen3` (plus the per-head Q/K norms); anything else
-  stops with one line naming the architecture. Metadata keys carry the exact types llama.cpp checks
+  (`optc.architectures`) that carry a `GGUFLayout`: llama, mistral and mixtral
+  as `llama`, qwen2, qwen3, qwen3_moe (`qwen3moe`), gemma2, gemma3_text
+  (`gemma3`), olmo2 and granite. The layout gives the tensor names, the Q/K
+  permutation, fused parameters written as two tensors (a mixture of experts'
+  `gate_up_proj` as `ffn_gate_exps` and `ffn_up_exps`), the architecture's own
+  keys (experts, soft-capping, granite's multipliers), the norm offset (gemma
+  stores 1 + w) and the config values llama.cpp assumes, which are checked;
+  anything else stops with one line naming the architecture. Metadata keys carry the exact types llama.cpp checks
   (counts UINT32, epsilon and `rope.freq_base` FLOAT32); `llama3` rope scaling
   adds the `rope_freqs.weight` tensor, `linear` rope scaling its two keys.
 * **Tensors.** Each weight is found by its original parameter name
@@ -73,6 +76,7 @@ from optc.ir.annotations import (
     HF_CONFIG,
     SOURCE_ALIASES,
     SOURCE_NAME,
+    SOURCE_OFFSET,
     SOURCE_TRANSPOSED,
     TOKENIZER,
 )
@@ -110,6 +114,8 @@ class Parameter:
     carried: str = ""  # how an earlier pass stored it ("" = plain float)
     #: For integer codes on a grid a GGUF type holds exactly: `CarriedGrid`, else None.
     grid: CarriedGrid | None = None
+    #: What the IR's tensor adds to the parameter (`SOURCE_OFFSET`: gemma's folded 1 + w norms).
+    offset: float = 0.0
 
 
 @dataclass
@@ -226,21 +232,32 @@ def collect_parameters(model: Model) -> dict[str, Parameter]:
             carried = f"{array_dtype} codes through DequantizeLinear"
         if transposed and len(shape) == 2:
             shape = shape[::-1]
-        params[name] = Parameter(name, value, read, shape, carried, grid)
+        offset = float(annotation(value, SOURCE_OFFSET) or 0.0)
+        params[name] = Parameter(name, value, read, shape, carried, grid, offset)
         for alias in annotation(value, SOURCE_ALIASES) or []:
             params.setdefault(alias, params[name])
     return params
 
 
-def gguf_tensor_name(hf_name: str, layout: GGUFLayout = LLAMA_LAYOUT) -> str | None:
-    """The GGUF name of a Hugging Face parameter in `layout` (default: llama's), or None if it has none."""
+def gguf_tensor_names(hf_name: str, layout: GGUFLayout = LLAMA_LAYOUT) -> tuple[str, ...]:
+    """The GGUF names of a Hugging Face parameter in `layout`: one, two for a fused parameter the layout
+    splits (`GGUFLayout.split`), none when the layout has no place for it."""
     if hf_name in layout.global_names:
-        return layout.global_names[hf_name]
+        return (layout.global_names[hf_name],)
     if hf_name.startswith(layout.layer_prefix):
         index, _, rest = hf_name[len(layout.layer_prefix):].partition(".")
         if index.isdigit() and rest in layout.layer_names:
-            return f"blk.{int(index)}.{layout.layer_names[rest]}"
-    return None
+            return (f"blk.{int(index)}.{layout.layer_names[rest]}",)
+        if index.isdigit() and rest in layout.split:
+            return tuple(f"blk.{int(index)}.{part}" for part in layout.split[rest])
+    return ()
+
+
+def gguf_tensor_name(hf_name: str, layout: GGUFLayout = LLAMA_LAYOUT) -> str | None:
+    """The GGUF name of a Hugging Face parameter in `layout` (default: llama's), or None if it has none
+    (the first of a split parameter's)."""
+    names = gguf_tensor_names(hf_name, layout)
+    return names[0] if names else None
 
 
 # --------------------------------------------------------------------------- configuration
@@ -265,6 +282,8 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] = field(default_factory=dict)
     tied: bool = False
     name: str = "model"
+    #: The architecture's own keys (`GGUFLayout.hparams`) with their values from the config.
+    hparams: dict[str, float | int] = field(default_factory=dict)
 
 
 def llama_config(model: Model) -> LlamaConfig:
@@ -285,11 +304,33 @@ def llama_config(model: Model) -> LlamaConfig:
         )
     if any(not str(a).endswith("ForCausalLM") for a in archs):
         raise OptcError(f"the GGUF backend writes causal LMs; this model is '{arch_label}'")
+    layout = LAYOUTS[model_type]
     n_head = int(config["num_attention_heads"])
     n_embd = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or n_embd // n_head)
+    for key, expected in layout.fixed.items():
+        if config.get(key) != expected:
+            raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' assumes "
+                            f"{key}={json.dumps(expected)}, the config has {json.dumps(config.get(key))}")
+    for key in layout.head_dim_keys:
+        if key in config and config[key] is not None and float(config[key]) != head_dim:
+            raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' scales "
+                            f"queries by 1/sqrt(head_dim={head_dim}), the config's {key} is {config[key]}")
+    hparams: dict[str, float | int] = {}
+    for key, hf_key in layout.hparams.items():
+        value = config.get(hf_key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # absent or null (no sliding window, no soft-capping): llama.cpp's default
+        hparams[key] = value
+    if "expert_count" in layout.hparams:  # llama.cpp aborts the process on a mixture of experts it cannot size
+        used, count = hparams.get("expert_used_count"), hparams.get("expert_count")
+        if not isinstance(used, int) or not isinstance(count, int) or not 0 < used <= count:
+            raise OptcError(f"the GGUF backend cannot write this '{arch_label}': its config gives {count} experts "
+                            f"with {used} used per token")
     rope = dict(config.get("rope_scaling") or {})
     params = config.get("rope_parameters") or {}
+    if isinstance(params.get("full_attention"), dict):  # per layer type (gemma3): the global layers' rope
+        params = params["full_attention"]
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
     if not rope and params.get("rope_type", "default") != "default":
         rope = dict(params)
@@ -298,13 +339,13 @@ def llama_config(model: Model) -> LlamaConfig:
         raise OptcError(f"the GGUF backend does not support rope scaling '{rope_type}' of architecture '{arch_label}'")
     name = str(config.get("_model_name_or_path") or Path(str(config.get("_name_or_path") or "model")).name or "model")
     return LlamaConfig(
-        arch=ARCHITECTURES[model_type], layout=LAYOUTS[model_type], n_layer=int(config["num_hidden_layers"]), n_embd=n_embd,
+        arch=ARCHITECTURES[model_type], layout=layout, n_layer=int(config["num_hidden_layers"]), n_embd=n_embd,
         n_ff=int(config["intermediate_size"]), n_head=n_head,
         n_head_kv=int(config.get("num_key_value_heads") or n_head), head_dim=head_dim,
         n_ctx=int(config.get("max_position_embeddings") or 2048), n_vocab=int(config["vocab_size"]),
         eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
         rope_scaling={**rope, "rope_type": rope_type} if rope_type != "default" else {},
-        tied=bool(config.get("tie_word_embeddings", False)), name=name,
+        tied=bool(config.get("tie_word_embeddings", False)), name=name, hparams=hparams,
     )
 
 
@@ -368,15 +409,19 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
     cfg = cfg or llama_config(model)
     params = collect_parameters(model)
     by_gguf: dict[str, Parameter] = {}
+    halves: dict[str, int] = {}  # GGUF name -> which half of a split parameter's rows it holds
     for hf_name, param in params.items():
         if hf_name == "lm_head.weight" and param.name != hf_name:
             continue  # a tied alias of the embeddings: llama.cpp reuses token_embd
-        gname = gguf_tensor_name(hf_name, cfg.layout)
-        if gname is None:
+        gnames = gguf_tensor_names(hf_name, cfg.layout)
+        if not gnames:
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue
-            raise OptcError(f"the GGUF backend has no llama tensor for parameter '{hf_name}'")
-        by_gguf[gname] = param
+            raise OptcError(f"the GGUF backend has no {cfg.arch} tensor for parameter '{hf_name}'")
+        for half, gname in enumerate(gnames):
+            by_gguf[gname] = param
+            if len(gnames) > 1:
+                halves[gname] = half
     order = ["token_embd.weight"]
     for layer in range(cfg.n_layer):
         order += [f"blk.{layer}.{n}" for n in cfg.layout.layer_order]
@@ -408,6 +453,17 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
         if permute_heads:
             def read(inner: Callable[[], np.ndarray] = param.read, heads: int = permute_heads) -> np.ndarray:
                 return permute_qk(inner(), heads)
+        if gname in halves:
+            if len(shape) < 2 or shape[-2] % 2:
+                raise OptcError(f"{gname}: the fused parameter '{param.name}' of shape {shape} has no two halves of rows")
+            shape = (*shape[:-2], shape[-2] // 2, shape[-1])
+
+            def read(inner: Callable[[], np.ndarray] = read, half: int = halves[gname], rows: int = shape[-2]) -> np.ndarray:
+                return np.ascontiguousarray(inner()[..., half * rows:(half + 1) * rows, :])
+        shift = cfg.layout.norm_offset - param.offset if len(shape) == 1 and gname.endswith("norm.weight") else -param.offset
+        if shift:
+            def read(inner: Callable[[], np.ndarray] = read, shift: float = shift) -> np.ndarray:
+                return (inner() + np.float32(shift)).astype(np.float32)
         qtype = "F32"
         imatrix = None
         if len(shape) >= 2 and not gname.endswith("_norm.weight"):
@@ -426,7 +482,7 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
                 raise OptcError(f"{gname}: importance matrix has {imatrix.shape[0]} entries for rows of {shape[-1]}")
         transcode = None
         carried = param.carried
-        if param.grid is not None and param.grid.qtype == qtype:
+        if param.grid is not None and param.grid.qtype == qtype and gname not in halves:
             def transcode(grid: CarriedGrid = param.grid, heads: int = permute_heads) -> np.ndarray:
                 return grid.encode(heads)
             carried += f", codes kept as {qtype}"
@@ -607,6 +663,11 @@ def write_gguf(model: Model, path: Path, *, show_progress: bool = True, threads:
     writer.add_embedding_length(cfg.n_embd)
     writer.add_block_count(cfg.n_layer)
     writer.add_feed_forward_length(cfg.n_ff)
+    for key, value in cfg.hparams.items():  # the architecture's own keys (GGUFLayout.hparams)
+        if isinstance(value, int):
+            writer.add_uint32(f"{cfg.arch}.{key}", value)
+        else:
+            writer.add_float32(f"{cfg.arch}.{key}", float(value))
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_head_kv)
     writer.add_rope_dimension_count(cfg.head_dim)
@@ -745,7 +806,7 @@ class GgufBackend(Backend):
 
 __all__ = [
     "ARCHITECTURES", "FILE_TYPES", "CarriedGrid", "GGUF_IMATRIX", "GGUF_PLAN", "GgufBackend", "LlamaConfig", "Parameter", "TensorPlan",
-    "collect_parameters", "encode", "gguf_tensor_name", "llama_check", "llama_config", "permute_qk",
+    "collect_parameters", "encode", "gguf_tensor_name", "gguf_tensor_names", "llama_check", "llama_config", "permute_qk",
     "tensor_plan", "write_gguf",
 ]
 

@@ -90,8 +90,13 @@ def _category(name: str) -> str:
     return "other"
 
 
+#: Tensors llama-quantize leaves as they are: MoE routers, position embeddings, BERT's token types.
+_NEVER_QUANTIZED = ("ffn_gate_inp.weight", "position_embd.weight", "token_types.weight")
+
+
 def allows_quantization(info: TensorInfo) -> bool:
-    return info.n_dims >= 2 and info.name.endswith("weight") and "_norm.weight" not in info.name
+    return (info.n_dims >= 2 and info.name.endswith("weight") and "_norm.weight" not in info.name
+            and not info.name.endswith(_NEVER_QUANTIZED))
 
 
 def fallback(qtype: str, ne0: int) -> tuple[str, bool]:
@@ -190,7 +195,7 @@ class KQuant(Pass):
         from optc.backends.gguf import (
             Parameter,
             collect_parameters,
-            gguf_tensor_name,
+            gguf_tensor_names,
             llama_config,
         )
 
@@ -206,16 +211,15 @@ class KQuant(Pass):
             if id(param.value) in seen:
                 continue  # a tied alias: the embeddings' one tensor
             seen.add(id(param.value))
-            gname = gguf_tensor_name(param.name, cfg.layout)
-            if gname is None:
-                continue
-            layer = int(gname.split(".")[1]) if gname.startswith("blk.") else -1
-            entries.append((TensorInfo(gname, int(param.shape[-1]), len(param.shape), layer), param, param.name))
+            for gname in gguf_tensor_names(param.name, cfg.layout):  # two for a fused parameter the file splits
+                layer = int(gname.split(".")[1]) if gname.startswith("blk.") else -1
+                entries.append((TensorInfo(gname, int(param.shape[-1]), len(param.shape), layer), param, param.name))
         if not entries:
             am.context.remark("missed", f"none of {len(seen)} weights has a GGUF tensor name", matched_none=True)
         elif len(entries) < len(seen):
             am.context.remark("analysis", f"{len(seen) - len(entries)} of {len(seen)} weights have no GGUF tensor name")
         names = {info.name for info, _, _ in entries}
+        assigned: dict[int, tuple[str, str]] = {}
         tied = "output.weight" not in names
         n_gqa = cfg.n_head / cfg.n_head_kv
 
@@ -231,6 +235,10 @@ class KQuant(Pass):
             if param.grid is not None and qtype not in ("F32", "F16"):
                 qtype, fell_back = param.grid.qtype, False  # codes of an earlier pass, kept exactly
                 stats["carried-exactly"] = stats.get("carried-exactly", 0) + 1
+            earlier = assigned.setdefault(id(value), (info.name, qtype))
+            if earlier[1] != qtype:  # one initializer, one type: the halves of a split parameter must agree
+                raise OptcError(f"kquant: {earlier[0]} and {info.name} come from one parameter ({hf_name}) "
+                                f"but the {opts.mix} rules give them {earlier[1]} and {qtype}")
             annotate(value, GGUF_TYPE, qtype)
             column = imatrix.get(hf_name)
             annotate(value, GGUF_IMATRIX, None if column is None or qtype in ("F32", "F16") else [float(x) for x in column])

@@ -24,6 +24,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import onnx_ir as ir  # noqa: E402
+
 import optc.architectures as registry  # noqa: E402
 from optc.ir import Model, load_model, save_model  # noqa: E402
 from optc.passes import AnalysisManager, PassContext, parse_pipeline  # noqa: E402
@@ -56,7 +58,11 @@ def test_the_frontend_and_the_gguf_backend_read_the_registry():
 
     assert set(hf.CAUSAL_LM_TYPES) | set(hf.ENCODER_TYPES) | set(hf.VISION_TYPES) == set(registry.model_types())
     written = {t: f.gguf.arch for f in registry.families() if f.gguf for t in f.model_types}
-    assert ARCHITECTURES == written == {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+    assert ARCHITECTURES == written == {
+        "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+        "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2",
+        "granite": "granite",
+    }
     layout = registry.lookup("qwen2").gguf
     assert gguf_tensor_name("model.layers.3.self_attn.q_proj.bias", layout) == "blk.3.attn_q.bias"
     assert not layout.permute_qk and registry.lookup("llama").gguf.permute_qk
@@ -190,29 +196,93 @@ def test_split_fused_projections_is_exact(family, exported):
     np.testing.assert_array_equal(_outputs(result.model, feeds), _run(path, feeds))
 
 
-def test_qwen3_gguf_loads_in_llama_cpp_with_the_onnx_logits(tmp_path, monkeypatch):
-    """The registry's qwen3 layout (LLaMA's names plus per-head Q/K norms): llama.cpp within 1e-3 of onnxruntime."""
-    pytest.importorskip("llama_cpp")
-    import transformers
+def test_gemma_norms_carry_their_source_name_and_offset(exported):
+    """The exporter folds gemma's 1 + w into one constant; the frontend still names it, with SOURCE_OFFSET 1."""
+    from optc.ir import annotation
+    from optc.ir.annotations import SOURCE_NAME, SOURCE_OFFSET
 
+    _, _, path = exported("gemma2")
+    offsets = {annotation(v, SOURCE_NAME): annotation(v, SOURCE_OFFSET)
+               for v in load_model(path).graph.initializers.values() if annotation(v, SOURCE_OFFSET) is not None}
+    norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    assert set(offsets) == {f"model.layers.{i}.{n}.weight" for i in range(2) for n in norms} | {"model.norm.weight"}
+    assert set(offsets.values()) == {1.0}
+
+
+#: The families the GGUF backend writes; each test model gets the tiny tokenizer, rows of 64 (so every mix's
+#: 32-element fallback types apply) and what llama.cpp assumes of the architecture (it reads no key for it).
+#: One mixture of experts runs by default; the others (about 20 s each on 2 cores) are marked `slow`.
+GGUF_FAMILIES = [pytest.param(f.name, marks=() if f.name == "mixtral" else pytest.mark.slow)
+                 for f in registry.families() if f.gguf]
+GGUF_CONFIG = dict(hidden_size=64, intermediate_size=64)
+LLAMA_CPP_ASSUMES = {
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": dict(attention_bias=False),
+    "qwen3_moe": dict(norm_topk_prob=True, moe_intermediate_size=32),
+    "gemma2": dict(query_pre_attn_scalar=16),
+    "gemma3_text": dict(query_pre_attn_scalar=16),
+}
+
+
+def _gguf_tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    import gguf
+
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_path, monkeypatch):
+    """F32: llama.cpp's logits within 1e-3 of onnxruntime's (F32 KV cache, so only the conversion is measured);
+    Q4_K_M: the same tensor types and bytes as llama-quantize run on optc's own F32 file."""
+    pytest.importorskip("llama_cpp")
     import optc
     from optc.backends.gguf import import_llama_cpp
+    from tests.backends.ggml_oracle import llama_quantize
     from tests.fixtures.gguf_models import tiny_tokenizer
 
     monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path / "cache"))
     tokenizer = tiny_tokenizer()
-    config = transformers.Qwen3Config(**{**configs._DECODER, "vocab_size": len(tokenizer)}, hidden_size=64,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      intermediate_size=64, tie_word_embeddings=False)
-    monkeypatch.setitem(configs.CONFIGS, "qwen3", config)
-    _, folder = configs.save("qwen3", tmp_path / "qwen3")
+    config = configs.CONFIGS[family].__class__.from_dict(
+        {**configs.CONFIGS[family].to_dict(), **GGUF_CONFIG, **LLAMA_CPP_ASSUMES.get(family, {}), "vocab_size": len(tokenizer)})
+    monkeypatch.setitem(configs.CONFIGS, family, config)
+    _, folder = configs.save(family, tmp_path / family)
     tokenizer.save_pretrained(folder)
-    optc.compile(str(folder), output=tmp_path / "q.onnx", passes="cleanup")
-    result = optc.compile(str(folder), output=tmp_path / "q.gguf")
+    optc.compile(str(folder), output=tmp_path / "m.onnx", passes="cleanup")
+    result = optc.compile(str(folder), output=tmp_path / "f32.gguf")
     assert any("llama.cpp" in check and "loaded it" in check for check in result.artifact.checks)
     ids = [5, 17, 33, 8, 90, 41]
-    llm = import_llama_cpp().Llama(str(tmp_path / "q.gguf"), logits_all=True, verbose=False, n_ctx=64)
+    llm = import_llama_cpp().Llama(str(tmp_path / "f32.gguf"), logits_all=True, verbose=False, n_ctx=64,
+                                   type_k=0, type_v=0)  # GGML_TYPE_F32
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])
-    expected = _run(tmp_path / "q.onnx", {"input_ids": np.array([ids], np.int64)})[0]
+    llm.close()
+    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    expected = _run(tmp_path / "m.onnx", feeds)[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+
+    optc.compile(str(folder), output=tmp_path / "ours.gguf", passes="kquant{mix=Q4_K_M}")
+    llama_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", "Q4_K_M")
+    ours, theirs = _gguf_tensors(tmp_path / "ours.gguf"), _gguf_tensors(tmp_path / "theirs.gguf")
+    assert {n: t for n, (t, _) in ours.items()} == {n: t for n, (t, _) in theirs.items()}
+    assert [n for n in ours if ours[n][1] != theirs[n][1]] == []
+
+
+def test_gguf_refuses_what_llama_cpp_would_run_differently():
+    """A config value llama.cpp's architecture assumes otherwise, and a family optc does not write: one line each."""
+    from optc.backends.gguf import llama_config
+    from optc.errors import OptcError
+    from optc.ir import set_model_metadata
+    from optc.ir.annotations import HF_CONFIG
+
+    model = Model(ir.Graph([], [], nodes=[], opset_imports={"": 21}), ir_version=10)
+    config = {**configs.CONFIGS["qwen3_moe"].to_dict(), "architectures": ["Qwen3MoeForCausalLM"]}
+    set_model_metadata(model, HF_CONFIG, config)  # norm_topk_prob=False: llama.cpp renormalizes
+    with pytest.raises(OptcError, match=r"llama.cpp's 'qwen3moe' assumes norm_topk_prob=true") as info:
+        llama_config(model)
+    assert "\n" not in str(info.value)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["gemma2"].to_dict(), "architectures": ["Gemma2ForCausalLM"]})
+    with pytest.raises(OptcError, match=r"scales queries by 1/sqrt\(head_dim=16\), the config's query_pre_attn_scalar is 256"):
+        llama_config(model)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["gpt2"].to_dict(), "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(OptcError, match=r"llama.cpp runs it as 'gpt2' but optc does not write that layout yet"):
+        llama_config(model)

@@ -221,9 +221,9 @@ def test_unsupported_architecture(tiny):
 
     model = ir_like_frontend(*tiny)
     config = dict(model_metadata(model, HF_CONFIG))
-    config.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     set_model_metadata(model, HF_CONFIG, config)
-    with pytest.raises(OptcError, match="does not support architecture 'Phi3ForCausalLM'"):
+    with pytest.raises(OptcError, match="does not support architecture 'GPT2LMHeadModel'"):
         KQuant(mix="Q4_K_M")(model)
 
 
