@@ -17,7 +17,7 @@ import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from optc.errors import OptcError
 from optc.ir import DEFAULT_OPSET, Model, load_model, verify
@@ -45,40 +45,25 @@ def _input_names(module: Any, count: int, given: Sequence[str] | None) -> list[s
     return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
 
 
-def export_module(
-    module: Any,
-    example_inputs: Any,
-    *,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
-    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
-    opset: int = DEFAULT_OPSET,
-) -> Model:
-    """Export a module to optc's IR; `dynamic_axes` maps input name → {axis: symbolic name}."""
-    import torch
+class ExportSettings(TypedDict, total=False):
+    """What both exports take besides the module and its example inputs."""
 
-    args, names, shapes = _export_arguments(module, example_inputs, input_names, dynamic_axes)
+    input_names: Sequence[str] | None
+    output_names: Sequence[str] | None
+    #: Input name → {axis: symbolic name}.
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None
+    opset: int
+
+
+def export_module(module: Any, example_inputs: Any, **settings: Unpack[ExportSettings]) -> Model:
+    """Export a module to optc's IR, weights in a temporary external-data file (see `ExportSettings`)."""
     folder = tempfile.TemporaryDirectory(prefix="optc-export-")
     path = Path(folder.name) / "model.onnx"
-    module.eval()
     try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                dynamo=True,
-                opset_version=opset,
-                input_names=names,
-                output_names=list(output_names) if output_names else None,
-                dynamic_shapes=shapes,
-                external_data=True,
-                optimize=True,
-                verify=False,
-            )
-    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+        _run_export(module, example_inputs, settings, f=str(path), external_data=True, optimize=True)
+    except OptcError:
         folder.cleanup()
-        raise OptcError(f"torch.export of {type(module).__name__} failed: {_export_error(exc)}") from exc
+        raise
     model = load_model(path)
     # The external-data file must outlive the model that memory-maps it.
     weakref.finalize(model, folder.cleanup)
@@ -88,34 +73,32 @@ def export_module(
     return model
 
 
-def export_graph(
-    module: Any,
-    example_inputs: Any,
-    *,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
-    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
-    opset: int = DEFAULT_OPSET,
-) -> Model:
+def export_graph(module: Any, example_inputs: Any, **settings: Unpack[ExportSettings]) -> Model:
     """The exporter's graph, unoptimized and unsaved: its initializers still wrap the module's own tensors.
 
     Nothing reads the parameters' values (torch.export traces with fake tensors), so a module whose
     parameters were never filled exports at the cost of its graph; the caller binds the weights.
     """
+    return _run_export(module, example_inputs, settings, optimize=False).model
+
+
+def _run_export(module: Any, example_inputs: Any, settings: ExportSettings, **how: Any) -> Any:
+    """`torch.onnx.export(dynamo=True)` of `module` with `settings` and `how` (file, optimize); its ONNXProgram."""
     import torch
 
-    args, names, shapes = _export_arguments(module, example_inputs, input_names, dynamic_axes)
+    args, names, shapes = _export_arguments(
+        module, example_inputs, settings.get("input_names"), settings.get("dynamic_axes"))
+    output_names = settings.get("output_names")
     module.eval()
     try:
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=opset, input_names=names,
-                output_names=list(output_names) if output_names else None,
-                dynamic_shapes=shapes, optimize=False, verify=False,
+            return torch.onnx.export(
+                module, args, dynamo=True, opset_version=settings.get("opset", DEFAULT_OPSET),
+                input_names=names, output_names=list(output_names) if output_names else None,
+                dynamic_shapes=shapes, verify=False, **how,
             )
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
         raise OptcError(f"torch.export of {type(module).__name__} failed: {_export_error(exc)}") from exc
-    return program.model
 
 
 def _export_arguments(
