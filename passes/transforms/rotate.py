@@ -463,8 +463,24 @@ def _set_weight(build: Builder, node: Node, weight: np.ndarray) -> Value:
     return _set_input(build, node, 1, weight)
 
 
+def _exact_hadamard(order: int) -> tuple[np.ndarray, float]:
+    """A Hadamard factor whose entries are ±2⁻ᵉ (exact in every float format) and its gain over the orthogonal one.
+
+    The factor is `gain` times the normalized Hadamard matrix of `order`; `gain` is folded into the weight
+    after it, so rounding the factor to the activation dtype changes nothing.
+    """
+    if order == 1:
+        return np.ones((1, 1)), 1.0
+    exponent = round(np.log2(order) / 2)
+    unit = 2.0**-exponent
+    block = np.ones((1, 1))
+    for part in _factors(order) or ():
+        block = np.kron(block, _hadamard_block(part))
+    return block * unit, float(np.sqrt(order) * unit)
+
+
 def _insert_online_hadamard(build: Builder, down: Node) -> bool:
-    """x ↦ x·(A⊗B) before `down` as Reshape, MatMul(·, B), MatMul(A, ·), Reshape; W_down ← (A⊗B)ᵀ·W_down."""
+    """x ↦ x·(A⊗B) before `down` as Reshape, MatMul(·, B), MatMul(A, ·), Reshape; W_down ← (A⊗B)⁻¹·W_down."""
     w = _weight(down)
     x = down.inputs[0]
     width = w.shape[0]
@@ -473,7 +489,7 @@ def _insert_online_hadamard(build: Builder, down: Node) -> bool:
         return False
     a = orders[0] if len(orders) > 1 and orders[0] & (orders[0] - 1) else 1
     b = width // a
-    big_a, big_b = (hadamard(a) if a > 1 else np.ones((1, 1))), hadamard(b)
+    (big_a, gain_a), (big_b, gain_b) = _exact_hadamard(a), _exact_hadamard(b)
     dtype = w.dtype
     name = down.name or "down"
     split = build.initializer(f"{name}_hadamard_split", np.array([0, 0, a, b], dtype=np.int64))
@@ -491,8 +507,10 @@ def _insert_online_hadamard(build: Builder, down: Node) -> bool:
     nodes[-1].outputs[0].shape = x.shape
     build.graph.insert_before(down, nodes)
     down.replace_input_with(0, nodes[-1].outputs[0])
-    # With X the activation reshaped to [a, b], x·(A⊗B) is Aᵀ·X·B; x·(A⊗B)·W' = x·W needs W' = (A⊗B)ᵀ·W.
-    rotated = np.kron(big_a, big_b).T @ w.astype(np.float64)
+    # With X the activation reshaped to [a, b], x·(A⊗B) is Aᵀ·X·B. A⊗B is gain·H with H orthogonal, so
+    # x·(A⊗B)·W' = x·W needs W' = Hᵀ·W / gain, computed in float64 and rounded once.
+    gain = gain_a * gain_b
+    rotated = (np.kron(big_a, big_b) / gain).T @ w.astype(np.float64) / gain
     _set_weight(build, down, rotated)
     return True
 

@@ -174,7 +174,17 @@ def test_no_stream_is_a_remark_and_no_change():
 
 
 @pytest.mark.slow
-def test_rotate_keeps_smollm2_logits():
+@pytest.mark.parametrize("options", ["", "{online=true}"])
+def test_rotate_keeps_smollm2_logits(options):
+    """SmolLM2's logits: within 1e-4 when both models compute in float64, and within float32's own noise.
+
+    Random token ids make some positions carry a residual activation of about 1.2e5 in one channel. Rotated,
+    that value is spread over all 576 channels, and float32 keeps about 5e-4 of absolute precision at that
+    size, so the other content of such a position is rounded far more coarsely than in the original basis:
+    one position of the 128 reaches ~1e-3 in float32 while every other stays near 1e-4. In float64 the
+    arithmetic is exact enough to show what the rewrite itself changes (the rotated weights are rounded
+    once to float32): at most 1e-4.
+    """
     from optc.frontends.models import default_model_path, has_default_model
 
     if not has_default_model():
@@ -184,15 +194,18 @@ def test_rotate_keeps_smollm2_logits():
     model = load_input(default_model_path())
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 49152, size=(1, 128), dtype=np.int64)}
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "before.onnx"
-        save_model(model, path)
-        before = models.run_ort(path, feeds)[0]
-        result = _run(model, "rotate{online=true}", PassContext())
-        assert result.statistics["heads-rotated"] == 30 and result.statistics["online-hadamards"] == 30
-        path = Path(folder) / "after.onnx"
-        save_model(result.model, path)
-        after = models.run_ort(path, feeds)[0]
-    # With the 30 online Hadamards (Kronecker-factored subgraphs) the CI run at c00a6b3 measured 3.8e-4
-    # (logits of about 16, 2.4e-5 relative); earlier runs stayed within 1e-4. The cause is not found yet:
-    # the bound is 1e-3 here until it is, and the note of that stop says so.
-    assert np.abs(after - before).max() <= 1e-3
+        paths = {name: Path(folder) / f"{name}.onnx" for name in ("before", "after", "before64", "after64")}
+        save_model(model, paths["before"])
+        result = _run(model, f"rotate{options}", PassContext())
+        assert result.statistics["heads-rotated"] == 30
+        assert result.statistics["online-hadamards"] == (30 if options else 0)
+        save_model(result.model, paths["after"])
+        del model, result
+        models.as_float64(paths["before"], paths["before64"])
+        models.as_float64(paths["after"], paths["after64"])
+        logits = {name: models.run_ort(path, feeds)[0] for name, path in paths.items()}
+    exact = np.abs(logits["after64"] - logits["before64"]).max()
+    assert exact <= 1e-4, exact
+    per_position = np.abs(logits["after"] - logits["before"]).max(axis=-1)[0]
+    assert per_position.max() <= 2e-3, per_position.max()
+    assert np.sort(per_position)[-2] <= 2e-4, np.sort(per_position)[-4:]
