@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 Task = Literal["causal-lm", "encoder", "vision"]
 Norm = Literal["rmsnorm", "layernorm", "batchnorm"]
@@ -13,7 +13,7 @@ Norm = Literal["rmsnorm", "layernorm", "batchnorm"]
 TRAIT = "trait"
 
 
-def trait(word: str, default: bool = False) -> bool:
+def trait(word: str, default: bool = False) -> Any:
     """A structural yes/no of a family, named `word` in `Family.variants` where a family differs from `default`."""
     return field(default=default, metadata={TRAIT: word})
 
