@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 Task = Literal["causal-lm", "encoder", "vision"]
 Norm = Literal["rmsnorm", "layernorm", "batchnorm"]
+#: The metadata key of a structural trait's short word (`Family.variants`).
+TRAIT = "trait"
+
+
+def trait(word: str, default: bool = False) -> Any:
+    """A structural yes/no of a family, named `word` in `Family.variants` where a family differs from `default`."""
+    return field(default=default, metadata={TRAIT: word})
 
 
 @dataclass(frozen=True)
@@ -65,27 +72,27 @@ class Family:
     model_types: tuple[str, ...]
     task: Task
     #: One projection computes Q, K and V (phi3 `qkv_proj`, gpt2 `c_attn`, gpt_neox `query_key_value`).
-    fused_qkv: bool = False
+    fused_qkv: bool = trait("fused-qkv")
     #: One projection computes the gate and up halves of a gated MLP (phi3 `gate_up_proj`).
-    fused_gate_up: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
+    fused_gate_up: bool = trait("fused-gate-up")
+    attention_bias: bool = trait("attn-bias")
+    mlp_bias: bool = trait("mlp-bias")
     #: Attention and MLP read the same normalized input and add into the residual together (gpt_neox, gpt-j).
-    parallel_blocks: bool = False
+    parallel_blocks: bool = trait("parallel")
     #: SwiGLU/GeGLU (act(gate) * up) rather than a plain up → act → down MLP.
-    gated_mlp: bool = True
+    gated_mlp: bool = trait("plain-mlp", default=True)
     norm: Norm = "rmsnorm"
     #: The norm multiplies by (1 + weight) (gemma).
-    norm_offset: bool = False
+    norm_offset: bool = trait("norm+1")
     #: Token embeddings are multiplied by sqrt(hidden) (gemma).
-    embedding_scale: bool = False
+    embedding_scale: bool = trait("emb-scale")
     #: The output head shares the token embedding by default.
-    tied_head: bool = False
-    sliding_window: bool = False
+    tied_head: bool = trait("tied")
+    sliding_window: bool = trait("sliding-window")
     #: RMSNorm on each head's queries and keys (qwen3, olmo2 over the whole projection, gemma3).
-    qk_norm: bool = False
+    qk_norm: bool = trait("qk-norm")
     #: Mixture of experts MLPs (a router and per-expert projections).
-    moe: bool = False
+    moe: bool = trait("moe")
     #: llama.cpp's name for the family (`general.architecture`), when llama.cpp runs it.
     gguf_arch: str | None = None
     #: What optc's GGUF writer needs to write it; None when optc does not write this family yet.
@@ -99,11 +106,7 @@ class Family:
 
     @property
     def variants(self) -> tuple[str, ...]:
-        """The structural variants this family has, as short words (for tables and remarks)."""
-        flags = {
-            "fused-qkv": self.fused_qkv, "fused-gate-up": self.fused_gate_up, "attn-bias": self.attention_bias,
-            "mlp-bias": self.mlp_bias, "parallel": self.parallel_blocks, "plain-mlp": not self.gated_mlp,
-            "norm+1": self.norm_offset, "emb-scale": self.embedding_scale, "tied": self.tied_head,
-            "sliding-window": self.sliding_window, "qk-norm": self.qk_norm, "moe": self.moe,
-        }
-        return (self.norm, *(name for name, on in flags.items() if on))
+        """The structural variants this family has, as short words (for tables and remarks): its norm, and the word
+        of each trait it has away from the usual decoder's."""
+        departures = (f.metadata[TRAIT] for f in fields(self) if TRAIT in f.metadata and getattr(self, f.name) != f.default)
+        return (self.norm, *departures)

@@ -1,23 +1,18 @@
 """Gemma 2: RMSNorm with the +1 offset, sqrt(hidden) embedding scale, tied head, four norms per layer, GeGLU,
 alternating sliding-window layers, logit soft-capping."""
 
-from dataclasses import replace
-
 from optc.architectures.family import Family
-from optc.architectures.llama import GGUF as LLAMA_GGUF
+from optc.architectures.llama import with_norms
 
-_PROJECTIONS = {k: v for k, v in LLAMA_GGUF.layer_names.items() if k.endswith("proj.weight")}
 #: llama.cpp's `gemma2` (convert_hf_to_gguf.py's Gemma2Model): four norms per layer, stored as 1 + w; NeoX rope;
 #: queries scaled by 1/sqrt(head_dim), which is what `query_pre_attn_scalar` must say.
-GGUF = replace(
-    LLAMA_GGUF, arch="gemma2", permute_qk=False, norm_offset=1.0,
-    layer_names={**_PROJECTIONS, "input_layernorm.weight": "attn_norm.weight",
-                 "post_attention_layernorm.weight": "post_attention_norm.weight",
-                 "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-                 "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
-    layer_order=("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                 "post_attention_norm.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
-                 "ffn_down.weight", "post_ffw_norm.weight"),
+GGUF = with_norms(
+    "gemma2",
+    before_attention={"input_layernorm.weight": "attn_norm.weight"},
+    after_attention={"post_attention_layernorm.weight": "post_attention_norm.weight",
+                     "pre_feedforward_layernorm.weight": "ffn_norm.weight"},
+    after_mlp={"post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
+    norm_offset=1.0,
     hparams={"attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping",
              "attention.sliding_window": "sliding_window"},
     head_dim_keys=("query_pre_attn_scalar",),

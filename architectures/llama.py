@@ -1,5 +1,10 @@
 """LLaMA (Llama 2/3, SmolLM, TinyLlama …): the reference decoder; every other GGUF layout starts from this one."""
 
+from collections.abc import Mapping
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any
+
 from optc.architectures.family import Family, GGUFLayout
 
 #: A decoder layer's parameters (names inside `model.layers.N.`) and their GGUF names.
@@ -30,5 +35,21 @@ LAYER_ORDER = (
 )
 
 GGUF = GGUFLayout("llama", LAYER_NAMES, GLOBAL_NAMES, LAYER_ORDER, permute_qk=True)
+
+
+def with_norms(arch: str, *, before_attention: Mapping[str, str] = MappingProxyType({}),
+               after_attention: Mapping[str, str] = MappingProxyType({}), after_mlp: Mapping[str, str] = MappingProxyType({}),
+               **changes: Any) -> GGUFLayout:
+    """LLaMA's projection weights (no biases) with a family's own norms, NeoX rope (Q/K rows not permuted).
+
+    Each slot maps a norm's parameter name to its GGUF name, in the order convert_hf_to_gguf.py writes them
+    there: before the attention projections, between attention and MLP, after the MLP.
+    """
+    attention = {k: v for k, v in LAYER_NAMES.items() if k.startswith("self_attn.") and k.endswith("proj.weight")}
+    mlp = {k: v for k, v in LAYER_NAMES.items() if k.startswith("mlp.")}
+    slots = (before_attention, attention, after_attention, mlp, after_mlp)
+    names = {k: v for slot in slots for k, v in slot.items()}
+    return replace(GGUF, arch=arch, permute_qk=False, layer_names=names, layer_order=tuple(names.values()), **changes)
+
 
 FAMILY = Family(name="llama", model_types=("llama",), task="causal-lm", gguf_arch="llama", gguf=GGUF)

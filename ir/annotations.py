@@ -121,6 +121,8 @@ def model_metadata(model: Model, key: str, default: Any = None) -> Any:
 
 # --------------------------------------------------------------------------- the schema
 
+#: The Python type(s) a JSON value may have (json.loads: dict, list, str, int, float, bool, None).
+JsonTypes = type | tuple[type, ...]
 #: A JSON number (a bool is not one).
 NUMBER = (int, float)
 
@@ -129,7 +131,7 @@ NUMBER = (int, float)
 class Field:
     """One field of a dict-valued annotation: its type(s), and whether it must be there."""
 
-    types: type | tuple[type, ...]
+    types: JsonTypes
     required: bool = False
 
 
@@ -137,15 +139,26 @@ class Field:
 class AnnotationSpec:
     """What one key holds: its JSON type and, for a dict, the types of the fields optc reads back."""
 
-    types: type | tuple[type, ...]
+    types: JsonTypes
     #: For a list: the type of its items.
-    items: type | tuple[type, ...] | None = None
+    items: JsonTypes | None = None
     #: For a dict: known fields (others are allowed: passes add their own details).
     fields: dict[str, Field] = field(default_factory=dict)
 
 
 _OPTIONAL_STR = (str, type(None))
 _OPTIONAL_INT = (int, type(None))
+
+
+def record(required: dict[str, JsonTypes], optional: dict[str, JsonTypes] | None = None) -> AnnotationSpec:
+    """A dict-valued key: the fields it must hold and those it may hold, each with its type(s)."""
+    fields = {name: Field(types, required=True) for name, types in required.items()}
+    fields.update({name: Field(types) for name, types in (optional or {}).items()})
+    return AnnotationSpec(dict, fields=fields)
+
+
+#: What smoothquant and awq record of one folded scale.
+_SCALE_FOLD = {"alpha": NUMBER, "producer": str, "input": str}
 
 #: Every key optc writes, with the type it must hold (checked by the verifier).
 SCHEMA: dict[str, AnnotationSpec] = {
@@ -154,54 +167,33 @@ SCHEMA: dict[str, AnnotationSpec] = {
     SOURCE_TRANSPOSED: AnnotationSpec(bool),
     SOURCE_ALIASES: AnnotationSpec(list, items=str),
     SOURCE_OFFSET: AnnotationSpec(NUMBER),
-    QUANTIZATION: AnnotationSpec(dict, fields={
-        "op": Field(str, required=True),
-        "weights": Field(str),
-        "activations": Field(str),
-        "bits": Field(int),
-        "group": Field(int),
-        "symmetric": Field(bool),
-        "weight": Field(str),
-        "weight_source": Field(str),
-        "weight_scheme": Field(str),
-        "weight_axis": Field(_OPTIONAL_INT),
-        "weight_bits": Field(int),
-        "weight_pair_limit": Field(int),
-        "activation_scheme": Field(str),
-        "activation_range": Field(list),
-        "activation_threshold": Field(NUMBER),
-        "activation_scale": Field(NUMBER),
-        "activation_zero_point": Field(int),
-        "activation_absmax": Field(NUMBER),
-        "precision_reason": Field(str),
-        "residual": Field(str),
-        "method": Field(str),
+    QUANTIZATION: record({"op": str}, {
+        "weights": str, "activations": str, "bits": int, "group": int, "symmetric": bool,
+        "weight": str, "weight_source": str, "weight_scheme": str, "weight_axis": _OPTIONAL_INT, "weight_bits": int,
+        "weight_pair_limit": int, "activation_scheme": str, "activation_range": list, "activation_threshold": NUMBER,
+        "activation_scale": NUMBER, "activation_zero_point": int, "activation_absmax": NUMBER,
+        "precision_reason": str, "residual": str, "method": str,
     }),
     QUANTIZATION_SKIPPED: AnnotationSpec(str),
-    SPARSITY: AnnotationSpec(dict, fields={
-        "pattern": Field(str, required=True),
-        "axis": Field(_OPTIONAL_INT),
-        "method": Field(str),
-        "sparsity": Field(NUMBER),
-    }),
-    SMOOTHQUANT: AnnotationSpec(dict, fields={"alpha": Field(NUMBER), "producer": Field(str), "input": Field(str)}),
-    AWQ: AnnotationSpec(dict, fields={"alpha": Field(NUMBER), "producer": Field(str), "input": Field(str)}),
-    LOWRANK: AnnotationSpec(dict, fields={"rank": Field(int, required=True), "in": Field(int), "out": Field(int)}),
-    PRUNED_HEADS: AnnotationSpec(dict, fields={"heads": Field(int), "kv_heads": Field(int), "of": Field(int)}),
-    PRUNED_FFN: AnnotationSpec(dict, fields={"width": Field(int, required=True), "of": Field(int)}),
+    SPARSITY: record({"pattern": str}, {"axis": _OPTIONAL_INT, "method": str, "sparsity": NUMBER}),
+    SMOOTHQUANT: record({}, _SCALE_FOLD),
+    AWQ: record({}, _SCALE_FOLD),
+    LOWRANK: record({"rank": int}, {"in": int, "out": int}),
+    PRUNED_HEADS: record({}, {"heads": int, "kv_heads": int, "of": int}),
+    PRUNED_FFN: record({"width": int}, {"of": int}),
     ORT_LOWERING: AnnotationSpec(dict),
     GGUF_TYPE: AnnotationSpec(str),
     GGUF_IMATRIX: AnnotationSpec(list, items=NUMBER),
     ARCHITECTURE: AnnotationSpec(str),
     HF_CONFIG: AnnotationSpec(dict),
-    TOKENIZER: AnnotationSpec(dict, fields={"files": Field(dict, required=True)}),
+    TOKENIZER: record({"files": dict}),
     TIED_PARAMETERS: AnnotationSpec(dict),
     HF_EXPORT: AnnotationSpec(dict),
     LAYER_HEADS: AnnotationSpec(list, items=list),
     LAYER_FFN: AnnotationSpec(list, items=_OPTIONAL_INT),
     TENSORRT_LOWERING: AnnotationSpec(list, items=str),
-    ORT_NBITS_LOWERING: AnnotationSpec(dict, fields={"form": Field(str, required=True)}),
-    GGUF_PLAN: AnnotationSpec(dict, fields={"mix": Field(_OPTIONAL_STR)}),
+    ORT_NBITS_LOWERING: record({"form": str}),
+    GGUF_PLAN: record({}, {"mix": _OPTIONAL_STR}),
 }
 
 
@@ -213,7 +205,7 @@ def register_annotation(key: str, spec: AnnotationSpec) -> None:
     SCHEMA[key] = spec
 
 
-def _is(value: Any, types: type | tuple[type, ...]) -> bool:
+def _is(value: Any, types: JsonTypes) -> bool:
     """isinstance for JSON values: a bool is neither an int nor a float."""
     wanted = types if isinstance(types, tuple) else (types,)
     if isinstance(value, bool):
@@ -221,7 +213,7 @@ def _is(value: Any, types: type | tuple[type, ...]) -> bool:
     return isinstance(value, wanted)
 
 
-def _type_names(types: type | tuple[type, ...]) -> str:
+def _type_names(types: JsonTypes) -> str:
     wanted = types if isinstance(types, tuple) else (types,)
     return " or ".join("null" if t is type(None) else t.__name__ for t in wanted)
 

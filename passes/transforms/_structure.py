@@ -11,6 +11,8 @@ under that reader.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -18,12 +20,28 @@ from optc.ir import Graph, Model, Node, Shape, Value, constant_array, tensor
 from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.builder import drop_unused_initializers as sweep_initializers
 from optc.passes.analyses.hessian import calibration_hessians
+from optc.passes.infra.options import option
 from optc.passes.layer_selector import LayerSelector
 from optc.passes.linear_layers import (
     Linear,
     linear,
     torch_threads,
 )
+
+
+@dataclass
+class PruneOptions:
+    """Options every structural pruning pass (`prune-heads`, `prune-ffn`) takes: how much to remove, ranked how."""
+
+    ratio: float = option(0.25, help="fraction of each layer's heads (rounded per KV group) or FFN channels to remove")
+    importance: Literal["activation", "contribution"] = option(
+        "activation", help="rank each head or channel by the L2 norm of its input to o_proj/down, "
+        "or of its contribution at the output (FFN: ||x_j||*||W_down[j]||)"
+    )
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"option 'ratio' must be in [0, 1), got {self.ratio}")
 
 
 def linears(model: Model) -> list[Linear]:

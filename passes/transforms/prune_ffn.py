@@ -21,7 +21,6 @@ metadata `layer_ffn` lists each FFN's width.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
@@ -46,6 +45,7 @@ from optc.passes.infra.remarks import match_summary
 from optc.passes.transforms._attention import linear_of
 from optc.passes.transforms._structure import (
     Linear,
+    PruneOptions,
     calibration_hessians,
     drop_unused_initializers,
     linear,
@@ -169,16 +169,11 @@ class PruneFFN(Pass):
     """Remove the least important FFN intermediate channels (gate/up rows and down columns together)."""
 
     @dataclass
-    class Options:
-        ratio: float = option(0.25, help="fraction of intermediate channels to remove in each FFN")
-        importance: Literal["activation", "contribution"] = option(
-            "activation", help="rank channels by ||x_j|| at down's input, or by ||x_j||*||W_down[j]||"
-        )
+    class Options(PruneOptions):
         multiple: int = option(1, help="keep a multiple of this many channels")
 
         def validate(self) -> None:
-            if not 0.0 <= self.ratio < 1.0:
-                raise ValueError(f"option 'ratio' must be in [0, 1), got {self.ratio}")
+            super().validate()
             if self.multiple < 1:
                 raise ValueError(f"option 'multiple' must be at least 1, got {self.multiple}")
 

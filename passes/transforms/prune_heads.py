@@ -59,6 +59,7 @@ from optc.passes.infra.remarks import match_summary
 from optc.passes.transforms._attention import AttentionBlock, HeadAxes, ShapePatch, scan_attention
 from optc.passes.transforms._structure import (
     Linear,
+    PruneOptions,
     calibration_hessians,
     drop_unused_initializers,
     set_constant,
@@ -71,18 +72,10 @@ class PruneHeads(Pass):
     """Remove the least important attention heads (GQA aware) and rewrite projections, shapes and config."""
 
     @dataclass
-    class Options:
-        ratio: float = option(0.25, help="fraction of heads to remove in each layer (rounded per KV group)")
-        importance: Literal["activation", "contribution"] = option(
-            "activation", help="rank heads by the L2 norm of their o_proj input, or of their contribution at its output"
-        )
+    class Options(PruneOptions):
         groups: Literal["query", "kv"] = option(
             "query", help="with GQA: remove query heads evenly from every KV group, or whole KV groups"
         )
-
-        def validate(self) -> None:
-            if not 0.0 <= self.ratio < 1.0:
-                raise ValueError(f"option 'ratio' must be in [0, 1), got {self.ratio}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         # The canonical form first: fused qkv / gate_up projections become one linear layer per piece.

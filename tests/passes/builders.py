@@ -19,14 +19,6 @@ from optc.ir import Model, check_onnx, to_proto, verify
 from optc.passes import AnalysisManager, PassContext, PassResult, VerifyEach, parse_pipeline
 from tests.fixtures import models
 
-_NP = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-    onnx.TensorProto.BOOL: np.bool_,
-}
-
 
 def run(model: Model, pipeline: str) -> PassResult:
     """Run a pipeline as the CLI does with --verify-each, then verify and run onnx.checker."""
@@ -46,21 +38,15 @@ def random_feeds(model: Model | onnx.ModelProto, seed: int = 0) -> dict[str, np.
     """Random inputs for every graph input that is not an initializer (symbolic dims are 3)."""
     proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
     rng = np.random.default_rng(seed)
-    initializers = {t.name for t in proto.graph.initializer}
     feeds = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 3 for d in tensor_type.shape.dim]
-        dtype = _NP[tensor_type.elem_type]
+    for name, shape, dtype in models.free_inputs(proto, symbolic_dim=3):
         if dtype is np.bool_:
             data = rng.random(shape) < 0.5
         elif np.issubdtype(dtype, np.integer):
             data = rng.integers(0, 4, shape)
         else:
             data = rng.standard_normal(shape)
-        feeds[value.name] = np.asarray(data, dtype=dtype)
+        feeds[name] = np.asarray(data, dtype=dtype)
     return feeds
 
 

