@@ -57,7 +57,9 @@ register_pipeline(
 # default) the rotation costs instead: the same recipe measures 1.074x without `rotate`, 1.080x with it
 # (a rotation evens out the E[x^2] the range search weighs by); the int8 table costs 0.1% against a
 # float one (1.073x), and without the untied rotated head the file is 0.182x fp32 instead of 0.233x.
-W4A16 = 'gptq{symmetric=false},quantize{activations=none embeddings=true exclude=""}'
+# Group 64 instead of 128: 1.074x -> 1.047x, and the file is 1 MB smaller (0.180x): 64 divides
+# SmolLM2's hidden size 576, where 128 leaves a half block per row that MatMulNBits pads.
+W4A16 = 'gptq{group=64 symmetric=false},quantize{activations=none embeddings=true exclude=""}'
 W4A16_FAST = 'rtn{symmetric=false},quantize{activations=none embeddings=true exclude=""}'
 W4A16_H8 = ('gptq{symmetric=false},smoothquant{alpha=0.65 exclude=""},'
             'quantize{calib=mse exclude="" embeddings=true weight-pair-limit=128}')
@@ -65,7 +67,7 @@ W4A16_H8 = ('gptq{symmetric=false},smoothquant{alpha=0.65 exclude=""},'
 register_pipeline(
     "w4a16",
     W4A16,
-    "4-bit weights (GPTQ group 128 along K, asymmetric, Hessian-weighted ranges), float activations; "
+    "4-bit weights (GPTQ group 64 along K, asymmetric, Hessian-weighted ranges), float activations; "
     "the tied embedding table and lm_head int8 per row",
 )
 register_pipeline(

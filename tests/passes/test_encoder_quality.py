@@ -60,7 +60,7 @@ def test_encoder_embedding_cosines(encoder_dir, pipeline, bar):
     reference = _embeddings(load_transformers(encoder_dir))
     quantized = parse_pipeline(pipeline)(load_transformers(encoder_dir), AnalysisManager(PassContext(config=dict(CALIB))))
     cosines = _cosines(_embeddings(quantized.model), reference)
-    assert cosines.min() >= bar, cosines  # measured: w8a8 min 0.9997, w4a16 (GPTQ) min 0.9982
+    assert cosines.min() >= bar, cosines  # measured: w8a8 min 0.9997, w4a16 (GPTQ) min 0.9984
     if pipeline == "w4a16":
         rtn = parse_pipeline("rtn{symmetric=false}")(load_transformers(encoder_dir), AnalysisManager(PassContext()))
         assert _cosines(_embeddings(rtn.model), reference).min() < bar  # measured 0.966: the bar is not trivial
