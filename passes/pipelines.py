@@ -51,11 +51,15 @@ register_pipeline(
 # smoothed into the table (smoothquant after gptq finds only that group: the other layers no longer
 # have float weights): 1.111x, 0.181x, and the only 4-bit form measured faster than fp32 on an AVX2
 # CPU (0.94-0.98x; onnxruntime's MatMulNBits runs at fp32 speed for a 256-token window, 1.01-1.03x).
-# Issue 19: rotating the residual stream first (`rotate`, QuaRot) is better on text unlike the calibration
-# data. Chosen on the development text (stdlib docstrings; calibration 32x256 of pydoc_data topics,
-# tools/bench_quality.py): gptq asym + int8 table 1.124x fp32, with rotate 1.080x (the untied lm_head int8
-# too: 0.233x the fp32 file instead of 0.182x).
-W4A16 = 'rotate,gptq{symmetric=false},quantize{activations=none embeddings=true exclude=""}'
+# Issue 19, chosen on the development text (stdlib docstrings; calibration 32x256 of pydoc_data topics,
+# tools/bench_quality.py). Before gptq weighed its range search by the Hessian diagonal, rotating the
+# residual stream first (`rotate`, QuaRot) helped: 1.124x -> 1.080x fp32. With `clip-hessian` (gptq's
+# default) the rotation costs instead: the same recipe measures 1.074x without `rotate`, 1.080x with it
+# (a rotation evens out the E[x^2] the range search weighs by); the int8 table costs 0.1% against a
+# float one (1.073x), and without the untied rotated head the file is 0.182x fp32 instead of 0.233x.
+# Group 64 instead of 128: 1.074x -> 1.047x, and the file is 1 MB smaller (0.180x): 64 divides
+# SmolLM2's hidden size 576, where 128 leaves a half block per row that MatMulNBits pads.
+W4A16 = 'gptq{group=64 symmetric=false},quantize{activations=none embeddings=true exclude=""}'
 W4A16_FAST = 'rtn{symmetric=false},quantize{activations=none embeddings=true exclude=""}'
 W4A16_H8 = ('gptq{symmetric=false},smoothquant{alpha=0.65 exclude=""},'
             'quantize{calib=mse exclude="" embeddings=true weight-pair-limit=128}')
@@ -63,8 +67,8 @@ W4A16_H8 = ('gptq{symmetric=false},smoothquant{alpha=0.65 exclude=""},'
 register_pipeline(
     "w4a16",
     W4A16,
-    "4-bit weights (Hadamard-rotated residual stream, GPTQ group 128 along K, asymmetric), float activations; "
-    "embeddings and lm_head int8",
+    "4-bit weights (GPTQ group 64 along K, asymmetric, Hessian-weighted ranges), float activations; "
+    "the tied embedding table and lm_head int8 per row",
 )
 register_pipeline(
     "w4a16-fast", W4A16_FAST, "4-bit weights by round-to-nearest (group 128, asymmetric), int8 embeddings, no calibration"
@@ -76,13 +80,17 @@ register_pipeline(
 )
 
 # 3-bit weight-only (issue 19): the residual stream rotated by a randomized Hadamard (QuaRot), then
-# GPTQ at 3 bits, group 128, asymmetric; the embedding table and the (untied, rotated) lm_head int8.
-W3A16 = 'rotate,gptq{bits=3 symmetric=false},quantize{activations=none embeddings=true exclude=""}'
+# GPTQ at 3 bits, group 64, asymmetric; the embedding table and the (untied, rotated) lm_head int8.
+# On the development text (stdlib docstrings, calibration 32x256 of pydoc_data topics, with gptq's
+# clip-hessian): group 128 1.379x fp32, without rotate 1.414x, group 64 1.364x. Group 64 divides
+# SmolLM2's hidden size (576) where 128 leaves a half block that MatMulNBits pads, so the group-64
+# file is even 1 MB smaller.
+W3A16 = 'rotate,gptq{bits=3 group=64 symmetric=false},quantize{activations=none embeddings=true exclude=""}'
 
 register_pipeline(
     "w3a16",
     W3A16,
-    "3-bit weights (Hadamard-rotated residual stream, GPTQ group 128 asymmetric), float activations; "
+    "3-bit weights (Hadamard-rotated residual stream, GPTQ group 64 asymmetric), float activations; "
     "embeddings and lm_head int8",
 )
 

@@ -281,7 +281,7 @@ def test_p_kd_q_pipeline_orders_prune_distill_quantize() -> None:
     pipeline = parse_pipeline("p-kd-q")
     names = [p.name for p in pipeline.passes]
     assert names[:2] == ["prune-heads", "distill"] and len(names) > 2
-    # Then w4a16 as it expands (its float-exact rotation first), ending in the quantizing passes.
+    # Then w4a16 as it expands, ending in the quantizing passes.
     assert names[2:] == [p.name for p in parse_pipeline("w4a16").passes]
     assert is_quantizing(pipeline.passes[-1]) and not any(p.name in ("prune-heads", "distill") for p in pipeline.passes[2:])
     assert pipeline.passes[1].options.steps == 100
