@@ -15,6 +15,7 @@ through optc's transformers frontend (a private export cache); the tests then ch
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_the_frontend_and_the_gguf_backend_read_the_registry():
     assert ARCHITECTURES == written == {
         "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
         "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2",
-        "granite": "granite",
+        "granite": "granite", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gptneox",
     }
     layout = registry.lookup("qwen2").gguf
     assert gguf_tensor_name("model.layers.3.self_attn.q_proj.bias", layout) == "blk.3.attn_q.bias"
@@ -222,6 +223,10 @@ LLAMA_CPP_ASSUMES = {
     "gemma2": dict(query_pre_attn_scalar=16),
     "gemma3_text": dict(query_pre_attn_scalar=16),
 }
+#: Tokens a family's real tokenizers have and llama.cpp's vocabulary loader looks up by text: for a model whose
+#: name contains "phi3" it sets attributes on Phi-3's SentencePiece tokens `<s>`, `</s>` and `<unk>`
+#: (a tokenizer without them fails to load with "unordered_map::at").
+TOKENIZER_ADDS = {"phi3": ["<s>", "</s>", "<unk>"]}
 
 
 def _gguf_tensors(path: Path) -> dict[str, tuple[str, bytes]]:
@@ -242,6 +247,9 @@ def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_p
 
     monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path / "cache"))
     tokenizer = tiny_tokenizer()
+    if family in TOKENIZER_ADDS:
+        tokenizer = copy.deepcopy(tokenizer)  # tiny_tokenizer is cached
+        tokenizer.add_special_tokens({"additional_special_tokens": TOKENIZER_ADDS[family]})
     config = configs.CONFIGS[family].__class__.from_dict(
         {**configs.CONFIGS[family].to_dict(), **GGUF_CONFIG, **LLAMA_CPP_ASSUMES.get(family, {}), "vocab_size": len(tokenizer)})
     monkeypatch.setitem(configs.CONFIGS, family, config)
@@ -283,6 +291,14 @@ def test_gguf_refuses_what_llama_cpp_would_run_differently():
     set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["gemma2"].to_dict(), "architectures": ["Gemma2ForCausalLM"]})
     with pytest.raises(OptcError, match=r"scales queries by 1/sqrt\(head_dim=16\), the config's query_pre_attn_scalar is 256"):
         llama_config(model)
-    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["gpt2"].to_dict(), "architectures": ["GPT2LMHeadModel"]})
-    with pytest.raises(OptcError, match=r"llama.cpp runs it as 'gpt2' but optc does not write that layout yet"):
+    gpt2 = {**configs.CONFIGS["gpt2"].to_dict(), "architectures": ["GPT2LMHeadModel"]}
+    set_model_metadata(model, HF_CONFIG, {**gpt2, "activation_function": "relu"})
+    with pytest.raises(OptcError, match=r"llama.cpp's 'gpt2' assumes activation_function=\"gelu_new\", the config has \"relu\""):
+        llama_config(model)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["phi3"].to_dict(), "architectures": ["Phi3ForCausalLM"],
+                                          "hidden_act": "gelu"})
+    with pytest.raises(OptcError, match=r"llama.cpp's 'phi3' assumes hidden_act=\"silu\""):
+        llama_config(model)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["bert"].to_dict(), "architectures": ["BertModel"]})
+    with pytest.raises(OptcError, match=r"llama.cpp runs it as 'bert' but optc does not write that layout yet"):
         llama_config(model)
