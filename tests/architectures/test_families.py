@@ -212,8 +212,9 @@ def test_gemma_norms_carry_their_source_name_and_offset(exported):
 
 #: The families the GGUF backend writes; each test model gets the tiny tokenizer, rows of 64 (so every mix's
 #: 32-element fallback types apply) and what llama.cpp assumes of the architecture (it reads no key for it).
-#: One mixture of experts runs by default; the others (about 20 s each on 2 cores) are marked `slow`.
-GGUF_FAMILIES = [pytest.param(f.name, marks=() if f.name == "mixtral" else pytest.mark.slow)
+#: One mixture of experts and gpt2 (Conv1D transposes, learned positions, LayerNorm) run by default; the others
+#: (about 20-30 s each on 2 cores) are marked `slow`.
+GGUF_FAMILIES = [pytest.param(f.name, marks=() if f.name in ("mixtral", "gpt2") else pytest.mark.slow)
                  for f in registry.families() if f.gguf]
 GGUF_CONFIG = dict(hidden_size=64, intermediate_size=64)
 LLAMA_CPP_ASSUMES = {
@@ -298,6 +299,10 @@ def test_gguf_refuses_what_llama_cpp_would_run_differently():
     set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["phi3"].to_dict(), "architectures": ["Phi3ForCausalLM"],
                                           "hidden_act": "gelu"})
     with pytest.raises(OptcError, match=r"llama.cpp's 'phi3' assumes hidden_act=\"silu\""):
+        llama_config(model)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["gpt_neox"].to_dict(), "architectures": ["GPTNeoXForCausalLM"],
+                                          "hidden_act": "relu"})
+    with pytest.raises(OptcError, match=r"llama.cpp's 'gptneox' assumes hidden_act=\"gelu\""):
         llama_config(model)
     set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["bert"].to_dict(), "architectures": ["BertModel"]})
     with pytest.raises(OptcError, match=r"llama.cpp runs it as 'bert' but optc does not write that layout yet"):
