@@ -1,14 +1,18 @@
-"""The GGUF backend: llama.cpp-loadable files (llama architecture), with the types `kquant` assigned.
+"""The GGUF backend: llama.cpp-loadable files (the registry's decoder families), with the types `kquant` assigned.
 
 What it writes (GGUF v3, through the `gguf` package's writer, streamed tensor
 by tensor so memory stays at one tensor):
 
 * **Architecture.** The families of the architecture registry
   (`optc.architectures`) that carry a `GGUFLayout`: llama, mistral and mixtral
-  as `llama`, qwen2, qwen3, qwen3_moe (`qwen3moe`), gemma2, gemma3_text
-  (`gemma3`), olmo2 and granite. The layout gives the tensor names, the Q/K
-  permutation, fused parameters written as two tensors (a mixture of experts'
-  `gate_up_proj` as `ffn_gate_exps` and `ffn_up_exps`), the architecture's own
+  as `llama`, qwen2, qwen3, qwen3_moe (`qwen3moe`), phi3, gemma2, gemma3_text
+  (`gemma3`), gpt2, gpt_neox (`gptneox`), olmo2 and granite. The layout gives
+  the tensor names, the Q/K permutation, fused parameters written as two
+  tensors (a mixture of experts' `gate_up_proj` as `ffn_gate_exps` and
+  `ffn_up_exps`) or kept fused (phi3's `attn_qkv`), Conv1D weights to
+  transpose (gpt2), per-head fused qkv rows to regroup (gpt_neox), the
+  config's own key names (gpt2's `n_embd`), LayerNorm or RMSNorm epsilon,
+  the partial rotary dimension count, the architecture's own
   keys (experts, soft-capping, granite's multipliers), the norm offset (gemma
   stores 1 + w) and the config values llama.cpp assumes, which are checked;
   anything else stops with one line naming the architecture. Metadata keys carry the exact types llama.cpp checks

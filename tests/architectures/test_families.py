@@ -236,14 +236,8 @@ def _gguf_tensors(path: Path) -> dict[str, tuple[str, bytes]]:
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(str(path)).tensors}
 
 
-@pytest.mark.parametrize("family", GGUF_FAMILIES)
-def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_path, monkeypatch):
-    """F32: llama.cpp's logits within 1e-3 of onnxruntime's (F32 KV cache, so only the conversion is measured);
-    Q4_K_M: the same tensor types and bytes as llama-quantize run on optc's own F32 file."""
-    pytest.importorskip("llama_cpp")
-    import optc
-    from optc.backends.gguf import import_llama_cpp
-    from tests.backends.ggml_oracle import llama_quantize
+def _gguf_test_model(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The family's tiny model for the GGUF tests, saved with the tiny tokenizer (export cache under tmp_path)."""
     from tests.fixtures.gguf_models import tiny_tokenizer
 
     monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path / "cache"))
@@ -256,6 +250,19 @@ def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_p
     monkeypatch.setitem(configs.CONFIGS, family, config)
     _, folder = configs.save(family, tmp_path / family)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_path, monkeypatch):
+    """F32: llama.cpp's logits within 1e-3 of onnxruntime's (F32 KV cache, so only the conversion is measured);
+    Q4_K_M: the same tensor types and bytes as llama-quantize run on optc's own F32 file."""
+    pytest.importorskip("llama_cpp")
+    import optc
+    from optc.backends.gguf import import_llama_cpp
+    from tests.backends.ggml_oracle import llama_quantize
+
+    folder = _gguf_test_model(family, tmp_path, monkeypatch)
     optc.compile(str(folder), output=tmp_path / "m.onnx", passes="cleanup")
     result = optc.compile(str(folder), output=tmp_path / "f32.gguf")
     assert any("llama.cpp" in check and "loaded it" in check for check in result.artifact.checks)
@@ -267,6 +274,7 @@ def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_p
     llm.close()
     feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
     expected = _run(tmp_path / "m.onnx", feeds)[0]
+    print(f"{family}: max |llama.cpp - onnxruntime| = {np.abs(got - expected).max():.1e}")  # the README's figure (-s)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
 
     optc.compile(str(folder), output=tmp_path / "ours.gguf", passes="kquant{mix=Q4_K_M}")
@@ -274,6 +282,33 @@ def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_p
     ours, theirs = _gguf_tensors(tmp_path / "ours.gguf"), _gguf_tensors(tmp_path / "theirs.gguf")
     assert {n: t for n, (t, _) in ours.items()} == {n: t for n, (t, _) in theirs.items()}
     assert [n for n in ours if ours[n][1] != theirs[n][1]] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f.name for f in registry.families() if f.gguf])
+def test_gguf_every_mix_matches_llama_quantize(family, tmp_path, monkeypatch):
+    """Every mix `kquant` offers, on the family's tiny model (rows of 64: the fallback types): the same tensor
+    types and bytes as llama-quantize run on optc's own F32 file."""
+    pytest.importorskip("llama_cpp")
+    from optc.backends.gguf import GgufBackend
+    from optc.backends.gguf.kquant import MIXES, KQuant
+    from optc.frontends.transformers import load_transformers
+    from tests.backends.ggml_oracle import llama_quantize
+
+    folder = _gguf_test_model(family, tmp_path, monkeypatch)
+    quiet = PassContext(config={"backend.skip_runtime_check": True})
+    GgufBackend().lower(load_transformers(folder), tmp_path / "f32.gguf", quiet)
+    differing: dict[str, list[str]] = {}
+    for mix in MIXES:
+        model = load_transformers(folder)
+        KQuant(mix=mix)(model)
+        ours, theirs = tmp_path / f"optc-{mix}.gguf", tmp_path / f"llama-quantize-{mix}.gguf"
+        GgufBackend().lower(model, ours, quiet)
+        llama_quantize(tmp_path / "f32.gguf", theirs, mix)
+        a, b = _gguf_tensors(theirs), _gguf_tensors(ours)
+        assert {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}, mix
+        differing[mix] = [n for n in a if a[n][1] != b[n][1]]
+    assert differing == {mix: [] for mix in MIXES}
 
 
 def test_gguf_refuses_what_llama_cpp_would_run_differently():

@@ -75,6 +75,12 @@ def test_use_more_bits_for_32_layers():
     ("Q6_K", "blk.{}.ffn_down.weight", 0, "Q6_K"),
     ("Q8_0", "blk.{}.ffn_down.weight", 0, "Q8_0"),
     ("Q4_0", "blk.{}.ffn_down.weight", 0, "Q4_0"),
+    # a fused attn_qkv (phi3, gpt2, gptneox) takes attn_v's rules
+    ("Q4_K_M", "blk.{}.attn_qkv.weight", 6, "Q6_K"),
+    ("Q4_K_M", "blk.{}.attn_qkv.weight", 7, "Q4_K"),
+    ("Q3_K_M", "blk.{}.attn_qkv.weight", 1, "Q5_K"),
+    ("Q3_K_L", "blk.{}.attn_qkv.weight", 9, "Q5_K"),
+    ("Q2_K", "blk.{}.attn_qkv.weight", 0, "Q3_K"),
 ])
 def test_rules(mix, name, layer, expected):
     assert types_for(mix, name.format(layer), 4096, layer) == expected
@@ -249,9 +255,9 @@ def test_unsupported_architecture(tiny):
 
     model = ir_like_frontend(*tiny)
     config = dict(model_metadata(model, HF_CONFIG))
-    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    config.update(model_type="mamba", architectures=["MambaForCausalLM"])
     set_model_metadata(model, HF_CONFIG, config)
-    with pytest.raises(OptcError, match="does not support architecture 'GPT2LMHeadModel'"):
+    with pytest.raises(OptcError, match="does not support architecture 'MambaForCausalLM'"):
         KQuant(mix="Q4_K_M")(model)
 
 
