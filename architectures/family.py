@@ -38,7 +38,9 @@ class GGUFLayout:
     whose rows interleave each head's Q, K and V (gpt_neox's `query_key_value`,
     `[head, 3, head_dim]`), written as all Q rows, then K, then V.
     `leading_names` are global tensors written right after `token_embd`
-    (gpt2's `position_embd`).
+    (gpt2's `position_embd`). `full_attention` says llama.cpp runs every layer
+    with full attention whatever the file says (phi3: its sliding window is
+    disabled), so a window shorter than the context is refused.
     """
 
     arch: str
@@ -59,6 +61,7 @@ class GGUFLayout:
     transposed: tuple[str, ...] = ()
     qkv_per_head: tuple[str, ...] = ()
     leading_names: tuple[str, ...] = ()
+    full_attention: bool = False
 
     def __post_init__(self) -> None:
         for name in ("layer_names", "global_names", "split", "hparams", "fixed", "config_keys"):

@@ -3,7 +3,8 @@
 from optc.architectures.family import Family, GGUFLayout
 
 #: llama.cpp's `phi3` (convert_hf_to_gguf.py's Phi3MiniModel): Q, K and V rows in one `attn_qkv`, the gate
-#: and up rows in one `ffn_up` (gate first, as llama.cpp's fused SwiGLU reads them); NeoX rope, no permutation.
+#: and up rows in one `ffn_up` (gate first, as llama.cpp's fused SwiGLU reads them); NeoX rope, no permutation;
+#: llama.cpp reads the sliding window but runs phi3 with full attention ("Phi SWA is currently disabled").
 GGUF = GGUFLayout(
     "phi3",
     layer_names={
@@ -20,6 +21,7 @@ GGUF = GGUFLayout(
                  "ffn_down.weight"),
     hparams={"attention.sliding_window": "sliding_window"},
     fixed={"hidden_act": "silu"},
+    full_attention=True,
 )
 
 FAMILY = Family(name="phi3", model_types=("phi3",), task="causal-lm", fused_qkv=True, fused_gate_up=True,

@@ -323,6 +323,10 @@ def llama_config(model: Model) -> LlamaConfig:
         if config.get(key) != expected:
             raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' assumes "
                             f"{key}={json.dumps(expected)}, the config has {json.dumps(config.get(key))}")
+    window, n_ctx = get("sliding_window"), int(get("max_position_embeddings", 2048))
+    if layout.full_attention and isinstance(window, int) and not isinstance(window, bool) and window < n_ctx:
+        raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' runs full "
+                        f"attention, the config's sliding_window {window} is shorter than its context {n_ctx}")
     for key in layout.head_dim_keys:
         if key in config and config[key] is not None and float(config[key]) != head_dim:
             raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' scales "
@@ -355,7 +359,7 @@ def llama_config(model: Model) -> LlamaConfig:
         arch=ARCHITECTURES[model_type], layout=layout, n_layer=int(get("num_hidden_layers")), n_embd=n_embd,
         n_ff=int(get("intermediate_size", 4 * n_embd)), n_head=n_head,
         n_head_kv=int(get("num_key_value_heads", n_head)), head_dim=head_dim, rope_dims=rope_dims,
-        n_ctx=int(get("max_position_embeddings", 2048)), n_vocab=int(get("vocab_size")),
+        n_ctx=n_ctx, n_vocab=int(get("vocab_size")),
         eps=float(get("layer_norm_eps" if layout.layer_norm else "rms_norm_eps", 1e-5 if layout.layer_norm else 1e-6)),
         rope_theta=float(theta),
         rope_scaling={**rope, "rope_type": rope_type} if rope_type != "default" else {},

@@ -335,6 +335,10 @@ def test_gguf_refuses_what_llama_cpp_would_run_differently():
                                           "hidden_act": "gelu"})
     with pytest.raises(OptcError, match=r"llama.cpp's 'phi3' assumes hidden_act=\"silu\""):
         llama_config(model)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["phi3"].to_dict(), "architectures": ["Phi3ForCausalLM"],
+                                          "sliding_window": 32})
+    with pytest.raises(OptcError, match=r"'phi3' runs full attention, the config's sliding_window 32 is shorter than its context 64"):
+        llama_config(model)
     set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["gpt_neox"].to_dict(), "architectures": ["GPTNeoXForCausalLM"],
                                           "hidden_act": "relu"})
     with pytest.raises(OptcError, match=r"llama.cpp's 'gptneox' assumes hidden_act=\"gelu\""):
