@@ -37,6 +37,17 @@ class GGUFLayout:
     values llama.cpp assumes for the architecture (it reads no key for them),
     `head_dim_keys` the config keys llama.cpp takes to equal the head size
     (gemma's `query_pre_attn_scalar`): a config that differs is refused.
+    `config_keys` names the config's own keys for optc's standard ones
+    (gpt2's `n_embd` for `hidden_size`); `layer_norm` says the norms are
+    LayerNorms (epsilon written as `attention.layer_norm_epsilon`);
+    `transposed` the parameters (inside a layer) Hugging Face stores `[in, out]`
+    (gpt2's Conv1D), written `[out, in]`; `qkv_per_head` the fused projections
+    whose rows interleave each head's Q, K and V (gpt_neox's `query_key_value`,
+    `[head, 3, head_dim]`), written as all Q rows, then K, then V.
+    `leading_names` are global tensors written right after `token_embd`
+    (gpt2's `position_embd`). `full_attention` says llama.cpp runs every layer
+    with full attention whatever the file says (phi3: its sliding window is
+    disabled), so a window shorter than the context is refused.
     """
 
     arch: str
@@ -52,9 +63,15 @@ class GGUFLayout:
     norm_offset: float = 0.0
     fixed: Mapping[str, object] = field(default_factory=dict)
     head_dim_keys: tuple[str, ...] = ()
+    config_keys: Mapping[str, str] = field(default_factory=dict)
+    layer_norm: bool = False
+    transposed: tuple[str, ...] = ()
+    qkv_per_head: tuple[str, ...] = ()
+    leading_names: tuple[str, ...] = ()
+    full_attention: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("layer_names", "global_names", "split", "hparams", "fixed"):
+        for name in ("layer_names", "global_names", "split", "hparams", "fixed", "config_keys"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
 

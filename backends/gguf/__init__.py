@@ -1,14 +1,18 @@
-"""The GGUF backend: llama.cpp-loadable files (llama architecture), with the types `kquant` assigned.
+"""The GGUF backend: llama.cpp-loadable files (the registry's decoder families), with the types `kquant` assigned.
 
 What it writes (GGUF v3, through the `gguf` package's writer, streamed tensor
 by tensor so memory stays at one tensor):
 
 * **Architecture.** The families of the architecture registry
   (`optc.architectures`) that carry a `GGUFLayout`: llama, mistral and mixtral
-  as `llama`, qwen2, qwen3, qwen3_moe (`qwen3moe`), gemma2, gemma3_text
-  (`gemma3`), olmo2 and granite. The layout gives the tensor names, the Q/K
-  permutation, fused parameters written as two tensors (a mixture of experts'
-  `gate_up_proj` as `ffn_gate_exps` and `ffn_up_exps`), the architecture's own
+  as `llama`, qwen2, qwen3, qwen3_moe (`qwen3moe`), phi3, gemma2, gemma3_text
+  (`gemma3`), gpt2, gpt_neox (`gptneox`), olmo2 and granite. The layout gives
+  the tensor names, the Q/K permutation, fused parameters written as two
+  tensors (a mixture of experts' `gate_up_proj` as `ffn_gate_exps` and
+  `ffn_up_exps`) or kept fused (phi3's `attn_qkv`), Conv1D weights to
+  transpose (gpt2), per-head fused qkv rows to regroup (gpt_neox), the
+  config's own key names (gpt2's `n_embd`), LayerNorm or RMSNorm epsilon,
+  the partial rotary dimension count, the architecture's own
   keys (experts, soft-capping, granite's multipliers), the norm offset (gemma
   stores 1 + w) and the config values llama.cpp assumes, which are checked;
   anything else stops with one line naming the architecture. Metadata keys carry the exact types llama.cpp checks
@@ -143,13 +147,13 @@ class CarriedGrid:
             return np.ascontiguousarray(codes.T), np.ascontiguousarray(scale.T), np.ascontiguousarray(zero.T)
         return codes, scale, zero
 
-    def encode(self, permute_heads: int = 0) -> np.ndarray:
-        """The GGUF blocks, uint8 `[out, bytes_per_row]`."""
+    def encode(self, reorder: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """The GGUF blocks, uint8 `[out, bytes_per_row]`; `reorder` permutes the rows (codes and scales alike)."""
         from optc.backends.gguf.quants import fp16_bytes
 
         codes, scale, zero = self.arrays()
-        if permute_heads:
-            codes, scale, zero = (permute_qk(a, permute_heads) for a in (codes, scale, zero))
+        if reorder is not None:
+            codes, scale, zero = (reorder(a) for a in (codes, scale, zero))
         rows = codes.shape[0]
         blocks = codes.reshape(-1, 32)
         d = scale.reshape(-1)
@@ -275,6 +279,8 @@ class LlamaConfig:
     n_head: int
     n_head_kv: int
     head_dim: int
+    #: Values of each head that rope rotates (`rope.dimension_count`: head_dim × the partial rotary factor).
+    rope_dims: int
     n_ctx: int
     n_vocab: int
     eps: float
@@ -302,16 +308,25 @@ def llama_config(model: Model) -> LlamaConfig:
             f"the GGUF backend does not support architecture '{arch_label}' (model_type '{model_type or 'unknown'}'){runs}; "
             f"supported: {', '.join(sorted(ARCHITECTURES))}"
         )
-    if any(not str(a).endswith("ForCausalLM") for a in archs):
+    if any(not str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):  # GPT2LMHeadModel
         raise OptcError(f"the GGUF backend writes causal LMs; this model is '{arch_label}'")
     layout = LAYOUTS[model_type]
-    n_head = int(config["num_attention_heads"])
-    n_embd = int(config["hidden_size"])
-    head_dim = int(config.get("head_dim") or n_embd // n_head)
+
+    def get(key: str, default: Any = None) -> Any:  # optc's standard key, or the family's own name for it
+        value = config.get(layout.config_keys.get(key, key))
+        return default if value is None else value
+
+    n_head = int(get("num_attention_heads"))
+    n_embd = int(get("hidden_size"))
+    head_dim = int(get("head_dim") or n_embd // n_head)
     for key, expected in layout.fixed.items():
         if config.get(key) != expected:
             raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' assumes "
                             f"{key}={json.dumps(expected)}, the config has {json.dumps(config.get(key))}")
+    window, n_ctx = get("sliding_window"), int(get("max_position_embeddings", 2048))
+    if layout.full_attention and isinstance(window, int) and not isinstance(window, bool) and window < n_ctx:
+        raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' runs full "
+                        f"attention, the config's sliding_window {window} is shorter than its context {n_ctx}")
     for key in layout.head_dim_keys:
         if key in config and config[key] is not None and float(config[key]) != head_dim:
             raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' scales "
@@ -319,7 +334,7 @@ def llama_config(model: Model) -> LlamaConfig:
     hparams: dict[str, float | int] = {}
     for key, hf_key in layout.hparams.items():
         value = config.get(hf_key)
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not isinstance(value, int | float):
             continue  # absent or null (no sliding window, no soft-capping): llama.cpp's default
         hparams[key] = value
     if "expert_count" in layout.hparams:  # llama.cpp aborts the process on a mixture of experts it cannot size
@@ -337,13 +352,16 @@ def llama_config(model: Model) -> LlamaConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
         raise OptcError(f"the GGUF backend does not support rope scaling '{rope_type}' of architecture '{arch_label}'")
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", config.get("rotary_pct", 1.0)))
+    rope_dims = int(head_dim * float(1.0 if partial is None else partial))
     name = str(config.get("_model_name_or_path") or Path(str(config.get("_name_or_path") or "model")).name or "model")
     return LlamaConfig(
-        arch=ARCHITECTURES[model_type], layout=layout, n_layer=int(config["num_hidden_layers"]), n_embd=n_embd,
-        n_ff=int(config["intermediate_size"]), n_head=n_head,
-        n_head_kv=int(config.get("num_key_value_heads") or n_head), head_dim=head_dim,
-        n_ctx=int(config.get("max_position_embeddings") or 2048), n_vocab=int(config["vocab_size"]),
-        eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+        arch=ARCHITECTURES[model_type], layout=layout, n_layer=int(get("num_hidden_layers")), n_embd=n_embd,
+        n_ff=int(get("intermediate_size", 4 * n_embd)), n_head=n_head,
+        n_head_kv=int(get("num_key_value_heads", n_head)), head_dim=head_dim, rope_dims=rope_dims,
+        n_ctx=n_ctx, n_vocab=int(get("vocab_size")),
+        eps=float(get("layer_norm_eps" if layout.layer_norm else "rms_norm_eps", 1e-5 if layout.layer_norm else 1e-6)),
+        rope_theta=float(theta),
         rope_scaling={**rope, "rope_type": rope_type} if rope_type != "default" else {},
         tied=bool(config.get("tie_word_embeddings", False)), name=name, hparams=hparams,
     )
@@ -355,6 +373,27 @@ def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
     return np.ascontiguousarray(
         weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
     )
+
+
+def group_qkv_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """A fused projection's rows from per-head `[head, (q, k, v), head_dim]` to all Q, then K, then V
+    (convert_hf_to_gguf's GPT-NeoX `query_key_value`); works on weights, biases and per-row scales."""
+    return np.ascontiguousarray(
+        weights.reshape(n_head, 3, -1, *weights.shape[1:]).swapaxes(0, 1).reshape(weights.shape)
+    )
+
+
+def is_transposed(hf_name: str, layout: GGUFLayout) -> bool:
+    """Whether Hugging Face stores this parameter `[in, out]` and the file holds it `[out, in]` (Conv1D)."""
+    if not layout.transposed or not hf_name.startswith(layout.layer_prefix):
+        return False
+    return hf_name[len(layout.layer_prefix):].partition(".")[2] in layout.transposed
+
+
+def _groups_qkv_rows(hf_name: str, layout: GGUFLayout) -> bool:
+    if not layout.qkv_per_head or not hf_name.startswith(layout.layer_prefix):
+        return False
+    return hf_name[len(layout.layer_prefix):].partition(".")[2] in layout.qkv_per_head
 
 
 def llama3_rope_factors(cfg: LlamaConfig) -> np.ndarray:
@@ -411,9 +450,9 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
     by_gguf: dict[str, Parameter] = {}
     halves: dict[str, int] = {}  # GGUF name -> which half of a split parameter's rows it holds
     for hf_name, param in params.items():
-        if hf_name == "lm_head.weight" and param.name != hf_name:
-            continue  # a tied alias of the embeddings: llama.cpp reuses token_embd
         gnames = gguf_tensor_names(hf_name, cfg.layout)
+        if gnames == ("output.weight",) and param.name != hf_name:
+            continue  # a tied alias of the embeddings: llama.cpp reuses token_embd
         if not gnames:
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue
@@ -422,11 +461,12 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
             by_gguf[gname] = param
             if len(gnames) > 1:
                 halves[gname] = half
-    order = ["token_embd.weight"]
+    order = ["token_embd.weight", *cfg.layout.leading_names]
     for layer in range(cfg.n_layer):
         order += [f"blk.{layer}.{n}" for n in cfg.layout.layer_order]
-    order += ["output_norm.weight", "output.weight"]
-    required = {"token_embd.weight", "output_norm.weight"} | {
+    order += ["output_norm.weight", "output_norm.bias", "output.weight"]
+    required = {"token_embd.weight", "output_norm.weight", *cfg.layout.leading_names} | (
+        {"output_norm.bias"} if cfg.layout.layer_norm else set()) | {
         f"blk.{i}.{n}" for i in range(cfg.n_layer) for n in cfg.layout.layer_order
         if not n.endswith(".bias") or n in cfg.layout.required
     }
@@ -446,13 +486,30 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
         if param is None:
             continue
         shape = param.shape
-        permute_heads = 0
-        if cfg.layout.permute_qk:
-            permute_heads = cfg.n_head if ".attn_q." in gname else cfg.n_head_kv if ".attn_k." in gname else 0
         read = param.read
-        if permute_heads:
-            def read(inner: Callable[[], np.ndarray] = param.read, heads: int = permute_heads) -> np.ndarray:
-                return permute_qk(inner(), heads)
+        transposed = is_transposed(param.name, cfg.layout)
+        if transposed:
+            if len(shape) != 2:
+                raise OptcError(f"{gname}: the parameter '{param.name}' of shape {shape} is not a [in, out] matrix")
+            shape = shape[::-1]
+
+            def read(inner: Callable[[], np.ndarray] = read) -> np.ndarray:
+                return np.ascontiguousarray(inner().T)
+        reorder: Callable[[np.ndarray], np.ndarray] | None = None  # a row permutation the file applies
+        if cfg.layout.permute_qk:
+            heads = cfg.n_head if ".attn_q." in gname else cfg.n_head_kv if ".attn_k." in gname else 0
+            if heads:
+                def reorder(rows: np.ndarray, heads: int = heads) -> np.ndarray:
+                    return permute_qk(rows, heads)
+        if _groups_qkv_rows(param.name, cfg.layout):
+            if shape[0] != 3 * cfg.n_head * cfg.head_dim:
+                raise OptcError(f"{gname}: '{param.name}' has {shape[0]} rows, not 3 × {cfg.n_head} heads × {cfg.head_dim}")
+
+            def reorder(rows: np.ndarray, heads: int = cfg.n_head) -> np.ndarray:
+                return group_qkv_rows(rows, heads)
+        if reorder is not None:
+            def read(inner: Callable[[], np.ndarray] = read, reorder: Callable = reorder) -> np.ndarray:
+                return reorder(inner())
         if gname in halves:
             if len(shape) < 2 or shape[-2] % 2:
                 raise OptcError(f"{gname}: the fused parameter '{param.name}' of shape {shape} has no two halves of rows")
@@ -482,9 +539,9 @@ def tensor_plan(model: Model, cfg: LlamaConfig | None = None) -> list[TensorPlan
                 raise OptcError(f"{gname}: importance matrix has {imatrix.shape[0]} entries for rows of {shape[-1]}")
         transcode = None
         carried = param.carried
-        if param.grid is not None and param.grid.qtype == qtype and gname not in halves:
-            def transcode(grid: CarriedGrid = param.grid, heads: int = permute_heads) -> np.ndarray:
-                return grid.encode(heads)
+        if param.grid is not None and param.grid.qtype == qtype and gname not in halves and not transposed:
+            def transcode(grid: CarriedGrid = param.grid, reorder: Callable | None = reorder) -> np.ndarray:
+                return grid.encode(reorder)
             carried += f", codes kept as {qtype}"
         plans.append(TensorPlan(gname, param.name, tuple(shape), qtype, read, imatrix, carried, transcode))
     if cfg.rope_scaling.get("rope_type") == "llama3":
@@ -664,15 +721,20 @@ def write_gguf(model: Model, path: Path, *, show_progress: bool = True, threads:
     writer.add_block_count(cfg.n_layer)
     writer.add_feed_forward_length(cfg.n_ff)
     for key, value in cfg.hparams.items():  # the architecture's own keys (GGUFLayout.hparams)
-        if isinstance(value, int):
+        if isinstance(value, bool):
+            writer.add_bool(f"{cfg.arch}.{key}", value)
+        elif isinstance(value, int):
             writer.add_uint32(f"{cfg.arch}.{key}", value)
         else:
             writer.add_float32(f"{cfg.arch}.{key}", float(value))
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_head_kv)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.rope_dims)
     writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.eps)
+    if cfg.layout.layer_norm:
+        writer.add_layer_norm_eps(cfg.eps)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.eps)
     writer.add_vocab_size(n_vocab)
     if cfg.head_dim != cfg.n_embd // cfg.n_head:
         writer.add_key_length(cfg.head_dim)
@@ -806,7 +868,8 @@ class GgufBackend(Backend):
 
 __all__ = [
     "ARCHITECTURES", "FILE_TYPES", "CarriedGrid", "GGUF_IMATRIX", "GGUF_PLAN", "GgufBackend", "LlamaConfig", "Parameter", "TensorPlan",
-    "collect_parameters", "encode", "gguf_tensor_name", "gguf_tensor_names", "llama_check", "llama_config", "permute_qk",
+    "collect_parameters", "encode", "gguf_tensor_name", "gguf_tensor_names", "group_qkv_rows", "is_transposed", "llama_check",
+    "llama_config", "permute_qk",
     "tensor_plan", "write_gguf",
 ]
 

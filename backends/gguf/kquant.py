@@ -11,7 +11,7 @@ for the llama architecture (dense, not 70B):
 * the output tensor (and the token embeddings when they are tied) → Q6_K
   unless the mix is Q8_0, or Q8_0 when its rows do not divide into the
   default type's blocks; untied token embeddings keep the default type;
-* attn_v: Q2_K → Q4_K if n_head/n_head_kv ≥ 4 else Q3_K; Q3_K_M → Q5_K for
+* attn_v, and a fused attn_qkv (phi3, gpt2, gptneox: llama.cpp counts it as a V tensor): Q2_K → Q4_K if n_head/n_head_kv ≥ 4 else Q3_K; Q3_K_M → Q5_K for
   layers < 2 else Q4_K; Q3_K_L → Q5_K; Q4_K_M/Q5_K_M → Q6_K on
   `use_more_bits` layers; Q4_K_S → Q5_K for layers < 4;
 * ffn_down: Q2_K → Q3_K; Q3_K_M → Q5_K for layers < n/16 else Q4_K;
@@ -81,7 +81,7 @@ def _category(name: str) -> str:
         return "output"
     if name == "token_embd.weight":
         return "token_embd"
-    for key in ("attn_v.weight", "attn_k.weight", "attn_q.weight", "attn_output.weight"):
+    for key in ("attn_v.weight", "attn_k.weight", "attn_q.weight", "attn_qkv.weight", "attn_output.weight"):
         if key in name:
             return key.removesuffix(".weight")
     for key in ("ffn_up", "ffn_gate", "ffn_down"):
@@ -125,7 +125,7 @@ def tensor_type(
             new = "Q6_K"
     elif cat == "token_embd":
         pass
-    elif cat == "attn_v":
+    elif cat in ("attn_v", "attn_qkv"):  # llama.cpp counts a fused attn_qkv as a V tensor
         if mix == "Q2_K":
             new = "Q4_K" if n_gqa >= 4 else "Q3_K"
         elif mix == "Q3_K_M":
@@ -196,6 +196,7 @@ class KQuant(Pass):
             Parameter,
             collect_parameters,
             gguf_tensor_names,
+            is_transposed,
             llama_config,
         )
 
@@ -213,7 +214,8 @@ class KQuant(Pass):
             seen.add(id(param.value))
             for gname in gguf_tensor_names(param.name, cfg.layout):  # two for a fused parameter the file splits
                 layer = int(gname.split(".")[1]) if gname.startswith("blk.") else -1
-                entries.append((TensorInfo(gname, int(param.shape[-1]), len(param.shape), layer), param, param.name))
+                ne0 = int(param.shape[0] if is_transposed(param.name, cfg.layout) else param.shape[-1])
+                entries.append((TensorInfo(gname, ne0, len(param.shape), layer), param, param.name))
         if not entries:
             am.context.remark("missed", f"none of {len(seen)} weights has a GGUF tensor name", matched_none=True)
         elif len(entries) < len(seen):

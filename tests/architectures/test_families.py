@@ -15,6 +15,7 @@ through optc's transformers frontend (a private export cache); the tests then ch
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_the_frontend_and_the_gguf_backend_read_the_registry():
     assert ARCHITECTURES == written == {
         "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
         "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2",
-        "granite": "granite",
+        "granite": "granite", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gptneox",
     }
     layout = registry.lookup("qwen2").gguf
     assert gguf_tensor_name("model.layers.3.self_attn.q_proj.bias", layout) == "blk.3.attn_q.bias"
@@ -211,8 +212,9 @@ def test_gemma_norms_carry_their_source_name_and_offset(exported):
 
 #: The families the GGUF backend writes; each test model gets the tiny tokenizer, rows of 64 (so every mix's
 #: 32-element fallback types apply) and what llama.cpp assumes of the architecture (it reads no key for it).
-#: One mixture of experts runs by default; the others (about 20 s each on 2 cores) are marked `slow`.
-GGUF_FAMILIES = [pytest.param(f.name, marks=() if f.name == "mixtral" else pytest.mark.slow)
+#: One mixture of experts and gpt2 (Conv1D transposes, learned positions, LayerNorm) run by default; the others
+#: (about 20-30 s each on 2 cores) are marked `slow`.
+GGUF_FAMILIES = [pytest.param(f.name, marks=() if f.name in ("mixtral", "gpt2") else pytest.mark.slow)
                  for f in registry.families() if f.gguf]
 GGUF_CONFIG = dict(hidden_size=64, intermediate_size=64)
 LLAMA_CPP_ASSUMES = {
@@ -222,12 +224,33 @@ LLAMA_CPP_ASSUMES = {
     "gemma2": dict(query_pre_attn_scalar=16),
     "gemma3_text": dict(query_pre_attn_scalar=16),
 }
+#: Tokens a family's real tokenizers have and llama.cpp's vocabulary loader looks up by text: for a model whose
+#: name contains "phi3" it sets attributes on Phi-3's SentencePiece tokens `<s>`, `</s>` and `<unk>`
+#: (a tokenizer without them fails to load with "unordered_map::at").
+TOKENIZER_ADDS = {"phi3": ["<s>", "</s>", "<unk>"]}
 
 
 def _gguf_tensors(path: Path) -> dict[str, tuple[str, bytes]]:
     import gguf
 
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def _gguf_test_model(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The family's tiny model for the GGUF tests, saved with the tiny tokenizer (export cache under tmp_path)."""
+    from tests.fixtures.gguf_models import tiny_tokenizer
+
+    monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path / "cache"))
+    tokenizer = tiny_tokenizer()
+    if family in TOKENIZER_ADDS:
+        tokenizer = copy.deepcopy(tokenizer)  # tiny_tokenizer is cached
+        tokenizer.add_special_tokens({"additional_special_tokens": TOKENIZER_ADDS[family]})
+    config = configs.CONFIGS[family].__class__.from_dict(
+        {**configs.CONFIGS[family].to_dict(), **GGUF_CONFIG, **LLAMA_CPP_ASSUMES.get(family, {}), "vocab_size": len(tokenizer)})
+    monkeypatch.setitem(configs.CONFIGS, family, config)
+    _, folder = configs.save(family, tmp_path / family)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.mark.parametrize("family", GGUF_FAMILIES)
@@ -238,15 +261,8 @@ def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_p
     import optc
     from optc.backends.gguf import import_llama_cpp
     from tests.backends.ggml_oracle import llama_quantize
-    from tests.fixtures.gguf_models import tiny_tokenizer
 
-    monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path / "cache"))
-    tokenizer = tiny_tokenizer()
-    config = configs.CONFIGS[family].__class__.from_dict(
-        {**configs.CONFIGS[family].to_dict(), **GGUF_CONFIG, **LLAMA_CPP_ASSUMES.get(family, {}), "vocab_size": len(tokenizer)})
-    monkeypatch.setitem(configs.CONFIGS, family, config)
-    _, folder = configs.save(family, tmp_path / family)
-    tokenizer.save_pretrained(folder)
+    folder = _gguf_test_model(family, tmp_path, monkeypatch)
     optc.compile(str(folder), output=tmp_path / "m.onnx", passes="cleanup")
     result = optc.compile(str(folder), output=tmp_path / "f32.gguf")
     assert any("llama.cpp" in check and "loaded it" in check for check in result.artifact.checks)
@@ -258,6 +274,7 @@ def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_p
     llm.close()
     feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
     expected = _run(tmp_path / "m.onnx", feeds)[0]
+    print(f"{family}: max |llama.cpp - onnxruntime| = {np.abs(got - expected).max():.1e}")  # the README's figure (-s)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
 
     optc.compile(str(folder), output=tmp_path / "ours.gguf", passes="kquant{mix=Q4_K_M}")
@@ -265,6 +282,33 @@ def test_gguf_loads_in_llama_cpp_and_kquant_matches_llama_quantize(family, tmp_p
     ours, theirs = _gguf_tensors(tmp_path / "ours.gguf"), _gguf_tensors(tmp_path / "theirs.gguf")
     assert {n: t for n, (t, _) in ours.items()} == {n: t for n, (t, _) in theirs.items()}
     assert [n for n in ours if ours[n][1] != theirs[n][1]] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f.name for f in registry.families() if f.gguf])
+def test_gguf_every_mix_matches_llama_quantize(family, tmp_path, monkeypatch):
+    """Every mix `kquant` offers, on the family's tiny model (rows of 64: the fallback types): the same tensor
+    types and bytes as llama-quantize run on optc's own F32 file."""
+    pytest.importorskip("llama_cpp")
+    from optc.backends.gguf import GgufBackend
+    from optc.backends.gguf.kquant import MIXES, KQuant
+    from optc.frontends.transformers import load_transformers
+    from tests.backends.ggml_oracle import llama_quantize
+
+    folder = _gguf_test_model(family, tmp_path, monkeypatch)
+    quiet = PassContext(config={"backend.skip_runtime_check": True})
+    GgufBackend().lower(load_transformers(folder), tmp_path / "f32.gguf", quiet)
+    differing: dict[str, list[str]] = {}
+    for mix in MIXES:
+        model = load_transformers(folder)
+        KQuant(mix=mix)(model)
+        ours, theirs = tmp_path / f"optc-{mix}.gguf", tmp_path / f"llama-quantize-{mix}.gguf"
+        GgufBackend().lower(model, ours, quiet)
+        llama_quantize(tmp_path / "f32.gguf", theirs, mix)
+        a, b = _gguf_tensors(theirs), _gguf_tensors(ours)
+        assert {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}, mix
+        differing[mix] = [n for n in a if a[n][1] != b[n][1]]
+    assert differing == {mix: [] for mix in MIXES}
 
 
 def test_gguf_refuses_what_llama_cpp_would_run_differently():
@@ -283,6 +327,22 @@ def test_gguf_refuses_what_llama_cpp_would_run_differently():
     set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["gemma2"].to_dict(), "architectures": ["Gemma2ForCausalLM"]})
     with pytest.raises(OptcError, match=r"scales queries by 1/sqrt\(head_dim=16\), the config's query_pre_attn_scalar is 256"):
         llama_config(model)
-    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["gpt2"].to_dict(), "architectures": ["GPT2LMHeadModel"]})
-    with pytest.raises(OptcError, match=r"llama.cpp runs it as 'gpt2' but optc does not write that layout yet"):
+    gpt2 = {**configs.CONFIGS["gpt2"].to_dict(), "architectures": ["GPT2LMHeadModel"]}
+    set_model_metadata(model, HF_CONFIG, {**gpt2, "activation_function": "relu"})
+    with pytest.raises(OptcError, match=r"llama.cpp's 'gpt2' assumes activation_function=\"gelu_new\", the config has \"relu\""):
+        llama_config(model)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["phi3"].to_dict(), "architectures": ["Phi3ForCausalLM"],
+                                          "hidden_act": "gelu"})
+    with pytest.raises(OptcError, match=r"llama.cpp's 'phi3' assumes hidden_act=\"silu\""):
+        llama_config(model)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["phi3"].to_dict(), "architectures": ["Phi3ForCausalLM"],
+                                          "sliding_window": 32})
+    with pytest.raises(OptcError, match=r"'phi3' runs full attention, the config's sliding_window 32 is shorter than its context 64"):
+        llama_config(model)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["gpt_neox"].to_dict(), "architectures": ["GPTNeoXForCausalLM"],
+                                          "hidden_act": "relu"})
+    with pytest.raises(OptcError, match=r"llama.cpp's 'gptneox' assumes hidden_act=\"gelu\""):
+        llama_config(model)
+    set_model_metadata(model, HF_CONFIG, {**configs.CONFIGS["bert"].to_dict(), "architectures": ["BertModel"]})
+    with pytest.raises(OptcError, match=r"llama.cpp runs it as 'bert' but optc does not write that layout yet"):
         llama_config(model)

@@ -168,12 +168,12 @@ def test_deterministic_and_atomic(tiny, tmp_path):
 def test_unsupported_architecture_is_one_line(tiny, tmp_path):
     model = fresh_ir(tiny)
     config = dict(annotation(model, HF_CONFIG))
-    config.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+    config.update(model_type="mamba", architectures=["MambaForCausalLM"])
     set_model_metadata(model, HF_CONFIG, config)
     with pytest.raises(OptcError) as info:
         lower(model, tmp_path / "x.gguf")
     message = str(info.value)
-    assert "GPTNeoXForCausalLM" in message and "gpt_neox" in message and "\n" not in message
+    assert "MambaForCausalLM" in message and "mamba" in message and "\n" not in message
     assert not (tmp_path / "x.gguf").exists() and list(tmp_path.iterdir()) == []
 
 

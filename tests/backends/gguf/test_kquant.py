@@ -75,6 +75,12 @@ def test_use_more_bits_for_32_layers():
     ("Q6_K", "blk.{}.ffn_down.weight", 0, "Q6_K"),
     ("Q8_0", "blk.{}.ffn_down.weight", 0, "Q8_0"),
     ("Q4_0", "blk.{}.ffn_down.weight", 0, "Q4_0"),
+    # a fused attn_qkv (phi3, gpt2, gptneox) takes attn_v's rules
+    ("Q4_K_M", "blk.{}.attn_qkv.weight", 6, "Q6_K"),
+    ("Q4_K_M", "blk.{}.attn_qkv.weight", 7, "Q4_K"),
+    ("Q3_K_M", "blk.{}.attn_qkv.weight", 1, "Q5_K"),
+    ("Q3_K_L", "blk.{}.attn_qkv.weight", 9, "Q5_K"),
+    ("Q2_K", "blk.{}.attn_qkv.weight", 0, "Q3_K"),
 ])
 def test_rules(mix, name, layer, expected):
     assert types_for(mix, name.format(layer), 4096, layer) == expected
@@ -152,6 +158,34 @@ def test_same_types_and_bytes_as_llama_quantize(mix, tiny, source_f32, tmp_path)
     assert model_metadata(model, GGUF_PLAN)["mix"] == mix
 
 
+@pytest.fixture(scope="module")
+def block_sized(tmp_path_factory):
+    """An untied tiny llama whose every row (hidden 256, intermediate 512) divides into 256-element blocks,
+    and its F32 GGUF: no tensor of any mix falls back, so llama-quantize's real k-quant encoders are compared."""
+    hf_model, tokenizer = tiny_hf_llama(layers=2, tied=False, intermediate=512)
+    path = tmp_path_factory.mktemp("kquant-256") / "source-f32.gguf"
+    GgufBackend().lower(ir_like_frontend(hf_model, tokenizer), path, PassContext(config={"backend.skip_runtime_check": True}))
+    return (hf_model, tokenizer), path
+
+
+def test_every_mix_matches_llama_quantize_at_real_block_sizes(block_sized, tmp_path):
+    """Every mix `kquant` offers, on rows of 256 and 512 elements: the same types (none a fallback) and bytes."""
+    tiny, source = block_sized
+    differing: dict[str, list[str]] = {}
+    for mix in MIXES:
+        model = ir_like_frontend(*tiny)
+        result = KQuant(mix=mix)(model)
+        assert "fallbacks" not in result.statistics, (mix, result.statistics)
+        ours, theirs = tmp_path / f"optc-{mix}.gguf", tmp_path / f"llama-quantize-{mix}.gguf"
+        GgufBackend().lower(model, ours, PassContext(config={"backend.skip_runtime_check": True}))
+        llama_quantize(source, theirs, mix)
+        a, b = tensors(theirs), tensors(ours)
+        assert {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}, mix
+        assert a["blk.0.ffn_down.weight"][0] not in ("Q4_0", "Q5_0", "Q5_1", "Q8_0") or mix in ("Q4_0", "Q8_0"), mix
+        differing[mix] = [n for n in a if a[n][1] != b[n][1]]
+    assert differing == {mix: [] for mix in MIXES}
+
+
 def calibrated(samples: int = 4) -> AnalysisManager:
     return AnalysisManager(PassContext(config={"calibration.spec": "random", "calibration.samples": samples, "calibration.seqlen": 16}))
 
@@ -221,9 +255,9 @@ def test_unsupported_architecture(tiny):
 
     model = ir_like_frontend(*tiny)
     config = dict(model_metadata(model, HF_CONFIG))
-    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    config.update(model_type="mamba", architectures=["MambaForCausalLM"])
     set_model_metadata(model, HF_CONFIG, config)
-    with pytest.raises(OptcError, match="does not support architecture 'GPT2LMHeadModel'"):
+    with pytest.raises(OptcError, match="does not support architecture 'MambaForCausalLM'"):
         KQuant(mix="Q4_K_M")(model)
 
 
