@@ -58,6 +58,7 @@ import ctypes
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -290,6 +291,8 @@ class LlamaConfig:
     name: str = "model"
     #: The architecture's own keys (`GGUFLayout.hparams`) with their values from the config.
     hparams: dict[str, float | int] = field(default_factory=dict)
+    #: What llama.cpp will compute differently from the source model (printed as warnings when writing).
+    warnings: tuple[str, ...] = ()
 
 
 def llama_config(model: Model) -> LlamaConfig:
@@ -324,9 +327,11 @@ def llama_config(model: Model) -> LlamaConfig:
             raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' assumes "
                             f"{key}={json.dumps(expected)}, the config has {json.dumps(config.get(key))}")
     window, n_ctx = get("sliding_window"), int(get("max_position_embeddings", 2048))
+    notes: list[str] = []
     if layout.full_attention and isinstance(window, int) and not isinstance(window, bool) and window < n_ctx:
-        raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' runs full "
-                        f"attention, the config's sliding_window {window} is shorter than its context {n_ctx}")
+        # As llama.cpp's own converter does, write it: the outputs agree up to `window` tokens of context.
+        notes.append(f"llama.cpp runs '{layout.arch}' with full attention: this '{arch_label}' (sliding_window {window}, "
+                     f"context {n_ctx}) computes as transformers does only while the context is at most {window} tokens")
     for key in layout.head_dim_keys:
         if key in config and config[key] is not None and float(config[key]) != head_dim:
             raise OptcError(f"the GGUF backend cannot write this '{arch_label}': llama.cpp's '{layout.arch}' scales "
@@ -363,7 +368,7 @@ def llama_config(model: Model) -> LlamaConfig:
         eps=float(get("layer_norm_eps" if layout.layer_norm else "rms_norm_eps", 1e-5 if layout.layer_norm else 1e-6)),
         rope_theta=float(theta),
         rope_scaling={**rope, "rope_type": rope_type} if rope_type != "default" else {},
-        tied=bool(config.get("tie_word_embeddings", False)), name=name, hparams=hparams,
+        tied=bool(config.get("tie_word_embeddings", False)), name=name, hparams=hparams, warnings=tuple(notes),
     )
 
 
@@ -843,6 +848,8 @@ class GgufBackend(Backend):
         staged = Path(staged_name)
         checks: list[str] = []
         try:
+            for note in llama_config(model).warnings:
+                print(f"optc: warning: {note}", file=sys.stderr)
             try:
                 plans, tokenizer_line = write_gguf(model, staged)
             except OSError as exc:  # a full disk or a file-size limit
