@@ -1,7 +1,7 @@
 """Decode speed of optc's generation-ready ONNX against llama.cpp, on the default model (SmolLM2-135M).
 
     python tools/bench_decode.py [--work DIR] [--threads 1,2] [--prompt-tokens 256] [--new-tokens 128]
-                                 [--parts build,speed,agreement,ppl]
+                                 [--parts build,speed,agreement,ppl,prefill]
 
 Builds (once, into --work; each with the `optc` command line):
 
@@ -20,8 +20,14 @@ of decode (and prefill) tokens per second, every ratio taken within the run.
 transformers, as optc's export reads it) of 64 tokens from 5 prompts, against
 the fp32, w8a8 and w4a16 folders through onnxruntime-genai: tokens equal, position by position.
 
-`ppl`: perplexity of the fp32 KV-cache decoder (prefill with an empty cache) and of the
-no-cache export (`optc -o nocache.onnx`), same text and windows.
+`ppl`: perplexity of the fp32 and w8a8 KV-cache decoders (prefill with an empty cache) and of
+the no-cache exports (`optc [--passes=w8a8] -o nocache.onnx`), same text and windows: both forms
+run their attention as GroupQueryAttention, so each pair agrees.
+
+`prefill`: latency of one `--prompt-tokens` window through the fp32 no-cache export as written
+(attention fused by `fuse-ort`) and the same export written with the ort backend's legalize
+pipeline less `fuse-ort` (attention unfused), interleaved rounds at each thread count, and the
+largest difference of their logits.
 """
 
 from __future__ import annotations
@@ -44,7 +50,17 @@ BUILDS = {
     "Q4_K_M": (["--kv-cache", "--passes=kquant{mix=Q4_K_M}"], "q4_k_m.gguf"),
     "Q8_0": (["--kv-cache", "--passes=kquant{mix=Q8_0}"], "q8_0.gguf"),
     "nocache": ([], "nocache/model.onnx"),
+    "w8a8-nocache": (["--passes=w8a8"], "w8a8-nocache/model.onnx"),
 }
+#: The fp32 no-cache export with its attention left unfused (the `prefill` part's other side).
+UNFUSED = "nocache-unfused/model.onnx"
+#: `python -c` code running the command line with the ort backend's legalize pipeline less `fuse-ort`.
+_WITHOUT_FUSION = (
+    "import sys; from optc.backends.ort import OrtBackend; from optc.cli import main; "
+    "OrtBackend.legalize = ','.join(p for p in OrtBackend.legalize.split(',') if p != 'fuse-ort'); "
+    "sys.exit(main(sys.argv[1:]))"
+)
+NOCACHE = ("nocache", "w8a8-nocache")
 #: Table rows: label, build, use the cache.
 ROWS = [
     ("optc fp32 (KV cache, onnxruntime-genai)", "fp32", True),
@@ -75,6 +91,49 @@ def build(work: Path, names: list[str]) -> None:
         start = time.perf_counter()
         subprocess.run(command, check=True, cwd=ROOT)
         print(f"#   {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def build_unfused(work: Path) -> None:
+    output = work / UNFUSED
+    if output.exists():
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    print(f"# building the unfused no-cache export: optc (legalize less fuse-ort) -o {output}", flush=True)
+    subprocess.run([sys.executable, "-c", _WITHOUT_FUSION, "--no-compare", "-o", str(output)], check=True, cwd=ROOT)
+
+
+def prefill(work: Path, threads: list[int], prompt_tokens: int, rounds: int = 10) -> None:
+    """Latency of one prompt window through the no-cache export, attention fused and unfused."""
+    import numpy as np
+    import onnxruntime as ort
+
+    prompt = np.array([eval_prompt(default_tokenizer(), prompt_tokens)], dtype=np.int64)
+    models = {"fused (as written)": work / BUILDS["nocache"][1], "unfused": work / UNFUSED}
+    print(f"\nprefill of {prompt_tokens} tokens, fp32 no-cache export, median of {rounds} interleaved rounds\n")
+    print("| attention | " + " | ".join(f"ms @{t}" for t in threads) + " |")
+    print("|---|" + "---:|" * len(threads))
+    medians: dict[str, list[float]] = {label: [] for label in models}
+    logits: dict[str, np.ndarray] = {}
+    for count in threads:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = count, 1
+        sessions = {label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                    for label, path in models.items()}
+        for label, session in sessions.items():
+            logits[label] = session.run(["logits"], {"input_ids": prompt})[0]  # warm-up
+        times: dict[str, list[float]] = {label: [] for label in models}
+        for _ in range(rounds):
+            for label, session in sessions.items():
+                start = time.perf_counter()
+                session.run(["logits"], {"input_ids": prompt})
+                times[label].append(time.perf_counter() - start)
+        for label in models:
+            medians[label].append(1000 * float(np.median(times[label])))
+    for label, values in medians.items():
+        print(f"| {label} | " + " | ".join(f"{v:.0f}" for v in values) + " |")
+    difference = float(np.abs(logits["fused (as written)"] - logits["unfused"]).max())
+    print(f"\nlargest |logit difference| fused vs unfused: {difference:.2e}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def default_tokenizer():
@@ -175,7 +234,9 @@ def perplexity(work: Path) -> None:
     tokenizer = default_tokenizer()
     print("\nperplexity, 16 windows of 256 tokens of the held-out text\n")
     print("| model | ppl |\n|---|---:|")
-    for label, name in (("fp32, KV cache (prefill from an empty cache)", "fp32"), ("fp32, no-cache export", "nocache")):
+    rows = (("fp32, KV cache (prefill from an empty cache)", "fp32"), ("fp32, no-cache export", "nocache"),
+            ("w8a8, KV cache (prefill from an empty cache)", "w8a8"), ("w8a8, no-cache export", "w8a8-nocache"))
+    for label, name in rows:
         result = evaluate(work / BUILDS[name][1], None, 256, 4096, tokenizer)
         print(f"| {label} | {result.ppl:.4f} |", flush=True)
 
@@ -198,8 +259,10 @@ def main() -> None:
         speed_of(args.models.split(","), int(args.threads.split(",")[0]), args.prompt_tokens, args.new_tokens)
         return
     if "build" in parts:
-        names = [n for n in BUILDS if n != "nocache" or "ppl" in parts]
+        names = [n for n in BUILDS if n not in NOCACHE or "ppl" in parts or (n == "nocache" and "prefill" in parts)]
         build(work, names)
+        if "prefill" in parts:
+            build_unfused(work)
     if "speed" in parts:
         speed(work, [int(t) for t in args.threads.split(",")], args.prompt_tokens, args.new_tokens,
               args.loop_tokens or args.new_tokens)
@@ -207,6 +270,8 @@ def main() -> None:
         agreement(work)
     if "ppl" in parts:
         perplexity(work)
+    if "prefill" in parts:
+        prefill(work, [int(t) for t in args.threads.split(",")], args.prompt_tokens)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`fuse-ort`: a KV-cache decoder's attention as onnxruntime's `com.microsoft::GroupQueryAttention`.
+"""`fuse-ort`: a decoder's rotary attention as onnxruntime's `com.microsoft::GroupQueryAttention`.
 
 Input: the attention the transformers frontend exports with `kv_cache=True`
 (LLaMA-style, rotary embedding on half-rotated head dimensions): per layer
@@ -16,11 +16,27 @@ tables are computed from the graph's own `inv_freq` for positions
 `total_sequence_length` (the mask's length) are computed once from
 `attention_mask`.
 
+The same causal LM exported without its cache (`input_ids -> logits`, rotary
+positions Range(0, sequence length)) gets the same rewrite, so that both forms
+run one attention kernel (a quantized model's static activation quantizers
+turn two kernels' different float roundings into different int8 steps, so
+perplexities of the two forms would differ): `GroupQueryAttention` without
+past inputs, `seqlens_k` = sequence length − 1 for every row and
+`total_sequence_length` = the sequence length, both from input_ids' shape. Its
+present outputs stay, unread: onnxruntime's CPU kernel rounds as in a prefill
+from an empty cache only with them. This applies to a model whose config names
+a causal-LM family (GroupQueryAttention's mask is causal). It says why it
+left attention unfused where the cache form's would be fused (rotary positions
+other than 0 … length − 1, an attention_mask input) or beside fused blocks;
+attention GroupQueryAttention cannot run in either form (no rotary, a head
+size, INT8 attention products) stays as written in both, the same kernel, and
+only the cache form's remark says why.
+
 What GroupQueryAttention assumes, and onnxruntime-genai always feeds: the
 positions of the new tokens follow the cache (`position_ids` = past_seq …
 past_seq + seq − 1) and the attention mask is ones followed by padding at the
 right. The result equals the unfused graph within float tolerance (tests:
-tests/passes/test_fuse_ort.py).
+tests/backends/ort/test_fuse_ort.py).
 
 It leaves attention as written, with a remark, where the structure differs (no
 rotary, a fused QKV projection, interleaved rotary, a scaling on cos/sin) and
@@ -41,6 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optc.architectures import lookup
 from optc.ir import DataType, Model, Node, Value, constant_array, make_node, model_metadata
 from optc.ir.annotations import HF_CONFIG
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
@@ -59,16 +76,20 @@ class _Miss(Exception):
     """Why an attention block did not match (the remark's reason)."""
 
 
+class _UncachedMiss(_Miss):
+    """A reason only the form without a cache has: its counterpart with a cache would be fused."""
+
+
 @dataclass
 class _Attention:
     layer: int
     q_lin: Value
     k_lin: Value
     v_lin: Value
-    past_key: Value
-    past_value: Value
-    present_key: Value
-    present_value: Value
+    past_key: Value | None
+    past_value: Value | None
+    present_key: Value | None
+    present_value: Value | None
     output: Value
     inv_freq: np.ndarray
     scale: float
@@ -79,11 +100,11 @@ class _Attention:
 
 @register_pass("fuse-ort")
 class FuseOrt(Pass):
-    """Rewrite a KV-cache decoder's rotary attention into com.microsoft GroupQueryAttention."""
+    """Rewrite a causal LM's rotary attention (with a KV cache or without) into com.microsoft GroupQueryAttention."""
 
     @dataclass
     class Options:
-        attention: bool = option(True, help="rewrite rotary attention with a KV cache into GroupQueryAttention")
+        attention: bool = option(True, help="rewrite rotary attention (with a KV cache or without) into GroupQueryAttention")
         norms: bool = option(False, help="rewrite RMSNorm after a residual Add into SkipSimplifiedLayerNormalization "
                              "in a KV-cache decoder (off: not measured faster on SmolLM2 decode)")
 
@@ -94,30 +115,39 @@ class FuseOrt(Pass):
         layers = 0
         while PAST_KEY % layers in inputs:
             layers += 1
-        if layers == 0:
+        config = model_metadata(model, HF_CONFIG) or {}
+        uncached = layers == 0 and self.options.attention and _causal_lm_without_cache(config, inputs)
+        if layers == 0 and not uncached:
             return PassResult(model, False, None, {"fused": 0})
-        norms = _fuse_norms(model) if self.options.norms else 0
+        norms = _fuse_norms(model) if self.options.norms and layers else 0
         if not self.options.attention:
             return PassResult(model, bool(norms), None, {"fused": 0, "norms": norms})
-        mask = inputs.get("attention_mask")
-        config = model_metadata(model, HF_CONFIG) or {}
         max_positions = int(config.get("max_position_embeddings") or 0)
         found: list[_Attention] = []
         reasons: list[str] = []
-        for layer in range(layers):
-            fused = outputs.get(PRESENT_KEY % layer)
-            if fused is not None and fused.producer() is not None and fused.producer().op_type == "GroupQueryAttention":
-                continue  # fused by an earlier run
+        form_only = 0  # reasons that are the no-cache form's own
+        for layer, candidate in enumerate(_uncached_candidates(graph) if uncached else range(layers)):
+            if not uncached:
+                fused = outputs.get(PRESENT_KEY % layer)
+                if fused is not None and fused.producer() is not None and fused.producer().op_type == "GroupQueryAttention":
+                    continue  # fused by an earlier run
             try:
-                attention = _match(layer, inputs, outputs)
-                if mask is None:
+                attention = _match_uncached(layer, candidate) if uncached else _match(layer, inputs, outputs)
+                if not uncached and "attention_mask" not in inputs:
                     raise _Miss("no attention_mask input")
                 if max_positions <= 0:
                     raise _Miss("no max_position_embeddings in the model's config (the rotary tables' length)")
                 found.append(attention)
             except _Miss as miss:
                 reasons.append(str(miss))
-        if reasons:
+                form_only += isinstance(miss, _UncachedMiss)
+        if uncached and found and "attention_mask" in inputs:  # padding: GQA would need its own seqlens_k
+            reasons, form_only = reasons + ["an attention_mask input without a KV cache"] * len(found), len(found)
+            found = []
+        total = layers if not uncached else len(found) + len(reasons)
+        # Without a cache, attention that GroupQueryAttention cannot run in either form (no rotary, a head size,
+        # INT8 attention products) stays as written in both, the same kernel: said only beside fused blocks.
+        if reasons and (not uncached or found or form_only):
             am.context.remark(
                 "missed", match_summary(len(found), reasons, "attention blocks", "fused into GroupQueryAttention"),
                 matched_none=not found,
@@ -125,15 +155,26 @@ class FuseOrt(Pass):
         if not found:
             return PassResult(model, bool(norms), None, {"fused": 0, "norms": norms})
         build = Builder(graph)
-        shared = _shared_inputs(build, mask, found[0], max_positions)
+        if uncached:
+            lengths = _lengths_from_input_ids(build, inputs["input_ids"])
+        else:
+            lengths = _lengths_from_mask(build, inputs["attention_mask"])
+        shared = _shared_inputs(build, lengths, found[0], max_positions)
         for attention in found:
             _rewrite(build, attention, shared)
         _remove_dead(graph)
         drop_unused_initializers(graph)
         if model.opset_imports.get("com.microsoft") is None:
             model.opset_imports["com.microsoft"] = 1
-        am.context.remark("passed", f"{len(found)} of {layers} attention blocks fused into GroupQueryAttention")
+        form = " (no KV cache: no past inputs)" if uncached else ""
+        am.context.remark("passed", f"{len(found)} of {total} attention blocks fused into GroupQueryAttention{form}")
         return PassResult(model, True, None, {"fused": len(found), "norms": norms})
+
+
+def _causal_lm_without_cache(config: dict, inputs: dict[str, Value]) -> bool:
+    """A causal LM exported without its cache (`input_ids -> logits`): GroupQueryAttention's causal mask is its own."""
+    family = lookup(str(config.get("model_type", ""))) if config else None
+    return "input_ids" in inputs and family is not None and family.task == "causal-lm"
 
 
 # --------------------------------------------------------------------------- matching
@@ -193,8 +234,11 @@ def _rotary(value: Value) -> tuple[Value, Value, Value]:
     raise _Miss("no rotary embedding (Add(Mul(x, cos), Mul(rotate_half(x), sin)))")
 
 
-def _inv_freq(cos: Value, sin: Value) -> np.ndarray:
-    """inv_freq of cos = Unsqueeze(Cos(Concat(f, f))), f = Mul(positions, inv_freq); sin the same with Sin."""
+def _inv_freq(cos: Value, sin: Value, cached: bool) -> np.ndarray:
+    """inv_freq of cos = Unsqueeze(Cos(Concat(f, f))), f = Mul(positions, inv_freq); sin the same with Sin.
+
+    The positions are the `position_ids` input with a cache (`cached`), else 0 … sequence length − 1 (a Range over
+    input_ids' second dimension), what GroupQueryAttention computes for a first prompt."""
     found = []
     for value, op in ((cos, "Cos"), (sin, "Sin")):
         node = _producer(value, ("Unsqueeze", op))
@@ -207,24 +251,62 @@ def _inv_freq(cos: Value, sin: Value) -> np.ndarray:
         consts = [constant_array(v) for v in mul.inputs]
         table = next((c for c in consts if c is not None), None)
         other = mul.inputs[0] if consts[1] is not None else mul.inputs[1]
-        if table is None or not _from_position_ids(other):
-            raise _Miss("rotary angles are not position_ids × a constant inv_freq (a scaled rotary)")
+        if table is None:
+            raise _Miss("rotary angles are not positions × a constant inv_freq (a scaled rotary)")
+        if not (_from_position_ids(other) if cached else _from_sequence_range(other)):
+            if cached:
+                raise _Miss("rotary angles are not position_ids × inv_freq")
+            raise _UncachedMiss("rotary positions are not 0 … sequence length − 1 of input_ids")
         found.append((mul, table.reshape(-1).astype(np.float64)))
     if found[0][0] is not found[1][0]:
         raise _Miss("cos and sin from different angles")
     return found[0][1]
 
 
-def _from_position_ids(value: Value) -> bool:
-    """True when `value` is position_ids through Unsqueeze/Cast/Reshape only."""
-    for _ in range(6):
+def _position_source(value: Value) -> Value | Node | None:
+    """The graph input or the Range node `value` comes from through Unsqueeze/Cast/Reshape/Transpose/Expand only."""
+    for _ in range(8):
         if value.is_graph_input():
-            return value.name == "position_ids"
+            return value
         node = value.producer()
-        if node is None or node.op_type not in ("Unsqueeze", "Cast", "Reshape", "Transpose"):
-            return False
+        if node is not None and node.op_type == "Range":
+            return node
+        if node is None or node.op_type not in ("Unsqueeze", "Cast", "Reshape", "Transpose", "Expand"):
+            return None
         value = node.inputs[0]
-    return False
+    return None
+
+
+def _from_position_ids(value: Value) -> bool:
+    """True when `value` is the position_ids input, reshaped or broadcast."""
+    source = _position_source(value)
+    return isinstance(source, Value) and source.name == "position_ids"
+
+
+def _from_sequence_range(value: Value) -> bool:
+    """True when `value` is Range(0, sequence length, 1), the length input_ids' second dimension, reshaped or broadcast."""
+    source = _position_source(value)
+    if not isinstance(source, Node):
+        return False
+    start, limit, delta = source.inputs
+    if constant_array(start) is None or constant_array(delta) is None:
+        return False
+    if constant_array(start).reshape(-1).tolist() != [0] or constant_array(delta).reshape(-1).tolist() != [1]:
+        return False
+    node = limit.producer() if limit is not None else None
+    while node is not None and node.op_type in ("Squeeze", "Cast", "Reshape"):
+        node = node.inputs[0].producer()
+    if node is None or node.op_type not in ("Shape", "Gather") or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Gather":
+        index = constant_array(node.inputs[1])
+        shape = node.inputs[0].producer()
+        if index is None or index.reshape(-1).tolist() != [1] or shape is None or shape.op_type != "Shape":
+            return False
+        return shape.inputs[0].is_graph_input() and shape.inputs[0].name == "input_ids" and "start" not in shape.attributes
+    begin, end = node.attributes.get("start"), node.attributes.get("end")
+    return (node.inputs[0].is_graph_input() and node.inputs[0].name == "input_ids" and begin is not None
+            and begin.as_int() == 1 and end is not None and end.as_int() == 2)
 
 
 def _scale_of(value: Value) -> tuple[Value, float]:
@@ -255,12 +337,13 @@ def _follow_to_matmul(value: Value) -> tuple[Node, int]:
         if node.op_type == "MatMul":
             return node, next(i for i, v in enumerate(node.inputs) if v is value)
         if node.op_type not in ("Unsqueeze", "Expand", "Reshape", "Transpose", "Mul"):
-            raise _Miss(f"an unexpected {node.op_type} between the cache and the attention product")
+            raise _Miss(f"an unexpected {node.op_type} between the keys or values and the attention product")
         value = node.outputs[0]
     raise _Miss("no attention product after the cache")
 
 
 def _match(layer: int, inputs: dict[str, Value], outputs: dict[str, Value]) -> _Attention:
+    """Layer `layer` of a KV-cache decoder: present = Concat(past, new) for keys and values, then the attention."""
     past_key, past_value = inputs.get(PAST_KEY % layer), inputs.get(PAST_VALUE % layer)
     present_key, present_value = outputs.get(PRESENT_KEY % layer), outputs.get(PRESENT_VALUE % layer)
     if past_value is None or present_key is None or present_value is None:
@@ -270,20 +353,77 @@ def _match(layer: int, inputs: dict[str, Value], outputs: dict[str, Value]) -> _
     for concat, past in ((key_concat, past_key), (value_concat, past_value)):
         if len(concat.inputs) != 2 or concat.inputs[0] is not past or _axis(concat) not in (2, -2):
             raise _Miss("present is not Concat(past, new) along the sequence axis")
-    k_rot = key_concat.inputs[1]
+    attention = _match_attention(layer, key_concat.inputs[1], value_concat.inputs[1], present_key, present_value,
+                                 past_key.shape, cached=True)
+    attention.past_key, attention.past_value = past_key, past_value
+    attention.present_key, attention.present_value = present_key, present_value
+    return attention
+
+
+def _uncached_candidates(graph) -> list[Node]:
+    """The Softmax nodes of a decoder without a cache, in graph order: one per attention block."""
+    return [node for node in graph if node.op_type == "Softmax" and node.domain in ("", "ai.onnx")]
+
+
+def _walk_back(value: Value, through: tuple[str, ...]) -> Value:
+    """The value `value` comes from through the layout-only ops `through` (their first input; a Mul's non-constant one)."""
+    for _ in range(12):
+        node = value.producer()
+        if node is None or node.op_type not in through:
+            if node is not None and node.op_type in _QUANTIZERS:
+                raise _Miss("quantized attention products (static INT8 activations): GroupQueryAttention has no INT8 form")
+            return value
+        operand = node.inputs[0]
+        if node.op_type == "Mul":
+            operand = next((v for v in node.inputs if constant_array(v) is None), None)
+            if operand is None or sum(constant_array(v) is None for v in node.inputs) != 1:
+                raise _Miss("a non-constant factor on the keys")
+        value = operand
+    raise _Miss("no projection before the attention product")
+
+
+def _match_uncached(layer: int, softmax: Node) -> _Attention:
+    """Attention block `layer` of a decoder without a cache, found from its Softmax: the keys and values the
+    attention products read, traced back through repeat_kv and transposes, then matched as with a cache."""
+    readers = [use[0] for use in softmax.outputs[0].uses() if use[0].op_type != "IsNaN"]
+    if len(readers) != 1:
+        raise _Miss(f"the attention probabilities have {len(readers)} readers, expected 1")
+    probs = readers[0]
+    if probs.op_type == "Where":
+        probs = _only_use(probs.outputs[0])
+    if probs.op_type != "MatMul" or probs.inputs[0].producer() not in (softmax, readers[0]):
+        raise _Miss("no attention product after the softmax")
+    score = _producer(softmax.inputs[0], ("Add", "MatMul"))
+    if score.op_type == "Add":
+        score = next((v.producer() for v in score.inputs if v.producer() is not None
+                      and v.producer().op_type == "MatMul"), None)
+        if score is None:
+            raise _Miss("no attention scores before the softmax")
+    k_rot = _walk_back(score.inputs[1], ("Unsqueeze", "Expand", "Reshape", "Transpose", "Mul"))
+    v_heads = _walk_back(probs.inputs[1], ("Unsqueeze", "Expand", "Reshape"))
+    _producer(v_heads, "Transpose")
+    return _match_attention(layer, k_rot, v_heads, k_rot, v_heads, v_heads.shape, cached=False)
+
+
+def _match_attention(
+    layer: int, k_rot: Value, v_heads: Value, key_start: Value, value_start: Value, kv_shape, *, cached: bool,
+) -> _Attention:
+    """The attention after the rotated keys `k_rot` and the values `v_heads` (both [batch, kv_heads, seq,
+    head_dim]): `key_start`/`value_start` are what the attention products read (present with a cache, else
+    the same values); `kv_shape` the shape the head count and size come from."""
     k_heads, cos, sin = _rotary(k_rot)
     k_lin = _heads_input(k_heads)
-    v_lin = _heads_input(value_concat.inputs[1])
-    inv_freq = _inv_freq(cos, sin)
+    v_lin = _heads_input(v_heads)
+    inv_freq = _inv_freq(cos, sin, cached)
 
-    scores, key_at = _follow_to_matmul(present_key)
-    probs_matmul, value_at = _follow_to_matmul(present_value)
+    scores, key_at = _follow_to_matmul(key_start)
+    probs_matmul, value_at = _follow_to_matmul(value_start)
     if key_at != 1 or value_at != 1:
-        raise _Miss("the cache is not the right operand of the attention products")
+        raise _Miss("the keys or values are not the right operand of the attention products")
     q_scaled = scores.inputs[0]
     q_rot, q_scale = _scale_of(q_scaled)
     k_scale = 1.0
-    node = present_key
+    node = key_start
     for _ in range(12):  # the scale on the key side, if any, sits on the repeat_kv path
         reader = _only_use(node)
         if reader is scores:
@@ -316,9 +456,9 @@ def _match(layer: int, inputs: dict[str, Value], outputs: dict[str, Value]) -> _
     if reshape.op_type != "Reshape":
         raise _Miss("the attention output is not reshaped to [batch, seq, hidden]")
 
-    shape = past_key.shape
+    shape = kv_shape
     if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
-        raise _Miss("the cache has no static head count and head size")
+        raise _Miss("the keys and values have no static head count and head size")
     kv_heads, head_dim = int(shape[1]), int(shape[3])
     if head_dim % 16:
         raise _Miss(f"head size {head_dim} (onnxruntime's CPU GroupQueryAttention needs a multiple of 16)")
@@ -328,7 +468,7 @@ def _match(layer: int, inputs: dict[str, Value], outputs: dict[str, Value]) -> _
     if not isinstance(q_width, int) or q_width % head_dim:
         raise _Miss("the query projection has no static width")
     return _Attention(
-        layer, q_lin, k_lin, v_lin, past_key, past_value, present_key, present_value, reshape.outputs[0],
+        layer, q_lin, k_lin, v_lin, None, None, None, None, reshape.outputs[0],
         inv_freq, q_scale * k_scale, q_width // head_dim, kv_heads, head_dim,
     )
 
@@ -344,30 +484,55 @@ class _Shared:
     sin_cache: Value
 
 
-def _shared_inputs(build: Builder, mask: Value, first: _Attention, max_positions: int) -> _Shared:
-    """seqlens_k = Σ mask − 1 and total_sequence_length = mask's length (int32), and the rotary tables."""
-    angles = np.arange(max_positions, dtype=np.float64)[:, None] * first.inv_freq[None, :]
+def _add_first(build: Builder, nodes: list[tuple[str, list[Value], str, dict[str, int]]]) -> list[Value]:
+    """Insert `(op, inputs, name, attributes)` nodes at the graph's start (inputs may name earlier outputs by
+    index: an int); returns their outputs."""
+    made: list[Node] = []
+    for op, inputs, base, attributes in nodes:
+        operands = [made[v].outputs[0] if isinstance(v, int) else v for v in inputs]
+        made.append(build.node(op, operands, name=base, outputs=[base], attributes=attributes or None))
+    graph = build.graph
+    graph.insert_before(next(iter(graph)), made)
+    return [node.outputs[0] for node in made]
+
+
+def _lengths_from_mask(build: Builder, mask: Value) -> tuple[Value, Value]:
+    """seqlens_k = Σ mask − 1 per row and total_sequence_length = the mask's length (int32): with a cache."""
     one = build.initializer("gqa_one", np.array([1], dtype=np.int64))
     axis1 = build.initializer("gqa_axis_1", np.array([1], dtype=np.int64))
-    nodes: list[Node] = []
+    made = _add_first(build, [
+        ("Cast", [mask], "gqa_mask_int64", {"to": DataType.INT64.value}),
+        ("ReduceSum", [0, axis1], "gqa_mask_sum", {"keepdims": 0}),
+        ("Sub", [1, one], "gqa_seqlens_int64", {}),
+        ("Cast", [2], "gqa_seqlens_k", {"to": DataType.INT32.value}),
+        ("Shape", [mask], "gqa_mask_length", {"start": 1, "end": 2}),
+        ("Squeeze", [4], "gqa_total_length_int64", {}),
+        ("Cast", [5], "gqa_total_sequence_length", {"to": DataType.INT32.value}),
+    ])
+    return made[3], made[6]
 
-    def add(op: str, inputs: list[Value], base: str, **attributes: int) -> Value:
-        node = build.node(op, inputs, name=base, outputs=[base], attributes=attributes or None)
-        nodes.append(node)
-        return node.outputs[0]
 
-    mask64 = add("Cast", [mask], "gqa_mask_int64", to=DataType.INT64.value)
-    summed = add("ReduceSum", [mask64, axis1], "gqa_mask_sum", keepdims=0)
-    minus = add("Sub", [summed, one], "gqa_seqlens_int64")
-    seqlens = add("Cast", [minus], "gqa_seqlens_k", to=DataType.INT32.value)
-    shape = add("Shape", [mask], "gqa_mask_length", start=1, end=2)
-    length = add("Squeeze", [shape], "gqa_total_length_int64")
-    total = add("Cast", [length], "gqa_total_sequence_length", to=DataType.INT32.value)
-    graph = build.graph
-    first_node = next(iter(graph))
-    graph.insert_before(first_node, nodes)
+def _lengths_from_input_ids(build: Builder, input_ids: Value) -> tuple[Value, Value]:
+    """seqlens_k = sequence length − 1 for every row and total_sequence_length = the sequence length (int32):
+    without a cache every row is a whole first prompt."""
+    one = build.initializer("gqa_one", np.array([1], dtype=np.int64))
+    made = _add_first(build, [
+        ("Shape", [input_ids], "gqa_batch", {"start": 0, "end": 1}),
+        ("Shape", [input_ids], "gqa_sequence_length", {"start": 1, "end": 2}),
+        ("Sub", [1, one], "gqa_last_position", {}),
+        ("Expand", [2, 0], "gqa_seqlens_int64", {}),
+        ("Cast", [3], "gqa_seqlens_k", {"to": DataType.INT32.value}),
+        ("Squeeze", [1], "gqa_total_length_int64", {}),
+        ("Cast", [5], "gqa_total_sequence_length", {"to": DataType.INT32.value}),
+    ])
+    return made[4], made[6]
+
+
+def _shared_inputs(build: Builder, lengths: tuple[Value, Value], first: _Attention, max_positions: int) -> _Shared:
+    """`lengths` (seqlens_k, total_sequence_length) and the rotary tables for positions 0..max_positions-1."""
+    angles = np.arange(max_positions, dtype=np.float64)[:, None] * first.inv_freq[None, :]
     return _Shared(
-        seqlens, total,
+        *lengths,
         build.initializer("gqa_cos_cache", np.cos(angles).astype(np.float32)),
         build.initializer("gqa_sin_cache", np.sin(angles).astype(np.float32)),
     )
@@ -375,6 +540,7 @@ def _shared_inputs(build: Builder, mask: Value, first: _Attention, max_positions
 
 def _rewrite(build: Builder, attention: _Attention, shared: _Shared) -> None:
     graph = build.graph
+    cached = attention.present_key is not None
     new = make_node(
         "GroupQueryAttention",
         [attention.q_lin, attention.k_lin, attention.v_lin, attention.past_key, attention.past_value,
@@ -387,12 +553,18 @@ def _rewrite(build: Builder, attention: _Attention, shared: _Shared) -> None:
     )
     anchor = attention.output.producer()
     graph.insert_after(anchor, new)
-    out, present_key, present_value = new.outputs
+    out = new.outputs[0]
     out.name = build.fresh(f"gqa_{attention.layer}_output")
     out.shape, out.type = attention.output.shape, attention.output.type
     attention.output.replace_all_uses_with(out)
+    if not cached:
+        # No cache to return, but the present outputs stay (unread): without them onnxruntime's CPU kernel takes
+        # another path, whose rounding differs from the cache form's prefill from an empty cache.
+        for fresh, name in ((new.outputs[1], "present_key"), (new.outputs[2], "present_value")):
+            fresh.name = build.fresh(f"gqa_{attention.layer}_{name}")
+        return
     # The present tensors keep their graph-output names: hand them over from the old Concats.
-    for old, fresh in ((attention.present_key, present_key), (attention.present_value, present_value)):
+    for old, fresh in ((attention.present_key, new.outputs[1]), (attention.present_value, new.outputs[2])):
         name, shape, value_type = old.name, old.shape, old.type
         index = list(graph.outputs).index(old)
         old.name = build.fresh(f"{name}_unfused")
