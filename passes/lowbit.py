@@ -70,6 +70,8 @@ CLIP_STEPS = 16
 BITS = (2, 3, 4, 5, 6, 7, 8)
 #: Blocked DequantizeLinear and INT4 need opset 21 of the default domain.
 LOWBIT_OPSET = 21
+#: Why the calibrated passes round a mixture of experts' weights to nearest instead.
+EXPERTS_NOT_CALIBRATED = "per-expert statistics need each expert's routed tokens, which calibration does not collect"
 
 
 def default_device() -> torch.device:
@@ -429,7 +431,7 @@ def sites_at_opset(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> t
 
 
 __all__ = [
-    "LOWBIT_OPSET", "Experts", "Grid", "Linear", "LowBitOptions", "LowBitPass", "default_device", "dequantize", "emit", "emit_experts", "expand", "expert_sites", "fake_quantize", "find_params",
+    "EXPERTS_NOT_CALIBRATED", "LOWBIT_OPSET", "Experts", "Grid", "Linear", "LowBitOptions", "LowBitPass", "default_device", "dequantize", "emit", "emit_experts", "expand", "expert_sites", "fake_quantize", "find_params",
     "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
     "sites_at_opset", "torch_threads",
 ]
@@ -492,14 +494,24 @@ class LowBitPass(Pass):
             am.context.remark("analysis", f"expert weights left float by exclude: {len(excluded)}")
         return sites, len(excluded)
 
-    def quantize_experts_rtn(self, model: Model, sites: list[Experts], device: torch.device, info: dict,
-                             build: Builder | None = None) -> int:
-        """Round each expert's weights to nearest on the options' grid (clip search as `clip` says) and emit
-        them; returns how many stacked weights were quantized."""
+    def quantize_experts(self, model: Model, am: AnalysisManager, sites: list[Experts], device: torch.device,
+                         build: Builder | None = None, not_calibrated: str = "") -> int:
+        """Round each expert's weights to nearest on the options' grid (clip search as `clip` says), emit them
+        and remark it; returns how many stacked weights were quantized. `not_calibrated`: why the pass's own
+        method did not reach the experts (a `missed` remark says they got RTN instead)."""
         opts = self.options
+        info: dict = {"clip": opts.clip}
+        if not_calibrated:
+            info |= {"method": "rtn", "precision_reason": f"not by {self.name}: {not_calibrated}"}
         for site in sites:
             q, scale, zero = rtn(site.matrix(device), opts.group, opts.grid, clip=opts.clip)
             emit_experts(model, site, q, scale, zero, opts.grid, opts.group, {"method": self.name, **info}, build)
+        if sites and not_calibrated:
+            am.context.remark("missed", f"{len(sites)} stacked mixture-of-experts weights rounded to nearest"
+                                        f"{' with clip search' if opts.clip else ''}, not by {self.name}: {not_calibrated}")
+        elif sites:
+            am.context.remark("passed", f"quantized {len(sites)} stacked mixture-of-experts weights, "
+                                        "each expert in groups of its own")
         return len(sites)
 
     def nothing_quantized(self, model: Model, excluded: list[Node], skipped: int) -> PassResult:

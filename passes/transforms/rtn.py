@@ -50,10 +50,8 @@ class Rtn(LowBitPass):
             for site in tqdm(sites, desc="rtn", unit="layer", leave=False, disable=None):
                 q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
                 self.emit(model, site, q, scale, zero, {"clip": opts.clip}, build)
-            quantized_experts = self.quantize_experts_rtn(model, expert_sites, device, {"clip": opts.clip}, build)
+            quantized_experts = self.quantize_experts(model, am, expert_sites, device, build)
         stats = {"quantized-ops": len(sites) + quantized_experts, "excluded-ops": len(excluded) + experts_excluded}
         if quantized_experts:
             stats["quantized-experts"] = quantized_experts
-            am.context.remark("passed", f"quantized {quantized_experts} stacked mixture-of-experts weights, "
-                                        "each expert in groups of its own")
         return PassResult(model, True, None, stats)

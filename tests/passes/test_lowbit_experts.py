@@ -138,3 +138,18 @@ def test_expert_quantization_is_deterministic(exported):
             save_model(result.model, out)
             outputs.append(b"".join(p.read_bytes() for p in sorted(Path(folder).iterdir())))
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("pipeline", ["gptq", "awq"])
+def test_calibrated_passes_round_the_experts_and_say_so(pipeline, exported):
+    path = exported("qwen3_moe")
+    result, remarks = _compile(path, pipeline)
+    found = _quantized_experts(result.model)
+    assert len(found) == 4 and result.statistics["quantized-experts"] == 4
+    for _, info, _ in found:
+        assert info["method"] == "rtn" and info["precision_reason"].startswith(f"not by {pipeline}:")
+    missed = [r for r in remarks if r.kind == "missed" and "mixture-of-experts" in r.message]
+    assert len(missed) == 1 and "4 stacked mixture-of-experts weights rounded to nearest" in missed[0].message
+    # the dense layers are still the pass's own
+    dense = [annotation(n, QUANTIZATION) for n in result.model.graph if n.op_type == "MatMul"]
+    assert any(info is not None and info["method"] == pipeline for info in dense)
