@@ -153,3 +153,44 @@ def test_calibrated_passes_round_the_experts_and_say_so(pipeline, exported):
     # the dense layers are still the pass's own
     dense = [annotation(n, QUANTIZATION) for n in result.model.graph if n.op_type == "MatMul"]
     assert any(info is not None and info["method"] == pipeline for info in dense)
+
+
+def _right_operand_experts(experts_count: int = 3, k: int = 32, n: int = 8):
+    """x [T, 1, K] · GatherND(W [E, K, N], idx [T, 1]) → [T, 1, N]: the experts as the MatMul's right operand."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((experts_count, k, n)).astype(np.float32), "experts_w")
+    nodes = [helper.make_node("GatherND", ["experts_w", "idx"], ["picked"], batch_dims=0),
+             helper.make_node("MatMul", ["x", "picked"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "experts",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 1, k]),
+         helper.make_tensor_value_info("idx", TensorProto.INT64, ["T", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 1, n])], initializer=[weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_experts_as_right_operand_are_quantized_along_axis_1():
+    from tests.fixtures import models
+
+    proto = _right_operand_experts()
+    result = parse_pipeline("rtn{group=16 symmetric=false}")(models.to_ir(proto), AnalysisManager(PassContext()))
+    verify(result.model)
+    check_onnx(result.model)
+    [(_, info, dq)] = _quantized_experts(result.model)
+    assert info["weight_axis"] == 1 and dq.attributes["axis"].as_int() == 1
+    assert constant_array(dq.inputs[0]).shape == (3, 32, 8) and constant_array(dq.inputs[1]).shape == (3, 2, 8)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((6, 1, 32)).astype(np.float32), "idx": np.array([[0], [2], [1], [2], [0], [1]])}
+    got = models.run_ort(result.model, feeds)[0]
+    # the reference: each expert's [N, K] matrix fake-quantized alone by the same rtn, then the routed product
+    import torch
+
+    from optc.passes.lowbit import Grid, fake_quantize
+
+    w = constant_array(models.to_ir(proto).graph.initializers["experts_w"])
+    dequantized = np.stack([fake_quantize(torch.from_numpy(w[e].T.copy()), 16, Grid(4, False), clip=True).numpy().T
+                            for e in range(w.shape[0])])
+    expected = np.einsum("tik,tkn->tin", feeds["x"], dequantized[feeds["idx"][:, 0]])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
