@@ -23,5 +23,6 @@ GGUF = replace(
 FAMILY = Family(
     name="mixtral", model_types=("mixtral",), task="causal-lm", sliding_window=True, moe=True, gguf_arch="llama",
     gguf=GGUF, keep_float=("lm_head", "*.gate.weight"),
-    notes=("the experts are one stacked weight each (gathered per token), which the weight passes do not rewrite",),
+    notes=("the experts are one stacked weight each (gathered per token): rtn quantizes them per expert, gptq and "
+           "awq round them to nearest (no per-expert calibration); quantize, sparsify and prune-ffn leave them",),
 )

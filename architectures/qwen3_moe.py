@@ -22,5 +22,6 @@ GGUF = replace(
 FAMILY = Family(
     name="qwen3_moe", model_types=("qwen3_moe",), task="causal-lm", qk_norm=True, moe=True, sliding_window=True,
     gguf_arch="qwen3moe", gguf=GGUF, keep_float=("lm_head", "*.gate.weight"),
-    notes=("the experts are one stacked weight each (gathered per token), which the weight passes do not rewrite",),
+    notes=("the experts are one stacked weight each (gathered per token): rtn quantizes them per expert, gptq and "
+           "awq round them to nearest (no per-expert calibration); quantize, sparsify and prune-ffn leave them",),
 )

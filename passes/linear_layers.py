@@ -8,6 +8,9 @@ Shared by the weight passes (`quantize`, `rtn`/`gptq`/`awq`, `sparsify`,
 * `layer_names(node, weight)` / `matches_any(names, patterns)`: the names an
   `exclude=`-style pattern may match (node, outputs, weight, the original
   parameter name and its aliases), as a substring or, with `* ? [`, a glob.
+* `experts(node)`: the `Experts` view of a mixture of experts' stacked weight
+  `W [E, ...]` gathered per token (GatherND) into a batched MatMul, the form
+  transformers' `batched_mm` experts export to.
 * `torch_threads(device)`: small per-layer torch work on one CPU thread.
 """
 
@@ -28,6 +31,7 @@ from optc.ir import (
     Value,
     annotation,
     constant_array,
+    is_constant,
     node_label,
     source_name,
 )
@@ -89,6 +93,76 @@ def linear(node: Node) -> Linear | None:
     return Linear(node, w, view.k_axis)
 
 
+@dataclass(frozen=True)
+class Experts:
+    """Stacked expert weights `W [E, ...]` that a GatherND picks per token for a batched MatMul.
+
+    `k_axis` is W's reduction axis: 2 when the gathered `[T, N, K]` is the MatMul's left operand
+    (transformers' layout, `W[e]` is `[out, in]`), 1 when the gathered `[T, K, N]` is its right one.
+    """
+
+    gather: Node
+    weight: Value
+    k_axis: int
+
+    @property
+    def node(self) -> Node:
+        """The op a layer selector and remarks name (the GatherND)."""
+        return self.gather
+
+    @property
+    def count(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[self.k_axis])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[3 - self.k_axis])
+
+    @property
+    def label(self) -> str:
+        return node_label(self.gather)
+
+    def enk(self) -> np.ndarray:
+        """The weights as float32 `[E, N, K]` (each expert a `[N, K]` matrix)."""
+        w = constant_array(self.weight).astype(np.float32)
+        return np.ascontiguousarray(w if self.k_axis == 2 else w.transpose(0, 2, 1))
+
+    def matrix(self, device: Any = None) -> Any:
+        """Every expert's rows stacked, float32 torch `[E·N, K]` on `device`: rows are independent in
+        group quantization, so this quantizes each expert as its own matrix."""
+        import torch
+
+        return torch.from_numpy(self.enk().reshape(-1, self.in_features)).to(device or "cpu")
+
+
+def experts(node: Node) -> Experts | None:
+    """The `Experts` view of a GatherND (batch_dims 0) of a constant 3-D float weight, with one index
+    per row, whose output only MatMuls read, all at the same operand; else None."""
+    if node.op_type != "GatherND" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    batch_dims = node.attributes.get("batch_dims")
+    if batch_dims is not None and batch_dims.as_int() != 0:
+        return None
+    weight, indices = node.inputs
+    if not is_constant(weight) or weight.shape is None or len(weight.shape) != 3 or weight.dtype not in FLOAT_TYPES:
+        return None
+    if indices is None or indices.shape is None or len(indices.shape) < 1 or indices.shape[-1] != 1:
+        return None
+    if any(use.node is not node for use in weight.uses()) or weight.is_graph_output():
+        return None
+    gathered = node.outputs[0]
+    positions = {use.idx for use in gathered.uses() if use.node.op_type == "MatMul"}
+    if len(positions) != 1 or len(gathered.uses()) != sum(1 for u in gathered.uses() if u.node.op_type == "MatMul"):
+        return None
+    if gathered.is_graph_output():
+        return None
+    return Experts(node, weight, 2 if positions == {0} else 1)
+
+
 def layer_names(node: Node, weight: Value | None) -> list[str]:
     """The names a pattern may match: node, outputs, and the weight's name, original parameter name and aliases."""
     names = [node_label(node), *(o.name for o in node.outputs if o.name)]
@@ -128,4 +202,4 @@ def torch_threads(device: Any = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-__all__ = ["FLOAT_TYPES", "Linear", "layer_names", "linear", "matches_any", "torch_threads"]
+__all__ = ["FLOAT_TYPES", "Experts", "Linear", "experts", "layer_names", "linear", "matches_any", "torch_threads"]

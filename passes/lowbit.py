@@ -24,6 +24,14 @@ output the MatMul reads. A Gemm with `transB=1` (B `[N, K]`) uses axis 1 /
 axis 0 instead. The op is annotated `quant` with `{"weights": "int4",
 "bits": 4, "group": 128, "symmetric": true, "method": ..., "activations":
 "float", ...}`.
+
+Mixture-of-experts weights (`optc.passes.linear_layers.Experts`: a stacked
+`W [E, N, K]` or `[E, K, N]` gathered per token by a GatherND into a batched
+MatMul) take the same numerics, each expert a matrix of its own (its rows
+stacked with the other experts': rows are independent), and the same IR form in
+3-D: codes of W's shape and a blocked `DequantizeLinear` along K (`axis` 2 or
+1, `block_size=group`, or K for per-channel) whose output the GatherND reads;
+the GatherND is annotated `quant` (`"op": "GatherND"`).
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.layer_selector import LayerSelector, default_exclude
-from optc.passes.linear_layers import Linear, linear, torch_threads
+from optc.passes.linear_layers import Experts, Linear, experts, linear, torch_threads
 
 #: Smallest clipping ratio searched with `clip`, and how many ratios.
 CLIP_MIN = 0.6
@@ -62,6 +70,8 @@ CLIP_STEPS = 16
 BITS = (2, 3, 4, 5, 6, 7, 8)
 #: Blocked DequantizeLinear and INT4 need opset 21 of the default domain.
 LOWBIT_OPSET = 21
+#: Why the calibrated passes round a mixture of experts' weights to nearest instead.
+EXPERTS_NOT_CALIBRATED = "per-expert statistics need each expert's routed tokens, which calibration does not collect"
 
 
 def default_device() -> torch.device:
@@ -334,6 +344,83 @@ def emit(
     return full
 
 
+def expert_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Experts], list[Node]]:
+    """Stacked expert weights to quantize in graph order, and the GatherNDs `exclude` matched (annotated
+    `quant_skipped` with the selector's reason)."""
+    selector = LayerSelector.of(exclude)
+    sites, excluded = [], []
+    for node in model.graph:
+        site = experts(node)
+        if site is None:
+            continue
+        reason = selector.why_not(node, site.weight)
+        if reason is None:
+            sites.append(site)
+        else:
+            excluded.append(node)
+            if annotation(node, QUANTIZATION_SKIPPED) != reason and annotation(node, QUANTIZATION) is None:
+                annotate(node, QUANTIZATION_SKIPPED, reason)
+    return sites, excluded
+
+
+def emit_experts(
+    model: Model, site: Experts, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    grid: Grid, group: int, info: dict, build: Builder | None = None,
+) -> dict:
+    """Store stacked expert codes q `[E·N, K]` with scale/zero `[E·N, G]` (`Experts.matrix` order) as a 3-D
+    integer initializer of W's shape + blocked DequantizeLinear along K feeding the GatherND."""
+    if (default_opset(model) or 0) < LOWBIT_OPSET:
+        raise OptcError(f"low-bit weights need opset {LOWBIT_OPSET}: raise it before emitting experts")
+    graph = model.graph
+    build = build if build is not None else Builder(graph)
+    weight = site.weight
+    e, n, k = site.count, site.out_features, site.in_features
+    g = group_size(group, k)
+    per_channel = g >= k
+
+    def stacked(t: torch.Tensor, dtype) -> np.ndarray:
+        array = t.to("cpu").numpy().reshape(e, n, -1)  # [E, N, K or G]
+        return np.ascontiguousarray(array if site.k_axis == 2 else array.transpose(0, 2, 1)).astype(dtype)
+
+    dtype = grid.numpy_dtype()
+    float_np = np.float16 if weight.dtype == DataType.FLOAT16 else np.float32
+    base = weight.name or "experts"
+    q_value = build.initializer(f"{base}_q{grid.bits}", stacked(q.to(torch.int32), np.int32).astype(dtype))
+    for key, v in weight.metadata_props.items():
+        q_value.metadata_props[key] = v
+    inputs = [q_value, build.initializer(f"{base}_scale", stacked(scale.to(torch.float32), float_np))]
+    if not grid.symmetric:
+        inputs.append(build.initializer(f"{base}_zero_point", stacked(zero.to(torch.int32), np.int32).astype(dtype)))
+    attributes = {"axis": site.k_axis, "block_size": g}
+    dq = build.node("DequantizeLinear", inputs, attributes=attributes, name=f"{base}_DequantizeLinear",
+                    outputs=[f"{base}_dequantized"])
+    annotate(dq, PROVENANCE, info.get("method", "lowbit"))
+    dq.outputs[0].dtype = weight.dtype
+    dq.outputs[0].shape = weight.shape
+    node = site.gather
+    graph.insert_before(node, [dq])
+    node.replace_input_with(0, dq.outputs[0])
+    if not weight.uses() and not weight.is_graph_output() and weight.name in graph.initializers:
+        graph.initializers.pop(weight.name)
+        build.release(weight.name)
+    full = {
+        "op": node.op_type,
+        "weights": grid.storage if grid.bits in (4, 8) else f"{grid.storage}({grid.bits}-bit)",
+        "bits": grid.bits,
+        "group": -1 if per_channel else g,
+        "symmetric": grid.symmetric,
+        "weight_scheme": ("per-channel" if per_channel else f"group {g}") + (" symmetric" if grid.symmetric else " asymmetric")
+        + f", {e} experts",
+        "weight_axis": site.k_axis,
+        "weight": q_value.name,
+        "weight_source": source_name(weight),
+        "activations": "float",
+        **info,
+    }
+    annotate(node, QUANTIZATION, full)
+    return full
+
+
 def sites_at_opset(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Linear], list[Node]]:
     """`linear_sites`, with the model first raised to `LOWBIT_OPSET` when there is a layer to quantize (its
     nodes converted: `optc.ir.opset`), so the sites returned are those of the graph `emit` then changes."""
@@ -344,7 +431,7 @@ def sites_at_opset(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> t
 
 
 __all__ = [
-    "LOWBIT_OPSET", "Grid", "Linear", "LowBitOptions", "LowBitPass", "default_device", "dequantize", "emit", "expand", "fake_quantize", "find_params",
+    "EXPERTS_NOT_CALIBRATED", "LOWBIT_OPSET", "Experts", "Grid", "Linear", "LowBitOptions", "LowBitPass", "default_device", "dequantize", "emit", "emit_experts", "expand", "expert_sites", "fake_quantize", "find_params",
     "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
     "sites_at_opset", "torch_threads",
 ]
@@ -395,6 +482,37 @@ class LowBitPass(Pass):
         skipped = mark_excluded(excluded, exclude)
         remark_sites(am.context, model, sites, excluded)
         return sites, excluded, skipped
+
+    def expert_layers(self, model: Model, am: AnalysisManager) -> tuple[list[Experts], int]:
+        """The stacked mixture-of-experts weights to quantize (the model raised to `LOWBIT_OPSET` when
+        there is one), and how many `exclude` left out (annotated `quant_skipped`)."""
+        exclude = self.options.exclude
+        sites, excluded = expert_sites(model, exclude)
+        if sites and ensure_opset(model, LOWBIT_OPSET):
+            sites, excluded = expert_sites(model, exclude)
+        if excluded:
+            am.context.remark("analysis", f"expert weights left float by exclude: {len(excluded)}")
+        return sites, len(excluded)
+
+    def quantize_experts(self, model: Model, am: AnalysisManager, sites: list[Experts], device: torch.device,
+                         build: Builder | None = None, not_calibrated: str = "") -> int:
+        """Round each expert's weights to nearest on the options' grid (clip search as `clip` says), emit them
+        and remark it; returns how many stacked weights were quantized. `not_calibrated`: why the pass's own
+        method did not reach the experts (a `missed` remark says they got RTN instead)."""
+        opts = self.options
+        info: dict = {"clip": opts.clip}
+        if not_calibrated:
+            info |= {"method": "rtn", "precision_reason": f"not by {self.name}: {not_calibrated}"}
+        for site in sites:
+            q, scale, zero = rtn(site.matrix(device), opts.group, opts.grid, clip=opts.clip)
+            emit_experts(model, site, q, scale, zero, opts.grid, opts.group, {"method": self.name, **info}, build)
+        if sites and not_calibrated:
+            am.context.remark("missed", f"{len(sites)} stacked mixture-of-experts weights rounded to nearest"
+                                        f"{' with clip search' if opts.clip else ''}, not by {self.name}: {not_calibrated}")
+        elif sites:
+            am.context.remark("passed", f"quantized {len(sites)} stacked mixture-of-experts weights, "
+                                        "each expert in groups of its own")
+        return len(sites)
 
     def nothing_quantized(self, model: Model, excluded: list[Node], skipped: int) -> PassResult:
         """The result when no layer is left to quantize (changed only by new `quant_skipped` annotations)."""

@@ -22,8 +22,8 @@ tokens, seed 0; outputs compared in onnxruntime on a fixed batch of 2 x 9 tokens
 * `--pipeline TEXT` (repeatable): one more cell per pipeline, its output cosine to the fp32 export.
 
 A cell that stops shows ✗ and the first line of optc's error (or of the remark), shortened. On
-mixture-of-experts families the experts are stacked 3-D weights that the weight passes leave in
-float; their quantization cells say so.
+mixture-of-experts families the experts are stacked 3-D weights; each cell says what the output
+holds for them: `experts int4`/`uint4` (the weight-only passes' codes) or `experts float`.
 """
 
 from __future__ import annotations
@@ -150,11 +150,26 @@ def measure(family: str, cells: list[str], work: Path) -> dict[str, dict]:
         else:
             ok = cos >= COSINE_MIN
             out[cell] = {"ok": ok, "cosine": cos, "text": f"{'✓' if ok else '✗'} {cos:.4f}", "seconds": seconds}
-    if lookup(hf_model.config.model_type).moe:  # the experts are stacked 3-D weights the weight passes skip
-        for cell in ("w8a8", "fp8", "w4a16", "awq", "2:4"):
-            if cell in out and out[cell]["ok"]:
-                out[cell]["text"] += " (experts float)"
+        if lookup(hf_model.config.model_type).moe and cell not in ("prune-heads", "prune-ffn"):
+            out[cell]["experts"] = _experts_storage(path)
+            out[cell]["text"] += f" (experts {out[cell]['experts']})"
     return out
+
+
+def _experts_storage(path: Path) -> str:
+    """How the output stores a mixture of experts' stacked weights: the integer type of the codes a
+    DequantizeLinear reads before the GatherND, or `float`."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    types = {i.name: i.data_type for i in proto.graph.initializer}
+    found = set()
+    for node in proto.graph.node:
+        dq = producers.get(node.input[0]) if node.op_type == "GatherND" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in types:
+            found.add(onnx.helper.tensor_dtype_to_np_dtype(types[dq.input[0]]).name)
+    return "/".join(sorted(found)) or "float"
 
 
 def table(results: dict[str, dict[str, dict]], cells: list[str]) -> str:

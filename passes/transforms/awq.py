@@ -47,6 +47,7 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.lowbit import (
+    EXPERTS_NOT_CALIBRATED,
     Grid,
     LowBitOptions,
     LowBitPass,
@@ -183,12 +184,16 @@ class Awq(LowBitPass):
                 preserved.preserve_aspects(STRUCTURE)
             return PassResult(model, True, preserved, stats_out)
         sites, excluded, _ = self.layers(model, am)
+        expert_sites, experts_excluded = self.expert_layers(model, am)
         build = Builder(model.graph)  # owns the fresh names of everything this run adds
         for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):
             q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
             self.emit(model, site, q, scale, zero, {"clip": opts.clip}, build)
-        stats_out["quantized-ops"] = len(sites)
-        stats_out["excluded-ops"] = len(excluded)
-        return PassResult(model, bool(sites) or scaled > 0, None, stats_out)
+        experts = self.quantize_experts(model, am, expert_sites, device, build, not_calibrated=EXPERTS_NOT_CALIBRATED)
+        stats_out["quantized-ops"] = len(sites) + experts
+        stats_out["excluded-ops"] = len(excluded) + experts_excluded
+        if experts:
+            stats_out["quantized-experts"] = experts
+        return PassResult(model, bool(sites) or experts > 0 or scaled > 0, None, stats_out)
 
 __all__ = ["Awq", "awq_scales", "group_error", "search_alpha"]

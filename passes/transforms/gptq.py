@@ -54,6 +54,7 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.lowbit import (
+    EXPERTS_NOT_CALIBRATED,
     Grid,
     LowBitOptions,
     LowBitPass,
@@ -219,24 +220,31 @@ class Gptq(LowBitPass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         sites, excluded, skipped = self.layers(model, am)
-        if not sites:
-            return self.nothing_quantized(model, excluded, skipped)
+        expert_sites, experts_excluded = self.expert_layers(model, am)
+        if not sites and not expert_sites:
+            return self.nothing_quantized(model, excluded, skipped + experts_excluded)
         device = default_device()
+        with torch_threads(device):  # first, so the dense layers' Hessians see the experts' rounding
+            experts = self.quantize_experts(model, am, expert_sites, device, not_calibrated=EXPERTS_NOT_CALIBRATED)
+        if not sites:
+            return self._result(model, sites, excluded, 0.0, 0, experts)
         partition = block_partition(model, am.context)
         if partition is not None:
             with torch_threads(device):
-                return self._sequential(model, am, partition, sites, excluded, device)
+                return self._sequential(model, am, partition, sites, excluded, device, experts)
         hessians = self.calibration_hessians(model, am, [s.activation.name for s in sites])
         with torch_threads(device):
             total, fallbacks = self._quantize(model, sites, hessians, device, Builder(model.graph))
-        return self._result(model, sites, excluded, total, fallbacks)
+        return self._result(model, sites, excluded, total, fallbacks, experts)
 
-    def _result(self, model: Model, sites, excluded, total: float, fallbacks: int) -> PassResult:
-        stats = {"quantized-ops": len(sites), "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}
+    def _result(self, model: Model, sites, excluded, total: float, fallbacks: int, experts: int = 0) -> PassResult:
+        stats = {"quantized-ops": len(sites) + experts, "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}
+        if experts:
+            stats["quantized-experts"] = experts
         return PassResult(model, True, None, stats)
 
     def _sequential(self, model: Model, am: AnalysisManager, partition: BlockPartition, sites, excluded,
-                    device) -> PassResult:
+                    device, experts: int = 0) -> PassResult:
         """True-sequential GPTQ (the reference code's `llama_sequential`): block by block, each block's
         Hessians come from the calibration inputs that the blocks before it, already quantized, computed;
         only one block's Hessians are held at a time."""
@@ -275,7 +283,7 @@ class Gptq(LowBitPass):
             return True
 
         run_blocks(model, am.context, partition, [s.activation.name for s in sites], update, after_stage)
-        return self._result(model, sites, excluded, totals[0], int(totals[1]))
+        return self._result(model, sites, excluded, totals[0], int(totals[1]), experts)
 
     def _quantize(self, model: Model, sites, hessians, device, build: Builder) -> tuple[float, int]:
         """Layers sharing an input share H, so their rows are quantized together as one matrix (the same

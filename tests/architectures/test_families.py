@@ -311,6 +311,38 @@ def test_gguf_every_mix_matches_llama_quantize(family, tmp_path, monkeypatch):
     assert differing == {mix: [] for mix in MIXES}
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_goes_through_w4a16_and_q4_k_m_gguf(family, tmp_path, monkeypatch):
+    """w4a16 quantizes the experts in the IR (4-bit codes the GGUF backend reads back), kquant re-types them,
+    and llama.cpp runs the file. The cosine is printed (README); the bound only catches a broken layout."""
+    pytest.importorskip("llama_cpp")
+    import optc
+    from optc.backends.gguf import import_llama_cpp
+    from tests.fixtures.gguf_models import tiny_tokenizer
+
+    monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path / "cache"))
+    tokenizer = tiny_tokenizer()
+    config = configs.CONFIGS[family].__class__.from_dict(
+        {**configs.CONFIGS[family].to_dict(), **GGUF_CONFIG, **LLAMA_CPP_ASSUMES.get(family, {}), "vocab_size": len(tokenizer)})
+    monkeypatch.setitem(configs.CONFIGS, family, config)
+    _, folder = configs.save(family, tmp_path / family)
+    tokenizer.save_pretrained(folder)
+    optc.compile(str(folder), output=tmp_path / "m.onnx", passes="cleanup")
+    result = optc.compile(str(folder), output=tmp_path / "q.gguf", passes="w4a16,kquant{mix=Q4_K_M}", calib="random")
+    assert any("mixture-of-experts weights rounded to nearest" in r.message for r in result.remarks)
+    experts = {name: kind for name, (kind, _) in _gguf_tensors(tmp_path / "q.gguf").items() if "_exps." in name}
+    assert len(experts) == 6 and not {"F32", "F16"} & set(experts.values())
+    ids = [5, 17, 33, 8, 90, 41]
+    llm = import_llama_cpp().Llama(str(tmp_path / "q.gguf"), logits_all=True, verbose=False, n_ctx=64)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    llm.close()
+    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    cosine = _cosine(got, _run(tmp_path / "m.onnx", feeds)[0])
+    print(f"{family}: w4a16,kquant{{mix=Q4_K_M}} in llama.cpp, cosine {cosine:.4f} to the fp32 ONNX")
+    assert cosine > 0.9
+
+
 def test_gguf_refuses_what_llama_cpp_would_run_differently():
     """A config value llama.cpp's architecture assumes otherwise, and a family optc does not write: one line each."""
     from optc.backends.gguf import llama_config
