@@ -116,19 +116,20 @@ class LowerOrtNbits(Pass):
             set_model_metadata(model, METADATA, {"form": "keep"})
             return PassResult(model, True, PreservedAnalyses.all())
         graph = model.graph
-        dead: list[Node] = []
+        dead: list[Node] = []  # Transposes and DequantizeLinears the rewrites may leave unread
         build = Builder(graph)  # owns the fresh names of everything this run adds
         level, bits8 = self._choices(model)
 
         def rewrite(site: _Site) -> bool:
+            swap = site.node.inputs[1].producer() if site.transposed else None
             if form == "nbits":
                 if site.bits == 8 and not bits8:
                     return False
-                done = self._nbits(build, site.node, site.dq, site.weight, site.bits, level)
+                done = self._nbits(build, site.node, site.dq, site.weight, site.bits, level, site.transposed)
             else:
-                done = _dequantize_at_load(build, site.node, site.dq)
+                done = not site.transposed and _dequantize_at_load(build, site.node, site.dq)
             if done:
-                dead.append(site.dq)
+                dead.extend([swap, site.dq] if swap is not None else [site.dq])
             return done
 
         result = apply_rules(graph, [Rule(form, _weight_only_matmul, rewrite, _nbits_reason)])
@@ -139,9 +140,9 @@ class LowerOrtNbits(Pass):
             am.context.remark("missed", message, matched_none=not lowered)
         if not lowered:
             return PassResult(model, False, None, {"lowered": 0})
-        for dq in dead:
-            if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
-                graph.remove(dq, safe=True)
+        for node in dead:  # a head's Transpose before its DequantizeLinear
+            if not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
+                graph.remove(node, safe=True)
         drop_unused_initializers(graph)
         if form == "nbits" and model.opset_imports.get("com.microsoft") is None:
             model.opset_imports["com.microsoft"] = 1
@@ -159,9 +160,11 @@ class LowerOrtNbits(Pass):
             bits8 = decoder and level == 4  # bits=8 at level 0 is slower than folding to float
         return level, bits8
 
-    def _nbits(self, build: Builder, node: Node, dq: Node, weight: Value, bits: int, level: int) -> bool:
+    def _nbits(self, build: Builder, node: Node, dq: Node, weight: Value, bits: int, level: int,
+               transposed: bool = False) -> bool:
         graph = build.graph
-        codes = constant_array(weight).astype(np.int32)  # [K, N]
+        codes = constant_array(weight).astype(np.int32)
+        codes = codes.T if transposed else codes  # [K, N]
         k, n = codes.shape
         scale = constant_array(dq.inputs[1])
         zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
@@ -218,6 +221,8 @@ class _Site:
     view: QDQ
     weight: Value
     bits: int
+    #: B is Transpose(DQ(codes [N, K])): a head tied to an int8 embedding table (per-row scales).
+    transposed: bool = False
 
     @property
     def dq(self) -> Node:
@@ -234,7 +239,10 @@ def _weight_only_matmul(node: Node) -> _Site | None:
     """The rule's match: MatMul(x, DQ(constant low-bit B [K, N])) with a float activation x, else None."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
-    view = dequantized(node.inputs[1])
+    b = node.inputs[1]
+    swap = b.producer() if b is not None else None
+    transposed = swap is not None and swap.op_type == "Transpose" and _swaps_two_axes(swap)
+    view = dequantized(swap.inputs[0] if transposed else b)
     if view is None:
         return None
     dq, weight = view.node, view.input
@@ -244,7 +252,13 @@ def _weight_only_matmul(node: Node) -> _Site | None:
         return None
     if dequantized(node.inputs[0]) is not None:
         return None  # quantized activations (W8A8, int16): lower-ort-int8's integer kernels, not weight-only
-    return _Site(node, view, weight, 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8)
+    return _Site(node, view, weight, 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8, transposed)
+
+
+def _swaps_two_axes(node: Node) -> bool:
+    """A Transpose with perm [1, 0] or the default reversal (the weight it reads is checked to be 2-D)."""
+    perm = node.attributes.get("perm")
+    return bool(node.inputs) and (perm is None or list(perm.as_ints()) == [1, 0])
 
 
 def _nbits_reason(site: _Site) -> str | None:
@@ -255,6 +269,9 @@ def _nbits_reason(site: _Site) -> str | None:
         return f"{scale.dtype} scales (MatMulNBits takes float)"
     axis = view.axis % 2
     block = view.block_size
+    if site.transposed:  # codes [N, K]: only a scale per row (per output channel) is a MatMulNBits form
+        return None if not block and axis == 0 and scale.shape is not None and len(scale.shape) == 1 else (
+            "a transposed weight without a scale per row")
     if block:
         if axis != 0:
             return "blocks along N, not K"

@@ -141,3 +141,41 @@ def test_a_block_matmulnbits_cannot_take_is_a_remark():
         "block_size 8 (MatMulNBits takes a power of two of at least 16)", True,
     )]
     assert h.run(qm.to_ir(qm.llama_block(), vocab=64), "lower-ort-nbits").remarks == []  # nothing to lower
+
+
+def _tied_head(vocab: int = 80, hidden: int = 96):
+    """ids → Gather(DQ(int8 table)) as the embedding, and logits = h·Transpose(DQ(table)): a head tied to the table."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    codes = rng.integers(-127, 128, size=(vocab, hidden), dtype=np.int8)
+    scale = rng.uniform(0.001, 0.02, size=vocab).astype(np.float32)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["table_q", "table_scale"], ["table"], axis=0),
+        helper.make_node("Gather", ["table", "ids"], ["embedded"]),
+        helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["embedded", "table_t"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])],
+        [numpy_helper.from_array(codes, "table_q"), numpy_helper.from_array(scale, "table_scale")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return models.to_ir(proto), {"ids": rng.integers(0, vocab, size=(2, 7), dtype=np.int64)}
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_head_tied_to_an_int8_table_becomes_matmulnbits(level):
+    model, feeds = _tied_head()
+    lowered = h.run(_copy(model), f"lower-ort-nbits{{bits8=true accuracy-level={level}}}").model
+    (head,) = h.ops(lowered, "MatMulNBits")
+    assert head.attributes["bits"].as_int() == 8 and head.attributes["K"].as_int() == 96
+    assert head.attributes["N"].as_int() == 80 and not h.ops(lowered, "Transpose")
+    assert len(h.ops(lowered, "DequantizeLinear")) == 1  # the embedding's Gather still reads the table
+    difference = h.outputs_equal(model, lowered, feeds)
+    if level == 0:
+        assert difference == 0.0
+    else:  # level 4 quantizes the activations to int8 per block: about 1% of the logits' range
+        scale = float(np.abs(models.run_ort(model, feeds)[0]).max())
+        assert difference <= 0.02 * scale, (difference, scale)
