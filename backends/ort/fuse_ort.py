@@ -137,6 +137,9 @@ class FuseOrt(Pass):
                     raise _Miss("no attention_mask input")
                 if max_positions <= 0:
                     raise _Miss("no max_position_embeddings in the model's config (the rotary tables' length)")
+                window = _sliding_window(config)
+                if window is not None and window < max_positions:
+                    raise _Miss(f"a sliding window of {window} tokens (GroupQueryAttention is written without one)")
                 found.append(attention)
             except _Miss as miss:
                 reasons.append(str(miss))
@@ -169,6 +172,14 @@ class FuseOrt(Pass):
         form = " (no KV cache: no past inputs)" if uncached else ""
         am.context.remark("passed", f"{len(found)} of {total} attention blocks fused into GroupQueryAttention{form}")
         return PassResult(model, True, None, {"fused": len(found), "norms": norms})
+
+
+def _sliding_window(config: dict) -> int | None:
+    """The config's attention window in tokens, or None (no window, or one the config switches off: qwen2)."""
+    window = config.get("sliding_window")
+    if config.get("use_sliding_window") is False or isinstance(window, bool) or not isinstance(window, int):
+        return None
+    return window
 
 
 def _causal_lm_without_cache(config: dict, inputs: dict[str, Value]) -> bool:

@@ -216,3 +216,19 @@ def test_no_cache_model_of_no_causal_family_is_left_alone(tmp_path):
     result = _fuse_alone(_edited_export(tmp_path, edit), tmp_path)
     assert _fuse_remarks(result) == []
     assert "GroupQueryAttention" not in _uncached_ops(result.artifact.path)
+
+
+@pytest.mark.parametrize("window, fused", [(8, False), (None, True)])
+def test_sliding_window_is_not_fused(tmp_path, window, fused):
+    """A config with an attention window shorter than its context (mistral v0.1, phi3-4k): GroupQueryAttention
+    as written would attend to the whole context, so the attention stays as exported (exact)."""
+    import json
+
+    def edit(proto):
+        entry = next(p for p in proto.metadata_props if p.key == "optc.hf_config")
+        entry.value = json.dumps({**json.loads(entry.value), "sliding_window": window})
+
+    result = _fuse_alone(_edited_export(tmp_path, edit), tmp_path)
+    assert ("GroupQueryAttention" in _uncached_ops(result.artifact.path)) == fused
+    if not fused:  # the cache form would stay unfused too: a reason of both forms is not remarked without a cache
+        assert _fuse_remarks(result) == []
