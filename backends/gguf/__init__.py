@@ -714,6 +714,8 @@ def write_gguf(model: Model, path: Path, *, show_progress: bool = True, threads:
     from optc.backends.gguf.quants import row_bytes
 
     cfg = llama_config(model)
+    for note in cfg.warnings:
+        print(f"optc: warning: {note}", file=sys.stderr)
     plans = tensor_plan(model, cfg)
     embd = next(p for p in plans if p.name == "token_embd.weight")
     n_vocab = int(embd.shape[0])
@@ -848,8 +850,6 @@ class GgufBackend(Backend):
         staged = Path(staged_name)
         checks: list[str] = []
         try:
-            for note in llama_config(model).warnings:
-                print(f"optc: warning: {note}", file=sys.stderr)
             try:
                 plans, tokenizer_line = write_gguf(model, staged)
             except OSError as exc:  # a full disk or a file-size limit
