@@ -48,6 +48,7 @@ from optc.ir import (
     DataType,
     Model,
     Node,
+    Value,
     annotate,
     annotation,
     source_name,
@@ -317,31 +318,8 @@ def emit(
     attributes: dict = {"axis": 1 - k_axis if per_channel else k_axis}
     if not per_channel:
         attributes["block_size"] = g
-    dq = build.node("DequantizeLinear", inputs, attributes=attributes, name=f"{base}_DequantizeLinear",
-                    outputs=[f"{base}_dequantized"])
-    annotate(dq, PROVENANCE, info.get("method", "lowbit"))
-    dq.outputs[0].dtype = weight.dtype
-    dq.outputs[0].shape = weight.shape
-    graph.insert_before(node, [dq])
-    node.replace_input_with(1, dq.outputs[0])
-    if not weight.uses() and not weight.is_graph_output() and weight.name in graph.initializers:
-        graph.initializers.pop(weight.name)
-        build.release(weight.name)
-    full = {
-        "op": node.op_type,
-        "weights": grid.storage if grid.bits in (4, 8) else f"{grid.storage}({grid.bits}-bit)",
-        "bits": grid.bits,
-        "group": -1 if per_channel else g,
-        "symmetric": grid.symmetric,
-        "weight_scheme": ("per-channel" if per_channel else f"group {g}") + (" symmetric" if grid.symmetric else " asymmetric"),
-        "weight_axis": attributes["axis"],
-        "weight": q_value.name,
-        "weight_source": source_name(weight),
-        "activations": "float",
-        **info,
-    }
-    annotate(node, QUANTIZATION, full)
-    return full
+    _insert_dequantize(build, node, 1, weight, inputs, attributes, base, info)
+    return _annotate_quantized(node, grid, g if not per_channel else -1, attributes["axis"], q_value, weight, info)
 
 
 def expert_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Experts], list[Node]]:
@@ -392,26 +370,40 @@ def emit_experts(
     if not grid.symmetric:
         inputs.append(build.initializer(f"{base}_zero_point", stacked(zero.to(torch.int32), np.int32).astype(dtype)))
     attributes = {"axis": site.k_axis, "block_size": g}
+    _insert_dequantize(build, site.gather, 0, weight, inputs, attributes, base, info)
+    return _annotate_quantized(site.gather, grid, g if not per_channel else -1, site.k_axis, q_value, weight, info,
+                               scheme_suffix=f", {e} experts")
+
+
+def _insert_dequantize(build: Builder, node: Node, index: int, weight: Value, inputs: list[Value],
+                       attributes: dict, base: str, info: dict) -> None:
+    """DequantizeLinear(`inputs`) before `node`, read as its input `index` in place of the float `weight`."""
+    graph = build.graph
     dq = build.node("DequantizeLinear", inputs, attributes=attributes, name=f"{base}_DequantizeLinear",
                     outputs=[f"{base}_dequantized"])
     annotate(dq, PROVENANCE, info.get("method", "lowbit"))
     dq.outputs[0].dtype = weight.dtype
     dq.outputs[0].shape = weight.shape
-    node = site.gather
     graph.insert_before(node, [dq])
-    node.replace_input_with(0, dq.outputs[0])
+    node.replace_input_with(index, dq.outputs[0])
     if not weight.uses() and not weight.is_graph_output() and weight.name in graph.initializers:
         graph.initializers.pop(weight.name)
         build.release(weight.name)
+
+
+def _annotate_quantized(node: Node, grid: Grid, group: int, axis: int, q_value: Value, weight: Value, info: dict,
+                        scheme_suffix: str = "") -> dict:
+    """The `quant` annotation of a weight-only op (group -1: per channel); returned as written."""
+    per_channel = group == -1
     full = {
         "op": node.op_type,
         "weights": grid.storage if grid.bits in (4, 8) else f"{grid.storage}({grid.bits}-bit)",
         "bits": grid.bits,
-        "group": -1 if per_channel else g,
+        "group": group,
         "symmetric": grid.symmetric,
-        "weight_scheme": ("per-channel" if per_channel else f"group {g}") + (" symmetric" if grid.symmetric else " asymmetric")
-        + f", {e} experts",
-        "weight_axis": site.k_axis,
+        "weight_scheme": ("per-channel" if per_channel else f"group {group}")
+        + (" symmetric" if grid.symmetric else " asymmetric") + scheme_suffix,
+        "weight_axis": axis,
         "weight": q_value.name,
         "weight_source": source_name(weight),
         "activations": "float",
