@@ -155,10 +155,9 @@ def experts(node: Node) -> Experts | None:
     if any(use.node is not node for use in weight.uses()) or weight.is_graph_output():
         return None
     gathered = node.outputs[0]
-    positions = {use.idx for use in gathered.uses() if use.node.op_type == "MatMul"}
-    if len(positions) != 1 or len(gathered.uses()) != sum(1 for u in gathered.uses() if u.node.op_type == "MatMul"):
-        return None
-    if gathered.is_graph_output():
+    uses = list(gathered.uses())
+    positions = {use.idx for use in uses}
+    if gathered.is_graph_output() or any(use.node.op_type != "MatMul" for use in uses) or len(positions) != 1:
         return None
     return Experts(node, weight, 2 if positions == {0} else 1)
 

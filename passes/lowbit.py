@@ -36,6 +36,7 @@ the GatherND is annotated `quant` (`"op": "GatherND"`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -268,12 +269,17 @@ def matches(node: Node, patterns) -> bool:
     return not LayerSelector.of(patterns).selects(node, node.inputs[1] if len(node.inputs) > 1 else None)
 
 
-def mark_excluded(nodes: list[Node], exclude: list[str]) -> int:
-    """Annotate each excluded node `quant_skipped` with the selector's reason; returns how many changed."""
+def _second_input(node: Node) -> Value | None:
+    return node.inputs[1] if len(node.inputs) > 1 else None
+
+
+def mark_excluded(nodes: list[Node], exclude: list[str], weight_of: Callable[[Node], Value | None] = _second_input) -> int:
+    """Annotate each excluded node `quant_skipped` with the selector's reason (`weight_of`: the weight it
+    reads, by default its second input); returns how many changed."""
     selector = LayerSelector.of(exclude)
     changed = 0
     for node in nodes:
-        reason = selector.why_not(node, node.inputs[1] if len(node.inputs) > 1 else None)
+        reason = selector.why_not(node, weight_of(node))
         if reason is not None and annotation(node, QUANTIZATION_SKIPPED) != reason and annotation(node, QUANTIZATION) is None:
             annotate(node, QUANTIZATION_SKIPPED, reason)
             changed += 1
@@ -323,21 +329,17 @@ def emit(
 
 
 def expert_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Experts], list[Node]]:
-    """Stacked expert weights to quantize in graph order, and the GatherNDs `exclude` matched (annotated
-    `quant_skipped` with the selector's reason)."""
+    """Stacked expert weights to quantize in graph order, and the GatherNDs `exclude` matched."""
     selector = LayerSelector.of(exclude)
     sites, excluded = [], []
     for node in model.graph:
         site = experts(node)
         if site is None:
             continue
-        reason = selector.why_not(node, site.weight)
-        if reason is None:
+        if selector.selects(node, site.weight):
             sites.append(site)
         else:
             excluded.append(node)
-            if annotation(node, QUANTIZATION_SKIPPED) != reason and annotation(node, QUANTIZATION) is None:
-                annotate(node, QUANTIZATION_SKIPPED, reason)
     return sites, excluded
 
 
@@ -482,6 +484,7 @@ class LowBitPass(Pass):
         sites, excluded = expert_sites(model, exclude)
         if sites and ensure_opset(model, LOWBIT_OPSET):
             sites, excluded = expert_sites(model, exclude)
+        mark_excluded(excluded, exclude, weight_of=lambda gather: gather.inputs[0])  # GatherND(W, indices)
         if excluded:
             am.context.remark("analysis", f"expert weights left float by exclude: {len(excluded)}")
         return sites, len(excluded)
