@@ -23,7 +23,9 @@ class OrtBackend(Backend):
     #: 5-8-bit weight-only weights are folded to float at load by lower-ort-int8 (faster than MatMulNBits bits=8).
     #: A KV-cache decoder's rotary attention runs as GroupQueryAttention (backends/ort/fuse_ort.py;
     #: tools/bench_decode.py).
-    legalize = "fuse-ort,lower-ort-nbits,lower-ort-int8"
+    #: A Relu read only by an FP8 quantizer moves after the pair, which onnxruntime's optimizer
+    #: otherwise drops (backends/ort/lower_ort_fp8.py).
+    legalize = "fuse-ort,lower-ort-nbits,lower-ort-int8,lower-ort-fp8"
 
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
         verify(model, where="before lowering to ort")
@@ -50,4 +52,4 @@ class OrtBackend(Backend):
         return files
 
 # The target's passes register on import (after the backend, which they may use).
-from optc.backends.ort import fuse_ort, lower_ort_int8, lower_ort_nbits  # noqa: E402, F401
+from optc.backends.ort import fuse_ort, lower_ort_fp8, lower_ort_int8, lower_ort_nbits  # noqa: E402, F401
