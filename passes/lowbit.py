@@ -156,13 +156,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 def find_params(
     w: torch.Tensor, group: int, grid: Grid, *, clip: bool = False, importance: torch.Tensor | None = None,
-    norm: float = 2.0,
+    norm: float = 2.0, hessian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero point [N, G] of W [N, K] (min-max, or the clip ratio with least error).
 
     The clip search minimizes Σ_k importance_k·|w − q|^norm per group: `importance` [K] (default ones)
     weighs each input channel, e.g. by the Hessian diagonal E[x_k²], so the range fits the weights
-    whose inputs are large; `norm` 2.4 is the reference GPTQ code's `mse` observer.
+    whose inputs are large; `norm` 2.4 is the reference GPTQ code's `mse` observer. With `hessian`
+    (XᵀX [K, K] of the layer's input) it minimizes each group's output error instead,
+    Δw_gᵀ·(XᵀX)_gg·Δw_g, cross terms within the group included: AWQ's clipping search (Lin et al.,
+    llm-awq `auto_clip`, which measures X_g·Δw_g on sampled tokens).
     """
     g = group_size(group, w.shape[1])
     wg, mask = _grouped(w.float(), g)
@@ -170,14 +173,23 @@ def find_params(
     scale, zero = _params(lo, hi, grid)
     if not clip:
         return scale, zero
-    weight = mask.float()
-    if importance is not None:
-        imp, _ = _grouped(importance.float().reshape(1, -1).to(w.device), g)
-        weight = weight * imp[0]
-    best = _group_error(wg, weight, scale, zero, grid, norm)
+    if hessian is not None:
+        blocks = _diagonal_blocks(hessian.float().to(w.device), g)
+
+        def error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return _group_output_error(wg, blocks, s, z, grid)
+    else:
+        weight = mask.float()
+        if importance is not None:
+            imp, _ = _grouped(importance.float().reshape(1, -1).to(w.device), g)
+            weight = weight * imp[0]
+
+        def error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return _group_error(wg, weight, s, z, grid, norm)
+    best = error(scale, zero)
     for r in torch.linspace(1.0, CLIP_MIN, CLIP_STEPS + 1)[1:].tolist():
         s, z = _params(lo * r, hi * r, grid)
-        err = _group_error(wg, weight, s, z, grid, norm)
+        err = error(s, z)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
@@ -194,22 +206,45 @@ def _group_error(
     return (err * weight).sum(dim=-1)
 
 
+def _diagonal_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
+    """The diagonal blocks [G, g, g] of a [K, K] matrix (the last one zero-padded to g)."""
+    k = h.shape[0]
+    groups = -(-k // g)
+    padded = torch.zeros(groups * g, groups * g, dtype=h.dtype, device=h.device)
+    padded[:k, :k] = h
+    idx = torch.arange(groups, device=h.device)
+    return padded.reshape(groups, g, groups, g)[idx, :, idx, :]
+
+
+def _group_output_error(
+    wg: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid,
+) -> torch.Tensor:
+    """Δw_gᵀ·H_gg·Δw_g for every row and group [N, G] (`blocks`: H's diagonal blocks [G, g, g])."""
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    diff = dequantize(quantize(wg, s, z, grid), s, z) - wg
+    return torch.einsum("ngi,gij,ngj->ng", diff, blocks, diff)
+
+
 def expand(params: torch.Tensor, k: int, group: int) -> torch.Tensor:
     """Per-group [N, G] → per-column [N, K]."""
     return params[:, group_index(k, group, params.device)]
 
 
-def rtn(w: torch.Tensor, group: int, grid: Grid, *, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round to nearest: integer codes [N, K], scale and zero point [N, G]."""
-    scale, zero = find_params(w, group, grid, clip=clip)
+def rtn(
+    w: torch.Tensor, group: int, grid: Grid, *, clip: bool = False, hessian: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest: integer codes [N, K], scale and zero point [N, G] (`hessian`: clip on the output error)."""
+    scale, zero = find_params(w, group, grid, clip=clip, hessian=hessian)
     k = w.shape[1]
     q = quantize(w.float(), expand(scale, k, group), expand(zero, k, group), grid)
     return q, scale, zero
 
 
-def fake_quantize(w: torch.Tensor, group: int, grid: Grid, *, clip: bool = False) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, group: int, grid: Grid, *, clip: bool = False, hessian: torch.Tensor | None = None,
+) -> torch.Tensor:
     """W after quantization and dequantization (float)."""
-    q, scale, zero = rtn(w, group, grid, clip=clip)
+    q, scale, zero = rtn(w, group, grid, clip=clip, hessian=hessian)
     k = w.shape[1]
     return dequantize(q, expand(scale, k, group), expand(zero, k, group))
 

@@ -54,6 +54,7 @@ from optc.passes.lowbit import (
     default_device,
     fake_quantize,
     linear_site,
+    linear_sites,
     rtn,
     torch_threads,
 )
@@ -82,10 +83,12 @@ def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 def group_error(
     weights: list[torch.Tensor], xtx: torch.Tensor, s: torch.Tensor, group: int, grid: Grid, *, clip: bool = False,
 ) -> float:
-    """Σ tr(ΔWᵀ XᵀX ΔW) over the layers (W [N, K]) for scales s: the group's squared output error."""
+    """Σ tr(ΔWᵀ XᵀX ΔW) over the layers (W [N, K]) for scales s: the group's squared output error
+    (`clip`: each group's range searched on that output error, as the final rounding does)."""
     total = 0.0
+    scaled_xtx = xtx / torch.outer(s, s) if clip else None  # the scaled layer's input is X·diag(1/s)
     for w in weights:
-        delta = fake_quantize(w * s, group, grid, clip=clip) / s - w
+        delta = fake_quantize(w * s, group, grid, clip=clip, hessian=scaled_xtx) / s - w
         total += float(((delta @ xtx) * delta).sum())
     return total
 
@@ -137,8 +140,16 @@ class Awq(LowBitPass):
         device = default_device()
         scaled = inserted = copies = 0
         alphas: list[float] = []
+        # The inputs of every layer to quantize: the final rounding searches each group's range on the
+        # layer's output error (XᵀX), as llm-awq's clipping search does.
+        inputs = [site.activation.name for site in linear_sites(model, opts.exclude)[0]] \
+            if opts.quantize and opts.clip else []
+        #: A consumer's input after scaling (by name) -> (the statistics' name, s): its XᵀX is H / (s·sᵀ).
+        rescaled: dict[str, tuple[str, torch.Tensor]] = {}
+        hessians = {}
+        if groups or inputs:
+            hessians = self.calibration_hessians(model, am, [g.value.name for g in groups] + inputs)
         if groups:
-            hessians = self.calibration_hessians(model, am, [g.value.name for g in groups])
             for group in tqdm(groups, desc="awq", unit="group", leave=False, disable=None):
                 stats = hessians.get(group.value.name)
                 if stats is None or stats.tokens == 0:
@@ -168,6 +179,8 @@ class Awq(LowBitPass):
                 else:
                     copies += scale_sites(model.graph, group.folds, 1.0 / factor, group.channels)
                 copies += scale_sites(model.graph, [ScaleSite(n, 1, a) for n, a in group.consumers], factor, group.channels)
+                for node, _ in group.consumers:
+                    rescaled[node.inputs[0].name] = (group.value.name, s)
                 scaled += 1
         stats_out: dict[str, int | float] = {
             "groups": len(groups), "groups-scaled": scaled, "muls-inserted": inserted, "constants-copied": copies,
@@ -187,13 +200,26 @@ class Awq(LowBitPass):
         expert_sites, experts_excluded = self.expert_layers(model, am)
         build = Builder(model.graph)  # owns the fresh names of everything this run adds
         for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):
-            q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip)
-            self.emit(model, site, q, scale, zero, {"clip": opts.clip}, build)
+            xtx = _input_xtx(site.activation.name, hessians, rescaled, device) if opts.clip else None
+            q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip, hessian=xtx)
+            self.emit(model, site, q, scale, zero, {"clip": "output" if xtx is not None else opts.clip}, build)
         experts = self.quantize_experts(model, am, expert_sites, device, build, not_calibrated=EXPERTS_NOT_CALIBRATED)
         stats_out["quantized-ops"] = len(sites) + experts
         stats_out["excluded-ops"] = len(excluded) + experts_excluded
         if experts:
             stats_out["quantized-experts"] = experts
         return PassResult(model, bool(sites) or experts > 0 or scaled > 0, None, stats_out)
+
+def _input_xtx(name: str, hessians: dict, rescaled: dict[str, tuple[str, torch.Tensor]],
+               device: torch.device) -> torch.Tensor | None:
+    """XᵀX of a layer's input `name` as the model now computes it (after AWQ's scaling), or None when
+    calibration did not measure it."""
+    source, s = rescaled.get(name, (name, None))
+    stats = hessians.get(source)
+    if stats is None or stats.tokens == 0:
+        return None
+    xtx = stats.xtx.to(device)
+    return xtx if s is None else xtx / torch.outer(s, s).to(xtx.dtype)
+
 
 __all__ = ["Awq", "awq_scales", "group_error", "search_alpha"]

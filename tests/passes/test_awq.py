@@ -15,6 +15,8 @@ from tests.fixtures import models
 from tests.fixtures import quant_models as qm
 from tests.passes import lowbit_helpers as h
 
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 def test_scales_are_normalized_and_dead_channels_stay():
     mean_abs = torch.tensor([0.5, 2.0, 8.0, 0.0])
@@ -62,10 +64,22 @@ def test_llama_block_groups_and_quantized_form():
     assert info["method"] == "awq" and info["bits"] == 3
     searched = annotation(h.node(m, "q_proj"), "awq")
     assert searched["error"] <= searched["error_rtn"]
-    assert h.sqnr_llama(proto, m) >= 8  # measured 9.3
+    assert h.sqnr_llama(proto, m) >= 11  # measured 11.9 (9.3 when the final ranges minimized the weight error)
     # against plain rounding without the clipping search (which AWQ's scales partly do the work of): 9.0 vs 8.2 dB
     plain = h.sqnr_llama(proto, h.run(h.llama(outliers=8.0)[1], "rtn{bits=3 group=32 clip=false}").model)
     assert h.sqnr_llama(proto, h.run(h.llama(outliers=8.0)[1], "awq{bits=3 group=32 clip=false}").model) > plain + 0.4
+
+
+@pytest.mark.parametrize(("grid", "margin"), [("bits=3 group=32", 0.05), ("bits=4 group=32 symmetric=false", 1.0)])
+def test_final_ranges_are_searched_on_each_layers_output_error(grid, margin):
+    """Every layer's group ranges minimize its output error on the calibration XᵀX (after the scaling), as
+    llm-awq's clipping search does; AWQ then beats RTN's weight-error ranges at the same grid.
+    Measured (dB): 3-bit 11.87 against RTN's 11.76, 4-bit asymmetric 17.31 against 15.63."""
+    proto, model = h.llama(outliers=8.0)
+    m = h.run(model, f"awq{{{grid}}}").model
+    assert {annotation(h.node(m, name), "quant")["clip"] for name in LINEARS} == {"output"}
+    rtn = h.run(h.llama(outliers=8.0)[1], f"rtn{{{grid}}}").model
+    assert h.sqnr_llama(proto, m) > h.sqnr_llama(proto, rtn) + margin
 
 
 def test_awq_then_gptq_recomputes_the_hessian():
