@@ -25,8 +25,10 @@ scales are then applied: 1/s into the producer (norm weight and bias, the
 that the residual also reads), s into the consumers' weight rows.
 
 With `quantize=true` (default) every linear layer is then quantized by RTN
-(with the per-group clipping search of `clip`) into the IR form of
-`optc.passes.lowbit`; with `quantize=false` the weights stay float (rescaled)
+into the IR form of `optc.passes.lowbit`, each group's range (`clip`) searched
+for the least error of the layer's output, Δw_gᵀ·(XᵀX)_gg·Δw_g with the XᵀX of
+its input after the scaling (AWQ's clipping search, llm-awq `auto_clip`; a layer
+calibration did not reach falls back to the least weight error); with `quantize=false` the weights stay float (rescaled)
 so another quantizer can follow: `awq{quantize=false},gptq`.
 """
 
