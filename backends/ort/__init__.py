@@ -25,7 +25,7 @@ class OrtBackend(Backend):
     #: tools/bench_decode.py).
     #: A Relu read only by an FP8 quantizer moves after the pair, which onnxruntime's optimizer
     #: otherwise drops (backends/ort/lower_ort_fp8.py).
-    legalize = "fuse-ort,lower-ort-nbits,lower-ort-int8,lower-ort-fp8"
+    legalize = "fuse-ort,lower-ort-fp8,lower-ort-nbits,lower-ort-int8"
 
     def lower(self, model: Model, output: Path, context: PassContext) -> Artifact:
         verify(model, where="before lowering to ort")
