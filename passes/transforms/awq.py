@@ -27,9 +27,10 @@ that the residual also reads), s into the consumers' weight rows.
 With `quantize=true` (default) every linear layer is then quantized by RTN
 into the IR form of `optc.passes.lowbit`, each group's range (`clip`) searched
 for the least error of the layer's output, Δw_gᵀ·(XᵀX)_gg·Δw_g with the XᵀX of
-its input after the scaling (AWQ's clipping search, llm-awq `auto_clip`; a layer
-calibration did not reach falls back to the least weight error); with `quantize=false` the weights stay float (rescaled)
-so another quantizer can follow: `awq{quantize=false},gptq`.
+its input after the scaling (AWQ's clipping search, llm-awq `auto_clip`; a
+layer calibration did not reach falls back to the least weight error); with
+`quantize=false` the weights stay float (rescaled) so another quantizer can
+follow: `awq{quantize=false},gptq`.
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ class Awq(LowBitPass):
         if experts:
             stats_out["quantized-experts"] = experts
         return PassResult(model, bool(sites) or experts > 0 or scaled > 0, None, stats_out)
+
 
 def _input_xtx(name: str, hessians: dict, rescaled: dict[str, tuple[str, torch.Tensor]],
                device: torch.device) -> torch.Tensor | None:
