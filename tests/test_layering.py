@@ -51,3 +51,18 @@ def test_every_pass_and_analysis_lives_in_a_file_named_like_it():
         if path.stem != name.replace("-", "_"):
             misplaced.append(f"{name}: {path}")
     assert not misplaced
+
+
+def test_checker_catches_private_names_and_private_modules():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_layers
+    finally:
+        sys.path.pop(0)
+    where = Path("x.py")
+    assert check_layers.private(where, 1, "optc.passes.transforms.awq", "optc.passes.transforms.smoothquant", "_x")
+    assert not check_layers.private(where, 1, "optc.passes.transforms.awq", "optc.passes.transforms.smoothquant", "x")
+    # a private module is shared inside its package, not outside it
+    assert not check_layers.private(where, 1, "optc.passes.transforms.prune_heads", "optc.passes.transforms._structure", "f")
+    assert check_layers.private(where, 1, "tools.bench_pruning", "optc.passes.transforms._structure", "f")
+    assert check_layers.private(where, 1, "optc.passes.lowbit", "optc.passes.transforms._structure", None)

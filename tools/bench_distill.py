@@ -45,6 +45,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import optc_command  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
+
 DEFAULT_PRUNE = ("prune-heads{ratio=0.25}", "sparsify{pattern=2:4 method=magnitude}")
 RECOVERY_TARGET = 0.30
 MINUTES_TARGET = 30.0
@@ -69,8 +73,7 @@ def _slug(text: str) -> str:
 
 def run_optc(args: list[str], reuse: bool, output: Path) -> tuple[float | None, float | None, int | None, str]:
     """Run `optc ARGS` (unless reusing an existing output); returns wall and CPU seconds, peak RSS and the command."""
-    optc = Path(sys.executable).with_name("optc")
-    command = [str(optc) if optc.exists() else "optc", *args]
+    command = [*optc_command(), *args]
     text = shlex.join(command)
     if reuse and output.exists():
         return None, None, None, text

@@ -124,7 +124,7 @@ def interleaved_latency(paths: list[Path], feeds: list[dict], rounds: int, threa
 
 def expected_head_params(model) -> int:
     """Parameters prune-heads{ratio=0.25} should remove, from the geometry of the attention blocks."""
-    from optc.passes.transforms._attention import find_attention
+    from optc.passes.attention import find_attention
 
     total = 0
     for block in find_attention(model):

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _bench import markdown_table  # noqa: E402 - the benchmarks' shared helpers
 from bench_w4 import ort_quantize  # noqa: E402 - the sibling benchmarks' builders and runners
 from bench_w8a8 import (  # noqa: E402
     ORT_WORKAROUND,
@@ -156,7 +157,7 @@ def table(rows: list[Row], ppl: dict[str, dict[str, float]], texts: list[str], p
     if latency:
         header.append("latency / fp32")
     header += ["compile", "notes"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    body = []
     for r in rows:
         mine = ppl.get(r.variant, {})
         reference = ref["gguf"] if r.variant in LLAMA and ref["gguf"] else ref["onnx"]
@@ -175,8 +176,8 @@ def table(rows: list[Row], ppl: dict[str, dict[str, float]], texts: list[str], p
             cells.append(f"{r.latency_s / base.latency_s:.3f}×" if r.latency_s and base and base.latency_s else "—")
         cells.append(f"{r.compile_s:.0f} s" if r.compile_s is not None else "—")
         cells.append(r.note)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def targets(rows: list[Row], ppl: dict[str, dict[str, float]]) -> list[str]:

@@ -17,7 +17,8 @@ The layers, lowest first (a layer may import itself and any layer below it):
 
 `frontends` and `passes` are siblings: neither imports the other. Every import counts, those inside
 functions included, so a cycle cannot hide behind a late import. A module never imports another
-module's private name (`_name`). The registry finds the built-in passes by module name (as it finds
+module's private name (`_name`), nor a private module (`_module`) from outside its package; the
+scripts in tools/ are held to that rule too. The registry finds the built-in passes by module name (as it finds
 plugins by entry point); that is not an import and is not checked here.
 """
 
@@ -126,9 +127,24 @@ def violations() -> list[str]:
                 problems.append(f"{where}:{line}: {module} ({mine}) imports {imported} ({theirs})")
             elif target(module) and target(imported) and target(module) != target(imported):
                 problems.append(f"{where}:{line}: target {target(module)} imports target {target(imported)} ({imported})")
-            if name and name.startswith("_") and not name.startswith("__") and imported != module:
-                problems.append(f"{where}:{line}: {module} imports the private name {name} of {imported}")
+            problems += private(where, line, module, imported, name)
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        module = f"tools.{path.stem}"
+        for line, imported, name in imports(path, module, known):
+            problems += private(path.relative_to(ROOT), line, module, imported, name)
     return problems
+
+
+def private(where: Path, line: int, module: str, imported: str, name: str | None) -> list[str]:
+    """The import's private name, if any: `name` of another module, or a `_module` outside its package."""
+    if name and name.startswith("_") and not name.startswith("__") and imported != module:
+        return [f"{where}:{line}: {module} imports the private name {name} of {imported}"]
+    parts = imported.split(".")
+    for i, part in enumerate(parts):
+        package = ".".join(parts[:i])
+        if part.startswith("_") and not part.startswith("__") and not module.startswith(package + "."):
+            return [f"{where}:{line}: {module} imports {imported}, private to {package}"]
+    return []
 
 
 def main() -> int:

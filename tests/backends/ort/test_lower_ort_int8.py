@@ -302,14 +302,14 @@ def test_keep_leaves_integer_qdq_alone():
 )
 def test_host_kernel(monkeypatch, machine, flags, kernel):
     monkeypatch.setattr(lowering.platform, "machine", lambda: machine)
-    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(lowering, "cpu_flags", lambda: frozenset(flags))
     chosen, reason = lowering.host_kernel()
     assert chosen == kernel and reason
 
 
 def test_auto_uses_u8s8_for_weights_that_cannot_saturate(monkeypatch):
     monkeypatch.setattr(lowering.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(lowering, "cpu_flags", lambda: frozenset({"avx2"}))
     result, _ = _lower(qdq_mlp(absmax=64), "")
     assert result.statistics["matmul-u8s8"] == 3 and result.statistics["matmul-u8u8"] == 0
     assert result.model.graph.initializers["q_w"].const_value.dtype == DataType.INT8
@@ -322,7 +322,7 @@ def test_auto_uses_u8s8_for_pair_limited_weights(monkeypatch):
     from optc.passes.int8_pairs import limit_pair_sums
 
     monkeypatch.setattr(lowering.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(lowering, "cpu_flags", lambda: frozenset({"avx2"}))
     proto = qdq_mlp(absmax=127)
     for init in proto.graph.initializer:
         if init.name in ("q_w", "k_w", "o_w"):
@@ -393,7 +393,7 @@ def test_tied_integer_lm_head_transposes_the_shared_table_at_load(tmp_path, monk
     from tests.fixtures import quant_models as qm
 
     monkeypatch.setattr(lowering.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(lowering, "cpu_flags", lambda: frozenset({"avx2"}))
     model = qm.to_ir(qm.llama_block(outliers=4.0), vocab=64)
     calib = {"calibration.spec": "random", "calibration.samples": 8, "calibration.seqlen": 16}
     pipeline = f'smoothquant{{exclude=""}},quantize{{embeddings=true exclude="" weight-pair-limit={pair_limit}}}'
