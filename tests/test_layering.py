@@ -4,7 +4,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def check_layers():
+    """tools/check_layers.py as a module."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_layers
+    finally:
+        sys.path.pop(0)
+    return check_layers
 
 
 def test_dependency_rule_holds():
@@ -13,12 +26,7 @@ def test_dependency_rule_holds():
     assert "0 violation(s)" in proc.stderr
 
 
-def test_checker_catches_an_upward_import(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import check_layers
-    finally:
-        sys.path.pop(0)
+def test_checker_catches_an_upward_import(tmp_path, check_layers):
     assert check_layers.layer("optc.ir.core") == "ir"
     assert check_layers.layer("optc.passes") == "passes.infra"
     assert check_layers.layer("optc.passes.transforms.dce") == "passes"
@@ -53,12 +61,7 @@ def test_every_pass_and_analysis_lives_in_a_file_named_like_it():
     assert not misplaced
 
 
-def test_checker_catches_private_names_and_private_modules():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import check_layers
-    finally:
-        sys.path.pop(0)
+def test_checker_catches_private_names_and_private_modules(check_layers):
     where = Path("x.py")
     assert check_layers.private(where, 1, "optc.passes.transforms.awq", "optc.passes.transforms.smoothquant", "_x")
     assert not check_layers.private(where, 1, "optc.passes.transforms.awq", "optc.passes.transforms.smoothquant", "x")
