@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the optc command of this environment and Markdown tables.
+"""What the benchmark scripts share: calibration and evaluation options, the optc command, Markdown tables.
 
 Imported by the scripts beside it (`sys.path` holds tools/ when one runs as `python tools/NAME.py`);
 not part of the library.
@@ -6,10 +6,20 @@ not part of the library.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+
+def add_text_options(parser: argparse.ArgumentParser, *, samples: int = 16, seqlen: int = 256, ctx: int = 256,
+                     max_tokens: int = 4096) -> None:
+    """`--samples`/`--seqlen` (calibration windows) and `--ctx`/`--max-tokens` (perplexity), with this script's defaults."""
+    parser.add_argument("--samples", type=int, default=samples, help=f"calibration windows (default {samples})")
+    parser.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per calibration window (default {seqlen})")
+    parser.add_argument("--ctx", type=int, default=ctx, help=f"tokens per evaluation window (default {ctx})")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"held-out tokens scored (default {max_tokens})")
 
 
 def optc_command() -> list[str]:
@@ -28,4 +38,4 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["markdown_table", "optc_command"]
+__all__ = ["add_text_options", "markdown_table", "optc_command"]

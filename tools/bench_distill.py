@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import optc_command  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
+from _bench import add_text_options, optc_command  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
 
 DEFAULT_PRUNE = ("prune-heads{ratio=0.25}", "sparsify{pattern=2:4 method=magnitude}")
 RECOVERY_TARGET = 0.30
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune", action="append", help="pruning pipeline(s) to recover from (repeatable)")
     parser.add_argument("--steps", type=int, default=100, help="distill steps")
     parser.add_argument("--distill-options", default="", help="more distill options, e.g. 'lr=0.0002 threads=2'")
-    parser.add_argument("--samples", type=int, default=64, help="calibration windows")
-    parser.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored")
-    parser.add_argument("--ctx", type=int, default=256, help="perplexity window")
+    add_text_options(parser, samples=64, seqlen=128)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads for perplexity")
     parser.add_argument("--skip-pkdq", action="store_true", help="skip w4 and p-kd-q")
     parser.add_argument("--pkdq-full", action="store_true", help="run the p-kd-q pipeline as one command")

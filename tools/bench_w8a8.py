@@ -75,7 +75,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import markdown_table  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
+from _bench import add_text_options, markdown_table  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
 
 VARIANTS = ("fp32", "ort-static", "ort-dynamic", "optc-w8a8", "optc-fp8")
 OPTC_PIPELINES = {"optc-w8a8": "w8a8", "optc-fp8": "fp8"}
@@ -538,10 +538,7 @@ def rss_check(args: argparse.Namespace, gguf: Path, work: Path) -> list[str]:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Calibration, evaluation and latency options shared with tools/bench_w4.py."""
-    parser.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
-    parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
-    parser.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
+    add_text_options(parser)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads for evaluation (default: all CPUs)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved latency rounds (default 20)")
 
