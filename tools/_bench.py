@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: calibration and evaluation options, the optc command, Markdown tables.
+"""What the benchmark scripts share: a row, calibration and evaluation options, the optc command, Markdown tables.
 
 Imported by the scripts beside it (`sys.path` holds tools/ when one runs as `python tools/NAME.py`);
 not part of the library.
@@ -7,10 +7,24 @@ not part of the library.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+
+@dataclasses.dataclass
+class Row:
+    """One model a benchmark built: its name, file, the command that built it, and what was measured."""
+
+    variant: str
+    path: Path | None = None
+    command: str = ""
+    compile_s: float | None = None
+    ppl: float | None = None
+    size_bytes: int | None = None
+    note: str = ""
 
 
 def add_text_options(parser: argparse.ArgumentParser, *, samples: int = 16, seqlen: int = 256, ctx: int = 256,
@@ -38,4 +52,4 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["add_text_options", "markdown_table", "optc_command"]
+__all__ = ["Row", "add_text_options", "markdown_table", "optc_command"]

@@ -75,6 +75,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _bench import Row as BenchRow
 from _bench import add_text_options, markdown_table  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
 
 VARIANTS = ("fp32", "ort-static", "ort-dynamic", "optc-w8a8", "optc-fp8")
@@ -96,15 +97,10 @@ def model_path() -> Path:
 
 
 @dataclasses.dataclass
-class Row:
-    variant: str
-    path: Path | None = None
-    compile_s: float | None = None
-    ppl: float | None = None
+class Row(BenchRow):
+    """A model of this benchmark, with its latency."""
+
     latency_s: float | None = None
-    size_bytes: int | None = None
-    note: str = ""
-    command: str = ""
     #: Median window latency inside `evaluate` (models one after the other; the table uses `latency_s`).
     eval_latency_s: float | None = None
     #: Evaluated with onnxruntime's QDQPropagationTransformer disabled (see ORT_WORKAROUND).
