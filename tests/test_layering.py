@@ -69,3 +69,16 @@ def test_checker_catches_private_names_and_private_modules(check_layers):
     assert not check_layers.private(where, 1, "optc.passes.transforms.prune_heads", "optc.passes.transforms._structure", "f")
     assert check_layers.private(where, 1, "tools.bench_pruning", "optc.passes.transforms._structure", "f")
     assert check_layers.private(where, 1, "optc.passes.lowbit", "optc.passes.transforms._structure", None)
+
+
+def test_checker_reads_private_attributes_of_imported_modules(tmp_path, check_layers):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from optc.passes.transforms import rotate\nimport optc.ir.core as core\n"
+                   "x = rotate._private(4)\ny = core._oir\nz = rotate.hadamard(4)\n")
+    known = {"optc.passes.transforms.rotate", "optc.ir.core"}
+    found = check_layers.attributes(bad, "tools.bad", known)
+    assert (3, "optc.passes.transforms.rotate", "_private") in found and (4, "optc.ir.core", "_oir") in found
+    assert [p for line, m, name in found for p in check_layers.private(bad, line, "tools.bad", m, name)] == [
+        f"{bad}:3: tools.bad imports the private name _private of optc.passes.transforms.rotate",
+        f"{bad}:4: tools.bad imports the private name _oir of optc.ir.core",
+    ]
