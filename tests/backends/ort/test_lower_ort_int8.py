@@ -439,6 +439,15 @@ def _edit(proto: onnx.ModelProto, fn) -> onnx.ModelProto:
     return out
 
 
+def _assert_untouched(proto: onnx.ModelProto) -> None:
+    """The (valid) model goes through lower-ort-int8 unchanged."""
+    onnx.checker.check_model(proto)
+    model = models.to_ir(proto)
+    text = print_ir(model)
+    result = b.run(model, "lower-ort-int8{kernel=u8u8}")
+    assert not result.modified and print_ir(result.model) == text
+
+
 def test_blocked_weight_dequantize_is_untouched():
     def block(model):
         w = next(t for t in model.graph.initializer if t.name == "w")
@@ -455,11 +464,7 @@ def test_blocked_weight_dequantize_is_untouched():
         dq.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", 8)])
 
     proto = _edit(weight_only_model(), block)
-    onnx.checker.check_model(proto)
-    model = models.to_ir(proto)
-    text = print_ir(model)
-    result = b.run(model, "lower-ort-int8{kernel=u8u8}")
-    assert not result.modified and print_ir(result.model) == text
+    _assert_untouched(proto)
 
 
 def test_table_scaled_per_column_is_untouched():
@@ -481,11 +486,7 @@ def test_table_scaled_per_column_is_untouched():
         if t.name in ("E_s", "E_z"):
             arr = numpy_helper.to_array(t)[:8]
             proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
-    onnx.checker.check_model(proto)
-    model = models.to_ir(proto)
-    text = print_ir(model)
-    result = b.run(model, "lower-ort-int8{kernel=u8u8}")
-    assert not result.modified and print_ir(result.model) == text
+    _assert_untouched(proto)
 
 
 def test_quantized_activation_that_is_also_a_graph_output_is_untouched():
