@@ -242,7 +242,8 @@ class _Backend:
     close: Callable[[], None] = lambda: None
 
 
-def _onnx_backend(path: Path, model: Any, threads: int) -> _Backend:
+def onnx_backend(path: Path, model: Any, threads: int) -> _Backend:
+    """The scoring backend of an ONNX model: an onnxruntime session on `threads` threads."""
     import onnxruntime as ort
 
     from optc.runtime.ort import open_session
@@ -399,7 +400,7 @@ def evaluate(
         raise OptcError(f"the text has {text_tokens} tokens, fewer than one window of {ctx} (--ctx); give a longer --text or a smaller --ctx")
 
     ids = ids[: windows * ctx]
-    backend = _gguf_backend(path, ctx, threads) if kind == "gguf" else _onnx_backend(path, onnx_model, threads)
+    backend = _gguf_backend(path, ctx, threads) if kind == "gguf" else onnx_backend(path, onnx_model, threads)
     del onnx_model
     try:
         if backend.vocab is not None and int(ids.max()) >= backend.vocab:

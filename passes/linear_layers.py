@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,39 +44,52 @@ FLOAT_TYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.BFLOAT16)
 
 
 @dataclass(frozen=True)
-class Linear:
-    """A linear layer `Y = X·W`: the node, its constant weight and the weight's K (reduction) axis."""
+class _WeightRows(ABC):
+    """What `Linear` and `Experts` share: a constant weight read along `k_axis`, named by `node`."""
 
     node: Node
     weight: Value
-    k_axis: int  # 0 for MatMul / Gemm(transB=0), 1 for Gemm(transB=1)
-
-    @property
-    def activation(self) -> Value:
-        return self.node.inputs[0]
+    k_axis: int
 
     @property
     def in_features(self) -> int:
         return int(self.weight.shape[self.k_axis])
 
     @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[1 - self.k_axis])
-
-    @property
     def label(self) -> str:
         return node_label(self.node)
+
+    @abstractmethod
+    def rows(self) -> np.ndarray:
+        """The weight as float32 rows `[outputs, K]`."""
+
+    def matrix(self, device: Any = None) -> Any:
+        """`rows()` as a float32 torch tensor on `device` (CPU by default)."""
+        import torch
+
+        return torch.from_numpy(self.rows()).to(device or "cpu")
+
+
+@dataclass(frozen=True)
+class Linear(_WeightRows):
+    """A linear layer `Y = X·W`: the node, its constant weight and the weight's K (reduction) axis
+    (0 for MatMul / Gemm(transB=0), 1 for Gemm(transB=1))."""
+
+    @property
+    def activation(self) -> Value:
+        return self.node.inputs[0]
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[1 - self.k_axis])
 
     def nk(self) -> np.ndarray:
         """The weight as float32 `[N, K]`."""
         w = constant_array(self.weight).astype(np.float32)
         return np.ascontiguousarray(w.T if self.k_axis == 0 else w)
 
-    def matrix(self, device: Any = None) -> Any:
-        """The weight as a float32 torch tensor `[N, K]` on `device` (CPU by default)."""
-        import torch
-
-        return torch.from_numpy(self.nk()).to(device or "cpu")
+    def rows(self) -> np.ndarray:
+        return self.nk()
 
 
 def linear(node: Node) -> Linear | None:
@@ -94,49 +108,30 @@ def linear(node: Node) -> Linear | None:
 
 
 @dataclass(frozen=True)
-class Experts:
-    """Stacked expert weights `W [E, ...]` that a GatherND picks per token for a batched MatMul.
+class Experts(_WeightRows):
+    """Stacked expert weights `W [E, ...]` that a GatherND (`node`) picks per token for a batched MatMul.
 
     `k_axis` is W's reduction axis: 2 when the gathered `[T, N, K]` is the MatMul's left operand
     (transformers' layout, `W[e]` is `[out, in]`), 1 when the gathered `[T, K, N]` is its right one.
     """
-
-    gather: Node
-    weight: Value
-    k_axis: int
-
-    @property
-    def node(self) -> Node:
-        """The op a layer selector and remarks name (the GatherND)."""
-        return self.gather
 
     @property
     def count(self) -> int:
         return int(self.weight.shape[0])
 
     @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[self.k_axis])
-
-    @property
     def out_features(self) -> int:
         return int(self.weight.shape[3 - self.k_axis])
-
-    @property
-    def label(self) -> str:
-        return node_label(self.gather)
 
     def enk(self) -> np.ndarray:
         """The weights as float32 `[E, N, K]` (each expert a `[N, K]` matrix)."""
         w = constant_array(self.weight).astype(np.float32)
         return np.ascontiguousarray(w if self.k_axis == 2 else w.transpose(0, 2, 1))
 
-    def matrix(self, device: Any = None) -> Any:
-        """Every expert's rows stacked, float32 torch `[E·N, K]` on `device`: rows are independent in
-        group quantization, so this quantizes each expert as its own matrix."""
-        import torch
-
-        return torch.from_numpy(self.enk().reshape(-1, self.in_features)).to(device or "cpu")
+    def rows(self) -> np.ndarray:
+        """Every expert's rows stacked, `[E·N, K]`: rows are independent in group quantization, so
+        `matrix()` quantizes each expert as its own matrix."""
+        return self.enk().reshape(-1, self.in_features)
 
 
 def experts(node: Node) -> Experts | None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -74,6 +74,8 @@ BITS = (2, 3, 4, 5, 6, 7, 8)
 LOWBIT_OPSET = 21
 #: Why the calibrated passes round a mixture of experts' weights to nearest instead.
 EXPERTS_NOT_CALIBRATED = "per-expert statistics need each expert's routed tokens, which calibration does not collect"
+#: A weight view the site finders select from.
+S = TypeVar("S", Linear, Experts)
 
 
 def default_device() -> torch.device:
@@ -263,19 +265,24 @@ def linear_site(node: Node) -> Linear | None:
     return site
 
 
-def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Linear], list[Node]]:
-    """Quantizable linear layers in graph order (not yet quantized), and the weighted ops `exclude` matched."""
+def _select(model: Model, view: Callable[[Node], S | None], exclude: list[str] | tuple[str, ...]) -> tuple[list[S], list[Node]]:
+    """The nodes `view` sees in graph order, split into those `exclude` leaves to quantize and those it matched."""
     selector = LayerSelector.of(exclude)
     sites, excluded = [], []
     for node in model.graph:
-        site = linear_site(node)
+        site = view(node)
         if site is None:
             continue
-        if not selector.selects(node, site.weight):
+        if selector.selects(node, site.weight):
+            sites.append(site)
+        else:
             excluded.append(node)
-            continue
-        sites.append(site)
     return sites, excluded
+
+
+def linear_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Linear], list[Node]]:
+    """Quantizable linear layers in graph order (not yet quantized), and the weighted ops `exclude` matched."""
+    return _select(model, linear_site, exclude)
 
 
 def remark_sites(context, model: Model, sites: list[Linear], excluded: list[Node]) -> None:
@@ -365,17 +372,7 @@ def emit(
 
 def expert_sites(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Experts], list[Node]]:
     """Stacked expert weights to quantize in graph order, and the GatherNDs `exclude` matched."""
-    selector = LayerSelector.of(exclude)
-    sites, excluded = [], []
-    for node in model.graph:
-        site = experts(node)
-        if site is None:
-            continue
-        if selector.selects(node, site.weight):
-            sites.append(site)
-        else:
-            excluded.append(node)
-    return sites, excluded
+    return _select(model, experts, exclude)
 
 
 def emit_experts(
@@ -407,8 +404,8 @@ def emit_experts(
     if not grid.symmetric:
         inputs.append(build.initializer(f"{base}_zero_point", stacked(zero.to(torch.int32), np.int32).astype(dtype)))
     attributes = {"axis": site.k_axis, "block_size": g}
-    _insert_dequantize(build, site.gather, 0, weight, inputs, attributes, base, info)
-    return _annotate_quantized(site.gather, grid, g if not per_channel else -1, site.k_axis, q_value, weight, info,
+    _insert_dequantize(build, site.node, 0, weight, inputs, attributes, base, info)
+    return _annotate_quantized(site.node, grid, g if not per_channel else -1, site.k_axis, q_value, weight, info,
                                scheme_suffix=f", {e} experts")
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from optc.architectures import lookup
+
 PAST_KEY = "past_key_values.%d.key"
 PAST_VALUE = "past_key_values.%d.value"
 PRESENT_KEY = "present.%d.key"
@@ -79,6 +81,15 @@ def is_cache_tensor(name: str) -> bool:
 def has_cache(input_names: Iterable[str]) -> bool:
     """True for a decoder with past inputs."""
     return any(is_past(name) for name in input_names)
+
+
+def is_causal_lm(config: dict[str, Any] | None, input_names: Iterable[str]) -> bool:
+    """True for a causal LM, with its cache or exported without one (`input_ids -> logits`)."""
+    names = set(input_names)
+    if has_cache(names):
+        return True
+    family = lookup(str(config.get("model_type", ""))) if config else None
+    return "input_ids" in names and family is not None and family.task == "causal-lm"
 
 
 _ORT_TYPES = {

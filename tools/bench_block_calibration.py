@@ -25,6 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import markdown_table  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
+
 TOOLS = Path(__file__).resolve().parent
 SHAPES = {
     "1b": {"hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 5632, "vocab_size": 32000,
@@ -112,10 +116,7 @@ def main() -> int:
                          ppl if code == 0 else f"exit {code}"))
     header = ("model", "pipeline", "path", "peak anon", "max_usage", "time", f"ppl ({args.text})")
     print(f"cap: {args.cap or 'none'}")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(header, rows))
     return 0 if all("exit" not in r[-1] for r in rows) else 1
 
 

@@ -20,9 +20,10 @@ of decode (and prefill) tokens per second, every ratio taken within the run.
 transformers, as optc's export reads it) of 64 tokens from 5 prompts, against
 the fp32, w8a8 and w4a16 folders through onnxruntime-genai: tokens equal, position by position.
 
-`ppl`: perplexity of the fp32 and w8a8 KV-cache decoders (prefill with an empty cache) and of
-the no-cache exports (`optc [--passes=w8a8] -o nocache.onnx`), same text and windows: both forms
-run their attention as GroupQueryAttention, so each pair agrees.
+`ppl`: perplexity of the fp32, w8a8 and w4a16 KV-cache decoders (prefill with an empty cache) and
+of the no-cache exports (`optc [--passes=P] -o nocache.onnx`), same text and windows: both forms
+run their attention as GroupQueryAttention and their MatMulNBits at the same accuracy level, so
+each pair agrees.
 
 `prefill`: latency of one `--prompt-tokens` window through the fp32 no-cache export as written
 (attention fused by `fuse-ort`) and the same export written with the ort backend's legalize
@@ -51,6 +52,7 @@ BUILDS = {
     "Q8_0": (["--kv-cache", "--passes=kquant{mix=Q8_0}"], "q8_0.gguf"),
     "nocache": ([], "nocache/model.onnx"),
     "w8a8-nocache": (["--passes=w8a8"], "w8a8-nocache/model.onnx"),
+    "w4a16-nocache": (["--passes=w4a16"], "w4a16-nocache/model.onnx"),
 }
 #: The fp32 no-cache export with its attention left unfused (the `prefill` part's other side).
 UNFUSED = "nocache-unfused/model.onnx"
@@ -60,7 +62,7 @@ _WITHOUT_FUSION = (
     "OrtBackend.legalize = ','.join(p for p in OrtBackend.legalize.split(',') if p != 'fuse-ort'); "
     "sys.exit(main(sys.argv[1:]))"
 )
-NOCACHE = ("nocache", "w8a8-nocache")
+NOCACHE = ("nocache", "w8a8-nocache", "w4a16-nocache")
 #: Table rows: label, build, use the cache.
 ROWS = [
     ("optc fp32 (KV cache, onnxruntime-genai)", "fp32", True),
@@ -235,7 +237,8 @@ def perplexity(work: Path) -> None:
     print("\nperplexity, 16 windows of 256 tokens of the held-out text\n")
     print("| model | ppl |\n|---|---:|")
     rows = (("fp32, KV cache (prefill from an empty cache)", "fp32"), ("fp32, no-cache export", "nocache"),
-            ("w8a8, KV cache (prefill from an empty cache)", "w8a8"), ("w8a8, no-cache export", "w8a8-nocache"))
+            ("w8a8, KV cache (prefill from an empty cache)", "w8a8"), ("w8a8, no-cache export", "w8a8-nocache"),
+            ("w4a16, KV cache (prefill from an empty cache)", "w4a16"), ("w4a16, no-cache export", "w4a16-nocache"))
     for label, name in rows:
         result = evaluate(work / BUILDS[name][1], None, 256, 4096, tokenizer)
         print(f"| {label} | {result.ppl:.4f} |", flush=True)

@@ -47,6 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import add_text_options  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
+
 from tests.backends.ggml_oracle import llama_quantize  # noqa: E402 - llama.cpp's quantizer, shared with the tests
 
 MIXES = ("Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
@@ -125,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imatrix-mixes", default="Q4_K_M,Q3_K_M,Q2_K")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing runs of Q4_K_M")
-    parser.add_argument("--max-tokens", type=int, default=2048)
-    parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--seqlen", type=int, default=256)
+    add_text_options(parser, max_tokens=2048)
     parser.add_argument("--workdir", default="/tmp/optc-bench-gguf")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--eval-both", action="store_true",

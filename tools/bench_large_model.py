@@ -47,6 +47,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import markdown_table, optc_command  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
+
 #: ONNX protobufs cannot exceed this; a model above it needs external data.
 PROTOBUF_LIMIT = 2**31
 #: Offsets of weights in the data file are aligned to this (what exporters and optc do).
@@ -199,15 +203,6 @@ def build_model(folder: Path, size_bytes: int, hidden: int, seed: int) -> BuiltM
     )
 
 
-def _optc_command() -> list[str]:
-    """The `optc` console script of this interpreter's environment, else `python -m optc`."""
-    script = Path(sys.executable).with_name("optc")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("optc")
-    return [found] if found else [sys.executable, "-m", "optc"]
-
-
 def _status_kib(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
     """Selected `kB` fields of /proc/PID/status (empty once the process is gone)."""
     out: dict[str, int] = {}
@@ -224,7 +219,7 @@ def _status_kib(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
 
 def run_optc(args: list[str], sample_interval: float = 0.02) -> RunResult:
     """Run optc as a child; exact peak RSS from `os.wait4`, anon/file split from sampling."""
-    command = [*_optc_command(), *args]
+    command = [*optc_command(), *args]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(command, stdout=out, stderr=err)
@@ -454,10 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             "output size",
             "output check",
         ]
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join("---" for _ in header) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        print(markdown_table(header, rows))
         print()
         if failures:
             for failure in failures:

@@ -30,9 +30,9 @@ def build(width: int, form: str, path: Path) -> int:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from optc.passes.transforms.rotate import _factors, hadamard
+    from optc.passes.transforms.rotate import hadamard, hadamard_factors
 
-    orders = _factors(width)
+    orders = hadamard_factors(width)
     a = orders[0] if len(orders) > 1 and orders[0] & (orders[0] - 1) else 1
     b = width // a
     big_a = hadamard(a) if a > 1 else np.ones((1, 1))

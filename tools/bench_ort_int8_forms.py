@@ -308,9 +308,9 @@ def host() -> str:
                 break
     except OSError:
         pass
-    from optc.backends.ort.lower_ort_int8 import _cpu_flags
+    from optc.backends.ort.lower_ort_int8 import cpu_flags
 
-    flags = _cpu_flags()
+    flags = cpu_flags()
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     return f"{name} ({'/'.join(isa) or 'flags unknown'}), {os.cpu_count()} CPUs"
 

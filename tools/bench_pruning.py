@@ -45,6 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import add_text_options  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
+
 SPARSIFY = [
     (pattern, method)
     for pattern in ("2:4", "unstructured")
@@ -124,7 +128,7 @@ def interleaved_latency(paths: list[Path], feeds: list[dict], rounds: int, threa
 
 def expected_head_params(model) -> int:
     """Parameters prune-heads{ratio=0.25} should remove, from the geometry of the attention blocks."""
-    from optc.passes.transforms._attention import find_attention
+    from optc.passes.attention import find_attention
 
     total = 0
     for block in find_attention(model):
@@ -263,10 +267,7 @@ def bert_check(args, work: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=4096)
+    add_text_options(parser)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: every CPU)")
     parser.add_argument("--energies", default="0.8,0.9,0.95,0.98")

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _bench import add_text_options, markdown_table  # noqa: E402 - the benchmarks' shared helpers
 from bench_w4 import ort_quantize  # noqa: E402 - the sibling benchmarks' builders and runners
 from bench_w8a8 import (  # noqa: E402
     ORT_WORKAROUND,
@@ -156,7 +157,7 @@ def table(rows: list[Row], ppl: dict[str, dict[str, float]], texts: list[str], p
     if latency:
         header.append("latency / fp32")
     header += ["compile", "notes"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    body = []
     for r in rows:
         mine = ppl.get(r.variant, {})
         reference = ref["gguf"] if r.variant in LLAMA and ref["gguf"] else ref["onnx"]
@@ -175,8 +176,8 @@ def table(rows: list[Row], ppl: dict[str, dict[str, float]], texts: list[str], p
             cells.append(f"{r.latency_s / base.latency_s:.3f}×" if r.latency_s and base and base.latency_s else "—")
         cells.append(f"{r.compile_s:.0f} s" if r.compile_s is not None else "—")
         cells.append(r.note)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def targets(rows: list[Row], ppl: dict[str, dict[str, float]]) -> list[str]:
@@ -208,10 +209,7 @@ def targets(rows: list[Row], ppl: dict[str, dict[str, float]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
-    parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
-    parser.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens scored per text (default 4096)")
+    add_text_options(parser, samples=32)
     parser.add_argument("--threads", type=int, default=None, help="runtime threads for evaluation (default: all CPUs)")
     parser.add_argument("--texts", default=",".join(TEXTS), help=f"comma-separated subset of {','.join(TEXTS)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")

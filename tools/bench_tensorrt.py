@@ -69,6 +69,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import add_text_options  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
+
 VARIANTS = {
     "w8a8": "w8a8",
     "fp8": "fp8",
@@ -329,10 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated names, or name=pipeline (default: " + ",".join(VARIANTS) + ")")
-    parser.add_argument("--samples", type=int, default=16, help="SmolLM2 calibration windows")
-    parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
-    parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=4096)
+    add_text_options(parser)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cnn-size", type=int, default=32)
     parser.add_argument("--cnn-batch", type=int, default=64)

@@ -73,6 +73,11 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import Row as BenchRow
+from _bench import add_text_options, markdown_table  # noqa: E402 - the benchmarks' shared helpers (tools/_bench.py)
+
 VARIANTS = ("fp32", "ort-static", "ort-dynamic", "optc-w8a8", "optc-fp8")
 OPTC_PIPELINES = {"optc-w8a8": "w8a8", "optc-fp8": "fp8"}
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,15 +97,10 @@ def model_path() -> Path:
 
 
 @dataclasses.dataclass
-class Row:
-    variant: str
-    path: Path | None = None
-    compile_s: float | None = None
-    ppl: float | None = None
+class Row(BenchRow):
+    """A model of this benchmark, with its latency."""
+
     latency_s: float | None = None
-    size_bytes: int | None = None
-    note: str = ""
-    command: str = ""
     #: Median window latency inside `evaluate` (models one after the other; the table uses `latency_s`).
     eval_latency_s: float | None = None
     #: Evaluated with onnxruntime's QDQPropagationTransformer disabled (see ORT_WORKAROUND).
@@ -395,7 +395,7 @@ def interleaved_latency(rows: list[Row], args: argparse.Namespace, tokenizer: An
     Each model runs the same window (the first of the eval text) once per round, one model after
     the other, so slow drift in the machine's load (other processes) hits every model alike.
     """
-    from optc.evaluate import _onnx_backend, default_threads, tokenize
+    from optc.evaluate import default_threads, onnx_backend, tokenize
     from optc.ir import load_model
     from optc.runtime.text import builtin_text
 
@@ -406,7 +406,7 @@ def interleaved_latency(rows: list[Row], args: argparse.Namespace, tokenizer: An
         if row.path is None or row.ppl is None:
             continue
         with ort_disabled_optimizers(ORT_WORKAROUND) if row.workaround else contextlib.nullcontext():
-            backends[row.variant] = _onnx_backend(row.path, load_model(row.path), threads)
+            backends[row.variant] = onnx_backend(row.path, load_model(row.path), threads)
         backends[row.variant].run(window)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in backends}
     print(f"bench_w8a8: latency, {args.rounds} interleaved rounds ...", file=sys.stderr, flush=True)
@@ -430,7 +430,7 @@ def _ratio(value: float | None, base: float | None) -> str:
 def table(rows: list[Row]) -> str:
     base = next((r for r in rows if r.variant == "fp32" and r.ppl is not None), None)
     header = ["variant", "perplexity", "ppl / fp32", "latency / 256 tok", "lat / fp32", "size", "size / fp32", "compile", "notes"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    body = []
     for r in rows:
         cells = [
             r.variant,
@@ -443,8 +443,8 @@ def table(rows: list[Row]) -> str:
             f"{r.compile_s:.1f} s" if r.compile_s is not None else "—",
             r.note,
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def target_check(label: str, value: float | None, ref: float | None, limit: float) -> str:
@@ -534,10 +534,7 @@ def rss_check(args: argparse.Namespace, gguf: Path, work: Path) -> list[str]:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Calibration, evaluation and latency options shared with tools/bench_w4.py."""
-    parser.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
-    parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
-    parser.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
+    add_text_options(parser)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads for evaluation (default: all CPUs)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved latency rounds (default 20)")
 

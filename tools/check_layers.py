@@ -17,7 +17,8 @@ The layers, lowest first (a layer may import itself and any layer below it):
 
 `frontends` and `passes` are siblings: neither imports the other. Every import counts, those inside
 functions included, so a cycle cannot hide behind a late import. A module never imports another
-module's private name (`_name`). The registry finds the built-in passes by module name (as it finds
+module's private name (`_name`, imported or read as `module._name`), nor a private module (`_module`) from outside its package; the
+scripts in tools/ are held to that rule too. The registry finds the built-in passes by module name (as it finds
 plugins by entry point); that is not an import and is not checked here.
 """
 
@@ -94,23 +95,28 @@ def target(module: str) -> str | None:
 
 def imports(path: Path, module: str, known: set[str]) -> list[tuple[int, str, str | None]]:
     """(line, imported module, imported name or None) for every optc import in the file."""
-    found = []
     tree = ast.parse(path.read_text(), str(path))
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, a.name, None) for a in node.names if a.name.split(".")[0] == "optc"]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[: len(anchor) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            if base.split(".")[0] != "optc":
-                continue
-            for alias in node.names:
-                child = f"{base}.{alias.name}"
-                found.append((node.lineno, child, None) if child in known else (node.lineno, base, alias.name))
+    return [found for node in ast.walk(tree) for found in imports_of(node, path, module, known)]
+
+
+def imports_of(node: ast.AST, path: Path, module: str, known: set[str]) -> list[tuple[int, str, str | None]]:
+    """The optc imports of one statement (none when it is not an import)."""
+    if isinstance(node, ast.Import):
+        return [(node.lineno, a.name, None) for a in node.names if a.name.split(".")[0] == "optc"]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        anchor = package.split(".")
+        anchor = anchor[: len(anchor) - node.level + 1]
+        base = ".".join([*anchor, base] if base else anchor)
+    if base.split(".")[0] != "optc":
+        return []
+    found = []
+    for alias in node.names:
+        child = f"{base}.{alias.name}"
+        found.append((node.lineno, child, None) if child in known else (node.lineno, base, alias.name))
     return found
 
 
@@ -126,9 +132,41 @@ def violations() -> list[str]:
                 problems.append(f"{where}:{line}: {module} ({mine}) imports {imported} ({theirs})")
             elif target(module) and target(imported) and target(module) != target(imported):
                 problems.append(f"{where}:{line}: target {target(module)} imports target {target(imported)} ({imported})")
-            if name and name.startswith("_") and not name.startswith("__") and imported != module:
-                problems.append(f"{where}:{line}: {module} imports the private name {name} of {imported}")
+            problems += private(where, line, module, imported, name)
+        for line, imported, name in attributes(path, module, known):
+            problems += private(where, line, module, imported, name)
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        module = f"tools.{path.stem}"
+        where = path.relative_to(ROOT)
+        for line, imported, name in [*imports(path, module, known), *attributes(path, module, known)]:
+            problems += private(where, line, module, imported, name)
     return problems
+
+
+def attributes(path: Path, module: str, known: set[str]) -> list[tuple[int, str, str]]:
+    """(line, module, name) for every `alias.name` read where `alias` is an imported optc module."""
+    aliases: dict[str, str] = {}
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in known})
+        elif isinstance(node, ast.ImportFrom):
+            modules = {imported for _, imported, name in imports_of(node, path, module, known) if name is None}
+            aliases.update({a.asname or a.name: m for a in node.names for m in modules if m.endswith("." + a.name)})
+    return sorted((node.lineno, aliases[node.value.id], node.attr) for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases)
+
+
+def private(where: Path, line: int, module: str, imported: str, name: str | None) -> list[str]:
+    """The import's private name, if any: `name` of another module, or a `_module` outside its package."""
+    if name and name.startswith("_") and not name.startswith("__") and imported != module:
+        return [f"{where}:{line}: {module} imports the private name {name} of {imported}"]
+    parts = imported.split(".")
+    for i, part in enumerate(parts):
+        package = ".".join(parts[:i])
+        if part.startswith("_") and not part.startswith("__") and not module.startswith(package + "."):
+            return [f"{where}:{line}: {module} imports {imported}, private to {package}"]
+    return []
 
 
 def main() -> int:

@@ -57,7 +57,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optc.architectures import lookup
 from optc.ir import DataType, Model, Node, Value, constant_array, make_node, model_metadata
 from optc.ir.annotations import HF_CONFIG
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
@@ -66,7 +65,7 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.infra.remarks import match_summary
-from optc.runtime.decoder import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from optc.runtime.decoder import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, is_causal_lm
 
 _QUANTIZERS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                "MatMulIntegerToFloat", "QLinearMatMul")
@@ -116,7 +115,7 @@ class FuseOrt(Pass):
         while PAST_KEY % layers in inputs:
             layers += 1
         config = model_metadata(model, HF_CONFIG) or {}
-        uncached = layers == 0 and self.options.attention and _causal_lm_without_cache(config, inputs)
+        uncached = layers == 0 and self.options.attention and is_causal_lm(config, inputs)
         if layers == 0 and not uncached:
             return PassResult(model, False, None, {"fused": 0})
         norms = _fuse_norms(model) if self.options.norms and layers else 0
@@ -180,12 +179,6 @@ def _sliding_window(config: dict) -> int | None:
     if config.get("use_sliding_window") is False or isinstance(window, bool) or not isinstance(window, int):
         return None
     return window
-
-
-def _causal_lm_without_cache(config: dict, inputs: dict[str, Value]) -> bool:
-    """A causal LM exported without its cache (`input_ids -> logits`): GroupQueryAttention's causal mask is its own."""
-    family = lookup(str(config.get("model_type", ""))) if config else None
-    return "input_ids" in inputs and family is not None and family.task == "causal-lm"
 
 
 # --------------------------------------------------------------------------- matching

@@ -71,7 +71,7 @@ def host_kernel() -> tuple[str, str]:
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64", "x86", "i386", "i686"):
         return "keep", f"{machine or 'unknown'} CPU: onnxruntime's int8 kernels are exact, Q/DQ kept"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     vnni = sorted(flags & _VNNI_FLAGS)
     if vnni:
         return "u8s8", f"x86 with {'/'.join(vnni)}: uint8 x int8 accumulates in int32 (exact)"
@@ -79,7 +79,8 @@ def host_kernel() -> tuple[str, str]:
     return "u8u8", f"{known}: uint8 x int8 saturates int16 pair sums, uint8 x uint8 is exact"
 
 
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
             for line in handle:
@@ -641,4 +642,4 @@ def _replace_output(old: Value, new: Value, build: Builder) -> None:
     old.replace_all_uses_with(new, replace_graph_outputs=True)
 
 
-__all__ = ["LowerOrtInt8", "host_kernel"]
+__all__ = ["LowerOrtInt8", "cpu_flags", "host_kernel"]

@@ -21,10 +21,12 @@ float at load is faster for a window of tokens: README, Results).
 `accuracy-level` is MatMulNBits' compute type: 0 (=fp32) computes with float
 activations, the numerics of the IR; 4 quantizes activations to int8 per block
 on the fly (other numerics). The default (`none`) follows what the model is run
-for: a KV-cache decoder (`optc.runtime.decoder`) spends its time decoding one
-token at a time, where level 4 is faster (tools/bench_decode.py), and its 8-bit
-weight-only MatMuls (w4a16's int8 lm_head) then become MatMulNBits(bits=8) at
-level 4 too, a quarter of the float weight read per token; any other model keeps
+for: a causal LM (`optc.runtime.decoder.is_causal_lm`) spends its time decoding
+one token at a time, where level 4 is faster (tools/bench_decode.py), and its
+8-bit weight-only MatMuls (w4a16's int8 lm_head) then become
+MatMulNBits(bits=8) at level 4 too, a quarter of the float weight read per
+token. Its no-cache export gets the same level, so the perplexity measured on
+it is the perplexity of the cache form that generates. Any other model keeps
 level 0 (exact; level 4 was slower for a 256-token window, tools/bench_w4.py)
 and folds 8-bit weights to float. `form=dequantize-at-load` instead turns the
 DequantizeLinear into Cast → (Sub) → Mul on the block-shaped weight, which
@@ -57,7 +59,7 @@ from optc.ir import (
     model_metadata,
     set_model_metadata,
 )
-from optc.ir.annotations import ORT_LOWERING, ORT_NBITS_LOWERING
+from optc.ir.annotations import HF_CONFIG, ORT_LOWERING, ORT_NBITS_LOWERING
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
 from optc.ir.patterns.qdq import QDQ, dequantized
 from optc.ir.patterns.rewrite import Rule, apply_rules
@@ -66,7 +68,7 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.infra.remarks import match_summary
-from optc.runtime.decoder import has_cache
+from optc.runtime.decoder import is_causal_lm
 
 _LOWBIT = (DataType.INT4, DataType.UINT4, DataType.INT8, DataType.UINT8)
 _SIGNED = (DataType.INT4, DataType.INT8)
@@ -88,12 +90,12 @@ class LowerOrtNbits(Pass):
         accuracy_level: int | None = option(
             None,
             help="MatMulNBits compute type: 0 float activations (exact), 4 int8 activations per block; "
-            "none: 4 for a KV-cache decoder (decode speed), 0 otherwise",
+            "none: 4 for a causal LM, with its KV cache or without (decode speed), 0 otherwise",
         )
         per_channel_block: int = option(128, help="block size that repeats a per-channel scale (MatMulNBits has blocks only)")
         bits8: bool | None = option(
             None,
-            help="also lower 5-8-bit (int8/uint8) weights to MatMulNBits(bits=8); none: for a KV-cache decoder at "
+            help="also lower 5-8-bit (int8/uint8) weights to MatMulNBits(bits=8); none: for a causal LM at "
             "accuracy level 4 only (on SmolLM2 a 256-token window ran 1.35x fp32 with them, while lower-ort-int8 "
             "folds such weights to float at load: fp32 speed)",
         )
@@ -151,7 +153,7 @@ class LowerOrtNbits(Pass):
 
     def _choices(self, model: Model) -> tuple[int, bool]:
         """The accuracy level and whether 8-bit weights are lowered: the options, or what the model is run for."""
-        decoder = has_cache(v.name for v in model.graph.inputs)
+        decoder = is_causal_lm(model_metadata(model, HF_CONFIG), (v.name for v in model.graph.inputs))
         level = self.options.accuracy_level
         if level is None:
             level = 4 if decoder else 0

@@ -32,12 +32,11 @@ import torch
 
 from optc.errors import OptcError
 from optc.ir import Model, Node
-from optc.ir.patterns.ops import GEMM_OPS
-from optc.ir.patterns.weights import weight_view
 from optc.passes.infra.analysis import ACTIVATIONS, Analysis, AnalysisManager
 from optc.passes.infra.blockwise import calibrate
 from optc.passes.infra.calibration import calibration_spec
 from optc.passes.infra.registry import register_analysis
+from optc.passes.linear_layers import linear
 from optc.runtime import distributed
 
 
@@ -80,16 +79,9 @@ class HessianStats:
 
 
 def weighted_input(node: Node) -> str | None:
-    """The activation name of `node` when it is X·W (MatMul/Gemm) with a constant 2-D W, else None."""
-    view = weight_view(node, through=(), ops=GEMM_OPS)  # the weight itself, no op in between
-    w = view.constant if view is not None else None
-    if w is None or w.shape is None or len(w.shape) != 2:
-        return None
-    if node.op_type == "Gemm":
-        trans_a = node.attributes.get("transA")
-        if trans_a is not None and trans_a.as_int():
-            return None
-    return node.inputs[0].name
+    """The activation name of `node` when it is a linear layer (`optc.passes.linear_layers.linear`), else None."""
+    site = linear(node)
+    return site.activation.name if site is not None else None
 
 
 def default_values(model: Model) -> list[str]:

@@ -37,12 +37,12 @@ from optc.ir import (
     set_model_metadata,
 )
 from optc.ir.annotations import HF_CONFIG, LAYER_FFN, PRUNED_FFN
+from optc.passes.attention import linear_of
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.infra.remarks import match_summary
-from optc.passes.transforms._attention import linear_of
 from optc.passes.transforms._structure import (
     Linear,
     PruneOptions,

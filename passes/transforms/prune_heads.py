@@ -1,6 +1,6 @@
 """`prune-heads`: remove whole attention heads, ranked by calibration, rewriting the graph consistently.
 
-Attention blocks are found by graph pattern (`_attention.find_attention`):
+Attention blocks are found by graph pattern (`optc.passes.attention.find_attention`):
 the output projection `o`, the attention matmuls, and the Q/K/V projections
 behind reshapes, transposes, rotary embeddings and the GQA repeat. That covers
 LLaMA-like decoders and BERT-like encoders as the torch exporter writes them.
@@ -51,12 +51,12 @@ from optc.ir import (
 )
 from optc.ir.annotations import HF_CONFIG, LAYER_HEADS, PRUNED_HEADS
 from optc.ir.patterns.builder import Builder
+from optc.passes.attention import AttentionBlock, HeadAxes, ShapePatch, scan_attention
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.infra.remarks import match_summary
-from optc.passes.transforms._attention import AttentionBlock, HeadAxes, ShapePatch, scan_attention
 from optc.passes.transforms._structure import (
     Linear,
     PruneOptions,

@@ -80,7 +80,7 @@ def _paley(q: int) -> np.ndarray:
 
 
 @cache
-def _factors(n: int) -> tuple[int, ...] | None:
+def hadamard_factors(n: int) -> tuple[int, ...] | None:
     """Orders whose Kronecker product is n, each a power of two or a Paley order; None if there is none."""
     if n == 1:
         return ()
@@ -88,7 +88,7 @@ def _factors(n: int) -> tuple[int, ...] | None:
         return (n,)
     for m in range(4, n + 1, 4):
         if n % m == 0 and m & (m - 1) and _is_prime(m - 1) and (m - 1) % 4 == 3:
-            rest = _factors(n // m)
+            rest = hadamard_factors(n // m)
             if rest is not None:
                 return (m, *rest)
     return None
@@ -105,7 +105,7 @@ def _hadamard_block(order: int) -> np.ndarray:
 
 def hadamard(n: int) -> np.ndarray | None:
     """A normalized (orthogonal) Hadamard matrix of order n, or None when none is built for n."""
-    orders = _factors(n)
+    orders = hadamard_factors(n)
     if orders is None:
         return None
     h = np.ones((1, 1))
@@ -474,7 +474,7 @@ def _exact_hadamard(order: int) -> tuple[np.ndarray, float]:
     exponent = round(np.log2(order) / 2)
     unit = 2.0**-exponent
     block = np.ones((1, 1))
-    for part in _factors(order) or ():
+    for part in hadamard_factors(order) or ():
         block = np.kron(block, _hadamard_block(part))
     return block * unit, float(np.sqrt(order) * unit)
 
@@ -484,7 +484,7 @@ def _insert_online_hadamard(build: Builder, down: Node) -> bool:
     w = _weight(down)
     x = down.inputs[0]
     width = w.shape[0]
-    orders = _factors(width)
+    orders = hadamard_factors(width)
     if orders is None or x.shape is None or len(x.shape) != 3:
         return False
     a = orders[0] if len(orders) > 1 and orders[0] & (orders[0] - 1) else 1
@@ -515,4 +515,4 @@ def _insert_online_hadamard(build: Builder, down: Node) -> bool:
     return True
 
 
-__all__ = ["Rotate", "find_stream", "hadamard", "rotation"]
+__all__ = ["Rotate", "find_stream", "hadamard", "hadamard_factors", "rotation"]

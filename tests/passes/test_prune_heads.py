@@ -12,7 +12,7 @@ import pytest
 
 from optc.errors import OptcError
 from optc.ir import annotation, constant_array, model_metadata
-from optc.passes.transforms._attention import HeadAxes, find_attention
+from optc.passes.attention import HeadAxes, find_attention
 from optc.passes.transforms._structure import set_constant
 from optc.passes.transforms.prune_heads import select_heads
 from tests.fixtures import prune_models as pm

@@ -302,14 +302,14 @@ def test_keep_leaves_integer_qdq_alone():
 )
 def test_host_kernel(monkeypatch, machine, flags, kernel):
     monkeypatch.setattr(lowering.platform, "machine", lambda: machine)
-    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(lowering, "cpu_flags", lambda: frozenset(flags))
     chosen, reason = lowering.host_kernel()
     assert chosen == kernel and reason
 
 
 def test_auto_uses_u8s8_for_weights_that_cannot_saturate(monkeypatch):
     monkeypatch.setattr(lowering.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(lowering, "cpu_flags", lambda: frozenset({"avx2"}))
     result, _ = _lower(qdq_mlp(absmax=64), "")
     assert result.statistics["matmul-u8s8"] == 3 and result.statistics["matmul-u8u8"] == 0
     assert result.model.graph.initializers["q_w"].const_value.dtype == DataType.INT8
@@ -322,7 +322,7 @@ def test_auto_uses_u8s8_for_pair_limited_weights(monkeypatch):
     from optc.passes.int8_pairs import limit_pair_sums
 
     monkeypatch.setattr(lowering.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(lowering, "cpu_flags", lambda: frozenset({"avx2"}))
     proto = qdq_mlp(absmax=127)
     for init in proto.graph.initializer:
         if init.name in ("q_w", "k_w", "o_w"):
@@ -393,7 +393,7 @@ def test_tied_integer_lm_head_transposes_the_shared_table_at_load(tmp_path, monk
     from tests.fixtures import quant_models as qm
 
     monkeypatch.setattr(lowering.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(lowering, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(lowering, "cpu_flags", lambda: frozenset({"avx2"}))
     model = qm.to_ir(qm.llama_block(outliers=4.0), vocab=64)
     calib = {"calibration.spec": "random", "calibration.samples": 8, "calibration.seqlen": 16}
     pipeline = f'smoothquant{{exclude=""}},quantize{{embeddings=true exclude="" weight-pair-limit={pair_limit}}}'
@@ -439,6 +439,15 @@ def _edit(proto: onnx.ModelProto, fn) -> onnx.ModelProto:
     return out
 
 
+def _assert_untouched(proto: onnx.ModelProto) -> None:
+    """The (valid) model goes through lower-ort-int8 unchanged."""
+    onnx.checker.check_model(proto)
+    model = models.to_ir(proto)
+    text = print_ir(model)
+    result = b.run(model, "lower-ort-int8{kernel=u8u8}")
+    assert not result.modified and print_ir(result.model) == text
+
+
 def test_blocked_weight_dequantize_is_untouched():
     def block(model):
         w = next(t for t in model.graph.initializer if t.name == "w")
@@ -455,11 +464,7 @@ def test_blocked_weight_dequantize_is_untouched():
         dq.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", 8)])
 
     proto = _edit(weight_only_model(), block)
-    onnx.checker.check_model(proto)
-    model = models.to_ir(proto)
-    text = print_ir(model)
-    result = b.run(model, "lower-ort-int8{kernel=u8u8}")
-    assert not result.modified and print_ir(result.model) == text
+    _assert_untouched(proto)
 
 
 def test_table_scaled_per_column_is_untouched():
@@ -481,11 +486,7 @@ def test_table_scaled_per_column_is_untouched():
         if t.name in ("E_s", "E_z"):
             arr = numpy_helper.to_array(t)[:8]
             proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
-    onnx.checker.check_model(proto)
-    model = models.to_ir(proto)
-    text = print_ir(model)
-    result = b.run(model, "lower-ort-int8{kernel=u8u8}")
-    assert not result.modified and print_ir(result.model) == text
+    _assert_untouched(proto)
 
 
 def test_quantized_activation_that_is_also_a_graph_output_is_untouched():

@@ -90,6 +90,25 @@ def test_a_kv_cache_decoder_gets_int8_compute_and_its_8_bit_weights_too():
     assert not h.ops(kept, "MatMulNBits")
 
 
+def test_a_causal_lm_without_its_cache_computes_as_its_cache_form_does():
+    """The no-cache export of a causal LM gets the cache form's level, so both forms give the same perplexity."""
+    from optc.ir import set_model_metadata
+    from optc.ir.annotations import HF_CONFIG
+
+    quantized = _quantized("rtn{bits=4 group=32}")
+    plain = h.run(_copy(quantized), "lower-ort-nbits").model
+    assert model_metadata(plain, METADATA)["accuracy_level"] == 0  # no config: not known to generate
+    causal = _copy(quantized)
+    causal.graph.inputs[0].name = "input_ids"
+    set_model_metadata(causal, HF_CONFIG, {"model_type": "llama"})
+    lowered = h.run(causal, "lower-ort-nbits").model
+    assert {n.attributes["accuracy_level"].as_int() for n in h.ops(lowered, "MatMulNBits")} == {4}
+    encoder = _copy(quantized)
+    encoder.graph.inputs[0].name = "input_ids"
+    set_model_metadata(encoder, HF_CONFIG, {"model_type": "bert"})
+    assert model_metadata(h.run(encoder, "lower-ort-nbits").model, METADATA)["accuracy_level"] == 0
+
+
 def test_small_blocks_stay_as_written():
     quantized = _quantized("rtn{group=8}")
     result = h.run(_copy(quantized), "lower-ort-nbits")

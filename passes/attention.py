@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from optc.errors import OptcError
 from optc.ir import Model, Node, Value, constant_array, is_constant, transpose_perm
 from optc.ir.patterns.ops import ATTENTION_SCORE_OPS, DATA_MOVEMENT_OPS, ELEMENTWISE_OPS, LAYOUT_OPS
-from optc.passes.transforms._structure import Linear, linear
+from optc.passes.linear_layers import Linear, linear
 
 
 @dataclass
