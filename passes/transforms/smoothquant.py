@@ -44,6 +44,12 @@ disagree, or when a consumer matches `exclude` (default `lm_head`, as in
 `quantize`, which leaves it float). A constant that something else also reads
 is copied rather than changed.
 
+With `search=true` each group gets its own α from a grid (0.05 … 0.95), the
+one whose expected output error under int8 rounding is smallest
+(`expected_error`): SmoothQuant's per-layer α search (as Intel Neural
+Compressor's auto-α does by running the layer) with the layer replaced by a
+noise model that needs only the calibrated per-channel absmax and mean square.
+
 The pass calibrates (`activation-stats`) only if it found something to
 smooth, and reports that it preserves no activation statistics (and no
 weights): what was measured before it is stale after it. It preserves the
@@ -85,6 +91,10 @@ from optc.passes.layer_selector import LayerSelector, default_exclude
 
 #: Clamp of the smoothing factors.
 S_MIN, S_MAX = 1e-5, 1e5
+#: The α values `search=true` tries for each group.
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
+#: Largest int8 code of the symmetric grids `quantize` uses.
+_QMAX = 127.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,11 @@ class SmoothQuant(Pass):
             help="skip groups with a consumer whose node, output or weight (source) name matches (substring or glob); "
             "the default matches quantize's, which leaves lm_head in float",
         )
+        search: bool = option(
+            False,
+            help="choose alpha per group from 0.05..0.95, minimizing the expected int8 output error "
+            "(per-tensor activations, per-channel weights) from the calibrated absmax and mean square; alpha is unused",
+        )
         insert_mul: bool = option(
             True,
             help="when a norm's output has other readers (post-LN BERT's residual), smooth with an explicit "
@@ -148,12 +163,13 @@ class SmoothQuant(Pass):
             stat = stats.get(group.value.name)
             if stat is None or stat.channel_absmax is None or stat.channel_absmax.size != group.channels:
                 continue
-            weight_max = np.zeros(group.channels, dtype=np.float64)
             weight_sites = [ScaleSite(n, 1, a) for n, a in group.consumers] + [site for _, site in group.tied]
-            for site in weight_sites:
-                w = np.abs(constant_array(site.node.inputs[site.index]).astype(np.float64))
-                weight_max = np.maximum(weight_max, np.moveaxis(w, site.axis, 0).reshape(group.channels, -1).max(axis=1))
-            s = smoothing_scales(stat.channel_absmax, weight_max, self.options.alpha)
+            weights = [_channels_first(site, group.channels) for site in weight_sites]
+            weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+            alpha = self.options.alpha
+            if self.options.search and stat.channel_meansq is not None:
+                alpha = search_alpha(stat.channel_absmax, stat.channel_meansq, weights, weight_max)
+            s = smoothing_scales(stat.channel_absmax, weight_max, alpha)
             if np.all(s == 1.0):
                 continue
             if group.producer == "mul":
@@ -167,7 +183,7 @@ class SmoothQuant(Pass):
                     inserted += 1
                 else:
                     copies += scale_sites(build, [site], s, group.channels)
-            info = {"alpha": self.options.alpha, "producer": group.producer, "input": group.value.name}
+            info = {"alpha": alpha, "producer": group.producer, "input": group.value.name}
             for node in (*(n for n, _ in group.consumers), *(n for n, _ in group.tied)):
                 annotate(node, SMOOTHQUANT, info)
             smoothed += 1
@@ -209,6 +225,38 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
     s = np.ones_like(act)
     s[valid] = act[valid] ** alpha / w[valid] ** (1.0 - alpha)
     return np.clip(s, S_MIN, S_MAX)
+
+
+def _channels_first(site: ScaleSite, channels: int) -> np.ndarray:
+    """A consumer's weight as float64 [input channels, outputs]."""
+    w = constant_array(site.node.inputs[site.index]).astype(np.float64)
+    return np.moveaxis(w, site.axis, 0).reshape(channels, -1)
+
+
+def expected_error(act_max: np.ndarray, act_meansq: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> float:
+    """Expected squared output error per token of X·W after smoothing by `s` and int8 rounding of both operands.
+
+    Rounding to a step Δ adds independent noise of variance Δ²/12 to each element: the activation
+    X/s gets one step per tensor (its absmax / 127), each output column of diag(s)·W its own. The
+    activation noise reaches the output through ‖diag(s)·W‖²_F, the weight noise through Σ E[x_j²]/s_j².
+    `weights` are [input channels, outputs] arrays.
+    """
+    step_x = float(np.max(act_max / s)) / _QMAX
+    x_power = float(np.sum(act_meansq / (s * s)))
+    error = 0.0
+    for w in weights:
+        scaled = w * s[:, None]
+        step_w = np.abs(scaled).max(axis=0) / _QMAX
+        error += step_x * step_x / 12.0 * float(np.sum(scaled * scaled)) + x_power * float(np.sum(step_w * step_w)) / 12.0
+    return error
+
+
+def search_alpha(act_max: np.ndarray, act_meansq: np.ndarray, weights: list[np.ndarray], weight_max: np.ndarray) -> float:
+    """The α of `ALPHA_GRID` with the smallest `expected_error` (the smaller α on a tie)."""
+    act = np.asarray(act_max, dtype=np.float64)
+    meansq = np.asarray(act_meansq, dtype=np.float64)
+    errors = [expected_error(act, meansq, weights, smoothing_scales(act, weight_max, a)) for a in ALPHA_GRID]
+    return ALPHA_GRID[int(np.argmin(errors))]
 
 
 # --------------------------------------------------------------------------- matching
@@ -616,4 +664,4 @@ def _shape_of(array: np.ndarray):
     return Shape(list(array.shape))
 
 
-__all__ = ["SmoothQuant", "balance_axis", "find_groups", "smoothing_scales"]
+__all__ = ["SmoothQuant", "balance_axis", "expected_error", "find_groups", "search_alpha", "smoothing_scales"]

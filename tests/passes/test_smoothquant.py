@@ -19,7 +19,13 @@ from optc.passes import (
     parse_pipeline,
 )
 from optc.passes.analyses.activation_stats import ActivationStats
-from optc.passes.transforms.smoothquant import find_groups, smoothing_scales
+from optc.passes.transforms.smoothquant import (
+    ALPHA_GRID,
+    expected_error,
+    find_groups,
+    search_alpha,
+    smoothing_scales,
+)
 from tests.fixtures import models
 from tests.fixtures import quant_models as qm
 from tests.fixtures import text_models as tm
@@ -307,3 +313,42 @@ def test_a_llama_block_smooths_without_a_missed_remark():
     result, _ = _run(qm.to_ir(qm.llama_block(), vocab=64), "smoothquant")
     assert result.modified
     assert [r.kind for r in result.remarks if r.kind == "missed"] == []
+
+
+def test_expected_error_matches_simulated_rounding():
+    """The noise model's error is what rounding X/s per tensor and s·W per column to int8 measures."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4096, 16)) * np.linspace(0.5, 8.0, 16)
+    w = rng.normal(size=(16, 32))
+    s = smoothing_scales(np.abs(x).max(axis=0), np.abs(w).max(axis=1), 0.5)
+    xs, ws = x / s, w * s[:, None]
+    step_x = np.abs(xs).max() / 127
+    step_w = np.abs(ws).max(axis=0) / 127
+    out = np.rint(xs / step_x) * step_x @ (np.rint(ws / step_w) * step_w)
+    measured = float(np.mean(np.sum((out - x @ w) ** 2, axis=1)))
+    predicted = expected_error(np.abs(x).max(axis=0), np.mean(x * x, axis=0), [w], s)
+    assert predicted == pytest.approx(measured, rel=0.1)
+
+
+def test_search_picks_a_smoothing_alpha_for_outlier_channels():
+    """Outlier activation channels against even weights: no smoothing (α→0) is worse than the α chosen."""
+    rng = np.random.default_rng(1)
+    act_max = np.ones(32)
+    act_max[:2] = 60.0
+    meansq = (act_max / 4) ** 2
+    w = rng.normal(size=(32, 48))
+    w_max = np.abs(w).max(axis=1)
+    alpha = search_alpha(act_max, meansq, [w], w_max)
+    assert alpha in ALPHA_GRID and alpha >= 0.3
+    errors = {a: expected_error(act_max, meansq, [w], smoothing_scales(act_max, w_max, a)) for a in ALPHA_GRID}
+    assert errors[alpha] == min(errors.values()) < errors[0.05]
+
+
+def test_search_records_each_groups_alpha_and_stays_exact():
+    proto = qm.llama_block(outliers=30.0)
+    model = qm.to_ir(proto, vocab=64)
+    result, _ = _run(model, 'smoothquant{search=true exclude=""}')
+    _assert_close(proto, result.model, qm.llama_feeds(3))
+    alphas = [annotation(n, "smoothquant")["alpha"] for n in result.model.graph if annotation(n, "smoothquant")]
+    assert alphas and all(a in ALPHA_GRID for a in alphas)
+    assert parse_pipeline("smoothquant{search=true}").pipeline_text() == "smoothquant{search=true}"
