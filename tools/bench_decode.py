@@ -198,7 +198,7 @@ def speed_of(paths: list[str], threads: int, prompt_tokens: int, new_tokens: int
         print(f"| {path} | {' / '.join(f'{v:.1f}' for v in speeds)} | {os.getloadavg()[0]:.1f} |", flush=True)
 
 
-def agreement(work: Path, new_tokens: int = 64) -> None:
+def agreement(work: Path, new_tokens: int = 64, names: tuple[str, ...] = ("fp32", "w8a8", "w4a16")) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -219,7 +219,7 @@ def agreement(work: Path, new_tokens: int = 64) -> None:
     print(f"\nagreement with transformers fp32 greedy ({len(prompts)} prompts × {new_tokens} tokens)\n")
     print("| model | tokens equal | prompts identical | first divergence (token index) |")
     print("|---|---:|---:|---|")
-    for name in ("fp32", "w8a8", "w4a16"):
+    for name in names:
         equal, identical, firsts = 0, 0, []
         for prompt, reference in zip(prompts, references, strict=True):
             tokens = generate(work / BUILDS[name][1], prompt, new_tokens, threads=2).tokens
