@@ -225,7 +225,7 @@ def check_gguf(folder: Path, work: Path, gguf_file: Path, optc: str) -> str:
 
     source = work / "source-f32.gguf"
     subprocess.run([optc, str(folder), "--passes=", "-o", str(source), "--no-runtime-check"], check=True,
-                   env=dict(os.environ, OPTC_NO_CACHE="1"))
+                   env=dict(os.environ, OPTC_NO_CACHE="1", OPTC_LAZY_WEIGHTS="1"))
     reference = work / "llama-quantize-q4km.gguf"
     llama_quantize(source, reference, "Q4_K_M", threads=2)
     from gguf import GGUFReader
