@@ -267,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             w8 = results.get("rtn 8-bit g128 → .onnx")
             if w8 and w8["exit"] == 0:
                 checks["w8 cosine"] = f"{check_w8(folder, Path(w8['output'])):.4f}"
+                print(f"  check: w8 cosine {checks['w8 cosine']}", flush=True)
             q4 = results.get("kquant Q4_K_M → .gguf")
             if q4 and q4["exit"] == 0:
                 checks["gguf vs llama-quantize"] = check_gguf(folder, work, Path(q4["output"]), args.optc)
-            print(f"  checks: {checks}", flush=True)
+                print(f"  check: gguf vs llama-quantize {checks['gguf vs llama-quantize']}", flush=True)
         rows.append((key, shape, (folder / "model.safetensors").stat().st_size, results, checks))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
