@@ -11,12 +11,20 @@ eager export runs it, except that the transposes of bound weights were already f
 readers, so no large weight is read to export the model. Nothing caches the tensors read: each read
 is a fresh array that is let go when its reader is done (`READS` counts them, per checkpoint key).
 
+A model of more than `TEMPLATE_LAYERS` alike decoder layers is exported with `TEMPLATE_LAYERS` layers
+only (`template_config`), and `repeat_last_block` then clones the last block of that graph once per
+remaining layer, each clone's weights bound to its own layer's checkpoint tensors: torch.export and the
+optimizer see two layers whatever the depth, so exporting takes the same time at every size and the
+graph grows by one block per layer. The repetition checks that the template's two blocks are the same
+computation on their own weights (else the caller exports every layer).
+
 Llama's graph, logits and annotations are the eager export's (tests/frontends/test_lazy_weights.py).
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import hashlib
 import math
@@ -29,9 +37,12 @@ import numpy as np
 from optc.errors import ModelLoadError
 from optc.frontends.headers import read_safetensors_header
 from optc.ir import (
+    Attr,
+    AttributeType,
     DataType,
     LazyTensor,
     Model,
+    Node,
     Shape,
     Tensor,
     TensorType,
@@ -39,7 +50,9 @@ from optc.ir import (
     annotate,
     set_source_name,
 )
-from optc.ir.annotations import SOURCE_ALIASES, SOURCE_TRANSPOSED
+from optc.ir.annotations import SOURCE_ALIASES, SOURCE_TRANSPOSED, annotation, source_name
+from optc.ir.patterns.blocks import find_blocks
+from optc.ir.patterns.builder import Builder
 
 #: Reads of each checkpoint tensor in this process (key → count), for tests and diagnostics.
 READS: collections.Counter[str] = collections.Counter()
@@ -53,6 +66,9 @@ _PREFIX = "hf."
 _FOLD_INPUT_LIMIT = 8192
 #: Tensors at most this large are compared by content to find the ones the optimizer merged.
 _SMALL = 1024
+#: Decoder layers of the template export whose last block `repeat_last_block` repeats (two, so the
+#: template's blocks can be compared and the repeated one reads the residual stream of a layer).
+TEMPLATE_LAYERS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,4 +295,200 @@ def _annotate(model: Model, bound: dict[str, tuple[CheckpointTensor, list[str]]]
                 annotate(value, SOURCE_ALIASES, aliases)
 
 
-__all__ = ["READS", "SUPPORTED_DTYPES", "CheckpointTensor", "checkpoint_files", "empty_model", "export_lazily", "index_checkpoint"]
+# --------------------------------------------------------------------------- one block, repeated
+
+
+def template_config(config: Any) -> Any | None:
+    """A copy of the HF `config` with `TEMPLATE_LAYERS` decoder layers, when it has more and describes every
+    layer alike (each per-layer list of the config, such as `layer_types`, holds one value); else None."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers <= TEMPLATE_LAYERS:
+        return None
+    per_layer = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == layers:
+            if any(v != value[0] for v in value):
+                return None
+            per_layer[key] = value[:TEMPLATE_LAYERS]
+    template = copy.deepcopy(config)
+    template.num_hidden_layers = TEMPLATE_LAYERS
+    for key, value in per_layer.items():
+        setattr(template, key, value)
+    return template
+
+
+def _layer_key(first: str, second: str) -> Callable[[int], str] | None:
+    """From the names of one tensor in layers 0 and 1 (`...layers.0.x`, `...layers.1.x`), its name in any
+    layer; None when the two names do not differ in one layer index between separators."""
+    if len(first) != len(second):
+        return None
+    diff = [i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b]
+    if len(diff) != 1 or (first[diff[0]], second[diff[0]]) != ("0", "1"):
+        return None
+    i = diff[0]
+    if (i > 0 and first[i - 1].isdigit()) or (i + 1 < len(first) and first[i + 1].isdigit()):
+        return None
+    return lambda layer: f"{first[:i]}{layer}{first[i + 1:]}"
+
+
+def _same_attributes(a: Node, b: Node) -> bool:
+    if a.attributes.keys() != b.attributes.keys():
+        return False
+    for key, x in a.attributes.items():
+        y = b.attributes[key]
+        if x.type != y.type or x.type in (AttributeType.GRAPH, AttributeType.GRAPHS, AttributeType.TENSORS):
+            return False
+        if x.type == AttributeType.TENSOR:
+            if not np.array_equal(x.value.numpy(), y.value.numpy()):
+                return False
+        elif x.value != y.value:
+            return False
+    return True
+
+
+@dataclasses.dataclass
+class _Weight:
+    """A lazy weight of the repeated block: its value, and its checkpoint key and source name per layer."""
+
+    value: Value
+    key: Callable[[int], str]
+    source: Callable[[int], str]
+
+
+def _match_blocks(first: list[Node], second: list[Node], stream: tuple[Value, Value, Value]) -> list[_Weight] | str:
+    """Whether block 1 is block 0's computation on its own weights: the weights of block 1 (to rebind per
+    layer), else why not."""
+    if len(first) != len(second):
+        return f"the template's blocks have {len(first)} and {len(second)} nodes"
+    inside = set(map(id, second))
+    seen: dict[int, Value] = {id(stream[0]): stream[1]}
+    weights: dict[int, _Weight] = {}
+    for a, b in zip(first, second, strict=True):
+        if (a.op_type, a.domain, a.overload, len(a.inputs), len(a.outputs)) != \
+                (b.op_type, b.domain, b.overload, len(b.inputs), len(b.outputs)) or not _same_attributes(a, b):
+            return f"{a.op_type} ({a.name}) and {b.op_type} ({b.name}) differ"
+        for x, y in zip(a.inputs, b.inputs, strict=True):
+            if x is None or y is None:
+                if x is not y:
+                    return f"{b.op_type} ({b.name}) has an input block 0's does not"
+            elif id(x) in seen:
+                if seen[id(x)] is not y:
+                    return f"{b.op_type} ({b.name}) reads another value than in block 0"
+            elif x is y:
+                if _read_of(x) is not None:  # equal weights the optimizer merged: whose is it in other layers?
+                    return f"both blocks read {_read_of(x).tensor.key}"
+                continue  # a side value, graph input or constant both blocks share
+            elif x.is_initializer() and y.is_initializer():
+                rx, ry = _read_of(x), _read_of(y)
+                if rx is None and ry is None:
+                    same = x.const_value.dtype == y.const_value.dtype and np.array_equal(
+                        x.const_value.numpy(), y.const_value.numpy())
+                    if not same:
+                        return f"{b.op_type} ({b.name}) reads a constant unlike block 0's"
+                    continue  # equal constants: the clones read block 1's
+                if rx is None or ry is None or rx.transposed != ry.transposed:
+                    return f"{b.op_type} ({b.name}) reads a weight unlike block 0's"
+                key = _layer_key(rx.tensor.key, ry.tensor.key)
+                source = _layer_key(source_name(x), source_name(y))
+                if key is None or source is None or annotation(y, SOURCE_ALIASES) or annotation(x, SOURCE_ALIASES):
+                    return f"{b.op_type} ({b.name}) reads {ry.tensor.key}, not layer 1's counterpart of {rx.tensor.key}"
+                if any(id(use.node) not in inside for use in y.uses()):
+                    return f"{ry.tensor.key} is read outside its block"
+                weights.setdefault(id(y), _Weight(y, key, source))
+            else:
+                return f"{b.op_type} ({b.name}) reads {y.name!r}, which block 0 does not read"
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            seen[id(x)] = y
+    if seen.get(id(stream[1])) is not stream[2]:
+        return "the template's blocks do not end alike"
+    for node in second:
+        for out in node.outputs:
+            if out is not stream[2] and (out.is_graph_output() or any(id(u.node) not in inside for u in out.uses())):
+                return f"{out.name!r} of block 1 is read outside it"
+    return list(weights.values())
+
+
+def repeat_last_block(model: Model, layers: int, checkpoint: dict[str, CheckpointTensor], label: str) -> str | None:
+    """Extend the export of a `TEMPLATE_LAYERS`-layer model (`template_config`) to `layers` layers in place:
+    clone its last block once per further layer, each clone's lazy weights bound to that layer's
+    tensors of `checkpoint`, and feed the last clone's output to the head. Returns None when done, else
+    why the template cannot be repeated (the model is then unchanged)."""
+    graph = model.graph
+    partition = find_blocks(model, layers=TEMPLATE_LAYERS)
+    if isinstance(partition, str):
+        return partition
+    if len(partition.blocks) != TEMPLATE_LAYERS:
+        return f"{len(partition.blocks)} blocks in a template of {TEMPLATE_LAYERS} layers"
+    first, second = partition.blocks
+    stream = partition.stream
+    weights = _match_blocks(first.nodes, second.nodes, (stream[0], stream[1], stream[2]))
+    if isinstance(weights, str):
+        return weights
+    if stream[2].is_graph_output():
+        return "the last residual stream value is a graph output"
+    order = {id(node): i for i, node in enumerate(graph)}
+    head = min((order[id(n)] for n in partition.suffix.nodes), default=len(order))
+    if any(order[id(n)] > head for n in second.nodes):
+        return "the head's nodes are interleaved with the last block's"
+    missing = []
+    for weight in weights:
+        tensor = _read_of(weight.value).tensor
+        for layer in range(TEMPLATE_LAYERS, layers):
+            found = checkpoint.get(weight.key(layer))
+            if found is None or found.shape != tensor.shape:
+                missing.append(weight.key(layer))
+    if missing:
+        shown = ", ".join(sorted(missing)[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise ModelLoadError(f"{label}: the weights do not match config.json: missing {shown}")
+    anchor = next((n for n in graph if order[id(n)] == head), None)
+    readers = [(use.node, use.idx) for use in stream[2].uses()]
+    build = Builder(graph)
+    last = stream[2]
+    for layer in range(TEMPLATE_LAYERS, layers):
+        last = _clone_block(graph, build, second.nodes, (stream[1], stream[2]), last, weights, checkpoint, layer, anchor)
+    for node, index in readers:
+        node.replace_input_with(index, last)
+    return None
+
+
+def _clone_block(graph: Any, build: Builder, nodes: list[Node], ends: tuple[Value, Value], into: Value,
+                 weights: list[_Weight], checkpoint: dict[str, CheckpointTensor], layer: int, anchor: Node | None) -> Value:
+    """One copy of the block `nodes` (from residual stream value `ends[0]` to `ends[1]`) reading `into`, with
+    `layer`'s weights; inserted before `anchor` (appended when None). Returns the copy's stream output."""
+    mapping: dict[int, Value] = {id(ends[0]): into}
+    for weight in weights:
+        template = weight.value
+        read = _read_of(template)
+        value = Value(name=build.fresh(f"{template.name}_layer{layer}"), shape=template.shape.copy(),
+                      type=template.type, const_value=_lazy(checkpoint[weight.key(layer)], read.transposed))
+        for key, text in template.metadata_props.items():
+            value.metadata_props[key] = text
+        set_source_name(value, weight.source(layer))
+        graph.register_initializer(value)
+        mapping[id(template)] = value
+    clones = []
+    for node in nodes:
+        outputs = [Value(name=build.fresh(f"{o.name}_layer{layer}"), shape=o.shape.copy() if o.shape is not None else None,
+                         type=o.type) for o in node.outputs]
+        attributes = [Attr(a.name, a.type, a.value, doc_string=a.doc_string) for a in node.attributes.values()]
+        clone = Node(node.domain, node.op_type, [mapping.get(id(v), v) if v is not None else None for v in node.inputs],
+                     attributes, overload=node.overload, outputs=outputs, version=node.version,
+                     name=build.node_name(f"{node.name}_layer{layer}") if node.name else None)
+        for key, text in node.metadata_props.items():
+            clone.metadata_props[key] = text
+        for old, new in zip(node.outputs, outputs, strict=True):
+            mapping[id(old)] = new
+            for key, text in old.metadata_props.items():
+                new.metadata_props[key] = text
+        clones.append(clone)
+    if anchor is None:
+        graph.extend(clones)
+    else:
+        graph.insert_before(anchor, clones)
+    return mapping[id(ends[1])]
+
+
+__all__ = [
+    "READS", "SUPPORTED_DTYPES", "TEMPLATE_LAYERS", "CheckpointTensor", "checkpoint_files", "empty_model", "export_lazily",
+    "index_checkpoint", "repeat_last_block", "template_config",
+]

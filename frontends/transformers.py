@@ -93,6 +93,8 @@ from optc.frontends.lazy_weights import (  # noqa: E402
     empty_model,
     export_lazily,
     index_checkpoint,
+    repeat_last_block,
+    template_config,
 )
 from optc.ir import (  # noqa: E402 - the offline switches must be set before transformers is imported
     DEFAULT_OPSET,
@@ -370,11 +372,13 @@ def _export(source: _Source, opset: int) -> Model:
     task = _task(source, config)
     parameters = _check_what_the_files_hold(source, config, task, held)
     checkpoint = _lazy_checkpoint(source, task, parameters)
+    # Lazily, a deep model of alike layers is exported with two and its last block repeated.
+    template = template_config(config) if checkpoint is not None and not source.kv_cache else None
     if checkpoint is None:
         _check_export_budget(source, parameters)
         hf_model = _load_weights(source, task)
     else:
-        hf_model = _empty_model(source, task, config)
+        hf_model = _empty_model(source, task, template or config)
     tokenizer = _load_tokenizer(source)
     _log.info("loaded %s (%s) in %.1fs", source.label, type(hf_model).__name__, time.perf_counter() - start)
     wrapper, example, names, outputs, dynamic = _wrap(hf_model, task, kv_cache=source.kv_cache)
@@ -389,6 +393,13 @@ def _export(source: _Source, opset: int) -> Model:
         else:
             model, tied = export_lazily(
                 hf_model, checkpoint, source.label, lambda _: export_graph(wrapper, example, **settings))
+            why = repeat_last_block(model, config.num_hidden_layers, checkpoint, source.label) if template else None
+            if why is not None:
+                _log.info("exporting every layer of %s: its two-layer export cannot be repeated (%s)", source.label, why)
+                hf_model = _empty_model(source, task, config)
+                wrapper, example, *_ = _wrap(hf_model, task, kv_cache=source.kv_cache)
+                model, tied = export_lazily(
+                    hf_model, checkpoint, source.label, lambda _: export_graph(wrapper, example, **settings))
             model.meta[LAZY_WEIGHTS] = True
             verify(model, where=f"after exporting {source.label} with lazy weights")
     _log.info("exported %s in %.1fs%s", source.label, time.perf_counter() - start,
@@ -400,7 +411,7 @@ def _export(source: _Source, opset: int) -> Model:
         )
     if checkpoint is None:
         tied = _annotate_sources(model, hf_model, norm_offset=_norm_offset(task.model_type))
-    set_model_metadata(model, HF_CONFIG, _config_dict(hf_model))
+    set_model_metadata(model, HF_CONFIG, _config_dict(hf_model, config if template is not None else None))
     set_model_metadata(model, ARCHITECTURE, type(hf_model).__name__)
     set_model_metadata(model, TIED_PARAMETERS, tied)
     set_model_metadata(model, HF_EXPORT, {
@@ -963,13 +974,19 @@ def _annotate_sources(model: Model, hf_model: Any, *, norm_offset: bool = False)
 # --------------------------------------------------------------------------- helpers
 
 
-def _config_dict(hf_model: Any) -> dict[str, Any]:
+def _config_dict(hf_model: Any, full: Any = None) -> dict[str, Any]:
     """The HF config as plain JSON (dtypes and other objects become strings), describing the exported model.
 
     A GGUF file's config carries a `quantization_config` for the GGUF loader;
-    the exported weights are dequantized float32, so it is dropped.
+    the exported weights are dequantized float32, so it is dropped. `full`: the config whose layer
+    count (and per-layer lists) the export has, when `hf_model` was its two-layer template.
     """
     config = json.loads(json.dumps(hf_model.config.to_dict(), default=str))
+    if full is not None:
+        layers = full.num_hidden_layers
+        config.update(json.loads(json.dumps(
+            {k: v for k, v in full.to_dict().items() if k == "num_hidden_layers" or (isinstance(v, list) and len(v) == layers)},
+            default=str)))
     if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
         del config["quantization_config"]
     if not config.get("architectures"):

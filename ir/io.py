@@ -231,11 +231,13 @@ def _check_external(
 
 
 def has_external_data(model: Model) -> bool:
-    """True when any initializer is stored outside the protobuf (weights in a spill file do not count)."""
+    """True when any initializer is stored outside the protobuf: external data, or a checkpoint tensor
+    read lazily (`optc.frontends.lazy_weights`), so that saving streams tensor by tensor instead of
+    building one protobuf of every weight (weights in a spill file do not count)."""
     from optc.ir.spill import is_spilled
 
-    return any(isinstance(v.const_value, ExternalTensor) and not is_spilled(v.const_value)
-               for v in model.graph.initializers.values())
+    return any((isinstance(v.const_value, ExternalTensor) and not is_spilled(v.const_value))
+               or isinstance(v.const_value, _oir.LazyTensor) for v in model.graph.initializers.values())
 
 
 def save_model(

@@ -70,6 +70,8 @@ from optc.passes.linear_layers import Experts, Linear, experts, linear, torch_th
 CLIP_MIN = 0.6
 CLIP_STEPS = 16
 BITS = (2, 3, 4, 5, 6, 7, 8)
+#: Elements of W a step of the clip search works on at once (1 MiB of float32: in cache, few torch calls).
+_CHUNK = 1 << 18
 #: Blocked DequantizeLinear and INT4 need opset 21 of the default domain.
 LOWBIT_OPSET = 21
 #: Why the calibrated passes round a mixture of experts' weights to nearest instead.
@@ -178,34 +180,48 @@ def find_params(
     if hessian is not None:
         blocks = _diagonal_blocks(hessian.float().to(w.device), g)
 
-        def error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            return _group_output_error(wg, blocks, s, z, grid)
+        def error(chunk: torch.Tensor, s: torch.Tensor, z: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+            return _group_output_error(chunk, blocks, s, z, grid)
     else:
-        weight = mask.float()
+        weight: torch.Tensor | None = None if bool(mask.all()) else mask.float()
         if importance is not None:
             imp, _ = _grouped(importance.float().reshape(1, -1).to(w.device), g)
-            weight = weight * imp[0]
+            weight = imp[0] if weight is None else weight * imp[0]
 
-        def error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            return _group_error(wg, weight, s, z, grid, norm)
-    best = error(scale, zero)
-    for r in torch.linspace(1.0, CLIP_MIN, CLIP_STEPS + 1)[1:].tolist():
-        s, z = _params(lo * r, hi * r, grid)
-        err = error(s, z)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s, scale)
-        zero = torch.where(better, z, zero)
+        def error(chunk: torch.Tensor, s: torch.Tensor, z: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+            return _group_error(chunk, weight, s, z, grid, norm, work)
+    ratios = torch.linspace(1.0, CLIP_MIN, CLIP_STEPS + 1)[1:].tolist()
+    # Rows in chunks of about _CHUNK elements, so the search's temporaries stay in the CPU's cache.
+    rows = max(1, _CHUNK // wg[0].numel())
+    buffer = torch.empty((min(rows, wg.shape[0]), *wg.shape[1:]), dtype=wg.dtype, device=wg.device)
+    for start in range(0, wg.shape[0], rows):
+        part = slice(start, start + rows)
+        chunk, low, high = wg[part], lo[part], hi[part]
+        work = buffer[:chunk.shape[0]]
+        best = error(chunk, scale[part], zero[part], work)
+        for r in ratios:
+            s, z = _params(low * r, high * r, grid)
+            err = error(chunk, s, z, work)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale[part] = torch.where(better, s, scale[part])
+            zero[part] = torch.where(better, z, zero[part])
     return scale, zero
 
 
 def _group_error(
-    wg: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid, norm: float = 2.0,
+    wg: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor, grid: Grid,
+    norm: float = 2.0, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Σ weight·|dequantize(quantize(w)) − w|^norm per group (the ops of `quantize` and `dequantize`, in
+    place in `out`, a buffer of wg's shape)."""
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    diff = (dequantize(quantize(wg, s, z, grid), s, z) - wg).abs()
-    err = diff.square() if norm == 2.0 else diff.pow(norm)
-    return (err * weight).sum(dim=-1)
+    diff = torch.div(wg, s, out=out) if out is not None else wg / s
+    diff.round_().add_(z).clamp_(grid.qmin, grid.qmax).sub_(z).mul_(s).sub_(wg)
+    err = diff.square_() if norm == 2.0 else diff.abs_().pow_(norm)
+    if weight is not None:
+        err.mul_(weight)
+    return err.sum(dim=-1)
 
 
 def _diagonal_blocks(h: torch.Tensor, g: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 
 For each shape (`--shapes`, from `SHAPES`: smoke, 135m, 0.4b, 1.1b, 3b, 7b), the tool writes a synthetic Llama
 checkpoint with random bfloat16 weights (`make_checkpoint`: one tensor at a time, straight to one
-safetensors file, so the model is never held; normal(0, 0.02) weights, norms of ones), then runs, each in
+safetensors file, so the model is never held; normal(0, 0.02) weights, norms 1 + normal(0, 0.02); and a
+byte-level BPE tokenizer of the vocabulary's size, `write_tokenizer`), then runs, each in
 a memory cgroup of its own capped at `--cap` (`tools/peak_memory.py`):
 
 * `optc DIR --passes=w4a16-fast -o w4.onnx`
@@ -111,13 +112,53 @@ COMMANDS = {
 }
 
 
+#: The special tokens of the synthetic tokenizer, ids 0, 1, 2 (the config's bos and eos are 1 and 2).
+SPECIALS = ("<unk>", "<s>", "</s>")
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens (`tokenizer.json` and
+    `tokenizer_config.json`), built without data or download: the three special tokens, the 256
+    byte symbols of GPT-2's byte-level alphabet, then one merge per pair of symbols (in alphabet
+    order) until the vocabulary is full. It encodes any text; it is not a trained vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(SPECIALS)}
+    for symbol in alphabet:
+        vocab[symbol] = len(vocab)
+    merges = []
+    for left in alphabet:
+        for right in alphabet:
+            if len(vocab) >= vocab_size:
+                break
+            vocab[left + right] = len(vocab)
+            merges.append((left, right))
+    if len(vocab) != vocab_size:
+        raise ValueError(f"a byte-level vocabulary needs {len(SPECIALS) + len(alphabet)} to "
+                         f"{len(SPECIALS) + len(alphabet) * (len(alphabet) + 1)} tokens, not {vocab_size}")
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=SPECIALS[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIALS])
+    tmp = folder / ".tokenizer.json.tmp"
+    tokenizer.save(str(tmp))
+    os.replace(tmp, folder / "tokenizer.json")
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": SPECIALS[0], "bos_token": SPECIALS[1],
+                "eos_token": SPECIALS[2], "model_max_length": 4096}
+    (folder / ".tokenizer_config.json.tmp").write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(folder / ".tokenizer_config.json.tmp", folder / "tokenizer_config.json")
+
+
 def make_checkpoint(folder: Path, shape: Shape, seed: int = 0) -> None:
     """A Llama checkpoint of `shape` with random bfloat16 weights, written tensor by tensor (the
-    safetensors layout: an 8-byte header length, the JSON header, then each tensor's bytes)."""
+    safetensors layout: an 8-byte header length, the JSON header, then each tensor's bytes), and a
+    tokenizer of its vocabulary (`write_tokenizer`)."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
+    write_tokenizer(folder, shape.vocab)
     header, offset = {}, 0
     for name, dims in shape.tensors():
         size = math.prod(dims) * 2
@@ -132,10 +173,9 @@ def make_checkpoint(folder: Path, shape: Shape, seed: int = 0) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, dims in shape.tensors():
-            if name.endswith("norm.weight"):
-                tensor = torch.ones(dims, dtype=torch.bfloat16)
-            else:
-                tensor = (torch.randn(dims, generator=generator) * 0.02).to(torch.bfloat16)
+            noise = torch.randn(dims, generator=generator) * 0.02
+            # norms near one, each its own (norms all ones would be one tensor to the exporter's optimizer)
+            tensor = (1 + noise if name.endswith("norm.weight") else noise).to(torch.bfloat16)
             f.write(tensor.view(torch.int16).numpy().tobytes())
             del tensor
     os.replace(tmp, folder / "model.safetensors")
@@ -185,7 +225,7 @@ def check_gguf(folder: Path, work: Path, gguf_file: Path, optc: str) -> str:
 
     source = work / "source-f32.gguf"
     subprocess.run([optc, str(folder), "--passes=", "-o", str(source), "--no-runtime-check"], check=True,
-                   env=dict(os.environ, OPTC_NO_CACHE="1"))
+                   env=dict(os.environ, OPTC_NO_CACHE="1", OPTC_LAZY_WEIGHTS="1"))
     reference = work / "llama-quantize-q4km.gguf"
     llama_quantize(source, reference, "Q4_K_M", threads=2)
     from gguf import GGUFReader
@@ -227,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             w8 = results.get("rtn 8-bit g128 → .onnx")
             if w8 and w8["exit"] == 0:
                 checks["w8 cosine"] = f"{check_w8(folder, Path(w8['output'])):.4f}"
+                print(f"  check: w8 cosine {checks['w8 cosine']}", flush=True)
             q4 = results.get("kquant Q4_K_M → .gguf")
             if q4 and q4["exit"] == 0:
                 checks["gguf vs llama-quantize"] = check_gguf(folder, work, Path(q4["output"]), args.optc)
-            print(f"  checks: {checks}", flush=True)
+                print(f"  check: gguf vs llama-quantize {checks['gguf vs llama-quantize']}", flush=True)
         rows.append((key, shape, (folder / "model.safetensors").stat().st_size, results, checks))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -141,8 +141,10 @@ def _layers(model: Model) -> int | None:
     return layers if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else None
 
 
-def find_blocks(model: Model) -> BlockPartition | str:
-    """The partition of a decoder's graph into prefix, one block per layer and suffix; else why not (one phrase)."""
+def find_blocks(model: Model, layers: int | None = None) -> BlockPartition | str:
+    """The partition of a decoder's graph into prefix, one block per layer and suffix; else why not (one phrase).
+
+    `layers`: the number of decoder layers, when the model does not carry its HF config yet."""
     graph = model.graph
     for node in graph:
         if any(a.type in (AttributeType.GRAPH, AttributeType.GRAPHS) for a in node.attributes.values()):
@@ -154,7 +156,7 @@ def find_blocks(model: Model) -> BlockPartition | str:
     chain = _residual_chain(h0)
     if len(chain) < 2:
         return "no residual stream of Adds after the embedding"
-    layers = _layers(model)
+    layers = layers if layers is not None else _layers(model)
     per = len(chain) // layers if layers and len(chain) % layers == 0 else 1
     ends = chain[per - 1::per]
     stream = [h0, *(add.outputs[0] for add in ends)]

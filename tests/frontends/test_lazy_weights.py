@@ -11,23 +11,23 @@ import torch
 import transformers
 
 from optc.frontends import load_input
-from optc.frontends.lazy_weights import READS
+from optc.frontends.lazy_weights import READS, TEMPLATE_LAYERS, repeat_last_block, template_config
 from optc.frontends.transformers import LAZY_WEIGHTS, TIED_PARAMETERS, load_transformers
 from optc.ir import LazyTensor, annotations, model_metadata, save_model, source_name
 
 VOCAB = 96
 
 
-def _tiny_llama(dtype: torch.dtype, tie: bool) -> transformers.LlamaForCausalLM:
+def _tiny_llama(dtype: torch.dtype, tie: bool, layers: int = 2, perturb: bool = True) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=48, max_position_embeddings=128, tie_word_embeddings=tie,
     )
     model = transformers.LlamaForCausalLM(config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # norms start as ones: perturb them so no two tensors are equal
-        for parameter in model.parameters():
+        for parameter in model.parameters() if perturb else ():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return model.to(dtype).eval()
 
@@ -122,3 +122,88 @@ def test_rtn_reads_each_weight_once_per_use(pair, tmp_path):
     sizes = {name: p.numel() for name, p in hf_model.named_parameters()}
     large = {key: n for key, n in READS.items() if sizes[key] > 1024}
     assert large and max(large.values()) <= 2, large
+
+
+# --------------------------------------------------------------------------- one block, repeated
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """(hf model in float32, the eager export, the lazy export, what `repeat_last_block` returned) of a
+    four-layer tiny Llama in bfloat16: the lazy export traces two layers and repeats the last block."""
+    hf_model = _tiny_llama(torch.bfloat16, tie=False, layers=4)
+    folder = tmp_path_factory.mktemp("deep") / "tiny-llama-4"
+    hf_model.save_pretrained(folder)
+    returned = []
+
+    def spy(*args, **kwargs):
+        returned.append(repeat_last_block(*args, **kwargs))
+        return returned[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPTC_NO_CACHE", "1")
+        mp.setenv("OPTC_LAZY_WEIGHTS", "0")
+        eager = load_transformers(folder)
+        mp.setenv("OPTC_LAZY_WEIGHTS", "1")
+        mp.setattr("optc.frontends.transformers.repeat_last_block", spy)
+        lazy = load_transformers(folder)
+    return hf_model.float(), eager, lazy, returned
+
+
+def test_repeated_block_graph_equals_eager(deep):
+    _, eager, lazy, returned = deep
+    assert returned == [None]  # repeated, not exported whole
+    assert [(n.op_type, n.domain) for n in lazy.graph] == [(n.op_type, n.domain) for n in eager.graph]
+
+    def weights(model):  # the checkpoint's tensors (the exporter's own constants are named by its numbering)
+        return sorted((source_name(v), tuple(v.shape), v.metadata_props.get("optc.source_transposed"))
+                      for v in model.graph.initializers.values() if source_name(v).startswith(("model.", "lm_head")))
+
+    assert weights(lazy) == weights(eager)
+    assert len(weights(lazy)) == 4 * 9 + 3
+    assert annotations(lazy) == annotations(eager)  # the HF config says four layers
+    assert all(isinstance(v.const_value, LazyTensor) for v in lazy.graph.initializers.values() if v.const_value.size > 1024)
+
+
+def test_repeated_block_logits_equal_eager_and_transformers(deep, tmp_path):
+    hf_model, eager, lazy, _ = deep
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 11), dtype=np.int64)
+    got = _run(lazy, tmp_path / "lazy.onnx", ids)
+    np.testing.assert_allclose(got, _run(eager, tmp_path / "eager.onnx", ids), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        expected = hf_model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(got, expected, atol=5e-5, rtol=0)  # onnxruntime's float32 against torch's, 4 layers
+
+
+def test_merged_weights_are_not_repeated(tmp_path, monkeypatch):
+    """Norms left at ones are merged by the optimizer (one tensor read by both template blocks), so which
+    layer's tensor a repeated block reads is unknown: every layer is exported instead, and runs right."""
+    hf_model = _tiny_llama(torch.float32, tie=False, layers=3, perturb=False)
+    hf_model.save_pretrained(tmp_path / "tiny")
+    monkeypatch.setenv("OPTC_NO_CACHE", "1")
+    monkeypatch.setenv("OPTC_LAZY_WEIGHTS", "1")
+    returned = []
+
+    def spy(*args, **kwargs):
+        returned.append(repeat_last_block(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr("optc.frontends.transformers.repeat_last_block", spy)
+    lazy = load_transformers(tmp_path / "tiny")
+    assert len(returned) == 1 and "both blocks read" in returned[0]
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 7), dtype=np.int64)
+    with torch.no_grad():
+        expected = hf_model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(_run(lazy, tmp_path / "lazy.onnx", ids), expected, atol=1e-5, rtol=0)
+
+
+def test_template_config_needs_alike_layers():
+    config = transformers.LlamaConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=48,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    template = template_config(config)
+    assert template.num_hidden_layers == TEMPLATE_LAYERS and config.num_hidden_layers == 6
+    assert template_config(transformers.LlamaConfig(num_hidden_layers=2)) is None
+    config.layer_types = ["sliding_attention"] * 5 + ["full_attention"]
+    assert template_config(config) is None
+    config.layer_types = ["full_attention"] * 6
+    assert template_config(config).layer_types == ["full_attention"] * TEMPLATE_LAYERS

@@ -144,6 +144,20 @@ def test_threshold_picks_external_data(tmp_path, monkeypatch):
     assert not (tmp_path / "forced.onnx.data").exists()
 
 
+def test_lazy_weights_save_as_external_data(tmp_path):
+    """A weight read lazily (a checkpoint tensor) makes the model save with external data: one tensor at a
+    time, never one protobuf holding every weight, whatever the size."""
+    model = models.to_ir(models.mlp(**BIG))
+    value = model.graph.initializers["W1"]
+    array = value.const_value.numpy().copy()
+    value.const_value = oi.LazyTensor(lambda: oi.Tensor(array.copy()), dtype=value.const_value.dtype,
+                                      shape=oi.Shape(list(array.shape)))
+    assert oi.has_external_data(model)
+    dst = oi.save_model(model, tmp_path / "lazy.onnx")
+    assert (tmp_path / "lazy.onnx.data").is_file()
+    np.testing.assert_array_equal(oi.load_model(dst).graph.initializers["W1"].const_value.numpy(), array)
+
+
 def test_external_data_forced_on(tmp_path):
     model = models.to_ir(models.mlp(**BIG))
     dst = oi.save_model(model, tmp_path / "m.onnx", external_data=True)

@@ -134,6 +134,22 @@ def test_clip_importance_of_ones_is_the_plain_search():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize(("group", "importance", "norm"), [(32, False, 2.0), (32, True, 2.4), (-1, False, 2.0)])
+def test_clip_search_in_row_chunks_equals_one_pass(monkeypatch, group, importance, norm):
+    """The search works on chunks of rows (in cache); each group's choice, and so every bit, is the same."""
+    import optc.passes.lowbit as lowbit
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(37, 100, generator=g) ** 3  # 100 = 3 groups of 32 and a padded one
+    weights = torch.rand(100, generator=g) if importance else None
+    whole = find_params(w, group, Grid(4, symmetric=False), clip=True, importance=weights, norm=norm)
+    monkeypatch.setattr(lowbit, "_CHUNK", 300)  # a few rows at a time, the last chunk shorter
+    chunked = find_params(w, group, Grid(4, symmetric=False), clip=True, importance=weights, norm=norm)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    searched_rows = lowbit._CHUNK // (128 if group == 32 else 100)
+    assert 1 <= searched_rows < w.shape[0]
+
+
 def test_per_channel_is_one_group():
     assert group_size(-1, 100) == group_size(0, 100) == group_size(128, 100) == 100
     w = torch.randn(4, 100)
