@@ -14,6 +14,7 @@ from optc.frontends import load_input
 from optc.frontends.lazy_weights import READS, TEMPLATE_LAYERS, repeat_last_block, template_config
 from optc.frontends.transformers import LAZY_WEIGHTS, TIED_PARAMETERS, load_transformers
 from optc.ir import LazyTensor, annotations, model_metadata, save_model, source_name
+from tests.fixtures.tool_modules import spy_on
 
 VOCAB = 96
 
@@ -182,13 +183,7 @@ def test_merged_weights_are_not_repeated(tmp_path, monkeypatch):
     hf_model.save_pretrained(tmp_path / "tiny")
     monkeypatch.setenv("OPTC_NO_CACHE", "1")
     monkeypatch.setenv("OPTC_LAZY_WEIGHTS", "1")
-    returned = []
-
-    def spy(*args, **kwargs):
-        returned.append(repeat_last_block(*args, **kwargs))
-        return returned[-1]
-
-    monkeypatch.setattr("optc.frontends.transformers.repeat_last_block", spy)
+    returned = spy_on(monkeypatch, "optc.frontends.transformers.repeat_last_block", repeat_last_block)
     lazy = load_transformers(tmp_path / "tiny")
     assert len(returned) == 1 and "both blocks read" in returned[0]
     ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 7), dtype=np.int64)

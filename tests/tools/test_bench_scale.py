@@ -3,10 +3,6 @@ exports them with lazy weights (one block repeated) and writes them as ONNX and 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import gguf
 import numpy as np
 import onnxruntime as ort
@@ -14,19 +10,12 @@ import pytest
 import torch
 import transformers
 
-_PATH = Path(__file__).resolve().parents[2] / "tools" / "bench_scale.py"
+from tests.fixtures.tool_modules import spy_on, tool_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scale", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from tool_module("bench_scale")
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +55,7 @@ def test_lazy_export_repeats_one_block_and_lowers_to_onnx_and_gguf(checkpoint, t
     shape, folder = checkpoint
     monkeypatch.setenv("OPTC_NO_CACHE", "1")
     monkeypatch.setenv("OPTC_LAZY_WEIGHTS", "1")
-    returned = []
-
-    def spy(*args, **kwargs):
-        returned.append(repeat_last_block(*args, **kwargs))
-        return returned[-1]
-
-    monkeypatch.setattr("optc.frontends.transformers.repeat_last_block", spy)
+    returned = spy_on(monkeypatch, "optc.frontends.transformers.repeat_last_block", repeat_last_block)
     model = load_transformers(folder)
     assert returned == [None]
     onnx_file = optc.compile(model, output=tmp_path / "w8.onnx", passes="rtn{bits=8 group=32}").artifact.path
