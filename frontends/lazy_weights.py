@@ -30,7 +30,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,8 +71,7 @@ _SMALL = 1024
 TEMPLATE_LAYERS = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckpointTensor:
+class CheckpointTensor(NamedTuple):
     """One tensor of a safetensors file."""
 
     file: Path

@@ -29,6 +29,7 @@ import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from optc.errors import OptcError
 
@@ -36,8 +37,7 @@ from optc.errors import OptcError
 MAX_DIRECTORY_ENTRIES = 10_000
 
 
-@dataclasses.dataclass(frozen=True)
-class Written:
+class Written(NamedTuple):
     """One file a run may write: its path, the flag that named it, and what it is (for messages)."""
 
     path: Path

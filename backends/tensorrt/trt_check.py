@@ -1,7 +1,8 @@
 """`trt-check`: TensorRT explicit-quantization legality, on any ONNX model.
 
 `check_tensorrt(model)` returns one `Finding` per offending node, each naming
-the node and the rule it breaks (`RULES`: id, name, severity, text, source).
+the node and the rule it breaks (`RULES`: id, name, severity, text, source;
+the table is `rules.json` beside this module).
 The rules encode what the TensorRT ONNX parser accepts and what TensorRT's
 developer guide asks of Q/DQ placement, (import constraints from
 onnx-tensorrt's `QuantDequantLinearHelper`/`onnxOpImporters.cpp` and
@@ -31,9 +32,11 @@ The pass prints each finding as one line on stderr and changes nothing;
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
@@ -59,10 +62,6 @@ from optc.passes.infra.pass_base import Pass, PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.transforms.check_sparsity import nm_violations
 
-_IMPORT = "onnx-tensorrt QuantDequantLinearHelper, onnxOpImporters.cpp, docs/operators.md"
-_PLACEMENT = "TensorRT developer guide, explicit quantization: Q/DQ layer-placement recommendations"
-_TRT = "TensorRT developer guide, explicit quantization"
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -75,62 +74,15 @@ class Rule:
     source: str
 
 
-_RULE_LIST = (
-    Rule("T01", "symmetric", "error", "zero points must be 0 (TensorRT only supports symmetric quantization)",
-         f"{_IMPORT}: symmetric only"),
-    Rule("T02", "constant-positive-scale", "error",
-         "Q/DQ scales (and zero points) must be build-time constants, finite and strictly positive",
-         f"{_IMPORT}: scales"),
-    Rule("T03", "qdq-dtype", "error", "quantized types are INT8, FP8 E4M3 or (weight-only) INT4",
-         f"{_IMPORT}: allowed types"),
-    Rule("T04", "per-tensor-activation", "error", "activations use one scale per tensor (no per-channel or blocked activations)",
-         f"{_IMPORT}: scale shapes; {_PLACEMENT}"),
-    Rule("T05", "weight-axis", "error",
-         "per-channel weight scales run along the output channels: Conv axis 0, ConvTranspose axis 1, "
-         "Gemm axis 0 with transB else 1, MatMul B the last axis",
-         f"{_IMPORT}: scale shapes; {_TRT}: per-channel axis"),
-    Rule("T06", "no-bias-quantization", "error", "no int32 (bias) quantization: biases stay float",
-         "TensorRT #4542; onnxruntime quantize_static extra option QuantizeBias"),
-    Rule("T07", "no-dynamic-quantization", "error", "no DynamicQuantizeLinear: TensorRT needs static scales",
-         f"onnxruntime #21169, TensorRT #3963; {_TRT}"),
-    Rule("T08", "no-integer-ops", "error",
-         "QLinear*, ConvInteger, MatMulInteger and contrib integer ops are not supported: use standard Q/DQ",
-         f"{_IMPORT}: allowed types"),
-    Rule("T09", "qdq-pair", "error",
-         "a QuantizeLinear's output goes only to DequantizeLinear nodes with the same scale and zero point",
-         f"{_IMPORT}; {_PLACEMENT}"),
-    Rule("T10", "int4-blocked", "error",
-         "INT4 is weight-only: a constant feeding MatMul/Gemm through a DequantizeLinear blocked along K "
-         "(one blocked dimension, even last dimension), opset >= 21; blocks are for INT4 only",
-         f"{_IMPORT}: scale shapes, INT4; {_TRT}: INT4"),
-    Rule("T11", "fp8-opset", "error", "FP8 E4M3 Q/DQ needs opset >= 19", f"{_TRT}: FP8"),
-    Rule("T12", "residual-quantized", "warning",
-         "the residual input of an Add fused into a quantized Conv is quantized (Q/DQ)", f"{_PLACEMENT}; {_TRT}: Q/DQ fusion"),
-    Rule("T13", "concat-one-scale", "warning",
-         "quantized Concat inputs are all quantized and share one scale and zero point", _PLACEMENT),
-    Rule("T14", "weighted-output", "warning",
-         "outputs of weighted ops are not quantized unless a quantized consumer (or the user) asks for it",
-         _PLACEMENT),
-    Rule("T15", "weighted-inputs", "warning",
-         "a quantized weighted op has both inputs quantized (8-bit weights need quantized activations; "
-         "weight-only is INT4 blocks on GEMMs)", f"{_PLACEMENT}; {_TRT}: INT4"),
-    Rule("T18", "shared-qdq", "warning",
-         "an activation's Q/DQ pair shared by a quantized weighted op feeds only ops TensorRT fuses or moves Q/DQ "
-         "through (weighted ops, residual Add, Concat, pooling, shape ops), not ops that need the float input",
-         f"onnxruntime quantize_static extra option DedicatedQDQPair; {_PLACEMENT}"),
-    Rule("T19", "fp8-conv-shape", "error",
-         f"an FP8 Conv has at least {FP8_CONV_MIN_CHANNELS} input channels per group and output channels and a filter "
-         f"of at most {FP8_CONV_MAX_TAPS} taps (TensorRT has no FP8 kernel otherwise)",
-         f"{_TRT}: FP8; NVIDIA Model Optimizer's modelopt/onnx/quantization/graph_utils.py "
-         "find_nodes_from_convs_to_exclude (quantize_mode='fp8'); optc.passes.fp8_convs"),
-    Rule("T16", "sparsity-2-4", "error",
-         "a weight annotated 2:4 has at most 2 non-zeros in every 4 consecutive elements along K (K divisible by 4)",
-         f"{_TRT}: structured sparsity"),
-    Rule("T17", "sparsity-axis", "error",
-         "a 2:4 weight's pattern runs along its reader's reduction axis (Conv 1, MatMul B 0, Gemm B 1 with transB else 0)",
-         f"{_TRT}: structured sparsity; Polygraphy sparse.py"),
-)
-RULES: dict[str, Rule] = {r.name: r for r in _RULE_LIST}
+def load_rules() -> dict[str, Rule]:
+    """The rules of `rules.json` beside this module, by name, their sources and limits filled in."""
+    table = json.loads(resources.files(__package__).joinpath("rules.json").read_text(encoding="utf-8"))
+    fields = dict(table["sources"], fp8_conv_min_channels=FP8_CONV_MIN_CHANNELS, fp8_conv_max_taps=FP8_CONV_MAX_TAPS)
+    rules = (Rule(**{key: value.format(**fields) for key, value in row.items()}) for row in table["rules"])
+    return {rule.name: rule for rule in rules}
+
+
+RULES: dict[str, Rule] = load_rules()
 
 
 @dataclass(frozen=True)

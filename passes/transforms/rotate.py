@@ -340,6 +340,10 @@ def _head_size(reshape: Node) -> int | None:
 # --------------------------------------------------------------------------- the pass
 
 
+#: The `kind` option's help.
+KIND_HELP = "hadamard: diag(±1)·H/√n (orthogonal where no Hadamard of the order is built); orthogonal: QR of a Gaussian"
+
+
 @register_pass("rotate")
 class Rotate(Pass):
     """Rotate a decoder's residual stream (and optionally heads, FFN) by random Hadamards fused into the weights."""
@@ -347,9 +351,7 @@ class Rotate(Pass):
     @dataclass
     class Options:
         seed: int = option(0, help="seed of the random signs (or random orthogonal matrix)")
-        kind: Literal["hadamard", "orthogonal"] = option(
-            "hadamard", help="hadamard: diag(±1)·H/√n (orthogonal where no Hadamard of the order is built); orthogonal: QR of a Gaussian"
-        )
+        kind: Literal["hadamard", "orthogonal"] = option("hadamard", help=KIND_HELP)
         heads: bool = option(True, help="also rotate each attention head between the value and output projections")
         online: bool = option(False, help="insert a Hadamard before each FFN down projection (two small MatMuls at run time)")
         untie: bool = option(
