@@ -246,6 +246,10 @@ class HeadAxes:
     def _rank(self, value: Value) -> int | None:
         return len(value.shape) if value.shape is not None else None
 
+    def _width(self, role: str) -> int:
+        """The width of a flattened-heads axis: heads·head_dim (`HD`) or kv_heads·head_dim (`KVD`)."""
+        return (self.block.heads if role == "HD" else self.block.kv_heads) * self.block.head_dim
+
     def _set(self, value: Value, roles: dict[int, str]) -> None:
         self.roles[id(value)] = roles
         self.values[id(value)] = value
@@ -395,6 +399,12 @@ class HeadAxes:
         if in_rank is None or out_rank is None:
             self._fail(node, "ranks unknown")
         roles = set(x.values())
+        flat = x.get(-1) if len(x) == 1 else None
+        if flat in ("HD", "KVD") and target is not None and target[-1] == self._width(flat) != self.block.head_dim:
+            # Only the leading axes change (GPT-2's Conv1D: a Gemm on [batch·seq, heads·d], viewed back as
+            # [batch, seq, heads·d]): the flattened heads stay on the last axis.
+            self.patches.append(ShapePatch(node, out_rank - 1, flat))
+            return {-1: flat}
         if x.get(-1) in ("HD", "KVD") and len(x) == 1 and out_rank == in_rank + 1:
             head = "H" if x[-1] == "HD" else "KV"
             if target is not None and target[-2] is not None and target[-2] > 0:
@@ -402,10 +412,14 @@ class HeadAxes:
             if target is not None and (target[-1] is None or target[-1] not in (-1, self.block.head_dim)):
                 self._fail(node, "the split does not end in head_dim")
             return {-2: head}
-        if x.get(-2) in ("H", "KV") and len(x) == 1 and out_rank == in_rank - 1 and target is not None:
-            if target[-1] is not None and target[-1] > 0:
-                self.patches.append(ShapePatch(node, out_rank - 1, "HD" if x[-2] == "H" else "KVD"))
-            return {-1: "HD" if x[-2] == "H" else "KVD"}
+        if x.get(-2) in ("H", "KV") and len(x) == 1 and target is not None:
+            merged = "HD" if x[-2] == "H" else "KVD"
+            # The merge back to [..., heads·d]; with the leading axes flattened too (GPT-2's view for its
+            # Conv1D Gemm) only when the target spells that width.
+            if out_rank == in_rank - 1 or (out_rank < in_rank - 1 and target[-1] == self._width(merged)):
+                if target[-1] is not None and target[-1] > 0:
+                    self.patches.append(ShapePatch(node, out_rank - 1, merged))
+                return {-1: merged}
         if roles == {"KV", "REP"} and out_rank == in_rank - 1:
             (kv_axis,) = [a for a, r in x.items() if r == "KV"]
             if x.get(kv_axis + 1) != "REP" or target is None:

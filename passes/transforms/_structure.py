@@ -83,6 +83,21 @@ def store_nk(target: Graph | Builder, site: Linear, w_nk: np.ndarray, suffix: st
     return set_constant(target, site.node, 1, np.ascontiguousarray(stored), suffix)
 
 
+def keep_outputs(target: Graph | Builder, site: Linear, rows: np.ndarray, suffix: str) -> None:
+    """Keep only the output features `rows` of a linear layer: its weight's rows, a Gemm's own bias `C`
+    entries, and the last axis of its output's static shape."""
+    width = site.out_features
+    store_nk(target, site, site.nk()[rows], suffix)
+    node = site.node
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = constant_array(node.inputs[2])
+        if bias is not None and bias.shape[-1:] == (width,) and width > 1:
+            set_constant(target, node, 2, np.ascontiguousarray(np.take(bias, rows, axis=-1)), suffix)
+    output = node.outputs[0]
+    if output.shape is not None and len(output.shape):
+        output.shape = Shape([*list(output.shape)[:-1], len(rows)])
+
+
 def drop_unused_initializers(graph) -> int:
     """Remove initializers nothing reads; returns how many went."""
     return len(sweep_initializers(graph))
@@ -92,6 +107,7 @@ __all__ = [
     "Linear",
     "calibration_hessians",
     "drop_unused_initializers",
+    "keep_outputs",
     "linear",
     "linears",
     "select",

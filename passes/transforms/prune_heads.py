@@ -62,6 +62,7 @@ from optc.passes.transforms._structure import (
     PruneOptions,
     calibration_hessians,
     drop_unused_initializers,
+    keep_outputs,
     set_constant,
 )
 from optc.passes.transforms.split_fused_projections import split_fused_projections
@@ -168,10 +169,7 @@ def _channels(heads: list[int], d: int) -> np.ndarray:
 
 
 def _slice_outputs(build: Builder, site: Linear, bias: Node | None, channels: np.ndarray) -> None:
-    w = site.nk()[channels]
-    stored = w.T if site.k_axis == 0 else w
-    set_constant(build, site.node, 1, np.ascontiguousarray(stored.astype(constant_array(site.weight).dtype)), "pruned")
-    _fix_output_shape(site.node.outputs[0], len(channels))
+    keep_outputs(build, site, channels, "pruned")
     if bias is not None:
         index = 0 if constant_array(bias.inputs[0]) is not None else 1
         set_constant(build, bias, index, np.ascontiguousarray(constant_array(bias.inputs[index])[channels]), "pruned")
