@@ -194,7 +194,7 @@ def _head_dim(attn: Node, q_out: Value) -> int | None:
         return int(shape[-1])
     for use in q_out.uses():
         if use.node.op_type == "Reshape":
-            target = _shape_elements(use.node.inputs[1])
+            target = shape_elements(use.node.inputs[1])
             if target and isinstance(target[-1], int) and target[-1] > 0:
                 return int(target[-1])
     return None
@@ -203,7 +203,7 @@ def _head_dim(attn: Node, q_out: Value) -> int | None:
 # --------------------------------------------------------------------------- shape operands
 
 
-def _shape_elements(value: Value) -> list[int | None] | None:
+def shape_elements(value: Value) -> list[int | None] | None:
     """The elements of a 1-D shape operand (None where dynamic): a constant, or a Concat of parts."""
     array = constant_array(value)
     if array is not None:
@@ -372,7 +372,7 @@ class HeadAxes:
         return {}
 
     def _expand(self, node: Node, x: dict[int, str]) -> dict[int, str]:
-        target = _shape_elements(node.inputs[1])
+        target = shape_elements(node.inputs[1])
         in_shape = node.inputs[0].shape
         if target is None or in_shape is None:
             self._fail(node, "expand shape unknown")
@@ -393,7 +393,7 @@ class HeadAxes:
         return out
 
     def _reshape(self, node: Node, x: dict[int, str]) -> dict[int, str]:
-        target = _shape_elements(node.inputs[1])
+        target = shape_elements(node.inputs[1])
         in_rank = self._rank(node.inputs[0])
         out_rank = len(target) if target is not None else self._rank(node.outputs[0])
         if in_rank is None or out_rank is None:
@@ -459,4 +459,4 @@ def _backward_reach(value: Value) -> set[int]:
     return seen
 
 
-__all__ = ["AttentionBlock", "AttentionScan", "HeadAxes", "ShapePatch", "find_attention", "scan_attention"]
+__all__ = ["AttentionBlock", "AttentionScan", "HeadAxes", "ShapePatch", "find_attention", "scan_attention", "shape_elements"]

@@ -37,7 +37,8 @@ from optc.ir import (
     set_model_metadata,
 )
 from optc.ir.annotations import HF_CONFIG, LAYER_FFN, PRUNED_FFN
-from optc.passes.attention import linear_of
+from optc.ir.patterns.builder import Builder
+from optc.passes.attention import linear_of, shape_elements
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -48,8 +49,10 @@ from optc.passes.transforms._structure import (
     PruneOptions,
     calibration_hessians,
     drop_unused_initializers,
+    keep_outputs,
     linear,
     set_constant,
+    set_shape_element,
 )
 from optc.passes.transforms.split_fused_projections import split_fused_projections
 
@@ -66,6 +69,8 @@ class FFNBlock:
     down: Linear
     producers: list[tuple[Linear, Node | None]]  # (linear, bias Add)
     nodes: list[Node] = field(default_factory=list)
+    #: Reshapes on the way that keep the F channels on the last axis (GPT-2's views around its Conv1D Gemms).
+    reshapes: list[Node] = field(default_factory=list)
     values: list[Value] = field(default_factory=list)
     width: int = 0
 
@@ -124,6 +129,12 @@ def _ffn_for(down: Linear) -> FFNBlock | str | None:
         node = value.producer()
         if node is not None and block.nodes and _fused_producer(node, f):
             return "fused gate_up_proj"
+        if node is not None and _keeps_last_axis(node, f):
+            block.reshapes.append(node)
+            block.values.append(value)
+            inside.add(id(node))
+            stack.append(node.inputs[0])
+            continue
         if node is None or node.op_type not in _CHANNELWISE or node.domain not in ("", "ai.onnx"):
             return None
         block.nodes.append(node)
@@ -155,6 +166,15 @@ def _fused_producer(node: Node, f: int) -> bool:
         return False
     hit = linear_of(node.inputs[0]) if node.inputs[0] is not None else None
     return hit is not None and hit[0].out_features > f and hit[0].out_features % f == 0
+
+
+def _keeps_last_axis(node: Node, f: int) -> bool:
+    """True when `node` is a Reshape whose target ends in `f`, of a value whose last axis is `f`."""
+    if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return False
+    shape = node.inputs[0].shape
+    target = shape_elements(node.inputs[1])
+    return shape is not None and len(shape) > 0 and shape[-1] == f and target is not None and target[-1] == f
 
 
 def _channel_constant(value: Value, f: int) -> bool:
@@ -191,6 +211,7 @@ class PruneFFN(Pass):
             return PassResult(model, bool(split), None, {"ffn-pruned": 0, "channels-removed": 0})
         hessians = calibration_hessians(model, am, "prune-ffn", [b.down.activation.name for b in blocks])
         graph = model.graph
+        build = Builder(graph)  # owns the fresh names of everything this run adds
         removed = pruned = 0
         widths = []
         for block in blocks:
@@ -207,7 +228,7 @@ class PruneFFN(Pass):
                 widths.append(f)
                 continue
             keep = np.sort(np.argsort(-scores, kind="stable")[:keep_count])
-            _rewrite(graph, block, keep)
+            _rewrite(build, block, keep)
             removed += f - keep_count
             pruned += 1
             widths.append(int(keep_count))
@@ -224,22 +245,22 @@ class PruneFFN(Pass):
         return PassResult(model, True, None, {"ffn-pruned": pruned, "channels-removed": removed})
 
 
-def _rewrite(graph, block: FFNBlock, keep: np.ndarray) -> None:
+def _rewrite(build: Builder, block: FFNBlock, keep: np.ndarray) -> None:
     f = block.width
     for site, bias in block.producers:
-        w = site.nk()[keep]
-        stored = w.T if site.k_axis == 0 else w
-        set_constant(graph, site.node, 1, np.ascontiguousarray(stored.astype(constant_array(site.weight).dtype)), "pruned")
+        keep_outputs(build, site, keep, "pruned")
         if bias is not None:
             index = 0 if constant_array(bias.inputs[0]) is not None else 1
-            set_constant(graph, bias, index, _take_last(constant_array(bias.inputs[index]), keep, f), "pruned")
+            set_constant(build, bias, index, _take_last(constant_array(bias.inputs[index]), keep, f), "pruned")
     for node in block.nodes:
         for index, v in enumerate(node.inputs):
             if v is not None and is_constant(v) and v.shape is not None and len(v.shape) and v.shape[-1] == f and f > 1:
-                set_constant(graph, node, index, _take_last(constant_array(v), keep, f), "pruned")
+                set_constant(build, node, index, _take_last(constant_array(v), keep, f), "pruned")
+    for reshape in block.reshapes:
+        set_shape_element(build, reshape, len(shape_elements(reshape.inputs[1])) - 1, len(keep), "pruned")
     w = block.down.nk()[:, keep]
     stored = w.T if block.down.k_axis == 0 else w
-    set_constant(graph, block.down.node, 1, np.ascontiguousarray(stored.astype(constant_array(block.down.weight).dtype)), "pruned")
+    set_constant(build, block.down.node, 1, np.ascontiguousarray(stored.astype(constant_array(block.down.weight).dtype)), "pruned")
     for value in block.values:
         if value.shape is not None and len(value.shape) and value.shape[-1] == f:
             dims = list(value.shape)

@@ -45,13 +45,12 @@ from optc.ir import (
     Shape,
     annotate,
     constant_array,
-    make_node,
     model_metadata,
     set_model_metadata,
 )
 from optc.ir.annotations import HF_CONFIG, LAYER_HEADS, PRUNED_HEADS
 from optc.ir.patterns.builder import Builder
-from optc.passes.attention import AttentionBlock, HeadAxes, ShapePatch, scan_attention
+from optc.passes.attention import AttentionBlock, HeadAxes, scan_attention
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -64,6 +63,7 @@ from optc.passes.transforms._structure import (
     drop_unused_initializers,
     keep_outputs,
     set_constant,
+    set_shape_element,
 )
 from optc.passes.transforms.split_fused_projections import split_fused_projections
 
@@ -197,7 +197,7 @@ def _rewrite(build: Builder, block: AttentionBlock, axes: HeadAxes, keep: list[i
     counts = {"H": len(keep), "KV": len(keep_kv), "REP": len(keep) // len(keep_kv)}
     counts["HD"], counts["KVD"] = counts["H"] * d, counts["KV"] * d
     for patch in axes.patches:
-        _apply_patch(build, patch, counts[patch.role])
+        set_shape_element(build, patch.node, patch.position, counts[patch.role], "heads")
     for key, roles in axes.roles.items():
         value = axes.values[key]
         if value.shape is None or value.is_graph_output():
@@ -209,50 +209,6 @@ def _rewrite(build: Builder, block: AttentionBlock, axes: HeadAxes, keep: list[i
         value.shape = Shape(dims)
     info = {"heads": counts["H"], "kv_heads": counts["KV"], "kept": keep, "of": block.heads}
     annotate(block.o.node, PRUNED_HEADS, info)
-
-
-def _apply_patch(build: Builder, patch: ShapePatch, count: int) -> None:
-    """Set element `position` of the node's shape operand to `count` (copying shared constants and Concats)."""
-    node = patch.node
-    operand = node.inputs[1]
-    array = constant_array(operand)
-    if array is not None:
-        new = array.copy()
-        new.reshape(-1)[patch.position] = count
-        set_constant(build, node, 1, new, "heads")
-        return
-    concat = operand.producer()
-    parts = list(concat.inputs)
-    offset = 0
-    for i, part in enumerate(parts):
-        data = constant_array(part)
-        size = data.size if data is not None else int(part.shape[0])
-        if offset <= patch.position < offset + size:
-            if data is None:
-                raise OptcError(f"prune-heads: the head count in {node.name or node.op_type}'s shape is not a constant")
-            new = data.copy().reshape(-1)
-            new[patch.position - offset] = count
-            parts[i] = build.initializer(f"{part.name}_heads", new.reshape(data.shape))
-            break
-        offset += size
-    graph = build.graph
-    copy = make_node("Concat", parts, attributes={"axis": 0}, name=_node_name(graph, f"{concat.name or 'Concat'}_heads"),
-                     output_names=[build.fresh(f"{operand.name}_heads")])
-    copy.outputs[0].dtype = operand.dtype
-    copy.outputs[0].shape = operand.shape
-    graph.insert_before(node, [copy])
-    node.replace_input_with(1, copy.outputs[0])
-    if not list(operand.uses()) and not operand.is_graph_output():
-        graph.remove(concat, safe=True)
-        build.release(o.name for o in concat.outputs)
-
-
-def _node_name(graph, base: str) -> str:
-    taken = {n.name for n in graph}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def _update_config(model: Model, layer_heads: list[list[int]], removed: list[list[int]], head_dim: int) -> None:
