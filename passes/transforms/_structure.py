@@ -29,6 +29,13 @@ from optc.passes.linear_layers import (
     torch_threads,
 )
 
+#: Ops that act on each channel of an MLP's intermediate activation separately (activations, the gating
+#: `Mul`, a bias `Add`), the path `prune-ffn` follows from gate/up to down.
+CHANNELWISE_OPS = frozenset({
+    "Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Relu", "Gelu", "Erf", "Pow", "Sqrt", "Exp", "Neg", "Cast",
+    "Identity", "Softplus", "LeakyRelu", "HardSigmoid", "HardSwish", "Elu", "Selu", "Clip", "Max", "Min",
+})
+
 
 @dataclass
 class PruneOptions:
@@ -150,6 +157,7 @@ def drop_unused_initializers(graph) -> int:
 
 
 __all__ = [
+    "CHANNELWISE_OPS",
     "Linear",
     "calibration_hessians",
     "drop_unused_initializers",

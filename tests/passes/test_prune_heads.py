@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from optc.errors import OptcError
-from optc.ir import annotation, constant_array, model_metadata
+from optc.ir import annotation, model_metadata
 from optc.passes.attention import HeadAxes, find_attention
-from optc.passes.transforms._structure import set_constant
+from optc.passes.linear_layers import linear
+from optc.passes.transforms._structure import store_nk
 from optc.passes.transforms.prune_heads import select_heads
 from tests.fixtures import prune_models as pm
 
@@ -30,12 +31,13 @@ def _zeroed_reference(kind: str, pruned_model, feeds) -> np.ndarray:
         if not info:
             continue
         o = by_name[node.name]
-        w = constant_array(o.inputs[1]).copy()  # MatMul B [heads*d, hidden]
-        d = w.shape[0] // info["of"]
+        site = linear(o)
+        w = site.nk()  # [hidden, heads*d]
+        d = w.shape[1] // info["of"]
         for h in range(info["of"]):
             if h not in info["kept"]:
-                w[h * d:(h + 1) * d] = 0
-        set_constant(original.graph, o, 1, w, "zeroed")
+                w[:, h * d:(h + 1) * d] = 0
+        store_nk(original.graph, site, w, "zeroed")
     return pm.outputs(original, feeds)
 
 
@@ -82,6 +84,24 @@ def test_llama_pruning_is_exact(options, heads, kv_heads):
     config = model_metadata(result.model, "hf_config")
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (heads, kv_heads, 8)
     assert model_metadata(result.model, "layer_heads") == [[heads, kv_heads]] * 2
+
+
+@pytest.mark.parametrize("family, removed_per_layer, config", [
+    # Gemma 2 (logit softcapping, sliding window 8 of 16 tokens): one query head of each of 2 KV groups,
+    # q rows and o columns (16 x 48 each).
+    ("gemma2", 2 * 16 * 48 * 2, {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}),
+    # GPT-2 (Conv1D: Gemm on [batch*seq, 48], fused c_attn split first): 2 of 4 heads, q/k/v rows and biases
+    # and c_proj columns (12 x 48 each).
+    ("gpt2", 2 * (4 * 12 * 48 + 3 * 12), {"pruned_heads": {"0": 2, "1": 2}}),
+])
+def test_family_pruning_is_exact(family, removed_per_layer, config):
+    result, removed = _prune_exactly(family, "ratio=0.5", seed=3)
+    assert result.statistics == {"layers-pruned": 2, "heads-removed": 4}
+    assert removed == 2 * removed_per_layer
+    hf_config = model_metadata(result.model, "hf_config")
+    for key, value in config.items():
+        got = hf_config[key]
+        assert ({k: len(v) for k, v in got.items()} if key == "pruned_heads" else got) == value
 
 
 def test_bert_pruning_is_exact():
