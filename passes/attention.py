@@ -232,6 +232,17 @@ class ShapePatch:
     role: str
 
 
+@dataclass(frozen=True)
+class ConstantPatch:
+    """Input `index` of elementwise `node` is a constant whose axis `axis` (negative) runs along the
+    flattened heads `role` (`HD`/`KVD`): OLMo 2's q_norm/k_norm weight over the whole projection."""
+
+    node: Node
+    index: int
+    axis: int
+    role: str
+
+
 class HeadAxes:
     """Forward analysis of head-carrying axes from the projections of a block to its output projection."""
 
@@ -240,6 +251,10 @@ class HeadAxes:
         self.roles: dict[int, dict[int, str]] = {}  # id(value) -> {negative axis: role}
         self.values: dict[int, Value] = {}
         self.patches: list[ShapePatch] = []
+        self.constants: list[ConstantPatch] = []
+        #: Reductions over the flattened heads (an RMSNorm of the whole q or k projection, OLMo 2): each
+        #: head's values are normalized by a statistic of every head's, so removing heads changes it.
+        self.cross_head: list[Node] = []
         self.nodes: list[Node] = []
         self._run()
 
@@ -287,6 +302,8 @@ class HeadAxes:
         if op == "Shape":
             return {}  # a runtime shape follows the data: nothing to rewrite
         if op in ELEMENTWISE_OPS or op == "Concat":
+            if op != "Concat":
+                self._head_constants(node)
             merged: dict[int, str] = {}
             for roles in ins:
                 for axis, role in (roles or {}).items():
@@ -322,9 +339,12 @@ class HeadAxes:
             keepdims = node.attributes.get("keepdims")
             if axes is None or rank is None or (keepdims is not None and not keepdims.as_int()):
                 self._fail(node, f"{op} on a head-carrying value")
-            if any((int(a) - rank if a >= 0 else int(a)) in x for a in axes.reshape(-1)):
+            reduced = {int(a) - rank if a >= 0 else int(a) for a in axes.reshape(-1)}
+            if any(x.get(a) in ("H", "KV", "REP") for a in reduced):
                 self._fail(node, f"{op} over a head axis")
-            return dict(x)
+            if any(a in x for a in reduced):  # over the flattened heads: kept as size 1, no head axis left
+                self.cross_head.append(node)
+            return {a: r for a, r in x.items() if a not in reduced}
         if op == "Transpose":
             rank = self._rank(node.inputs[0])
             if rank is None:
@@ -370,6 +390,23 @@ class HeadAxes:
             return out
         self._fail(node, f"{op} on a head-carrying value")
         return {}
+
+    def _head_constants(self, node: Node) -> None:
+        """Record each constant input of an elementwise node that spans a flattened-heads axis."""
+        rank = self._rank(node.outputs[0])
+        for index, value in enumerate(node.inputs):
+            if value is None or not is_constant(value) or value.shape is None or rank is None:
+                continue
+            for position, size in enumerate(value.shape):
+                axis = position - len(value.shape)
+                if size == 1 or not isinstance(size, int):
+                    continue
+                roles = [self.roles[id(v)].get(axis) for v in node.inputs if v is not None and id(v) in self.roles]
+                role = next((r for r in roles if r is not None), None)
+                if role in ("HD", "KVD") and size == self._width(role):
+                    self.constants.append(ConstantPatch(node, index, axis, role))
+                elif role is not None:
+                    self._fail(node, f"a constant of {size} along a {role} axis")
 
     def _expand(self, node: Node, x: dict[int, str]) -> dict[int, str]:
         target = shape_elements(node.inputs[1])
@@ -459,4 +496,4 @@ def _backward_reach(value: Value) -> set[int]:
     return seen
 
 
-__all__ = ["AttentionBlock", "AttentionScan", "HeadAxes", "ShapePatch", "find_attention", "scan_attention", "shape_elements"]
+__all__ = ["AttentionBlock", "AttentionScan", "ConstantPatch", "HeadAxes", "ShapePatch", "find_attention", "scan_attention", "shape_elements"]

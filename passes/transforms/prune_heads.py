@@ -122,6 +122,11 @@ class PruneHeads(Pass):
             removed_heads += block.heads - len(keep)
             layers += 1
             layer_heads.append([len(keep), len(keep_kv)])
+        normalized = sum(bool(axes.cross_head) for _, axes in plans)
+        if layers and normalized:
+            context.remark("analysis", f"{normalized} attention blocks normalize q or k over all their heads at once "
+                           "(RMSNorm of the whole projection): the heads left are now normalized over themselves "
+                           "alone, which changes their values beyond removing the others")
         if not layers:
             context.remark("analysis", f"ratio={self.options.ratio:g} removes no head in any of {len(blocks)} attention blocks")
             return PassResult(model, bool(split), None, {"layers-pruned": 0, "heads-removed": 0})
@@ -194,6 +199,12 @@ def _rewrite(build: Builder, block: AttentionBlock, axes: HeadAxes, keep: list[i
     w_o = block.o.nk()[:, q_channels]
     stored = w_o.T if block.o.k_axis == 0 else w_o
     set_constant(build, block.o.node, 1, np.ascontiguousarray(stored.astype(constant_array(block.o.weight).dtype)), "pruned")
+    channels = {"HD": q_channels, "KVD": _channels(keep_kv, d)}
+    for patch in axes.constants:
+        array = constant_array(patch.node.inputs[patch.index])
+        if array.shape[patch.axis] != len(channels[patch.role]):
+            set_constant(build, patch.node, patch.index,
+                         np.ascontiguousarray(np.take(array, channels[patch.role], axis=patch.axis)), "pruned")
     counts = {"H": len(keep), "KV": len(keep_kv), "REP": len(keep) // len(keep_kv)}
     counts["HD"], counts["KVD"] = counts["H"] * d, counts["KV"] * d
     for patch in axes.patches:

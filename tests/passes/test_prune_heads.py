@@ -104,6 +104,25 @@ def test_family_pruning_is_exact(family, removed_per_layer, config):
         assert ({k: len(v) for k, v in got.items()} if key == "pruned_heads" else got) == value
 
 
+def test_olmo2_whole_projection_qk_norm_is_pruned_with_a_remark():
+    """OLMo 2 normalizes q and k over all heads at once (RMSNorm of the whole projection, weight [heads*d]):
+    the kept heads' q_norm weight entries stay, and their normalizer now sums over them alone, so the result
+    is close to, not equal to, zeroing the removed heads; the pass says so."""
+    model = pm.load("olmo2")
+    before = pm.param_count(model)
+    feeds = pm.feeds(model, 3)
+    result = pm.run(model, "prune-heads{ratio=0.5}", strict=True)
+    assert result.statistics == {"layers-pruned": 2, "heads-removed": 4}
+    # q rows and o columns (12 x 48 each) and q_norm weight entries (12) of one query head per KV group.
+    assert before - pm.param_count(result.model) == 2 * 2 * (12 * 48 * 2 + 12)
+    (remark,) = [r for r in result.remarks if r.kind == "analysis"]
+    assert remark.message.startswith("2 attention blocks normalize q or k over all their heads at once")
+    out, reference = pm.outputs(result.model, feeds), _zeroed_reference("olmo2", result.model, feeds)
+    cosine = float(out.ravel() @ reference.ravel() / np.linalg.norm(out) / np.linalg.norm(reference))
+    assert 0.99 < cosine < 1 - 1e-6
+    assert model_metadata(result.model, "hf_config")["num_attention_heads"] == 2
+
+
 def test_bert_pruning_is_exact():
     result, removed = _prune_exactly("bert", "ratio=0.25", seed=4)
     assert result.statistics == {"layers-pruned": 2, "heads-removed": 2}
