@@ -372,6 +372,15 @@ class HeadAxes:
                     out[i - rank] = positive[j]
                 j += 1
             return out
+        if op == "Squeeze":
+            rank = self._rank(node.inputs[0])
+            axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            if rank is None or axes is None:
+                self._fail(node, "squeeze axes unknown")
+            removed = {int(a) % rank - rank for a in axes.reshape(-1)}
+            if removed & set(x):
+                self._fail(node, "squeeze of a head axis")
+            return {a + sum(1 for r in removed if r > a): role for a, role in x.items()}
         if op == "Expand":
             return self._expand(node, x)
         if op == "Reshape":
@@ -442,7 +451,9 @@ class HeadAxes:
             # [batch, seq, heads·d]): the flattened heads stay on the last axis.
             self.patches.append(ShapePatch(node, out_rank - 1, flat))
             return {-1: flat}
-        if x.get(-1) in ("HD", "KVD") and len(x) == 1 and out_rank == in_rank + 1:
+        inserted = out_rank - in_rank - 1  # size-1 axes before the heads (ModernBERT's [b, s, 1, heads, d] piece)
+        if x.get(-1) in ("HD", "KVD") and len(x) == 1 and inserted >= 0 and \
+                (inserted == 0 or (target is not None and all(t == 1 for t in target[-2 - inserted:-2]))):
             head = "H" if x[-1] == "HD" else "KV"
             if target is not None and target[-2] is not None and target[-2] > 0:
                 self.patches.append(ShapePatch(node, out_rank - 2, head))

@@ -35,9 +35,8 @@ from tests.architectures import configs  # noqa: E402
 CALIB = {"calibration.spec": "random", "calibration.samples": 4, "calibration.seqlen": 12}
 #: Families whose MLP prune-ffn cannot find (a missed remark is expected instead): resnet has none.
 NO_FFN = {"resnet"}
-#: Families whose attention prune-heads leaves alone with a missed remark: resnet has none; modernbert's qkv
-#: view is not a split of heads.
-NO_HEADS = {"resnet", "modernbert"}
+#: Families whose attention prune-heads cannot find (a missed remark is expected instead): resnet has none.
+NO_HEADS = {"resnet"}
 
 
 # --------------------------------------------------------------------------- the registry

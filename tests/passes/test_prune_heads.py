@@ -93,6 +93,9 @@ def test_llama_pruning_is_exact(options, heads, kv_heads):
     # GPT-2 (Conv1D: Gemm on [batch*seq, 48], fused c_attn split first): 2 of 4 heads, q/k/v rows and biases
     # and c_proj columns (12 x 48 each).
     ("gpt2", 2 * (4 * 12 * 48 + 3 * 12), {"pruned_heads": {"0": 2, "1": 2}}),
+    # ModernBERT (fused Wqkv split first, each piece viewed as [batch, seq, 1, heads, d] then squeezed): 2 of 4
+    # heads, q/k/v rows and Wo columns (12 x 48 each), no biases.
+    ("modernbert", 2 * 4 * 12 * 48, {"pruned_heads": {"0": 2, "1": 2}}),
 ])
 def test_family_pruning_is_exact(family, removed_per_layer, config):
     result, removed = _prune_exactly(family, "ratio=0.5", seed=3)
