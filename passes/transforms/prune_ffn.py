@@ -2,20 +2,30 @@
 
 An FFN is found by graph pattern: a linear layer `down` whose input is made,
 through channel-wise ops only (activations, the gating `Mul`, bias `Add`,
-scalar or per-channel constants), from the outputs of one or more linear
-layers of width F (`gate` and `up` of a gated MLP; `fc1` of BERT's MLP), with
-nothing else reading the values in between. Channel j of every producer
-(its output row and bias), of per-channel constants on the way, and input row
-j of `down` go together, so the function computed on the kept channels is
-unchanged.
+scalar or per-channel constants) and Reshapes that keep the F channels on
+the last axis (GPT-2's views around its Conv1D Gemms), from the outputs of one
+or more linear layers of width F (`gate` and `up` of a gated MLP; `fc1` of
+BERT's MLP), with nothing else reading the values in between. Channel j of
+every producer (its output row and bias, a Gemm's own bias included), of
+per-channel constants on the way, and input row j of `down` go together, so
+the function computed on the kept channels is unchanged; the views' widths
+follow.
+
+A mixture of experts' MLP (stacked experts gathered per routed row,
+`optc.passes.transforms._experts_ffn`) is pruned per expert: each expert keeps
+as many channels as a dense MLP of width F would, its own most important ones
+by the `expert-stats` analysis (Σ x_j² over the rows routed to it; an expert
+no calibration row reached is ranked by its down columns' norms, with a
+remark). It counts as one MLP block, its removed channels once.
 
 Importance of channel j, from the `hessian` analysis of `down`'s input (the
 diagonal is Σ x_j² over the calibration tokens): `activation` (default) is
 ‖x_j‖₂ (ModelOpt's Minitron score), `contribution` is ‖x_j‖₂·‖W_down[j, :]‖₂.
 Each FFN loses round(ratio·F) channels, rounded down to a multiple of
 `multiple` kept (so kernels stay aligned). The HF config's
-`intermediate_size` is updated (when every layer ends up equal) and the model
-metadata `layer_ffn` lists each FFN's width.
+`intermediate_size` (experts: `moe_intermediate_size` where the config has
+it) is updated when every layer ends up equal, and the model metadata
+`layer_ffn` lists each FFN's width in graph order.
 """
 
 from __future__ import annotations

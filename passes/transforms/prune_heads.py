@@ -21,13 +21,21 @@ plain multi-head attention round(ratio·heads) heads go. At least one head (and
 group) always stays.
 
 Rewrite: the Q (and K/V for removed groups) projections lose the heads'
-output rows and biases, `o` loses the heads' input rows; every Reshape/Expand
+output rows and biases (a bias Add's, or a Gemm's own `C`), `o` loses the
+heads' input rows; a constant along the flattened heads (OLMo 2's q_norm /
+k_norm weight over the whole projection) loses the heads' entries; every Reshape/Expand
 shape operand that spells a head count (the split into heads, the GQA repeat
 `Expand` and its merge, the merge back to hidden) is updated, found by a
 forward head-axis analysis rather than by value; the static shapes of the
 values in between are updated; the HF config metadata (`hf_config`) gets the
 new `num_attention_heads`/`num_key_value_heads` and the model metadata
 `layer_heads` lists `[heads, kv_heads]` per attention layer.
+
+A normalization over the whole q or k projection (OLMo 2's RMSNorm, across
+heads) is not exact after pruning: the kept heads are then normalized by the
+mean of squares over themselves alone, not over every head. The pass prunes
+it anyway (head pruning is lossy in any case) and says so in an `analysis`
+remark.
 """
 
 from __future__ import annotations
