@@ -163,3 +163,15 @@ def test_experts_pruning_is_exact_per_expert(family, experts, width, config_key)
         set_constant(original.graph, gather, 0, w, "zeroed")
     assert len(set(chosen)) > 1  # each expert its own channels
     np.testing.assert_allclose(pm.outputs(result.model, feeds), pm.outputs(original, feeds), rtol=1e-4, atol=1e-4)
+
+
+def test_an_expert_no_calibration_row_reaches_is_ranked_by_its_weights():
+    """A router that always picks expert 0 (equal logits): expert 1 is pruned by its down columns' norms, and
+    the pass says how many experts that was."""
+    result = pm.run(pm.experts(router="1.0, 1.0, -1.0, -1.0"), "prune-ffn{ratio=0.5}",
+                    calib={"calibration.spec": "random", "calibration.samples": 2, "calibration.seqlen": 8})
+    assert result.statistics == {"ffn-pruned": 1, "channels-removed": 1}
+    assert ("analysis", "1 experts got no calibration token: their channels were ranked by the norm of their "
+            "down-projection columns") in [(r.kind, r.message) for r in result.remarks]
+    down = next(n for n in result.model.graph if annotation(n, "pruned_ffn"))
+    np.testing.assert_allclose(constant_array(down.inputs[0])[1].ravel(), [1.0, -0.5])  # expert 1's column 1
