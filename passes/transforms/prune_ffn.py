@@ -284,8 +284,8 @@ class PruneFFN(Pass):
                 keep = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :keep_count], axis=1)
                 prune_experts(build, block, keep)
         if unrouted:
-            am.context.remark("analysis", f"{unrouted} experts got no calibration token: their channels were "
-                              "ranked by the norm of their down-projection columns")
+            am.context.remark("analysis", f"{unrouted} expert{'s' if unrouted != 1 else ''} got no calibration "
+                              "token: ranked by the norms of the down-projection columns")
 
 
 def scan_experts_ffn(model: Model) -> tuple[list[ExpertsFFNBlock], list[tuple[str, str]]]:
