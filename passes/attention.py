@@ -194,7 +194,7 @@ def _head_dim(attn: Node, q_out: Value) -> int | None:
         return int(shape[-1])
     for use in q_out.uses():
         if use.node.op_type == "Reshape":
-            target = _shape_elements(use.node.inputs[1])
+            target = shape_elements(use.node.inputs[1])
             if target and isinstance(target[-1], int) and target[-1] > 0:
                 return int(target[-1])
     return None
@@ -203,7 +203,7 @@ def _head_dim(attn: Node, q_out: Value) -> int | None:
 # --------------------------------------------------------------------------- shape operands
 
 
-def _shape_elements(value: Value) -> list[int | None] | None:
+def shape_elements(value: Value) -> list[int | None] | None:
     """The elements of a 1-D shape operand (None where dynamic): a constant, or a Concat of parts."""
     array = constant_array(value)
     if array is not None:
@@ -232,6 +232,17 @@ class ShapePatch:
     role: str
 
 
+@dataclass(frozen=True)
+class ConstantPatch:
+    """Input `index` of elementwise `node` is a constant whose axis `axis` (negative) runs along the
+    flattened heads `role` (`HD`/`KVD`): OLMo 2's q_norm/k_norm weight over the whole projection."""
+
+    node: Node
+    index: int
+    axis: int
+    role: str
+
+
 class HeadAxes:
     """Forward analysis of head-carrying axes from the projections of a block to its output projection."""
 
@@ -240,11 +251,19 @@ class HeadAxes:
         self.roles: dict[int, dict[int, str]] = {}  # id(value) -> {negative axis: role}
         self.values: dict[int, Value] = {}
         self.patches: list[ShapePatch] = []
+        self.constants: list[ConstantPatch] = []
+        #: Reductions over the flattened heads (an RMSNorm of the whole q or k projection, OLMo 2): each
+        #: head's values are normalized by a statistic of every head's, so removing heads changes it.
+        self.cross_head: list[Node] = []
         self.nodes: list[Node] = []
         self._run()
 
     def _rank(self, value: Value) -> int | None:
         return len(value.shape) if value.shape is not None else None
+
+    def _width(self, role: str) -> int:
+        """The width of a flattened-heads axis: heads·head_dim (`HD`) or kv_heads·head_dim (`KVD`)."""
+        return (self.block.heads if role == "HD" else self.block.kv_heads) * self.block.head_dim
 
     def _set(self, value: Value, roles: dict[int, str]) -> None:
         self.roles[id(value)] = roles
@@ -283,6 +302,8 @@ class HeadAxes:
         if op == "Shape":
             return {}  # a runtime shape follows the data: nothing to rewrite
         if op in ELEMENTWISE_OPS or op == "Concat":
+            if op != "Concat":
+                self._head_constants(node)
             merged: dict[int, str] = {}
             for roles in ins:
                 for axis, role in (roles or {}).items():
@@ -318,9 +339,12 @@ class HeadAxes:
             keepdims = node.attributes.get("keepdims")
             if axes is None or rank is None or (keepdims is not None and not keepdims.as_int()):
                 self._fail(node, f"{op} on a head-carrying value")
-            if any((int(a) - rank if a >= 0 else int(a)) in x for a in axes.reshape(-1)):
+            reduced = {int(a) - rank if a >= 0 else int(a) for a in axes.reshape(-1)}
+            if any(x.get(a) in ("H", "KV", "REP") for a in reduced):
                 self._fail(node, f"{op} over a head axis")
-            return dict(x)
+            if any(a in x for a in reduced):  # over the flattened heads: kept as size 1, no head axis left
+                self.cross_head.append(node)
+            return {a: r for a, r in x.items() if a not in reduced}
         if op == "Transpose":
             rank = self._rank(node.inputs[0])
             if rank is None:
@@ -348,6 +372,15 @@ class HeadAxes:
                     out[i - rank] = positive[j]
                 j += 1
             return out
+        if op == "Squeeze":
+            rank = self._rank(node.inputs[0])
+            axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            if rank is None or axes is None:
+                self._fail(node, "squeeze axes unknown")
+            removed = {int(a) % rank - rank for a in axes.reshape(-1)}
+            if removed & set(x):
+                self._fail(node, "squeeze of a head axis")
+            return {a + sum(1 for r in removed if r > a): role for a, role in x.items()}
         if op == "Expand":
             return self._expand(node, x)
         if op == "Reshape":
@@ -367,8 +400,25 @@ class HeadAxes:
         self._fail(node, f"{op} on a head-carrying value")
         return {}
 
+    def _head_constants(self, node: Node) -> None:
+        """Record each constant input of an elementwise node that spans a flattened-heads axis."""
+        rank = self._rank(node.outputs[0])
+        for index, value in enumerate(node.inputs):
+            if value is None or not is_constant(value) or value.shape is None or rank is None:
+                continue
+            for position, size in enumerate(value.shape):
+                axis = position - len(value.shape)
+                if size == 1 or not isinstance(size, int):
+                    continue
+                roles = [self.roles[id(v)].get(axis) for v in node.inputs if v is not None and id(v) in self.roles]
+                role = next((r for r in roles if r is not None), None)
+                if role in ("HD", "KVD") and size == self._width(role):
+                    self.constants.append(ConstantPatch(node, index, axis, role))
+                elif role is not None:
+                    self._fail(node, f"a constant of {size} along a {role} axis")
+
     def _expand(self, node: Node, x: dict[int, str]) -> dict[int, str]:
-        target = _shape_elements(node.inputs[1])
+        target = shape_elements(node.inputs[1])
         in_shape = node.inputs[0].shape
         if target is None or in_shape is None:
             self._fail(node, "expand shape unknown")
@@ -389,23 +439,35 @@ class HeadAxes:
         return out
 
     def _reshape(self, node: Node, x: dict[int, str]) -> dict[int, str]:
-        target = _shape_elements(node.inputs[1])
+        target = shape_elements(node.inputs[1])
         in_rank = self._rank(node.inputs[0])
         out_rank = len(target) if target is not None else self._rank(node.outputs[0])
         if in_rank is None or out_rank is None:
             self._fail(node, "ranks unknown")
         roles = set(x.values())
-        if x.get(-1) in ("HD", "KVD") and len(x) == 1 and out_rank == in_rank + 1:
+        flat = x.get(-1) if len(x) == 1 else None
+        if flat in ("HD", "KVD") and target is not None and target[-1] == self._width(flat) != self.block.head_dim:
+            # Only the leading axes change (GPT-2's Conv1D: a Gemm on [batch·seq, heads·d], viewed back as
+            # [batch, seq, heads·d]): the flattened heads stay on the last axis.
+            self.patches.append(ShapePatch(node, out_rank - 1, flat))
+            return {-1: flat}
+        inserted = out_rank - in_rank - 1  # size-1 axes before the heads (ModernBERT's [b, s, 1, heads, d] piece)
+        if x.get(-1) in ("HD", "KVD") and len(x) == 1 and inserted >= 0 and \
+                (inserted == 0 or (target is not None and all(t == 1 for t in target[-2 - inserted:-2]))):
             head = "H" if x[-1] == "HD" else "KV"
             if target is not None and target[-2] is not None and target[-2] > 0:
                 self.patches.append(ShapePatch(node, out_rank - 2, head))
             if target is not None and (target[-1] is None or target[-1] not in (-1, self.block.head_dim)):
                 self._fail(node, "the split does not end in head_dim")
             return {-2: head}
-        if x.get(-2) in ("H", "KV") and len(x) == 1 and out_rank == in_rank - 1 and target is not None:
-            if target[-1] is not None and target[-1] > 0:
-                self.patches.append(ShapePatch(node, out_rank - 1, "HD" if x[-2] == "H" else "KVD"))
-            return {-1: "HD" if x[-2] == "H" else "KVD"}
+        if x.get(-2) in ("H", "KV") and len(x) == 1 and target is not None:
+            merged = "HD" if x[-2] == "H" else "KVD"
+            # The merge back to [..., heads·d]; with the leading axes flattened too (GPT-2's view for its
+            # Conv1D Gemm) only when the target spells that width.
+            if out_rank == in_rank - 1 or (out_rank < in_rank - 1 and target[-1] == self._width(merged)):
+                if target[-1] is not None and target[-1] > 0:
+                    self.patches.append(ShapePatch(node, out_rank - 1, merged))
+                return {-1: merged}
         if roles == {"KV", "REP"} and out_rank == in_rank - 1:
             (kv_axis,) = [a for a, r in x.items() if r == "KV"]
             if x.get(kv_axis + 1) != "REP" or target is None:
@@ -445,4 +507,4 @@ def _backward_reach(value: Value) -> set[int]:
     return seen
 
 
-__all__ = ["AttentionBlock", "AttentionScan", "HeadAxes", "ShapePatch", "find_attention", "scan_attention"]
+__all__ = ["AttentionBlock", "AttentionScan", "ConstantPatch", "HeadAxes", "ShapePatch", "find_attention", "scan_attention", "shape_elements"]

@@ -39,9 +39,10 @@ DATA_MOVEMENT_OPS: frozenset[str] = frozenset(
 )
 #: Ops that change only a tensor's layout (attention's head split and merge).
 LAYOUT_OPS: frozenset[str] = frozenset({"Reshape", "Transpose"})
-#: Ops between attention's score MatMul and its weighted-sum MatMul (scale, mask, softmax, dropout).
+#: Ops between attention's score MatMul and its weighted-sum MatMul (scale, mask, softmax, dropout, and
+#: Gemma 2's logit softcapping `cap·tanh(s / cap)`).
 ATTENTION_SCORE_OPS: frozenset[str] = frozenset(
-    {"Softmax", "Where", "IsNaN", "Add", "Mul", "Div", "Cast", "Sub", "Dropout", "Identity"}
+    {"Softmax", "Where", "IsNaN", "Add", "Mul", "Div", "Cast", "Sub", "Dropout", "Identity", "Tanh"}
 )
 #: The reductions and elementwise ops a normalization written out op by op is made of (x / sqrt(mean(x²) + eps)).
 REDUCTION_OPS: frozenset[str] = frozenset({"ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum"})

@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from optc.errors import OptcError
 from optc.ir import Graph, Model, Node, Shape, Value, constant_array, tensor
 from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.builder import drop_unused_initializers as sweep_initializers
@@ -27,6 +28,13 @@ from optc.passes.linear_layers import (
     linear,
     torch_threads,
 )
+
+#: Ops that act on each channel of an MLP's intermediate activation separately (activations, the gating
+#: `Mul`, a bias `Add`), the path `prune-ffn` follows from gate/up to down.
+CHANNELWISE_OPS = frozenset({
+    "Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Relu", "Gelu", "Erf", "Pow", "Sqrt", "Exp", "Neg", "Cast",
+    "Identity", "Softplus", "LeakyRelu", "HardSigmoid", "HardSwish", "Elu", "Selu", "Clip", "Max", "Min",
+})
 
 
 @dataclass
@@ -83,15 +91,78 @@ def store_nk(target: Graph | Builder, site: Linear, w_nk: np.ndarray, suffix: st
     return set_constant(target, site.node, 1, np.ascontiguousarray(stored), suffix)
 
 
+def keep_outputs(target: Graph | Builder, site: Linear, rows: np.ndarray, suffix: str) -> None:
+    """Keep only the output features `rows` of a linear layer: its weight's rows, a Gemm's own bias `C`
+    entries, and the last axis of its output's static shape."""
+    width = site.out_features
+    store_nk(target, site, site.nk()[rows], suffix)
+    node = site.node
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = constant_array(node.inputs[2])
+        if bias is not None and bias.shape[-1:] == (width,) and width > 1:
+            set_constant(target, node, 2, np.ascontiguousarray(np.take(bias, rows, axis=-1)), suffix)
+    output = node.outputs[0]
+    if output.shape is not None and len(output.shape):
+        output.shape = Shape([*list(output.shape)[:-1], len(rows)])
+
+
+def set_shape_element(build: Builder, node: Node, position: int, count: int, suffix: str) -> None:
+    """Set element `position` of the shape operand (input 1) of a Reshape/Expand `node` to `count`: a
+    constant is copied when shared; a Concat of parts gets a copy with that part replaced (which must be
+    a constant)."""
+    operand = node.inputs[1]
+    array = constant_array(operand)
+    if array is not None:
+        new = array.copy()
+        new.reshape(-1)[position] = count
+        set_constant(build, node, 1, new, suffix)
+        return
+    concat = operand.producer()
+    parts = list(concat.inputs)
+    offset = 0
+    for i, part in enumerate(parts):
+        data = constant_array(part)
+        size = data.size if data is not None else int(part.shape[0])
+        if offset <= position < offset + size:
+            if data is None:
+                raise OptcError(f"the count in {node.name or node.op_type}'s shape is not a constant")
+            new = data.copy().reshape(-1)
+            new[position - offset] = count
+            parts[i] = build.initializer(f"{part.name}_{suffix}", new.reshape(data.shape))
+            break
+        offset += size
+    copy = build.node("Concat", parts, attributes={"axis": 0}, outputs=[f"{operand.name}_{suffix}"])
+    copy.name = _free_node_name(build.graph, f"{concat.name or 'Concat'}_{suffix}")
+    copy.outputs[0].dtype = operand.dtype
+    copy.outputs[0].shape = operand.shape
+    build.graph.insert_before(node, [copy])
+    node.replace_input_with(1, copy.outputs[0])
+    if not list(operand.uses()) and not operand.is_graph_output():
+        build.graph.remove(concat, safe=True)
+        build.release(o.name for o in concat.outputs)
+
+
+def _free_node_name(graph: Graph, base: str) -> str:
+    """`base`, or `base_i` with the first i no node of the graph is named."""
+    taken = {n.name for n in graph}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
 def drop_unused_initializers(graph) -> int:
     """Remove initializers nothing reads; returns how many went."""
     return len(sweep_initializers(graph))
 
 
 __all__ = [
+    "CHANNELWISE_OPS",
     "Linear",
     "calibration_hessians",
     "drop_unused_initializers",
+    "keep_outputs",
+    "set_shape_element",
     "linear",
     "linears",
     "select",

@@ -21,13 +21,21 @@ plain multi-head attention round(ratio·heads) heads go. At least one head (and
 group) always stays.
 
 Rewrite: the Q (and K/V for removed groups) projections lose the heads'
-output rows and biases, `o` loses the heads' input rows; every Reshape/Expand
+output rows and biases (a bias Add's, or a Gemm's own `C`), `o` loses the
+heads' input rows; a constant along the flattened heads (OLMo 2's q_norm /
+k_norm weight over the whole projection) loses the heads' entries; every Reshape/Expand
 shape operand that spells a head count (the split into heads, the GQA repeat
 `Expand` and its merge, the merge back to hidden) is updated, found by a
 forward head-axis analysis rather than by value; the static shapes of the
 values in between are updated; the HF config metadata (`hf_config`) gets the
 new `num_attention_heads`/`num_key_value_heads` and the model metadata
 `layer_heads` lists `[heads, kv_heads]` per attention layer.
+
+A normalization over the whole q or k projection (OLMo 2's RMSNorm, across
+heads) is not exact after pruning: the kept heads are then normalized by the
+mean of squares over themselves alone, not over every head. The pass prunes
+it anyway (head pruning is lossy in any case) and says so in an `analysis`
+remark.
 """
 
 from __future__ import annotations
@@ -45,13 +53,12 @@ from optc.ir import (
     Shape,
     annotate,
     constant_array,
-    make_node,
     model_metadata,
     set_model_metadata,
 )
 from optc.ir.annotations import HF_CONFIG, LAYER_HEADS, PRUNED_HEADS
 from optc.ir.patterns.builder import Builder
-from optc.passes.attention import AttentionBlock, HeadAxes, ShapePatch, scan_attention
+from optc.passes.attention import AttentionBlock, HeadAxes, scan_attention
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -62,7 +69,9 @@ from optc.passes.transforms._structure import (
     PruneOptions,
     calibration_hessians,
     drop_unused_initializers,
+    keep_outputs,
     set_constant,
+    set_shape_element,
 )
 from optc.passes.transforms.split_fused_projections import split_fused_projections
 
@@ -121,6 +130,11 @@ class PruneHeads(Pass):
             removed_heads += block.heads - len(keep)
             layers += 1
             layer_heads.append([len(keep), len(keep_kv)])
+        normalized = sum(bool(axes.cross_head) for _, axes in plans)
+        if layers and normalized:
+            context.remark("analysis", f"{normalized} attention blocks normalize q or k over all their heads at once "
+                           "(RMSNorm of the whole projection): the heads left are now normalized over themselves "
+                           "alone, which changes their values beyond removing the others")
         if not layers:
             context.remark("analysis", f"ratio={self.options.ratio:g} removes no head in any of {len(blocks)} attention blocks")
             return PassResult(model, bool(split), None, {"layers-pruned": 0, "heads-removed": 0})
@@ -168,10 +182,7 @@ def _channels(heads: list[int], d: int) -> np.ndarray:
 
 
 def _slice_outputs(build: Builder, site: Linear, bias: Node | None, channels: np.ndarray) -> None:
-    w = site.nk()[channels]
-    stored = w.T if site.k_axis == 0 else w
-    set_constant(build, site.node, 1, np.ascontiguousarray(stored.astype(constant_array(site.weight).dtype)), "pruned")
-    _fix_output_shape(site.node.outputs[0], len(channels))
+    keep_outputs(build, site, channels, "pruned")
     if bias is not None:
         index = 0 if constant_array(bias.inputs[0]) is not None else 1
         set_constant(build, bias, index, np.ascontiguousarray(constant_array(bias.inputs[index])[channels]), "pruned")
@@ -196,10 +207,16 @@ def _rewrite(build: Builder, block: AttentionBlock, axes: HeadAxes, keep: list[i
     w_o = block.o.nk()[:, q_channels]
     stored = w_o.T if block.o.k_axis == 0 else w_o
     set_constant(build, block.o.node, 1, np.ascontiguousarray(stored.astype(constant_array(block.o.weight).dtype)), "pruned")
+    channels = {"HD": q_channels, "KVD": _channels(keep_kv, d)}
+    for patch in axes.constants:
+        array = constant_array(patch.node.inputs[patch.index])
+        if array.shape[patch.axis] != len(channels[patch.role]):
+            set_constant(build, patch.node, patch.index,
+                         np.ascontiguousarray(np.take(array, channels[patch.role], axis=patch.axis)), "pruned")
     counts = {"H": len(keep), "KV": len(keep_kv), "REP": len(keep) // len(keep_kv)}
     counts["HD"], counts["KVD"] = counts["H"] * d, counts["KV"] * d
     for patch in axes.patches:
-        _apply_patch(build, patch, counts[patch.role])
+        set_shape_element(build, patch.node, patch.position, counts[patch.role], "heads")
     for key, roles in axes.roles.items():
         value = axes.values[key]
         if value.shape is None or value.is_graph_output():
@@ -211,50 +228,6 @@ def _rewrite(build: Builder, block: AttentionBlock, axes: HeadAxes, keep: list[i
         value.shape = Shape(dims)
     info = {"heads": counts["H"], "kv_heads": counts["KV"], "kept": keep, "of": block.heads}
     annotate(block.o.node, PRUNED_HEADS, info)
-
-
-def _apply_patch(build: Builder, patch: ShapePatch, count: int) -> None:
-    """Set element `position` of the node's shape operand to `count` (copying shared constants and Concats)."""
-    node = patch.node
-    operand = node.inputs[1]
-    array = constant_array(operand)
-    if array is not None:
-        new = array.copy()
-        new.reshape(-1)[patch.position] = count
-        set_constant(build, node, 1, new, "heads")
-        return
-    concat = operand.producer()
-    parts = list(concat.inputs)
-    offset = 0
-    for i, part in enumerate(parts):
-        data = constant_array(part)
-        size = data.size if data is not None else int(part.shape[0])
-        if offset <= patch.position < offset + size:
-            if data is None:
-                raise OptcError(f"prune-heads: the head count in {node.name or node.op_type}'s shape is not a constant")
-            new = data.copy().reshape(-1)
-            new[patch.position - offset] = count
-            parts[i] = build.initializer(f"{part.name}_heads", new.reshape(data.shape))
-            break
-        offset += size
-    graph = build.graph
-    copy = make_node("Concat", parts, attributes={"axis": 0}, name=_node_name(graph, f"{concat.name or 'Concat'}_heads"),
-                     output_names=[build.fresh(f"{operand.name}_heads")])
-    copy.outputs[0].dtype = operand.dtype
-    copy.outputs[0].shape = operand.shape
-    graph.insert_before(node, [copy])
-    node.replace_input_with(1, copy.outputs[0])
-    if not list(operand.uses()) and not operand.is_graph_output():
-        graph.remove(concat, safe=True)
-        build.release(o.name for o in concat.outputs)
-
-
-def _node_name(graph, base: str) -> str:
-    taken = {n.name for n in graph}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def _update_config(model: Model, layer_heads: list[list[int]], removed: list[list[int]], head_dim: int) -> None:

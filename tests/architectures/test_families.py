@@ -6,11 +6,11 @@ through optc's transformers frontend (a private export cache); the tests then ch
 * the export: logits (encoders: the last hidden state, vision: the class logits) within 1e-4 of
   transformers, on two input shapes for text models;
 * w8a8 (SmoothQuant + static INT8): output cosine to the fp32 export at least 0.99;
-* prune-ffn{ratio=0.5}: fewer parameters and the model still runs in onnxruntime, or (`NO_FFN`) a
-  `missed` remark saying why not;
+* prune-ffn{ratio=0.5} and prune-heads{ratio=0.5}: fewer parameters and the model still runs in
+  onnxruntime, or (`NO_FFN`, `NO_HEADS`) a `missed` remark saying why not;
 * split-fused-projections on the families with fused projections: exactly equal outputs.
 
-`tools/coverage_matrix.py` measures the remaining cells (fp8, w4a16, awq, prune-heads, 2:4, TensorRT).
+`tools/coverage_matrix.py` measures the remaining cells (fp8, w4a16, awq, 2:4, TensorRT).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from optc.passes import AnalysisManager, PassContext, parse_pipeline  # noqa: E4
 from tests.architectures import configs  # noqa: E402
 
 CALIB = {"calibration.spec": "random", "calibration.samples": 4, "calibration.seqlen": 12}
-#: Families whose MLP prune-ffn cannot find (a missed remark is expected instead): resnet has none,
-#: gpt2's runs through Gemm + Reshape (Conv1D), the MoE experts are stacked 3-D weights.
-NO_FFN = {"resnet", "gpt2", "mixtral", "qwen3_moe"}
+#: Families whose MLP prune-ffn cannot find (a missed remark is expected instead): resnet has none.
+NO_FFN = {"resnet"}
+#: Families whose attention prune-heads cannot find (a missed remark is expected instead): resnet has none.
+NO_HEADS = {"resnet"}
 
 
 # --------------------------------------------------------------------------- the registry
@@ -185,6 +186,25 @@ def test_prune_ffn_removes_channels_or_says_why(family, exported):
     assert result.statistics["ffn-pruned"] > 0, result.remarks
     assert not [r for r in result.remarks if r.kind == "missed"], result.remarks
     assert _outputs(result.model, feeds).shape == _run(path, feeds).shape
+
+
+@pytest.mark.parametrize("family", configs.FAMILIES)
+def test_prune_heads_removes_heads_or_says_why(family, exported):
+    _, task, path = exported(family)
+    feeds = _feeds(task, path)
+    result = _pipeline(path, "prune-heads{ratio=0.5}")
+    if family in NO_HEADS:
+        assert result.statistics["heads-removed"] == 0
+        assert any(r.kind == "missed" for r in result.remarks), result.remarks
+        return
+    assert result.statistics["heads-removed"] > 0, result.remarks
+    assert not [r for r in result.remarks if r.kind == "missed"], result.remarks
+    assert _outputs(result.model, feeds).shape == _run(path, feeds).shape
+    assert _params(result.model) < _params(load_model(path))
+
+
+def _params(model: Model) -> int:
+    return sum(int(np.prod(v.shape)) for v in model.graph.initializers.values())
 
 
 @pytest.mark.parametrize("family", [f.name for f in registry.families() if f.fused_qkv or f.fused_gate_up])

@@ -98,3 +98,79 @@ def test_llama_gives_no_missed_remark_and_a_model_without_mlp_does():
     )
     (remark,) = pm.run(models.to_ir(one_linear), "prune-ffn").remarks
     assert (remark.kind, remark.message, remark.matched_none) == ("missed", "no MLP blocks found", True)
+
+
+# --------------------------------------------------------------------------- other families
+
+
+def test_gpt2_conv1d_mlp_pruning_is_exact():
+    """GPT-2's MLP: Gemm c_fc on [batch*seq, 48] (its own bias C), a Reshape to [batch, seq, 192], GELU,
+    a Reshape back and Gemm c_proj: the views' widths follow the kept channels."""
+    model = pm.load("gpt2")
+    before = pm.param_count(model)
+    feeds = pm.feeds(model, 5)
+    result = pm.run(model, "prune-ffn{ratio=0.5}", strict=True)
+    assert result.statistics == {"ffn-pruned": 2, "channels-removed": 192}
+    assert before - pm.param_count(result.model) == 2 * (96 * 48 * 2 + 96)  # c_fc rows and bias, c_proj columns
+    assert model_metadata(result.model, "layer_ffn") == [96, 96]
+    original = pm.load("gpt2")
+    by_name = {n.name: n for n in original.graph}
+    for node in result.model.graph:
+        if annotation(node, "pruned_ffn"):
+            o = by_name[node.name]
+            w = constant_array(o.inputs[1]).copy()  # [192, 48]
+            kept = _kept_channels(w, constant_array(node.inputs[1]))
+            w[[j for j in range(192) if j not in kept]] = 0
+            set_constant(original.graph, o, 1, w, "zeroed")
+    np.testing.assert_allclose(pm.outputs(result.model, feeds), pm.outputs(original, feeds), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family, experts, width, config_key", [
+    ("mixtral", 4, 32, "intermediate_size"),
+    ("qwen3_moe", 4, 24, "moe_intermediate_size"),
+])
+def test_experts_pruning_is_exact_per_expert(family, experts, width, config_key):
+    """Stacked experts [E, N, K] gathered per routed row: every expert keeps half its channels, its own ones,
+    and the model computes what the original computes with the others' down columns zeroed."""
+    model = pm.load(family)
+    before = pm.param_count(model)
+    feeds = pm.feeds(model, 5)
+    result = pm.run(model, "prune-ffn{ratio=0.5}", strict=True)
+    kept = width // 2
+    assert result.statistics == {"ffn-pruned": 2, "channels-removed": 2 * kept}
+    # Per expert and layer: gate and up rows and down columns of `kept` channels, 48 wide.
+    assert before - pm.param_count(result.model) == 2 * experts * 3 * kept * 48
+    assert model_metadata(result.model, "layer_ffn") == [kept, kept]
+    assert model_metadata(result.model, "hf_config")[config_key] == kept
+
+    original = pm.load(family)
+    by_name = {n.name: n for n in original.graph}
+    chosen = []
+    for node in result.model.graph:
+        info = annotation(node, "pruned_ffn")
+        if not info:
+            continue
+        assert info == {"width": kept, "of": width, "experts": experts}
+        gather = by_name[node.name]
+        w = constant_array(gather.inputs[0]).copy()  # [E, 48, F]
+        pruned = constant_array(node.inputs[0])  # [E, 48, F']
+        for e in range(experts):
+            columns = {w[e][:, j].tobytes(): j for j in range(width)}
+            keep = [columns[pruned[e][:, i].tobytes()] for i in range(kept)]
+            assert keep == sorted(keep)
+            chosen.append(tuple(keep))
+            w[e][:, [j for j in range(width) if j not in keep]] = 0
+        set_constant(original.graph, gather, 0, w, "zeroed")
+    assert len(set(chosen)) > 1  # each expert its own channels
+    np.testing.assert_allclose(pm.outputs(result.model, feeds), pm.outputs(original, feeds), rtol=1e-4, atol=1e-4)
+
+
+def test_an_expert_no_calibration_row_reaches_is_ranked_by_its_weights():
+    """A router that always picks expert 0 (equal logits): expert 1 is pruned by its down columns' norms, and
+    the pass says how many experts that was."""
+    result = pm.run(pm.experts(router="1.0, 1.0, -1.0, -1.0"), "prune-ffn{ratio=0.5}",
+                    calib={"calibration.spec": "random", "calibration.samples": 2, "calibration.seqlen": 8})
+    assert result.statistics == {"ffn-pruned": 1, "channels-removed": 1}
+    assert ("analysis", "1 expert got no calibration token: ranked by the norms of the down-projection columns") in [(r.kind, r.message) for r in result.remarks]
+    down = next(n for n in result.model.graph if annotation(n, "pruned_ffn"))
+    np.testing.assert_allclose(constant_array(down.inputs[0])[1].ravel(), [1.0, -0.5])  # expert 1's column 1

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from optc.errors import OptcError
-from optc.ir import annotation, constant_array, model_metadata
+from optc.ir import annotation, model_metadata
 from optc.passes.attention import HeadAxes, find_attention
-from optc.passes.transforms._structure import set_constant
+from optc.passes.linear_layers import linear
+from optc.passes.transforms._structure import store_nk
 from optc.passes.transforms.prune_heads import select_heads
 from tests.fixtures import prune_models as pm
 
@@ -30,12 +31,13 @@ def _zeroed_reference(kind: str, pruned_model, feeds) -> np.ndarray:
         if not info:
             continue
         o = by_name[node.name]
-        w = constant_array(o.inputs[1]).copy()  # MatMul B [heads*d, hidden]
-        d = w.shape[0] // info["of"]
+        site = linear(o)
+        w = site.nk()  # [hidden, heads*d]
+        d = w.shape[1] // info["of"]
         for h in range(info["of"]):
             if h not in info["kept"]:
-                w[h * d:(h + 1) * d] = 0
-        set_constant(original.graph, o, 1, w, "zeroed")
+                w[:, h * d:(h + 1) * d] = 0
+        store_nk(original.graph, site, w, "zeroed")
     return pm.outputs(original, feeds)
 
 
@@ -82,6 +84,46 @@ def test_llama_pruning_is_exact(options, heads, kv_heads):
     config = model_metadata(result.model, "hf_config")
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (heads, kv_heads, 8)
     assert model_metadata(result.model, "layer_heads") == [[heads, kv_heads]] * 2
+
+
+@pytest.mark.parametrize("family, removed_per_layer, config", [
+    # Gemma 2 (logit softcapping, sliding window 8 of 16 tokens): one query head of each of 2 KV groups,
+    # q rows and o columns (16 x 48 each).
+    ("gemma2", 2 * 16 * 48 * 2, {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}),
+    # GPT-2 (Conv1D: Gemm on [batch*seq, 48], fused c_attn split first): 2 of 4 heads, q/k/v rows and biases
+    # and c_proj columns (12 x 48 each).
+    ("gpt2", 2 * (4 * 12 * 48 + 3 * 12), {"pruned_heads": {"0": 2, "1": 2}}),
+    # ModernBERT (fused Wqkv split first, each piece viewed as [batch, seq, 1, heads, d] then squeezed): 2 of 4
+    # heads, q/k/v rows and Wo columns (12 x 48 each), no biases.
+    ("modernbert", 2 * 4 * 12 * 48, {"pruned_heads": {"0": 2, "1": 2}}),
+])
+def test_family_pruning_is_exact(family, removed_per_layer, config):
+    result, removed = _prune_exactly(family, "ratio=0.5", seed=3)
+    assert result.statistics == {"layers-pruned": 2, "heads-removed": 4}
+    assert removed == 2 * removed_per_layer
+    hf_config = model_metadata(result.model, "hf_config")
+    for key, value in config.items():
+        got = hf_config[key]
+        assert ({k: len(v) for k, v in got.items()} if key == "pruned_heads" else got) == value
+
+
+def test_olmo2_whole_projection_qk_norm_is_pruned_with_a_remark():
+    """OLMo 2 normalizes q and k over all heads at once (RMSNorm of the whole projection, weight [heads*d]):
+    the kept heads' q_norm weight entries stay, and their normalizer now sums over them alone, so the result
+    is close to, not equal to, zeroing the removed heads; the pass says so."""
+    model = pm.load("olmo2")
+    before = pm.param_count(model)
+    feeds = pm.feeds(model, 3)
+    result = pm.run(model, "prune-heads{ratio=0.5}", strict=True)
+    assert result.statistics == {"layers-pruned": 2, "heads-removed": 4}
+    # q rows and o columns (12 x 48 each) and q_norm weight entries (12) of one query head per KV group.
+    assert before - pm.param_count(result.model) == 2 * 2 * (12 * 48 * 2 + 12)
+    (remark,) = [r for r in result.remarks if r.kind == "analysis"]
+    assert remark.message.startswith("2 attention blocks normalize q or k over all their heads at once")
+    out, reference = pm.outputs(result.model, feeds), _zeroed_reference("olmo2", result.model, feeds)
+    cosine = float(out.ravel() @ reference.ravel() / np.linalg.norm(out) / np.linalg.norm(reference))
+    assert 0.99 < cosine < 1 - 1e-6
+    assert model_metadata(result.model, "hf_config")["num_attention_heads"] == 2
 
 
 def test_bert_pruning_is_exact():
