@@ -127,45 +127,76 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, F32(0), scale).astype(F32), levels
 
 
+def _int_range_levels(v: np.ndarray, low: int, high: int) -> np.ndarray:
+    """`clamp(nearest_int(v), low, high)` as float32, computed in place in `v`.
+
+    Rounding and clamping in float32 give the integer path's values whenever every
+    `v` is below 2**31 and none is NaN (the cast of those gives INT_MIN, clamped to
+    `low`); otherwise the integer path runs.
+    """
+    np.rint(v, out=v)
+    if v.max() < F32(2**31):
+        return np.clip(v, low, high, out=v)
+    return np.clip(v.astype(np.int32), low, high).astype(F32)
+
+
 def make_qkx_quants(
     x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool, *, v3: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`make_qkx2_quants` (`v3=False`) / `make_qkx3_quants` (`v3=True`): scale, positive min offset, levels."""
+    """`make_qkx2_quants` (`v3=False`) / `make_qkx3_quants` (`v3=True`): scale, positive min offset, levels.
+
+    Levels are kept as float32 (exact small integers) and every candidate reuses the same buffers.
+    """
     vmin = np.minimum(x.min(axis=0), F32(0))
     vmax = x.max(axis=0)
     sum_w = seqsum(w)
     sum_x = seqsum(w * x)
     flat = (vmax <= vmin) if v3 else (vmax == vmin)
+    cf = np.empty_like(x)
+    wl = np.empty_like(x)
+    work = np.empty_like(x)
+    not_positive = np.empty(x.shape, dtype=bool)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = f32(nmax) / (vmax - vmin)
         scale = F32(1) / iscale
-        lev = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax)
-        diff = scale * lev.astype(F32) + vmin - x
+        lev = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax).astype(F32)
+        diff = scale * lev + vmin - x
         best = seqsum(w * (np.abs(diff) if use_mad else diff * diff))
         cur_min = vmin.copy()
         for step in range(nstep + 1):
             iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / (vmax - cur_min)
-            v = iscale * (x - cur_min)
-            if v3:
-                cand = np.where(v > 0, nearest_int(np.minimum(v, F32(nmax))), 0)
+            np.subtract(x, cur_min, out=cf)
+            np.multiply(cf, iscale, out=cf)
+            if v3:  # where(v > 0, nearest_int(min(v, nmax)), 0): min(v, nmax) never overflows
+                np.greater(cf, F32(0), out=not_positive)
+                np.logical_not(not_positive, out=not_positive)
+                np.minimum(cf, F32(nmax), out=cf)
+                np.rint(cf, out=cf)
+                np.copyto(cf, F32(0), where=not_positive)
+                cand = cf
             else:  # finite except in flat blocks, whose result is replaced below
-                cand = np.clip(nearest_int(v), 0, nmax)
-            cf = cand.astype(F32)
-            wl = w * cf
+                cand = _int_range_levels(cf, 0, nmax)
+            np.multiply(w, cand, out=wl)
             sum_l = seqsum(wl)
-            sum_l2 = seqsum(wl * cf)
-            sum_xl = seqsum(wl * x)
+            sum_l2 = seqsum(np.multiply(wl, cand, out=work))
+            sum_xl = seqsum(np.multiply(wl, x, out=work))
             big_d = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / big_d
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / big_d
             positive = this_min > 0
             this_min = np.where(positive, F32(0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            diff = this_scale * cf + this_min - x
-            err = seqsum(w * (np.abs(diff) if use_mad else diff * diff))
+            np.multiply(this_scale, cand, out=work)
+            np.add(work, this_min, out=work)
+            np.subtract(work, x, out=work)
+            if use_mad:
+                np.abs(work, out=work)
+            else:
+                np.multiply(work, work, out=work)
+            err = seqsum(np.multiply(w, work, out=work))
             better = (big_d > 0) & (err < best)
             if better.any():
-                lev = np.where(better[None, :], cand, lev)
+                np.copyto(lev, cand, where=better[None, :])
                 best = np.where(better, err, best)
                 scale = np.where(better, this_scale, scale)
                 cur_min = np.where(better, this_min, cur_min)
