@@ -574,6 +574,10 @@ def _quantize_simple_ref(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.nd
 _K_QUANTS = {Q.Q2_K: quantize_q2_k, Q.Q3_K: quantize_q3_k, Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k, Q.Q6_K: quantize_q6_k}
 
 
+#: Elements the encoders take at a time: their float32 temporaries then stay in the CPU's cache.
+ENCODE_CHUNK_ELEMENTS = 1 << 16
+
+
 def block_size(qtype: GGMLQuantizationType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
@@ -604,13 +608,20 @@ def quantize(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray 
             raise OptcError(f"importance matrix has {imatrix.shape[0]} columns, the rows have {n_per_row}")
     if n_rows == 0:
         return np.zeros((0, row_bytes(qtype, n_per_row)), np.uint8)
+    out = np.empty((n_rows, row_bytes(qtype, n_per_row)), np.uint8)
+    step = max(1, ENCODE_CHUNK_ELEMENTS // n_per_row)  # rows are independent: any split gives the same bytes
+    for start in range(0, n_rows, step):
+        chunk = rows[start:start + step]
+        out[start:start + len(chunk)] = _encode(chunk, qtype, imatrix).reshape(len(chunk), -1)
+    return out
+
+
+def _encode(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None) -> np.ndarray:
     if qtype in _K_QUANTS:
-        out = _K_QUANTS[qtype](rows, imatrix)
-    elif imatrix is not None and qtype != Q.Q8_0:
-        out = _quantize_simple_impl(rows, qtype, imatrix)
-    else:
-        out = _quantize_simple_ref(rows, qtype)
-    return np.ascontiguousarray(out, dtype=np.uint8).reshape(n_rows, row_bytes(qtype, n_per_row))
+        return _K_QUANTS[qtype](rows, imatrix)
+    if imatrix is not None and qtype != Q.Q8_0:
+        return _quantize_simple_impl(rows, qtype, imatrix)
+    return _quantize_simple_ref(rows, qtype)
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType, n_per_row: int) -> np.ndarray:
