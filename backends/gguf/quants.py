@@ -78,36 +78,53 @@ def signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- helpers ported from ggml-quants.c
 
 
+def _int_range_levels(v: np.ndarray, low: int, high: int) -> np.ndarray:
+    """`clamp(nearest_int(v), low, high)` as float32, computed in place in `v`.
+
+    Rounding and clamping in float32 give the integer path's values whenever every
+    `v` is below 2**31 and none is NaN (the cast of those gives INT_MIN, clamped to
+    `low`); otherwise the integer path runs.
+    """
+    np.rint(v, out=v)
+    if v.max() < F32(2**31):
+        return np.clip(v, low, high, out=v)
+    return np.clip(v.astype(np.int32), low, high).astype(F32)
+
+
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """`make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`: signed scale per block, levels `L` in 0..2*nmax-1."""
+    """`make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`: signed scale per block, levels `L` in 0..2*nmax-1.
+
+    Levels are kept as float32 (exact small integers) and every candidate reuses the same buffers.
+    """
     amax, vmax = signed_absmax(x)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
     w = qw if qw is not None else x * x
+    cf = np.empty_like(x)
+    work = np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = f32(-nmax) / safe_max
-        lev = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = lev.astype(F32)
+        lev = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
         wx = w * x
-        sumlx = seqsum(wx * lf)
-        suml2 = seqsum(w * lf * lf)
+        sumlx = seqsum(wx * lev)
+        suml2 = seqsum(w * lev * lev)
         scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
             iscale = -(f32(nmax) + f32(0.1) * f32(step)) / safe_max
-            cand = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-            cf = cand.astype(F32)
-            slx = seqsum(wx * cf)
-            sl2 = seqsum(w * cf * cf)
+            cand = _int_range_levels(np.multiply(iscale, x, out=cf), -nmax, nmax - 1)
+            slx = seqsum(np.multiply(wx, cand, out=work))
+            np.multiply(w, cand, out=work)
+            sl2 = seqsum(np.multiply(work, cand, out=work))
             better = (sl2 > 0) & (slx * slx > best * sl2)
             if better.any():
-                lev = np.where(better[None, :], cand, lev)
+                np.copyto(lev, cand, where=better[None, :])
                 new_scale = slx / np.where(sl2 > 0, sl2, F32(1))
                 scale = np.where(better, new_scale, scale)
                 best = np.where(better, scale * slx, best)
-    levels = (lev + nmax).astype(np.int32)
+    levels = (lev.astype(np.int32) + nmax).astype(np.int32)
     levels[:, zero] = 0
     scale = np.where(zero, F32(0), scale).astype(F32)
     return scale, levels
@@ -125,19 +142,6 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     levels = (lev + nmax).astype(np.int32)
     levels[:, zero] = 0
     return np.where(zero, F32(0), scale).astype(F32), levels
-
-
-def _int_range_levels(v: np.ndarray, low: int, high: int) -> np.ndarray:
-    """`clamp(nearest_int(v), low, high)` as float32, computed in place in `v`.
-
-    Rounding and clamping in float32 give the integer path's values whenever every
-    `v` is below 2**31 and none is NaN (the cast of those gives INT_MIN, clamped to
-    `low`); otherwise the integer path runs.
-    """
-    np.rint(v, out=v)
-    if v.max() < F32(2**31):
-        return np.clip(v, low, high, out=v)
-    return np.clip(v.astype(np.int32), low, high).astype(F32)
 
 
 def make_qkx_quants(
