@@ -580,6 +580,9 @@ _K_QUANTS = {Q.Q2_K: quantize_q2_k, Q.Q3_K: quantize_q3_k, Q.Q4_K: quantize_q4_k
 
 #: Elements the encoders take at a time: their float32 temporaries then stay in the CPU's cache.
 ENCODE_CHUNK_ELEMENTS = 1 << 16
+#: Q3_K without an importance matrix runs a Python loop per element of a block (`make_q3_quants`),
+#: whose overhead small chunks would repeat: it takes larger ones.
+Q3_K_CHUNK_ELEMENTS = 1 << 18
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
@@ -613,7 +616,8 @@ def quantize(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray 
     if n_rows == 0:
         return np.zeros((0, row_bytes(qtype, n_per_row)), np.uint8)
     out = np.empty((n_rows, row_bytes(qtype, n_per_row)), np.uint8)
-    step = max(1, ENCODE_CHUNK_ELEMENTS // n_per_row)  # rows are independent: any split gives the same bytes
+    chunk_elements = Q3_K_CHUNK_ELEMENTS if qtype == Q.Q3_K and imatrix is None else ENCODE_CHUNK_ELEMENTS
+    step = max(1, chunk_elements // n_per_row)  # rows are independent: any split gives the same bytes
     for start in range(0, n_rows, step):
         chunk = rows[start:start + step]
         out[start:start + len(chunk)] = _encode(chunk, qtype, imatrix).reshape(len(chunk), -1)

@@ -115,6 +115,7 @@ def test_row_chunks_give_the_same_bytes(monkeypatch, qtype):
     im = importance(w.shape[1])
     whole = [gq.quantize(w, qtype), gq.quantize(w, qtype, im)]
     monkeypatch.setattr(gq, "ENCODE_CHUNK_ELEMENTS", w.shape[1] * 3)
+    monkeypatch.setattr(gq, "Q3_K_CHUNK_ELEMENTS", w.shape[1] * 5)
     assert np.array_equal(gq.quantize(w, qtype), whole[0])
     assert np.array_equal(gq.quantize(w, qtype, im), whole[1])
 
