@@ -87,8 +87,16 @@ def _int_range_levels(v: np.ndarray, low: int, high: int) -> np.ndarray:
     """
     np.rint(v, out=v)
     if v.max() < F32(2**31):
-        return np.clip(v, low, high, out=v)
+        np.clip(v, F32(low), F32(high), out=v)
+        return np.add(v, F32(0), out=v)  # -0.0 → +0.0, as the integer path gives
     return np.clip(v.astype(np.int32), low, high).astype(F32)
+
+
+def _take_better(lev: np.ndarray, cand: np.ndarray, better: np.ndarray, work: np.ndarray) -> None:
+    """`lev[:, better] = cand[:, better]` as `lev += better * (cand - lev)`: exact on small integers, and faster."""
+    np.subtract(cand, lev, out=work)
+    np.multiply(work, better.astype(F32)[None, :], out=work)
+    np.add(lev, work, out=lev)
 
 
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +128,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
             sl2 = seqsum(np.multiply(work, cand, out=work))
             better = (sl2 > 0) & (slx * slx > best * sl2)
             if better.any():
-                np.copyto(lev, cand, where=better[None, :])
+                _take_better(lev, cand, better, work)
                 new_scale = slx / np.where(sl2 > 0, sl2, F32(1))
                 scale = np.where(better, new_scale, scale)
                 best = np.where(better, scale * slx, best)
@@ -159,7 +167,6 @@ def make_qkx_quants(
     cf = np.empty_like(x)
     wl = np.empty_like(x)
     work = np.empty_like(x)
-    not_positive = np.empty(x.shape, dtype=bool)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = f32(nmax) / (vmax - vmin)
         scale = F32(1) / iscale
@@ -171,13 +178,11 @@ def make_qkx_quants(
             iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / (vmax - cur_min)
             np.subtract(x, cur_min, out=cf)
             np.multiply(cf, iscale, out=cf)
-            if v3:  # where(v > 0, nearest_int(min(v, nmax)), 0): min(v, nmax) never overflows
-                np.greater(cf, F32(0), out=not_positive)
-                np.logical_not(not_positive, out=not_positive)
+            if v3:  # where(v > 0, nearest_int(min(v, nmax)), 0); fmax takes NaN to 0, + 0 takes -0.0 to +0.0
+                np.fmax(cf, F32(0), out=cf)
                 np.minimum(cf, F32(nmax), out=cf)
                 np.rint(cf, out=cf)
-                np.copyto(cf, F32(0), where=not_positive)
-                cand = cf
+                cand = np.add(cf, F32(0), out=cf)
             else:  # finite except in flat blocks, whose result is replaced below
                 cand = _int_range_levels(cf, 0, nmax)
             np.multiply(w, cand, out=wl)
@@ -200,7 +205,7 @@ def make_qkx_quants(
             err = seqsum(np.multiply(w, work, out=work))
             better = (big_d > 0) & (err < best)
             if better.any():
-                np.copyto(lev, cand, where=better[None, :])
+                _take_better(lev, cand, better, work)
                 best = np.where(better, err, best)
                 scale = np.where(better, this_scale, scale)
                 cur_min = np.where(better, this_min, cur_min)
