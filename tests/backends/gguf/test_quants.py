@@ -127,7 +127,9 @@ def test_float_levels_match_the_integer_path():
     with np.errstate(invalid="ignore"):
         for values in (v, odd):
             expected = np.clip(gq.nearest_int(values), -2, 6).astype(np.float32)
-            assert np.array_equal(gq._int_range_levels(values.copy(), -2, 6), expected)
+            got = gq._int_range_levels(values.copy(), -2, 6)
+            assert np.array_equal(got, expected) and not np.signbit(got[got == 0]).any()
+    assert not np.signbit(gq._int_range_levels(np.array([[-0.3, -0.0]], np.float32), -2, 6)).any()
 
 
 def test_bad_inputs():
