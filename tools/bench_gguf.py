@@ -57,6 +57,32 @@ MIXES = ("Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L
 PROMPT = "The capital of France is"
 
 
+ENCODER_TYPES = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "Q8_0")
+
+
+def encoder_speed(n_rows: int = 512, n_per_row: int = 4096, chunk_rows: int = 128, seed: int = 0) -> dict[str, dict[str, float]]:
+    """CPU and wall seconds per million weights of `quants.quantize`, one thread, on random rows.
+
+    Rows are encoded `chunk_rows` at a time, as the backend's chunks of 512K elements are.
+    """
+    from gguf import GGMLQuantizationType
+
+    from optc.backends.gguf import quants
+
+    rows = np.random.default_rng(seed).standard_normal((n_rows, n_per_row)).astype(np.float32)
+    millions = rows.size / 1e6
+    result = {}
+    for name in ENCODER_TYPES:
+        qtype = GGMLQuantizationType[name]
+        cpu, wall = time.process_time(), time.perf_counter()
+        for start in range(0, n_rows, chunk_rows):
+            quants.quantize(rows[start:start + chunk_rows], qtype)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        result[name] = {"cpu_s_per_mweight": cpu / millions, "wall_s_per_mweight": wall / millions}
+        print(f"{name:5s} cpu {cpu / millions:7.3f} s/Mw   wall {wall / millions:7.3f} s/Mw", flush=True)
+    return result
+
+
 def optc_quantize(model, dst: Path, mix: str, threads: int, am=None, imatrix: bool = False) -> float:
     """kquant + the GGUF backend's writer; returns the wall time."""
     from optc.backends.gguf import write_gguf
@@ -134,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--eval-both", action="store_true",
                         help="score llama-quantize's file even when its tensors are byte-identical to optc's (always done for Q4_K_M)")
+    parser.add_argument("--encoders", action="store_true",
+                        help="only time the block encoders (CPU and wall seconds per million weights, one thread) and stop")
     args = parser.parse_args(argv)
+    if args.encoders:
+        speed = encoder_speed()
+        if args.json:
+            Path(args.json).write_text(json.dumps(speed, indent=2))
+        return 0
 
     from optc.backends.gguf import write_gguf
     from optc.evaluate import evaluate

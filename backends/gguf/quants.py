@@ -78,36 +78,61 @@ def signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- helpers ported from ggml-quants.c
 
 
+def _int_range_levels(v: np.ndarray, low: int, high: int) -> np.ndarray:
+    """`clamp(nearest_int(v), low, high)` as float32, computed in place in `v`.
+
+    Rounding and clamping in float32 give the integer path's values whenever every
+    `v` is below 2**31 and none is NaN (the cast of those gives INT_MIN, clamped to
+    `low`); otherwise the integer path runs.
+    """
+    np.rint(v, out=v)
+    if v.max() < F32(2**31):
+        np.clip(v, F32(low), F32(high), out=v)
+        return np.add(v, F32(0), out=v)  # -0.0 → +0.0, as the integer path gives
+    return np.clip(v.astype(np.int32), low, high).astype(F32)
+
+
+def _take_better(lev: np.ndarray, cand: np.ndarray, better: np.ndarray, work: np.ndarray) -> None:
+    """`lev[:, better] = cand[:, better]` as `lev += better * (cand - lev)`: exact on small integers, and faster."""
+    np.subtract(cand, lev, out=work)
+    np.multiply(work, better.astype(F32)[None, :], out=work)
+    np.add(lev, work, out=lev)
+
+
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """`make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`: signed scale per block, levels `L` in 0..2*nmax-1."""
+    """`make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`: signed scale per block, levels `L` in 0..2*nmax-1.
+
+    Levels are kept as float32 (exact small integers) and every candidate reuses the same buffers.
+    """
     amax, vmax = signed_absmax(x)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
     w = qw if qw is not None else x * x
+    cf = np.empty_like(x)
+    work = np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = f32(-nmax) / safe_max
-        lev = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = lev.astype(F32)
+        lev = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
         wx = w * x
-        sumlx = seqsum(wx * lf)
-        suml2 = seqsum(w * lf * lf)
+        sumlx = seqsum(wx * lev)
+        suml2 = seqsum(w * lev * lev)
         scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
             iscale = -(f32(nmax) + f32(0.1) * f32(step)) / safe_max
-            cand = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-            cf = cand.astype(F32)
-            slx = seqsum(wx * cf)
-            sl2 = seqsum(w * cf * cf)
+            cand = _int_range_levels(np.multiply(iscale, x, out=cf), -nmax, nmax - 1)
+            slx = seqsum(np.multiply(wx, cand, out=work))
+            np.multiply(w, cand, out=work)
+            sl2 = seqsum(np.multiply(work, cand, out=work))
             better = (sl2 > 0) & (slx * slx > best * sl2)
             if better.any():
-                lev = np.where(better[None, :], cand, lev)
+                _take_better(lev, cand, better, work)
                 new_scale = slx / np.where(sl2 > 0, sl2, F32(1))
                 scale = np.where(better, new_scale, scale)
                 best = np.where(better, scale * slx, best)
-    levels = (lev + nmax).astype(np.int32)
+    levels = (lev.astype(np.int32) + nmax).astype(np.int32)
     levels[:, zero] = 0
     scale = np.where(zero, F32(0), scale).astype(F32)
     return scale, levels
@@ -130,42 +155,57 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 def make_qkx_quants(
     x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool, *, v3: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`make_qkx2_quants` (`v3=False`) / `make_qkx3_quants` (`v3=True`): scale, positive min offset, levels."""
+    """`make_qkx2_quants` (`v3=False`) / `make_qkx3_quants` (`v3=True`): scale, positive min offset, levels.
+
+    Levels are kept as float32 (exact small integers) and every candidate reuses the same buffers.
+    """
     vmin = np.minimum(x.min(axis=0), F32(0))
     vmax = x.max(axis=0)
     sum_w = seqsum(w)
     sum_x = seqsum(w * x)
     flat = (vmax <= vmin) if v3 else (vmax == vmin)
+    cf = np.empty_like(x)
+    wl = np.empty_like(x)
+    work = np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = f32(nmax) / (vmax - vmin)
         scale = F32(1) / iscale
-        lev = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax)
-        diff = scale * lev.astype(F32) + vmin - x
+        lev = np.clip(nearest_int(iscale * (x - vmin)), 0, nmax).astype(F32)
+        diff = scale * lev + vmin - x
         best = seqsum(w * (np.abs(diff) if use_mad else diff * diff))
         cur_min = vmin.copy()
         for step in range(nstep + 1):
             iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / (vmax - cur_min)
-            v = iscale * (x - cur_min)
-            if v3:
-                cand = np.where(v > 0, nearest_int(np.minimum(v, F32(nmax))), 0)
+            np.subtract(x, cur_min, out=cf)
+            np.multiply(cf, iscale, out=cf)
+            if v3:  # where(v > 0, nearest_int(min(v, nmax)), 0); fmax takes NaN to 0, + 0 takes -0.0 to +0.0
+                np.fmax(cf, F32(0), out=cf)
+                np.minimum(cf, F32(nmax), out=cf)
+                np.rint(cf, out=cf)
+                cand = np.add(cf, F32(0), out=cf)
             else:  # finite except in flat blocks, whose result is replaced below
-                cand = np.clip(nearest_int(v), 0, nmax)
-            cf = cand.astype(F32)
-            wl = w * cf
+                cand = _int_range_levels(cf, 0, nmax)
+            np.multiply(w, cand, out=wl)
             sum_l = seqsum(wl)
-            sum_l2 = seqsum(wl * cf)
-            sum_xl = seqsum(wl * x)
+            sum_l2 = seqsum(np.multiply(wl, cand, out=work))
+            sum_xl = seqsum(np.multiply(wl, x, out=work))
             big_d = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / big_d
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / big_d
             positive = this_min > 0
             this_min = np.where(positive, F32(0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            diff = this_scale * cf + this_min - x
-            err = seqsum(w * (np.abs(diff) if use_mad else diff * diff))
+            np.multiply(this_scale, cand, out=work)
+            np.add(work, this_min, out=work)
+            np.subtract(work, x, out=work)
+            if use_mad:
+                np.abs(work, out=work)
+            else:
+                np.multiply(work, work, out=work)
+            err = seqsum(np.multiply(w, work, out=work))
             better = (big_d > 0) & (err < best)
             if better.any():
-                lev = np.where(better[None, :], cand, lev)
+                _take_better(lev, cand, better, work)
                 best = np.where(better, err, best)
                 scale = np.where(better, this_scale, scale)
                 cur_min = np.where(better, this_min, cur_min)
@@ -543,6 +583,13 @@ def _quantize_simple_ref(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.nd
 _K_QUANTS = {Q.Q2_K: quantize_q2_k, Q.Q3_K: quantize_q3_k, Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k, Q.Q6_K: quantize_q6_k}
 
 
+#: Elements the encoders take at a time: their float32 temporaries then stay in the CPU's cache.
+ENCODE_CHUNK_ELEMENTS = 1 << 16
+#: Q3_K without an importance matrix runs a Python loop per element of a block (`make_q3_quants`),
+#: whose overhead small chunks would repeat: it takes larger ones.
+Q3_K_CHUNK_ELEMENTS = 1 << 18
+
+
 def block_size(qtype: GGMLQuantizationType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
@@ -573,13 +620,21 @@ def quantize(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray 
             raise OptcError(f"importance matrix has {imatrix.shape[0]} columns, the rows have {n_per_row}")
     if n_rows == 0:
         return np.zeros((0, row_bytes(qtype, n_per_row)), np.uint8)
+    out = np.empty((n_rows, row_bytes(qtype, n_per_row)), np.uint8)
+    chunk_elements = Q3_K_CHUNK_ELEMENTS if qtype == Q.Q3_K and imatrix is None else ENCODE_CHUNK_ELEMENTS
+    step = max(1, chunk_elements // n_per_row)  # rows are independent: any split gives the same bytes
+    for start in range(0, n_rows, step):
+        chunk = rows[start:start + step]
+        out[start:start + len(chunk)] = _encode(chunk, qtype, imatrix).reshape(len(chunk), -1)
+    return out
+
+
+def _encode(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None) -> np.ndarray:
     if qtype in _K_QUANTS:
-        out = _K_QUANTS[qtype](rows, imatrix)
-    elif imatrix is not None and qtype != Q.Q8_0:
-        out = _quantize_simple_impl(rows, qtype, imatrix)
-    else:
-        out = _quantize_simple_ref(rows, qtype)
-    return np.ascontiguousarray(out, dtype=np.uint8).reshape(n_rows, row_bytes(qtype, n_per_row))
+        return _K_QUANTS[qtype](rows, imatrix)
+    if imatrix is not None and qtype != Q.Q8_0:
+        return _quantize_simple_impl(rows, qtype, imatrix)
+    return _quantize_simple_ref(rows, qtype)
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType, n_per_row: int) -> np.ndarray:

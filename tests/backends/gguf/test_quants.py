@@ -108,6 +108,30 @@ def test_deterministic():
     assert np.array_equal(gq.quantize(w, Q.Q4_K), gq.quantize(w.copy(), Q.Q4_K))
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q3_K, Q.Q2_K, Q.Q4_1])
+def test_row_chunks_give_the_same_bytes(monkeypatch, qtype):
+    """`quantize` encodes in row chunks; any chunk size gives the bytes of one pass over all rows."""
+    w = weights(seed=5)
+    im = importance(w.shape[1])
+    whole = [gq.quantize(w, qtype), gq.quantize(w, qtype, im)]
+    monkeypatch.setattr(gq, "ENCODE_CHUNK_ELEMENTS", w.shape[1] * 3)
+    monkeypatch.setattr(gq, "Q3_K_CHUNK_ELEMENTS", w.shape[1] * 5)
+    assert np.array_equal(gq.quantize(w, qtype), whole[0])
+    assert np.array_equal(gq.quantize(w, qtype, im), whole[1])
+
+
+def test_float_levels_match_the_integer_path():
+    """`_int_range_levels` gives `clamp(nearest_int(v))`, NaN and values past int32 included."""
+    v = np.array([[-3.5, -0.5, 0.5, 1.5, 2.49, 7.6, -1e10, 1e3]], np.float32)
+    odd = np.array([[np.nan, 3e9, np.inf, -np.inf, 2.5]], np.float32)
+    with np.errstate(invalid="ignore"):
+        for values in (v, odd):
+            expected = np.clip(gq.nearest_int(values), -2, 6).astype(np.float32)
+            got = gq._int_range_levels(values.copy(), -2, 6)
+            assert np.array_equal(got, expected) and not np.signbit(got[got == 0]).any()
+    assert not np.signbit(gq._int_range_levels(np.array([[-0.3, -0.0]], np.float32), -2, 6)).any()
+
+
 def test_bad_inputs():
     with pytest.raises(OptcError, match="do not divide into Q4_K blocks of 256"):
         gq.quantize(np.zeros((2, 320), np.float32), Q.Q4_K)
