@@ -48,6 +48,7 @@ import numpy as np
 
 from optc.ir import (
     DataType,
+    ExternalTensor,
     Model,
     Node,
     Value,
@@ -194,6 +195,9 @@ class LowerOrtNbits(Pass):
         for start in range(0, n, step):  # columns are packed independently: a slice of them at a time
             packed[start:start + step] = _packed_columns(codes[:, start:start + step], blocks, block, nbits,
                                                          shift, pad_value)
+        del codes
+        if isinstance(weight.const_value, ExternalTensor):  # a spilled weight keeps its unpacked codes until released
+            weight.const_value.release()
         inputs = [
             node.inputs[0],
             build.initializer(f"{weight.name}_nbits", np.ascontiguousarray(packed)),
