@@ -109,10 +109,12 @@ class _Read:
 
         READS[self.tensor.key] += 1
         with safe_open(str(self.tensor.file), framework="pt") as handle:
-            array = handle.get_tensor(self.tensor.key).to(torch.float32).numpy()
-        if self.transposed:
-            array = np.ascontiguousarray(array.T)
-        return Tensor(array)
+            stored = handle.get_tensor(self.tensor.key)
+        if self.transposed:  # transposed while converted: one float32 array, not two
+            stored = stored.T
+        array = torch.empty(tuple(stored.shape), dtype=torch.float32)
+        array.copy_(stored)
+        return Tensor(array.numpy())
 
     def __repr__(self) -> str:
         return f"_Read({self.tensor.key!r}{', transposed' if self.transposed else ''})"

@@ -48,10 +48,10 @@ import numpy as np
 
 from optc.ir import (
     DataType,
+    ExternalTensor,
     Model,
     Node,
     Value,
-    add_initializer,
     annotate,
     constant_array,
     is_constant,
@@ -72,6 +72,8 @@ from optc.runtime.decoder import is_causal_lm
 
 _LOWBIT = (DataType.INT4, DataType.UINT4, DataType.INT8, DataType.UINT8)
 _SIGNED = (DataType.INT4, DataType.INT8)
+#: Weight elements packed at once (int32 copies of a slice of columns, not of the whole weight).
+PACK_CHUNK_ELEMENTS = 1 << 22
 #: Model metadata key recording that (and how) the model was lowered: a later `form=auto` run keeps it.
 METADATA = ORT_NBITS_LOWERING
 
@@ -164,8 +166,7 @@ class LowerOrtNbits(Pass):
 
     def _nbits(self, build: Builder, node: Node, dq: Node, weight: Value, bits: int, level: int,
                transposed: bool = False) -> bool:
-        graph = build.graph
-        codes = constant_array(weight).astype(np.int32)
+        codes = constant_array(weight)  # as stored: no int32 copy of the whole weight
         codes = codes.T if transposed else codes  # [K, N]
         k, n = codes.shape
         scale = constant_array(dq.inputs[1])
@@ -183,21 +184,24 @@ class LowerOrtNbits(Pass):
         nbits = 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8
         offset = 1 << (nbits - 1)
         signed = weight.dtype in _SIGNED
-        u = codes + offset if signed else codes
+        shift = offset if signed else 0
         if signed:
             zp = None  # the default zero point 2^(bits-1) undoes the offset
         elif zp is None:
             zp = np.zeros((blocks, n), dtype=np.int32)
         pad_value = offset if zp is None else 0
-        padded = np.full((blocks * block, n), pad_value, dtype=np.uint8)
-        padded[:k] = u.astype(np.uint8)
-        per_col = padded.T.reshape(n, blocks, block)
-        packed = _pack(per_col, nbits)
+        packed = np.empty((n, blocks, block * nbits // 8), dtype=np.uint8)
+        step = max(1, PACK_CHUNK_ELEMENTS // max(k, 1))
+        for start in range(0, n, step):  # columns are packed independently: a slice of them at a time
+            packed[start:start + step] = _packed_columns(codes[:, start:start + step], blocks, block, nbits,
+                                                         shift, pad_value)
+        del codes
+        if isinstance(weight.const_value, ExternalTensor):  # a spilled weight keeps its unpacked codes until released
+            weight.const_value.release()
         inputs = [
             node.inputs[0],
             build.initializer(f"{weight.name}_nbits", np.ascontiguousarray(packed)),
-            add_initializer(graph, build.fresh(f"{dq.inputs[1].name}_nbits"),
-                            np.ascontiguousarray(np.asarray(scale).T).reshape(-1)),
+            build.initializer(f"{dq.inputs[1].name}_nbits", np.ascontiguousarray(np.asarray(scale).T).reshape(-1)),
         ]
         if zp is not None:
             zp_cols = np.ascontiguousarray(np.asarray(zp).T).astype(np.uint8)  # [N, blocks]
@@ -282,6 +286,14 @@ def _nbits_reason(site: _Site) -> str | None:
     elif axis != 1 or scale.shape is None or len(scale.shape) != 1:
         return "scales that are neither per block along K nor per output channel"
     return None
+
+
+def _packed_columns(codes: np.ndarray, blocks: int, block: int, bits: int, shift: int, pad_value: int) -> np.ndarray:
+    """Codes [K, c] as MatMulNBits' unsigned, padded, packed columns [c, blocks, block·bits/8]."""
+    k, columns = codes.shape
+    padded = np.full((blocks * block, columns), pad_value, dtype=np.uint8)
+    padded[:k] = (codes.astype(np.int32) + shift).astype(np.uint8)
+    return _pack(padded.T.reshape(columns, blocks, block), bits)
 
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:

@@ -446,22 +446,7 @@ def _dequantized_constant(
     |q₀ + q₁| ≤ `pair_limit` (`optc.passes.int8_pairs`).
     """
     array = constant_array(value)
-    float_dtype = array.dtype
-    data = array.astype(np.float64)
-    reduce_axes = tuple(i for i in range(data.ndim) if i != axis)
-    amax = np.abs(data).max(axis=reduce_axes) if reduce_axes else np.abs(data)
-    scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(float_dtype)
-    shape = [1] * data.ndim
-    shape[axis] = -1
-    scaled = data / scale.astype(np.float64).reshape(shape)
-    if pair_axis is not None and pair_limit and fmt.name == "int8":
-        # Widen the scale of the channels whose pair sums would pass the limit, then fix rounding's last step.
-        scale = (scale * pair_limited_scale(scaled, axis, pair_axis, pair_limit)).astype(float_dtype)
-        scaled = data / scale.astype(np.float64).reshape(shape)
-        quantized = fmt.cast(scaled)
-        limit_pair_sums(quantized, scaled, pair_axis, pair_limit)
-    else:
-        quantized = fmt.cast(scaled)
+    quantized, scale = quantize_per_channel(array, axis, fmt, pair_axis=pair_axis, pair_limit=pair_limit)
     base = value.name or "weight"
     q_value = build.initializer(f"{base}_quantized", quantized)
     for k, v in value.metadata_props.items():
@@ -478,6 +463,53 @@ def _dequantized_constant(
     out.shape = value.shape
     build.graph.insert_before(before, [dq])
     return out
+
+
+#: Elements of the weight quantized at once (float64 copies of a chunk, not of the whole weight).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def quantize_per_channel(
+    array: np.ndarray, axis: int, fmt: _Format, *, pair_axis: int | None = None, pair_limit: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and per-channel scales of `array` along `axis`, computed a slice of channels at a time.
+
+    Every channel's scale and codes depend on that channel alone, so the slices give the whole
+    array's result exactly while holding float64 copies of one slice only.
+    """
+    if array.ndim == 0 or array.size <= CHUNK_ELEMENTS:
+        return _quantize_channels(array, axis, fmt, pair_axis, pair_limit)
+    channels = array.shape[axis]
+    step = max(1, CHUNK_ELEMENTS // (array.size // channels))
+    quantized = np.empty(array.shape, dtype=fmt.numpy_dtype())
+    scale = np.empty(channels, dtype=array.dtype)
+    for start in range(0, channels, step):
+        part = (slice(None),) * axis + (slice(start, start + step),)
+        quantized[part], scale[start:start + step] = _quantize_channels(array[part], axis, fmt, pair_axis, pair_limit)
+    return quantized, scale
+
+
+def _quantize_channels(
+    array: np.ndarray, axis: int, fmt: _Format, pair_axis: int | None, pair_limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize_per_channel` on a whole array (float64 arithmetic, ONNX rounding)."""
+    float_dtype = array.dtype
+    data = array.astype(np.float64)
+    reduce_axes = tuple(i for i in range(data.ndim) if i != axis)
+    amax = np.abs(data).max(axis=reduce_axes) if reduce_axes else np.abs(data)
+    scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(float_dtype)
+    shape = [1] * data.ndim
+    shape[axis] = -1
+    scaled = data / scale.astype(np.float64).reshape(shape)
+    if pair_axis is not None and pair_limit and fmt.name == "int8":
+        # Widen the scale of the channels whose pair sums would pass the limit, then fix rounding's last step.
+        scale = (scale * pair_limited_scale(scaled, axis, pair_axis, pair_limit)).astype(float_dtype)
+        scaled = data / scale.astype(np.float64).reshape(shape)
+        quantized = fmt.cast(scaled)
+        limit_pair_sums(quantized, scaled, pair_axis, pair_limit)
+    else:
+        quantized = fmt.cast(scaled)
+    return quantized, scale
 
 
 def _gather_tables(graph) -> list[tuple[Node, int]]:
@@ -608,4 +640,4 @@ def _after_colon(message: str) -> str:
     return message.split(": ", 1)[1] if ": " in message else message
 
 
-__all__ = ["FORMATS", "Quantize"]
+__all__ = ["CHUNK_ELEMENTS", "FORMATS", "Quantize", "quantize_per_channel"]

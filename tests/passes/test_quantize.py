@@ -479,3 +479,19 @@ def test_nothing_to_quantize_is_a_remark_and_already_quantized_is_not_a_miss():
     assert [(r.pass_name, r.kind, r.message) for r in result.remarks] == [
         ("quantize", "analysis", "nothing left to quantize: MatMul/Gemm/Conv ops already quantized: 2"),
     ]
+
+
+@pytest.mark.parametrize(("shape", "axis", "pair_limit"), [((300, 70), 0, 0), ((70, 300), 1, 0), ((300, 70), 0, 100),
+                                                          ((4, 50, 6), 1, 0)])
+def test_quantizing_a_slice_of_channels_at_a_time_is_exact(shape, axis, pair_limit, monkeypatch):
+    from optc.passes.transforms import quantize
+
+    weight = (np.random.default_rng(0).standard_normal(shape) * 0.02).astype(np.float32)
+    weight[(slice(None),) * axis + (3,)] = 0  # a channel of zeros keeps scale 1
+    fmt = quantize.FORMATS["int8"]
+    pair_axis = 1 - axis if pair_limit else None
+    codes, scale = quantize.quantize_per_channel(weight, axis, fmt, pair_axis=pair_axis, pair_limit=pair_limit)
+    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 1000)  # a few channels per slice, the last one short
+    sliced_codes, sliced_scale = quantize.quantize_per_channel(weight, axis, fmt, pair_axis=pair_axis, pair_limit=pair_limit)
+    assert np.array_equal(codes, sliced_codes) and np.array_equal(scale, sliced_scale)
+    assert scale.dtype == np.float32 and scale.shape == (shape[axis],) and scale[3] == 1.0

@@ -198,3 +198,33 @@ def test_head_tied_to_an_int8_table_becomes_matmulnbits(level):
     else:  # level 4 quantizes the activations to int8 per block: about 1% of the logits' range
         scale = float(np.abs(models.run_ort(model, feeds)[0]).max())
         assert difference <= 0.02 * scale, (difference, scale)
+
+
+@pytest.mark.parametrize("pipeline", ["rtn{group=32}", "rtn{symmetric=false group=32}", "rtn{bits=8 group=-1}"])
+def test_packing_a_slice_of_columns_at_a_time_is_exact(pipeline, monkeypatch):
+    from optc.backends.ort import lower_ort_nbits
+
+    quantized = _quantized(pipeline)
+    whole = h.run(_copy(quantized), "lower-ort-nbits{bits8=true}").model
+    monkeypatch.setattr(lower_ort_nbits, "PACK_CHUNK_ELEMENTS", 100)  # a few columns per slice, one at the end short
+    sliced = h.run(_copy(quantized), "lower-ort-nbits{bits8=true}").model
+    packed = {v.name: v.const_value.numpy() for v in whole.graph.initializers.values()}
+    assert packed.keys() == {v.name for v in sliced.graph.initializers.values()}
+    assert all(np.array_equal(v.const_value.numpy(), packed[v.name]) for v in sliced.graph.initializers.values())
+
+
+def test_lowered_weights_go_to_an_attached_spill_file(tmp_path):
+    from optc.ir.spill import SpillFile, attach, detach, is_spilled
+
+    quantized = _quantized("rtn{symmetric=false group=32}")
+    before = set(quantized.graph.initializers)
+    with SpillFile(tmp_path, "w4.onnx", min_bytes=256) as spill:
+        attach(quantized, spill)
+        try:
+            lowered = h.run(quantized, "lower-ort-nbits").model
+        finally:
+            detach(quantized)
+        added = [v.const_value for name, v in lowered.graph.initializers.items() if name not in before]
+        assert len(h.ops(lowered, "MatMulNBits")) == 7
+        assert sum(t.nbytes >= 256 for t in added) >= 14  # packed codes and scales of every layer
+        assert all(is_spilled(t) for t in added if t.nbytes >= 256)  # none held in memory: they went to the file
