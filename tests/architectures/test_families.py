@@ -174,30 +174,22 @@ def test_w8a8_keeps_the_output(family, exported):
     assert cosine >= 0.99, cosine
 
 
-@pytest.mark.parametrize("family", configs.FAMILIES)
-def test_prune_ffn_removes_channels_or_says_why(family, exported):
-    _, task, path = exported(family)
-    feeds = _feeds(task, path)
-    result = _pipeline(path, "prune-ffn{ratio=0.5}")
-    if family in NO_FFN:
-        assert result.statistics["ffn-pruned"] == 0
-        assert any(r.kind == "missed" for r in result.remarks), result.remarks
-        return
-    assert result.statistics["ffn-pruned"] > 0, result.remarks
-    assert not [r for r in result.remarks if r.kind == "missed"], result.remarks
-    assert _outputs(result.model, feeds).shape == _run(path, feeds).shape
+#: Each pruning pass, the statistic that counts what it removed, and the families it has nothing to prune in.
+PRUNING = {"prune-ffn": ("ffn-pruned", NO_FFN), "prune-heads": ("heads-removed", NO_HEADS)}
 
 
 @pytest.mark.parametrize("family", configs.FAMILIES)
-def test_prune_heads_removes_heads_or_says_why(family, exported):
+@pytest.mark.parametrize("prune", sorted(PRUNING))
+def test_pruning_removes_parameters_or_says_why(prune, family, exported):
     _, task, path = exported(family)
     feeds = _feeds(task, path)
-    result = _pipeline(path, "prune-heads{ratio=0.5}")
-    if family in NO_HEADS:
-        assert result.statistics["heads-removed"] == 0
+    result = _pipeline(path, f"{prune}{{ratio=0.5}}")
+    statistic, nothing_to_prune = PRUNING[prune]
+    if family in nothing_to_prune:
+        assert result.statistics[statistic] == 0
         assert any(r.kind == "missed" for r in result.remarks), result.remarks
         return
-    assert result.statistics["heads-removed"] > 0, result.remarks
+    assert result.statistics[statistic] > 0, result.remarks
     assert not [r for r in result.remarks if r.kind == "missed"], result.remarks
     assert _outputs(result.model, feeds).shape == _run(path, feeds).shape
     assert _params(result.model) < _params(load_model(path))
