@@ -174,8 +174,8 @@ def test_no_stream_is_a_remark_and_no_change():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", ["", "{online=true}"])
-def test_rotate_keeps_smollm2_logits(options):
+@pytest.mark.parametrize(("options", "bound64"), [("", 1e-4), ("{online=true}", 1.5e-4)])
+def test_rotate_keeps_smollm2_logits(options, bound64):
     """SmolLM2's logits: within 1e-4 when both models compute in float64, and within float32's own noise.
 
     Random token ids make some positions carry a residual activation of about 1.2e5 in one channel. Rotated,
@@ -183,7 +183,7 @@ def test_rotate_keeps_smollm2_logits(options):
     size, so the other content of such a position is rounded far more coarsely than in the original basis:
     one position of the 128 reaches ~1e-3 in float32 while every other stays near 1e-4. In float64 the
     arithmetic is exact enough to show what the rewrite itself changes (the rotated weights are rounded
-    once to float32): at most 1e-4.
+    once to float32): at most 1e-4, and 1.5e-4 with online Hadamards, whose factors are rounded to float32 too.
     """
     from optc.frontends.models import default_model_path, has_default_model
 
@@ -205,7 +205,7 @@ def test_rotate_keeps_smollm2_logits(options):
         models.as_float64(paths["after"], paths["after64"])
         logits = {name: models.run_ort(path, feeds)[0] for name, path in paths.items()}
     exact = np.abs(logits["after64"] - logits["before64"]).max()
-    assert exact <= 1e-4, exact
+    assert exact <= bound64, exact
     per_position = np.abs(logits["after"] - logits["before"]).max(axis=-1)[0]
     assert per_position.max() <= 2e-3, per_position.max()
     assert np.sort(per_position)[-2] <= 2e-4, np.sort(per_position)[-4:]
