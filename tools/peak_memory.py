@@ -43,9 +43,10 @@ def _anon(group: Path) -> int:
 
 
 def measure(command: list[str], cap: int | None = None, interval: float = 0.05,
-            env: dict[str, str] | None = None) -> tuple[int, float, int, int]:
+            env: dict[str, str] | None = None, trace: Path | None = None) -> tuple[int, float, int, int]:
     """Run `command` in a memory cgroup of its own (capped at `cap` bytes when given); returns
-    (exit code, wall seconds, peak anonymous bytes, `memory.max_usage_in_bytes`)."""
+    (exit code, wall seconds, peak anonymous bytes, `memory.max_usage_in_bytes`). With `trace`, every
+    sample is also written there as a line `SECONDS ANON_MIB` (to see which part of a run holds the peak)."""
     group = ROOT / f"optc-peak-{os.getpid()}"
     group.mkdir()
     try:
@@ -58,9 +59,18 @@ def measure(command: list[str], cap: int | None = None, interval: float = 0.05,
 
         child = subprocess.Popen(command, preexec_fn=enter, env=env)
         peak = 0
-        while child.poll() is None:
-            peak = max(peak, _anon(group))
-            time.sleep(interval)
+        log = trace.open("w") if trace is not None else None
+        try:
+            while child.poll() is None:
+                anon = _anon(group)
+                peak = max(peak, anon)
+                if log is not None:
+                    log.write(f"{time.perf_counter() - start:.2f} {anon / 2**20:.0f}\n")
+                    log.flush()
+                time.sleep(interval)
+        finally:
+            if log is not None:
+                log.close()
         seconds = time.perf_counter() - start
         max_usage = int((group / "memory.max_usage_in_bytes").read_text())
     finally:
@@ -77,12 +87,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=_size, default=None, help="memory.limit_in_bytes, e.g. 1.5G (default: none)")
     parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument("--trace", type=Path, default=None, help="write every sample (seconds, anon MiB) to this file")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given")
-    returncode, seconds, peak, max_usage = measure(command, args.cap, args.interval)
+    returncode, seconds, peak, max_usage = measure(command, args.cap, args.interval, trace=args.trace)
     cap = f"{args.cap / 2**30:.2f} GiB" if args.cap is not None else "none"
     print(f"peak_memory: exit {returncode}, {seconds:.1f} s, cap {cap}, peak_anon {peak / 2**20:.0f} MiB, "
           f"max_usage {max_usage / 2**20:.0f} MiB", flush=True)

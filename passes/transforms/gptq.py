@@ -95,26 +95,38 @@ class Factor:
     hinv: torch.Tensor | None  # None: Cholesky failed
 
 
-def factor(h: torch.Tensor, *, damp: float = 0.01, act_order: bool = True) -> Factor:
-    """Steps 1-4: act-order permutation, dead columns, dampening and Hinv = chol(H⁻¹)ᵀ (upper)."""
-    h = h.clone().float()
+def factor(h: torch.Tensor, *, damp: float = 0.01, act_order: bool = True, overwrite: bool = False) -> Factor:
+    """Steps 1-4: act-order permutation, dead columns, dampening and Hinv = chol(H⁻¹)ᵀ (upper).
+
+    With `overwrite=True` (an fp32 `h` the caller no longer needs) the work is done in `h`'s own storage:
+    at most two [K, K] matrices are alive at once instead of five, which matters for a wide layer (an FFN
+    down-projection's K = 5632 is 127 MB a matrix). The result is the same either way."""
+    if not overwrite or h.dtype != torch.float32:
+        h = h.clone().float()
     diag = torch.diagonal(h)
     dead = diag == 0
     h[dead, dead] = 1.0
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        h = h[perm][:, perm]
+        h.copy_(h.index_select(0, perm))  # rows (one [K, K] temporary), then columns a band of rows at a time
+        for start in range(0, h.shape[0], _BAND):
+            band = h[start:start + _BAND]
+            band.copy_(band.index_select(1, perm))
     h.diagonal().add_(damp * torch.mean(torch.diagonal(h)))
     try:
         lower = torch.linalg.cholesky(h)
-        hinv = torch.cholesky_inverse(lower)
-        hinv = torch.linalg.cholesky(hinv, upper=True)
+        hinv = torch.cholesky_inverse(lower, out=h)  # h is not needed any more: its storage takes H⁻¹
+        hinv = torch.linalg.cholesky(hinv, upper=True, out=lower)
     except torch.linalg.LinAlgError:
         return Factor(perm, dead, None)
     if not torch.isfinite(hinv).all():
         return Factor(perm, dead, None)
     return Factor(perm, dead, hinv)
+
+
+#: Rows per band when `factor` permutes the columns in place.
+_BAND = 256
 
 
 def gptq_quantize(
@@ -277,7 +289,7 @@ class Gptq(LowBitPass):
                 mine = combine_over_ranks(mine, names, device)
             for entry in mine.values():
                 entry.finish()
-            total, fallbacks = self._quantize(model, members, mine, device, build)
+            total, fallbacks = self._quantize(model, members, mine, device, build, consume=True)
             totals[0] += total
             totals[1] += fallbacks
             return True
@@ -285,10 +297,14 @@ class Gptq(LowBitPass):
         run_blocks(model, am.context, partition, [s.activation.name for s in sites], update, after_stage)
         return self._result(model, sites, excluded, totals[0], int(totals[1]), experts)
 
-    def _quantize(self, model: Model, sites, hessians, device, build: Builder) -> tuple[float, int]:
+    def _quantize(self, model: Model, sites, hessians, device, build: Builder, *, consume: bool = False) -> tuple[float, int]:
         """Layers sharing an input share H, so their rows are quantized together as one matrix (the same
         math: GPTQ treats rows independently given H), which halves the column loop on q/k/v and gate/up.
-        Returns the total loss and the number of RTN fallbacks."""
+        Returns the total loss and the number of RTN fallbacks.
+
+        `consume=True` (the block path, whose Hessians are this block's own): each Hessian is taken out of
+        `hessians` and factored in its own storage, so one layer's [K, K] matrices are alive at a time
+        instead of every Hessian of the block plus five copies of one."""
         opts = self.options
         grid = opts.grid
         by_input: dict[str, list] = {}
@@ -304,9 +320,15 @@ class Gptq(LowBitPass):
 
         def solve(group: tuple[str, list]) -> tuple[torch.Tensor, ...]:
             name, members = group
-            h = hessians[name].hessian().to(device)
+            if consume:
+                entry = hessians.pop(name)
+                h = entry.xtx.to(device=device, dtype=torch.float32).mul_(2.0 / max(entry.tokens, 1))
+                del entry
+            else:
+                h = hessians[name].hessian().to(device)
             importance = torch.diagonal(h).clone() if opts.clip_hessian else None
-            fac = factor(h, damp=opts.damp, act_order=opts.act_order)
+            fac = factor(h, damp=opts.damp, act_order=opts.act_order, overwrite=consume)
+            del h
             stacked = torch.cat([site.matrix(device) for site in members])
             sparse = any(annotation(site.node, SPARSITY) for site in members)
             result = gptq_quantize(stacked, fac, opts.group, grid, block=opts.block, clip=opts.clip,

@@ -151,3 +151,26 @@ def test_shared_inputs_share_one_hessian_and_it_is_computed_once():
 def test_needs_calibration_data():
     with pytest.raises(PassFailure, match="gptq needs the Hessian"):
         parse_pipeline("gptq")(h.bert()[1], AnalysisManager(PassContext()))
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_factor_in_place_gives_the_same_factor_in_the_hessians_own_storage(act_order):
+    """`overwrite=True` (the block path's Hessians, used once) works in H's storage: the same factor,
+    bit for bit, with a dead column and more rows than one band of the in-place column permutation."""
+    k = 600
+    x = _correlated(1024, k, seed=7)
+    x[:, 5] = 0.0  # a dead input channel
+    hess = 2 * x.T @ x / x.shape[0]
+    expected = factor(hess.clone(), act_order=act_order)
+    storage = hess.data_ptr()
+    got = factor(hess, act_order=act_order, overwrite=True)
+    assert torch.equal(got.dead, expected.dead)
+    assert (got.perm is None) == (expected.perm is None)
+    if expected.perm is not None:
+        assert torch.equal(got.perm, expected.perm)
+    assert torch.equal(got.hinv, expected.hinv)
+    assert storage not in (expected.hinv.data_ptr(),) and hess.data_ptr() == storage
+    assert not torch.equal(hess, 2 * x.T @ x / x.shape[0])  # H's storage was used for the work
+    kept = 2 * x.T @ x / x.shape[0]
+    factor(kept, act_order=act_order)
+    assert torch.equal(kept, 2 * x.T @ x / x.shape[0])  # without overwrite, H is left as it was
