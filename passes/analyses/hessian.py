@@ -40,6 +40,10 @@ from optc.passes.linear_layers import linear
 from optc.runtime import distributed
 
 
+#: Rows of xᵀx that `HessianStats.update` computes and adds at a time.
+UPDATE_BAND = 512
+
+
 @dataclass
 class HessianStats:
     """Σ xᵀx over the calibration tokens of one activation tensor ([K, K]; fp32 once the analysis is done)."""
@@ -52,7 +56,11 @@ class HessianStats:
     def update(self, x: torch.Tensor) -> None:
         """Add the rows of `x` ([..., K]) to the sums (each sample's xᵀx in fp32, added in `xtx`'s dtype)."""
         rows = x.reshape(-1, x.shape[-1]).to(device=self.xtx.device, dtype=torch.float32)
-        self.xtx.add_(rows.T @ rows)
+        # A band of xᵀx's rows at a time: a [K, K] fp32 product and its float64 copy would be 381 MB
+        # at K = 5632 (a 1B model's FFN down-projection input) on top of the float64 sum itself.
+        for start in range(0, rows.shape[1], UPDATE_BAND):
+            stop = start + UPDATE_BAND
+            self.xtx[start:stop].add_(rows[:, start:stop].T @ rows)
         absolute = rows.abs().sum(dim=0).to(self.xtx.dtype)
         self.abs_sum = absolute if self.abs_sum is None else self.abs_sum + absolute
         self.tokens += int(rows.shape[0])

@@ -123,3 +123,20 @@ def test_w8a8_gives_the_same_model_block_by_block():
     assert nodes_a == nodes_b and sorted(weights_a) == sorted(weights_b)
     for name, array in weights_a.items():
         np.testing.assert_array_equal(weights_b[name], array)
+
+
+def test_hessian_update_in_bands_gives_the_full_product():
+    """`HessianStats.update` adds xᵀx a band of rows at a time (no [K, K] temporary for a wide layer);
+    with K above one band the sum is x's full xᵀx, and the token count and |x| sums are unchanged."""
+    from optc.passes.analyses.hessian import UPDATE_BAND, HessianStats
+
+    k = UPDATE_BAND * 2 + 37
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 24, k, generator=g) for _ in range(3)]
+    stats = HessianStats(torch.zeros(k, k, dtype=torch.float64))
+    for x in xs:
+        stats.update(x)
+    rows = torch.cat([x.reshape(-1, k) for x in xs]).double()
+    assert stats.tokens == rows.shape[0]
+    torch.testing.assert_close(stats.xtx, rows.T @ rows, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.abs_sum, rows.abs().sum(dim=0), rtol=1e-6, atol=1e-6)
