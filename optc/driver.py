@@ -287,9 +287,12 @@ def compile_model(
 
 def _spill_file(model: Model, output: Path, options: CompileOptions, primary: bool) -> SpillFile | None:
     """A spill file beside the output (in $TMPDIR on ranks other than 0) when the model's weights exceed
-    `SPILL_SHARE` of the memory budget; None otherwise (rewritten weights then stay in memory)."""
+    `SPILL_SHARE` of the memory budget, or when `--calib-blocks on` asks for the streaming path (then the
+    weights a pass rewrites, such as smoothquant's scaled copies of every weight, go to the file too
+    instead of doubling the float weights in RAM); None otherwise (rewritten weights then stay in memory)."""
     budget = _memory_budget(options)
-    if budget is None or initializer_bytes(model.graph) <= SPILL_SHARE * budget:
+    streaming = options.calib_blocks == "on"
+    if not streaming and (budget is None or initializer_bytes(model.graph) <= SPILL_SHARE * budget):
         return None
     import tempfile
 

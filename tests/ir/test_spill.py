@@ -81,3 +81,28 @@ def test_the_builder_spills_new_initializers_at_once_when_a_file_is_attached(tmp
         np.testing.assert_array_equal(big.const_value.numpy(), np.ones((64, 64), dtype=np.int8))
         after = Builder(model.graph).initializer("w2", np.ones((64, 64), dtype=np.int8))
         assert not is_spilled(after.const_value)  # detached: new weights stay in memory
+
+
+def test_calib_blocks_on_spills_rewritten_weights_whatever_the_budget(tmp_path: Path) -> None:
+    """`--calib-blocks on` asks for the streaming path: weights a pass rewrites (smoothquant scales every
+    weight) go to a spill file even when the budget would hold them; `auto` with room keeps them in RAM."""
+    from optc.driver import _spill_file
+
+    model = qm.to_ir(qm.llama_block())
+    out = tmp_path / "out.onnx"
+    spill = _spill_file(model, out, CompileOptions(calib_blocks="on", memory_budget="64G"), True)
+    assert isinstance(spill, SpillFile)
+    spill.close()
+    assert _spill_file(model, out, CompileOptions(calib_blocks="auto", memory_budget="64G"), True) is None
+    assert _spill_file(model, out, CompileOptions(calib_blocks="off", memory_budget="64G"), True) is None
+    source = _block(tmp_path, external=True)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.random.default_rng(3).integers(0, 64, size=(2, 8), dtype=np.int64))
+    written = {}
+    for mode in ("off", "on"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        options = CompileOptions(passes="w8a8", calib=f"npz:{calib}", skip_runtime_check=True, calib_blocks=mode)
+        compile_file(source, folder / "out.onnx", options)
+        written[mode] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    assert written["on"] == written["off"]  # the spill file is gone and the output is the same
