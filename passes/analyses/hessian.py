@@ -39,7 +39,6 @@ from optc.passes.infra.registry import register_analysis
 from optc.passes.linear_layers import linear
 from optc.runtime import distributed
 
-
 #: Rows of xᵀx that `HessianStats.update` computes and adds at a time.
 UPDATE_BAND = 512
 
