@@ -164,11 +164,14 @@ class SmoothQuant(Pass):
             if stat is None or stat.channel_absmax is None or stat.channel_absmax.size != group.channels:
                 continue
             weight_sites = [ScaleSite(n, 1, a) for n, a in group.consumers] + [site for _, site in group.tied]
-            weights = [_channels_first(site, group.channels) for site in weight_sites]
-            weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+            # |W|'s channel maxima in the weights' own dtype (a max is exact there): no float64 copy of
+            # every weight of the group (a tied 49152x576 table is 226 MB in float64) unless α is searched.
+            weight_max = np.max([_channel_absmax(site, group.channels) for site in weight_sites], axis=0)
             alpha = self.options.alpha
             if self.options.search and stat.channel_meansq is not None:
+                weights = [_channels_first(site, group.channels) for site in weight_sites]
                 alpha = search_alpha(stat.channel_absmax, stat.channel_meansq, weights, weight_max)
+                del weights
             s = smoothing_scales(stat.channel_absmax, weight_max, alpha)
             if np.all(s == 1.0):
                 continue
@@ -231,6 +234,21 @@ def _channels_first(site: ScaleSite, channels: int) -> np.ndarray:
     """A consumer's weight as float64 [input channels, outputs]."""
     w = constant_array(site.node.inputs[site.index]).astype(np.float64)
     return np.moveaxis(w, site.axis, 0).reshape(channels, -1)
+
+
+def _channel_absmax(site: ScaleSite, channels: int) -> np.ndarray:
+    """max |W| per input channel of a consumer's weight (float64 [channels]), the same as
+    `np.abs(_channels_first(site, channels)).max(axis=1)` without a float64 copy of the weight."""
+    w = np.moveaxis(constant_array(site.node.inputs[site.index]), site.axis, 0).reshape(channels, -1)
+    out = np.empty(channels, dtype=np.float64)
+    for start in range(0, channels, _ROWS):
+        out[start:start + _ROWS] = np.abs(w[start:start + _ROWS]).max(axis=1)
+    return out
+
+
+#: Channels that `_channel_absmax` reads at a time, and about how many elements `_scale_array_banded` scales at a time.
+_ROWS = 64
+_BAND_ELEMENTS = 1 << 20
 
 
 def expected_error(act_max: np.ndarray, act_meansq: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> float:
@@ -566,7 +584,7 @@ def scale_sites(graph: Graph | Builder, sites: list[ScaleSite], factor: np.ndarr
         if len(axes) != 1:
             raise AssertionError(f"constant {value.name!r} scaled along two axes")
         array = constant_array(value)
-        scaled = _scale_array(array, factor, axes.pop(), channels)
+        scaled = _scale_array_banded(array, factor, axes.pop(), channels)
         uses = {(id(u.node), u.idx) for u in value.uses()}
         wanted = {(id(s.node), s.index) for s in group}
         if uses == wanted and not value.is_graph_output():
@@ -605,7 +623,7 @@ def _scale_tied_table(build: Builder, site: ScaleSite, factor: np.ndarray) -> bo
             return False
         gathers.append(node)
     array = constant_array(table)
-    table.const_value = tensor(_scale_array(array, factor, site.axis, array.shape[site.axis]), name=table.name)
+    table.const_value = tensor(_scale_array_banded(array, factor, site.axis, array.shape[site.axis]), name=table.name)
     for gather in gathers:
         rows = gather.outputs[0]
         readers = list(rows.uses())
@@ -656,6 +674,24 @@ def _scale_array(array: np.ndarray, factor: np.ndarray, axis: int, channels: int
     shape = [1] * data.ndim
     shape[axis] = channels
     return (data * factor.reshape(shape)).astype(dtype)
+
+
+def _scale_array_banded(array: np.ndarray, factor: np.ndarray, axis: int, channels: int) -> np.ndarray:
+    """`_scale_array` a band of slices at a time (the same float64 products, element by element): a large
+    weight needs its output and one band in float64 instead of two float64 copies of the whole."""
+    if array.ndim < 2 or axis == -1 or array.shape[axis] != channels:
+        return _scale_array(array, factor, axis, channels)
+    band_axis = 0 if axis % array.ndim != 0 else 1
+    out = np.empty(array.shape, dtype=array.dtype)
+    shape = [1] * array.ndim
+    shape[axis] = channels
+    scale = factor.reshape(shape)
+    step = max(1, _BAND_ELEMENTS // max(1, array.size // array.shape[band_axis]))
+    for start in range(0, array.shape[band_axis], step):
+        index = [slice(None)] * array.ndim
+        index[band_axis] = slice(start, start + step)
+        out[tuple(index)] = (array[tuple(index)].astype(np.float64) * scale).astype(array.dtype)
+    return out
 
 
 def _shape_of(array: np.ndarray):

@@ -352,3 +352,18 @@ def test_search_records_each_groups_alpha_and_stays_exact():
     alphas = [annotation(n, "smoothquant")["alpha"] for n in result.model.graph if annotation(n, "smoothquant")]
     assert alphas and all(a in ALPHA_GRID for a in alphas)
     assert parse_pipeline("smoothquant{search=true}").pipeline_text() == "smoothquant{search=true}"
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((300, 24), 1), ((24, 300), 0), ((5, 24, 7), 1)])
+def test_scaling_a_band_at_a_time_gives_the_same_bytes(monkeypatch, shape, axis):
+    """Weights are scaled (and their channel maxima taken) a band at a time, so a large table needs no
+    float64 copy of itself; the result is the whole-array computation, bit for bit."""
+    from optc.passes.transforms import smoothquant as sq
+
+    monkeypatch.setattr(sq, "_BAND_ELEMENTS", 50)
+    monkeypatch.setattr(sq, "_ROWS", 5)
+    rng = np.random.default_rng(0)
+    array = rng.standard_normal(shape).astype(np.float32)
+    factor = rng.uniform(0.1, 10.0, shape[axis])
+    banded = sq._scale_array_banded(array, factor, axis, shape[axis])
+    assert banded.dtype == array.dtype and np.array_equal(banded, sq._scale_array(array, factor, axis, shape[axis]))
