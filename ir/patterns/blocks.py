@@ -226,15 +226,40 @@ def _constant_closure(nodes: Sequence[Node], const_nodes: set[int]) -> list[Node
     return list(found.values())
 
 
+def _ancestors(nodes: Sequence[Node], names: set[str]) -> list[Node]:
+    """The nodes of `nodes` (in their order) that compute the values `names` or what those read."""
+    ids = {id(n) for n in nodes}
+    keep: set[int] = set()
+    stack = [n for n in nodes if any(o.name in names for o in n.outputs)]
+    while stack:
+        node = stack.pop()
+        if id(node) in keep:
+            continue
+        keep.add(id(node))
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and id(producer) in ids and id(producer) not in keep:
+                stack.append(producer)
+    return [n for n in nodes if id(n) in keep]
+
+
 def stage_model(model: Model, stage: Stage, extra_outputs: Iterable[str] = (),
-                input_types: Mapping[str, DataType] | None = None) -> Model:
+                input_types: Mapping[str, DataType] | None = None, *, only_extras: bool = False) -> Model:
     """A standalone model of one stage: inputs `stage.inputs`, outputs `stage.outputs` then `extra_outputs`
     (names of values the stage computes), holding only the weights its nodes (and their constant-only
     producers) read. Tensors are shared with `model`; `model` is not changed. `input_types` gives the
-    element type of inputs the graph leaves untyped (intermediate values shape inference did not reach)."""
+    element type of inputs the graph leaves untyped (intermediate values shape inference did not reach).
+
+    `only_extras=True` (the last stage, when nothing after it needs its outputs): the outputs are the
+    `extra_outputs` alone and the nodes only those they depend on, so a statistic of the final norm's
+    output does not load the lm_head's weight (262 MB on a 1B model with an untied head)."""
     graph = model.graph
     const_nodes = constant_nodes(graph)
-    wanted = set(map(id, stage.nodes)) | set(map(id, _constant_closure(stage.nodes, const_nodes)))
+    extra_outputs = list(extra_outputs)
+    stage_nodes = list(stage.nodes)
+    if only_extras and extra_outputs:
+        stage_nodes = _ancestors(stage_nodes, set(extra_outputs)) or stage_nodes
+    wanted = set(map(id, stage_nodes)) | set(map(id, _constant_closure(stage_nodes, const_nodes)))
     ordered = [n for n in graph if id(n) in wanted]  # graph order is topological
     mapping: dict[int, Value] = {}
     initializers: list[Value] = []
@@ -271,7 +296,8 @@ def stage_model(model: Model, stage: Stage, extra_outputs: Iterable[str] = (),
         for old, new in zip(node.outputs, outs, strict=True):
             mapping[id(old)] = new
         nodes.append(clone)
-    outputs = [mapping[id(v)] for v in stage.outputs]
+    pruned = only_extras and extra_outputs and len(stage_nodes) < len(stage.nodes)
+    outputs = [] if pruned else [mapping[id(v)] for v in stage.outputs]
     by_name = {v.name: v for v in mapping.values()}
     for name in extra_outputs:
         if name not in by_name:

@@ -202,7 +202,7 @@ def _run_stage(model: Model, stage: Stage, extras: list[str], update: Update, st
     own = {v.name for v in stage.inputs}
     first = {**stream.get(0), **side.get(0)} if len(stream) else {}
     types = {k: DataType.from_numpy(np.asarray(v).dtype) for k, v in first.items() if k in own}
-    sub = stage_model(model, stage, extras, types)
+    sub = stage_model(model, stage, extras, types, only_extras=following is None)
     wanted = ([stage.outputs[0].name] if following is not None else []) + list(extras)
     with ModelRunner(sub) as runner:
         for i in range(len(stream)):

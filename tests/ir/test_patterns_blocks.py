@@ -58,3 +58,24 @@ def test_a_model_without_a_residual_stream_says_why():
     from tests.fixtures import models
 
     assert find_blocks(models.to_ir(models.mlp())) == "0 embedding Gathers of a constant table (one expected)"
+
+
+def test_the_last_stage_for_extras_alone_leaves_out_what_they_do_not_need():
+    """The suffix asked only for the final norm's output (`only_extras`, the block path's last stage) holds
+    neither the head's MatMul nor its weight, and computes the same values as the whole suffix."""
+    model = prune_models.load("llama")
+    partition = find_blocks(model)
+    suffix = partition.suffix
+    head = next(n for n in suffix.nodes if n.op_type == "MatMul")
+    norm_out = head.inputs[0].name
+    full = stage_model(model, suffix, [norm_out])
+    cut = stage_model(model, suffix, [norm_out], only_extras=True)
+    assert [v.name for v in cut.graph.outputs] == [norm_out]
+    assert all(n.op_type != "MatMul" for n in cut.graph)
+    head_weights = {v.name for v in head.inputs if v is not None and v.is_initializer()}
+    assert not head_weights & set(cut.graph.initializers)
+    feed = prune_models.feeds(model)
+    values = _chain(model, partition, feed)
+    stage_feed = {v.name: values[v.name] for v in suffix.inputs}
+    with ModelRunner(full) as a, ModelRunner(cut) as b:
+        np.testing.assert_array_equal(b.run(stage_feed)[norm_out], a.run(stage_feed)[norm_out])
