@@ -139,22 +139,27 @@ def gptq_quantize(
     the updates brought them to, and their error propagates like any other (as SparseGPT does),
     so a 2:4 or unstructured mask set earlier survives quantization.
     """
-    w = w.clone().float()
     n, k = w.shape
-    w[:, fac.dead] = 0.0
     if fac.hinv is None:
+        w = w.clone().float()
+        w[:, fac.dead] = 0.0
         q, scale, zero = rtn(w, group, grid, clip=clip)
         return GptqResult(q, scale, zero, float("nan"), fallback=True, row_loss=torch.full((n,), float("nan")))
+    # One working copy of W, in column order (the caller's W is left as it was): a caller that passes a W
+    # it holds no other reference to has one [N, K] matrix plus the codes alive, not four.
+    order = fac.perm if fac.perm is not None else torch.arange(k, device=w.device)
+    w = w.index_select(1, order).float()
+    w[:, fac.dead[order]] = 0.0
     g = group_size(group, k)
     static = fac.perm is not None or g >= k
     groups = -(-k // g)
-    if static:
-        scale, zero = find_params(w, group, grid, clip=clip, importance=importance, norm=norm)
+    if static:  # from the weight in its own column order
+        unpermuted = torch.empty_like(w).index_copy_(1, order, w)
+        scale, zero = find_params(unpermuted, group, grid, clip=clip, importance=importance, norm=norm)
+        del unpermuted
     else:
         scale = torch.ones(n, groups, device=w.device)
         zero = torch.zeros(n, groups, device=w.device)
-    order = fac.perm if fac.perm is not None else torch.arange(k, device=w.device)
-    w = w[:, order]
     mask = keep_zero[:, order] if keep_zero is not None else None
     col_group = (order // g).tolist()
     imp = importance[order] if importance is not None else None
@@ -188,8 +193,8 @@ def gptq_quantize(
         codes[:, i1:i2] = q1
         if i2 < k:
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    out = torch.empty_like(codes)
-    out[:, order] = codes
+    out = w.index_copy_(1, order, codes)  # W's storage is free now: the codes in the original column order
+    del codes
     return GptqResult(out, scale, zero, float(losses.sum()), row_loss=losses)
 
 
@@ -329,12 +334,14 @@ class Gptq(LowBitPass):
             importance = torch.diagonal(h).clone() if opts.clip_hessian else None
             fac = factor(h, damp=opts.damp, act_order=opts.act_order, overwrite=consume)
             del h
-            stacked = torch.cat([site.matrix(device) for site in members])
             sparse = any(annotation(site.node, SPARSITY) for site in members)
-            result = gptq_quantize(stacked, fac, opts.group, grid, block=opts.block, clip=opts.clip,
-                                   keep_zero=(stacked == 0) if sparse else None, importance=importance,
+            keep_zero = torch.cat([site.matrix(device) == 0 for site in members]) if sparse else None
+            # The stacked weight is built in the call, so gptq_quantize's working copy is the only one left.
+            result = gptq_quantize(torch.cat([site.matrix(device) for site in members]), fac, opts.group, grid,
+                                   block=opts.block, clip=opts.clip, keep_zero=keep_zero, importance=importance,
                                    norm=opts.clip_norm)
-            row_loss = result.row_loss if result.row_loss is not None else torch.zeros(stacked.shape[0])
+            rows = sum(site.out_features for site in members)
+            row_loss = result.row_loss if result.row_loss is not None else torch.zeros(rows)
             return result.q, result.scale, result.zero, row_loss, torch.tensor([float(result.fallback)])
 
         # Under torchrun each rank solves every N-th group and the results are broadcast (share_out).

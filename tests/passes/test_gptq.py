@@ -174,3 +174,18 @@ def test_factor_in_place_gives_the_same_factor_in_the_hessians_own_storage(act_o
     kept = 2 * x.T @ x / x.shape[0]
     factor(kept, act_order=act_order)
     assert torch.equal(kept, 2 * x.T @ x / x.shape[0])  # without overwrite, H is left as it was
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_works_in_one_copy_of_w_and_leaves_the_callers_w_alone(act_order):
+    """gptq_quantize permutes W into one working copy (whose storage then takes the codes): the caller's
+    W is unchanged, the codes do not alias it, and a dead column is still quantized as zero."""
+    k = 64
+    x = _correlated(256, k, seed=9)
+    x[:, 7] = 0.0
+    w = torch.randn(12, k, generator=torch.Generator().manual_seed(10))
+    before = w.clone()
+    result = gptq_quantize(w, factor(2 * x.T @ x / 256, act_order=act_order), 16, Grid(4))
+    assert torch.equal(w, before) and result.q.data_ptr() != w.data_ptr()
+    zero_code = expand(result.zero, k, 16)[:, 7]
+    assert torch.equal(result.q[:, 7], zero_code)  # w = 0 → the code of 0 (the zero point)
