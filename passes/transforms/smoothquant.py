@@ -590,6 +590,7 @@ def scale_sites(graph: Graph | Builder, sites: list[ScaleSite], factor: np.ndarr
         if uses == wanted and not value.is_graph_output():
             value.const_value = tensor(scaled, name=value.name)
             value.shape = _shape_of(scaled)
+            _spill_now(value)
         else:
             build = build or Builder(graph)
             new = build.initializer(f"{value.name}_smoothed", scaled)
@@ -599,6 +600,17 @@ def scale_sites(graph: Graph | Builder, sites: list[ScaleSite], factor: np.ndarr
                 site.node.replace_input_with(site.index, new)
             copies += 1
     return copies
+
+
+def _spill_now(value: Value) -> None:
+    """Move a weight rescaled in place to the run's spill file at once, when one is attached (the pass
+    manager spills only after the pass, by when a 1B model's rescaled weights would all be in RAM)."""
+    from optc.ir.spill import attached
+
+    graph = value.graph
+    spill = attached(graph) if graph is not None else None
+    if spill is not None:
+        spill.spill_value(value)
 
 
 def _scale_tied_table(build: Builder, site: ScaleSite, factor: np.ndarray) -> bool:
@@ -624,6 +636,7 @@ def _scale_tied_table(build: Builder, site: ScaleSite, factor: np.ndarray) -> bo
         gathers.append(node)
     array = constant_array(table)
     table.const_value = tensor(_scale_array_banded(array, factor, site.axis, array.shape[site.axis]), name=table.name)
+    _spill_now(table)
     for gather in gathers:
         rows = gather.outputs[0]
         readers = list(rows.uses())

@@ -367,3 +367,21 @@ def test_scaling_a_band_at_a_time_gives_the_same_bytes(monkeypatch, shape, axis)
     factor = rng.uniform(0.1, 10.0, shape[axis])
     banded = sq._scale_array_banded(array, factor, axis, shape[axis])
     assert banded.dtype == array.dtype and np.array_equal(banded, sq._scale_array(array, factor, axis, shape[axis]))
+
+
+def test_rescaled_weights_go_to_an_attached_spill_file_at_once(tmp_path):
+    """With a spill file attached (a run over its budget, or `--calib-blocks on`), every weight smoothquant
+    rescales in place is moved to the file as soon as it is written, not after the whole pass."""
+    from optc.ir.spill import SpillFile, attach, detach, in_memory_bytes, is_spilled
+
+    model = qm.to_ir(qm.llama_block(hidden=64, ffn=128), vocab=64)
+    spill = SpillFile(tmp_path, "sq", min_bytes=1024)
+    attach(model, spill)
+    try:
+        _run(model, "smoothquant{alpha=0.5}")
+        scaled = [v for v in model.graph.initializers.values() if v.const_value is not None and is_spilled(v.const_value)]
+        assert scaled and spill.tensors_spilled == len(scaled)
+        assert in_memory_bytes(model) < sum(v.const_value.nbytes for v in scaled)
+    finally:
+        detach(model)
+        spill.close()
