@@ -28,7 +28,8 @@ cache the group touched; the kernel reclaims it under the cap). With `--check`, 
 
 The checkpoints are removed afterwards unless `--keep`; `--reuse` takes a kept one instead of writing it
 again when it is the shape's. With `--check`, the w4 ONNX file is also loaded in onnxruntime and run
-on a 16-token prompt, in a subprocess measured like the commands (not capped).
+on a 16-token prompt, and the GGUF file in llama.cpp, each in a subprocess measured like the commands
+(not capped).
 """
 
 from __future__ import annotations
@@ -210,6 +211,14 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's reaped children (the command and what it ran)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class LoadSampler:
     """The 1-minute load average, sampled every `interval` seconds in a thread while in a `with` block."""
 
@@ -246,11 +255,13 @@ def run_commands(folder: Path, work: Path, cap: int, optc: str, only: list[str],
         out = work / name
         command = [optc, str(folder), f"--passes={passes}", "-o", str(out), "--no-runtime-check"]
         print(f"$ {' '.join(command)}  (cap {_gib(cap)})", flush=True)
+        before = _children_cpu()
         with LoadSampler() as load:
             code, seconds, peak, max_usage = measure(command, cap, 0.1, env)
+        cpu = _children_cpu() - before
         results[label] = {"exit": code, "seconds": seconds, "peak_anon": peak, "max_usage": max_usage,
-                          "output": str(out), "load": load.summary()}
-        print(f"  exit {code}, {seconds:.0f} s, peak anon {_gib(peak)}, max_usage {_gib(max_usage)}, "
+                          "output": str(out), "load": load.summary(), "cpu": cpu}
+        print(f"  exit {code}, {seconds:.0f} s ({cpu:.0f} CPU-s), peak anon {_gib(peak)}, max_usage {_gib(max_usage)}, "
               f"load average {load.summary()}", flush=True)
     return results
 
@@ -286,6 +297,28 @@ def run_onnx(onnx_file: Path, tokens: int = 16) -> str:
         "print(f'session {load:.0f} s, run {time.perf_counter() - t:.1f} s, logits {out.shape}', flush=True)\n"
     )
     code, seconds, peak, max_usage = measure([sys.executable, "-c", script, str(onnx_file)], None, 0.1)
+    if code:
+        return f"failed (exit {code})"
+    return f"ran a {tokens}-token prompt in {seconds:.0f} s, peak anon {_gib(peak)}, max_usage {_gib(max_usage)}"
+
+
+def run_gguf(gguf_file: Path, tokens: int = 16) -> str:
+    """Load `gguf_file` in llama.cpp (llama-cpp-python) and evaluate one prompt of `tokens` ids, in a
+    subprocess measured by `tools/peak_memory.py` (no cap; llama.cpp maps the file, so most of it is
+    page cache, not anonymous memory)."""
+    script = (
+        "import sys, time, numpy as np, llama_cpp\n"
+        "t = time.perf_counter()\n"
+        "m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=2, logits_all=True, verbose=False)\n"
+        "load = time.perf_counter() - t\n"
+        f"ids = [1] + [int(i) for i in np.random.default_rng(0).integers(3, min(1000, m.n_vocab()), size={tokens - 1})]\n"
+        "t = time.perf_counter()\n"
+        "m.eval(ids)\n"
+        "out = np.asarray(m.scores[len(ids) - 1])\n"
+        "assert np.isfinite(out).all() and out.any(), 'no logits'\n"
+        "print(f'llama.cpp: load {load:.0f} s, eval {time.perf_counter() - t:.1f} s, logits {out.shape}', flush=True)\n"
+    )
+    code, seconds, peak, max_usage = measure([sys.executable, "-c", script, str(gguf_file)], None, 0.1)
     if code:
         return f"failed (exit {code})"
     return f"ran a {tokens}-token prompt in {seconds:.0f} s, peak anon {_gib(peak)}, max_usage {_gib(max_usage)}"
@@ -352,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  check: w8 cosine {checks['w8 cosine']}", flush=True)
             q4 = results.get("kquant Q4_K_M → .gguf")
             if q4 and q4["exit"] == 0:
+                checks["gguf in llama.cpp"] = run_gguf(Path(q4["output"]))
+                print(f"  check: gguf in llama.cpp: {checks['gguf in llama.cpp']}", flush=True)
                 checks["gguf vs llama-quantize"] = check_gguf(folder, work, Path(q4["output"]), args.optc)
                 print(f"  check: gguf vs llama-quantize {checks['gguf vs llama-quantize']}", flush=True)
         rows.append((key, shape, (folder / "model.safetensors").stat().st_size, results, checks))
@@ -365,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for key, shape, size, results, checks in rows:
         for label, r in results.items():
-            print(f"| {key} | {shape.parameters / 1e9:.2f}B | {_gib(size)} | {label} | {r['seconds']:.0f} s | "
+            print(f"| {key} | {shape.parameters / 1e9:.2f}B | {_gib(size)} | {label} | {r['seconds']:.0f} s "
+                  f"({r['cpu']:.0f} CPU-s) | "
                   f"{_gib(r['peak_anon'])} | {_gib(r['max_usage'])} | {r['load']} | {r['exit']} |")
         for name, value in checks.items():
             print(f"| {key} | | | check: {name} | {value} | | | | |")

@@ -138,3 +138,27 @@ def test_run_onnx_loads_and_runs_a_prompt(bench, tmp_path, monkeypatch):
     assert bench.run_onnx(model_file) == "ran a 16-token prompt in 1 s, peak anon 1.00 GiB, max_usage 2.00 GiB"
     assert calls == [None]  # not under the cap
     assert bench.run_onnx(tmp_path / "missing.onnx").startswith("failed (exit 1)")
+
+
+def test_run_gguf_loads_and_evaluates_a_prompt(bench, checkpoint, tmp_path, monkeypatch):
+    import subprocess
+
+    import optc
+    from optc.frontends.transformers import load_transformers
+
+    _, folder = checkpoint
+    monkeypatch.setenv("OPTC_NO_CACHE", "1")
+    monkeypatch.setenv("OPTC_LAZY_WEIGHTS", "1")
+    gguf_file = optc.compile(load_transformers(folder), output=tmp_path / "f32.gguf", passes="").artifact.path
+    calls = []
+
+    def measure(command, cap, interval, env=None):  # the cgroup is not needed to test the script itself
+        calls.append(cap)
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode or "logits (300,)" in done.stdout, done.stderr
+        return done.returncode, 1.0, 2**30, 2**31
+
+    monkeypatch.setattr(bench, "measure", measure)
+    assert bench.run_gguf(gguf_file) == "ran a 16-token prompt in 1 s, peak anon 1.00 GiB, max_usage 2.00 GiB"
+    assert calls == [None]
+    assert bench.run_gguf(tmp_path / "missing.gguf").startswith("failed (exit 1)")
