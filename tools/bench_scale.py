@@ -24,8 +24,12 @@ cache the group touched; the kernel reclaims it under the cap). With `--check`, 
 
     python tools/bench_scale.py --shapes 135m,1.1b --cap 8G --work /tmp/scale
     python tools/bench_scale.py --shapes 7b --cap 8G --work /tmp/scale --keep
+    python tools/bench_scale.py --shapes 7b --cap 8G --work /tmp/scale --keep --reuse --only kquant --check
 
-The checkpoints are removed afterwards unless `--keep`.
+The checkpoints are removed afterwards unless `--keep`; `--reuse` takes a kept one instead of writing it
+again when it is the shape's. With `--check`, the w4 ONNX file is also loaded in onnxruntime and run
+on a 16-token prompt, and the GGUF file in llama.cpp, each in a subprocess measured like the commands
+(not capped).
 """
 
 from __future__ import annotations
@@ -181,8 +185,65 @@ def make_checkpoint(folder: Path, shape: Shape, seed: int = 0) -> None:
     os.replace(tmp, folder / "model.safetensors")
 
 
+def checkpoint_matches(folder: Path, shape: Shape) -> bool:
+    """Whether `folder` already holds `make_checkpoint`'s checkpoint of `shape`: the same config, a
+    tokenizer, and a `model.safetensors` whose header lists the shape's tensors, in order, as bfloat16,
+    with exactly the bytes they need (a run stopped while writing leaves only the `.tmp` file)."""
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    if not (config.is_file() and weights.is_file() and (folder / "tokenizer.json").is_file()):
+        return False
+    if json.loads(config.read_text()) != shape.config():
+        return False
+    with weights.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    offset = 0
+    for (name, dims), (got, entry) in zip(shape.tensors(), header.items(), strict=False):
+        size = math.prod(dims) * 2
+        if got != name or entry != {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + size]}:
+            return False
+        offset += size
+    return len(header) == len(shape.tensors()) and weights.stat().st_size == 8 + length + offset
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's reaped children (the command and what it ran)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class LoadSampler:
+    """The 1-minute load average, sampled every `interval` seconds in a thread while in a `with` block."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        import threading
+
+        self.interval, self.samples = interval, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> str:
+        return f"{min(self.samples):.1f}–{max(self.samples):.1f} (mean {sum(self.samples) / len(self.samples):.1f})"
 
 
 def run_commands(folder: Path, work: Path, cap: int, optc: str, only: list[str], lazy: str) -> dict[str, dict]:
@@ -194,10 +255,14 @@ def run_commands(folder: Path, work: Path, cap: int, optc: str, only: list[str],
         out = work / name
         command = [optc, str(folder), f"--passes={passes}", "-o", str(out), "--no-runtime-check"]
         print(f"$ {' '.join(command)}  (cap {_gib(cap)})", flush=True)
-        code, seconds, peak, max_usage = measure(command, cap, 0.1, env)
+        before = _children_cpu()
+        with LoadSampler() as load:
+            code, seconds, peak, max_usage = measure(command, cap, 0.1, env)
+        cpu = _children_cpu() - before
         results[label] = {"exit": code, "seconds": seconds, "peak_anon": peak, "max_usage": max_usage,
-                          "output": str(out)}
-        print(f"  exit {code}, {seconds:.0f} s, peak anon {_gib(peak)}, max_usage {_gib(max_usage)}", flush=True)
+                          "output": str(out), "load": load.summary(), "cpu": cpu}
+        print(f"  exit {code}, {seconds:.0f} s ({cpu:.0f} CPU-s), peak anon {_gib(peak)}, max_usage {_gib(max_usage)}, "
+              f"load average {load.summary()}", flush=True)
     return results
 
 
@@ -215,6 +280,48 @@ def check_w8(folder: Path, onnx_file: Path, tokens: int = 16) -> float:
     with torch.no_grad():
         want = model(input_ids=torch.from_numpy(ids)).logits.float().numpy().reshape(-1).astype(np.float64)
     return float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+
+
+def run_onnx(onnx_file: Path, tokens: int = 16) -> str:
+    """Load `onnx_file` in an onnxruntime session (CPU) and run one prompt of `tokens` ids, in a
+    subprocess measured by `tools/peak_memory.py` (no cap): what it took, and the logits' shape."""
+    script = (
+        "import sys, time, numpy as np, onnxruntime as ort\n"
+        "t = time.perf_counter()\n"
+        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "load = time.perf_counter() - t\n"
+        f"ids = np.random.default_rng(0).integers(3, 1000, size=(1, {tokens}), dtype=np.int64)\n"
+        "t = time.perf_counter()\n"
+        "out = s.run(['logits'], {'input_ids': ids})[0]\n"
+        "assert np.isfinite(out).all(), 'non-finite logits'\n"
+        "print(f'session {load:.0f} s, run {time.perf_counter() - t:.1f} s, logits {out.shape}', flush=True)\n"
+    )
+    code, seconds, peak, max_usage = measure([sys.executable, "-c", script, str(onnx_file)], None, 0.1)
+    if code:
+        return f"failed (exit {code})"
+    return f"ran a {tokens}-token prompt in {seconds:.0f} s, peak anon {_gib(peak)}, max_usage {_gib(max_usage)}"
+
+
+def run_gguf(gguf_file: Path, tokens: int = 16) -> str:
+    """Load `gguf_file` in llama.cpp (llama-cpp-python) and evaluate one prompt of `tokens` ids, in a
+    subprocess measured by `tools/peak_memory.py` (no cap; llama.cpp maps the file, so most of it is
+    page cache, not anonymous memory)."""
+    script = (
+        "import sys, time, numpy as np, llama_cpp\n"
+        "t = time.perf_counter()\n"
+        "m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=2, logits_all=True, verbose=False)\n"
+        "load = time.perf_counter() - t\n"
+        f"ids = [1] + [int(i) for i in np.random.default_rng(0).integers(3, min(1000, m.n_vocab()), size={tokens - 1})]\n"
+        "t = time.perf_counter()\n"
+        "m.eval(ids)\n"
+        "out = np.asarray(m.scores[len(ids) - 1])\n"
+        "assert np.isfinite(out).all() and out.any(), 'no logits'\n"
+        "print(f'llama.cpp: load {load:.0f} s, eval {time.perf_counter() - t:.1f} s, logits {out.shape}', flush=True)\n"
+    )
+    code, seconds, peak, max_usage = measure([sys.executable, "-c", script, str(gguf_file)], None, 0.1)
+    if code:
+        return f"failed (exit {code})"
+    return f"ran a {tokens}-token prompt in {seconds:.0f} s, peak anon {_gib(peak)}, max_usage {_gib(max_usage)}"
 
 
 def check_gguf(folder: Path, work: Path, gguf_file: Path, optc: str) -> str:
@@ -249,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="OPTC_LAZY_WEIGHTS for the commands: 1 lazy weights (default), 0 eager, '' by the budget")
     parser.add_argument("--check", action="store_true", help="check the w8 logits and the GGUF bytes afterwards")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a checkpoint already in --work when it is the shape's (checkpoint_matches)")
     args = parser.parse_args(argv)
     cap = int(float(args.cap[:-1]) * 2**30) if args.cap.upper().endswith("G") else int(args.cap)
     only = [o for o in args.only.split(",") if o]
@@ -258,18 +367,26 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work / key
         folder = work / "checkpoint"
         start = time.perf_counter()
-        make_checkpoint(folder, shape)
+        reused = args.reuse and checkpoint_matches(folder, shape)
+        if not reused:
+            make_checkpoint(folder, shape)
         print(f"{key}: {shape.parameters / 1e9:.2f}B parameters, {_gib((folder / 'model.safetensors').stat().st_size)} "
-              f"bf16, written in {time.perf_counter() - start:.0f} s", flush=True)
+              f"bf16, " + ("reused" if reused else f"written in {time.perf_counter() - start:.0f} s"), flush=True)
         results = run_commands(folder, work, cap, args.optc, only, args.lazy)
         checks = {}
         if args.check:
+            w4 = results.get("w4a16-fast → .onnx")
+            if w4 and w4["exit"] == 0:
+                checks["w4 in onnxruntime"] = run_onnx(Path(w4["output"]))
+                print(f"  check: w4 in onnxruntime: {checks['w4 in onnxruntime']}", flush=True)
             w8 = results.get("rtn 8-bit g128 → .onnx")
             if w8 and w8["exit"] == 0:
                 checks["w8 cosine"] = f"{check_w8(folder, Path(w8['output'])):.4f}"
                 print(f"  check: w8 cosine {checks['w8 cosine']}", flush=True)
             q4 = results.get("kquant Q4_K_M → .gguf")
             if q4 and q4["exit"] == 0:
+                checks["gguf in llama.cpp"] = run_gguf(Path(q4["output"]))
+                print(f"  check: gguf in llama.cpp: {checks['gguf in llama.cpp']}", flush=True)
                 checks["gguf vs llama-quantize"] = check_gguf(folder, work, Path(q4["output"]), args.optc)
                 print(f"  check: gguf vs llama-quantize {checks['gguf vs llama-quantize']}", flush=True)
         rows.append((key, shape, (folder / "model.safetensors").stat().st_size, results, checks))
@@ -278,14 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     print(f"\ncap {args.cap} per command; {os.cpu_count()} cores, load average {load:.1f}; OPTC_NO_CACHE=1 "
           f"OPTC_LAZY_WEIGHTS={args.lazy}")
-    print("| shape | parameters | bf16 checkpoint | command | time | peak anon | max_usage (incl. page cache) | exit |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | parameters | bf16 checkpoint | command | time | peak anon | max_usage (incl. page cache) "
+          "| load average | exit |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, shape, size, results, checks in rows:
         for label, r in results.items():
-            print(f"| {key} | {shape.parameters / 1e9:.2f}B | {_gib(size)} | {label} | {r['seconds']:.0f} s | "
-                  f"{_gib(r['peak_anon'])} | {_gib(r['max_usage'])} | {r['exit']} |")
+            print(f"| {key} | {shape.parameters / 1e9:.2f}B | {_gib(size)} | {label} | {r['seconds']:.0f} s "
+                  f"({r['cpu']:.0f} CPU-s) | "
+                  f"{_gib(r['peak_anon'])} | {_gib(r['max_usage'])} | {r['load']} | {r['exit']} |")
         for name, value in checks.items():
-            print(f"| {key} | | | check: {name} | {value} | | | |")
+            print(f"| {key} | | | check: {name} | {value} | | | | |")
     return 0 if all(r["exit"] == 0 for *_, results, _ in rows for r in results.values()) else 1
 
 

@@ -71,3 +71,94 @@ def test_lazy_export_repeats_one_block_and_lowers_to_onnx_and_gguf(checkpoint, t
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == shape.vocab
     assert sum(t.name.startswith("blk.") and t.name.endswith("attn_q.weight") for t in reader.tensors) == shape.layers
+
+
+def test_checkpoint_matches_a_written_checkpoint_only(bench, checkpoint, tmp_path):
+    import shutil
+
+    shape, folder = checkpoint
+    assert bench.checkpoint_matches(folder, shape)
+    other = bench.Shape(hidden=64, layers=2, intermediate=128, vocab=300, heads=4, kv_heads=2)
+    assert not bench.checkpoint_matches(folder, other)  # another shape's config
+    assert not bench.checkpoint_matches(tmp_path / "missing", shape)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    weights = copy / "model.safetensors"
+    with weights.open("r+b") as f:  # a file cut short (the config still matches)
+        f.truncate(weights.stat().st_size - 2)
+    assert not bench.checkpoint_matches(copy, shape)
+
+
+def test_reuse_keeps_a_matching_checkpoint(bench, tmp_path, monkeypatch):
+    shape = bench.Shape(hidden=64, layers=2, intermediate=128, vocab=300, heads=4, kv_heads=2)
+    monkeypatch.setitem(bench.SHAPES, "tiny", shape)
+    folder = tmp_path / "tiny" / "checkpoint"
+    bench.make_checkpoint(folder, shape)
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    written = []
+    monkeypatch.setattr(bench, "make_checkpoint", lambda *a, **k: written.append(a))
+    monkeypatch.setattr(bench, "run_commands", lambda *a, **k: {})
+    assert bench.main(["--shapes", "tiny", "--work", str(tmp_path), "--keep", "--reuse"]) == 0
+    assert written == [] and (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    assert bench.main(["--shapes", "tiny", "--work", str(tmp_path), "--keep"]) == 0
+    assert len(written) == 1  # without --reuse it is written again
+
+
+def test_load_sampler_samples_while_running(bench):
+    import time
+
+    with bench.LoadSampler(interval=0.01) as load:
+        time.sleep(0.1)
+    assert len(load.samples) >= 3
+    assert "mean" in load.summary()
+
+
+def test_run_onnx_loads_and_runs_a_prompt(bench, tmp_path, monkeypatch):
+    import subprocess
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["logits"])], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, 8])], [table])
+    model_file = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model_file)
+    calls = []
+
+    def measure(command, cap, interval, env=None):  # the cgroup is not needed to test the script itself
+        calls.append(cap)
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode or "logits (1, 16, 8)" in done.stdout, done.stderr
+        return done.returncode, 1.0, 2**30, 2**31
+
+    monkeypatch.setattr(bench, "measure", measure)
+    assert bench.run_onnx(model_file) == "ran a 16-token prompt in 1 s, peak anon 1.00 GiB, max_usage 2.00 GiB"
+    assert calls == [None]  # not under the cap
+    assert bench.run_onnx(tmp_path / "missing.onnx").startswith("failed (exit 1)")
+
+
+def test_run_gguf_loads_and_evaluates_a_prompt(bench, checkpoint, tmp_path, monkeypatch):
+    import subprocess
+
+    import optc
+    from optc.frontends.transformers import load_transformers
+
+    _, folder = checkpoint
+    monkeypatch.setenv("OPTC_NO_CACHE", "1")
+    monkeypatch.setenv("OPTC_LAZY_WEIGHTS", "1")
+    gguf_file = optc.compile(load_transformers(folder), output=tmp_path / "f32.gguf", passes="").artifact.path
+    calls = []
+
+    def measure(command, cap, interval, env=None):  # the cgroup is not needed to test the script itself
+        calls.append(cap)
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode or "logits (300,)" in done.stdout, done.stderr
+        return done.returncode, 1.0, 2**30, 2**31
+
+    monkeypatch.setattr(bench, "measure", measure)
+    assert bench.run_gguf(gguf_file) == "ran a 16-token prompt in 1 s, peak anon 1.00 GiB, max_usage 2.00 GiB"
+    assert calls == [None]
+    assert bench.run_gguf(tmp_path / "missing.gguf").startswith("failed (exit 1)")
