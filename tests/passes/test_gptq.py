@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optc.errors import PassFailure, UsageError
-from optc.ir import DataType, annotation
+from optc.ir import DataType, annotation, constant_array
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
 from optc.passes.lowbit import Grid, dequantize, expand, find_params, rtn
 from optc.passes.transforms.gptq import dequantized, factor, gptq_quantize
@@ -151,3 +151,27 @@ def test_shared_inputs_share_one_hessian_and_it_is_computed_once():
 def test_needs_calibration_data():
     with pytest.raises(PassFailure, match="gptq needs the Hessian"):
         parse_pipeline("gptq")(h.bert()[1], AnalysisManager(PassContext()))
+
+
+def test_ov_bits_keeps_the_value_path_at_more_bits():
+    proto, model = h.llama()
+    result = h.run(model, "gptq{group=32 ov-bits=8}")
+    m = result.model
+    assert result.statistics["quantized-ops"] == 7 and result.statistics["ov-bits-ops"] == 2
+    for name, bits, dtype in (("v_proj", 8, DataType.UINT8), ("o_proj", 8, DataType.UINT8),
+                              ("q_proj", 4, DataType.UINT4), ("down_proj", 4, DataType.UINT4)):
+        assert annotation(h.node(m, name), "quant")["bits"] == bits, name
+        assert h.node(m, name).inputs[1].producer().inputs[0].dtype == dtype, name
+    plain = h.run(h.llama()[1], "gptq{group=32}").model
+    # q and k share v's Hessian: quantized in a loop of their own now, the same math (rows are independent)
+    codes = [constant_array(h.node(x, "q_proj").inputs[1].producer().inputs[0]) for x in (m, plain)]
+    assert (codes[0] != codes[1]).mean() < 0.01
+    assert h.sqnr_llama(proto, m) > h.sqnr_llama(proto, plain) + 1
+
+
+def test_ov_bits_is_checked_and_off_by_default():
+    with pytest.raises(UsageError, match="ov-bits"):
+        parse_pipeline("gptq{ov-bits=9}")
+    result = h.run(h.llama()[1], "gptq{group=32 ov-bits=4}")  # the same as bits: nothing differs
+    assert "ov-bits-ops" not in result.statistics
+    assert annotation(h.node(result.model, "v_proj"), "quant")["bits"] == 4
