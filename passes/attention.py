@@ -156,6 +156,26 @@ def scan_attention(model: Model) -> AttentionScan:
     return scan
 
 
+def value_paths(model: Model) -> list[tuple[Linear | None, Linear]]:
+    """(V's projection, the output projection) of every attention core, in graph order: the OV circuit.
+
+    Unlike `find_attention` this needs no head geometry; a fused qkv (or kv) projection is V's
+    projection (as llama.cpp counts a fused attn_qkv as a V tensor), and V's projection is None when V
+    does not come from exactly one linear layer.
+    """
+    paths: list[tuple[Linear | None, Linear]] = []
+    for node in model.graph:
+        o = linear(node)
+        if o is None:
+            continue
+        attn = _two_activation_matmul(o.activation, LAYOUT_OPS)
+        if attn is None or _two_activation_matmul(attn.inputs[0], ATTENTION_SCORE_OPS, depth=12) is None:
+            continue
+        found = _sources(attn.inputs[1], ELEMENTWISE_OPS | DATA_MOVEMENT_OPS)
+        paths.append((found[0][0] if len(found) == 1 else None, o))
+    return paths
+
+
 def _block(o: Linear, attn: Node, score: Node) -> AttentionBlock | str:
     """The block around an attention core, or why its projections do not fit the pattern."""
     path = ELEMENTWISE_OPS | DATA_MOVEMENT_OPS
@@ -507,4 +527,4 @@ def _backward_reach(value: Value) -> set[int]:
     return seen
 
 
-__all__ = ["AttentionBlock", "AttentionScan", "ConstantPatch", "HeadAxes", "ShapePatch", "find_attention", "scan_attention", "shape_elements"]
+__all__ = ["AttentionBlock", "AttentionScan", "ConstantPatch", "HeadAxes", "ShapePatch", "find_attention", "scan_attention", "shape_elements", "value_paths"]

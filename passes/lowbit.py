@@ -566,8 +566,8 @@ class LowBitPass(Pass):
         return calibration_hessians(model, am, self.name, names, f"{self.calibration_need} from calibration data")
 
     def emit(self, model: Model, site: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-             info: dict, build: Builder | None = None) -> dict:
-        """Store one layer's codes with the options' grid and group (`emit`), annotated with `info` and the
-        pass name as `method`; `build` (one per run) owns the fresh names."""
+             info: dict, build: Builder | None = None, grid: Grid | None = None) -> dict:
+        """Store one layer's codes with the options' grid (or `grid`) and group (`emit`), annotated with `info`
+        and the pass name as `method`; `build` (one per run) owns the fresh names."""
         opts = self.options
-        return emit(model, site, q, scale, zero, opts.grid, opts.group, {"method": self.name, **info}, build)
+        return emit(model, site, q, scale, zero, grid or opts.grid, opts.group, {"method": self.name, **info}, build)

@@ -48,12 +48,14 @@ from optc.ir.annotations import SPARSITY
 from optc.ir.patterns.blocks import BlockPartition, Stage
 from optc.ir.patterns.builder import Builder
 from optc.passes.analyses.hessian import HessianStats, combine_over_ranks, require_calibration
+from optc.passes.attention import value_paths
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.blockwise import block_partition, run_blocks
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.lowbit import (
+    BITS,
     EXPERTS_NOT_CALIBRATED,
     Grid,
     LowBitOptions,
@@ -225,6 +227,13 @@ class Gptq(LowBitPass):
             True, help="with clip: weigh each input channel's error by the Hessian diagonal E[x²] in the range search"
         )
         clip_norm: float = option(2.0, help="with clip: the range search minimizes Σ|w − q|^clip-norm (2.4: the GPTQ code's mse)")
+        # Issue 16: quantizing one layer at a time on the tiny family models (tools/coverage_matrix.py's
+        # models), the value path (v_proj, then o_proj) moved the output most in every family measured;
+        # llama.cpp's Q4_K_M likewise gives attn_v more bits. 0 keeps every layer at `bits`.
+        ov_bits: int = option(
+            0, help="bits of each attention's value path (its v and o projections, found by graph pattern; a fused "
+                    "qkv counts as v): the OV circuit kept at higher precision; 0: `bits` like every other layer"
+        )
 
         def validate(self) -> None:
             super().validate()
@@ -234,12 +243,15 @@ class Gptq(LowBitPass):
                 raise ValueError(f"option 'block' must be positive, got {self.block}")
             if not 1.0 <= self.clip_norm <= 4.0:
                 raise ValueError(f"option 'clip-norm' must be in [1, 4], got {self.clip_norm}")
+            if self.ov_bits and self.ov_bits not in BITS:
+                raise ValueError(f"option 'ov-bits' must be 0 or 2 to 8, got {self.ov_bits}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         sites, excluded, skipped = self.layers(model, am)
         expert_sites, experts_excluded = self.expert_layers(model, am)
         if not sites and not expert_sites:
             return self.nothing_quantized(model, excluded, skipped + experts_excluded)
+        self._grids = self._site_grids(model, am, sites)
         device = default_device()
         with torch_threads(device):  # first, so the dense layers' Hessians see the experts' rounding
             experts = self.quantize_experts(model, am, expert_sites, device, not_calibrated=EXPERTS_NOT_CALIBRATED)
@@ -254,8 +266,31 @@ class Gptq(LowBitPass):
             total, fallbacks = self._quantize(model, sites, hessians, device, Builder(model.graph))
         return self._result(model, sites, excluded, total, fallbacks, experts)
 
+    def _site_grids(self, model: Model, am: AnalysisManager, sites) -> dict[int, Grid]:
+        """The grid of each layer that does not take the options' grid (by id of its node): with `ov-bits`,
+        the v and o projections of every attention core `value_paths` finds (a fused qkv counts as v)."""
+        opts = self.options
+        if not opts.ov_bits or opts.ov_bits == opts.bits:
+            return {}
+        wanted = {id(site.node) for site in sites}
+        grid = Grid(opts.ov_bits, opts.symmetric)
+        grids = {id(lin.node): grid for path in value_paths(model) for lin in path
+                 if lin is not None and id(lin.node) in wanted}
+        if not grids:
+            am.context.remark("missed", f"ov-bits={opts.ov_bits}: no attention block's v/o projection among the "
+                              "layers to quantize; every layer at "
+                              f"{opts.bits} bits")
+        else:
+            am.context.remark("analysis", f"ov-bits: {len(grids)} value-path projections at {opts.ov_bits} bits")
+        return grids
+
+    def _grid_of(self, site) -> Grid:
+        return getattr(self, "_grids", {}).get(id(site.node), self.options.grid)
+
     def _result(self, model: Model, sites, excluded, total: float, fallbacks: int, experts: int = 0) -> PassResult:
         stats = {"quantized-ops": len(sites) + experts, "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}
+        if getattr(self, "_grids", None):
+            stats["ov-bits-ops"] = len(self._grids)
         if experts:
             stats["quantized-experts"] = experts
         return PassResult(model, True, None, stats)
@@ -311,7 +346,6 @@ class Gptq(LowBitPass):
         `hessians` and factored in its own storage, so one layer's [K, K] matrices are alive at a time
         instead of every Hessian of the block plus five copies of one."""
         opts = self.options
-        grid = opts.grid
         by_input: dict[str, list] = {}
         for site in sites:
             by_input.setdefault(site.activation.name, []).append(site)
@@ -334,15 +368,31 @@ class Gptq(LowBitPass):
             importance = torch.diagonal(h).clone() if opts.clip_hessian else None
             fac = factor(h, damp=opts.damp, act_order=opts.act_order, overwrite=consume)
             del h
-            sparse = any(annotation(site.node, SPARSITY) for site in members)
-            keep_zero = torch.cat([site.matrix(device) == 0 for site in members]) if sparse else None
-            # The stacked weight is built in the call, so gptq_quantize's working copy is the only one left.
-            result = gptq_quantize(torch.cat([site.matrix(device) for site in members]), fac, opts.group, grid,
-                                   block=opts.block, clip=opts.clip, keep_zero=keep_zero, importance=importance,
-                                   norm=opts.clip_norm)
-            rows = sum(site.out_features for site in members)
-            row_loss = result.row_loss if result.row_loss is not None else torch.zeros(rows)
-            return result.q, result.scale, result.zero, row_loss, torch.tensor([float(result.fallback)])
+            # Members on one grid are stacked into one column loop; another grid (ov-bits) gets its own loop
+            # over the same factored H. The results are put back in the members' order.
+            by_grid: dict[Grid, list[int]] = {}
+            for i, site in enumerate(members):
+                by_grid.setdefault(self._grid_of(site), []).append(i)
+            parts: list = [None] * len(members)
+            fallback = False
+            for member_grid, indices in by_grid.items():
+                sparse = any(annotation(members[i].node, SPARSITY) for i in indices)
+                keep_zero = torch.cat([members[i].matrix(device) == 0 for i in indices]) if sparse else None
+                # The stacked weight is built in the call, so gptq_quantize's working copy is the only one left.
+                result = gptq_quantize(torch.cat([members[i].matrix(device) for i in indices]), fac, opts.group,
+                                       member_grid, block=opts.block, clip=opts.clip, keep_zero=keep_zero,
+                                       importance=importance, norm=opts.clip_norm)
+                fallback = fallback or result.fallback
+                stacked_rows = sum(members[i].out_features for i in indices)
+                row_loss = result.row_loss if result.row_loss is not None else torch.zeros(stacked_rows)
+                row = 0
+                for i in indices:
+                    rows = slice(row, row + members[i].out_features)
+                    row += members[i].out_features
+                    parts[i] = (result.q[rows], result.scale[rows], result.zero[rows], row_loss[rows])
+                del result
+            q, scale, zero, row_loss = (torch.cat([p[j] for p in parts]) for j in range(4))
+            return q, scale, zero, row_loss, torch.tensor([float(fallback)])
 
         # Under torchrun each rank solves every N-th group and the results are broadcast (share_out).
         for (_, members), (q, scale, zero, row_loss, fallback) in zip(groups, share_out(groups, solve), strict=True):
@@ -361,7 +411,7 @@ class Gptq(LowBitPass):
                     loss = float(row_loss[rows].sum())
                     info["gptq_loss"] = loss
                     total += loss
-                self.emit(model, site, q[rows], scale[rows], zero[rows], info, build)
+                self.emit(model, site, q[rows], scale[rows], zero[rows], info, build, self._grid_of(site))
                 progress.update()
         progress.close()
         return total, fallbacks

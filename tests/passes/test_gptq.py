@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optc.errors import PassFailure, UsageError
-from optc.ir import DataType, annotation
+from optc.ir import DataType, annotation, constant_array
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
 from optc.passes.lowbit import Grid, dequantize, expand, find_params, rtn
 from optc.passes.transforms.gptq import dequantized, factor, gptq_quantize
@@ -189,3 +189,27 @@ def test_gptq_works_in_one_copy_of_w_and_leaves_the_callers_w_alone(act_order):
     assert torch.equal(w, before) and result.q.data_ptr() != w.data_ptr()
     zero_code = expand(result.zero, k, 16)[:, 7]
     assert torch.equal(result.q[:, 7], zero_code)  # w = 0 → the code of 0 (the zero point)
+
+
+def test_ov_bits_keeps_the_value_path_at_more_bits():
+    proto, model = h.llama()
+    result = h.run(model, "gptq{group=32 ov-bits=8}")
+    m = result.model
+    assert result.statistics["quantized-ops"] == 7 and result.statistics["ov-bits-ops"] == 2
+    for name, bits, dtype in (("v_proj", 8, DataType.UINT8), ("o_proj", 8, DataType.UINT8),
+                              ("q_proj", 4, DataType.UINT4), ("down_proj", 4, DataType.UINT4)):
+        assert annotation(h.node(m, name), "quant")["bits"] == bits, name
+        assert h.node(m, name).inputs[1].producer().inputs[0].dtype == dtype, name
+    plain = h.run(h.llama()[1], "gptq{group=32}").model
+    # q and k share v's Hessian: quantized in a loop of their own now, the same math (rows are independent)
+    codes = [constant_array(h.node(x, "q_proj").inputs[1].producer().inputs[0]) for x in (m, plain)]
+    assert (codes[0] != codes[1]).mean() < 0.01
+    assert h.sqnr_llama(proto, m) > h.sqnr_llama(proto, plain) + 1
+
+
+def test_ov_bits_is_checked_and_off_by_default():
+    with pytest.raises(UsageError, match="ov-bits"):
+        parse_pipeline("gptq{ov-bits=9}")
+    result = h.run(h.llama()[1], "gptq{group=32 ov-bits=4}")  # the same as bits: nothing differs
+    assert "ov-bits-ops" not in result.statistics
+    assert annotation(h.node(result.model, "v_proj"), "quant")["bits"] == 4

@@ -69,7 +69,7 @@ def test_w8a8_on_a_post_ln_bert_block():
 
 
 def test_w4a16_pipelines_on_a_llama_block():
-    """w4a16: int4 blocks for the layers, the tied table int8 per row (the lm_head reads it weight-only);
+    """w4a16: int4 blocks for the layers (8-bit for v and o), the tied table int8 per row (the lm_head reads it weight-only);
     w4a16-h8 also smooths the final norm into the table and quantizes the head's input (one group: the
     other layers have no float weights left after gptq), so the ort backend runs the head on the integer kernel."""
     from optc.backends.ort import lower_ort_int8 as lowering
@@ -79,7 +79,8 @@ def test_w4a16_pipelines_on_a_llama_block():
     proto = qm.llama_block(outliers=4.0)
     plain = _run(qm.to_ir(proto, vocab=64), "w4a16").model
     info = {n.name: annotation(n, "quant") for n in plain.graph if annotation(n, "quant")}
-    assert {info[k]["bits"] for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")} == {4}
+    assert {info[k]["bits"] for k in ("q_proj", "k_proj", "gate_proj", "up_proj", "down_proj")} == {4}
+    assert {info[k]["bits"] for k in ("v_proj", "o_proj")} == {8}  # the value path (gptq ov-bits=8)
     assert info["lm_head"]["weights"] == "int8" and info["lm_head"]["activations"] == "float"
     assert info["embed_tokens"]["weights"] == "int8"
     fast = _run(qm.to_ir(proto, vocab=64), "w4a16-h8")
