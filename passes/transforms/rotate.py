@@ -523,7 +523,7 @@ class Rotate(Pass):
         annotate(head, PROVENANCE, "rotate")
 
 
-def _stream_values(stream: _Stream) -> list[str]:
+def stream_values(stream: _Stream) -> list[str]:
     """The names of every residual-stream value: the embedding outputs and each residual Add's output."""
     names = [g.outputs[0].name for g in stream.gathers]
     for writer in stream.writers:
@@ -550,7 +550,7 @@ def _stream_channel_max(model: Model, am: AnalysisManager, stream: _Stream) -> t
     def update(_name: str, array: np.ndarray) -> None:
         np.maximum(largest, np.abs(np.asarray(array, dtype=np.float64).reshape(-1, stream.hidden)).max(axis=0), out=largest)
 
-    calibrate(model, context, _stream_values(stream), update)
+    calibrate(model, context, stream_values(stream), update)
     return largest, where
 
 
@@ -628,4 +628,4 @@ def _insert_online_hadamard(build: Builder, down: Node) -> bool:
     return True
 
 
-__all__ = ["Rotate", "find_stream", "fix_channels", "hadamard", "hadamard_factors", "rotation"]
+__all__ = ["Rotate", "find_stream", "fix_channels", "stream_values", "hadamard", "hadamard_factors", "rotation"]
