@@ -487,7 +487,10 @@ class Rotate(Pass):
             if any(not 0 <= c < stream.hidden for c in keep):
                 raise UsageError(f"rotate: keep-massive={text}: the residual stream has channels 0 to {stream.hidden - 1}")
             return keep
-        largest, where = _stream_channel_max(model, am, stream)
+        measured = _stream_channel_max(model, am, stream)
+        if measured is None:
+            return []
+        largest, where = measured
         median = float(np.median(largest))
         ratio = largest / max(median, np.finfo(np.float64).tiny)
         keep = sorted(int(c) for c in np.nonzero(ratio >= self.options.massive_ratio)[0])
@@ -531,27 +534,41 @@ def stream_values(stream: _Stream) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _stream_channel_max(model: Model, am: AnalysisManager, stream: _Stream) -> tuple[np.ndarray, str]:
+def _stream_channel_max(model: Model, am: AnalysisManager, stream: _Stream) -> tuple[np.ndarray, str] | None:
     """The largest |x| of each residual channel over every stream value, and what it was measured on.
 
-    On the calibration data when the context names some, else on PROBE_SAMPLES × PROBE_SEQLEN random token ids."""
+    On the calibration data when the context names some, else on PROBE_SAMPLES × PROBE_SEQLEN random token ids
+    (drawn below the table's row count); None, after a `missed` remark, when the probe cannot run."""
     from optc.passes.infra.blockwise import calibrate
+    from optc.runtime.calibration import iter_samples
+    from optc.runtime.runner import ModelRunner
 
-    context = am.context
-    if context.get("calibration.spec"):
-        where = f"the calibration data ({context.get('calibration.spec')})"
-    else:
-        config = {**context.config, "calibration.spec": "random", "calibration.samples": PROBE_SAMPLES,
-                  "calibration.seqlen": PROBE_SEQLEN}
-        context = dataclasses.replace(context, config=config)
-        where = f"a probe of {PROBE_SAMPLES}x{PROBE_SEQLEN} random token ids (no calibration data)"
     largest = np.zeros(stream.hidden)
 
     def update(_name: str, array: np.ndarray) -> None:
         np.maximum(largest, np.abs(np.asarray(array, dtype=np.float64).reshape(-1, stream.hidden)).max(axis=0), out=largest)
 
-    calibrate(model, context, stream_values(stream), update)
-    return largest, where
+    names = stream_values(stream)
+    context = am.context
+    if context.get("calibration.spec"):
+        calibrate(model, context, names, update)
+        return largest, f"the calibration data ({context.get('calibration.spec')})"
+    rows = int(constant_array(stream.table).shape[0])
+    rng = np.random.default_rng(context.seed)
+    ids = {g.inputs[1].name for g in stream.gathers if g.inputs[1] is not None and g.inputs[1].producer() is None}
+    try:
+        with ModelRunner(model, names) as runner:
+            for feed in iter_samples(model, "random", PROBE_SAMPLES, PROBE_SEQLEN, seed=context.seed):
+                for name in ids & set(feed):
+                    feed[name] = rng.integers(0, rows, size=feed[name].shape).astype(feed[name].dtype)
+                for name, array in runner.run(feed, names).items():
+                    update(name, array)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime and the random feeds raise their own types
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        am.context.remark("missed", f"keep-massive=auto: no calibration data and the random-token probe failed ({detail}); "
+                                    "no channel kept (give --calib or keep-massive=<channels>)")
+        return None
+    return largest, f"a probe of {PROBE_SAMPLES}x{PROBE_SEQLEN} random token ids (no calibration data)"
 
 
 def _set_input(build: Builder, node: Node, index: int, array: np.ndarray) -> Value:
