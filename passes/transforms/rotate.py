@@ -33,9 +33,9 @@ bias, a graph output), the pass emits a remark and leaves the model unchanged.
 Massive activations (Sun et al., "Massive Activations in Large Language Models", 2024): a few
 fixed channels of the residual stream carry values orders of magnitude above the rest at a few
 positions (the first token, delimiters). SmolLM2's channel 507 reaches 2.2e4 where the median
-channel's largest value is about 100. Rotated, such a value is spread over every channel, and
-float32 then keeps only ~1e-3 of absolute precision in each: the rest of that position's content
-is rounded far more coarsely than in the original basis, and the logits move by up to 1e-3.
+channel's largest value is about 100. Rotated, such a value is spread over every channel (about
+900 in each), and float32 then rounds every channel of that position at that scale (6e-5 apart),
+far more coarsely than the rest of its content needs: the logits moved by 6.8e-4 there.
 `keep-massive` leaves those channels out of the rotation: Q is the identity on them and
 orthogonal on the other channels (a permuted block-diagonal orthogonal matrix, so the invariance
 is exact). `auto` measures the largest |x| of each channel over every residual-stream value (the
