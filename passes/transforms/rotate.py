@@ -30,6 +30,25 @@ optional per-channel scale). When anything else reads the stream (a
 LayerNormalization, which subtracts the mean and is not rotation-invariant, a
 bias, a graph output), the pass emits a remark and leaves the model unchanged.
 
+Massive activations (Sun et al., "Massive Activations in Large Language Models", 2024): a few
+fixed channels of the residual stream carry values orders of magnitude above the rest at a few
+positions (the first token, delimiters). SmolLM2's channel 507 reaches 2.2e4 where the median
+channel's largest value is about 100. Rotated, such a value is spread over every channel (about
+900 in each), and float32 then rounds every channel of that position at that scale (6e-5 apart),
+far more coarsely than the rest of its content needs: the logits moved by 6.8e-4 there.
+`keep-massive` leaves those channels out of the rotation: Q is the identity on them and
+orthogonal on the other channels (a permuted block-diagonal orthogonal matrix, so the invariance
+is exact). `auto` measures the largest |x| of each channel over every residual-stream value (the
+embedding output and each residual Add) on the calibration data, or, without `--calib`, on a
+seeded probe of random token ids (massive activations do not depend on the input: Sun et al.
+find them at the starting token of any text), and keeps the channels whose largest value is at
+least `massive-ratio` times the median channel's. Q on the other channels is the full-width Q
+composed with one Householder reflection per kept channel c, the one that maps Q·e_c back to
+e_c: each reflection fixes the channels kept before it, and it changes every other entry of a
+randomized Hadamard by about 1/n, so the remaining block is still flat (entries ±1/√n ± ~1/n:
+the incoherence a Hadamard gives), which a random orthogonal matrix of the odd order n − k
+(575 = 23·25 has no Hadamard) would not be (its largest entries are several times 1/√n).
+
 Hadamard matrices of order n are built as Kronecker products of Sylvester
 (powers of two) and Paley type I matrices (q + 1, q a prime ≡ 3 mod 4): SmolLM2's
 576 = 12·48 and 1536 = 12·128. Where no such product exists the pass uses a
@@ -46,6 +65,7 @@ from typing import Literal
 
 import numpy as np
 
+from optc.errors import UsageError
 from optc.ir import Model, Node, Value, annotate, annotation, constant_array, tensor
 from optc.ir.annotations import PROVENANCE, SOURCE_ALIASES, SOURCE_NAME, SOURCE_TRANSPOSED
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
@@ -123,6 +143,27 @@ def rotation(n: int, seed: int, kind: str) -> tuple[np.ndarray, str]:
         return signs[:, None] * h, "randomized Hadamard"
     q, r = np.linalg.qr(rng.standard_normal((n, n)))
     return q * np.sign(np.diag(r)), "random orthogonal" + (" (no Hadamard of this order)" if kind == "hadamard" else "")
+
+
+def fix_channels(q: np.ndarray, keep: list[int]) -> np.ndarray:
+    """`q` made the identity on the channels `keep` and orthogonal on the others.
+
+    For each kept channel c in turn, the Householder reflection P that maps u = Q·e_c to e_c (P = I − 2vvᵀ/vᵀv,
+    v = u − e_c) gives P·Q with e_c fixed; u is orthogonal to the channels fixed before (Q fixes them and is
+    orthogonal), so is v, and P fixes them too. The kept rows and columns are then set exactly to the unit vectors.
+    """
+    q = np.array(q, dtype=np.float64)
+    n = q.shape[0]
+    for c in keep:
+        v = q[:, c].copy()
+        v[c] -= 1.0
+        norm = float(v @ v)
+        if norm > 1e-24:
+            q -= (2.0 / norm) * np.outer(v, v @ q)
+        q[c, :], q[:, c] = 0.0, 0.0
+        q[c, c] = 1.0
+    assert q.shape == (n, n)
+    return q
 
 
 # --------------------------------------------------------------------------- matching
@@ -344,6 +385,14 @@ def _head_size(reshape: Node) -> int | None:
 KIND_HELP = "hadamard: diag(±1)·H/√n (orthogonal where no Hadamard of the order is built); orthogonal: QR of a Gaussian"
 
 
+#: The `keep-massive` option's help.
+KEEP_HELP = ("residual channels left out of the rotation (massive activations): auto (measured on --calib, else on a random-token "
+             "probe), none, or channel indices joined by '+' (e.g. 507+199)")
+
+#: The probe `keep-massive=auto` runs without calibration data: samples × tokens of random token ids.
+PROBE_SAMPLES, PROBE_SEQLEN = 4, 64
+
+
 @register_pass("rotate")
 class Rotate(Pass):
     """Rotate a decoder's residual stream (and optionally heads, FFN) by random Hadamards fused into the weights."""
@@ -357,6 +406,10 @@ class Rotate(Pass):
         untie: bool = option(
             True, help="give a tied lm_head its own rotated initializer; false keeps one table and adds an [H,H] MatMul before the head"
         )
+        keep_massive: str = option("auto", help=KEEP_HELP)
+        massive_ratio: float = option(
+            100.0, at_least=1.0, help="keep-massive=auto keeps a channel whose largest |x| is at least this times the median channel's"
+        )
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         stream = find_stream(model)
@@ -365,6 +418,10 @@ class Rotate(Pass):
             return PassResult(model, False, None, {"weights-rotated": 0})
         opts = self.options
         q, how = rotation(stream.hidden, opts.seed, opts.kind)
+        keep = self._massive_channels(model, am, stream)
+        if keep:
+            q = fix_channels(q, keep)
+            how += f", channels {'+'.join(map(str, keep))} kept"
         build = Builder(model.graph)
         touched: list[Value] = []
         counts = {"weights-rotated": 0, "norms-folded": 0, "heads-rotated": 0, "online-hadamards": 0}
@@ -416,6 +473,32 @@ class Rotate(Pass):
             am.context.remark("missed", "0 attention blocks rotated per head: no value/output projection pair found")
         return PassResult(model, True, None, counts)
 
+    def _massive_channels(self, model: Model, am: AnalysisManager, stream: _Stream) -> list[int]:
+        """The residual channels `keep-massive` leaves out of the rotation, in ascending order."""
+        text = self.options.keep_massive.strip().lower()
+        if text == "none":
+            return []
+        if text != "auto":
+            try:
+                keep = sorted({int(part) for part in text.replace(",", "+").split("+") if part.strip()})
+            except ValueError:
+                raise UsageError(f"rotate: keep-massive={self.options.keep_massive!r} is not auto, none or channel indices "
+                                 "joined by '+'") from None
+            if any(not 0 <= c < stream.hidden for c in keep):
+                raise UsageError(f"rotate: keep-massive={text}: the residual stream has channels 0 to {stream.hidden - 1}")
+            return keep
+        measured = _stream_channel_max(model, am, stream)
+        if measured is None:
+            return []
+        largest, where = measured
+        median = float(np.median(largest))
+        ratio = largest / max(median, np.finfo(np.float64).tiny)
+        keep = sorted(int(c) for c in np.nonzero(ratio >= self.options.massive_ratio)[0])
+        found = ", ".join(f"{c} ({largest[c]:.3g}, {ratio[c]:.0f}x)" for c in keep) or "none"
+        am.context.remark("analysis", f"massive residual channels on {where} (largest |x|, x the median channel's "
+                                      f"{median:.3g}; kept at {self.options.massive_ratio:g}x and above): {found}")
+        return keep
+
     def _rotate_head(self, build: Builder, stream: _Stream, head: Node, q: np.ndarray, g: np.ndarray, table: np.ndarray) -> None:
         """The tied lm_head MatMul(x, Transpose(T)) after T became T·Q: untie it, or put Qᵀ·diag(g)·Q before it."""
         transpose = head.inputs[1].producer()
@@ -441,6 +524,51 @@ class Rotate(Pass):
             build.graph.insert_before(head, [mul])
             head.replace_input_with(0, mul.outputs[0])
         annotate(head, PROVENANCE, "rotate")
+
+
+def stream_values(stream: _Stream) -> list[str]:
+    """The names of every residual-stream value: the embedding outputs and each residual Add's output."""
+    names = [g.outputs[0].name for g in stream.gathers]
+    for writer in stream.writers:
+        names += [use.node.outputs[0].name for use in writer.outputs[0].uses() if use.node.op_type == "Add"]
+    return list(dict.fromkeys(names))
+
+
+def _stream_channel_max(model: Model, am: AnalysisManager, stream: _Stream) -> tuple[np.ndarray, str] | None:
+    """The largest |x| of each residual channel over every stream value, and what it was measured on.
+
+    On the calibration data when the context names some, else on PROBE_SAMPLES × PROBE_SEQLEN random token ids
+    (drawn below the table's row count); None, after a `missed` remark, when the probe cannot run."""
+    from optc.passes.infra.blockwise import calibrate
+    from optc.runtime.calibration import iter_samples
+    from optc.runtime.runner import ModelRunner
+
+    largest = np.zeros(stream.hidden)
+
+    def update(_name: str, array: np.ndarray) -> None:
+        np.maximum(largest, np.abs(np.asarray(array, dtype=np.float64).reshape(-1, stream.hidden)).max(axis=0), out=largest)
+
+    names = stream_values(stream)
+    context = am.context
+    if context.get("calibration.spec"):
+        calibrate(model, context, names, update)
+        return largest, f"the calibration data ({context.get('calibration.spec')})"
+    rows = int(constant_array(stream.table).shape[0])
+    rng = np.random.default_rng(context.seed)
+    ids = {g.inputs[1].name for g in stream.gathers if g.inputs[1] is not None and g.inputs[1].producer() is None}
+    try:
+        with ModelRunner(model, names) as runner:
+            for feed in iter_samples(model, "random", PROBE_SAMPLES, PROBE_SEQLEN, seed=context.seed):
+                for name in ids & set(feed):
+                    feed[name] = rng.integers(0, rows, size=feed[name].shape).astype(feed[name].dtype)
+                for name, array in runner.run(feed, names).items():
+                    update(name, array)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime and the random feeds raise their own types
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        am.context.remark("missed", f"keep-massive=auto: no calibration data and the random-token probe failed ({detail}); "
+                                    "no channel kept (give --calib or keep-massive=<channels>)")
+        return None
+    return largest, f"a probe of {PROBE_SAMPLES}x{PROBE_SEQLEN} random token ids (no calibration data)"
 
 
 def _set_input(build: Builder, node: Node, index: int, array: np.ndarray) -> Value:
@@ -517,4 +645,4 @@ def _insert_online_hadamard(build: Builder, down: Node) -> bool:
     return True
 
 
-__all__ = ["Rotate", "find_stream", "hadamard", "hadamard_factors", "rotation"]
+__all__ = ["Rotate", "find_stream", "fix_channels", "stream_values", "hadamard", "hadamard_factors", "rotation"]
