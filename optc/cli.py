@@ -108,6 +108,8 @@ def list_passes() -> str:
     for name, entry in all_pipelines().items():
         lines.append(f"  {name:<18} {entry.summary}")
         lines.append(f"      = {entry.text}")
+        for target, text in sorted(entry.targets.items()):
+            lines.append(f"      = {text}   (for --target {target})")
     return "\n".join(lines)
 
 
@@ -125,6 +127,17 @@ def _bare_remarks(argv: list[str]) -> list[str]:
     return [("--remarks=.*" if i < end and a == "--remarks" else a) for i, a in enumerate(argv)]
 
 
+def _target_of(args: argparse.Namespace) -> str | None:
+    """The backend an invocation writes for: --target, else the output's suffix, else None (not known)."""
+    if args.target:
+        return args.target
+    if args.output is None:
+        return None
+    from optc.backends import target_for_output
+
+    return target_for_output(Path(args.output))
+
+
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(_bare_remarks(argv))
     if args.list_passes:
@@ -135,7 +148,7 @@ def run(argv: list[str]) -> int:
 
         if args.passes is None:
             raise UsageError("--print-pipeline needs --passes PIPELINE")
-        print(parse_pipeline(args.passes).pipeline_text())
+        print(parse_pipeline(args.passes, _target_of(args)).pipeline_text())
         return 0
     if args.output is None:
         raise UsageError("missing -o OUTPUT")

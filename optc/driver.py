@@ -203,7 +203,7 @@ def compile_file(input_path: str | Path, output: str | Path, options: CompileOpt
     input_path, output = Path(input_path), Path(output)
     start = time.perf_counter()
     backend = _backend(options, output)
-    parse_pipeline(options.passes if options.passes is not None else DEFAULT_PIPELINE)
+    parse_pipeline(options.passes if options.passes is not None else DEFAULT_PIPELINE, backend.name)
     _remark_filter(options.remarks)
     budget = _memory_budget(options)
     # Before anything is read: no write may touch the input file or anything in an input directory.
@@ -253,7 +253,7 @@ def compile_model(
     start = time.perf_counter() if start is None else start
     backend = _backend(options, output)
     pipeline_text = options.passes if options.passes is not None else DEFAULT_PIPELINE
-    pipeline = parse_pipeline(pipeline_text)
+    pipeline = parse_pipeline(pipeline_text, backend.name)
     remark_filter = _remark_filter(options.remarks)
     primary = distributed.init_from_env().primary
     for message in pipeline_warnings(pipeline) if primary else []:

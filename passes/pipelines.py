@@ -93,11 +93,22 @@ register_pipeline(
 # measured 1.430x on docstrings against 1.364x (2026-12-05), code 21.572 against 20.417.
 W3A16 = 'rotate{keep-massive=none},gptq{bits=3 group=64 symmetric=false},quantize{activations=none embeddings=true exclude=""}'
 
+# ONNX has no 3-bit container (onnxruntime's MatMulNBits takes 2, 4 or 8 bits), so the file above
+# stores 3-bit codes in 4-bit ones and is no smaller than w4a16's. A GGUF file does store them:
+# for `-o x.gguf` the name stands for llama.cpp's 3-bit mix, each tensor's error weighted by the
+# calibration data's per-column mean of x^2 (llama.cpp's importance matrix, computed by optc).
+# SmolLM2-135M, calibration 32x256 of pydoc_data topics, perplexity x the F32 GGUF in llama.cpp
+# (2026-12-05, tools/bench_quality.py): docstrings 1.200x, code 1.239x at 88.2 MB, the same bytes
+# as llama-quantize's Q3_K_S (1.424x, 1.413x). Rotating first costs there (docstrings 1.432x, and the
+# rotated head is a second table); not studied further.
+W3A16_GGUF = "kquant{mix=Q3_K_S imatrix=true}"
+
 register_pipeline(
     "w3a16",
     W3A16,
     "3-bit weights (Hadamard-rotated residual stream, GPTQ group 64 asymmetric), float activations; "
-    "embeddings and lm_head int8",
+    "embeddings and lm_head int8; for a GGUF output, llama.cpp's Q3_K_S mix with optc's importance matrix",
+    targets={"gguf": W3A16_GGUF},
 )
 
 # Prune -> distill -> quantize (issue 9): the order a 2025 compression-ordering study found best.

@@ -20,9 +20,11 @@ Rows:
   group=128}` with gptq's defaults, `w4a16`, `w3a16`; `--candidate NAME=PIPELINE` adds more);
 * `ort-static` (onnxruntime quantize_static, as tools/bench_w8a8.py), `ort-rtn` and `ort-hqq`
   (onnxruntime's MatMulNBits quantizer at 4 bits, block 128, as tools/bench_w4.py);
+* `optc-w3a16-gguf`: `optc --passes=w3a16 -o x.gguf` (for a GGUF output, llama.cpp's Q3_K_S mix with
+  optc's importance matrix), scored in llama.cpp;
 * `lq-Q4_K_M`, `lq-Q3_K_S`, `lq-Q3_K_M`: llama-quantize on the F32 GGUF, no importance matrix.
 
-Ratios are to `fp32` on the same text (`gguf-f32` for the llama.cpp rows); `bpw` is the file's
+Ratios are to `fp32` on the same text (`gguf-f32` for the GGUF rows); `bpw` is the file's
 bits per parameter of the fp32 model (the embedding table counted once). `--latency` adds the
 interleaved-latency column of tools/bench_w8a8.py for the ONNX rows.
 
@@ -71,14 +73,19 @@ OPTC = {
     "optc-w4a16": "w4a16",
     "optc-w3a16": "w3a16",
 }
+#: optc's pipelines written as GGUF (`-o x.gguf`), scored in llama.cpp like the llama-quantize rows.
+OPTC_GGUF = {"optc-w3a16-gguf": "w3a16"}
 ORT = ("ort-static", "ort-rtn", "ort-hqq")
 LLAMA = {"lq-Q4_K_M": "Q4_K_M", "lq-Q3_K_S": "Q3_K_S", "lq-Q3_K_M": "Q3_K_M"}
-VARIANTS = ("fp32", "gguf-f32", *OPTC, *ORT, *LLAMA)
+#: The rows that are GGUF files, scored against `gguf-f32`.
+GGUF_ROWS = (*OPTC_GGUF, *LLAMA)
+VARIANTS = ("fp32", "gguf-f32", *OPTC, *OPTC_GGUF, *ORT, *LLAMA)
 TEXTS = ("topics", "code", "docstrings")
 
 #: The issue's targets on the different-source text (`code`), ratios to fp32.
-TARGETS = {"optc-w8a8": 1.015, "optc-gptq": 1.12, "optc-w4a16": 1.10, "optc-w3a16": 1.35}
+TARGETS = {"optc-w8a8": 1.015, "optc-gptq": 1.12, "optc-w4a16": 1.10, "optc-w3a16": 1.35, "optc-w3a16-gguf": 1.35}
 SIZE_TARGETS = {"optc-w8a8": 0.3, "optc-gptq": 0.35, "optc-w4a16": 0.35}
+SAME_SIZE = 1e-4  # relative file-size difference that still counts as equal bits per weight
 
 
 def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Path) -> list[Row]:
@@ -99,6 +106,8 @@ def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Pa
             row.note = "onnxruntime quantize_static: QDQ, per-channel s8 weights, MinMax s8 activations"
         elif variant in ORT:
             timed_build(row, out, lambda: ort_quantize(variant, fp32, out, model, args.samples, args.seqlen))
+        elif variant in OPTC_GGUF:
+            optc_build(row, gguf, out.with_suffix(".gguf"), OPTC_GGUF[variant], calibration_args(args))
         elif variant in LLAMA:
             from tests.backends.ggml_oracle import llama_quantize
 
@@ -110,7 +119,7 @@ def build(args: argparse.Namespace, gguf: Path, model: Any, fp32: Path, work: Pa
 
     rows = build_rows(args, fp32, work, "bench_quality", build_variant)
     for row in rows:  # --reuse looks for .onnx; the llama.cpp rows are .gguf
-        if row.path is None and args.reuse and row.variant in LLAMA:
+        if row.path is None and args.reuse and row.variant in GGUF_ROWS:
             path = work / f"{row.variant}.gguf"
             if path.exists():
                 row.path, row.note = path, f"reused {path}"
@@ -160,7 +169,7 @@ def table(rows: list[Row], ppl: dict[str, dict[str, float]], texts: list[str], p
     body = []
     for r in rows:
         mine = ppl.get(r.variant, {})
-        reference = ref["gguf"] if r.variant in LLAMA and ref["gguf"] else ref["onnx"]
+        reference = ref["gguf"] if r.variant in GGUF_ROWS and ref["gguf"] else ref["onnx"]
         cells = [r.variant]
         for t in texts:
             if t in mine:
@@ -181,29 +190,36 @@ def table(rows: list[Row], ppl: dict[str, dict[str, float]], texts: list[str], p
 
 
 def targets(rows: list[Row], ppl: dict[str, dict[str, float]]) -> list[str]:
-    base = ppl.get("fp32", {}).get("code")
+    """The issue's targets on `code`, each row against its own reference (fp32 ONNX, or the F32 GGUF)."""
+    bases = {"onnx": ppl.get("fp32", {}).get("code"), "gguf": ppl.get("gguf-f32", {}).get("code")}
     by = {r.variant: r for r in rows}
     fp32 = by.get("fp32")
+
+    def ratio_of(variant: str) -> float | None:
+        base = bases["gguf" if variant in GGUF_ROWS else "onnx"]
+        value = ppl.get(variant, {}).get("code")
+        return value / base if value is not None and base else None
+
     out = []
     for variant, limit in TARGETS.items():
-        value = ppl.get(variant, {}).get("code")
-        if value is None or base is None:
+        ratio = ratio_of(variant)
+        if ratio is None:
             out.append(f"- {variant} code-text perplexity: not measured")
             continue
-        ratio = value / base
         out.append(f"- {variant} code-text perplexity / fp32: {ratio:.3f}× (target ≤ {limit}×) {'PASS' if ratio <= limit else 'FAIL'}")
         row, size_limit = by.get(variant), SIZE_TARGETS.get(variant)
         if size_limit and row and row.size_bytes and fp32 and fp32.size_bytes:
             size = row.size_bytes / fp32.size_bytes
             out.append(f"- {variant} size / fp32: {size:.3f}× (target ≤ {size_limit}×) {'PASS' if size <= size_limit else 'FAIL'}")
-    w3, q3s = by.get("optc-w3a16"), by.get("lq-Q3_K_S")
-    gguf_base = ppl.get("gguf-f32", {}).get("code")
-    if w3 and q3s and w3.size_bytes and q3s.size_bytes and "code" in ppl.get("optc-w3a16", {}) \
-            and "code" in ppl.get("lq-Q3_K_S", {}) and base and gguf_base:
-        mine = ppl["optc-w3a16"]["code"] / base
-        theirs = ppl["lq-Q3_K_S"]["code"] / gguf_base
-        out.append(f"- w3a16 vs Q3_K_S on code: {mine:.3f}× at {w3.size_bytes / 1e6:.1f} MB vs {theirs:.3f}× at "
-                   f"{q3s.size_bytes / 1e6:.1f} MB")
+    q3s, theirs = by.get("lq-Q3_K_S"), ratio_of("lq-Q3_K_S")
+    for variant in ("optc-w3a16", "optc-w3a16-gguf"):
+        mine, row = ratio_of(variant), by.get(variant)
+        if mine is None or theirs is None or not (row and row.size_bytes and q3s and q3s.size_bytes):
+            continue
+        # Equal bits per weight: a file may differ by a few bytes of metadata (an importance matrix's note).
+        no_worse = mine <= theirs and row.size_bytes <= q3s.size_bytes * (1 + SAME_SIZE)
+        out.append(f"- {variant} vs Q3_K_S on code: {mine:.3f}× at {row.size_bytes / 1e6:.1f} MB vs {theirs:.3f}× at "
+                   f"{q3s.size_bytes / 1e6:.1f} MB: {'no worse in perplexity or size' if no_worse else 'worse in one'}")
     return out
 
 
@@ -229,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown} or texts {args.texts}; choose from {', '.join(VARIANTS)} / {', '.join(TEXTS)}")
     if "fp32" not in args.variants:
         args.variants.insert(0, "fp32")
-    if any(v in LLAMA for v in args.variants) and "gguf-f32" not in args.variants:
+    if any(v in GGUF_ROWS for v in args.variants) and "gguf-f32" not in args.variants:
         args.variants.insert(1, "gguf-f32")
 
     from optc.evaluate import load_tokenizer

@@ -10,7 +10,8 @@ Grammar (MLIR's, flat by default like LLVM's):
 
 `print_pipeline(parse_pipeline(text)) == text` for canonical text: options in
 declared order, defaults omitted, no spaces around commas. Named pipelines
-expand in place. Errors name the 1-based column.
+expand in place, to their target's own text where they have one (`w3a16` for a
+GGUF output). Errors name the 1-based column.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ _expanding: list[str] = []
 
 
 class _Parser:
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, target: str | None = None) -> None:
         self.text = text
+        self.target = target
         self.pos = 0
         self.depth = 0
 
@@ -109,7 +111,7 @@ class _Parser:
                 raise UsageError(f"named pipeline '{name}' expands to itself ({' -> '.join([*_expanding, name])})")
             _expanding.append(name)
             try:
-                return list(parse_pipeline(named.text).passes)
+                return list(parse_pipeline(named.text_for(self.target), self.target).passes)
             finally:
                 _expanding.pop()
         try:
@@ -191,9 +193,12 @@ def _is_word_char(char: str) -> bool:
     return char.isprintable() and not char.isspace() and char not in _DELIMITERS
 
 
-def parse_pipeline(text: str) -> PassManager:
-    """Parse pipeline text into a `PassManager`; raises `UsageError`/`PipelineSyntaxError`."""
-    parser = _Parser(text)
+def parse_pipeline(text: str, target: str | None = None) -> PassManager:
+    """Parse pipeline text into a `PassManager`; raises `UsageError`/`PipelineSyntaxError`.
+
+    `target` (a backend name) picks the target's own text of a named pipeline that has one.
+    """
+    parser = _Parser(text, target)
     passes = parser.pipeline()
     return PassManager(passes)
 

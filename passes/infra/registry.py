@@ -13,7 +13,7 @@ import importlib
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TypeVar
 
@@ -30,9 +30,16 @@ A = TypeVar("A", bound=type[Analysis])
 
 @dataclass(frozen=True)
 class PipelineEntry:
+    """A named pipeline: its text, and the text it stands for on targets that lower the recipe differently."""
+
     name: str
     text: str
     summary: str
+    targets: dict[str, str] = field(default_factory=dict)
+
+    def text_for(self, target: str | None) -> str:
+        """The text this name expands to when the output is for `target` (None: not known)."""
+        return self.targets.get(target, self.text) if target else self.text
 
 
 _passes: dict[str, type[Pass]] = {}
@@ -85,12 +92,17 @@ def register_analysis(name: str) -> Callable[[A], A]:
     return decorate
 
 
-def register_pipeline(name: str, text: str, summary: str) -> None:
-    """Register a named pipeline; its name expands in place inside any pipeline text."""
+def register_pipeline(name: str, text: str, summary: str, *, targets: dict[str, str] | None = None) -> None:
+    """Register a named pipeline; its name expands in place inside any pipeline text.
+
+    `targets` maps a backend name to the text the name stands for when the output is for that
+    backend, where the same recipe is spelled differently there (e.g. a bit width that only one
+    file format can store).
+    """
     _check_name("pipeline", name)
     if name in _passes:
         raise ValueError(f"pipeline name {name!r} is already a pass")
-    _pipelines[name] = PipelineEntry(name, text, summary)
+    _pipelines[name] = PipelineEntry(name, text, summary, dict(targets or {}))
 
 
 def _describe(obj: object) -> str:

@@ -195,7 +195,20 @@ def test_list_passes_shows_every_pass_with_its_summary_and_options(runs) -> None
         assert cls.summary() in line
         assert [o.split("=")[0] for o in options] == [row[0] for row in describe_options(cls.Options)], name
     for name, pipeline in all_pipelines().items():
-        assert entries[name] == [entries[name][0], f"= {pipeline.text}"] and pipeline.summary in entries[name][0]
+        per_target = [f"= {text}   (for --target {target})" for target, text in sorted(pipeline.targets.items())]
+        assert entries[name] == [entries[name][0], f"= {pipeline.text}", *per_target]
+        assert pipeline.summary in entries[name][0]
+    assert any(p.targets for p in all_pipelines().values()), "no named pipeline has a target's own text"
+
+
+def test_print_pipeline_expands_for_the_outputs_target(tmp_path: Path) -> None:
+    gguf = run_in_process(Job(["--print-pipeline", "--passes=w3a16", "-o", "x.gguf"], tmp_path))
+    assert gguf.returncode == 0 and gguf.stdout == "kquant{mix=Q3_K_S imatrix=true}\n", gguf
+    explicit = run_in_process(Job(["--print-pipeline", "--passes=w3a16", "--target", "gguf"], tmp_path))
+    assert explicit.stdout == gguf.stdout, explicit
+    onnx_run = run_in_process(Job(["--print-pipeline", "--passes=w3a16", "-o", "x.onnx"], tmp_path))
+    assert onnx_run.returncode == 0 and onnx_run.stdout.startswith("rotate,gptq{bits=3"), onnx_run
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_console_script_is_installed_and_runs() -> None:

@@ -1,4 +1,4 @@
-"""The named 8-bit pipelines `w8a8` and `fp8` on tiny LLaMA-like and BERT-like blocks."""
+"""The named quantization pipelines: `w8a8` and `fp8` on tiny LLaMA-like and BERT-like blocks, `w3a16` for GGUF."""
 
 from __future__ import annotations
 
@@ -94,3 +94,25 @@ def test_w4a16_pipelines_on_a_llama_block():
     ref = [models.run_ort(proto, f)[0] for f in feeds]
     for m, bound in ((plain, 12.0), (fast.model, 12.0)):
         assert min(qm.sqnr_db(r, models.run_ort(m, f)[0]) for r, f in zip(ref, feeds, strict=True)) >= bound
+
+
+def test_w3a16_for_a_gguf_output_writes_llama_cpps_3_bit_mix_with_an_importance_matrix(tmp_path):
+    """`w3a16` with `-o x.gguf` is `kquant{mix=Q3_K_S imatrix=true}`: the same bytes, through the driver."""
+    import pytest
+
+    pytest.importorskip("gguf")
+    from gguf import GGUFReader
+
+    from optc.driver import CompileOptions, compile_model
+    from tests.fixtures.gguf_models import ir_like_frontend, tiny_hf_llama
+
+    calib = {"calib": "random", "calib_samples": 2, "calib_seqlen": 8, "seed": 7, "skip_runtime_check": True}
+    written = {}
+    for name, passes in (("named", "w3a16"), ("spelled", "kquant{mix=Q3_K_S imatrix=true}")):
+        out = tmp_path / name / "out.gguf"
+        out.parent.mkdir()
+        compile_model(ir_like_frontend(*tiny_hf_llama()), out, CompileOptions(passes=passes, **calib))
+        written[name] = out.read_bytes()
+    assert written["named"] == written["spelled"]
+    types = {t.tensor_type.name for t in GGUFReader(str(tmp_path / "named" / "out.gguf")).tensors}
+    assert "F32" in types and types - {"F32"}, types  # norms float, the weights quantized by the mix

@@ -80,6 +80,7 @@ def test_passes():
         register_analysis("t-probe")(Probe)
         register_pipeline("t-named", "t-plain,fixpoint(dce)", "a named pipeline")
         register_pipeline("t-outer", "t-leaf{count=2},t-named", "a named pipeline using another")
+        register_pipeline("t-targeted", "t-plain", "spelled differently for gguf", targets={"gguf": "t-leaf{count=3}"})
         yield
 
 
@@ -242,6 +243,22 @@ def test_named_pipeline_expands_in_place():
     assert print_pipeline(parse_pipeline("t-leaf,t-named,cse")) == "t-leaf,t-plain,fixpoint(dce),cse"
     assert print_pipeline(parse_pipeline("fixpoint(t-named)")) == "fixpoint(t-plain,fixpoint(dce))"
     assert print_pipeline(parse_pipeline("t-outer")) == "t-leaf{count=2},t-plain,fixpoint(dce)"
+
+
+def test_named_pipeline_expands_to_its_targets_own_text():
+    assert print_pipeline(parse_pipeline("t-targeted")) == "t-plain"
+    assert print_pipeline(parse_pipeline("t-targeted", "ort")) == "t-plain"
+    assert print_pipeline(parse_pipeline("dce,t-targeted", "gguf")) == "dce,t-leaf{count=3}"
+    # through another named pipeline and a container, the target still applies
+    with scratch_registry():
+        register_pipeline("t-wraps", "fixpoint(t-targeted)", "wraps a targeted pipeline")
+        assert print_pipeline(parse_pipeline("t-wraps", "gguf")) == "fixpoint(t-leaf{count=3})"
+
+
+def test_w3a16_is_llama_cpps_3_bit_mix_with_an_importance_matrix_for_gguf():
+    onnx_text = print_pipeline(parse_pipeline("w3a16", "ort"))
+    assert onnx_text.startswith("rotate,gptq{bits=3") and "kquant" not in onnx_text
+    assert print_pipeline(parse_pipeline("w3a16", "gguf")) == "kquant{mix=Q3_K_S imatrix=true}"
 
 
 def test_builtin_cleanup_pipeline():
