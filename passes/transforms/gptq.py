@@ -47,7 +47,12 @@ from optc.ir import Model, annotation
 from optc.ir.annotations import SPARSITY
 from optc.ir.patterns.blocks import BlockPartition, Stage
 from optc.ir.patterns.builder import Builder
-from optc.passes.analyses.hessian import HessianStats, combine_over_ranks, require_calibration
+from optc.passes.analyses.hessian import (
+    DeferredHessian,
+    HessianStats,
+    combine_over_ranks,
+    require_calibration,
+)
 from optc.passes.attention import value_paths
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.blockwise import block_partition, run_blocks
@@ -71,6 +76,7 @@ from optc.passes.lowbit import (
 )
 from optc.runtime import distributed
 from optc.runtime.distributed import share_out
+from optc.runtime.runner import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +172,8 @@ def gptq_quantize(
     col_group = (order // g).tolist()
     imp = importance[order] if importance is not None else None
     hinv = fac.hinv
-    codes = torch.zeros_like(w)
+    # Each finished block of columns holds its codes in W's own storage (its float values are not read
+    # again), so no second [N, K] matrix is needed for the codes.
     losses = torch.zeros(n, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -192,11 +199,11 @@ def gptq_quantize(
             w1[:, i:].sub_(torch.outer(e, h1[i, i:]))
             err1[:, i] = e
         losses += err1.square().sum(dim=1) / 2  # Σ (w − q)² / Hinv_ii² / 2
-        codes[:, i1:i2] = q1
+        w[:, i1:i2] = q1
         if i2 < k:
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    out = w.index_copy_(1, order, codes)  # W's storage is free now: the codes in the original column order
-    del codes
+    out = torch.empty_like(w).index_copy_(1, order, w)  # the codes in the original column order
+    del w
     return GptqResult(out, scale, zero, float(losses.sum()), row_loss=losses)
 
 
@@ -310,13 +317,18 @@ class Gptq(LowBitPass):
         stats: dict[str, HessianStats] = {}
         build = Builder(model.graph)
         totals = [0.0, 0]
+        # One process: each Hessian keeps its samples' rows while they are smaller than its float64 sum, and
+        # forms the fp32 Hessian from them a band at a time (the same bits, without the [K, K] float64 sum).
+        # Under torchrun the ranks add float64 sums, so each is accumulated as it comes.
+        deferred = not distributed.current().distributed
 
         def update(name: str, array: np.ndarray) -> None:
             x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
             entry = stats.get(name)
             if entry is None:
                 k = int(x.shape[-1])
-                entry = stats[name] = HessianStats(torch.zeros(k, k, dtype=torch.float64, device=device))
+                entry = stats[name] = DeferredHessian(k, device) if deferred else \
+                    HessianStats(torch.zeros(k, k, dtype=torch.float64, device=device))
             entry.update(x)
 
         def after_stage(stage: Stage) -> bool:
@@ -327,8 +339,9 @@ class Gptq(LowBitPass):
             mine = {name: stats.pop(name) for name in names if name in stats}
             if distributed.current().distributed:
                 mine = combine_over_ranks(mine, names, device)
-            for entry in mine.values():
-                entry.finish()
+            for name in mine:  # no loop variable left holding the last Hessian while `_quantize` consumes them
+                mine[name].finish()
+            release_free_memory()  # the rows and float64 bands `finish` freed
             total, fallbacks = self._quantize(model, members, mine, device, build, consume=True)
             totals[0] += total
             totals[1] += fallbacks
@@ -413,6 +426,9 @@ class Gptq(LowBitPass):
                     total += loss
                 self.emit(model, site, q[rows], scale[rows], zero[rows], info, build, self._grid_of(site))
                 progress.update()
+            del q, scale, zero, row_loss, fallback  # not alive while the next group is solved
+            if consume:
+                release_free_memory()
         progress.close()
         return total, fallbacks
 
