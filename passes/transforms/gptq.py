@@ -140,8 +140,12 @@ _BAND = 256
 def gptq_quantize(
     w: torch.Tensor, fac: Factor, group: int, grid: Grid, *, block: int = 128, clip: bool = False,
     keep_zero: torch.Tensor | None = None, importance: torch.Tensor | None = None, norm: float = 2.0,
+    reuse: bool = False,
 ) -> GptqResult:
     """GPTQ of W [N, K] (rows: output channels) given the factored Hessian of its input.
+
+    `reuse=True` (a contiguous fp32 W the caller has no further use for): the codes are written into W's
+    own storage at the end instead of a new [N, K] matrix (the same codes).
 
     `keep_zero` (bool [N, K]) marks pruned weights: they are quantized to the code of 0 whatever
     the updates brought them to, and their error propagates like any other (as SparseGPT does),
@@ -156,6 +160,7 @@ def gptq_quantize(
     # One working copy of W, in column order (the caller's W is left as it was): a caller that passes a W
     # it holds no other reference to has one [N, K] matrix plus the codes alive, not four.
     order = fac.perm if fac.perm is not None else torch.arange(k, device=w.device)
+    source = w if reuse and w.dtype == torch.float32 and w.is_contiguous() else None
     w = w.index_select(1, order).float()
     w[:, fac.dead[order]] = 0.0
     g = group_size(group, k)
@@ -202,8 +207,10 @@ def gptq_quantize(
         w[:, i1:i2] = q1
         if i2 < k:
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    out = torch.empty_like(w).index_copy_(1, order, w)  # the codes in the original column order
-    del w
+    target = source if source is not None else torch.empty_like(w)
+    del source
+    out = target.index_copy_(1, order, w)  # the codes in the original column order
+    del w, target
     return GptqResult(out, scale, zero, float(losses.sum()), row_loss=losses)
 
 
@@ -391,10 +398,11 @@ class Gptq(LowBitPass):
             for member_grid, indices in by_grid.items():
                 sparse = any(annotation(members[i].node, SPARSITY) for i in indices)
                 keep_zero = torch.cat([members[i].matrix(device) == 0 for i in indices]) if sparse else None
-                # The stacked weight is built in the call, so gptq_quantize's working copy is the only one left.
+                # The stacked weight is built in the call (cat copies even one member's): no one else holds it, so
+                # gptq_quantize's working copy is the only other one and its storage takes the codes at the end.
                 result = gptq_quantize(torch.cat([members[i].matrix(device) for i in indices]), fac, opts.group,
                                        member_grid, block=opts.block, clip=opts.clip, keep_zero=keep_zero,
-                                       importance=importance, norm=opts.clip_norm)
+                                       importance=importance, norm=opts.clip_norm, reuse=True)
                 fallback = fallback or result.fallback
                 stacked_rows = sum(members[i].out_features for i in indices)
                 row_loss = result.row_loss if result.row_loss is not None else torch.zeros(stacked_rows)
@@ -404,7 +412,9 @@ class Gptq(LowBitPass):
                     row += members[i].out_features
                     parts[i] = (result.q[rows], result.scale[rows], result.zero[rows], row_loss[rows])
                 del result
-            q, scale, zero, row_loss = (torch.cat([p[j] for p in parts]) for j in range(4))
+            # One part (a layer of its own, or members on one grid) is used as it is: no copy of the codes.
+            q, scale, zero, row_loss = parts[0] if len(parts) == 1 else (torch.cat([p[j] for p in parts]) for j in range(4))
+            del parts
             return q, scale, zero, row_loss, torch.tensor([float(fallback)])
 
         # Under torchrun each rank solves every N-th group and the results are broadcast (share_out).
