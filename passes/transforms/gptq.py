@@ -167,9 +167,13 @@ def gptq_quantize(
     static = fac.perm is not None or g >= k
     groups = -(-k // g)
     if static:  # from the weight in its own column order
-        unpermuted = torch.empty_like(w).index_copy_(1, order, w)
-        scale, zero = find_params(unpermuted, group, grid, clip=clip, importance=importance, norm=norm)
-        del unpermuted
+        if source is not None:  # the caller's W is ours: with its dead columns zeroed it is that matrix
+            source[:, fac.dead] = 0.0
+            scale, zero = find_params(source, group, grid, clip=clip, importance=importance, norm=norm)
+        else:
+            unpermuted = torch.empty_like(w).index_copy_(1, order, w)
+            scale, zero = find_params(unpermuted, group, grid, clip=clip, importance=importance, norm=norm)
+            del unpermuted
     else:
         scale = torch.ones(n, groups, device=w.device)
         zero = torch.zeros(n, groups, device=w.device)
@@ -372,9 +376,8 @@ class Gptq(LowBitPass):
         total, fallbacks = 0.0, 0
         progress = tqdm(total=len(sites), desc="gptq", unit="layer", leave=False, disable=None)
         groups = list(by_input.items())
-        for name, members in groups:
-            stats = hessians.get(name)
-            if stats is None or stats.tokens == 0:
+        for name, members in groups:  # (no loop variable holds a Hessian: `consume` frees each one in turn)
+            if hessians.get(name) is None or hessians[name].tokens == 0:
                 raise OptcError(f"gptq: no calibration data reached {name!r}, the input of {members[0].label}")
 
         def solve(group: tuple[str, list]) -> tuple[torch.Tensor, ...]:

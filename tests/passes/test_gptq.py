@@ -221,8 +221,10 @@ def test_reuse_writes_the_same_codes_into_the_callers_weight(act_order):
     end instead of a new [N, K] matrix; codes, scales, zero points and losses are the same as without it."""
     k, n = 96, 40
     x = _correlated(256, k)
+    x[:, [5, 17]] = 0.0  # dead columns: zeroed in the working copy and, with reuse, in W itself
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
     fac = factor(2 * x.T @ x / x.shape[0], act_order=act_order)
+    assert int(fac.dead.sum()) == 2
     expected = gptq_quantize(w, fac, 32, Grid(4))
     mine = w.clone()
     got = gptq_quantize(mine, fac, 32, Grid(4), reuse=True)
