@@ -18,8 +18,13 @@ SESSION_CONFIG: dict[str, str] = {}
 DISABLED_OPTIMIZERS: list[str] = []
 
 
-def open_session(path: Path, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session; with `optimize=False` weights are used in place (no prepacking).
+def open_session(path: Path | bytes, *, optimize: bool = True, threads: int = 0, arena: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session (of a file, or of a serialized model); with `optimize=False` weights are
+    used in place (no prepacking).
+
+    `arena=False` turns off onnxruntime's CPU memory arena: each tensor is allocated and freed on its own,
+    so what a session computed (a 4-bit block's dequantized weights, say) goes back to the C allocator
+    when it is freed instead of staying in arena regions the process keeps. The results are the same.
 
     The module's `SESSION_CONFIG` entries and `DISABLED_OPTIMIZERS` apply to every session.
 
@@ -33,12 +38,14 @@ def open_session(path: Path, *, optimize: bool = True, threads: int = 0) -> ort.
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not arena:
+        options.enable_cpu_mem_arena = False
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(DISABLED_OPTIMIZERS) or None)
 
 

@@ -34,19 +34,30 @@ def _size(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
 
 
-def _anon(group: Path) -> int:
+#: `memory.stat` fields a trace line gives after the anonymous memory (page cache, its dirty part, the part
+#: being written back, the part mapped into the process), in MiB.
+TRACE_FIELDS = ("total_cache", "total_dirty", "total_writeback", "total_mapped_file")
+
+
+def _stat(group: Path) -> dict[str, int]:
+    stat = {}
     for line in (group / "memory.stat").read_text().splitlines():
         key, _, value = line.partition(" ")
-        if key == "total_rss":
-            return int(value)
-    return 0
+        if key.startswith("total_"):
+            stat[key] = int(value)
+    return stat
+
+
+def _anon(group: Path) -> int:
+    return _stat(group).get("total_rss", 0)
 
 
 def measure(command: list[str], cap: int | None = None, interval: float = 0.05,
             env: dict[str, str] | None = None, trace: Path | None = None) -> tuple[int, float, int, int]:
     """Run `command` in a memory cgroup of its own (capped at `cap` bytes when given); returns
     (exit code, wall seconds, peak anonymous bytes, `memory.max_usage_in_bytes`). With `trace`, every
-    sample is also written there as a line `SECONDS ANON_MIB` (to see which part of a run holds the peak)."""
+    sample is also written there as a line `SECONDS ANON_MIB CACHE_MIB DIRTY_MIB WRITEBACK_MIB MAPPED_MIB` (to
+    see which part of a run holds the peak, and how much of `max_usage` is page cache)."""
     group = ROOT / f"optc-peak-{os.getpid()}"
     group.mkdir()
     try:
@@ -62,10 +73,12 @@ def measure(command: list[str], cap: int | None = None, interval: float = 0.05,
         log = trace.open("w") if trace is not None else None
         try:
             while child.poll() is None:
-                anon = _anon(group)
+                stat = _stat(group)
+                anon = stat.get("total_rss", 0)
                 peak = max(peak, anon)
                 if log is not None:
-                    log.write(f"{time.perf_counter() - start:.2f} {anon / 2**20:.0f}\n")
+                    rest = " ".join(f"{stat.get(k, 0) / 2**20:.0f}" for k in TRACE_FIELDS)
+                    log.write(f"{time.perf_counter() - start:.2f} {anon / 2**20:.0f} {rest}\n")
                     log.flush()
                 time.sleep(interval)
         finally:
@@ -87,7 +100,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=_size, default=None, help="memory.limit_in_bytes, e.g. 1.5G (default: none)")
     parser.add_argument("--interval", type=float, default=0.05)
-    parser.add_argument("--trace", type=Path, default=None, help="write every sample (seconds, anon MiB) to this file")
+    parser.add_argument("--trace", type=Path, default=None, help="write every sample (seconds, then anon, cache, dirty, writeback, mapped_file in MiB) to this file")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

@@ -47,7 +47,12 @@ from optc.ir import Model, annotation
 from optc.ir.annotations import SPARSITY
 from optc.ir.patterns.blocks import BlockPartition, Stage
 from optc.ir.patterns.builder import Builder
-from optc.passes.analyses.hessian import HessianStats, combine_over_ranks, require_calibration
+from optc.passes.analyses.hessian import (
+    DeferredHessian,
+    HessianStats,
+    combine_over_ranks,
+    require_calibration,
+)
 from optc.passes.attention import value_paths
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.blockwise import block_partition, run_blocks
@@ -71,6 +76,7 @@ from optc.passes.lowbit import (
 )
 from optc.runtime import distributed
 from optc.runtime.distributed import share_out
+from optc.runtime.runner import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +140,12 @@ _BAND = 256
 def gptq_quantize(
     w: torch.Tensor, fac: Factor, group: int, grid: Grid, *, block: int = 128, clip: bool = False,
     keep_zero: torch.Tensor | None = None, importance: torch.Tensor | None = None, norm: float = 2.0,
+    reuse: bool = False,
 ) -> GptqResult:
     """GPTQ of W [N, K] (rows: output channels) given the factored Hessian of its input.
+
+    `reuse=True` (a contiguous fp32 W the caller has no further use for): the codes are written into W's
+    own storage at the end instead of a new [N, K] matrix (the same codes).
 
     `keep_zero` (bool [N, K]) marks pruned weights: they are quantized to the code of 0 whatever
     the updates brought them to, and their error propagates like any other (as SparseGPT does),
@@ -150,15 +160,20 @@ def gptq_quantize(
     # One working copy of W, in column order (the caller's W is left as it was): a caller that passes a W
     # it holds no other reference to has one [N, K] matrix plus the codes alive, not four.
     order = fac.perm if fac.perm is not None else torch.arange(k, device=w.device)
+    source = w if reuse and w.dtype == torch.float32 and w.is_contiguous() else None
     w = w.index_select(1, order).float()
     w[:, fac.dead[order]] = 0.0
     g = group_size(group, k)
     static = fac.perm is not None or g >= k
     groups = -(-k // g)
     if static:  # from the weight in its own column order
-        unpermuted = torch.empty_like(w).index_copy_(1, order, w)
-        scale, zero = find_params(unpermuted, group, grid, clip=clip, importance=importance, norm=norm)
-        del unpermuted
+        if source is not None:  # the caller's W is ours: with its dead columns zeroed it is that matrix
+            source[:, fac.dead] = 0.0
+            scale, zero = find_params(source, group, grid, clip=clip, importance=importance, norm=norm)
+        else:
+            unpermuted = torch.empty_like(w).index_copy_(1, order, w)
+            scale, zero = find_params(unpermuted, group, grid, clip=clip, importance=importance, norm=norm)
+            del unpermuted
     else:
         scale = torch.ones(n, groups, device=w.device)
         zero = torch.zeros(n, groups, device=w.device)
@@ -166,7 +181,8 @@ def gptq_quantize(
     col_group = (order // g).tolist()
     imp = importance[order] if importance is not None else None
     hinv = fac.hinv
-    codes = torch.zeros_like(w)
+    # Each finished block of columns holds its codes in W's own storage (its float values are not read
+    # again), so no second [N, K] matrix is needed for the codes.
     losses = torch.zeros(n, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -192,11 +208,13 @@ def gptq_quantize(
             w1[:, i:].sub_(torch.outer(e, h1[i, i:]))
             err1[:, i] = e
         losses += err1.square().sum(dim=1) / 2  # Σ (w − q)² / Hinv_ii² / 2
-        codes[:, i1:i2] = q1
+        w[:, i1:i2] = q1
         if i2 < k:
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    out = w.index_copy_(1, order, codes)  # W's storage is free now: the codes in the original column order
-    del codes
+    target = source if source is not None else torch.empty_like(w)
+    del source
+    out = target.index_copy_(1, order, w)  # the codes in the original column order
+    del w, target
     return GptqResult(out, scale, zero, float(losses.sum()), row_loss=losses)
 
 
@@ -310,13 +328,18 @@ class Gptq(LowBitPass):
         stats: dict[str, HessianStats] = {}
         build = Builder(model.graph)
         totals = [0.0, 0]
+        # One process: each Hessian keeps its samples' rows while they are smaller than its float64 sum, and
+        # forms the fp32 Hessian from them a band at a time (the same bits, without the [K, K] float64 sum).
+        # Under torchrun the ranks add float64 sums, so each is accumulated as it comes.
+        deferred = not distributed.current().distributed
 
         def update(name: str, array: np.ndarray) -> None:
             x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
             entry = stats.get(name)
             if entry is None:
                 k = int(x.shape[-1])
-                entry = stats[name] = HessianStats(torch.zeros(k, k, dtype=torch.float64, device=device))
+                entry = stats[name] = DeferredHessian(k, device) if deferred else \
+                    HessianStats(torch.zeros(k, k, dtype=torch.float64, device=device))
             entry.update(x)
 
         def after_stage(stage: Stage) -> bool:
@@ -327,8 +350,9 @@ class Gptq(LowBitPass):
             mine = {name: stats.pop(name) for name in names if name in stats}
             if distributed.current().distributed:
                 mine = combine_over_ranks(mine, names, device)
-            for entry in mine.values():
-                entry.finish()
+            for name in mine:  # no loop variable left holding the last Hessian while `_quantize` consumes them
+                mine[name].finish()
+            release_free_memory()  # the rows and float64 bands `finish` freed
             total, fallbacks = self._quantize(model, members, mine, device, build, consume=True)
             totals[0] += total
             totals[1] += fallbacks
@@ -352,9 +376,8 @@ class Gptq(LowBitPass):
         total, fallbacks = 0.0, 0
         progress = tqdm(total=len(sites), desc="gptq", unit="layer", leave=False, disable=None)
         groups = list(by_input.items())
-        for name, members in groups:
-            stats = hessians.get(name)
-            if stats is None or stats.tokens == 0:
+        for name, members in groups:  # (no loop variable holds a Hessian: `consume` frees each one in turn)
+            if hessians.get(name) is None or hessians[name].tokens == 0:
                 raise OptcError(f"gptq: no calibration data reached {name!r}, the input of {members[0].label}")
 
         def solve(group: tuple[str, list]) -> tuple[torch.Tensor, ...]:
@@ -378,10 +401,11 @@ class Gptq(LowBitPass):
             for member_grid, indices in by_grid.items():
                 sparse = any(annotation(members[i].node, SPARSITY) for i in indices)
                 keep_zero = torch.cat([members[i].matrix(device) == 0 for i in indices]) if sparse else None
-                # The stacked weight is built in the call, so gptq_quantize's working copy is the only one left.
+                # The stacked weight is built in the call (cat copies even one member's): no one else holds it, so
+                # gptq_quantize's working copy is the only other one and its storage takes the codes at the end.
                 result = gptq_quantize(torch.cat([members[i].matrix(device) for i in indices]), fac, opts.group,
                                        member_grid, block=opts.block, clip=opts.clip, keep_zero=keep_zero,
-                                       importance=importance, norm=opts.clip_norm)
+                                       importance=importance, norm=opts.clip_norm, reuse=True)
                 fallback = fallback or result.fallback
                 stacked_rows = sum(members[i].out_features for i in indices)
                 row_loss = result.row_loss if result.row_loss is not None else torch.zeros(stacked_rows)
@@ -391,7 +415,9 @@ class Gptq(LowBitPass):
                     row += members[i].out_features
                     parts[i] = (result.q[rows], result.scale[rows], result.zero[rows], row_loss[rows])
                 del result
-            q, scale, zero, row_loss = (torch.cat([p[j] for p in parts]) for j in range(4))
+            # One part (a layer of its own, or members on one grid) is used as it is: no copy of the codes.
+            q, scale, zero, row_loss = parts[0] if len(parts) == 1 else (torch.cat([p[j] for p in parts]) for j in range(4))
+            del parts
             return q, scale, zero, row_loss, torch.tensor([float(fallback)])
 
         # Under torchrun each rank solves every N-th group and the results are broadcast (share_out).
@@ -413,6 +439,9 @@ class Gptq(LowBitPass):
                     total += loss
                 self.emit(model, site, q[rows], scale[rows], zero[rows], info, build, self._grid_of(site))
                 progress.update()
+            del q, scale, zero, row_loss, fallback  # not alive while the next group is solved
+            if consume:
+                release_free_memory()
         progress.close()
         return total, fallbacks
 

@@ -213,3 +213,22 @@ def test_ov_bits_is_checked_and_off_by_default():
     result = h.run(h.llama()[1], "gptq{group=32 ov-bits=4}")  # the same as bits: nothing differs
     assert "ov-bits-ops" not in result.statistics
     assert annotation(h.node(result.model, "v_proj"), "quant")["bits"] == 4
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_reuse_writes_the_same_codes_into_the_callers_weight(act_order):
+    """`reuse=True` (the block path: a stacked W no one else holds) puts the codes in W's own storage at the
+    end instead of a new [N, K] matrix; codes, scales, zero points and losses are the same as without it."""
+    k, n = 96, 40
+    x = _correlated(256, k)
+    x[:, [5, 17]] = 0.0  # dead columns: zeroed in the working copy and, with reuse, in W itself
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    fac = factor(2 * x.T @ x / x.shape[0], act_order=act_order)
+    assert int(fac.dead.sum()) == 2
+    expected = gptq_quantize(w, fac, 32, Grid(4))
+    mine = w.clone()
+    got = gptq_quantize(mine, fac, 32, Grid(4), reuse=True)
+    assert got.q.data_ptr() == mine.data_ptr()
+    for a, b in ((got.q, expected.q), (got.scale, expected.scale), (got.zero, expected.zero), (got.row_loss, expected.row_loss)):
+        assert torch.equal(a, b)
+    assert got.loss == expected.loss

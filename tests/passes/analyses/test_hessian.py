@@ -89,3 +89,28 @@ def test_mean_abs_per_channel():
     x = np.array([[1.0, -2.0, 0.0], [-3.0, 2.0, 0.5]])
     s.update(torch.from_numpy(x))
     np.testing.assert_allclose(s.mean_abs().numpy(), np.abs(x).mean(axis=0))
+
+
+def test_deferred_hessian_gives_the_same_fp32_sums_bit_for_bit():
+    """`DeferredHessian` keeps each sample's rows and forms the sum a band at a time at `finish`; kept rows
+    or, past its float64 sum's size, a running sum: either way the fp32 result is `HessianStats`'s exactly."""
+    from optc.passes.analyses.hessian import UPDATE_BAND, DeferredHessian
+
+    k = UPDATE_BAND + 29
+    g = torch.Generator().manual_seed(1)
+    small = [torch.randn(2, 16, k, generator=g) for _ in range(3)]  # 3·32 rows < 2·k: rows kept
+    large = small + [torch.randn(4, 150, k, generator=g) for _ in range(3)]  # past k²·8 bytes: running sum
+    for xs, kept in ((small, True), (large, False)):
+        reference = HessianStats(torch.zeros(k, k, dtype=torch.float64))
+        deferred = DeferredHessian(k)
+        for x in xs:
+            reference.update(x)
+            deferred.update(x)
+        assert (deferred.xtx.numel() == 0) is kept
+        reference.finish()
+        deferred.finish()
+        assert deferred.xtx.dtype == torch.float32 and deferred.channels == k
+        assert torch.equal(deferred.xtx, reference.xtx)
+        assert torch.equal(deferred.abs_sum, reference.abs_sum)
+        assert deferred.tokens == reference.tokens
+        assert torch.equal(deferred.hessian(), reference.hessian())
