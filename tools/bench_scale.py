@@ -282,46 +282,47 @@ def check_w8(folder: Path, onnx_file: Path, tokens: int = 16) -> float:
     return float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
 
 
-def run_onnx(onnx_file: Path, tokens: int = 16) -> str:
-    """Load `onnx_file` in an onnxruntime session (CPU) and run one prompt of `tokens` ids, in a
-    subprocess measured by `tools/peak_memory.py` (no cap): what it took, and the logits' shape."""
-    script = (
-        "import sys, time, numpy as np, onnxruntime as ort\n"
-        "t = time.perf_counter()\n"
-        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
-        "load = time.perf_counter() - t\n"
-        f"ids = np.random.default_rng(0).integers(3, 1000, size=(1, {tokens}), dtype=np.int64)\n"
-        "t = time.perf_counter()\n"
-        "out = s.run(['logits'], {'input_ids': ids})[0]\n"
-        "assert np.isfinite(out).all(), 'non-finite logits'\n"
-        "print(f'session {load:.0f} s, run {time.perf_counter() - t:.1f} s, logits {out.shape}', flush=True)\n"
-    )
-    code, seconds, peak, max_usage = measure([sys.executable, "-c", script, str(onnx_file)], None, 0.1)
+def _run_prompt(file: Path, tokens: int, runtime: str, load: str, ids: str, run: str) -> str:
+    """Run `load` (binds the runtime's model), `ids` and `run` (binds `out`, the last logits) in a
+    subprocess measured by `tools/peak_memory.py` (no cap), timing the load and the run."""
+    script = "\n".join((
+        f"import sys, time, numpy as np, {runtime}",
+        "t = time.perf_counter()",
+        load,
+        "load = time.perf_counter() - t",
+        ids,
+        "t = time.perf_counter()",
+        run,
+        "assert np.isfinite(out).all() and out.any(), 'no logits'",
+        f"print(f'{runtime}: load {{load:.0f}} s, run {{time.perf_counter() - t:.1f}} s, logits {{out.shape}}', flush=True)",
+        "",
+    ))
+    code, seconds, peak, max_usage = measure([sys.executable, "-c", script, str(file)], None, 0.1)
     if code:
         return f"failed (exit {code})"
     return f"ran a {tokens}-token prompt in {seconds:.0f} s, peak anon {_gib(peak)}, max_usage {_gib(max_usage)}"
+
+
+def run_onnx(onnx_file: Path, tokens: int = 16) -> str:
+    """Load `onnx_file` in an onnxruntime session (CPU) and run one prompt of `tokens` ids, measured:
+    what it took, and the logits' shape."""
+    return _run_prompt(
+        onnx_file, tokens, "onnxruntime",
+        "s = onnxruntime.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])",
+        f"ids = np.random.default_rng(0).integers(3, 1000, size=(1, {tokens}), dtype=np.int64)",
+        "out = s.run(['logits'], {'input_ids': ids})[0]",
+    )
 
 
 def run_gguf(gguf_file: Path, tokens: int = 16) -> str:
-    """Load `gguf_file` in llama.cpp (llama-cpp-python) and evaluate one prompt of `tokens` ids, in a
-    subprocess measured by `tools/peak_memory.py` (no cap; llama.cpp maps the file, so most of it is
-    page cache, not anonymous memory)."""
-    script = (
-        "import sys, time, numpy as np, llama_cpp\n"
-        "t = time.perf_counter()\n"
-        "m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=2, logits_all=True, verbose=False)\n"
-        "load = time.perf_counter() - t\n"
-        f"ids = [1] + [int(i) for i in np.random.default_rng(0).integers(3, min(1000, m.n_vocab()), size={tokens - 1})]\n"
-        "t = time.perf_counter()\n"
-        "m.eval(ids)\n"
-        "out = np.asarray(m.scores[len(ids) - 1])\n"
-        "assert np.isfinite(out).all() and out.any(), 'no logits'\n"
-        "print(f'llama.cpp: load {load:.0f} s, eval {time.perf_counter() - t:.1f} s, logits {out.shape}', flush=True)\n"
+    """Load `gguf_file` in llama.cpp (llama-cpp-python) and evaluate one prompt of `tokens` ids, measured
+    (llama.cpp maps the file, so most of it is page cache, not anonymous memory)."""
+    return _run_prompt(
+        gguf_file, tokens, "llama_cpp",
+        "m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=2, logits_all=True, verbose=False)",
+        f"ids = [1] + [int(i) for i in np.random.default_rng(0).integers(3, min(1000, m.n_vocab()), size={tokens - 1})]",
+        "m.eval(ids)\nout = np.asarray(m.scores[len(ids) - 1])",
     )
-    code, seconds, peak, max_usage = measure([sys.executable, "-c", script, str(gguf_file)], None, 0.1)
-    if code:
-        return f"failed (exit {code})"
-    return f"ran a {tokens}-token prompt in {seconds:.0f} s, peak anon {_gib(peak)}, max_usage {_gib(max_usage)}"
 
 
 def check_gguf(folder: Path, work: Path, gguf_file: Path, optc: str) -> str:

@@ -113,9 +113,24 @@ def test_load_sampler_samples_while_running(bench):
     assert "mean" in load.summary()
 
 
-def test_run_onnx_loads_and_runs_a_prompt(bench, tmp_path, monkeypatch):
+def _measure_without_cgroup(bench, monkeypatch, expected: str) -> list:
+    """Replace the benchmark's cgroup measurement by a plain run of the command that checks its output
+    holds `expected`; returns the caps it was called with."""
     import subprocess
 
+    calls = []
+
+    def measure(command, cap, interval, env=None):
+        calls.append(cap)
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode or expected in done.stdout, done.stderr
+        return done.returncode, 1.0, 2**30, 2**31
+
+    monkeypatch.setattr(bench, "measure", measure)
+    return calls
+
+
+def test_run_onnx_loads_and_runs_a_prompt(bench, tmp_path, monkeypatch):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -126,22 +141,13 @@ def test_run_onnx_loads_and_runs_a_prompt(bench, tmp_path, monkeypatch):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, 8])], [table])
     model_file = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model_file)
-    calls = []
-
-    def measure(command, cap, interval, env=None):  # the cgroup is not needed to test the script itself
-        calls.append(cap)
-        done = subprocess.run(command, capture_output=True, text=True)
-        assert done.returncode or "logits (1, 16, 8)" in done.stdout, done.stderr
-        return done.returncode, 1.0, 2**30, 2**31
-
-    monkeypatch.setattr(bench, "measure", measure)
+    calls = _measure_without_cgroup(bench, monkeypatch, "logits (1, 16, 8)")
     assert bench.run_onnx(model_file) == "ran a 16-token prompt in 1 s, peak anon 1.00 GiB, max_usage 2.00 GiB"
     assert calls == [None]  # not under the cap
     assert bench.run_onnx(tmp_path / "missing.onnx").startswith("failed (exit 1)")
 
 
 def test_run_gguf_loads_and_evaluates_a_prompt(bench, checkpoint, tmp_path, monkeypatch):
-    import subprocess
 
     import optc
     from optc.frontends.transformers import load_transformers
@@ -150,15 +156,7 @@ def test_run_gguf_loads_and_evaluates_a_prompt(bench, checkpoint, tmp_path, monk
     monkeypatch.setenv("OPTC_NO_CACHE", "1")
     monkeypatch.setenv("OPTC_LAZY_WEIGHTS", "1")
     gguf_file = optc.compile(load_transformers(folder), output=tmp_path / "f32.gguf", passes="").artifact.path
-    calls = []
-
-    def measure(command, cap, interval, env=None):  # the cgroup is not needed to test the script itself
-        calls.append(cap)
-        done = subprocess.run(command, capture_output=True, text=True)
-        assert done.returncode or "logits (300,)" in done.stdout, done.stderr
-        return done.returncode, 1.0, 2**30, 2**31
-
-    monkeypatch.setattr(bench, "measure", measure)
+    calls = _measure_without_cgroup(bench, monkeypatch, "logits (300,)")
     assert bench.run_gguf(gguf_file) == "ran a 16-token prompt in 1 s, peak anon 1.00 GiB, max_usage 2.00 GiB"
     assert calls == [None]
     assert bench.run_gguf(tmp_path / "missing.gguf").startswith("failed (exit 1)")
