@@ -19,7 +19,7 @@ import onnx
 from onnx import external_data_helper
 from onnx_ir import serde
 
-from optc.errors import OptcError, WriteError
+from optc.errors import OptcError, WriteError, first_line
 from optc.ir import DataType, ExternalTensor, Model, save_model
 from optc.runtime.ort import open_session
 
@@ -92,7 +92,7 @@ class ModelRunner:
             self.session = open_session(source, optimize=False, threads=threads, arena=False)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             self.close()
-            detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+            detail = first_line(exc, limit=None)
             detail = detail.replace(str(path), "the model") if path is not None else detail
             raise OptcError(f"onnxruntime cannot run the model for calibration: {detail}") from exc
 

@@ -43,6 +43,14 @@ from optc.runtime import distributed
 UPDATE_BAND = 512
 
 
+def add_xtx(xtx: torch.Tensor, rows: torch.Tensor) -> None:
+    """xtx += rowsᵀ·rows (the product in fp32, added in `xtx`'s dtype), a band of UPDATE_BAND rows at a time:
+    a [K, K] fp32 product and its float64 copy would be 381 MB at K = 5632 (a 1B model's FFN
+    down-projection input) on top of the float64 sum itself."""
+    for start in range(0, rows.shape[1], UPDATE_BAND):
+        xtx[start:start + UPDATE_BAND].add_(rows[:, start:start + UPDATE_BAND].T @ rows)
+
+
 @dataclass
 class HessianStats:
     """Σ xᵀx over the calibration tokens of one activation tensor ([K, K]; fp32 once the analysis is done)."""
@@ -55,11 +63,7 @@ class HessianStats:
     def update(self, x: torch.Tensor) -> None:
         """Add the rows of `x` ([..., K]) to the sums (each sample's xᵀx in fp32, added in `xtx`'s dtype)."""
         rows = x.reshape(-1, x.shape[-1]).to(device=self.xtx.device, dtype=torch.float32)
-        # A band of xᵀx's rows at a time: a [K, K] fp32 product and its float64 copy would be 381 MB
-        # at K = 5632 (a 1B model's FFN down-projection input) on top of the float64 sum itself.
-        for start in range(0, rows.shape[1], UPDATE_BAND):
-            stop = start + UPDATE_BAND
-            self.xtx[start:stop].add_(rows[:, start:stop].T @ rows)
+        add_xtx(self.xtx, rows)
         absolute = rows.abs().sum(dim=0).to(self.xtx.dtype)
         self.abs_sum = absolute if self.abs_sum is None else self.abs_sum + absolute
         self.tokens += int(rows.shape[0])
@@ -122,10 +126,7 @@ class DeferredHessian(HessianStats):
         rows, self._rows, self._held = self._rows or [], None, 0
         self.xtx = torch.zeros(self._channels, self._channels, dtype=torch.float64, device=self._device)
         while rows:
-            part = rows.pop(0)
-            for start in range(0, self._channels, UPDATE_BAND):
-                self.xtx[start:start + UPDATE_BAND].add_(part[:, start:start + UPDATE_BAND].T @ part)
-            del part
+            add_xtx(self.xtx, rows.pop(0))
 
     def finish(self) -> None:
         if self._rows is None:

@@ -229,6 +229,8 @@ class Gptq(LowBitPass):
     """Weight-only GPTQ: columns quantized in order with the Hessian-weighted error spread over the rest."""
 
     calibration_need = "the Hessian of each layer's input"
+    #: The grid of each layer that does not take the options' (by id of its node), set by each `run`.
+    _grids: dict[int, Grid] = {}
 
     @dataclass
     class Options(LowBitOptions):
@@ -303,11 +305,11 @@ class Gptq(LowBitPass):
         return grids
 
     def _grid_of(self, site) -> Grid:
-        return getattr(self, "_grids", {}).get(id(site.node), self.options.grid)
+        return self._grids.get(id(site.node), self.options.grid)
 
     def _result(self, model: Model, sites, excluded, total: float, fallbacks: int, experts: int = 0) -> PassResult:
         stats = {"quantized-ops": len(sites) + experts, "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}
-        if getattr(self, "_grids", None):
+        if self._grids:
             stats["ov-bits-ops"] = len(self._grids)
         if experts:
             stats["quantized-experts"] = experts

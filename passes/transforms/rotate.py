@@ -65,7 +65,7 @@ from typing import Literal
 
 import numpy as np
 
-from optc.errors import UsageError
+from optc.errors import UsageError, first_line
 from optc.ir import Model, Node, Value, annotate, annotation, constant_array, tensor
 from optc.ir.annotations import PROVENANCE, SOURCE_ALIASES, SOURCE_NAME, SOURCE_TRANSPOSED
 from optc.ir.patterns.builder import Builder, drop_unused_initializers
@@ -153,7 +153,6 @@ def fix_channels(q: np.ndarray, keep: list[int]) -> np.ndarray:
     orthogonal), so is v, and P fixes them too. The kept rows and columns are then set exactly to the unit vectors.
     """
     q = np.array(q, dtype=np.float64)
-    n = q.shape[0]
     for c in keep:
         v = q[:, c].copy()
         v[c] -= 1.0
@@ -162,7 +161,6 @@ def fix_channels(q: np.ndarray, keep: list[int]) -> np.ndarray:
             q -= (2.0 / norm) * np.outer(v, v @ q)
         q[c, :], q[:, c] = 0.0, 0.0
         q[c, c] = 1.0
-    assert q.shape == (n, n)
     return q
 
 
@@ -564,8 +562,8 @@ def _stream_channel_max(model: Model, am: AnalysisManager, stream: _Stream) -> t
                 for name, array in runner.run(feed, names).items():
                     update(name, array)
     except Exception as exc:  # noqa: BLE001 - onnxruntime and the random feeds raise their own types
-        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-        am.context.remark("missed", f"keep-massive=auto: no calibration data and the random-token probe failed ({detail}); "
+        am.context.remark("missed", f"keep-massive=auto: no calibration data and the random-token probe failed "
+                                    f"({first_line(exc, limit=None)}); "
                                     "no channel kept (give --calib or keep-massive=<channels>)")
         return None
     return largest, f"a probe of {PROBE_SAMPLES}x{PROBE_SEQLEN} random token ids (no calibration data)"
