@@ -133,7 +133,7 @@ def _check_attributes(proto: onnx.ModelProto, path: Path) -> None:
                     )
 
 
-def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+def all_tensor_protos(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
     """Every TensorProto of the model (initializers, tensor attributes, subgraphs), with what holds it."""
     for graph in _all_graphs(proto):
         for tensor_proto in graph.initializer:
@@ -156,7 +156,7 @@ def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
     """Each tensor holds exactly the bytes its shape and dtype need; external data stays in the model's folder."""
     folder = path.parent
     sizes: dict[Path, int] = {}
-    for tensor_proto, where in _all_tensors(proto):
+    for tensor_proto, where in all_tensor_protos(proto):
         if any(d < 0 for d in tensor_proto.dims):
             raise ModelLoadError(f"{path}: {where} has a negative dimension {list(tensor_proto.dims)}")
         try:

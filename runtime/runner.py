@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
 from onnx_ir import serde
 
 from optc.errors import OptcError, WriteError, first_line
 from optc.ir import DataType, ExternalTensor, Model, save_model
+from optc.ir.io import all_tensor_protos
 from optc.runtime.ort import open_session
 
 
@@ -130,7 +130,7 @@ class ModelRunner:
         if len(kept) != len(proto.graph.initializer):
             del proto.graph.initializer[:]
             proto.graph.initializer.extend(kept)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in external_data_helper._get_all_tensors(proto)):
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t, _ in all_tensor_protos(proto)):
             return None
         self._fed = {name: np.ascontiguousarray(value.const_value.numpy()) for name, value in fed.items()}
         return proto
