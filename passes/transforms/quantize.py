@@ -115,6 +115,10 @@ class Quantize(Pass):
             "minmax", help="how activation ranges are chosen from the calibration histograms"
         )
         percentile: float = option(99.99, help="the percentile for calib=percentile")
+        calib_ops: list[str] = option(
+            [], help="PATTERN:METHOD entries: the activation an op matching PATTERN reads takes its range by METHOD "
+            "(minmax, percentile, mse, entropy) instead of calib; the first matching entry wins"
+        )
         symmetric: bool = option(True, help="symmetric activations (zero point 0); false: asymmetric uint8")
         exclude: list[str] = option(default_exclude("quantize"), help="ops left in float (names, weight names, source names; substring or glob)")
         int16: list[str] = option([], help="ops whose activations use int16 Q/DQ instead")
@@ -151,10 +155,11 @@ class Quantize(Pass):
                 raise ValueError(f"option 'percentile' must be in (0, 100], got {self.percentile}")
             if not self.symmetric and self.activations == "fp8":
                 raise ValueError("FP8 activations are symmetric; drop symmetric=false")
-            if not self.symmetric and self.calib in ("mse", "entropy"):
-                raise ValueError(f"symmetric=false supports calib=minmax or percentile, not {self.calib}")
-            if self.calib == "entropy" and self.activations == "fp8":
-                raise ValueError("calib=entropy is for int8 activations; use minmax, percentile or mse with fp8")
+            for method in (self.calib, *(_calib_entry(e)[1] for e in self.calib_ops)):
+                if not self.symmetric and method in ("mse", "entropy"):
+                    raise ValueError(f"symmetric=false supports calib=minmax or percentile, not {method}")
+                if method == "entropy" and self.activations == "fp8":
+                    raise ValueError("calib=entropy is for int8 activations; use minmax, percentile or mse with fp8")
             if not 2 <= self.weight_bits <= 8:
                 raise ValueError(f"option 'weight-bits' must be between 2 and 8, got {self.weight_bits}")
             if self.weight_bits != 8 and self.weights != "int8":
@@ -225,9 +230,10 @@ class Quantize(Pass):
             if x.name not in act_values:
                 act_values.append(x.name)
         histograms = self._histograms(model, am, act_values) if act_values else {}
+        methods = self._calib_methods(plans)
         sensitive: dict[str, str] = {}
         if opts.min_sqnr > 0:
-            plans, sensitive = self._promote_sensitive(plans, histograms)
+            plans, sensitive = self._promote_sensitive(plans, histograms, methods)
         # Found again (a graph walk): min-sqnr may have changed a Conv's format; the one calibration run above
         # already covered every candidate residual.
         residuals = _residual_adds(graph, plans) if opts.residual else []
@@ -260,7 +266,8 @@ class Quantize(Pass):
                 x = node.inputs[0]
                 key = (id(x), act_fmt.name)
                 if key not in act_cache:
-                    act_cache[key] = _quantize_activation(build, node, x, act_fmt, histograms[x.name], opts)
+                    act_cache[key] = _quantize_activation(build, node, x, act_fmt, histograms[x.name], opts,
+                                                          methods.get(x.name, opts.calib))
                 dq_out, act_info = act_cache[key]
                 node.replace_input_with(0, dq_out)
                 info.update(act_info)
@@ -289,7 +296,21 @@ class Quantize(Pass):
         }
         return PassResult(model, True, None, stats)
 
-    def _promote_sensitive(self, plans: list, histograms: dict) -> tuple[list, dict[str, str]]:
+    def _calib_methods(self, plans: list) -> dict[str, str]:
+        """Per activation name, the range method `calib-ops` gives it (the first entry any of its readers matches)."""
+        entries = [_calib_entry(e) for e in self.options.calib_ops]
+        methods: dict[str, str] = {}
+        for node, weight, fmt in plans:
+            x = node.inputs[0]
+            if not entries or fmt is None or x is None or x.name in methods:
+                continue
+            for pattern, method in entries:
+                if _matches(node, weight, [pattern]):
+                    methods[x.name] = method
+                    break
+        return methods
+
+    def _promote_sensitive(self, plans: list, histograms: dict, methods: dict[str, str]) -> tuple[list, dict[str, str]]:
         """Raise the precision of activations whose expected 8-bit SQNR is below `min-sqnr`.
 
         The SQNR is measured on the calibration histogram at the range `calib`
@@ -308,7 +329,7 @@ class Quantize(Pass):
             if name not in reasons:
                 hist = histograms[name]
                 metric = "fp8" if fmt.name == "fp8" else "int8"
-                method = "minmax" if fmt.name == "uint8" else opts.calib
+                method = "minmax" if fmt.name == "uint8" else methods.get(name, opts.calib)
                 sqnr = hist.sqnr_db(hist.threshold(method, percentile=opts.percentile, fmt=metric), metric)
                 reasons[name] = f"{fmt.name} SQNR {sqnr:.1f} dB < min-sqnr={opts.min_sqnr:g}" if sqnr < opts.min_sqnr else ""
             if not reasons[name]:
@@ -577,14 +598,16 @@ def _residual_adds(graph, plans: list) -> list[tuple[Node, int, Value, _Format]]
 # --------------------------------------------------------------------------- activations
 
 
-def _quantize_activation(build: Builder, first: Node, x: Value, fmt: _Format, hist, opts) -> tuple[Value, dict]:
-    """Insert QuantizeLinear → DequantizeLinear for `x` before its first quantized reader."""
+def _quantize_activation(
+    build: Builder, first: Node, x: Value, fmt: _Format, hist, opts, calib: str | None = None
+) -> tuple[Value, dict]:
+    """Insert QuantizeLinear → DequantizeLinear for `x` before its first quantized reader (range by `calib`, else opts')."""
     float_dtype = _NUMPY_FLOATS.get(x.dtype, np.float32) if x.dtype is not None else np.float32
     if hist.count == 0:
         raise OptcError(f"quantize: no finite calibration values reached {x.name!r}; cannot choose its scale")
     info: dict[str, object] = {"activations": fmt.name, "activation": x.name}
     # At 16 bits the grid is fine enough that clipping only loses: 16-bit tensors take the full range.
-    method = "minmax" if fmt.bits == 16 else opts.calib
+    method = "minmax" if fmt.bits == 16 else (calib or opts.calib)
     if fmt.name in ("uint8", "uint16"):
         lo, hi = hist.bounds(method, percentile=opts.percentile)
         scale = (hi - lo) / fmt.qmax if hi > lo else 1.0
@@ -634,6 +657,17 @@ def _onnx_type(fmt: _Format) -> DataType:
 
 def _matches(node: Node, weight: _WeightSite | None, patterns) -> bool:
     return bool(patterns) and matches_any(layer_names(node, weight.value if weight is not None else None), patterns)
+
+
+_CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
+
+
+def _calib_entry(entry: str) -> tuple[str, str]:
+    """Split a `calib-ops` entry PATTERN:METHOD (ValueError when it is not one)."""
+    pattern, sep, method = entry.rpartition(":")
+    if not sep or not pattern or method not in _CALIB_METHODS:
+        raise ValueError(f"option 'calib-ops' takes PATTERN:METHOD with METHOD one of {', '.join(_CALIB_METHODS)}, got {entry!r}")
+    return pattern, method
 
 
 def _after_colon(message: str) -> str:

@@ -236,6 +236,21 @@ def test_min_sqnr_raises_the_precision_of_the_measured_worst_activation(fmt):
     assert _sqnr_llama(proto, result.model) > _sqnr_llama(proto, plain.model)
 
 
+def test_calib_ops_choose_the_range_method_per_activation():
+    """calib-ops=PATTERN:METHOD: the activation read by a matching op takes METHOD's range (the annotation says
+    which), every other activation keeps `calib`'s; min-sqnr measures each at the range it will get."""
+    _, model = _llama()
+    result = _run(model, "quantize{calib=minmax calib-ops=q_proj:mse,down:percentile}")
+    info = {n.name: annotation(n, "quant") for n in result.model.graph if annotation(n, "quant")}
+    # q/k/v share one input: q_proj's entry decides it for all three readers.
+    assert {info[k]["scale_source"] for k in ("q_proj", "k_proj", "v_proj")} == {"calibration:mse"}
+    assert info["down_proj"]["scale_source"] == "calibration:percentile@99.99"
+    assert info["o_proj"]["scale_source"] == info["gate_proj"]["scale_source"] == "calibration:minmax"
+    assert info["o_proj"]["activation_threshold"] == info["o_proj"]["activation_absmax"]
+    plain = {n.name: annotation(n, "quant") for n in _run(_llama()[1], "quantize{calib=mse}").model.graph if annotation(n, "quant")}
+    assert info["q_proj"]["activation_threshold"] == plain["q_proj"]["activation_threshold"] < info["q_proj"]["activation_absmax"]
+
+
 def test_weight_pair_limit_makes_every_integer_weight_u8s8_safe():
     """weight-pair-limit=128: integer MatMul weights (pairs along K = axis 0) and the table a tied integer lm_head
     reads (pairs along its rows) stay within the limit; weight-only ops keep their plain codes."""
@@ -399,6 +414,9 @@ def test_option_validation():
         ("quantize{weight-pair-limit=300}", "weight-pair-limit"),
         ("quantize{weights=fp8 weight-pair-limit=128}", "weight-pair-limit"),
         ("quantize{fp8-unsupported-convs=true}", "applies to FP8"),
+        ("quantize{calib-ops=lm_head}", "PATTERN:METHOD"),
+        ("quantize{calib-ops=lm_head:kl}", "PATTERN:METHOD"),
+        ("quantize{symmetric=false calib-ops=lm_head:mse}", "minmax or percentile"),
     ]:
         with pytest.raises(UsageError, match=message):
             parse_pipeline(text)
