@@ -31,6 +31,13 @@ its input after the scaling (AWQ's clipping search, llm-awq `auto_clip`; a
 layer calibration did not reach falls back to the least weight error); with
 `quantize=false` the weights stay float (rescaled) so another quantizer can
 follow: `awq{quantize=false},gptq`.
+
+`ov-bits=N` (shared with `gptq`, `optc.passes.lowbit.ValuePathOptions`): each
+attention's value path, its v and o projections (a fused qkv counts as v), is
+quantized at N bits, a mixed precision like llama.cpp's Q4_K_M giving `attn_v`
+more bits. The α search weighs each layer of a group on its own grid (v at N
+bits beside q and k at `bits`). Off (0) by default: `awq` alone is AWQ as
+published, every layer at `bits`.
 """
 
 from __future__ import annotations
