@@ -60,6 +60,7 @@ from optc.ir.patterns.builder import Builder
 from optc.ir.patterns.ops import GEMM_OPS
 from optc.ir.patterns.qdq import dequantized
 from optc.passes.analyses.hessian import calibration_hessians
+from optc.passes.attention import value_paths
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import Pass, PassResult
@@ -475,7 +476,7 @@ def sites_at_opset(model: Model, exclude: list[str] | tuple[str, ...] = ()) -> t
 
 
 __all__ = [
-    "EXPERTS_NOT_CALIBRATED", "LOWBIT_OPSET", "Experts", "Grid", "Linear", "LowBitOptions", "LowBitPass", "default_device", "dequantize", "emit", "emit_experts", "expand", "expert_sites", "fake_quantize", "find_params",
+    "EXPERTS_NOT_CALIBRATED", "LOWBIT_OPSET", "Experts", "Grid", "Linear", "LowBitOptions", "LowBitPass", "ValuePathOptions", "default_device", "dequantize", "emit", "emit_experts", "expand", "expert_sites", "fake_quantize", "find_params",
     "group_index", "group_size", "linear_site", "linear_sites", "mark_excluded", "matches", "quantize", "rtn",
     "sites_at_opset", "torch_threads",
 ]
@@ -505,6 +506,24 @@ class LowBitOptions:
     @property
     def grid(self) -> Grid:
         return Grid(self.bits, self.symmetric)
+
+
+@dataclass
+class ValuePathOptions(LowBitOptions):
+    """The low-bit options plus `ov-bits`, for the calibrated passes (`gptq`, `awq`)."""
+
+    # Issue 16: quantizing one layer at a time on the tiny family models (tools/coverage_matrix.py's
+    # models), the value path (v_proj, then o_proj) moved the output most in every family measured;
+    # llama.cpp's Q4_K_M likewise gives attn_v more bits. 0 keeps every layer at `bits`.
+    ov_bits: int = option(
+        0, help="bits of each attention's value path (its v and o projections, found by graph pattern; a fused "
+                "qkv counts as v): the OV circuit kept at higher precision; 0: `bits` like every other layer"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ov_bits and self.ov_bits not in BITS:
+            raise ValueError(f"option 'ov-bits' must be 0 or 2 to 8, got {self.ov_bits}")
 
 
 # --------------------------------------------------------------------------- the passes' common base
@@ -558,6 +577,25 @@ class LowBitPass(Pass):
             am.context.remark("passed", f"quantized {len(sites)} stacked mixture-of-experts weights, "
                                         "each expert in groups of its own")
         return len(sites)
+
+    def value_path_grids(self, model: Model, am: AnalysisManager, sites: list[Linear]) -> dict[int, Grid]:
+        """The grid of each layer in `sites` that does not take the options' grid (by id of its node): with
+        `ov-bits` (`ValuePathOptions`), the v and o projections of every attention core `value_paths` finds
+        (a fused qkv counts as v); an `analysis` remark says how many, a `missed` one that there were none."""
+        opts = self.options
+        ov_bits = opts.ov_bits if isinstance(opts, ValuePathOptions) else 0
+        if not ov_bits or ov_bits == opts.bits:
+            return {}
+        wanted = {id(site.node) for site in sites}
+        grid = Grid(ov_bits, opts.symmetric)
+        grids = {id(lin.node): grid for path in value_paths(model) for lin in path
+                 if lin is not None and id(lin.node) in wanted}
+        if not grids:
+            am.context.remark("missed", f"ov-bits={ov_bits}: no attention block's v/o projection among the "
+                              f"layers to quantize; every layer at {opts.bits} bits")
+        else:
+            am.context.remark("analysis", f"ov-bits: {len(grids)} value-path projections at {ov_bits} bits")
+        return grids
 
     def nothing_quantized(self, model: Model, excluded: list[Node], skipped: int) -> PassResult:
         """The result when no layer is left to quantize (changed only by new `quant_skipped` annotations)."""

@@ -13,13 +13,18 @@ Cells (each a separate `optc.compile` of the family's directory, `--calib random
 tokens, seed 0; outputs compared in onnxruntime on a fixed batch of 2 x 9 tokens or 2 images):
 
 * export: max |onnxruntime - transformers| over the logits (encoders: the last hidden state); ✓ at ≤ 1e-4;
-* w8a8, fp8, w4a16, awq (`awq{symmetric=false}`: 4-bit weights with a zero point, as AutoAWQ): cosine of the output to the fp32 export; ✓ at ≥ 0.99;
+* w8a8, fp8, w4a16, awq (`awq{symmetric=false ov-bits=8}`: 4-bit weights with a zero point, as AutoAWQ, each
+  attention's v and o projections at 8 bits as in `w4a16`; the table's header spells the pipeline out): cosine
+  of the output to the fp32 export; ✓ at ≥ 0.99;
 * prune-heads{ratio=0.5}, prune-ffn{ratio=0.5}: the parameter count after / before (✓ when the pass
   removed something and the model runs in onnxruntime), or the remark that says why not;
 * 2:4: `sparsify{pattern=2:4},check-sparsity` (✓ when check-sparsity passes and the model runs), with the
   output cosine;
 * tensorrt: `--target tensorrt` (default pipeline), ✓ with 0 trt-check findings;
 * `--pipeline TEXT` (repeatable): one more cell per pipeline, its output cosine to the fp32 export.
+
+`--dev` adds to every cosine cell the cosine on a development batch (8 x 16 tokens, seed 1; 8 images):
+the data to choose a recipe on, so that the standard batch the ✓ is judged on stays a test batch.
 
 A cell that stops shows ✗ and the first line of optc's error (or of the remark), shortened. On
 mixture-of-experts families the experts are stacked 3-D weights; each cell says what the output
@@ -46,10 +51,12 @@ sys.path.insert(0, str(ROOT))
 
 CELLS = ("export", "w8a8", "fp8", "w4a16", "awq", "prune-heads", "prune-ffn", "2:4", "tensorrt")
 PIPELINES = {
-    "w8a8": "w8a8", "fp8": "fp8", "w4a16": "w4a16", "awq": "awq{symmetric=false}",
+    "w8a8": "w8a8", "fp8": "fp8", "w4a16": "w4a16", "awq": "awq{symmetric=false ov-bits=8}",
     "prune-heads": "prune-heads{ratio=0.5}", "prune-ffn": "prune-ffn{ratio=0.5}",
     "2:4": "sparsify{pattern=2:4},check-sparsity",
 }
+#: Cells whose header shows the pipeline that ran (a recipe, not the pass's defaults).
+SPELLED_OUT = ("awq",)
 COSINE_MIN = 0.99
 EXPORT_MAX = 1e-4
 
@@ -86,8 +93,9 @@ def _missed(result) -> str | None:
     return f"{missed[0].pass_name}: {missed[0].message}" if missed else None
 
 
-def measure(family: str, cells: list[str], work: Path) -> dict[str, dict]:
-    """Every requested cell of one family: {cell: {"ok": bool, "text": str, ...}}."""
+def measure(family: str, cells: list[str], work: Path, dev: bool = False) -> dict[str, dict]:
+    """Every requested cell of one family: {cell: {"ok": bool, "text": str, ...}}; `dev`: each cosine cell
+    also on the development batch (`dev_cosine`)."""
     import optc
     from optc.architectures import lookup
     from optc.errors import OptcError
@@ -107,6 +115,8 @@ def measure(family: str, cells: list[str], work: Path) -> dict[str, dict]:
     names = [i.name for i in open_session(base).get_inputs()]
     feeds = make_feeds(task, names)
     fp32 = _run(base, feeds)
+    dev_feeds = make_feeds(task, names, batch=8, seq=16, seed=1) if dev else None
+    dev_fp32 = _run(base, dev_feeds) if dev_feeds is not None else None
     before = _parameters(base)
     if "export" in cells:
         diff = float(np.abs(fp32 - reference(hf_model, task, feeds)).max())
@@ -150,6 +160,9 @@ def measure(family: str, cells: list[str], work: Path) -> dict[str, dict]:
         else:
             ok = cos >= COSINE_MIN
             out[cell] = {"ok": ok, "cosine": cos, "text": f"{'✓' if ok else '✗'} {cos:.4f}", "seconds": seconds}
+            if dev_feeds is not None:
+                out[cell]["dev_cosine"] = _cosine(_run(path, dev_feeds), dev_fp32)
+                out[cell]["text"] += f" (dev {out[cell]['dev_cosine']:.4f})"
         if lookup(hf_model.config.model_type).moe and cell not in ("prune-heads", "prune-ffn"):
             out[cell]["experts"] = _experts_storage(path)
             out[cell]["text"] += f" (experts {out[cell]['experts']})"
@@ -173,7 +186,8 @@ def _experts_storage(path: Path) -> str:
 
 
 def table(results: dict[str, dict[str, dict]], cells: list[str]) -> str:
-    lines = ["| family | " + " | ".join(cells) + " |", "|---" * (len(cells) + 1) + "|"]
+    headers = [f"{c}: `{PIPELINES[c]}`" if c in SPELLED_OUT else c for c in cells]
+    lines = ["| family | " + " | ".join(headers) + " |", "|---" * (len(cells) + 1) + "|"]
     for family, row in results.items():
         lines.append(f"| {family} | " + " | ".join(row.get(c, {}).get("text", "") for c in cells) + " |")
     return "\n".join(lines)
@@ -186,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--pipeline", action="append", default=[], metavar="TEXT",
                         help="one more cell: this pipeline's output cosine to the fp32 export (repeatable)")
+    parser.add_argument("--dev", action="store_true",
+                        help="also each cosine on a development batch (8 x 16 tokens, seed 1), to choose recipes on")
     args = parser.parse_args(argv)
 
     from tests.architectures.configs import FAMILIES
@@ -206,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
-                results[family] = measure(family, cells, work)
+                results[family] = measure(family, cells, work, args.dev)
             print(f"{family}: {time.perf_counter() - start:.0f}s  " + "  ".join(
                 f"{c}={results[family][c]['text']}" for c in cells if c in results[family]), file=sys.stderr, flush=True)
     print(table(results, cells))

@@ -31,10 +31,18 @@ its input after the scaling (AWQ's clipping search, llm-awq `auto_clip`; a
 layer calibration did not reach falls back to the least weight error); with
 `quantize=false` the weights stay float (rescaled) so another quantizer can
 follow: `awq{quantize=false},gptq`.
+
+`ov-bits=N` (shared with `gptq`, `optc.passes.lowbit.ValuePathOptions`): each
+attention's value path, its v and o projections (a fused qkv counts as v), is
+quantized at N bits, a mixed precision like llama.cpp's Q4_K_M giving `attn_v`
+more bits. The α search weighs each layer of a group on its own grid (v at N
+bits beside q and k at `bits`). Off (0) by default: `awq` alone is AWQ as
+published, every layer at `bits`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,8 +60,8 @@ from optc.passes.infra.registry import register_pass
 from optc.passes.lowbit import (
     EXPERTS_NOT_CALIBRATED,
     Grid,
-    LowBitOptions,
     LowBitPass,
+    ValuePathOptions,
     default_device,
     fake_quantize,
     linear_site,
@@ -84,22 +92,27 @@ def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def group_error(
-    weights: list[torch.Tensor], xtx: torch.Tensor, s: torch.Tensor, group: int, grid: Grid, *, clip: bool = False,
+    weights: list[torch.Tensor], xtx: torch.Tensor, s: torch.Tensor, group: int, grid: Grid | Sequence[Grid], *,
+    clip: bool = False,
 ) -> float:
     """Σ tr(ΔWᵀ XᵀX ΔW) over the layers (W [N, K]) for scales s: the group's squared output error
-    (`clip`: each group's range searched on that output error, as the final rounding does)."""
+    (`clip`: each group's range searched on that output error, as the final rounding does). `grid`: one for
+    every layer, or each layer's own (`ov-bits` puts v_proj on another grid than q and k)."""
     total = 0.0
+    grids = [grid] * len(weights) if isinstance(grid, Grid) else list(grid)
     scaled_xtx = xtx / torch.outer(s, s) if clip else None  # the scaled layer's input is X·diag(1/s)
-    for w in weights:
-        delta = fake_quantize(w * s, group, grid, clip=clip, hessian=scaled_xtx) / s - w
+    for w, layer_grid in zip(weights, grids, strict=True):
+        delta = fake_quantize(w * s, group, layer_grid, clip=clip, hessian=scaled_xtx) / s - w
         total += float(((delta @ xtx) * delta).sum())
     return total
 
 
 def search_alpha(
-    weights: list[torch.Tensor], xtx: torch.Tensor, mean_abs: torch.Tensor, group: int, grid: Grid, steps: int,
+    weights: list[torch.Tensor], xtx: torch.Tensor, mean_abs: torch.Tensor, group: int, grid: Grid | Sequence[Grid],
+    steps: int,
 ) -> tuple[float, torch.Tensor, float, float]:
-    """The α on [0, 1) with the least group output error: (α, s, its error, the error at α = 0)."""
+    """The α on [0, 1) with the least group output error: (α, s, its error, the error at α = 0); `grid` as
+    in `group_error`."""
     best = (0.0, torch.ones_like(mean_abs), float("inf"))
     base = float("nan")
     for i in range(steps):
@@ -120,7 +133,7 @@ class Awq(LowBitPass):
     calibration_need = "per-channel activation statistics"
 
     @dataclass
-    class Options(LowBitOptions):
+    class Options(ValuePathOptions):
         grid_steps: int = option(20, help="alphas searched: 0, 1/n, ..., (n-1)/n")
         quantize: bool = option(True, help="quantize (RTN) after scaling; false: keep rescaled float weights for gptq")
         insert_mul: bool = option(
@@ -141,6 +154,9 @@ class Awq(LowBitPass):
         grid = opts.grid
         groups = find_groups(model, "all", opts.exclude, insert_mul=opts.insert_mul)
         device = default_device()
+        # `ov-bits`: the value path's grid, in the α search as in the final rounding (with quantize=false,
+        # for the quantizer that follows with the same ov-bits).
+        grids = self.value_path_grids(model, am, linear_sites(model, opts.exclude)[0])
         scaled = inserted = copies = 0
         alphas: list[float] = []
         # The inputs of every layer to quantize: the final rounding searches each group's range on the
@@ -159,13 +175,14 @@ class Awq(LowBitPass):
                     raise OptcError(f"awq: no calibration data reached {group.value.name!r}")
                 sites = [linear_site(node) for node, _ in group.consumers]
                 weights = [site.matrix(device) for site in sites]
+                layer_grids = [grids.get(id(node), grid) for node, _ in group.consumers]
                 xtx = stats.xtx.to(device)
-                alpha, s, err, base = search_alpha(weights, xtx, stats.mean_abs().to(device), opts.group, grid,
-                                                   opts.grid_steps)
+                alpha, s, err, base = search_alpha(weights, xtx, stats.mean_abs().to(device), opts.group,
+                                                   layer_grids, opts.grid_steps)
                 if opts.clip and opts.quantize and alpha != 0.0:
                     # The search rounds min-max (fast); the final rounding clips: keep s only if it still wins.
-                    err = group_error(weights, xtx, s, opts.group, grid, clip=True)
-                    base = group_error(weights, xtx, torch.ones_like(s), opts.group, grid, clip=True)
+                    err = group_error(weights, xtx, s, opts.group, layer_grids, clip=True)
+                    base = group_error(weights, xtx, torch.ones_like(s), opts.group, layer_grids, clip=True)
                     if base <= err:
                         alpha, s, err = 0.0, torch.ones_like(s), base
                 alphas.append(alpha)
@@ -189,6 +206,8 @@ class Awq(LowBitPass):
             "groups": len(groups), "groups-scaled": scaled, "muls-inserted": inserted, "constants-copied": copies,
             "mean-alpha": float(np.mean(alphas)) if alphas else 0.0,
         }
+        if grids:
+            stats_out["ov-bits-ops"] = len(grids)
         if not opts.quantize:
             if not groups:
                 am.context.remark("missed", "nothing to scale: no linear layer input whose producer can absorb 1/s",
@@ -204,8 +223,10 @@ class Awq(LowBitPass):
         build = Builder(model.graph)  # owns the fresh names of everything this run adds
         for site in tqdm(sites, desc="awq quantize", unit="layer", leave=False, disable=None):
             xtx = _input_xtx(site.activation.name, hessians, rescaled, device) if opts.clip else None
-            q, scale, zero = rtn(site.matrix(device), opts.group, grid, clip=opts.clip, hessian=xtx)
-            self.emit(model, site, q, scale, zero, {"clip": "output" if xtx is not None else opts.clip}, build)
+            site_grid = grids.get(id(site.node), grid)
+            q, scale, zero = rtn(site.matrix(device), opts.group, site_grid, clip=opts.clip, hessian=xtx)
+            self.emit(model, site, q, scale, zero, {"clip": "output" if xtx is not None else opts.clip}, build,
+                      site_grid)
         experts = self.quantize_experts(model, am, expert_sites, device, build, not_calibrated=EXPERTS_NOT_CALIBRATED)
         stats_out["quantized-ops"] = len(sites) + experts
         stats_out["excluded-ops"] = len(excluded) + experts_excluded

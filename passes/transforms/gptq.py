@@ -53,18 +53,16 @@ from optc.passes.analyses.hessian import (
     combine_over_ranks,
     require_calibration,
 )
-from optc.passes.attention import value_paths
 from optc.passes.infra.analysis import AnalysisManager
 from optc.passes.infra.blockwise import block_partition, run_blocks
 from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.lowbit import (
-    BITS,
     EXPERTS_NOT_CALIBRATED,
     Grid,
-    LowBitOptions,
     LowBitPass,
+    ValuePathOptions,
     default_device,
     dequantize,
     expand,
@@ -233,7 +231,7 @@ class Gptq(LowBitPass):
     _grids: dict[int, Grid] = {}
 
     @dataclass
-    class Options(LowBitOptions):
+    class Options(ValuePathOptions):
         # Asymmetric by default (issue 19): on the development text (stdlib docstrings, calibration on
         # pydoc_data topics) W4 g128 is 1.181x fp32 symmetric, 1.124x asymmetric (tools/bench_quality.py).
         # TensorRT takes the zero points through lower-tensorrt's exact split.
@@ -247,14 +245,6 @@ class Gptq(LowBitPass):
             True, help="with clip: weigh each input channel's error by the Hessian diagonal E[x²] in the range search"
         )
         clip_norm: float = option(2.0, help="with clip: the range search minimizes Σ|w − q|^clip-norm (2.4: the GPTQ code's mse)")
-        # Issue 16: quantizing one layer at a time on the tiny family models (tools/coverage_matrix.py's
-        # models), the value path (v_proj, then o_proj) moved the output most in every family measured;
-        # llama.cpp's Q4_K_M likewise gives attn_v more bits. 0 keeps every layer at `bits`.
-        ov_bits: int = option(
-            0, help="bits of each attention's value path (its v and o projections, found by graph pattern; a fused "
-                    "qkv counts as v): the OV circuit kept at higher precision; 0: `bits` like every other layer"
-        )
-
         def validate(self) -> None:
             super().validate()
             if not 0.0 < self.damp < 1.0:
@@ -263,15 +253,13 @@ class Gptq(LowBitPass):
                 raise ValueError(f"option 'block' must be positive, got {self.block}")
             if not 1.0 <= self.clip_norm <= 4.0:
                 raise ValueError(f"option 'clip-norm' must be in [1, 4], got {self.clip_norm}")
-            if self.ov_bits and self.ov_bits not in BITS:
-                raise ValueError(f"option 'ov-bits' must be 0 or 2 to 8, got {self.ov_bits}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         sites, excluded, skipped = self.layers(model, am)
         expert_sites, experts_excluded = self.expert_layers(model, am)
         if not sites and not expert_sites:
             return self.nothing_quantized(model, excluded, skipped + experts_excluded)
-        self._grids = self._site_grids(model, am, sites)
+        self._grids = self.value_path_grids(model, am, sites)
         device = default_device()
         with torch_threads(device):  # first, so the dense layers' Hessians see the experts' rounding
             experts = self.quantize_experts(model, am, expert_sites, device, not_calibrated=EXPERTS_NOT_CALIBRATED)
@@ -285,24 +273,6 @@ class Gptq(LowBitPass):
         with torch_threads(device):
             total, fallbacks = self._quantize(model, sites, hessians, device, Builder(model.graph))
         return self._result(model, sites, excluded, total, fallbacks, experts)
-
-    def _site_grids(self, model: Model, am: AnalysisManager, sites) -> dict[int, Grid]:
-        """The grid of each layer that does not take the options' grid (by id of its node): with `ov-bits`,
-        the v and o projections of every attention core `value_paths` finds (a fused qkv counts as v)."""
-        opts = self.options
-        if not opts.ov_bits or opts.ov_bits == opts.bits:
-            return {}
-        wanted = {id(site.node) for site in sites}
-        grid = Grid(opts.ov_bits, opts.symmetric)
-        grids = {id(lin.node): grid for path in value_paths(model) for lin in path
-                 if lin is not None and id(lin.node) in wanted}
-        if not grids:
-            am.context.remark("missed", f"ov-bits={opts.ov_bits}: no attention block's v/o projection among the "
-                              "layers to quantize; every layer at "
-                              f"{opts.bits} bits")
-        else:
-            am.context.remark("analysis", f"ov-bits: {len(grids)} value-path projections at {opts.ov_bits} bits")
-        return grids
 
     def _grid_of(self, site) -> Grid:
         return self._grids.get(id(site.node), self.options.grid)

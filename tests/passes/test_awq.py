@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from optc.errors import PassFailure
-from optc.ir import annotation
+from optc.errors import PassFailure, UsageError
+from optc.ir import DataType, annotation
 from optc.passes import AnalysisManager, PassContext, parse_pipeline
 from optc.passes.lowbit import Grid
 from optc.passes.transforms.awq import awq_scales, group_error, search_alpha
@@ -105,3 +105,47 @@ def test_nothing_to_scale_or_quantize_is_a_remark():
     ]
     result = h.run(models.to_ir(models.mlp()), "awq{exclude=\"\"}")  # no group, but both layers rounded
     assert result.modified and [r for r in result.remarks if r.kind == "missed"] == []
+
+
+def test_group_error_takes_each_layers_grid():
+    """With `ov-bits` one group's layers sit on different grids (v at 8 bits, q and k at 4): the group's
+    error is the sum of each layer's error on its own grid."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 32, generator=g)
+    xtx = x.T @ x
+    weights = [torch.randn(16, 32, generator=g) for _ in range(3)]
+    s = awq_scales(x.abs().mean(dim=0), 0.5)
+    grids = [Grid(4, False), Grid(4, False), Grid(8, False)]
+    parts = [group_error([w], xtx, s, 16, grid, clip=True) for w, grid in zip(weights, grids, strict=True)]
+    assert group_error(weights, xtx, s, 16, grids, clip=True) == pytest.approx(sum(parts), rel=1e-6)
+    assert parts[2] < parts[0] / 50  # 8 bits: 16x the levels, about 256x less squared error
+    assert group_error(weights, xtx, s, 16, Grid(4, False)) > group_error(weights, xtx, s, 16, grids)
+
+
+def test_ov_bits_keeps_the_value_path_at_more_bits():
+    proto, model = h.llama()
+    result = h.run(model, "awq{group=32 symmetric=false ov-bits=8}")
+    m = result.model
+    assert result.statistics["quantized-ops"] == 7 and result.statistics["ov-bits-ops"] == 2
+    for name, bits, dtype in (("v_proj", 8, DataType.UINT8), ("o_proj", 8, DataType.UINT8),
+                              ("q_proj", 4, DataType.UINT4), ("down_proj", 4, DataType.UINT4)):
+        assert annotation(h.node(m, name), "quant")["bits"] == bits, name
+        assert h.node(m, name).inputs[1].producer().inputs[0].dtype == dtype, name
+    assert any(r.kind == "analysis" and "2 value-path projections at 8 bits" in r.message for r in result.remarks)
+    # The q/k/v group's α was searched with v on its own grid: its error is below the all-4-bit search's.
+    plain = h.run(h.llama()[1], "awq{group=32 symmetric=false}").model
+    assert annotation(h.node(m, "q_proj"), "awq")["error"] < annotation(h.node(plain, "q_proj"), "awq")["error"]
+    assert annotation(h.node(m, "up_proj"), "awq") == annotation(h.node(plain, "up_proj"), "awq")  # no v/o there
+    assert h.sqnr_llama(proto, m) > h.sqnr_llama(proto, plain) + 0.5  # measured 23.1 against 22.0 dB
+
+
+def test_ov_bits_is_checked_off_by_default_and_reaches_a_following_quantizer():
+    with pytest.raises(UsageError, match="ov-bits"):
+        parse_pipeline("awq{ov-bits=1}")
+    result = h.run(h.llama()[1], "awq{group=32}")
+    assert "ov-bits-ops" not in result.statistics
+    assert {annotation(h.node(result.model, name), "quant")["bits"] for name in LINEARS} == {4}
+    # quantize=false: the search weighs v at 8 bits, for the gptq{ov-bits=8} that follows
+    result = h.run(h.llama(outliers=8.0)[1], "awq{quantize=false group=32 ov-bits=8},gptq{group=32 ov-bits=8}")
+    assert {annotation(h.node(result.model, name), "quant")["bits"] for name in ("v_proj", "o_proj")} == {8}
+    assert annotation(h.node(result.model, "v_proj"), "awq") is not None
