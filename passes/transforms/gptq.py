@@ -231,6 +231,8 @@ class Gptq(LowBitPass):
     calibration_need = "the Hessian of each layer's input"
     #: The grid of each layer that does not take the options' (by id of its node), set by each `run`.
     _grids: dict[int, Grid] = {}
+    #: The statistics of those layers ("ov-bits-ops", "down-bits-ops"), set with `_grids`.
+    _grid_counts: dict[str, int] = {}
 
     @dataclass
     class Options(LowBitOptions):
@@ -254,6 +256,10 @@ class Gptq(LowBitPass):
             0, help="bits of each attention's value path (its v and o projections, found by graph pattern; a fused "
                     "qkv counts as v): the OV circuit kept at higher precision; 0: `bits` like every other layer"
         )
+        # Issue 19: llama.cpp's Q3_K mixes keep some FFN down projections at higher bits (Q3_K_M: Q4_K/Q5_K).
+        down_bits: int = option(
+            0, help="bits of each FFN's down projection (found by graph pattern, as prune-ffn does); 0: `bits`"
+        )
 
         def validate(self) -> None:
             super().validate()
@@ -265,6 +271,8 @@ class Gptq(LowBitPass):
                 raise ValueError(f"option 'clip-norm' must be in [1, 4], got {self.clip_norm}")
             if self.ov_bits and self.ov_bits not in BITS:
                 raise ValueError(f"option 'ov-bits' must be 0 or 2 to 8, got {self.ov_bits}")
+            if self.down_bits and self.down_bits not in BITS:
+                raise ValueError(f"option 'down-bits' must be 0 or 2 to 8, got {self.down_bits}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         sites, excluded, skipped = self.layers(model, am)
@@ -288,20 +296,36 @@ class Gptq(LowBitPass):
 
     def _site_grids(self, model: Model, am: AnalysisManager, sites) -> dict[int, Grid]:
         """The grid of each layer that does not take the options' grid (by id of its node): with `ov-bits`,
-        the v and o projections of every attention core `value_paths` finds (a fused qkv counts as v)."""
+        the v and o projections of every attention core `value_paths` finds (a fused qkv counts as v); with
+        `down-bits`, the down projection of every FFN block `find_ffn` finds."""
         opts = self.options
-        if not opts.ov_bits or opts.ov_bits == opts.bits:
-            return {}
         wanted = {id(site.node) for site in sites}
-        grid = Grid(opts.ov_bits, opts.symmetric)
-        grids = {id(lin.node): grid for path in value_paths(model) for lin in path
-                 if lin is not None and id(lin.node) in wanted}
-        if not grids:
-            am.context.remark("missed", f"ov-bits={opts.ov_bits}: no attention block's v/o projection among the "
-                              "layers to quantize; every layer at "
-                              f"{opts.bits} bits")
-        else:
-            am.context.remark("analysis", f"ov-bits: {len(grids)} value-path projections at {opts.ov_bits} bits")
+        grids: dict[int, Grid] = {}
+        counts: dict[str, int] = {}
+        if opts.ov_bits and opts.ov_bits != opts.bits:
+            grid = Grid(opts.ov_bits, opts.symmetric)
+            found = {id(lin.node): grid for path in value_paths(model) for lin in path
+                     if lin is not None and id(lin.node) in wanted}
+            if not found:
+                am.context.remark("missed", f"ov-bits={opts.ov_bits}: no attention block's v/o projection among the "
+                                  f"layers to quantize; every layer at {opts.bits} bits")
+            else:
+                am.context.remark("analysis", f"ov-bits: {len(found)} value-path projections at {opts.ov_bits} bits")
+                counts["ov-bits-ops"] = len(found)
+            grids.update(found)
+        if opts.down_bits and opts.down_bits != opts.bits:
+            from optc.passes.transforms.prune_ffn import find_ffn
+
+            grid = Grid(opts.down_bits, opts.symmetric)
+            found = {id(block.down.node): grid for block in find_ffn(model) if id(block.down.node) in wanted}
+            if not found:
+                am.context.remark("missed", f"down-bits={opts.down_bits}: no FFN down projection among the layers to "
+                                  f"quantize; every such layer at {opts.bits} bits")
+            else:
+                am.context.remark("analysis", f"down-bits: {len(found)} FFN down projections at {opts.down_bits} bits")
+                counts["down-bits-ops"] = len(found)
+            grids.update(found)
+        self._grid_counts = counts
         return grids
 
     def _grid_of(self, site) -> Grid:
@@ -309,8 +333,7 @@ class Gptq(LowBitPass):
 
     def _result(self, model: Model, sites, excluded, total: float, fallbacks: int, experts: int = 0) -> PassResult:
         stats = {"quantized-ops": len(sites) + experts, "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}
-        if self._grids:
-            stats["ov-bits-ops"] = len(self._grids)
+        stats.update(self._grid_counts)
         if experts:
             stats["quantized-experts"] = experts
         return PassResult(model, True, None, stats)
