@@ -59,6 +59,7 @@ from optc.passes.infra.options import option
 from optc.passes.infra.pass_base import PassResult
 from optc.passes.infra.registry import register_pass
 from optc.passes.lowbit import (
+    BITS,
     EXPERTS_NOT_CALIBRATED,
     Grid,
     LowBitPass,
@@ -229,6 +230,8 @@ class Gptq(LowBitPass):
     calibration_need = "the Hessian of each layer's input"
     #: The grid of each layer that does not take the options' (by id of its node), set by each `run`.
     _grids: dict[int, Grid] = {}
+    #: The statistics of those layers ("ov-bits-ops", "down-bits-ops"), set with `_grids`.
+    _grid_counts: dict[str, int] = {}
 
     @dataclass
     class Options(ValuePathOptions):
@@ -245,6 +248,11 @@ class Gptq(LowBitPass):
             True, help="with clip: weigh each input channel's error by the Hessian diagonal E[x²] in the range search"
         )
         clip_norm: float = option(2.0, help="with clip: the range search minimizes Σ|w − q|^clip-norm (2.4: the GPTQ code's mse)")
+        # Issue 19: llama.cpp's Q3_K mixes keep some FFN down projections at higher bits (Q3_K_M: Q4_K/Q5_K).
+        down_bits: int = option(
+            0, help="bits of each FFN's down projection (found by graph pattern, as prune-ffn does); 0: `bits`"
+        )
+
         def validate(self) -> None:
             super().validate()
             if not 0.0 < self.damp < 1.0:
@@ -253,13 +261,15 @@ class Gptq(LowBitPass):
                 raise ValueError(f"option 'block' must be positive, got {self.block}")
             if not 1.0 <= self.clip_norm <= 4.0:
                 raise ValueError(f"option 'clip-norm' must be in [1, 4], got {self.clip_norm}")
+            if self.down_bits and self.down_bits not in BITS:
+                raise ValueError(f"option 'down-bits' must be 0 or 2 to 8, got {self.down_bits}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         sites, excluded, skipped = self.layers(model, am)
         expert_sites, experts_excluded = self.expert_layers(model, am)
         if not sites and not expert_sites:
             return self.nothing_quantized(model, excluded, skipped + experts_excluded)
-        self._grids = self.value_path_grids(model, am, sites)
+        self._grids = self._site_grids(model, am, sites)
         device = default_device()
         with torch_threads(device):  # first, so the dense layers' Hessians see the experts' rounding
             experts = self.quantize_experts(model, am, expert_sites, device, not_calibrated=EXPERTS_NOT_CALIBRATED)
@@ -274,13 +284,35 @@ class Gptq(LowBitPass):
             total, fallbacks = self._quantize(model, sites, hessians, device, Builder(model.graph))
         return self._result(model, sites, excluded, total, fallbacks, experts)
 
+    def _site_grids(self, model: Model, am: AnalysisManager, sites) -> dict[int, Grid]:
+        """The grid of each layer that does not take the options' grid (by id of its node): the value path's
+        (`ov-bits`, `LowBitPass.value_path_grids`) and, with `down-bits`, the down projection of every FFN
+        block `find_ffn` finds."""
+        opts = self.options
+        grids = self.value_path_grids(model, am, sites)
+        counts = {"ov-bits-ops": len(grids)} if grids else {}
+        if opts.down_bits and opts.down_bits != opts.bits:
+            from optc.passes.transforms.prune_ffn import find_ffn
+
+            wanted = {id(site.node) for site in sites}
+            grid = Grid(opts.down_bits, opts.symmetric)
+            found = {id(block.down.node): grid for block in find_ffn(model) if id(block.down.node) in wanted}
+            if not found:
+                am.context.remark("missed", f"down-bits={opts.down_bits}: no FFN down projection among the layers to "
+                                  f"quantize; every such layer at {opts.bits} bits")
+            else:
+                am.context.remark("analysis", f"down-bits: {len(found)} FFN down projections at {opts.down_bits} bits")
+                counts["down-bits-ops"] = len(found)
+            grids.update(found)
+        self._grid_counts = counts
+        return grids
+
     def _grid_of(self, site) -> Grid:
         return self._grids.get(id(site.node), self.options.grid)
 
     def _result(self, model: Model, sites, excluded, total: float, fallbacks: int, experts: int = 0) -> PassResult:
         stats = {"quantized-ops": len(sites) + experts, "excluded-ops": len(excluded), "rtn-fallbacks": fallbacks, "loss": total}
-        if self._grids:
-            stats["ov-bits-ops"] = len(self._grids)
+        stats.update(self._grid_counts)
         if experts:
             stats["quantized-experts"] = experts
         return PassResult(model, True, None, stats)

@@ -423,6 +423,17 @@ class Rotate(Pass):
         build = Builder(model.graph)
         touched: list[Value] = []
         counts = {"weights-rotated": 0, "norms-folded": 0, "heads-rotated": 0, "online-hadamards": 0}
+        # Every weight is composed in float64 (per-head, online and stream rotations, norm scales) and rounded
+        # to its dtype once at the end: v and o projections used to be rounded after the per-head rotation and
+        # again after Q.
+        exact: dict[int, tuple[Node, np.ndarray]] = {}
+
+        def weight64(node: Node) -> np.ndarray:
+            return exact[id(node)][1] if id(node) in exact else _weight(node).astype(np.float64)
+
+        def put(node: Node, weight: np.ndarray) -> None:
+            exact[id(node)] = (node, weight)
+
         # Per-head and online rotations first: they read the original weights' shapes only.
         if opts.heads:
             for o_proj in stream.writers:
@@ -431,27 +442,27 @@ class Rotate(Pass):
                     continue
                 v_proj, head = pair
                 r, _ = rotation(head, opts.seed + 1, opts.kind)
-                wv, wo = _weight(v_proj).astype(np.float64), _weight(o_proj).astype(np.float64)
-                wv = (wv.reshape(wv.shape[0], -1, head) @ r).reshape(wv.shape)
-                wo = (r.T @ wo.reshape(-1, head, wo.shape[1])).reshape(wo.shape)
-                touched += [_set_weight(build, v_proj, wv), _set_weight(build, o_proj, wo)]
+                wv, wo = weight64(v_proj), weight64(o_proj)
+                put(v_proj, (wv.reshape(wv.shape[0], -1, head) @ r).reshape(wv.shape))
+                put(o_proj, (r.T @ wo.reshape(-1, head, wo.shape[1])).reshape(wo.shape))
                 counts["heads-rotated"] += 1
         if opts.online:
             for down in stream.writers:
                 if producer(down.inputs[0], "Mul") is None:  # the gated MLP's product, not attention's output
                     continue
-                if _insert_online_hadamard(build, down):
+                rotated = _insert_online_hadamard(build, down, weight64(down))
+                if rotated is not None:
+                    put(down, rotated)
                     counts["online-hadamards"] += 1
         for writer in stream.writers:
-            touched.append(_set_weight(build, writer, _weight(writer).astype(np.float64) @ q))
+            put(writer, weight64(writer) @ q)
             counts["weights-rotated"] += 1
         table = constant_array(stream.table)
         for norm in stream.norms:
             g = norm.scale
             gvec = np.ones(stream.hidden) if g is None else np.broadcast_to(g.astype(np.float64).reshape(-1), (stream.hidden,))
             for reader in norm.readers:
-                w = _weight(reader).astype(np.float64)
-                touched.append(_set_weight(build, reader, q.T @ (gvec[:, None] * w)))
+                put(reader, q.T @ (gvec[:, None] * weight64(reader)))
                 counts["weights-rotated"] += 1
             for head in norm.heads:
                 self._rotate_head(build, stream, head, q, gvec, table)
@@ -459,6 +470,7 @@ class Rotate(Pass):
             if norm.scale_mul is not None:
                 touched.append(_set_input(build, norm.scale_mul, norm.scale_index, np.ones_like(g)))
                 counts["norms-folded"] += 1
+        touched += [_set_weight(build, node, weight) for node, weight in exact.values()]
         rotated_table = (table.astype(np.float64) @ q).astype(table.dtype)
         stream.table.const_value = tensor(rotated_table, name=stream.table.name)
         for node in (*stream.writers, *(r for n in stream.norms for r in n.readers), *stream.gathers):
@@ -607,18 +619,20 @@ def _exact_hadamard(order: int) -> tuple[np.ndarray, float]:
     return block * unit, float(np.sqrt(order) * unit)
 
 
-def _insert_online_hadamard(build: Builder, down: Node) -> bool:
-    """x ↦ x·(A⊗B) before `down` as Reshape, MatMul(·, B), MatMul(A, ·), Reshape; W_down ← (A⊗B)⁻¹·W_down."""
-    w = _weight(down)
+def _insert_online_hadamard(build: Builder, down: Node, w: np.ndarray) -> np.ndarray | None:
+    """x ↦ x·(A⊗B) before `down` as Reshape, MatMul(·, B), MatMul(A, ·), Reshape.
+
+    `w` is down's weight in float64; returns (A⊗B)⁻¹·w (float64, for the caller to round once), or None
+    when nothing was inserted."""
     x = down.inputs[0]
     width = w.shape[0]
     orders = hadamard_factors(width)
     if orders is None or x.shape is None or len(x.shape) != 3:
-        return False
+        return None
     a = orders[0] if len(orders) > 1 and orders[0] & (orders[0] - 1) else 1
     b = width // a
     (big_a, gain_a), (big_b, gain_b) = _exact_hadamard(a), _exact_hadamard(b)
-    dtype = w.dtype
+    dtype = _weight(down).dtype
     name = down.name or "down"
     split = build.initializer(f"{name}_hadamard_split", np.array([0, 0, a, b], dtype=np.int64))
     merge = build.initializer(f"{name}_hadamard_merge", np.array([0, 0, width], dtype=np.int64))
@@ -636,11 +650,9 @@ def _insert_online_hadamard(build: Builder, down: Node) -> bool:
     build.graph.insert_before(down, nodes)
     down.replace_input_with(0, nodes[-1].outputs[0])
     # With X the activation reshaped to [a, b], x·(A⊗B) is Aᵀ·X·B. A⊗B is gain·H with H orthogonal, so
-    # x·(A⊗B)·W' = x·W needs W' = Hᵀ·W / gain, computed in float64 and rounded once.
+    # x·(A⊗B)·W' = x·W needs W' = Hᵀ·W / gain, computed in float64 and rounded once (by the caller).
     gain = gain_a * gain_b
-    rotated = (np.kron(big_a, big_b) / gain).T @ w.astype(np.float64) / gain
-    _set_weight(build, down, rotated)
-    return True
+    return (np.kron(big_a, big_b) / gain).T @ w.astype(np.float64) / gain
 
 
 __all__ = ["Rotate", "find_stream", "fix_channels", "stream_values", "hadamard", "hadamard_factors", "rotation"]

@@ -232,3 +232,18 @@ def test_reuse_writes_the_same_codes_into_the_callers_weight(act_order):
     for a, b in ((got.q, expected.q), (got.scale, expected.scale), (got.zero, expected.zero), (got.row_loss, expected.row_loss)):
         assert torch.equal(a, b)
     assert got.loss == expected.loss
+
+
+def test_down_bits_keeps_the_ffn_down_projection_at_more_bits():
+    proto, model = h.llama()
+    result = h.run(model, "gptq{bits=3 group=32 down-bits=4}")
+    m = result.model
+    assert result.statistics["down-bits-ops"] == 1 and "ov-bits-ops" not in result.statistics
+    for name, bits in (("down_proj", 4), ("up_proj", 3), ("gate_proj", 3), ("v_proj", 3), ("o_proj", 3)):
+        assert annotation(h.node(m, name), "quant")["bits"] == bits, name
+    plain = h.run(h.llama()[1], "gptq{bits=3 group=32}").model
+    assert h.sqnr_llama(proto, m) > h.sqnr_llama(proto, plain)
+    with pytest.raises(UsageError, match="down-bits"):
+        parse_pipeline("gptq{down-bits=1}")
+    both = h.run(h.llama()[1], "gptq{bits=3 group=32 down-bits=4 ov-bits=8}").statistics
+    assert both["down-bits-ops"] == 1 and both["ov-bits-ops"] == 2

@@ -258,6 +258,7 @@ def test_named_pipeline_expands_to_its_targets_own_text():
 def test_w3a16_is_llama_cpps_3_bit_mix_with_an_importance_matrix_for_gguf():
     onnx_text = print_pipeline(parse_pipeline("w3a16", "ort"))
     assert onnx_text.startswith("rotate{keep-massive=none},gptq{bits=3") and "kquant" not in onnx_text
+    assert "ov-bits=8 down-bits=4}" in onnx_text  # issue 19: the value path 8-bit, the FFN down projections 4-bit
     assert print_pipeline(parse_pipeline("w3a16", "gguf")) == "kquant{mix=Q3_K_S imatrix=true}"
 
 
