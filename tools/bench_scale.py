@@ -18,7 +18,9 @@ anonymous memory (sampled `total_rss`) and `memory.max_usage_in_bytes` (which al
 cache the group touched; the kernel reclaims it under the cap). With `--check`, after the runs:
 
 * the w8 ONNX file's logits on a 16-token prompt against transformers' bfloat16 logits (cosine, in
-  this process and not under the cap);
+  this process and not under the cap; transformers one decoder layer at a time, `tools/stream_logits.py`),
+  as written and with its `MatMulNBits` at accuracy level 0 (`check_w8`: the codes' own numerics, without
+  level 4's int8 activations);
 * the q4km GGUF against llama-quantize's Q4_K_M of optc's own F32 GGUF of the checkpoint
   (`tests.backends.ggml_oracle.llama_quantize`), tensor by tensor.
 
