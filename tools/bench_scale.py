@@ -18,7 +18,9 @@ anonymous memory (sampled `total_rss`) and `memory.max_usage_in_bytes` (which al
 cache the group touched; the kernel reclaims it under the cap). With `--check`, after the runs:
 
 * the w8 ONNX file's logits on a 16-token prompt against transformers' bfloat16 logits (cosine, in
-  this process and not under the cap);
+  this process and not under the cap; transformers one decoder layer at a time, `tools/stream_logits.py`),
+  as written and with its `MatMulNBits` at accuracy level 0 (`check_w8`: the codes' own numerics, without
+  level 4's int8 activations);
 * the q4km GGUF against llama-quantize's Q4_K_M of optc's own F32 GGUF of the checkpoint
   (`tests.backends.ggml_oracle.llama_quantize`), tensor by tensor.
 
@@ -266,20 +268,44 @@ def run_commands(folder: Path, work: Path, cap: int, optc: str, only: list[str],
     return results
 
 
-def check_w8(folder: Path, onnx_file: Path, tokens: int = 16) -> float:
-    """Cosine of the w8 ONNX file's logits to transformers' bfloat16 logits on one prompt of `tokens` ids."""
-    import onnxruntime as ort
-    import torch
-    import transformers
+def with_accuracy_level(onnx_file: Path, level: int) -> Path | None:
+    """A copy of `onnx_file`'s graph whose `MatMulNBits` nodes compute at `accuracy_level` `level`, written
+    next to it (so it reads the same external data), or None when it has no MatMulNBits."""
+    import onnx
 
-    ids = np.random.default_rng(0).integers(3, 1000, size=(1, tokens), dtype=np.int64)
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {"input_ids": ids})[0].reshape(-1).astype(np.float64)
-    del session
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, local_files_only=True)
-    with torch.no_grad():
-        want = model(input_ids=torch.from_numpy(ids)).logits.float().numpy().reshape(-1).astype(np.float64)
-    return float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if not nodes:
+        return None
+    for node in nodes:
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
+    out = onnx_file.with_name(f"{onnx_file.stem}.level{level}.onnx")
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def check_w8(folder: Path, onnx_file: Path, tokens: int = 16) -> dict[str, float]:
+    """Cosine of the w8 ONNX file's logits to transformers' bfloat16 logits on one prompt of `tokens` ids
+    (all positions): as written, and, when it runs MatMulNBits, with every one at `accuracy_level` 0
+    (float activations: the numerics of the rtn codes alone; `lower-ort-nbits` picks 4, int8 activations
+    per block, for a causal LM). transformers runs one decoder layer at a time
+    (`stream_logits.stream_logits`: the same logits as the whole model, which a 7B model's 13.5 GB would
+    need in memory)."""
+    import torch
+    from stream_logits import cosine, onnx_logits, prompt, stream_logits
+
+    ids = prompt(tokens)
+    want = stream_logits(folder, ids, torch.bfloat16)
+    out = {"as written": cosine(onnx_logits(onnx_file, ids), want)}
+    level0 = with_accuracy_level(onnx_file, 0)
+    if level0 is not None:
+        out["accuracy level 0"] = cosine(onnx_logits(level0, ids), want)
+        level0.unlink()
+    return out
 
 
 def _run_prompt(file: Path, tokens: int, runtime: str, load: str, ids: str, run: str) -> str:
@@ -382,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  check: w4 in onnxruntime: {checks['w4 in onnxruntime']}", flush=True)
             w8 = results.get("rtn 8-bit g128 → .onnx")
             if w8 and w8["exit"] == 0:
-                checks["w8 cosine"] = f"{check_w8(folder, Path(w8['output'])):.4f}"
-                print(f"  check: w8 cosine {checks['w8 cosine']}", flush=True)
+                for numerics, value in check_w8(folder, Path(w8["output"])).items():
+                    checks[f"w8 cosine ({numerics})"] = f"{value:.4f}"
+                    print(f"  check: w8 cosine ({numerics}) {value:.4f}", flush=True)
             q4 = results.get("kquant Q4_K_M → .gguf")
             if q4 and q4["exit"] == 0:
                 checks["gguf in llama.cpp"] = run_gguf(Path(q4["output"]))

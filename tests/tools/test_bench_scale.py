@@ -160,3 +160,48 @@ def test_run_gguf_loads_and_evaluates_a_prompt(bench, checkpoint, tmp_path, monk
     assert bench.run_gguf(gguf_file) == "ran a 16-token prompt in 1 s, peak anon 1.00 GiB, max_usage 2.00 GiB"
     assert calls == [None]
     assert bench.run_gguf(tmp_path / "missing.gguf").startswith("failed (exit 1)")
+
+
+@pytest.fixture(scope="module")
+def stream():
+    yield from tool_module("stream_logits")
+
+
+def test_check_w8_reports_the_codes_alone_at_accuracy_level_0(bench, stream, tmp_path, monkeypatch):
+    """The w8 file's MatMulNBits run at accuracy level 4 (int8 activations) as lowered for a causal LM; at
+    level 0 the same file computes the rtn codes' own numerics: plain torch's fake-quantized weights."""
+    import onnx
+
+    import optc
+    from optc.frontends.transformers import load_transformers
+
+    folder = tmp_path / "checkpoint"
+    bench.make_checkpoint(folder, bench.Shape(hidden=128, layers=3, intermediate=256, vocab=1024, heads=4, kv_heads=2))
+    monkeypatch.setenv("OPTC_NO_CACHE", "1")
+    monkeypatch.setenv("OPTC_LAZY_WEIGHTS", "1")
+    onnx_file = optc.compile(load_transformers(folder), output=tmp_path / "w8.onnx",
+                             passes="rtn{bits=8 group=32}").artifact.path
+    levels = {a.i for n in onnx.load(str(onnx_file), load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    level0 = bench.with_accuracy_level(onnx_file, 0)
+    ids = stream.prompt(16)
+    simulated = stream.stream_logits(folder, ids, torch.float32, "rtn8-clip", group=32)
+    assert stream.cosine(stream.onnx_logits(level0, ids), simulated) > 0.999999
+    level0.unlink()
+    got = bench.check_w8(folder, onnx_file)
+    assert set(got) == {"as written", "accuracy level 0"}
+    assert got["as written"] < got["accuracy level 0"] <= 1.0
+    assert not level0.exists()  # the level-0 copy is removed after the check
+
+
+def test_with_accuracy_level_needs_matmulnbits(bench, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert bench.with_accuracy_level(path, 0) is None
