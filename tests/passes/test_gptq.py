@@ -244,8 +244,9 @@ def test_ov_bits_is_checked_and_off_by_default():
 
 @pytest.mark.parametrize("act_order", [True, False])
 def test_reuse_writes_the_same_codes_into_the_callers_weight(act_order):
-    """`reuse=True` (the block path: a stacked W no one else holds) puts the codes in W's own storage at the
-    end instead of a new [N, K] matrix; codes, scales, zero points and losses are the same as without it."""
+    """`reuse=True` (the block path: a stacked W no one else holds) works in W's own storage (its columns
+    permuted in place) and leaves the codes there instead of a new [N, K] matrix; codes, scales, zero points
+    and losses are the same as without it (a working copy)."""
     k, n = 96, 40
     x = _correlated(256, k)
     x[:, [5, 17]] = 0.0  # dead columns: zeroed in the working copy and, with reuse, in W itself
