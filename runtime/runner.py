@@ -20,6 +20,7 @@ from onnx_ir import serde
 
 from optc.errors import OptcError, WriteError, first_line
 from optc.ir import DataType, ExternalTensor, Model, save_model
+from optc.ir.core import TensorProtocol
 from optc.ir.io import all_tensor_protos
 from optc.runtime.ort import open_session
 
@@ -44,6 +45,26 @@ def release_free_memory() -> None:
 
 
 _MALLOC_TRIM: Callable[[int], int] | None | bool = None
+
+
+def stored_bytes(tensor: TensorProtocol) -> bytes:
+    """A tensor's bytes as ONNX stores them (4-bit values packed two to a byte); an `ExternalTensor`'s are read
+    from its file and the tensor is left unloaded.
+
+    onnx-ir's `ExternalTensor.tobytes()` loads the tensor first, which for a 4-bit type unpacks it into an
+    anonymous array of a byte per value that the tensor then keeps. Each 4-bit block that a block-by-block
+    calibration runs again after GPTQ inlined its codes this way, so a 1B model's unpacked codes piled up in RAM
+    block after block (~40 MiB a block)."""
+    if not isinstance(tensor, ExternalTensor):
+        return tensor.tobytes()
+    length = tensor.length if tensor.length is not None else tensor.nbytes
+    with open(tensor.path, "rb") as file:
+        file.seek(tensor.offset or 0)
+        data = file.read(length)
+    if len(data) != length:
+        raise OptcError(f"{tensor.path}: {tensor.name or 'a weight'} needs {length} bytes at offset "
+                        f"{tensor.offset or 0}, the file has {len(data)} there")
+    return data
 
 
 #: Initializers of at least this many bytes, of a type numpy holds as ONNX stores it, are fed to the
@@ -122,7 +143,7 @@ class ModelRunner:
                         onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
                 continue
             if tensor.data_location == onnx.TensorProto.EXTERNAL:  # small or of a packed type: inline
-                data = model.graph.initializers[tensor.name].const_value.tobytes()
+                data = stored_bytes(model.graph.initializers[tensor.name].const_value)
                 tensor.ClearField("external_data")
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 tensor.raw_data = data

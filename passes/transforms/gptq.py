@@ -105,9 +105,13 @@ class Factor:
 def factor(h: torch.Tensor, *, damp: float = 0.01, act_order: bool = True, overwrite: bool = False) -> Factor:
     """Steps 1-4: act-order permutation, dead columns, dampening and Hinv = chol(H⁻¹)ᵀ (upper).
 
-    With `overwrite=True` (an fp32 `h` the caller no longer needs) the work is done in `h`'s own storage:
-    at most two [K, K] matrices are alive at once instead of five, which matters for a wide layer (an FFN
-    down-projection's K = 5632 is 127 MB a matrix). The result is the same either way."""
+    With `overwrite=True` (an fp32 `h` the caller no longer needs) the work is done in `h`'s own storage
+    (else in one copy of it): the rows are permuted in place (cycle by cycle), the columns a band of rows at a time, and the two
+    Cholesky factorizations and the inverse run in place on the column-major view of `h` (LAPACK's own
+    layout, so torch makes no [K, K] copy), after the lower triangle is copied over the upper one (the
+    factorization of a C-ordered `h` reads its lower triangle). At most one [K, K] matrix and a band are
+    alive, which matters for a wide layer (a 1B model's FFN down-projection, K = 5632, is 121 MiB a
+    matrix). The result is the same either way, bit for bit."""
     if not overwrite or h.dtype != torch.float32:
         h = h.clone().float()
     diag = torch.diagonal(h)
@@ -116,20 +120,59 @@ def factor(h: torch.Tensor, *, damp: float = 0.01, act_order: bool = True, overw
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        h.copy_(h.index_select(0, perm))  # rows (one [K, K] temporary), then columns a band of rows at a time
+        _permute(h, perm)
         for start in range(0, h.shape[0], _BAND):
             band = h[start:start + _BAND]
             band.copy_(band.index_select(1, perm))
     h.diagonal().add_(damp * torch.mean(torch.diagonal(h)))
+    _lower_to_upper(h)
+    f = h.mT  # column-major: with h symmetric, the same matrix
     try:
-        lower = torch.linalg.cholesky(h)
-        hinv = torch.cholesky_inverse(lower, out=h)  # h is not needed any more: its storage takes H⁻¹
-        hinv = torch.linalg.cholesky(hinv, upper=True, out=lower)
+        torch.linalg.cholesky(f, out=f)
+        torch.cholesky_inverse(f, out=f)
+        torch.linalg.cholesky(f, upper=True, out=f)
     except torch.linalg.LinAlgError:
         return Factor(perm, dead, None)
-    if not torch.isfinite(hinv).all():
+    if not _all_finite(f):
         return Factor(perm, dead, None)
-    return Factor(perm, dead, hinv)
+    return Factor(perm, dead, f)
+
+
+def _permute(m: torch.Tensor, perm: torch.Tensor, *, dim: int = 0) -> None:
+    """m ← m.index_select(dim, perm) in place (a matrix), following the permutation's cycles with one row
+    (or column) of scratch."""
+    line = m.select  # line(dim, i): row i (dim 0) or column i (dim 1), a view
+    order = perm.tolist()
+    done = [False] * len(order)
+    for first in range(len(order)):
+        if done[first] or order[first] == first:
+            continue
+        saved = line(dim, first).clone()
+        i = first
+        while True:
+            done[i] = True
+            j = order[i]
+            if j == first:
+                line(dim, i).copy_(saved)
+                break
+            line(dim, i).copy_(line(dim, j))
+            i = j
+
+
+def _lower_to_upper(h: torch.Tensor) -> None:
+    """Copy the lower triangle of the square `h` over its upper one, a band of rows at a time."""
+    k = h.shape[0]
+    for start in range(0, k, _BAND):
+        end = min(start + _BAND, k)
+        block = h[start:end, start:end]
+        block.copy_(torch.tril(block) + torch.tril(block, -1).mT)
+        h[start:end, end:].copy_(h[end:, start:end].mT)
+
+
+def _all_finite(h: torch.Tensor) -> bool:
+    """Whether every element is finite, a band of rows at a time (torch.isfinite of the whole [K, K] matrix
+    makes its absolute values and two boolean masks: 212 MiB at K = 5632)."""
+    return all(bool(torch.isfinite(h[start:start + _BAND]).all()) for start in range(0, h.shape[0], _BAND))
 
 
 #: Rows per band when `factor` permutes the columns in place.
@@ -143,8 +186,9 @@ def gptq_quantize(
 ) -> GptqResult:
     """GPTQ of W [N, K] (rows: output channels) given the factored Hessian of its input.
 
-    `reuse=True` (a contiguous fp32 W the caller has no further use for): the codes are written into W's
-    own storage at the end instead of a new [N, K] matrix (the same codes).
+    `reuse=True` (a contiguous fp32 W the caller has no further use for): W's own storage is the working copy
+    (its columns permuted in place, cycle by cycle) and takes the codes at the end, in the original column
+    order: one [N, K] matrix alive instead of two (the same codes).
 
     `keep_zero` (bool [N, K]) marks pruned weights: they are quantized to the code of 0 whatever
     the updates brought them to, and their error propagates like any other (as SparseGPT does),
@@ -156,24 +200,27 @@ def gptq_quantize(
         w[:, fac.dead] = 0.0
         q, scale, zero = rtn(w, group, grid, clip=clip)
         return GptqResult(q, scale, zero, float("nan"), fallback=True, row_loss=torch.full((n,), float("nan")))
-    # One working copy of W, in column order (the caller's W is left as it was): a caller that passes a W
-    # it holds no other reference to has one [N, K] matrix plus the codes alive, not four.
+    # One working copy of W, in column order (the caller's W is left as it was), or, with `reuse`, the caller's
+    # W itself, its columns permuted in place: then W is the only [N, K] matrix alive.
     order = fac.perm if fac.perm is not None else torch.arange(k, device=w.device)
-    source = w if reuse and w.dtype == torch.float32 and w.is_contiguous() else None
-    w = w.index_select(1, order).float()
-    w[:, fac.dead[order]] = 0.0
     g = group_size(group, k)
     static = fac.perm is not None or g >= k
     groups = -(-k // g)
-    if static:  # from the weight in its own column order
-        if source is not None:  # the caller's W is ours: with its dead columns zeroed it is that matrix
-            source[:, fac.dead] = 0.0
-            scale, zero = find_params(source, group, grid, clip=clip, importance=importance, norm=norm)
-        else:
+    own = reuse and w.dtype == torch.float32 and w.is_contiguous()
+    if own:
+        w[:, fac.dead] = 0.0
+        if static:  # from the weight in its own column order, before it is permuted
+            scale, zero = find_params(w, group, grid, clip=clip, importance=importance, norm=norm)
+        if fac.perm is not None:
+            _permute(w, fac.perm, dim=1)
+    else:
+        w = w.index_select(1, order).float()
+        w[:, fac.dead[order]] = 0.0
+        if static:
             unpermuted = torch.empty_like(w).index_copy_(1, order, w)
             scale, zero = find_params(unpermuted, group, grid, clip=clip, importance=importance, norm=norm)
             del unpermuted
-    else:
+    if not static:
         scale = torch.ones(n, groups, device=w.device)
         zero = torch.zeros(n, groups, device=w.device)
     mask = keep_zero[:, order] if keep_zero is not None else None
@@ -210,10 +257,13 @@ def gptq_quantize(
         w[:, i1:i2] = q1
         if i2 < k:
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    target = source if source is not None else torch.empty_like(w)
-    del source
-    out = target.index_copy_(1, order, w)  # the codes in the original column order
-    del w, target
+    if own:  # the codes in the original column order, in W's storage
+        if fac.perm is not None:
+            _permute(w, torch.argsort(fac.perm), dim=1)
+        out = w
+    else:
+        out = torch.empty_like(w).index_copy_(1, order, w)
+    del w
     return GptqResult(out, scale, zero, float(losses.sum()), row_loss=losses)
 
 

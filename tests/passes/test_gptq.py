@@ -177,6 +177,33 @@ def test_factor_in_place_gives_the_same_factor_in_the_hessians_own_storage(act_o
 
 
 @pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_factor_in_place_is_torchs_out_of_place_chain_bit_for_bit(act_order, symmetric):
+    """The in-place factor (rows permuted by cycles, the column-major view factored and inverted in place) gives
+    what torch's plain chain gives: chol(chol⁻¹(chol(P·H·Pᵀ + damp)))ᵀ, which reads the lower triangle of the
+    permuted H, also when rounding left H not exactly symmetric."""
+    k = 300
+    x = _correlated(512, k, seed=3)
+    x[:, 7] = 0.0
+    hess = 2 * x.T @ x / x.shape[0]
+    if not symmetric:
+        hess += torch.triu(torch.rand(k, k, generator=torch.Generator().manual_seed(1)), 1) * 1e-4
+    ref = hess.clone()
+    dead = torch.diagonal(ref) == 0
+    ref[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(ref), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        ref = ref[perm][:, perm]
+    ref.diagonal().add_(0.01 * torch.mean(torch.diagonal(ref)))
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
+    got = factor(hess, act_order=act_order, overwrite=True)
+    assert torch.equal(got.hinv, expected)
+    assert got.hinv.data_ptr() == hess.data_ptr()  # in the Hessian's own storage
+    assert torch.equal(got.dead, dead)
+    assert (got.perm is None) == (perm is None) and (perm is None or torch.equal(got.perm, perm))
+
+
+@pytest.mark.parametrize("act_order", [True, False])
 def test_gptq_works_in_one_copy_of_w_and_leaves_the_callers_w_alone(act_order):
     """gptq_quantize permutes W into one working copy (whose storage then takes the codes): the caller's
     W is unchanged, the codes do not alias it, and a dead column is still quantized as zero."""
@@ -217,8 +244,9 @@ def test_ov_bits_is_checked_and_off_by_default():
 
 @pytest.mark.parametrize("act_order", [True, False])
 def test_reuse_writes_the_same_codes_into_the_callers_weight(act_order):
-    """`reuse=True` (the block path: a stacked W no one else holds) puts the codes in W's own storage at the
-    end instead of a new [N, K] matrix; codes, scales, zero points and losses are the same as without it."""
+    """`reuse=True` (the block path: a stacked W no one else holds) works in W's own storage (its columns
+    permuted in place) and leaves the codes there instead of a new [N, K] matrix; codes, scales, zero points
+    and losses are the same as without it (a working copy)."""
     k, n = 96, 40
     x = _correlated(256, k)
     x[:, [5, 17]] = 0.0  # dead columns: zeroed in the working copy and, with reuse, in W itself
