@@ -61,3 +61,19 @@ def node(model, name: str):
 def outputs_equal(a, b, feeds) -> float:
     """The largest absolute difference of the first output of two models on `feeds`."""
     return float(np.abs(models.run_ort(a, feeds)[0] - models.run_ort(b, feeds)[0]).max())
+
+
+
+def run_with_ov_bits(pipeline: str):
+    """`pipeline` (a low-bit pass with `ov-bits=8`) on `llama()`: (its proto, the result), checked to hold
+    v_proj and o_proj at 8 bits (unsigned codes) and q_proj and down_proj at 4."""
+    from optc.ir import DataType, annotation
+
+    proto, model = llama()
+    result = run(model, pipeline)
+    assert result.statistics["quantized-ops"] == 7 and result.statistics["ov-bits-ops"] == 2
+    for name, bits, dtype in (("v_proj", 8, DataType.UINT8), ("o_proj", 8, DataType.UINT8),
+                              ("q_proj", 4, DataType.UINT4), ("down_proj", 4, DataType.UINT4)):
+        assert annotation(node(result.model, name), "quant")["bits"] == bits, name
+        assert node(result.model, name).inputs[1].producer().inputs[0].dtype == dtype, name
+    return proto, result
