@@ -114,7 +114,10 @@ class Quantize(Pass):
         calib: Literal["minmax", "percentile", "mse", "entropy"] = option(
             "minmax", help="how activation ranges are chosen from the calibration histograms"
         )
-        percentile: float = option(99.99, help="the percentile for calib=percentile")
+        percentile: float = option(
+            99.99, help="the percentile for calib=percentile (an activation with fewer than 10/(1 − p) calibration "
+            "values, whose percentile would be its maximum, takes mse instead)"
+        )
         calib_ops: list[str] = option(
             [], help="PATTERN:METHOD entries: the activation an op matching PATTERN reads takes its range by METHOD "
             "(minmax, percentile, mse, entropy) instead of calib; the first matching entry wins"
@@ -231,6 +234,7 @@ class Quantize(Pass):
                 act_values.append(x.name)
         histograms = self._histograms(model, am, act_values) if act_values else {}
         methods = self._calib_methods(plans)
+        thin_tails = self._thin_tail_fallbacks(histograms, methods, am.context)
         sensitive: dict[str, str] = {}
         if opts.min_sqnr > 0:
             plans, sensitive = self._promote_sensitive(plans, histograms, methods)
@@ -281,7 +285,7 @@ class Quantize(Pass):
         for add, idx, x, fmt in residuals:  # after the Convs' own Q/DQ, so a residual reuses its tensor's pair
             key = (id(x), fmt.name)
             if key not in act_cache:
-                act_cache[key] = _quantize_activation(build, add, x, fmt, histograms[x.name], opts)
+                act_cache[key] = _quantize_activation(build, add, x, fmt, histograms[x.name], opts, methods.get(x.name))
             add.replace_input_with(idx, act_cache[key][0])
             annotate(add, QUANTIZATION, {"op": "Add", "weights": "none", "activations": fmt.name, "residual": x.name})
         drop_unused_initializers(graph)
@@ -294,6 +298,8 @@ class Quantize(Pass):
             "quantized-tables": len(tables),
             "residual-adds": len(residuals),
         }
+        if thin_tails:
+            stats["percentile-fallbacks"] = thin_tails
         return PassResult(model, True, None, stats)
 
     def _calib_methods(self, plans: list) -> dict[str, str]:
@@ -309,6 +315,24 @@ class Quantize(Pass):
                     methods[x.name] = method
                     break
         return methods
+
+    def _thin_tail_fallbacks(self, histograms: dict, methods: dict[str, str], context) -> int:
+        """Give `mse` ranges to the symmetric activations whose `percentile` range rests on too few values:
+        fewer than `PERCENTILE_MIN_TAIL` above the cut, where the percentile of the sample is its maximum
+        (so `minmax`) rather than an estimate of the distribution's. Returns how many; a remark says so."""
+        opts = self.options
+        if not opts.symmetric:
+            return 0
+        share = 1.0 - opts.percentile / 100.0
+        thin = [name for name, hist in histograms.items()
+                if methods.get(name, opts.calib) == "percentile" and 0 < hist.count * share < PERCENTILE_MIN_TAIL]
+        for name in thin:
+            methods[name] = "mse"
+        if thin:
+            context.remark("analysis", f"calib=percentile: {len(thin)} activation(s) with under "
+                           f"{PERCENTILE_MIN_TAIL / share:,.0f} calibration values (fewer than {PERCENTILE_MIN_TAIL} "
+                           f"beyond the {opts.percentile:g}th percentile) take mse ranges instead")
+        return len(thin)
 
     def _promote_sensitive(self, plans: list, histograms: dict, methods: dict[str, str]) -> tuple[list, dict[str, str]]:
         """Raise the precision of activations whose expected 8-bit SQNR is below `min-sqnr`.
@@ -660,6 +684,9 @@ def _matches(node: Node, weight: _WeightSite | None, patterns) -> bool:
 
 
 _CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
+#: The fewest calibration values beyond the cut that make a `percentile` range an estimate: with fewer,
+#: the percentile of the sample is (nearly) its maximum. Below it, symmetric ranges fall back to `mse`.
+PERCENTILE_MIN_TAIL = 10
 
 
 def _calib_entry(entry: str) -> tuple[str, str]:

@@ -240,15 +240,33 @@ def test_calib_ops_choose_the_range_method_per_activation():
     """calib-ops=PATTERN:METHOD: the activation read by a matching op takes METHOD's range (the annotation says
     which), every other activation keeps `calib`'s; min-sqnr measures each at the range it will get."""
     _, model = _llama()
-    result = _run(model, "quantize{calib=minmax calib-ops=q_proj:mse,down:percentile}")
+    result = _run(model, "quantize{calib=minmax percentile=99 calib-ops=q_proj:mse,down:percentile}")
     info = {n.name: annotation(n, "quant") for n in result.model.graph if annotation(n, "quant")}
     # q/k/v share one input: q_proj's entry decides it for all three readers.
     assert {info[k]["scale_source"] for k in ("q_proj", "k_proj", "v_proj")} == {"calibration:mse"}
-    assert info["down_proj"]["scale_source"] == "calibration:percentile@99.99"
+    assert info["down_proj"]["scale_source"] == "calibration:percentile@99.0"
     assert info["o_proj"]["scale_source"] == info["gate_proj"]["scale_source"] == "calibration:minmax"
     assert info["o_proj"]["activation_threshold"] == info["o_proj"]["activation_absmax"]
     plain = {n.name: annotation(n, "quant") for n in _run(_llama()[1], "quantize{calib=mse}").model.graph if annotation(n, "quant")}
     assert info["q_proj"]["activation_threshold"] == plain["q_proj"]["activation_threshold"] < info["q_proj"]["activation_absmax"]
+
+
+def test_percentile_needs_enough_values_beyond_the_cut():
+    """calib=percentile with fewer than 10 calibration values beyond the cut (the percentile of the sample
+    would be its maximum) takes mse ranges, with a remark and a count; with enough, the percentile's."""
+    hist_count = _run(_llama()[1], "quantize{calib=percentile percentile=99}").model
+    enough = {n.name: annotation(n, "quant") for n in hist_count.graph if annotation(n, "quant")}
+    assert {i["scale_source"] for i in enough.values()} == {"calibration:percentile@99.0"}
+    result = _run(_llama()[1], "quantize{calib=percentile percentile=99.999}")
+    info = {n.name: annotation(n, "quant") for n in result.model.graph if annotation(n, "quant")}
+    assert {i["scale_source"] for i in info.values()} == {"calibration:mse"}
+    assert result.statistics["percentile-fallbacks"] == result.statistics["activation-qdq"]
+    assert any(r.kind == "analysis" and "take mse ranges instead" in r.message for r in result.remarks)
+    mse = {n.name: annotation(n, "quant") for n in _run(_llama()[1], "quantize{calib=mse}").model.graph if annotation(n, "quant")}
+    assert all(info[k]["activation_threshold"] == mse[k]["activation_threshold"] for k in info)
+    # Asymmetric ranges have no mse: they keep the percentile (there the sample's maximum).
+    asym = _run(_llama()[1], "quantize{calib=percentile percentile=99.999 symmetric=false}")
+    assert "percentile-fallbacks" not in asym.statistics
 
 
 def test_weight_pair_limit_makes_every_integer_weight_u8s8_safe():
@@ -343,7 +361,8 @@ def test_embeddings_share_one_int8_table_with_the_tied_lm_head():
 @pytest.mark.parametrize("calib", ["minmax", "percentile", "mse", "entropy"])
 def test_range_methods(calib):
     proto, model = _llama()
-    result = _run(model, f"quantize{{calib={calib}}}")
+    extra = " percentile=99.9" if calib == "percentile" else ""  # 99.99 needs 100,000 values: these are fewer
+    result = _run(model, f"quantize{{calib={calib}{extra}}}")
     info = annotation(_node(result.model, "down_proj"), "quant")
     assert info["scale_source"].startswith(f"calibration:{calib}")
     assert 0 < info["activation_threshold"] <= info["activation_absmax"]
