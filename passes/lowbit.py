@@ -581,20 +581,28 @@ class LowBitPass(Pass):
     def value_path_grids(self, model: Model, am: AnalysisManager, sites: list[Linear]) -> dict[int, Grid]:
         """The grid of each layer in `sites` that does not take the options' grid (by id of its node): with
         `ov-bits` (`ValuePathOptions`), the v and o projections of every attention core `value_paths` finds
-        (a fused qkv counts as v); an `analysis` remark says how many, a `missed` one that there were none."""
+        (a fused qkv counts as v)."""
         opts = self.options
         ov_bits = opts.ov_bits if isinstance(opts, ValuePathOptions) else 0
         if not ov_bits or ov_bits == opts.bits:
             return {}
+        nodes = [lin.node for path in value_paths(model) for lin in path if lin is not None]
+        return self.layers_at_bits(am, sites, nodes, ov_bits, "ov-bits", "attention block's v/o projection",
+                                   "value-path projections")
+
+    def layers_at_bits(self, am: AnalysisManager, sites: list[Linear], nodes: list[Node], bits: int, option: str,
+                       missing: str, found: str) -> dict[int, Grid]:
+        """`bits` (the options' symmetry) for each of `nodes` among `sites`, by id of the node, as option
+        `option` asks: an `analysis` remark says how many (`found`), a `missed` one that there was no `missing`."""
+        opts = self.options
         wanted = {id(site.node) for site in sites}
-        grid = Grid(ov_bits, opts.symmetric)
-        grids = {id(lin.node): grid for path in value_paths(model) for lin in path
-                 if lin is not None and id(lin.node) in wanted}
+        grid = Grid(bits, opts.symmetric)
+        grids = {id(node): grid for node in nodes if id(node) in wanted}
         if not grids:
-            am.context.remark("missed", f"ov-bits={ov_bits}: no attention block's v/o projection among the "
-                              f"layers to quantize; every layer at {opts.bits} bits")
+            am.context.remark("missed", f"{option}={bits}: no {missing} among the layers to quantize; every "
+                              f"such layer at {opts.bits} bits")
         else:
-            am.context.remark("analysis", f"ov-bits: {len(grids)} value-path projections at {ov_bits} bits")
+            am.context.remark("analysis", f"{option}: {len(grids)} {found} at {bits} bits")
         return grids
 
     def nothing_quantized(self, model: Model, excluded: list[Node], skipped: int) -> PassResult:

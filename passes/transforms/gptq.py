@@ -344,16 +344,11 @@ class Gptq(LowBitPass):
         if opts.down_bits and opts.down_bits != opts.bits:
             from optc.passes.transforms.prune_ffn import find_ffn
 
-            wanted = {id(site.node) for site in sites}
-            grid = Grid(opts.down_bits, opts.symmetric)
-            found = {id(block.down.node): grid for block in find_ffn(model) if id(block.down.node) in wanted}
-            if not found:
-                am.context.remark("missed", f"down-bits={opts.down_bits}: no FFN down projection among the layers to "
-                                  f"quantize; every such layer at {opts.bits} bits")
-            else:
-                am.context.remark("analysis", f"down-bits: {len(found)} FFN down projections at {opts.down_bits} bits")
-                counts["down-bits-ops"] = len(found)
-            grids.update(found)
+            down = self.layers_at_bits(am, sites, [block.down.node for block in find_ffn(model)], opts.down_bits,
+                                       "down-bits", "FFN down projection", "FFN down projections")
+            if down:
+                counts["down-bits-ops"] = len(down)
+            grids.update(down)
         self._grid_counts = counts
         return grids
 
