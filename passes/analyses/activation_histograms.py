@@ -25,7 +25,10 @@ T on |x|; `TensorHistogram.bounds` for asymmetric [lo, hi]):
 * `minmax`: the exact absolute max (min and max);
 * `percentile`: the upper edge of the bin where the cumulative share of |x|
   reaches `percentile`% (never above the absolute max); asymmetric uses the
-  (100 − p)% and p% points of the signed histogram;
+  (100 − p)% and p% points of the signed histogram. With fewer than
+  `PERCENTILE_MIN_TAIL` values beyond the cut the sample's percentile is
+  (nearly) its maximum, not an estimate of the distribution's, so a symmetric
+  threshold takes `mse` instead (`TensorHistogram.percentile_is_thin`);
 * `mse`: the bin edge T (up to the absolute max) that minimizes the
   expected squared quantization error of the histogram, each bin's count at
   its centre, under the target format: an integer grid of `qmax` steps per
@@ -55,6 +58,8 @@ from optc.runtime import distributed
 METHODS = ("minmax", "percentile", "mse", "entropy")
 #: Default bins per half-line.
 DEFAULT_BINS = 2048
+#: The fewest calibration values beyond the cut that make a `percentile` range an estimate.
+PERCENTILE_MIN_TAIL = 10
 #: Largest finite FLOAT8E4M3FN value.
 FP8_E4M3_MAX = 448.0
 
@@ -134,11 +139,14 @@ class TensorHistogram:
         return self.pos + self.neg
 
     def threshold(self, method: str = "minmax", *, percentile: float = 99.99, fmt: str = "int8") -> float:
-        """A symmetric clipping threshold T > 0 on |x| (scale = T / qmax of `fmt`)."""
+        """A symmetric clipping threshold T > 0 on |x| (scale = T / qmax of `fmt`); a thin `percentile`
+        (`percentile_is_thin`) takes `mse`."""
         if self.count == 0:
             raise OptcError("no calibration data reached this tensor (no finite values)")
         if self.absmax == 0.0:
             return 0.0
+        if method == "percentile" and self.percentile_is_thin(percentile):
+            method = "mse"
         if method == "minmax":
             return self.absmax
         counts = self.abs_counts()
@@ -149,6 +157,10 @@ class TensorHistogram:
         if method == "entropy":
             return min(self.absmax, _entropy_threshold(counts, self.width))
         raise ValueError(f"unknown range method {method!r}; expected one of {', '.join(METHODS)}")
+
+    def percentile_is_thin(self, percentile: float) -> bool:
+        """Whether fewer than `PERCENTILE_MIN_TAIL` (but some) values lie beyond the `percentile` cut."""
+        return 0 < self.count * (1.0 - percentile / 100.0) < PERCENTILE_MIN_TAIL
 
     def sqnr_db(self, threshold: float, fmt: str = "int8") -> float:
         """Expected SQNR (dB) of quantizing this tensor symmetrically at `threshold` in `fmt`.

@@ -52,6 +52,7 @@ from optc.ir.patterns.weights import weight_view
 from optc.passes.analyses.activation_histograms import (
     DEFAULT_BINS,
     FP8_E4M3_MAX,
+    PERCENTILE_MIN_TAIL,
     ActivationHistograms,
 )
 from optc.passes.fp8_convs import fp8_conv_unsupported
@@ -317,18 +318,18 @@ class Quantize(Pass):
         return methods
 
     def _thin_tail_fallbacks(self, histograms: dict, methods: dict[str, str], context) -> int:
-        """Give `mse` ranges to the symmetric activations whose `percentile` range rests on too few values:
-        fewer than `PERCENTILE_MIN_TAIL` above the cut, where the percentile of the sample is its maximum
-        (so `minmax`) rather than an estimate of the distribution's. Returns how many; a remark says so."""
+        """Give `mse` ranges to the symmetric activations whose `percentile` range rests on too few values
+        (`TensorHistogram.percentile_is_thin`), so the annotations name the range used. Returns how many;
+        a remark says so."""
         opts = self.options
         if not opts.symmetric:
             return 0
-        share = 1.0 - opts.percentile / 100.0
         thin = [name for name, hist in histograms.items()
-                if methods.get(name, opts.calib) == "percentile" and 0 < hist.count * share < PERCENTILE_MIN_TAIL]
+                if methods.get(name, opts.calib) == "percentile" and hist.percentile_is_thin(opts.percentile)]
         for name in thin:
             methods[name] = "mse"
         if thin:
+            share = 1.0 - opts.percentile / 100.0
             context.remark("analysis", f"calib=percentile: {len(thin)} activation(s) with under "
                            f"{PERCENTILE_MIN_TAIL / share:,.0f} calibration values (fewer than {PERCENTILE_MIN_TAIL} "
                            f"beyond the {opts.percentile:g}th percentile) take mse ranges instead")
@@ -684,9 +685,6 @@ def _matches(node: Node, weight: _WeightSite | None, patterns) -> bool:
 
 
 _CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
-#: The fewest calibration values beyond the cut that make a `percentile` range an estimate: with fewer,
-#: the percentile of the sample is (nearly) its maximum. Below it, symmetric ranges fall back to `mse`.
-PERCENTILE_MIN_TAIL = 10
 
 
 def _calib_entry(entry: str) -> tuple[str, str]:

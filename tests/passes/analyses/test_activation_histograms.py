@@ -94,6 +94,20 @@ def test_percentile_matches_numpy_within_one_bin():
     assert h.threshold("percentile", percentile=100.0) == pytest.approx(h.absmax, abs=h.width)
 
 
+def test_a_thin_percentile_takes_mse():
+    """With fewer than PERCENTILE_MIN_TAIL values beyond the cut, the 99.999th percentile of a sample is its
+    maximum: the threshold is the mse one, which clips part of a lone outlier the percentile would keep whole."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(1 << 16).astype(np.float32)
+    x[0] = 40.0  # one outlier in 65536 values
+    h = TensorHistogram()
+    h.update(x)
+    assert h.percentile_is_thin(99.999) and not h.percentile_is_thin(99.9)
+    assert h.threshold("percentile", percentile=99.999) == h.threshold("mse")
+    assert h.threshold("percentile", percentile=99.999) < h.absmax - 5.0
+    assert h.threshold("percentile", percentile=99.9) == pytest.approx(np.percentile(np.abs(x), 99.9), abs=2 * h.width)
+
+
 def test_asymmetric_bounds():
     h = TensorHistogram()
     rng = np.random.default_rng(0)
