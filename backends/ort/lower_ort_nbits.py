@@ -20,7 +20,9 @@ float at load is faster for a window of tokens: README, Results).
 
 `accuracy-level` is MatMulNBits' compute type: 0 (=fp32) computes with float
 activations, the numerics of the IR; 4 quantizes activations to int8 per block
-on the fly (other numerics). The default (`none`) follows what the model is run
+on the fly (other numerics; an 8-bit weight then takes blocks of `bits8-block`,
+32 by default, its group's scales repeated, so the activations' blocks are as
+fine as llama.cpp's Q8_0). The default (`none`) follows what the model is run
 for: a causal LM (`optc.runtime.decoder.is_causal_lm`) spends its time decoding
 one token at a time, where level 4 is faster (tools/bench_decode.py), and its
 8-bit weight-only MatMuls (w4a16's int8 lm_head) then become
@@ -95,6 +97,14 @@ class LowerOrtNbits(Pass):
             "none: 4 for a causal LM, with its KV cache or without (decode speed), 0 otherwise",
         )
         per_channel_block: int = option(128, help="block size that repeats a per-channel scale (MatMulNBits has blocks only)")
+        # Issue 17: on a random Llama-2-7B-shaped model, rtn{bits=8 group=128} gave logits cosine 0.9884 to
+        # bf16 with blocks of 128, 0.9900 with 64 and 0.9908 with 32 (0.9946 at level 0); one 4096x11008
+        # MatMul ran as fast at 32 as at 128 (tools/bench_scale.py --check; README, Results).
+        bits8_block: int = option(
+            32, help="at accuracy level 4, the block of 8-bit weights (a larger group's scales repeated): level 4 "
+            "quantizes activations per block, so smaller blocks stay closer to float, as llama.cpp's Q8_0 "
+            "(32); 0 keeps each weight's own group"
+        )
         bits8: bool | None = option(
             None,
             help="also lower 5-8-bit (int8/uint8) weights to MatMulNBits(bits=8); none: for a causal LM at "
@@ -108,6 +118,9 @@ class LowerOrtNbits(Pass):
             b = self.per_channel_block
             if b < 16 or b & (b - 1):
                 raise ValueError(f"option 'per-channel-block' must be a power of two of at least 16, got {b}")
+            b = self.bits8_block
+            if b and (b < 16 or b & (b - 1)):
+                raise ValueError(f"option 'bits8-block' must be 0 or a power of two of at least 16, got {b}")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         form = self.options.form
@@ -174,14 +187,21 @@ class LowerOrtNbits(Pass):
         zp = constant_array(zp_value).astype(np.int32) if zp_value is not None else None
         block_attr = dq.attributes.get("block_size")
         block = block_attr.as_int() if block_attr is not None else 0
+        nbits = 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8
+        finer = self.options.bits8_block if nbits == 8 and level == 4 else 0
         if block == 0:  # per channel along N: repeat into blocks
-            block = self.options.per_channel_block
+            block = finer or self.options.per_channel_block
             blocks = -(-k // block)
             scale = np.broadcast_to(scale.reshape(1, n), (blocks, n))
             if zp is not None:
                 zp = np.broadcast_to(zp.reshape(1, n), (blocks, n))
+        elif finer and block > finer:  # each group's scale (and zero point) repeated over its sub-blocks
+            blocks = -(-k // finer)
+            scale = np.repeat(scale, block // finer, axis=0)[:blocks]
+            if zp is not None:
+                zp = np.repeat(zp, block // finer, axis=0)[:blocks]
+            block = finer
         blocks = -(-k // block)
-        nbits = 4 if weight.dtype in (DataType.INT4, DataType.UINT4) else 8
         offset = 1 << (nbits - 1)
         signed = weight.dtype in _SIGNED
         shift = offset if signed else 0

@@ -200,6 +200,46 @@ def test_head_tied_to_an_int8_table_becomes_matmulnbits(level):
         assert difference <= 0.02 * scale, (difference, scale)
 
 
+def _at_level(model, level: int):
+    """The proto of `model` with every MatMulNBits at accuracy level `level`."""
+    from onnx import helper
+
+    proto = to_proto(model)
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+    return proto
+
+
+@pytest.mark.parametrize("pipeline", ["rtn{bits=8 group=128}", "rtn{bits=8 symmetric=false group=64}",
+                                      "rtn{bits=8 group=-1}"])
+def test_level_4_takes_8_bit_weights_in_blocks_of_32(pipeline):
+    """At accuracy level 4 an 8-bit weight's group is split into blocks of `bits8-block` (scales and zero
+    points repeated: the same weights, as level 0 shows), so level 4's int8 activation blocks are 32 wide.
+    K = 96 is not a multiple of 64 or 128: the last group's repeats are cut at K."""
+    quantized = _quantized(pipeline, hidden=96)
+    lowered = h.run(_copy(quantized), "lower-ort-nbits{bits8=true accuracy-level=4}").model
+    nbits = h.ops(lowered, "MatMulNBits")
+    assert len(nbits) == 7 and {n.attributes["block_size"].as_int() for n in nbits} == {32}
+    q = next(n for n in nbits if n.outputs[0].name == "q")
+    assert tuple(q.inputs[1].shape) == (96, 3, 32)  # [N, blocks, block bytes]
+    assert h.outputs_equal(quantized, _at_level(lowered, 0), FEEDS) == 0.0
+    kept = h.run(_copy(quantized), "lower-ort-nbits{bits8=true accuracy-level=4 bits8-block=0}").model
+    group = {"rtn{bits=8 group=128}": 128, "rtn{bits=8 symmetric=false group=64}": 64}.get(pipeline, 128)
+    assert {n.attributes["block_size"].as_int() for n in h.ops(kept, "MatMulNBits")} == {group}
+    at_zero = h.run(_copy(quantized), "lower-ort-nbits{bits8=true accuracy-level=0}").model
+    assert {n.attributes["block_size"].as_int() for n in h.ops(at_zero, "MatMulNBits")} == {group}
+
+
+def test_bits8_block_is_validated():
+    from optc.errors import UsageError
+
+    with pytest.raises(UsageError, match="'bits8-block' must be 0 or a power of two"):
+        h.run(_copy(_quantized("rtn{bits=8 group=-1}")), "lower-ort-nbits{bits8-block=24}")
+
+
 @pytest.mark.parametrize("pipeline", ["rtn{group=32}", "rtn{symmetric=false group=32}", "rtn{bits=8 group=-1}"])
 def test_packing_a_slice_of_columns_at_a_time_is_exact(pipeline, monkeypatch):
     from optc.backends.ort import lower_ort_nbits
