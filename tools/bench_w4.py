@@ -23,6 +23,7 @@ them alike). Compile time is the child's wall time (for onnxruntime: the quantiz
     python tools/bench_w4.py --candidate 'mine=gptq{damp=0.05}'
     python tools/bench_w4.py --workdir W --reuse           # score models already built in W again
     python tools/bench_w4.py --layer-timing 4096           # GPTQ math on one 4096x4096 layer: CPU, and CUDA if present
+    python tools/bench_w4.py --stack-timing 7b             # GPTQ of a 7B-shaped decoder stack on the fastest device
 """
 
 from __future__ import annotations
@@ -174,6 +175,60 @@ def layer_timing(size: int, repeats: int = 3) -> list[str]:
     return lines
 
 
+def stack_timing(shape_name: str, layers: int | None = None, tokens: int = 128 * 2048) -> list[str]:
+    """Seconds for GPTQ (W4 g128, act-order, clip search) of every linear layer of a Llama-shaped decoder stack
+    (`bench_scale.SHAPES`), on CUDA when present, else the CPU: per decoder layer, the Hessians of its four
+    inputs (q/k/v share one, gate/up one) accumulated from `tokens` random activation rows in chunks, then
+    each weight's factor and solve. Random weights: the time, not the codes, is the figure. With `layers`
+    fewer than the shape's, the total is also extrapolated to all of them."""
+    import torch
+    from bench_scale import SHAPES
+
+    from optc.passes.lowbit import Grid, torch_threads
+    from optc.passes.transforms.gptq import factor, gptq_quantize
+
+    shape = SHAPES[shape_name]
+    count = min(layers or shape.layers, shape.layers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    head_dim = shape.hidden // shape.heads
+    kv = shape.kv_heads * head_dim
+    # (input width, the weights [N, K] that read that input)
+    inputs = [(shape.hidden, [shape.hidden, kv, kv]), (shape.hidden, [shape.hidden]),
+              (shape.hidden, [shape.intermediate, shape.intermediate]), (shape.intermediate, [shape.hidden])]
+    g = torch.Generator(device=device).manual_seed(0)
+    chunk = 4096
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    per_layer = []
+    with torch_threads(device):
+        for _ in range(count):
+            sync()
+            start = time.perf_counter()
+            for width, outs in inputs:
+                hess = torch.zeros(width, width, device=device)
+                for done in range(0, tokens, chunk):
+                    x = torch.randn(min(chunk, tokens - done), width, device=device, generator=g)
+                    hess.addmm_(x.T, x, alpha=2.0 / tokens)
+                for n in outs:
+                    w = torch.randn(n, width, device=device, generator=g) * 0.02
+                    gptq_quantize(w, factor(hess), 128, Grid(4), clip=True, reuse=True)
+                del hess
+            sync()
+            per_layer.append(time.perf_counter() - start)
+    total = sum(per_layer)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    lines = [f"- {name}: GPTQ W4 g128 of {count} of {shape_name}'s {shape.layers} decoder layers "
+             f"({7 * count} weights, Hessians from {tokens} rows): {total:.1f} s, {total / count:.2f} s per layer "
+             f"(first {per_layer[0]:.2f} s)"]
+    if count < shape.layers:
+        steady = sum(per_layer[1:]) / (count - 1) if count > 1 else per_layer[0]
+        lines.append(f"- all {shape.layers} layers at that rate: {per_layer[0] + steady * (shape.layers - 1):.0f} s")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(parser)
@@ -185,9 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where models are written (default: a temporary folder, removed)")
     parser.add_argument("--json", type=Path, help="also write the measurements as JSON")
     parser.add_argument("--layer-timing", type=int, metavar="SIZE", help="only time GPTQ on one SIZE x SIZE layer")
+    parser.add_argument("--stack-timing", metavar="SHAPE", help="only time GPTQ of a decoder stack of this "
+                        "tools/bench_scale.py shape (7b: Llama-2-7B's), on CUDA when present")
+    parser.add_argument("--stack-layers", type=int, help="with --stack-timing: time this many decoder layers and "
+                        "extrapolate")
+    parser.add_argument("--stack-tokens", type=int, default=128 * 2048,
+                        help="with --stack-timing: activation rows per Hessian (default 128x2048, GPTQ's calibration)")
     args = parser.parse_args(argv)
     if args.layer_timing:
         print("\n".join(layer_timing(args.layer_timing)))
+        return 0
+    if args.stack_timing:
+        print("\n".join(stack_timing(args.stack_timing, args.stack_layers, args.stack_tokens)))
         return 0
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.ort_gptq and "ort-gptq" not in args.variants:

@@ -3,7 +3,8 @@
 #
 #   bash tools/gpu_check.sh [WHEELS_DIR]
 #
-# - GPTQ's math on one 4096x4096 layer on the CPU and on CUDA (the README's GPU row);
+# - GPTQ's math on one 4096x4096 layer on the CPU and on CUDA (the README's GPU row), and GPTQ of the
+#   whole 7B-shaped decoder stack (32 layers, 224 weights, W4 g128) on CUDA (issue 17's GPU line);
 # - the tests whose code takes the CUDA path when torch sees a GPU (gptq, rtn, awq, distill, the
 #   Hessian analysis, the torch executor's CUDA test);
 # - whether TensorRT is there, and if it is, the tensorrt backend's engine builds for the test
@@ -34,6 +35,9 @@ echo "== GPTQ on one 4096x4096 layer (W4 g128, act-order)"
 timeout 200 python3 tools/bench_w4.py --layer-timing 4096 2>&1 | tee "$out/layer_timing.txt"
 echo "-- CPU with OPTC_TORCH_THREADS=$(nproc)"
 OPTC_TORCH_THREADS=$(nproc) timeout 120 python3 tools/bench_w4.py --layer-timing 4096 2>&1 | grep cpu | tee -a "$out/layer_timing.txt"
+
+echo "== GPTQ of the 7B-shaped stack (W4 g128, Hessians from 128x2048 rows per input)"
+timeout 400 python3 tools/bench_w4.py --stack-timing 7b 2>&1 | tee "$out/stack_timing.txt"
 
 echo "== tests that take the CUDA path"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_torch_exec.py tests/passes/test_gptq.py \
