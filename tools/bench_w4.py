@@ -204,6 +204,7 @@ def stack_timing(shape_name: str, layers: int | None = None, tokens: int = 128 *
 
     per_layer = []
     with torch_threads(device):
+        threads = torch.get_num_threads()
         for _ in range(count):
             sync()
             start = time.perf_counter()
@@ -219,7 +220,7 @@ def stack_timing(shape_name: str, layers: int | None = None, tokens: int = 128 *
             sync()
             per_layer.append(time.perf_counter() - start)
     total = sum(per_layer)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} torch thread(s)"
     lines = [f"- {name}: GPTQ W4 g128 of {count} of {shape_name}'s {shape.layers} decoder layers "
              f"({7 * count} weights, Hessians from {tokens} rows): {total:.1f} s, {total / count:.2f} s per layer "
              f"(first {per_layer[0]:.2f} s)"]
