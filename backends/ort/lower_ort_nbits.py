@@ -98,8 +98,9 @@ class LowerOrtNbits(Pass):
         )
         per_channel_block: int = option(128, help="block size that repeats a per-channel scale (MatMulNBits has blocks only)")
         # Issue 17: on a random Llama-2-7B-shaped model, rtn{bits=8 group=128} gave logits cosine 0.9884 to
-        # bf16 with blocks of 128, 0.9900 with 64 and 0.9908 with 32 (0.9946 at level 0); one 4096x11008
-        # MatMul ran as fast at 32 as at 128 (tools/bench_scale.py --check; README, Results).
+        # bf16 with blocks of 128, 0.9900 with 64 and 0.9908 with 32 (0.9946 at level 0; tools/bench_scale.py
+        # --check). One 8-bit 4096x11008 MatMul runs 1.2-1.65x slower at 32 (tools/bench_nbits8_blocks.py);
+        # SmolLM2 w4a16's decode speed stayed within noise (README, Results).
         bits8_block: int = option(
             32, help="at accuracy level 4, the block of 8-bit weights (a larger group's scales repeated): level 4 "
             "quantizes activations per block, so smaller blocks stay closer to float, as llama.cpp's Q8_0 "
