@@ -49,6 +49,30 @@ def lookup(model_type: str) -> Family | None:
     return _BY_TYPE.get(model_type)
 
 
+def max_positions(config: dict) -> int | None:
+    """The longest input a Hugging Face config (as a dict) allows: the length of its learned position table, less
+    the offset its position ids start at (roberta); None when the family has no learned table."""
+    family = lookup(str(config.get("model_type", "")))
+    if family is None or family.position_table is None or not config.get(family.position_table):
+        return None
+    offset = int(config.get(family.position_offset_key) or 0) + 1 if family.position_offset_key else 0
+    return int(config[family.position_table]) - offset
+
+
+def genai_types() -> dict[str, str]:
+    """onnxruntime-genai's model type of each Hugging Face `model_type` whose KV-cache decoder it runs."""
+    return {t: f.genai_type for f in _FAMILIES if f.genai_type for t in f.model_types}
+
+
+def genai_refusal(model_type: str) -> str | None:
+    """Why a `--kv-cache` export of `model_type` cannot be written for onnxruntime-genai, or None when it can."""
+    known = genai_types()
+    if model_type in known:
+        return None
+    return (f"onnxruntime-genai has no decoder type for '{model_type}' models "
+            f"(it runs {', '.join(sorted(known))}); write the model without --kv-cache")
+
+
 def model_types(task: Task | None = None) -> tuple[str, ...]:
     """Every accepted `model_type` (of one task when given), in registry order."""
     return tuple(t for f in families(task) for t in f.model_types)

@@ -5,4 +5,5 @@ from optc.architectures.family import Family
 FAMILY = Family(
     name="bert", model_types=("bert", "electra"), task="encoder", attention_bias=True, mlp_bias=True, gated_mlp=False,
     norm="layernorm", gguf_arch="bert", keep_float=(), embeddings=("embed", "word_embeddings"),
+    position_table="max_position_embeddings",
 )

@@ -5,4 +5,5 @@ from optc.architectures.family import Family
 FAMILY = Family(
     name="distilbert", model_types=("distilbert",), task="encoder", attention_bias=True, mlp_bias=True,
     gated_mlp=False, norm="layernorm", keep_float=(), embeddings=("embed", "word_embeddings"),
+    position_table="max_position_embeddings",
 )

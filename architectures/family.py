@@ -114,6 +114,13 @@ class Family:
     gguf_arch: str | None = None
     #: What optc's GGUF writer needs to write it; None when optc does not write this family yet.
     gguf: GGUFLayout | None = None
+    #: The config key holding the length of a learned position table (gpt2 `n_positions`, bert
+    #: `max_position_embeddings`): no input may be longer; None for rotary or no positions.
+    position_table: str | None = None
+    #: The config key whose value + 1 the position ids start at (roberta's `pad_token_id`), shortening the table.
+    position_offset_key: str | None = None
+    #: onnxruntime-genai's model type (`genai_config.json`), when it runs the family's KV-cache decoder.
+    genai_type: str | None = None
     #: Layer name patterns the quantizers leave in float by default (the output head, routers).
     keep_float: tuple[str, ...] = ("lm_head",)
     #: Name patterns of the embedding tables (structural passes leave them alone by default).

@@ -28,4 +28,5 @@ GGUF = GGUFLayout(
 FAMILY = Family(
     name="gpt2", model_types=("gpt2",), task="causal-lm", fused_qkv=True, attention_bias=True, mlp_bias=True,
     gated_mlp=False, norm="layernorm", tied_head=True, gguf_arch="gpt2", gguf=GGUF, embeddings=("wte", "wpe"),
+    position_table="n_positions",
 )

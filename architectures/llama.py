@@ -52,4 +52,5 @@ def with_norms(arch: str, *, before_attention: Mapping[str, str] = MappingProxyT
     return replace(GGUF, arch=arch, permute_qk=False, layer_names=names, layer_order=tuple(names.values()), **changes)
 
 
-FAMILY = Family(name="llama", model_types=("llama",), task="causal-lm", gguf_arch="llama", gguf=GGUF)
+FAMILY = Family(name="llama", model_types=("llama",), task="causal-lm", gguf_arch="llama", gguf=GGUF,
+                genai_type="llama")

@@ -25,4 +25,4 @@ GGUF = GGUFLayout(
 )
 
 FAMILY = Family(name="phi3", model_types=("phi3",), task="causal-lm", fused_qkv=True, fused_gate_up=True,
-                sliding_window=True, gguf_arch="phi3", gguf=GGUF)
+                sliding_window=True, gguf_arch="phi3", gguf=GGUF, genai_type="phi3")

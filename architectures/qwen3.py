@@ -16,4 +16,4 @@ GGUF = replace(
 )
 
 FAMILY = Family(name="qwen3", model_types=("qwen3",), task="causal-lm", qk_norm=True, sliding_window=True,
-                gguf_arch="qwen3", gguf=GGUF)
+                gguf_arch="qwen3", gguf=GGUF, genai_type="qwen3")

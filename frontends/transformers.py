@@ -84,7 +84,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from optc.architectures import lookup, model_types  # noqa: E402
+from optc.architectures import genai_refusal, lookup, model_types  # noqa: E402
 from optc.errors import ModelLoadError, OptcError, first_line  # noqa: E402
 from optc.files import has_gguf_magic  # noqa: E402
 from optc.frontends.headers import WeightsHeld, read_gguf_header, weights_held  # noqa: E402
@@ -370,6 +370,10 @@ def _export(source: _Source, opset: int) -> Model:
             _check_layer_count(source, key, config_json.get(key), held)
     config = _load_config(source)
     task = _task(source, config)
+    if source.kv_cache and task.kind == "causal-lm":  # before the export, not after it
+        refusal = genai_refusal(str(getattr(config, "model_type", "")))
+        if refusal is not None:
+            raise ModelLoadError(f"{source.label}: {refusal}")
     parameters = _check_what_the_files_hold(source, config, task, held)
     checkpoint = _lazy_checkpoint(source, task, parameters)
     # Lazily, a deep model of alike layers is exported with two and its last block repeated.

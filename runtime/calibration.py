@@ -15,17 +15,22 @@ sample's arrays at a time, so memory does not grow with the number of samples
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from optc.architectures import max_positions
 from optc.errors import BadCalibrationData, first_line
 from optc.ir import DataType, Model, model_metadata
 from optc.ir.annotations import HF_CONFIG
 from optc.runtime.calibration_spec import CalibrationSpec
 from optc.runtime.decoder import STATE_INPUTS, fill_decoder_inputs, has_cache, is_past
+
+_log = logging.getLogger(__name__)
 
 _NUMPY_DTYPES = {
     DataType.FLOAT: np.float32,
@@ -40,6 +45,10 @@ _NUMPY_DTYPES = {
 def iter_samples(model: Model, spec: str | CalibrationSpec, samples: int, seqlen: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Feed dicts for `model`, one calibration sample (batch of 1) at a time."""
     spec = spec if isinstance(spec, CalibrationSpec) else CalibrationSpec.parse(spec)
+    limit = max_positions(model_metadata(model, HF_CONFIG) or {})
+    if spec.kind != "npz" and limit is not None and seqlen > limit:
+        _warn_capped(seqlen, limit)
+        seqlen = limit
     if spec.kind == "random":
         feeds = _random_samples(model, samples, seqlen, seed)
     elif spec.kind == "builtin":
@@ -56,6 +65,13 @@ def iter_samples(model: Model, spec: str | CalibrationSpec, samples: int, seqlen
               if v.name not in model.graph.initializers]
     for feed in feeds:
         yield fill_decoder_inputs(inputs, feed)
+
+
+@functools.cache
+def _warn_capped(seqlen: int, limit: int) -> None:
+    """Once per run (every analysis reads the samples again)."""
+    _log.warning("--calib-seqlen %d is longer than the model's %d learned positions: windows of %d tokens",
+                 seqlen, limit, limit)
 
 
 def _input_shape(value, seqlen: int) -> list[int]:

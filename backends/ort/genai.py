@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from optc.architectures import genai_refusal, genai_types
 from optc.errors import OptcError, first_line
 from optc.ir import Model, model_metadata
 from optc.ir.annotations import HF_CONFIG, TOKENIZER
@@ -35,8 +36,6 @@ GENAI_CONFIG = "genai_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 #: Every file of the folder besides the model and its data, in the order they are written.
 GENERATION_FILES = (GENAI_CONFIG, *TOKENIZER_FILES)
-#: onnxruntime-genai's model types for the Hugging Face model types optc exports.
-_GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 
 def is_generation_model(model: Model) -> bool:
@@ -48,11 +47,9 @@ def genai_config(model: Model, filename: str) -> dict[str, Any]:
     """The `genai_config.json` of a KV-cache decoder saved as `filename`."""
     config = model_metadata(model, HF_CONFIG) or {}
     model_type = str(config.get("model_type", ""))
-    if model_type not in _GENAI_TYPES:
-        raise OptcError(
-            f"onnxruntime-genai has no decoder type for '{model_type}' models "
-            f"(it runs {', '.join(sorted(_GENAI_TYPES))}); write the model without --kv-cache"
-        )
+    refusal = genai_refusal(model_type)
+    if refusal is not None:
+        raise OptcError(refusal)
     layout = cache_shape(config)
     context = int(config.get("max_position_embeddings") or 2048)
     eos = config.get("eos_token_id")
@@ -86,7 +83,7 @@ def genai_config(model: Model, filename: str) -> dict[str, Any]:
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": _GENAI_TYPES[model_type],
+            "type": genai_types()[model_type],
             "vocab_size": int(config["vocab_size"]),
         },
         "search": {

@@ -38,11 +38,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from optc.architectures import max_positions
 from optc.backends.base import Artifact, Backend, register_backend
 from optc.backends.tensorrt.trt_check import check_tensorrt, summarize
 from optc.errors import OptcError, WriteError, first_line
 from optc.ir import Model, annotation, model_metadata, model_size_bytes, save_model, verify
-from optc.ir.annotations import SPARSITY, TENSORRT_LOWERING
+from optc.ir.annotations import HF_CONFIG, SPARSITY, TENSORRT_LOWERING
 from optc.ir.io import remove_model
 from optc.passes.infra.context import PassContext
 
@@ -67,7 +68,10 @@ def uses_2_4(model: Model) -> bool:
 
 
 def shape_profile(model: Model) -> dict[str, tuple[list[int], list[int], list[int]]]:
-    """min/opt/max shapes of every graph input with a dynamic axis."""
+    """min/opt/max shapes of every graph input with a dynamic axis; a model with a learned position table
+    (gpt2, bert) gets no sequence longer than the table."""
+    limit = max_positions(model_metadata(model, HF_CONFIG) or {})
+    other = OTHER_RANGE if limit is None else tuple(min(n, limit) for n in OTHER_RANGE)
     profile = {}
     for value in model.graph.inputs:
         if value.shape is None or value.name in model.graph.initializers:
@@ -82,7 +86,7 @@ def shape_profile(model: Model) -> dict[str, tuple[list[int], list[int], list[in
             else:
                 name = str(getattr(dim, "value", dim) or "")
                 batch = "batch" in name.lower() or (not name and i == 0)
-                a, b, c = BATCH_RANGE if batch else OTHER_RANGE
+                a, b, c = BATCH_RANGE if batch else other
             lo.append(a)
             opt.append(b)
             hi.append(c)

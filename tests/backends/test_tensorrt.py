@@ -566,3 +566,16 @@ def test_int16_left_float_is_a_remark_and_strict_fails_on_it(tmp_path):
     with pytest.raises(RemarkError, match="--strict: lower-tensorrt: 1 INT16 activation"):
         _compile(qm.to_ir(proto, vocab=64), tmp_path / "strict.onnx", "tensorrt", W8A8, strict=True)
     assert not list(tmp_path.glob("strict*"))  # no output, no reproducer
+
+
+def test_the_shape_profile_stops_at_a_learned_position_table(tmp_path):
+    """gpt2 with 64 learned positions got `--maxShapes=input_ids:8x2048`: an engine that accepts sequences indexing
+    past the table. The sequence axes now stop at the table; a rotary model keeps the default ranges."""
+    pytest.importorskip("transformers")
+    from optc.frontends import load_input
+    from tests.architectures.configs import save
+
+    profiles = {family: trt_backend.shape_profile(load_input(save(family, tmp_path / family)[1]))
+                for family in ("gpt2", "llama")}
+    assert profiles["gpt2"]["input_ids"] == ([1, 1], [1, 64], [8, 64])
+    assert profiles["llama"]["input_ids"] == ([1, 1], [1, 256], [8, 2048])

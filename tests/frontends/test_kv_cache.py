@@ -195,3 +195,18 @@ def test_generate_usage_errors(compiled, capsys):
     assert "--generate needs --prompt" in capsys.readouterr().err
     assert main([model, "--prompt", "w1"]) == 2
     assert "--prompt needs --generate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mixtral"])
+def test_a_family_genai_cannot_run_is_refused_before_the_export(tmp_path, family):
+    """gpt2's config names its sizes `n_head`/`n_embd` (the cache layout read them as `num_attention_heads`:
+    a KeyError); mixtral was refused only after a full export. Both now stop at load, in one line."""
+    from optc.errors import OptcError
+    from optc.frontends import load_input
+    from tests.architectures.configs import save
+
+    _, folder = save(family, tmp_path / family)
+    with pytest.raises(OptcError, match=f"onnxruntime-genai has no decoder type for '{family}' models") as info:
+        load_input(folder, kv_cache=True)
+    assert "\n" not in str(info.value)
+    assert not any(p.suffix == ".onnx" for p in tmp_path.rglob("*"))

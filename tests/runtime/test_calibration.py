@@ -176,3 +176,28 @@ def test_npz_token_ids_outside_the_vocabulary(tmp_path):
             check_calibration(model, f"npz:{path}")
     np.savez(path, input_ids=np.array([[0, 63]], np.int64))
     check_calibration(model, f"npz:{path}")
+
+
+@pytest.mark.parametrize(("family", "positions"), [("gpt2", 64), ("roberta", 63)])
+def test_windows_stop_at_a_learned_position_table(tmp_path, caplog, family, positions):
+    """gpt2's 64 learned positions (roberta's 64 less the pad offset): --calib-seqlen 256 made every pass
+    fail in onnxruntime's Gather; windows are now cut to the table, with a warning."""
+    pytest.importorskip("transformers")
+    from optc.frontends import load_input
+    from optc.runtime.calibration import iter_samples
+    from optc.runtime.ort import open_session
+    from tests.architectures.configs import save
+
+    _, folder = save(family, tmp_path / family)
+    model = load_input(folder)
+    with caplog.at_level("WARNING"):
+        feeds = list(iter_samples(model, "random", 2, 256))
+    assert [feed["input_ids"].shape for feed in feeds] == [(1, positions)] * 2
+    assert f"the model's {positions} learned positions" in caplog.text
+    path = tmp_path / "model.onnx"
+    from optc.ir import save_model
+
+    save_model(model, path)
+    session = open_session(path)
+    names = {i.name for i in session.get_inputs()}
+    session.run(None, {k: v for k, v in feeds[0].items() if k in names})  # the longest window runs
