@@ -274,6 +274,40 @@ def _gemm(x: Tensors, attrs: dict[str, Any], opset: int) -> torch.Tensor:
     return out
 
 
+@_op("MaxPool")
+def _max_pool(x: Tensors, attrs: dict[str, Any], opset: int) -> torch.Tensor:
+    """MaxPool (values only; the optional Indices output is not produced)."""
+    t = x[0]
+    kernel = list(attrs["kernel_shape"])
+    spatial = len(kernel)
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or attrs.get("storage_order", 0):
+        raise OptcError("torch executor: MaxPool with auto_pad or storage_order is not supported; give explicit pads")
+    pads = list(attrs.get("pads", [0] * 2 * spatial)) if attrs.get("auto_pad", "NOTSET") == "NOTSET" else [0] * 2 * spatial
+    begin, end = pads[:spatial], pads[spatial:]
+    padding: list[int] = begin
+    if begin != end:  # asymmetric: pad with -inf, which no window's maximum takes
+        flat: list[int] = []
+        for b, e in zip(reversed(begin), reversed(end), strict=True):
+            flat += [b, e]
+        t = torch.nn.functional.pad(t, flat, value=float("-inf"))
+        padding = [0] * spatial
+    pool = {1: torch.nn.functional.max_pool1d, 2: torch.nn.functional.max_pool2d, 3: torch.nn.functional.max_pool3d}.get(spatial)
+    if pool is None:
+        raise OptcError(f"torch executor: MaxPool over {spatial} spatial axes is not supported")
+    return pool(t, kernel, stride=list(attrs.get("strides", [1] * spatial)), padding=padding,
+                dilation=list(attrs.get("dilations", [1] * spatial)), ceil_mode=bool(attrs.get("ceil_mode", 0)))
+
+
+@_op("TopK")
+def _top_k(x: Tensors, attrs: dict[str, Any], opset: int) -> list[torch.Tensor]:
+    """TopK: values and int64 indices (ties in torch's order, which ONNX leaves open only for equal values)."""
+    t = x[0]
+    k = _ints(x[1])[0] if len(x) > 1 and x[1] is not None else int(attrs["k"])
+    values, indices = torch.topk(t, k, dim=_axis(attrs.get("axis", -1), t.dim()),
+                                 largest=bool(attrs.get("largest", 1)), sorted=bool(attrs.get("sorted", 1)))
+    return [values, indices.to(torch.int64)]
+
+
 @_op("Conv")
 def _conv(x: Tensors, attrs: dict[str, Any], opset: int) -> torch.Tensor:
     t, w = x[0], x[1]

@@ -7,7 +7,7 @@ teacher is the model as it entered the pipeline (`teacher=input`) or a model fil
 
     α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α)·CE(z_s, next tokens)
 
-(the KL term alone for a model that is not a causal LM) with Adam, batch 1, fp32.
+(the KL term alone for a model that is not a causal LM: `is_causal_lm`) with Adam, batch 1, fp32.
 Zeros of pruned weights (annotated `sparsity`, or at least 5% exactly zero) stay
 zero; shapes, the graph, quantized weights and unnamed buffers are untouched. The
 trained weights are written back into the initializers; the run is deterministic
@@ -119,7 +119,7 @@ class Distill(Pass):
             masks = _masks(model, student)
             optimizer = torch.optim.Adam(student.params, lr=opts.lr)
             start = time.perf_counter()
-            losses = self._train(student, teacher, samples, masks, optimizer, device)
+            losses = self._train(student, teacher, samples, masks, optimizer, device, is_causal_lm(model))
             seconds = time.perf_counter() - start
             student.write_back(model)
         masked = sum(int((~m).sum()) for m in masks.values())
@@ -151,7 +151,8 @@ class Distill(Pass):
         return load(Path(self.options.teacher))
 
     def _train(self, student: TorchExecutor, teacher: TorchExecutor, samples: _SampleCycle,
-               masks: dict[int, torch.Tensor], optimizer: torch.optim.Optimizer, device: torch.device) -> list[float]:
+               masks: dict[int, torch.Tensor], optimizer: torch.optim.Optimizer, device: torch.device,
+               causal_lm: bool) -> list[float]:
         import torch
         from tqdm import tqdm
 
@@ -169,7 +170,7 @@ class Distill(Pass):
                 if z_s.shape != z_t.shape:
                     raise OptcError(f"distill: student output {list(z_s.shape)} and teacher output {list(z_t.shape)} differ")
                 kl = _kl(z_t, z_s, t)
-                ce = _next_token_ce(z_s, feed.get("input_ids"))
+                ce = _next_token_ce(z_s, feed.get("input_ids")) if causal_lm else None
                 loss = alpha * t * t * kl + (1.0 - alpha) * ce if ce is not None else t * t * kl
                 if not torch.isfinite(loss):
                     raise OptcError(f"distill: the loss is not finite at step {step + 1} ({float(loss)}); lower lr")
@@ -213,6 +214,19 @@ def _kl(z_t: torch.Tensor, z_s: torch.Tensor, temperature: float) -> torch.Tenso
     log_t = torch.log_softmax(z_t.float() / temperature, dim=-1).reshape(-1, z_t.shape[-1])
     log_s = torch.log_softmax(z_s.float() / temperature, dim=-1).reshape(-1, z_s.shape[-1])
     return torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
+def is_causal_lm(model: Model) -> bool:
+    """Whether the first output is next-token logits: the registry's task for a Hugging Face model, else an output
+    named `logits` (an encoder's hidden states, however shaped, get no next-token cross-entropy)."""
+    from optc.architectures import lookup
+    from optc.ir import model_metadata
+    from optc.ir.annotations import HF_CONFIG
+
+    family = lookup(str((model_metadata(model, HF_CONFIG) or {}).get("model_type", "")))
+    if family is not None:
+        return family.task == "causal-lm"
+    return bool(model.graph.outputs) and "logits" in (model.graph.outputs[0].name or "")
 
 
 def _next_token_ce(z_s: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -292,3 +292,20 @@ def test_teacher_path_without_a_loader_says_how_to_run_it(tmp_path):
     context = PassContext(config={"calibration.spec": "random", "calibration.samples": 2, "calibration.seqlen": 8})
     with pytest.raises(OptcError, match="without a model loader"):
         Distill(steps=1, teacher=str(tmp_path / "t.onnx"))(_llama(), AnalysisManager(context))
+
+
+def test_an_encoder_gets_no_next_token_cross_entropy(tmp_path):
+    """bert's `[batch, seq, hidden]` states looked like logits, so the token ids were read as classes of the hidden
+    axis ("Target 61 is out of bounds"; silently wrong where hidden >= vocab). The registry's task decides now."""
+    pytest.importorskip("transformers")
+    from optc.passes.transforms.distill import is_causal_lm
+    from tests.architectures.configs import save
+
+    models_by_family = {family: load_input(save(family, tmp_path / family)[1]) for family in ("bert", "llama")}
+    assert not is_causal_lm(models_by_family["bert"])
+    assert is_causal_lm(models_by_family["llama"])
+    import optc
+
+    result = optc.compile(str(tmp_path / "bert"), output=tmp_path / "out.onnx", passes="distill{steps=2}",
+                          calib="random", calib_samples=2, calib_seqlen=16)
+    assert result.artifact.path.exists()

@@ -258,3 +258,25 @@ def test_weight_only_int4_graph_matches_onnxruntime() -> None:
     assert any(n.op_type == "DequantizeLinear" and n.attributes.get("block_size") for n in model.graph)
     feed = qm.llama_feeds(seq=12)
     assert _max_diff(models.run_ort(model, feed), TorchExecutor(model).run(feed)) <= TOL
+
+
+@pytest.mark.parametrize("family", ["resnet", "qwen3_moe"])
+def test_registry_families_with_maxpool_and_topk_match_onnxruntime(tmp_path, family) -> None:
+    """resnet's stem MaxPool and a mixture of experts' TopK router: `distill` stopped at them."""
+    pytest.importorskip("transformers")
+    from optc.architectures import lookup
+    from optc.frontends import load_input
+    from optc.ir import save_model
+    from optc.runtime.ort import open_session
+    from tests.architectures.configs import feeds, save
+
+    hf_model, folder = save(family, tmp_path / family)
+    model = load_input(folder)
+    assert {"resnet": "MaxPool", "qwen3_moe": "TopK"}[family] in {n.op_type for n in model.graph}
+    save_model(model, tmp_path / "model.onnx")
+    session = open_session(tmp_path / "model.onnx")
+    names = [i.name for i in session.get_inputs()]
+    feed = {k: v for k, v in feeds(lookup(hf_model.config.model_type).task, names).items() if k in names}
+    expected = session.run(None, feed)
+    assert _max_diff(expected[:1], TorchExecutor(model).run(feed, [model.graph.outputs[0].name])) <= TOL
+
